@@ -1,0 +1,41 @@
+"""DDIM over a denoiser callable, with the standard LDM uniform discretization."""
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """LDM's 'uniform' schedule: stride 1000 // steps from 0, shifted by one (so 6 gives 7 steps)."""
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be between 1 and {num_train_timesteps}, got {steps}")
+    return np.arange(0, num_train_timesteps, num_train_timesteps // steps) + 1
+
+
+def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: np.ndarray, eta: float):
+    """alpha_bar at each timestep, at the previous one, and the eta-scaled sigma (all float64)."""
+    acp = alphas_cumprod.detach().cpu().double().numpy()
+    alphas = acp[timesteps]
+    alphas_prev = np.concatenate([acp[:1], acp[timesteps[:-1]]])
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    return alphas, alphas_prev, sigmas
+
+
+def _scalar(value, like):
+    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, x, alphas_cumprod, steps, eta=0.0, generator=None, progress=True):
+    """Run DDIM from noise x (x_T). One noise draw per step, even when eta is 0, so that a seed
+    gives the same stream of random numbers whatever eta is."""
+    timesteps = ddim_timesteps(steps, len(alphas_cumprod))
+    alphas, alphas_prev, sigmas = ddim_coefficients(alphas_cumprod, timesteps, eta)
+    n = len(timesteps)
+    for step in tqdm(range(n), desc="DDIM", disable=not progress, leave=False):
+        index = n - 1 - step
+        a_t, a_prev, sigma = (_scalar(v[index], x) for v in (alphas, alphas_prev, sigmas))
+        pred = denoiser(x, int(timesteps[index]), a_t, step)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        direction = (1 - a_prev - sigma ** 2).sqrt() * pred.eps
+        x = a_prev.sqrt() * pred.x0 + direction + sigma * noise
+    return x

@@ -1,0 +1,125 @@
+"""Latent diffusion for inference: the noise schedule, the UNet call, text conditioning and the
+first stage. Sampling loops live in their own modules and only see a denoiser callable."""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldm.util import instantiate_from_config
+
+
+def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
+    """Betas in float64, as the LDM defines them (SD uses 'linear' = squared linspace)."""
+    if schedule == "linear":
+        return np.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep,
+                           dtype=np.float64) ** 2
+    if schedule == "cosine":
+        steps = np.arange(n_timestep + 1, dtype=np.float64) / n_timestep + cosine_s
+        alphas = np.cos(steps / (1 + cosine_s) * np.pi / 2) ** 2
+        alphas = alphas / alphas[0]
+        return np.clip(1 - alphas[1:] / alphas[:-1], 0, 0.999)
+    if schedule == "sqrt_linear":
+        return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64)
+    if schedule == "sqrt":
+        return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64) ** 0.5
+    raise ValueError(f"unknown beta schedule {schedule!r}")
+
+
+@dataclass
+class Prediction:
+    """What one (guided) model evaluation says about x_t: the noise and the clean latent."""
+    eps: torch.Tensor
+    x0: torch.Tensor
+
+
+class DiffusionWrapper(nn.Module):
+    """Keeps the `model.diffusion_model.*` key layout of LDM checkpoints."""
+
+    def __init__(self, unet_config):
+        super().__init__()
+        self.diffusion_model = instantiate_from_config(unet_config)
+
+    def forward(self, x, t, context=None):
+        return self.diffusion_model(x, t, context=context)
+
+
+class LatentDiffusion(nn.Module):
+    """Accepts every key of the standard SD 2.x configs; training-only ones are ignored."""
+
+    def __init__(self, unet_config, first_stage_config, cond_stage_config, timesteps=1000,
+                 beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
+                 parameterization="eps", scale_factor=1.0, scale_by_std=False,
+                 conditioning_key="crossattn", v_posterior=0.0, channels=4, image_size=64,
+                 **_training_only):
+        super().__init__()
+        if parameterization not in ("eps", "v"):
+            raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
+        if conditioning_key not in ("crossattn", None):
+            raise ValueError(f"only cross-attention conditioning is supported, "
+                             f"got {conditioning_key!r}")
+        self.parameterization = parameterization
+        self.channels, self.image_size = channels, image_size
+        self.model = DiffusionWrapper(unet_config)
+        self.first_stage_model = instantiate_from_config(first_stage_config).eval()
+        self.cond_stage_model = instantiate_from_config(cond_stage_config).eval()
+        self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s,
+                               v_posterior)
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        else:
+            self.scale_factor = scale_factor
+
+    def register_schedule(self, schedule, timesteps, linear_start, linear_end, cosine_s,
+                          v_posterior):
+        betas = make_beta_schedule(schedule, timesteps, linear_start, linear_end, cosine_s)
+        alphas = 1.0 - betas
+        acp = np.cumprod(alphas)
+        acp_prev = np.append(1.0, acp[:-1])
+        self.num_timesteps = len(betas)
+        post_var = (1 - v_posterior) * betas * (1 - acp_prev) / (1 - acp) + v_posterior * betas
+        buffers = {
+            "betas": betas, "alphas_cumprod": acp, "alphas_cumprod_prev": acp_prev,
+            "sqrt_alphas_cumprod": np.sqrt(acp), "sqrt_one_minus_alphas_cumprod": np.sqrt(1 - acp),
+            "log_one_minus_alphas_cumprod": np.log(1 - acp),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1 / acp),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1 / acp - 1),
+            "posterior_variance": post_var,
+            "posterior_log_variance_clipped": np.log(np.maximum(post_var, 1e-20)),
+            "posterior_mean_coef1": betas * np.sqrt(acp_prev) / (1 - acp),
+            "posterior_mean_coef2": (1 - acp_prev) * np.sqrt(alphas) / (1 - acp),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.model.diffusion_model
+
+    @property
+    def device(self):
+        return self.betas.device
+
+    def apply_model(self, x, t, cond):
+        """Raw network output (eps or v, per `parameterization`) for latents x at timesteps t."""
+        return self.model(x, t, context=cond)
+
+    def split_prediction(self, x, output, alpha_bar) -> Prediction:
+        """Turn the raw output at cumulative alpha `alpha_bar` (broadcastable to x) into eps and x0."""
+        sqrt_a, sqrt_1ma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if self.parameterization == "v":
+            return Prediction(eps=sqrt_a * output + sqrt_1ma * x,
+                              x0=sqrt_a * x - sqrt_1ma * output)
+        return Prediction(eps=output, x0=(x - sqrt_1ma * output) / sqrt_a)
+
+    @torch.no_grad()
+    def get_learned_conditioning(self, prompts):
+        return self.cond_stage_model.encode(prompts)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    @torch.no_grad()
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x).mode() * self.scale_factor

@@ -1,0 +1,42 @@
+"""PLMS (pseudo linear multistep) over a denoiser callable, on the DDIM discretization."""
+import torch
+from tqdm.auto import tqdm
+
+from ldm.models.diffusion.ddim import _scalar, ddim_coefficients, ddim_timesteps
+
+
+def _plms_eps(eps, history):
+    """Adams-Bashforth combination of the current and up to three previous eps."""
+    if len(history) == 1:
+        return (3 * eps - history[-1]) / 2
+    if len(history) == 2:
+        return (23 * eps - 16 * history[-1] + 5 * history[-2]) / 12
+    return (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+
+
+@torch.no_grad()
+def sample_plms(denoiser, x, alphas_cumprod, steps, generator=None, progress=True):
+    timesteps = ddim_timesteps(steps, len(alphas_cumprod))
+    alphas, alphas_prev, _ = ddim_coefficients(alphas_cumprod, timesteps, 0.0)
+    n = len(timesteps)
+
+    def step_to(x, eps, index):
+        a_t, a_prev = _scalar(alphas[index], x), _scalar(alphas_prev[index], x)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+    history = []
+    for step in tqdm(range(n), desc="PLMS", disable=not progress, leave=False):
+        index = n - 1 - step
+        eps = denoiser(x, int(timesteps[index]), _scalar(alphas[index], x), step).eps
+        if not history:  # pseudo improved Euler start: average with eps at the next timestep
+            next_index = max(index - 1, 0)
+            x_next = step_to(x, eps, index)
+            eps_next = denoiser(x_next, int(timesteps[next_index]),
+                                _scalar(alphas[next_index], x), min(step + 1, n - 1)).eps
+            eps_prime = (eps + eps_next) / 2
+        else:
+            eps_prime = _plms_eps(eps, history)
+        x = step_to(x, eps_prime, index)
+        history = (history + [eps])[-3:]
+    return x

@@ -1,0 +1,91 @@
+"""Text conditioning: the OpenCLIP text tower of SD 2.x. Weights always come from the SD checkpoint,
+so the tower is built without downloading anything (and without the unused visual tower)."""
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+# Where an `arch` that is neither an open_clip model name nor a JSON path is looked for.
+_CONFIG_DIRS = [Path(__file__).resolve().parents[3] / "configs" / "openclip"]
+
+
+def register_openclip_config_dir(path):
+    """Let `arch: NAME` resolve to `NAME.json` in `path` (e.g. the directory of a model yaml)."""
+    path = Path(path)
+    if path not in _CONFIG_DIRS:
+        _CONFIG_DIRS.insert(0, path)
+
+
+def resolve_openclip_config(arch: str) -> dict:
+    """Model config of `arch`: an open_clip model name, or a path to an open_clip config JSON."""
+    candidates = [Path(arch)] + [d / f"{arch}.json" for d in _CONFIG_DIRS]
+    for path in candidates:
+        if path.suffix == ".json" and path.is_file():
+            with open(path) as f:
+                return json.load(f)
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(f"unknown OpenCLIP architecture {arch!r}: not an open_clip model name "
+                         f"and no {arch}.json found")
+    return config
+
+
+def build_text_tower(arch: str) -> nn.Module:
+    """An open_clip CLIP holding only its text tower; parameters are on the meta device when
+    the caller builds under `torch.device('meta')`, ready for checkpoint weights."""
+    config = dict(resolve_openclip_config(arch))
+    config.pop("custom_text", None)
+    model = open_clip.model.CLIP(**config)
+    del model.visual
+    return model
+
+
+class AbstractEncoder(nn.Module):
+    def encode(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+class FrozenOpenCLIPEmbedder(AbstractEncoder):
+    """Token-wise CLIP text features, from the last or the penultimate transformer layer."""
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(self, arch="ViT-H-14", version=None, device="cpu", max_length=77, freeze=True,
+                 layer="last", **_unused):
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+        self.model = build_text_tower(arch)
+        self.max_length = max_length
+        self.layer_idx = 0 if layer == "last" else 1
+        self.requires_grad_(False)
+
+    def tokenize(self, prompts):
+        tokens = open_clip.tokenize(prompts, context_length=self.max_length)
+        return tokens.to(self.model.token_embedding.weight.device)
+
+    def forward(self, prompts):
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self.encode_tokens(self.tokenize(list(prompts)))
+
+    def encode_tokens(self, tokens):
+        model = self.model
+        x = model.token_embedding(tokens) + model.positional_embedding
+        n = x.shape[1]
+        causal = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        # open_clip >= 2.24 runs its transformer batch-first; older releases sequence-first.
+        batch_first = getattr(model.transformer, "batch_first", False)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        blocks = model.transformer.resblocks
+        for block in blocks[: len(blocks) - self.layer_idx]:
+            x = block(x, attn_mask=causal)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        return model.ln_final(x)
+
+    def encode(self, prompts):
+        return self(prompts)

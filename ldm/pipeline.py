@@ -1,0 +1,185 @@
+"""The Python API: load a model once, then generate with the same options as the CLI.
+
+    from ldm.pipeline import Pipeline, GenerationOptions
+    pipe = Pipeline.load("configs/stable-diffusion/v2-inference.yaml", "checkpoints/v2-1_512-ema-pruned.ckpt", device="cuda")
+    result = pipe.generate(["a corgi on a beach"], GenerationOptions(H=1024, W=1024, dilate=2, dilate_tau=20, dilate_skip=4))
+    result.images[0].save("corgi.png")
+"""
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.models.diffusion.ddim import sample_ddim
+from ldm.models.diffusion.dpm_solver import sample_dpmpp_2m
+from ldm.models.diffusion.plms import sample_plms
+from ldm.scalecrafter.guidance import GuidedDenoiser
+from ldm.scalecrafter.schedule import ScaleCrafterSettings
+from ldm.scalecrafter.settings import build_settings
+from ldm.scalecrafter.tiled_decode import tiled_decode
+from ldm.util import load_config, build_model
+
+SAMPLERS = ("ddim", "plms", "dpm")
+
+
+@dataclass
+class GenerationOptions:
+    """Every knob of one generation; names and defaults follow the txt2img flags."""
+    H: int = 512
+    W: int = 512
+    C: int = 4
+    f: int = 8
+    steps: int = 50
+    sampler: str = "ddim"
+    ddim_eta: float = 0.0
+    scale: float = 9.0
+    seed: int = 42
+    fixed_code: bool = False
+    precision: str = "autocast"
+    # re-dilation, the seed's uniform form
+    dilate: Optional[float] = None
+    dilate_tau: int = 1
+    dilate_skip: int = 1
+    progressive_dilate: bool = False
+    # the authors' per-layer form and the ultra-resolution features
+    dilate_settings: Optional[str] = None
+    ndcfg_dilate_settings: Optional[str] = None
+    ndcfg_tau: int = 0
+    disperse_settings: Optional[str] = None
+    disperse_transform: Optional[str] = None
+    inflate_tau: int = 0
+    # decoding
+    tiled_decoding: bool = False
+    overlap: int = 0
+    sync_gn: bool = False
+    tile_size: Optional[int] = None
+
+    def validate(self):
+        """Raise ValueError with one readable line for any option a run cannot use."""
+        for name in ("H", "W"):
+            value = getattr(self, name)
+            if value <= 0 or value % 64:
+                raise ValueError(f"--{name} must be a positive multiple of 64, got {value}")
+        for name in ("steps", "C", "f"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.steps > 1000:
+            raise ValueError(f"--steps must be at most 1000, got {self.steps}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}")
+        if self.sampler == "plms" and self.ddim_eta != 0:
+            raise ValueError("PLMS is deterministic: use --ddim_eta 0 with --plms")
+        if self.ddim_eta < 0:
+            raise ValueError(f"--ddim_eta must be non-negative, got {self.ddim_eta}")
+        if self.precision not in ("full", "autocast"):
+            raise ValueError(f"--precision must be 'full' or 'autocast', got {self.precision!r}")
+        if self.dilate is not None and self.dilate <= 0:
+            raise ValueError(f"--dilate must be positive, got {self.dilate}")
+        for name in ("dilate_tau", "ndcfg_tau", "inflate_tau", "dilate_skip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if (self.dilate is not None or self.dilate_settings) and self.dilate_tau <= 0:
+            raise ValueError(f"--dilate_tau must be positive, got {self.dilate_tau}")
+        if self.dilate is not None and self.dilate_settings:
+            raise ValueError("use either --dilate or --dilate_settings, not both")
+        if self.tiled_decoding:
+            if self.overlap < 0 or self.overlap % 2:
+                raise ValueError(f"--overlap must be even and non-negative, got {self.overlap}")
+            tile = self.tile_size or min(self.H, self.W) // self.f // 2
+            if tile <= 0 or self.overlap >= tile:
+                raise ValueError(f"--overlap ({self.overlap}) must be smaller than the tile "
+                                 f"({tile} latent pixels)")
+
+
+@dataclass
+class GenerationResult:
+    images: List[Image.Image]
+    latents: torch.Tensor  # final latents, (B, C, H/f, W/f), float32 on the CPU
+    decoded: torch.Tensor  # decoded images in [-1, 1] before clamping, float32 on the CPU
+    unet_batches: List[int] = field(default_factory=list)
+
+
+def to_pil(decoded: torch.Tensor) -> List[Image.Image]:
+    """[-1, 1] images to 8-bit PIL images (truncating, as the reference scripts do)."""
+    x = torch.clamp((decoded.float() + 1.0) / 2.0, 0.0, 1.0)
+    arrays = 255.0 * x.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a.astype(np.uint8)) for a in arrays]
+
+
+class Pipeline:
+    def __init__(self, model, device="cpu", config_path=None, ckpt_path=None):
+        self.model, self.device = model, torch.device(device)
+        self.config_path, self.ckpt_path = config_path, ckpt_path
+
+    @classmethod
+    def load(cls, config_path, ckpt_path, device="cpu"):
+        from ldm.checkpoint import load_state_dict
+        from ldm.modules.encoders.modules import register_openclip_config_dir
+
+        config = load_config(config_path)
+        register_openclip_config_dir(Path(config_path).resolve().parent)
+        model = build_model(config, device, load_state_dict(ckpt_path))
+        return cls(model, device, config_path, ckpt_path)
+
+    def settings_for(self, opts: GenerationOptions) -> ScaleCrafterSettings:
+        return build_settings(self.model.unet, opts)
+
+    def _autocast(self, opts):
+        if opts.precision != "autocast":
+            return nullcontext()
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def initial_noise(self, opts, batch, generator):
+        """Noise is drawn on the CPU from the seeded generator and moved to the device, so a seed
+        means the same start on every device."""
+        shape = (batch, opts.C, opts.H // opts.f, opts.W // opts.f)
+        return torch.randn(shape, generator=generator).to(self.device)
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], opts: GenerationOptions, generator, x_T=None,
+               settings=None, progress=True):
+        """Latents for one batch of prompts (one image per prompt)."""
+        model = self.model
+        settings = settings if settings is not None else self.settings_for(opts)
+        with self._autocast(opts):
+            cond = model.get_learned_conditioning(list(prompts))
+            need_uncond = opts.scale != 1.0 or settings.uses_ndcfg
+            uncond = model.get_learned_conditioning([""] * len(prompts)) if need_uncond else None
+            denoiser = GuidedDenoiser(model, cond, uncond, opts.scale, settings)
+            x = x_T if x_T is not None else self.initial_noise(opts, len(prompts), generator)
+            if opts.sampler == "ddim":
+                z = sample_ddim(denoiser, x, model.alphas_cumprod, opts.steps, opts.ddim_eta,
+                                generator, progress)
+            elif opts.sampler == "plms":
+                z = sample_plms(denoiser, x, model.alphas_cumprod, opts.steps, generator, progress)
+            else:
+                z = sample_dpmpp_2m(denoiser, x, model.alphas_cumprod, opts.steps, generator,
+                                    progress)
+        return z.float(), denoiser.unet_batches
+
+    @torch.no_grad()
+    def decode(self, z, opts: GenerationOptions):
+        """Latents to images in [-1, 1]; the VAE always runs in float32 (fp16 decodes overflow)."""
+        z = z.float() / self.model.scale_factor
+        vae = self.model.first_stage_model
+        if opts.tiled_decoding:
+            return tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size)
+        return vae.decode(z)
+
+    def generate(self, prompts: Sequence[str], opts: GenerationOptions, generator=None,
+                 x_T=None, progress=True) -> GenerationResult:
+        opts.validate()
+        if generator is None:
+            generator = torch.Generator().manual_seed(opts.seed)
+        z, batches = self.sample(prompts, opts, generator, x_T, progress=progress)
+        decoded = self.decode(z, opts).float().cpu()
+        return GenerationResult(to_pil(decoded), z.cpu(), decoded, batches)
+
+
+def options_as_dict(opts: GenerationOptions) -> dict:
+    return asdict(opts)

@@ -1,0 +1,49 @@
+"""The guided denoiser: the one seam between samplers and the model.
+
+A sampler calls `denoiser(x, t, alpha_bar, step)` and gets eps and x0. Everything ScaleCrafter
+does per step (re-dilation, dispersion, noise-damped CFG) happens here, so every sampler gets it
+without knowing about it."""
+from typing import Optional
+
+import torch
+
+from ldm.models.diffusion.ddpm import Prediction
+from ldm.scalecrafter.redilation import overridden_convs
+from ldm.scalecrafter.schedule import ScaleCrafterSettings, StepPlanner
+
+
+class GuidedDenoiser:
+    def __init__(self, model, cond, uncond=None, scale: float = 1.0,
+                 settings: Optional[ScaleCrafterSettings] = None):
+        if scale != 1.0 and uncond is None:
+            raise ValueError("classifier-free guidance needs an unconditional conditioning")
+        self.model, self.cond, self.uncond, self.scale = model, cond, uncond, scale
+        self.planner = StepPlanner(model.unet, settings or ScaleCrafterSettings())
+        self.unet_batches = []  # batch size of every UNet call, for accounting and tests
+
+    def _unet(self, x, t, context, overrides):
+        self.unet_batches.append(x.shape[0])
+        with overridden_convs(self.model.unet, overrides):
+            return self.model.apply_model(x, t, context)
+
+    def guided_output(self, x, t, step: int):
+        """Raw (eps or v) prediction with CFG, and noise-damped CFG while its plan says so."""
+        main, damped = self.planner.main(step), self.planner.damped(step)
+        if self.scale == 1.0 and damped is None:
+            return self._unet(x, t, self.cond, main)
+        both = self._unet(torch.cat([x, x]), torch.cat([t, t]),
+                          torch.cat([self.uncond, self.cond]), main)
+        uncond, cond = both.chunk(2)
+        if damped is not None:  # only the unconditional half is re-evaluated: 1.5 batches
+            uncond_base = self._unet(x, t, self.uncond, damped)
+            return uncond_base + self.scale * (cond - uncond)
+        return uncond + self.scale * (cond - uncond)
+
+    def __call__(self, x, t, alpha_bar, step: int) -> Prediction:
+        """t: timestep (int or fractional) for every batch element; alpha_bar: the sampler's
+        cumulative alpha at t."""
+        t_batch = torch.full((x.shape[0],), t, device=x.device,
+                             dtype=torch.long if float(t).is_integer() else torch.float32)
+        out = self.guided_output(x, t_batch, step)
+        alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float32, device=x.device)
+        return self.model.split_prediction(x, out.to(x.dtype), alpha_bar)

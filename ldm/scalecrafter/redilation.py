@@ -1,0 +1,91 @@
+"""Re-dilation of the UNet's 3x3 convolutions, applied from outside the model.
+
+A conv is overridden for the duration of a `with overridden_convs(...)` block by shadowing its
+`forward` with an instance attribute; leaving the block (normally or by an exception) deletes
+the attribute, so the model is exactly as before."""
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ConvOverride:
+    """Run a conv with dilation factor `factor` (may be fractional) and optionally another
+    (e.g. dispersed 5x5) kernel."""
+    factor: float
+    weight: Optional[torch.Tensor] = None
+
+
+def redilated_conv(conv: nn.Conv2d, x, factor: float, weight=None):
+    """conv(x) with dilation ceil(factor); a fractional factor resizes the input by
+    ceil(factor)/factor before and the output back to the plain conv's size after."""
+    weight = conv.weight if weight is None else weight.to(x.dtype)
+    dilation = math.ceil(factor)
+    padding = dilation * (weight.shape[-1] - 1) // 2
+    stride = conv.stride
+    if dilation == factor:
+        return F.conv2d(x, weight, conv.bias, stride, padding, dilation, conv.groups)
+    h, w = x.shape[-2:]
+    scaled = (round(h * dilation / factor), round(w * dilation / factor))
+    x = F.interpolate(x, size=scaled, mode="bilinear", align_corners=False)
+    out = F.conv2d(x, weight, conv.bias, stride, padding, dilation, conv.groups)
+    target = ((h - 1) // stride[0] + 1, (w - 1) // stride[1] + 1)
+    return F.interpolate(out, size=target, mode="bilinear", align_corners=False)
+
+
+def conv3x3_names(unet: nn.Module):
+    """Names of the UNet's 3x3 convolutions, in module order (the ones re-dilation may touch)."""
+    return [name for name, m in unet.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+
+
+def _block_of(name: str):
+    match = re.match(r"(input_blocks|output_blocks)\.(\d+)\.", name)
+    return (match.group(1), int(match.group(2))) if match else (None, None)
+
+
+def uniform_dilation_map(unet: nn.Module, factor: float, skip: int) -> Dict[str, float]:
+    """The seed's `--dilate D --dilate_skip K`: every 3x3 conv of the UNet gets D, except those
+    in the first K input blocks and the last K output blocks (the middle block is included)."""
+    n_out = len(unet.output_blocks)
+    chosen = {}
+    for name in conv3x3_names(unet):
+        kind, index = _block_of(name)
+        if kind == "input_blocks" and index < skip:
+            continue
+        if kind == "output_blocks" and index >= n_out - skip:
+            continue
+        if kind is None and not name.startswith("middle_block."):
+            continue  # the final output conv stays as trained, like the stem conv
+        chosen[name] = factor
+    return chosen
+
+
+@contextmanager
+def overridden_convs(unet: nn.Module, overrides: Dict[str, ConvOverride]):
+    """Apply per-conv overrides inside the block; always restore the plain convs after."""
+    modules = dict(unet.named_modules())
+    patched = []
+    try:
+        for name, override in overrides.items():
+            conv = modules[name]
+            if override.factor == 1 and override.weight is None:
+                continue  # plain conv: nothing to change
+            conv.forward = _bound(conv, override)
+            patched.append(conv)
+        yield
+    finally:
+        for conv in patched:
+            del conv.forward
+
+
+def _bound(conv, override):
+    def forward(x):
+        return redilated_conv(conv, x, override.factor, override.weight)
+    return forward

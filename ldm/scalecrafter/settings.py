@@ -1,0 +1,115 @@
+"""ScaleCrafter settings files and their translation to our UNet's conv names.
+
+A dilation settings file has one `module_name:factor` a line; a dispersion file one module name a
+line. Names may be ours (`input_blocks.4.0.in_layers.2`) or diffusers' (`down_blocks.1.resnets.0.conv1`,
+as in the authors' published files); each must denote one 3x3 convolution of the UNet."""
+from pathlib import Path
+from typing import Dict, FrozenSet
+
+from torch import nn
+
+from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
+from ldm.scalecrafter.redilation import conv3x3_names, uniform_dilation_map
+from ldm.scalecrafter.schedule import ScaleCrafterSettings
+
+
+def _resnet_convs(prefix_ours, prefix_theirs):
+    return {f"{prefix_theirs}.conv1": f"{prefix_ours}.in_layers.2",
+            f"{prefix_theirs}.conv2": f"{prefix_ours}.out_layers.3"}
+
+
+def diffusers_conv_names(unet: nn.Module) -> Dict[str, str]:
+    """diffusers UNet2DConditionModel conv name -> our conv name, derived from the block layout."""
+    names = {"conv_in": "input_blocks.0.0", "conv_out": "out.2"}
+    level, res = 0, 0
+    for i, block in enumerate(unet.input_blocks):
+        if i == 0:
+            continue
+        if isinstance(block[0], ResBlock):
+            names.update(_resnet_convs(f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{res}"))
+            res += 1
+        elif isinstance(block[0], Downsample):
+            names[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{i}.0.op"
+            level, res = level + 1, 0
+    names.update(_resnet_convs("middle_block.0", "mid_block.resnets.0"))
+    names.update(_resnet_convs("middle_block.2", "mid_block.resnets.1"))
+    level, res = 0, 0
+    for i, block in enumerate(unet.output_blocks):
+        names.update(_resnet_convs(f"output_blocks.{i}.0", f"up_blocks.{level}.resnets.{res}"))
+        res += 1
+        for j, layer in enumerate(block):
+            if isinstance(layer, Upsample):
+                names[f"up_blocks.{level}.upsamplers.0.conv"] = f"output_blocks.{i}.{j}.conv"
+                level, res = level + 1, 0
+    return names
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _lines(path):
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"settings file {path} does not exist")
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            yield number, line
+
+
+def _our_name(name, unet, translation, ours, path, number):
+    if name in ours:
+        return name
+    if name in translation:
+        return translation[name]
+    raise SettingsError(f"{path}:{number}: {name!r} is not a 3x3 convolution of this UNet")
+
+
+def read_dilation_settings(path, unet: nn.Module) -> Dict[str, float]:
+    translation, ours = diffusers_conv_names(unet), set(conv3x3_names(unet))
+    factors = {}
+    for number, line in _lines(path):
+        name, sep, value = line.rpartition(":")
+        if not sep:
+            raise SettingsError(f"{path}:{number}: expected 'module_name:factor', got {line!r}")
+        try:
+            factor = float(value)
+        except ValueError:
+            raise SettingsError(f"{path}:{number}: factor {value!r} is not a number") from None
+        if factor <= 0:
+            raise SettingsError(f"{path}:{number}: factor must be positive, got {factor}")
+        factors[_our_name(name.strip(), unet, translation, ours, path, number)] = factor
+    return factors
+
+
+def read_conv_list(path, unet: nn.Module) -> FrozenSet[str]:
+    translation, ours = diffusers_conv_names(unet), set(conv3x3_names(unet))
+    return frozenset(_our_name(line, unet, translation, ours, path, number)
+                     for number, line in _lines(path))
+
+
+def build_settings(unet: nn.Module, opts) -> ScaleCrafterSettings:
+    """ScaleCrafter settings from generation options (see ldm.pipeline.GenerationOptions)."""
+    from ldm.scalecrafter.dispersion import load_dispersion_transform
+
+    if opts.dilate is not None:
+        dilation = uniform_dilation_map(unet, opts.dilate, opts.dilate_skip)
+    elif opts.dilate_settings:
+        dilation = read_dilation_settings(opts.dilate_settings, unet)
+    else:
+        dilation = {}
+    ndcfg = read_dilation_settings(opts.ndcfg_dilate_settings, unet) \
+        if opts.ndcfg_dilate_settings else {}
+    disperse = read_conv_list(opts.disperse_settings, unet) \
+        if opts.disperse_settings and opts.inflate_tau > 0 else frozenset()
+    transform = None
+    if disperse:
+        if not opts.disperse_transform:
+            raise SettingsError("--disperse_settings needs --disperse_transform")
+        transform = load_dispersion_transform(opts.disperse_transform)
+    return ScaleCrafterSettings(
+        dilation=dilation, dilate_tau=opts.dilate_tau if dilation else 0,
+        progressive=opts.progressive_dilate, ndcfg_dilation=ndcfg,
+        ndcfg_tau=opts.ndcfg_tau if ndcfg else 0, disperse=disperse, transform=transform,
+        inflate_tau=opts.inflate_tau if disperse else 0)

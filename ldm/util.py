@@ -1,0 +1,79 @@
+"""Small helpers shared by the whole package: config instantiation and model loading."""
+import importlib
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+
+class ConfigError(Exception):
+    """A model config that cannot be read or built; the message is one user-facing line."""
+
+
+def get_obj_from_str(path: str):
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ConfigError(f"target {path!r} is not a dotted import path")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot import target {path!r}: {err}") from err
+
+
+def instantiate_from_config(config):
+    """Build `target(**params)` from an OmegaConf/dict node, as every LDM config expects."""
+    if "target" not in config:
+        raise ConfigError("config node has no 'target' key")
+    params = config.get("params", None) or {}
+    return get_obj_from_str(config["target"])(**params)
+
+
+def load_config(path) -> "OmegaConf":
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        config = OmegaConf.load(path)
+    except Exception as err:  # yaml errors come in many classes
+        raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from err
+    if "model" not in config:
+        raise ConfigError(f"config file {path} has no 'model' section")
+    return config
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(config, device="cpu", state_dict=None):
+    """Build the model of `config.model`; with a state dict, build it on the meta device (no random
+    init of a 1.3B-parameter model) and take the checkpoint tensors strictly, key for key."""
+    from ldm.checkpoint import CheckpointError, describe_key_mismatch
+
+    if state_dict is None:
+        return instantiate_from_config(config.model).to(device).eval()
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(describe_key_mismatch(missing, unexpected))
+    wrong = [k for k, v in expected.items() if v.shape != state_dict[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"checkpoint does not fit the config: {len(wrong)} tensors have "
+                              f"other shapes, e.g. {k} is {tuple(state_dict[k].shape)}, "
+                              f"the config wants {tuple(expected[k].shape)}")
+    # Half-precision files compute in float32 here, like the reference implementation.
+    state_dict = {k: v.to(device=device, dtype=torch.float32) if v.is_floating_point()
+                  else v.to(device) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def load_model(config_path, ckpt_path, device="cpu"):
+    from ldm.checkpoint import load_state_dict
+
+    config = load_config(config_path)
+    return build_model(config, device, load_state_dict(ckpt_path))
