@@ -8,7 +8,7 @@
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from PIL import Image
 from ldm.models.diffusion.ddim import sample_ddim
 from ldm.models.diffusion.dpm_solver import sample_dpmpp_2m
 from ldm.models.diffusion.plms import sample_plms
+from ldm.scalecrafter.freeu import freeu_applied
 from ldm.scalecrafter.guidance import GuidedDenoiser
 from ldm.scalecrafter.schedule import ScaleCrafterSettings
 from ldm.scalecrafter.settings import build_settings
@@ -57,6 +58,8 @@ class GenerationOptions:
     overlap: int = 0
     sync_gn: bool = False
     tile_size: Optional[int] = None
+    # FreeU (b1, b2, s1, s2), e.g. the authors' SD 2.1 values (1.1, 1.2, 0.9, 0.2)
+    freeu: Optional[Tuple[float, float, float, float]] = None
 
     def validate(self):
         """Raise ValueError with one readable line for any option a run cannot use."""
@@ -86,6 +89,8 @@ class GenerationOptions:
             raise ValueError(f"--dilate_tau must be positive, got {self.dilate_tau}")
         if self.dilate is not None and self.dilate_settings:
             raise ValueError("use either --dilate or --dilate_settings, not both")
+        if self.freeu is not None and len(self.freeu) != 4:
+            raise ValueError("--freeu takes four numbers: B1 B2 S1 S2")
         if self.tiled_decoding:
             if self.overlap < 0 or self.overlap % 2:
                 raise ValueError(f"--overlap must be even and non-negative, got {self.overlap}")
@@ -146,7 +151,7 @@ class Pipeline:
         """Latents for one batch of prompts (one image per prompt)."""
         model = self.model
         settings = settings if settings is not None else self.settings_for(opts)
-        with self._autocast(opts):
+        with self._autocast(opts), freeu_applied(model.unet, opts.freeu):
             cond = model.get_learned_conditioning(list(prompts))
             need_uncond = opts.scale != 1.0 or settings.uses_ndcfg
             uncond = model.get_learned_conditioning([""] * len(prompts)) if need_uncond else None

@@ -1,0 +1,631 @@
+"""Safe checkpoint loading and saving.
+
+Loading a ``.ckpt`` with plain ``pickle`` runs whatever code the file asks for,
+so this module never does that (unless a caller explicitly passes
+``trust_pickle=True``, which only ``scripts/convert_checkpoint.py
+--trust-pickle`` does).
+
+How a pickled checkpoint (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is loaded:
+
+1. ``torch.load(path, map_location="cpu", weights_only=True)``.  Plain state
+   dicts and most Stable Diffusion releases load here.
+2. If that fails (typically because a Lightning checkpoint also carries
+   training extras: callback objects, numpy scalars, ``argparse.Namespace`` or
+   omegaconf hyper-parameters, ...), the file is read again with
+   ``torch.load(..., weights_only=False, pickle_module=<gated pickle>)``.  The
+   gated unpickler's ``find_class`` is the only way a pickle can reach a
+   Python object, and it answers:
+
+   * torch's own ``weights_only`` allow-list (tensor rebuild functions,
+     storages, dtypes, ``torch.Size``, ``collections.OrderedDict``, ...) and a
+     few plain builtin types (``set``, ``slice``, ``complex``, ``int``, ...):
+     the real objects, all free of side effects;
+   * known training extras (``pytorch_lightning``/``lightning`` classes,
+     ``omegaconf`` containers, numpy scalars/dtypes/arrays,
+     ``argparse.Namespace``, ``pathlib`` paths, ``typing`` markers, ...): an
+     inert stub class that only records the arguments it is given; the real
+     class is never imported, constructed or called;
+   * anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``,
+     ``builtins.getattr``, unknown modules, ...): the load is refused with a
+     :class:`CheckpointError` naming the global.
+
+   TorchScript archives are refused before this step, because
+   ``torch.load(weights_only=False)`` would hand them to ``torch.jit.load``.
+
+Whatever was unpickled, only ``str -> torch.Tensor`` entries of the state dict
+(``ckpt["state_dict"]`` for Lightning checkpoints, else the top-level dict) are
+returned; the extras are dropped.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import builtins
+import hashlib
+import os
+import pickle
+import re
+import struct
+import tempfile
+import types
+import warnings
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "load_state_dict",
+    "describe_key_mismatch",
+    "file_sha256",
+    "short_hash",
+    "save_safetensors",
+    "SHORT_HASH_LEN",
+    "PICKLE_SUFFIXES",
+]
+
+PathLike = Union[str, os.PathLike]
+
+SHORT_HASH_LEN = 10
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CONVERTER = "scripts/convert_checkpoint.py"
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be loaded; ``str(err)`` is one user-facing line."""
+
+
+# ---------------------------------------------------------------------------
+# The gate: which globals a pickled checkpoint may reach
+# ---------------------------------------------------------------------------
+
+
+class _InertStub:
+    """Stand-in for a training-extra class or function found in a pickle.
+
+    Constructing, calling, ``__setstate__``, item assignment and appends only
+    record their arguments; nothing else ever runs.  Subclasses are created
+    per pickled global (see :func:`_stub_for`) so that ``repr`` says what was
+    skipped.
+    """
+
+    _stub_target = "?"
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        object.__setattr__(self, "_stub_args", args)
+        object.__setattr__(self, "_stub_kwargs", kwargs)
+        object.__setattr__(self, "_stub_state", None)
+        object.__setattr__(self, "_stub_items", [])
+        return self
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        object.__setattr__(self, "_stub_state", state)
+
+    def __setitem__(self, key, value):
+        self._stub_items.append((key, value))
+
+    def append(self, item):
+        self._stub_items.append(item)
+
+    def extend(self, items):
+        self._stub_items.extend(items)
+
+    def __call__(self, *args, **kwargs):
+        return type(self)(*args, **kwargs)
+
+    def __class_getitem__(cls, item):
+        return cls
+
+    def __repr__(self):
+        return f"<skipped {self._stub_target}>"
+
+
+_STUBS: dict[str, type] = {}
+
+
+def _stub_for(module: str, name: str) -> type:
+    target = f"{module}.{name}"
+    stub = _STUBS.get(target)
+    if stub is None:
+        stub = type(
+            name.rsplit(".", 1)[-1] or "stub",
+            (_InertStub,),
+            {"__module__": module, "__qualname__": name, "_stub_target": target},
+        )
+        _STUBS[target] = stub
+    return stub
+
+
+# Plain builtin types: constructing them runs no user code.
+_SAFE_BUILTINS = frozenset(
+    {
+        "set", "frozenset", "slice", "complex", "int", "float", "bool", "str",
+        "bytes", "bytearray", "tuple", "list", "dict", "range",
+    }
+)
+
+# Packages whose globals are training extras; every name in them becomes a stub
+# (so nothing from them can run, whatever the name).
+_EXTRA_PACKAGES = (
+    "pytorch_lightning",
+    "lightning",
+    "lightning_fabric",
+    "lightning_utilities",
+    "torchmetrics",
+    "omegaconf",
+)
+
+# Individual globals that are training extras, replaced by stubs.
+_EXTRA_GLOBALS = frozenset(
+    {
+        "argparse.Namespace",
+        "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath",
+        "pathlib.PurePath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath",
+        "pathlib._local.Path", "pathlib._local.PosixPath",
+        "pathlib._local.WindowsPath", "pathlib._local.PurePath",
+        "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath",
+        "collections.defaultdict", "collections.deque",
+        "datetime.datetime", "datetime.date", "datetime.time",
+        "datetime.timedelta", "datetime.timezone",
+        "typing.Any", "typing.Dict", "typing.List", "typing.Tuple",
+        "typing.Set", "typing.Union", "typing.Optional", "typing.Sequence",
+        "typing.Mapping", "typing.Callable", "typing.Type",
+        "_operator.getitem", "operator.getitem",  # typing.Dict[str, int] etc.
+        "copyreg._reconstructor",  # protocol 0/1 objects
+        "builtins.object",
+    }
+)
+
+# numpy modules and the names in them that only describe data.
+_NUMPY_MODULES = frozenset(
+    {
+        "numpy", "numpy.core.multiarray", "numpy._core.multiarray",
+        "numpy.core.numeric", "numpy._core.numeric", "numpy.dtypes",
+    }
+)
+_NUMPY_NAMES = frozenset(
+    {"scalar", "_reconstruct", "ndarray", "dtype", "_frombuffer", "frombuffer"}
+)
+_NUMPY_SCALAR_RE = re.compile(
+    r"(bool_?|(u?int|float|complex)\d*|u?byte|u?short|u?intc|u?intp|u?long|"
+    r"u?longlong|half|single|double|longdouble|c?longdouble|csingle|cdouble|"
+    r"str_|bytes_|void|object_|datetime64|timedelta64|generic|number)"
+)
+
+
+def _is_training_extra(module: str, name: str) -> bool:
+    if module.split(".", 1)[0] in _EXTRA_PACKAGES:
+        return True
+    if f"{module}.{name}" in _EXTRA_GLOBALS:
+        return True
+    if module in _NUMPY_MODULES:
+        return (
+            name in _NUMPY_NAMES
+            or name.endswith("DType")
+            or _NUMPY_SCALAR_RE.fullmatch(name) is not None
+        )
+    return False
+
+
+def _fallback_torch_globals() -> dict[str, Any]:
+    from collections import Counter, OrderedDict
+
+    allowed: dict[str, Any] = {
+        "collections.OrderedDict": OrderedDict,
+        "collections.Counter": Counter,
+        "torch.Size": torch.Size,
+        "torch.device": torch.device,
+        "torch.nn.parameter.Parameter": torch.nn.Parameter,
+    }
+    for attr in dir(torch._utils):
+        if attr.startswith("_rebuild_"):
+            allowed[f"torch._utils.{attr}"] = getattr(torch._utils, attr)
+    for attr in dir(torch):
+        value = getattr(torch, attr, None)
+        if isinstance(value, torch.dtype):
+            allowed[f"torch.{attr}"] = value
+    return allowed
+
+
+def _torch_allowed_globals() -> dict[str, Any]:
+    """torch's own ``weights_only`` allow-list ("module.name" -> object)."""
+    try:
+        from torch import _weights_only_unpickler
+
+        return dict(_weights_only_unpickler._get_allowed_globals())
+    except Exception:  # private API moved: use a conservative equivalent
+        return _fallback_torch_globals()
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, module: str, name: str):
+        super().__init__(f"refused global {module}.{name}")
+        self.target = f"{module}.{name}"
+
+
+def _normalise_global(module: str, name: str) -> tuple[str, str]:
+    """Map Python 2 names (``__builtin__.set``) to Python 3 ones."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def _resolve_safe(module: str, name: str, allowed: Mapping[str, Any]):
+    """The object for a whitelisted global, or ``None`` if not whitelisted."""
+    module, name = _normalise_global(module, name)
+    target = f"{module}.{name}"
+    if target in allowed:
+        return allowed[target]
+    if module == "builtins" and name in _SAFE_BUILTINS:
+        return getattr(builtins, name)
+    if _is_training_extra(module, name):
+        return _stub_for(module, name)
+    return None
+
+
+class _GatedUnpickler(pickle.Unpickler):
+    """Unpickler whose ``find_class`` only yields whitelisted objects or stubs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._allowed = _torch_allowed_globals()
+
+    def find_class(self, module, name):
+        obj = _resolve_safe(str(module), str(name), self._allowed)
+        if obj is None:
+            raise _RefusedGlobal(*_normalise_global(str(module), str(name)))
+        return obj
+
+
+class _TrustingUnpickler(pickle.Unpickler):
+    """Full pickle (runs the file's code!); missing modules become stubs.
+
+    Only used with ``trust_pickle=True``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._allowed = _torch_allowed_globals()
+
+    def find_class(self, module, name):
+        obj = _resolve_safe(str(module), str(name), self._allowed)
+        if obj is not None:
+            return obj
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return _stub_for(*_normalise_global(str(module), str(name)))
+
+
+def _pickle_module(name: str, unpickler_cls: type) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    mod.Unpickler = unpickler_cls
+
+    def load(file, **kwargs):
+        return unpickler_cls(file, **kwargs).load()
+
+    mod.load = load
+    return mod
+
+
+_GATED_PICKLE = _pickle_module("ldm_checkpoint_gated_pickle", _GatedUnpickler)
+_TRUSTING_PICKLE = _pickle_module("ldm_checkpoint_trusting_pickle", _TrustingUnpickler)
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            if len(line) > 160 and ". " in line[:300]:
+                line = line[: line.index(". ") + 1]  # first sentence of a long message
+            if len(line) > 300:
+                line = line[:297] + "..."
+            return f"{type(exc).__name__}: {line}"
+    return type(exc).__name__
+
+
+def _check_file(path: Path) -> int:
+    if not path.exists():
+        if path.is_symlink():
+            raise CheckpointError(f"checkpoint file {path} is a broken symlink")
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is a directory, not a file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    return size
+
+
+def _looks_like_safetensors(path: Path, size: int) -> bool:
+    if size < 10:
+        return False
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < header_len <= size - 8
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        raise CheckpointError(
+            f"cannot load {path}: the 'safetensors' package is not installed"
+        ) from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is not a valid safetensors file (truncated or corrupt): "
+            f"{_first_line(exc)}"
+        ) from None
+
+
+def _torchscript_archive(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False  # torch's reader will report the corruption
+    for entry in names:
+        parts = entry.split("/")
+        if parts[-1] == "constants.pkl" or (len(parts) > 2 and parts[1] == "code"):
+            return True
+    return False
+
+
+def _refusal(path: Path, target: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} was refused for safety: its pickle would call {target}, "
+        "which is not a tensor, a known training extra or a plain builtin type. "
+        "Only if you trust this file, convert it once with "
+        f"`python {CONVERTER} {path} OUT.safetensors --trust-pickle` "
+        "and load the .safetensors file instead"
+    )
+
+
+_UNSUPPORTED_GLOBAL_RE = re.compile(
+    r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module [\w.]+ is blocked)"
+)
+
+
+def _torch_load_pickled(path: Path, trust_pickle: bool) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first_error = exc
+
+        if _torchscript_archive(path):
+            raise CheckpointError(
+                f"checkpoint {path} is a TorchScript archive, not a state-dict checkpoint; "
+                "it was not loaded (TorchScript archives contain code)"
+            )
+
+        pickle_module = _TRUSTING_PICKLE if trust_pickle else _GATED_PICKLE
+        try:
+            return torch.load(
+                str(path),
+                map_location="cpu",
+                weights_only=False,
+                pickle_module=pickle_module,
+            )
+        except _RefusedGlobal as exc:
+            raise _refusal(path, exc.target) from None
+        except RecursionError:
+            raise CheckpointError(
+                f"checkpoint {path} is not a valid PyTorch checkpoint: its pickle is nested too deeply"
+            ) from None
+        except Exception as exc:
+            if "Can not safely load weights when explicit pickle_module" in str(exc):
+                # TORCH_FORCE_WEIGHTS_ONLY_LOAD is set: only step 1 is possible.
+                match = _UNSUPPORTED_GLOBAL_RE.search(str(first_error))
+                if match:
+                    target = match.group(1)
+                    module, _, name = target.rpartition(".")
+                    if _resolve_safe(module, name, _torch_allowed_globals()) is None:
+                        raise _refusal(path, target) from None
+                    raise CheckpointError(
+                        f"checkpoint {path} carries training extras (e.g. {target}) that only the "
+                        "fallback loader can skip, and TORCH_FORCE_WEIGHTS_ONLY_LOAD forbids it: "
+                        "unset TORCH_FORCE_WEIGHTS_ONLY_LOAD (the fallback loader is safe too: "
+                        "it refuses every global outside its whitelist)"
+                    ) from None
+                raise CheckpointError(
+                    f"checkpoint {path} could not be loaded with weights_only=True "
+                    f"(TORCH_FORCE_WEIGHTS_ONLY_LOAD is set): {_first_line(first_error)}"
+                ) from None
+            raise CheckpointError(
+                f"checkpoint {path} is not a valid PyTorch checkpoint (truncated or corrupt): "
+                f"{_first_line(exc)}"
+            ) from None
+
+
+def _extract_tensors(path: Path, obj: Any) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"checkpoint {path} does not hold a state dict (it holds a {type(obj).__name__})"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if isinstance(key, str) and isinstance(value, torch.Tensor):
+            # detach: a plain tensor, no autograd hooks or Parameter wrapper
+            tensors[key] = value.detach()
+    if not tensors:
+        shown = ", ".join(repr(k) for k in list(obj.keys())[:8])
+        raise CheckpointError(
+            f"checkpoint {path} contains no tensors"
+            + (f" (top-level keys: {shown})" if shown else " (it is an empty dict)")
+        )
+    return tensors
+
+
+def load_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load the tensors of a checkpoint onto the CPU without running its code.
+
+    ``.safetensors`` files (or files whose content is safetensors) are read
+    with ``safetensors``; anything else must be a ``torch.save`` file (zip or
+    legacy format) and goes through the safe loader described in the module
+    docstring.  Returns ``{name: tensor}``; a Lightning checkpoint's
+    ``state_dict`` is unwrapped and non-tensor entries are dropped.
+
+    ``trust_pickle=True`` lets a pickle that the safe loader refuses run with
+    full pickle (ARBITRARY CODE EXECUTION) -- only for files you trust; meant
+    for ``scripts/convert_checkpoint.py --trust-pickle``.
+
+    Raises :class:`CheckpointError` with a one-line message on any failure.
+    """
+    path = Path(path)
+    size = _check_file(path)
+    if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path, size):
+        obj: Any = _load_safetensors(path)
+    else:
+        obj = _torch_load_pickled(path, trust_pickle)
+    return _extract_tensors(path, obj)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _key_list(keys: list[str], limit: int) -> str:
+    shown = ", ".join(keys[: max(limit, 0)])
+    rest = len(keys) - max(limit, 0)
+    if rest > 0:
+        shown = f"{shown}, ... and {rest} more" if shown else f"... {rest} keys"
+    return shown
+
+
+def describe_key_mismatch(
+    missing: Iterable[str], unexpected: Iterable[str], limit: int = 5
+) -> str:
+    """One line describing state-dict keys that do not match a model.
+
+    >>> describe_key_mismatch(["a", "b", "c"], ["d", "e"])
+    'checkpoint does not fit the config: 3 missing keys (a, b, c), 2 unexpected keys (d, e)'
+    """
+    missing = [str(k) for k in missing]
+    unexpected = [str(k) for k in unexpected]
+    if not missing and not unexpected:
+        return "checkpoint fits the config: no missing or unexpected keys"
+    parts = []
+    if missing:
+        parts.append(f"{_plural(len(missing), 'missing key')} ({_key_list(missing, limit)})")
+    if unexpected:
+        parts.append(
+            f"{_plural(len(unexpected), 'unexpected key')} ({_key_list(unexpected, limit)})"
+        )
+    return "checkpoint does not fit the config: " + ", ".join(parts)
+
+
+def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk``-byte pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def short_hash(path_or_digest: Union[PathLike, str], chunk: int = 1 << 20) -> str:
+    """First :data:`SHORT_HASH_LEN` hex chars of a file's SHA-256.
+
+    Accepts a file path, or an already computed 64-char hex digest.
+    """
+    if (
+        isinstance(path_or_digest, str)
+        and _HEX64.fullmatch(path_or_digest)
+        and not os.path.exists(path_or_digest)
+    ):
+        return path_or_digest[:SHORT_HASH_LEN]
+    return file_sha256(path_or_digest, chunk)[:SHORT_HASH_LEN]
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor],
+    path: PathLike,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``{name: tensor}`` to ``path`` as safetensors, atomically.
+
+    Tensors are detached, moved to the CPU and made contiguous; a tensor whose
+    storage is shared with an earlier one is cloned (safetensors refuses
+    shared storage).  The file is written to a temporary file in the same
+    directory and moved into place with ``os.replace``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"state dict keys must be str, got {type(key).__name__}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state dict value {key!r} is a {type(value).__name__}, not a tensor")
+        tensor = value.detach().to("cpu")
+        if tensor.layout != torch.strided:
+            tensor = tensor.to_dense()
+        tensor = tensor.contiguous()
+        if tensor.numel() > 0:
+            storage = tensor.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in seen_storages or storage.nbytes() != tensor.numel() * tensor.element_size():
+                tensor = tensor.clone()
+                ptr = tensor.untyped_storage().data_ptr()
+            seen_storages.add(ptr)
+        tensors[key] = tensor
+
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp_name, metadata=dict(metadata) if metadata else None)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
+        with open(tmp_name, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        raise

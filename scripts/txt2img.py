@@ -1,0 +1,255 @@
+"""Text-to-image with ScaleCrafter: a thin command line over ldm.pipeline.
+
+Every bad input is refused before the model loads, with one line on stderr and a non-zero exit
+(`--debug` shows the traceback)."""
+import argparse
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag costs one line on stderr (exit 2), not a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser(suppress_defaults=False):
+    p = OneLineParser(
+        description="Generate images with Stable Diffusion, at higher resolutions with "
+                    "ScaleCrafter (re-dilation, dispersion, noise-damped CFG, tiled decoding).",
+        argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    d = (lambda value: argparse.SUPPRESS) if suppress_defaults else (lambda value: value)
+    add = p.add_argument
+    add("--prompt", type=str, default=d("a professional photograph of an astronaut riding a "
+                                        "triceratops"), help="the prompt to render")
+    add("--from-file", type=str, help="read prompts from this file, one a line")
+    add("--outdir", type=str, default=d("outputs/txt2img-samples"), help="where samples go")
+    add("--steps", type=int, default=d(50), help="number of sampling steps")
+    add("--plms", action="store_true", help="use PLMS sampling")
+    add("--dpm", action="store_true", help="use DPM-Solver++ (2M) sampling")
+    add("--fixed_code", action="store_true", help="the same starting noise for every batch")
+    add("--ddim_eta", type=float, default=d(0.0), help="DDIM eta (0 = deterministic DDIM)")
+    add("--n_iter", type=int, default=d(3), help="sample this often")
+    add("--H", type=int, default=d(512), help="image height, pixels")
+    add("--W", type=int, default=d(512), help="image width, pixels")
+    add("--C", type=int, default=d(4), help="latent channels")
+    add("--f", type=int, default=d(8), help="downsampling factor (8 for SD)")
+    add("--n_samples", type=int, default=d(3), help="images per prompt per iteration (batch)")
+    add("--n_rows", type=int, default=d(0), help="rows in the grid (default: n_samples)")
+    add("--scale", type=float, default=d(9.0), help="classifier-free guidance scale")
+    add("--config", type=str, default=d("configs/stable-diffusion/v2-inference.yaml"),
+        help="model config (standard LDM yaml)")
+    add("--ckpt", type=str, help="model checkpoint (.ckpt or .safetensors)")
+    add("--seed", type=int, default=d(42), help="seed for reproducible sampling")
+    add("--precision", type=str, choices=["full", "autocast"], default=d("autocast"),
+        help="full: float32; autocast: UNet in fp16 on CUDA, bf16 on the CPU")
+    add("--repeat", type=int, default=d(1), help="repeat each prompt of --from-file this often")
+    add("--device", type=str, choices=["cpu", "cuda"], default=d("cpu"), help="device")
+    g = p.add_argument_group("ScaleCrafter: re-dilation")
+    g.add_argument("--dilate", type=float, help="dilation factor for the UNet's 3x3 convs")
+    g.add_argument("--dilate_tau", type=int, default=d(20),
+                   help="re-dilate during this many of the noisiest steps")
+    g.add_argument("--dilate_skip", type=int, default=d(4),
+                   help="keep the first/last K input/output blocks undilated")
+    g.add_argument("--progressive_dilate", action="store_true",
+                   help="factor max(ceil(D*(tau-i)/tau), 2) at step i")
+    g.add_argument("--dilate_settings", type=str, help="per-layer dilation file (name:factor)")
+    g = p.add_argument_group("ScaleCrafter: ultra resolution")
+    g.add_argument("--ndcfg_dilate_settings", type=str,
+                   help="dilation of the noise-damped unconditional pass")
+    g.add_argument("--ndcfg_tau", type=int, default=d(0), help="steps with noise-damped CFG")
+    g.add_argument("--disperse_settings", type=str, help="convs whose kernels are dispersed")
+    g.add_argument("--disperse_transform", type=str, help="dispersion transform (.npy or .mat)")
+    g.add_argument("--inflate_tau", type=int, default=d(0), help="steps with dispersed kernels")
+    g.add_argument("--preset", type=str,
+                   help=f"a resolution preset ({', '.join(list_presets())}); flags override it")
+    g.add_argument("--freeu", type=float, nargs=4, metavar=("B1", "B2", "S1", "S2"),
+                   help="FreeU backbone/skip factors (SD 2.1: 1.1 1.2 0.9 0.2)")
+    g = p.add_argument_group("tiled VAE decoding")
+    g.add_argument("--tiled_decoding", action="store_true", help="decode in overlapping tiles")
+    g.add_argument("--overlap", type=int, default=d(8), help="tile overlap, latent pixels (even)")
+    g.add_argument("--sync_gn", action="store_true", help="GroupNorm statistics over all tiles")
+    g.add_argument("--tile_size", type=int, help="tile side, latent pixels (default: half)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--save_latent", action="store_true",
+                   help="also write each final latent as NNNNN.npy (float32)")
+    g.add_argument("--metadata", choices=["png", "json"], default=d("png"),
+                   help="png: parameters in the PNG; json: also a sidecar NNNNN.json")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def list_presets():
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+        apply_preset(args, args.preset, explicit)
+    return args
+
+
+def apply_preset(args, name, explicit):
+    """Preset values replace defaults; flags given on the command line win."""
+    from omegaconf import OmegaConf
+
+    path = Path(name) if name.endswith(".yaml") else PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UsageError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
+    preset = OmegaConf.to_container(OmegaConf.load(path))
+    for key, value in preset.items():
+        if not hasattr(args, key):
+            raise UsageError(f"preset {path} sets unknown option {key!r}")
+        if key in explicit:
+            continue
+        if isinstance(value, str) and key.endswith(("_settings", "_transform")):
+            value = str((REPO_ROOT / value) if not Path(value).is_absolute() else value)
+        setattr(args, key, value)
+
+
+def options_from_args(args):
+    from ldm.pipeline import GenerationOptions
+
+    sampler = "dpm" if args.dpm else "plms" if args.plms else "ddim"
+    if args.plms and args.dpm:
+        raise UsageError("choose one of --plms and --dpm")
+    return GenerationOptions(
+        H=args.H, W=args.W, C=args.C, f=args.f, steps=args.steps, sampler=sampler,
+        ddim_eta=args.ddim_eta, scale=args.scale, seed=args.seed, fixed_code=args.fixed_code,
+        precision=args.precision, dilate=args.dilate, dilate_tau=args.dilate_tau,
+        dilate_skip=args.dilate_skip, progressive_dilate=args.progressive_dilate,
+        dilate_settings=args.dilate_settings, ndcfg_dilate_settings=args.ndcfg_dilate_settings,
+        ndcfg_tau=args.ndcfg_tau, disperse_settings=args.disperse_settings,
+        disperse_transform=args.disperse_transform, inflate_tau=args.inflate_tau,
+        tiled_decoding=args.tiled_decoding, overlap=args.overlap, sync_gn=args.sync_gn,
+        tile_size=args.tile_size, freeu=tuple(args.freeu) if args.freeu else None)
+
+
+def read_prompts(args):
+    """Batches of prompts, as the LDM scripts chunk them (n_samples per batch)."""
+    if args.from_file:
+        path = Path(args.from_file)
+        if not path.is_file():
+            raise UsageError(f"prompt file {path} does not exist")
+        try:
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read prompt file {path}: {err}") from None
+        if not lines:
+            raise UsageError(f"prompt file {path} has no prompts")
+        prompts = [p for p in lines for _ in range(args.repeat)]
+        return [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
+    if not args.prompt or not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    return [[args.prompt] * args.n_samples]
+
+
+def check_inputs(args, opts):
+    """Everything that can be checked without loading the model."""
+    from ldm.util import load_config
+
+    for name in ("n_iter", "n_samples", "repeat"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.n_rows < 0:
+        raise UsageError(f"--n_rows must not be negative, got {args.n_rows}")
+    opts.validate()
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but no CUDA device is available")
+    if not args.ckpt:
+        raise UsageError("--ckpt is required (see README: Checkpoints)")
+    ckpt = Path(args.ckpt)
+    if not ckpt.is_file():
+        raise UsageError(f"checkpoint file {ckpt} does not exist")
+    if ckpt.stat().st_size == 0:
+        raise UsageError(f"checkpoint {ckpt} is empty")
+    load_config(args.config)
+    for name in ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
+                 "disperse_transform"):
+        value = getattr(args, name)
+        if value and not Path(value).is_file():
+            raise UsageError(f"--{name}: file {value} does not exist")
+    from ldm.outputs import ensure_writable_dir
+    ensure_writable_dir(Path(args.outdir) / "samples")
+
+
+def run(args):
+    import torch
+    from lightning_fabric.utilities.seed import seed_everything
+
+    from ldm.outputs import OutputWriter
+    from ldm.pipeline import Pipeline
+
+    opts = options_from_args(args)
+    batches = read_prompts(args)
+    check_inputs(args, opts)
+    pipe = Pipeline.load(args.config, args.ckpt, device=args.device)
+    settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
+    writer = OutputWriter(args.outdir, args, opts)
+    seed_everything(args.seed, verbose=False)
+    generator = torch.Generator().manual_seed(args.seed)
+    x_T = pipe.initial_noise(opts, args.n_samples, generator) if args.fixed_code else None
+    from tqdm.auto import trange, tqdm
+
+    all_images = []
+    try:
+        for _ in trange(args.n_iter, desc="Sampling"):
+            for prompts in tqdm(batches, desc="data", leave=False):
+                start = x_T[:len(prompts)] if x_T is not None else None
+                z, _ = pipe.sample(prompts, opts, generator, start, settings)
+                decoded = pipe.decode(z, opts).float().cpu()
+                writer.save_batch(prompts, decoded, z.cpu())
+                all_images.append(decoded)
+        writer.save_grid(all_images, args.n_rows or args.n_samples)
+    except KeyboardInterrupt:
+        print(f"interrupted: kept {writer.count} finished image(s) in {writer.sample_dir}",
+              file=sys.stderr)
+        return 130
+    print(f"Your samples are ready and waiting for you here:\n{writer.outdir}\nEnjoy.")
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = parse_args(argv)
+        return run(args)
+    except SystemExit:
+        raise
+    except Exception as err:  # one readable line unless --debug
+        if debug:
+            raise
+        print(f"error: {describe(err)}", file=sys.stderr)
+        return 1
+
+
+def describe(err):
+    from ldm.checkpoint import CheckpointError
+    from ldm.util import ConfigError
+
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, (UsageError, CheckpointError, ConfigError, ValueError)):
+        return message
+    if isinstance(err, OSError):
+        return f"{err.strerror or message}: {err.filename}" if err.filename else message
+    return f"{type(err).__name__}: {message}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,615 @@
+"""Tests for ldm.checkpoint (safe checkpoint loading) and scripts/convert_checkpoint.py."""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import collections
+import hashlib
+import importlib.util
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from ldm.checkpoint import (  # noqa: E402
+    CheckpointError,
+    describe_key_mismatch,
+    file_sha256,
+    load_state_dict,
+    save_safetensors,
+    short_hash,
+)
+
+REFERENCE_CKPT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tiny" / "tiny-sd21.ckpt"
+CONVERTER = REPO_ROOT / "scripts" / "convert_checkpoint.py"
+LIGHTNING_MODULE = "pytorch_lightning.callbacks.model_checkpoint"
+
+FAKE_CALLBACK_SOURCE = '''
+import os
+MARKER = None  # set by the test; any real construction writes it
+
+def _touch(what):
+    if MARKER:
+        with open(MARKER, "a") as fh:
+            fh.write(what + "\\n")
+
+class ModelCheckpoint:
+    def __new__(cls, *args, **kwargs):
+        _touch("new")
+        return super().__new__(cls)
+
+    def __init__(self, monitor=None, dirpath=None):
+        _touch("init")
+        self.monitor = monitor
+        self.dirpath = dirpath
+        self.best_model_score = None
+
+    def __setstate__(self, state):
+        _touch("setstate")
+        self.__dict__.update(state)
+
+class RebuiltByCall:
+    """Pickled as a call of the class itself (REDUCE)."""
+    def __init__(self, value):
+        _touch("call")
+        self.value = value
+
+    def __reduce__(self):
+        return (RebuiltByCall, (self.value,))
+'''
+
+
+def _sample_state_dict() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "model.diffusion_model.conv.weight": torch.randn(4, 3, 3, 3, generator=gen),
+        "model.diffusion_model.conv.bias": torch.randn(4, generator=gen),
+        "first_stage_model.scale": torch.tensor(0.18215),
+        "half.weight": torch.randn(5, 5, generator=gen).half(),
+        "steps": torch.arange(10, dtype=torch.int64),
+        "betas": torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float32),
+    }
+
+
+def _assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert set(loaded) == set(expected)
+    for key, value in expected.items():
+        assert loaded[key].dtype == value.dtype, key
+        assert loaded[key].device.type == "cpu", key
+        assert torch.equal(loaded[key], value), key
+
+
+@pytest.fixture
+def fake_lightning(tmp_path, monkeypatch):
+    """A fake ``pytorch_lightning.callbacks.model_checkpoint`` module, injected into sys.modules.
+
+    Yields the module; its classes write to ``module.MARKER`` whenever they are
+    really constructed. The injection is undone after the test.
+    """
+    source = tmp_path / "fake_model_checkpoint.py"
+    source.write_text(FAKE_CALLBACK_SOURCE)
+    spec = importlib.util.spec_from_file_location(LIGHTNING_MODULE, source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.MARKER = str(tmp_path / "callback_was_constructed")
+    parents = ["pytorch_lightning", "pytorch_lightning.callbacks"]
+    for name in parents:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = []
+        monkeypatch.setitem(sys.modules, name, pkg)
+    monkeypatch.setitem(sys.modules, LIGHTNING_MODULE, module)
+    sys.modules["pytorch_lightning"].callbacks = sys.modules["pytorch_lightning.callbacks"]
+    sys.modules["pytorch_lightning.callbacks"].model_checkpoint = module
+    yield module
+
+
+def _lightning_checkpoint(module, state_dict):
+    callback = module.ModelCheckpoint(monitor="val/loss", dirpath="/nonexistent/ckpts")
+    callback.best_model_score = torch.tensor(0.5)
+    return {
+        "epoch": 3,
+        "global_step": 1234,
+        "pytorch-lightning_version": "1.4.2",
+        "state_dict": state_dict,
+        "callbacks": {module.ModelCheckpoint: callback, "by_call": module.RebuiltByCall(7)},
+        "optimizer_states": [
+            {
+                "state": {0: {"step": 10, "exp_avg": torch.zeros(3), "exp_avg_sq": torch.ones(3)}},
+                "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}],
+            }
+        ],
+        "lr_schedulers": [{"last_epoch": 3, "_step_count": 4}],
+        "hyper_parameters": {
+            "args": argparse.Namespace(lr=1e-4, name="run"),
+            "np_scalar": np.float64(1.5),
+            "np_int": np.int64(3),
+            "np_array": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "np_dtype": np.dtype("float16"),
+            "logdir": pathlib.PosixPath("/tmp/logs"),
+            "a_set": {1, 2, 3},
+            "a_frozenset": frozenset({"x"}),
+            "a_slice": slice(1, 10, 2),
+            "a_complex": 1 + 2j,
+            "ordered": collections.OrderedDict(a=1),
+            "defaults": collections.defaultdict(list, {"k": [1]}),
+            "torch_dtype": torch.float16,
+            "raw": b"\x00\x01",
+        },
+    }
+
+
+# ---------------------------------------------------------------------------
+# Loading good checkpoints
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_lightning_checkpoint_with_extras_loads(tmp_path, fake_lightning, legacy):
+    sd = _sample_state_dict()
+    path = tmp_path / "model.ckpt"
+    torch.save(
+        _lightning_checkpoint(fake_lightning, sd),
+        path,
+        _use_new_zipfile_serialization=not legacy,
+    )
+    marker = Path(fake_lightning.MARKER)
+    marker.unlink()  # written while building the checkpoint above
+
+    # The fast path cannot read it: the fallback loader is what is exercised.
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, map_location="cpu", weights_only=True)
+
+    # The real callback class is still importable here: it must not be used.
+    loaded = load_state_dict(path)
+    _assert_same(loaded, sd)
+    assert not marker.exists(), "a pickled class was really constructed"
+
+
+def test_lightning_checkpoint_loads_after_module_is_gone(tmp_path, fake_lightning, monkeypatch):
+    sd = _sample_state_dict()
+    path = tmp_path / "model.ckpt"
+    torch.save(_lightning_checkpoint(fake_lightning, sd), path)
+    Path(fake_lightning.MARKER).unlink()
+    for name in [LIGHTNING_MODULE, "pytorch_lightning.callbacks", "pytorch_lightning"]:
+        monkeypatch.delitem(sys.modules, name)
+    before = set(sys.modules)
+
+    _assert_same(load_state_dict(path), sd)
+
+    assert not Path(fake_lightning.MARKER).exists()
+    imported = {m for m in set(sys.modules) - before if "lightning" in m}
+    assert not imported, f"loader imported {imported}"
+
+
+def test_omegaconf_hyper_parameters_load(tmp_path):
+    omegaconf = pytest.importorskip("omegaconf")
+    sd = _sample_state_dict()
+    conf = omegaconf.OmegaConf.create({"model": {"lr": 1e-4, "layers": [1, 2], "name": "x"}})
+    path = tmp_path / "omega.ckpt"
+    torch.save({"state_dict": sd, "hyper_parameters": conf, "hparams_type": "DictConfig"}, path)
+    _assert_same(load_state_dict(path), sd)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin"])
+def test_bare_state_dict(tmp_path, suffix):
+    sd = _sample_state_dict()
+    path = tmp_path / f"bare{suffix}"
+    torch.save(collections.OrderedDict(sd), path)
+    _assert_same(load_state_dict(path), sd)
+
+
+def test_bare_state_dict_legacy_format_and_protocol_4(tmp_path):
+    sd = _sample_state_dict()
+    legacy = tmp_path / "legacy.pt"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
+    _assert_same(load_state_dict(legacy), sd)
+    proto4 = tmp_path / "proto4.pt"  # weights_only cannot parse protocol 4
+    torch.save({"state_dict": sd, "extra": np.float32(1)}, proto4, pickle_protocol=4)
+    _assert_same(load_state_dict(proto4), sd)
+
+
+def test_non_tensor_entries_are_skipped(tmp_path):
+    sd = _sample_state_dict()
+    mixed = dict(sd, note="hello", count=3, nested={"x": torch.zeros(1)})
+    path = tmp_path / "mixed.pt"
+    torch.save(mixed, path)
+    _assert_same(load_state_dict(path), sd)
+
+
+def test_parameters_come_back_as_plain_tensors(tmp_path):
+    path = tmp_path / "params.pt"
+    torch.save({"w": torch.nn.Parameter(torch.ones(2, 2))}, path)
+    loaded = load_state_dict(path)
+    assert type(loaded["w"]) is torch.Tensor
+    assert not loaded["w"].requires_grad
+
+
+def test_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = _sample_state_dict()
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    _assert_same(load_state_dict(path), sd)
+    # safetensors content under a .ckpt name is recognised too
+    renamed = tmp_path / "actually-safetensors.ckpt"
+    renamed.write_bytes(path.read_bytes())
+    _assert_same(load_state_dict(renamed), sd)
+
+
+def test_reference_checkpoint_loads():
+    assert REFERENCE_CKPT.is_file(), f"reference checkpoint missing: {REFERENCE_CKPT}"
+    sd = load_state_dict(REFERENCE_CKPT)
+    assert len(sd) > 100
+    assert "betas" in sd
+    assert any(k.startswith("model.diffusion_model.") for k in sd)
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    assert sd["betas"].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------
+# Malicious checkpoints
+# ---------------------------------------------------------------------------
+
+
+class _SystemPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _ExecPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+class _EvalPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.eval, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+class _SubprocessPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.call, (["touch", str(self.marker)],))
+
+
+PAYLOADS = {
+    "os.system": (_SystemPayload, (f"{os.system.__module__}.system",)),
+    "exec": (_ExecPayload, ("builtins.exec",)),
+    "eval": (_EvalPayload, ("builtins.eval",)),
+    "subprocess": (_SubprocessPayload, ("subprocess.call",)),
+}
+
+
+def _write_malicious(path: Path, payload, fmt: str) -> None:
+    obj = {"state_dict": {"w": torch.zeros(2)}, "callbacks": {"evil": payload}}
+    if fmt == "zip":
+        torch.save(obj, path)
+    elif fmt == "legacy":
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+    else:  # a raw pickle, no torch container at all
+        with open(path, "wb") as fh:
+            pickle.dump({"state_dict": {}, "callbacks": {"evil": payload}}, fh, protocol=int(fmt[-1]))
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "raw2", "raw5"])
+@pytest.mark.parametrize("kind", sorted(PAYLOADS))
+def test_malicious_pickle_is_refused(tmp_path, fmt, kind):
+    cls, names = PAYLOADS[kind]
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    _write_malicious(path, cls(marker), fmt)
+
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict(path)
+
+    assert not marker.exists(), "the malicious payload ran"
+    message = str(info.value)
+    assert "\n" not in message
+    assert any(name in message for name in names), message
+    assert "refused for safety" in message
+    assert "convert_checkpoint.py" in message and "--trust-pickle" in message
+    assert str(path) in message
+
+
+# Hand-written protocol-0 pickles for globals that __reduce__ cannot easily produce.
+HANDCRAFTED = {
+    "builtins.getattr": b"cbuiltins\ngetattr\n(cbuiltins\nobject\nS'__class__'\ntR.",
+    "builtins.__import__": b"c__builtin__\n__import__\n(S'os'\ntR.",
+    "numpy.testing._private.utils.runstring": (
+        b"cnumpy.testing._private.utils\nrunstring\n(S'open(\"MARKER\", \"w\")'\n(dtR."
+    ),
+    "torch.load": b"ctorch\nload\n(S'/nonexistent'\ntR.",
+    "torch.storage._load_from_bytes": b"ctorch.storage\n_load_from_bytes\n(C\x00tR.",
+    "unknown_module.Thing": b"cunknown_module\nThing\n)R.",
+}
+
+
+@pytest.mark.parametrize("target", sorted(HANDCRAFTED))
+def test_handcrafted_globals_are_refused(tmp_path, target):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "crafted.pt"
+    path.write_bytes(HANDCRAFTED[target].replace(b"MARKER", str(marker).encode()))
+    with pytest.raises(CheckpointError, match="refused for safety") as info:
+        load_state_dict(path)
+    assert target in str(info.value)
+    assert not marker.exists()
+
+
+def test_torchscript_archive_is_refused(tmp_path):
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.* is deprecated in recent torch
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(CheckpointError, match="TorchScript"):
+        load_state_dict(path)
+
+
+# ---------------------------------------------------------------------------
+# Broken files
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("fraction", [0.01, 0.5, 0.99])
+def test_truncated_checkpoint(tmp_path, legacy, fraction):
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": _sample_state_dict()}, good, _use_new_zipfile_serialization=not legacy)
+    data = good.read_bytes()
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+        load_state_dict(bad)
+    assert str(bad) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_file(_sample_state_dict(), str(good))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="not a valid safetensors file") as info:
+        load_state_dict(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_garbage_bytes(tmp_path):
+    path = tmp_path / "garbage.ckpt"
+    path.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(CheckpointError, match="not a valid PyTorch checkpoint") as info:
+        load_state_dict(path)
+    assert str(path) in str(info.value)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.ckpt"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty") as info:
+        load_state_dict(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.ckpt"
+    with pytest.raises(CheckpointError, match="does not exist") as info:
+        load_state_dict(path)
+    assert str(path) in str(info.value)
+
+
+def test_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_state_dict(tmp_path)
+
+
+def test_checkpoint_without_tensors(tmp_path):
+    path = tmp_path / "notensors.ckpt"
+    torch.save({"global_step": 3, "epoch": 1}, path)
+    with pytest.raises(CheckpointError, match="contains no tensors"):
+        load_state_dict(path)
+    path2 = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], path2)
+    with pytest.raises(CheckpointError, match="does not hold a state dict"):
+        load_state_dict(path2)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def test_describe_key_mismatch():
+    assert describe_key_mismatch(["a", "b", "c"], ["d", "e"]) == (
+        "checkpoint does not fit the config: 3 missing keys (a, b, c), 2 unexpected keys (d, e)"
+    )
+    assert describe_key_mismatch(["a"], []) == "checkpoint does not fit the config: 1 missing key (a)"
+    long = describe_key_mismatch([f"k{i}" for i in range(12)], [], limit=3)
+    assert long == "checkpoint does not fit the config: 12 missing keys (k0, k1, k2, ... and 9 more)"
+    assert "\n" not in long
+    assert "no missing or unexpected" in describe_key_mismatch([], [])
+
+
+def test_file_sha256_and_short_hash(tmp_path):
+    path = tmp_path / "blob.bin"
+    data = os.urandom(3 * 1024 + 17)
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert file_sha256(path) == expected
+    assert file_sha256(path, chunk=100) == expected
+    assert short_hash(path) == expected[:10]
+    assert short_hash(expected) == expected[:10]
+
+
+def test_save_safetensors_shared_and_noncontiguous(tmp_path):
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    sd = {
+        "base": base,
+        "alias": base,  # same storage
+        "view": base[1],  # view into the same storage
+        "transposed": base.t(),  # non-contiguous
+        "param": torch.nn.Parameter(torch.ones(2)),
+        "empty": torch.zeros(0),
+        "empty2": torch.zeros(0, 3),
+    }
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old content")  # replaced atomically
+    save_safetensors(sd, path, metadata={"source": "test"})
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(path))
+    assert set(loaded) == set(sd)
+    for key, value in sd.items():
+        assert torch.equal(loaded[key], value.detach()), key
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.metadata() == {"source": "test"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"], "temp file left behind"
+    # the input tensors were not modified
+    assert torch.equal(base, torch.arange(12, dtype=torch.float32).reshape(3, 4))
+
+
+def test_save_safetensors_failure_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "out.safetensors"
+    with pytest.raises(TypeError):
+        save_safetensors({"x": "not a tensor"}, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# Converter CLI
+# ---------------------------------------------------------------------------
+
+
+def _run_converter(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the script must find the repo by itself
+    return subprocess.run(
+        [sys.executable, str(CONVERTER), *args],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env=env,
+        timeout=300,
+    )
+
+
+def test_converter_round_trip(tmp_path, fake_lightning):
+    from safetensors.torch import load_file
+
+    sd = _sample_state_dict()
+    src = tmp_path / "model.ckpt"
+    torch.save(_lightning_checkpoint(fake_lightning, sd), src)
+    dst = tmp_path / "model.safetensors"
+
+    result = _run_converter(str(src), str(dst))
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    _assert_same(load_file(str(dst)), sd)
+    _assert_same(load_state_dict(dst), sd)
+
+
+def test_converter_half(tmp_path):
+    from safetensors.torch import load_file
+
+    sd = _sample_state_dict()
+    src = tmp_path / "model.pt"
+    torch.save(sd, src)
+    dst = tmp_path / "half.safetensors"
+    result = _run_converter(str(src), str(dst), "--half")
+    assert result.returncode == 0, result.stderr
+    out = load_file(str(dst))
+    assert out["model.diffusion_model.conv.weight"].dtype == torch.float16
+    assert out["steps"].dtype == torch.int64
+    assert out["betas"].dtype == torch.float32  # schedule buffers keep precision
+    assert torch.allclose(out["model.diffusion_model.conv.weight"].float(), sd["model.diffusion_model.conv.weight"], atol=1e-2)
+
+
+def test_converter_refuses_malicious(tmp_path):
+    marker = tmp_path / "pwned"
+    src = tmp_path / "evil.ckpt"
+    _write_malicious(src, _SystemPayload(marker), "zip")
+    dst = tmp_path / "evil.safetensors"
+
+    result = _run_converter(str(src), str(dst))
+
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "refused for safety" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "bad-suffix"])
+def test_converter_bad_input(tmp_path, case):
+    src = tmp_path / "in.ckpt"
+    dst = tmp_path / "out.safetensors"
+    if case == "garbage":
+        src.write_bytes(b"\x00not a checkpoint" * 10)
+    elif case == "bad-suffix":
+        torch.save(_sample_state_dict(), src)
+        dst = tmp_path / "out.ckpt"
+    result = _run_converter(str(src), str(dst))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not dst.exists()
+
+
+def test_converter_trust_pickle(tmp_path):
+    """A benign but non-whitelisted global: refused by default, converted with --trust-pickle."""
+    import fractions
+
+    from safetensors.torch import load_file
+
+    sd = _sample_state_dict()
+    src = tmp_path / "custom.ckpt"
+    torch.save({"state_dict": sd, "ratio": fractions.Fraction(1, 3)}, src)
+    dst = tmp_path / "custom.safetensors"
+
+    refused = _run_converter(str(src), str(dst))
+    assert refused.returncode != 0
+    assert "fractions.Fraction" in refused.stderr
+    assert not dst.exists()
+
+    trusted = _run_converter(str(src), str(dst), "--trust-pickle")
+    assert trusted.returncode == 0, trusted.stderr
+    _assert_same(load_file(str(dst)), sd)
+
+
+def test_converter_help_documents_trust_pickle():
+    result = _run_converter("--help")
+    assert result.returncode == 0
+    assert "--trust-pickle" in result.stdout
+    assert "DANGEROUS" in result.stdout
