@@ -1,5 +1,11 @@
-"""Writing samples: atomically (temp file + link/rename), never over an existing file, each PNG
-with its generation parameters in a `parameters` text chunk (the form image tools read)."""
+"""Writing samples: atomically (temp file + link), never over an existing file, each PNG with its
+generation parameters in a `parameters` text chunk (the form image tools read).
+
+A file appears under its final name complete or not at all: the bytes go to a `.partial-*` temp
+file in the same folder, which is then hard-linked to the first free name (a link fails instead
+of replacing a file) and removed. Ctrl-C in the middle leaves the earlier files as they were and
+no temp file behind."""
+import errno
 import io
 import json
 import os
@@ -15,34 +21,106 @@ from PIL import Image, PngImagePlugin
 from ldm.pipeline import to_pil
 
 SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm": "DPM-Solver++ 2M"}
+PARTIAL_PREFIX = ".partial-"
+# GenerationOptions fields written as ScaleCrafter settings, in this order, each under its flag name
+SCALECRAFTER_FIELDS = ("dilate", "dilate_tau", "dilate_skip", "progressive_dilate",
+                       "dilate_settings", "ndcfg_dilate_settings", "ndcfg_tau",
+                       "disperse_settings", "disperse_transform", "inflate_tau", "freeu",
+                       "tiled_decoding", "overlap", "sync_gn", "tile_size")
+# errnos of file systems without hard links (vfat, some network and FUSE mounts)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+_pending = set()  # temp files of the writes in progress
+_file_mode = None
 
 
-def ensure_writable_dir(path: Path):
+class OutputError(OSError):
+    """An output folder that cannot be used; the message is one line for the user."""
+
+
+def ensure_writable_dir(path) -> Path:
+    """Create `path` (and its parents) and check that files can be created in it."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise OutputError(f"cannot create output folder {path}: {existing} exists and is not a "
+                          "folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OSError(err.errno, f"cannot create output folder {path}: {err.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"output folder {path} is not writable")
+        raise OutputError(f"cannot create output folder {path}: {err.strerror or err}") from None
+    try:  # os.access says yes to root everywhere, and knows nothing of read-only mounts
+        with tempfile.TemporaryFile(dir=path, prefix=PARTIAL_PREFIX):
+            pass
+    except OSError as err:
+        raise OutputError(f"output folder {path} is not writable: {err.strerror or err}") from None
+    return path
 
 
-def write_new_file(path: Path, data: bytes) -> Path:
-    """Write `data` to `path`, or to the next free NNNNN name beside it if `path` exists. The
-    file appears complete or not at all."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=path.suffix)
+def _new_file_mode() -> int:
+    """The mode open() would give a new file (mkstemp's is 0600)."""
+    global _file_mode
+    if _file_mode is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        _file_mode = 0o666 & ~umask
+    return _file_mode
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _publish(tmp: str, path: Path):
+    """Give the complete file `tmp` the name `path`; FileExistsError if that name is taken."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS:
+            raise
+    # No hard links here: claim the name with O_EXCL, then move the complete file over the claim.
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _new_file_mode()))
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(path)  # the empty claim, never a file of someone else's
+        raise
+
+
+def write_new_file(path, data: bytes) -> Path:
+    """Write `data` to `path`, or to the next free name beside it if `path` exists (00007.png
+    becomes 00008.png); returns the path written. The file appears complete or not at all, and
+    no existing file is ever replaced."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL_PREFIX, suffix=path.suffix)
+    _pending.add(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _new_file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         while True:
             try:
-                os.link(tmp, path)  # fails instead of overwriting
+                _publish(tmp, path)
                 return path
             except FileExistsError:
                 path = _bump(path)
     finally:
-        os.unlink(tmp)
+        _remove(tmp)
+        _pending.discard(tmp)
+
+
+def discard_partial_files():
+    """Remove the temp files of writes that were cut short (call after a KeyboardInterrupt)."""
+    for tmp in list(_pending):
+        _remove(tmp)
+        _pending.discard(tmp)
 
 
 def _bump(path: Path) -> Path:
@@ -53,8 +131,10 @@ def _bump(path: Path) -> Path:
     return path.with_stem(f"{prefix}{int(digits) + 1:0{len(digits)}d}")
 
 
-def next_index(folder: Path, pattern=r"(\d{5})\.(png|npy|json)") -> int:
-    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(pattern, p.name))]
+def next_index(folder: Path, pattern=r"(\d{5,})\.(png|npy|json)") -> int:
+    """One more than the highest number among the names in `folder` that match `pattern`."""
+    numbers = [int(m.group(1)) for p in Path(folder).iterdir()
+               if (m := re.fullmatch(pattern, p.name))]
     return max(numbers) + 1 if numbers else 0
 
 
@@ -67,23 +147,38 @@ def png_bytes(image: Image.Image, text: dict) -> bytes:
     return buffer.getvalue()
 
 
-def parameters_text(prompt, args, opts, ckpt_hash) -> str:
-    """A1111-style parameters: the prompt, then `Key: value` pairs on one line."""
+def _infotext_value(value) -> str:
+    """A value as the A1111 infotext parser reads it back: quoted when it has a , : or newline."""
+    if isinstance(value, (tuple, list)):
+        value = " ".join(str(v) for v in value)
+    text = str(value)
+    if any(c in text for c in ",:\n\""):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=None) -> str:
+    """A1111-style parameters: the prompt, then `Key: value` pairs on one line. Every
+    ScaleCrafter setting follows under its flag name (`dilate: 2.0, dilate_tau: 20, ...`)."""
     fields = {
         "Steps": opts.steps, "Sampler": SAMPLERS[opts.sampler], "CFG scale": opts.scale,
         "Seed": opts.seed, "Size": f"{opts.W}x{opts.H}", "Eta": opts.ddim_eta,
-        "Precision": opts.precision,
+        "Precision": opts.precision, "Fixed code": opts.fixed_code,
         "Model hash": ckpt_hash, "Model": Path(args.ckpt).name, "Config": Path(args.config).name,
     }
-    scalecrafter = {k: v for k, v in asdict(opts).items()
-                    if k.startswith(("dilate", "progressive", "ndcfg", "disperse", "inflate",
-                                     "tiled", "overlap", "sync_gn", "tile_size"))
-                    and v not in (None, False)}
-    fields["ScaleCrafter"] = json.dumps(scalecrafter, sort_keys=True)
-    return prompt + "\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
+    if batch_size is not None:
+        fields["Batch size"] = batch_size
+    if batch_pos is not None:
+        fields["Batch pos"] = batch_pos
+    options = asdict(opts)
+    fields.update((name, options[name]) for name in SCALECRAFTER_FIELDS)
+    return prompt + "\n" + ", ".join(f"{k}: {_infotext_value(v)}" for k, v in fields.items())
 
 
 class OutputWriter:
+    """Numbered samples (outdir/samples/NNNNN.png) and grids (outdir/grid-NNNN.png); numbering
+    goes on from the files already there, so runs into one folder never overwrite each other."""
+
     def __init__(self, outdir, args, opts):
         from ldm.checkpoint import short_hash
 
@@ -93,26 +188,29 @@ class OutputWriter:
         self.args, self.opts = args, opts
         self.ckpt_hash = short_hash(args.ckpt)
         self.count = 0
+        self.prompts = []
 
     def save_batch(self, prompts, decoded: torch.Tensor, latents: torch.Tensor):
         paths = []
-        for prompt, image, latent in zip(prompts, to_pil(decoded), latents):
+        for pos, (prompt, image, latent) in enumerate(zip(prompts, to_pil(decoded), latents)):
             index = next_index(self.sample_dir)
-            params = parameters_text(prompt, self.args, self.opts, self.ckpt_hash)
+            params = parameters_text(prompt, self.args, self.opts, self.ckpt_hash,
+                                     len(prompts), pos)
             path = write_new_file(self.sample_dir / f"{index:05}.png",
                                   png_bytes(image, {"parameters": params}))
             stem = path.with_suffix("")
-            if self.args.save_latent:
+            if getattr(self.args, "save_latent", False):
                 buffer = io.BytesIO()
-                np.save(buffer, latent.float().numpy())
+                np.save(buffer, latent.detach().float().cpu().numpy())
                 write_new_file(stem.with_suffix(".npy"), buffer.getvalue())
-            if self.args.metadata == "json":
+            if getattr(self.args, "metadata", "png") == "json":
                 sidecar = {"prompt": prompt, "parameters": params, "options": asdict(self.opts),
                            "ckpt": str(self.args.ckpt), "ckpt_hash": self.ckpt_hash,
-                           "config": str(self.args.config)}
+                           "config": str(self.args.config), "image": path.name}
                 write_new_file(stem.with_suffix(".json"),
                                json.dumps(sidecar, indent=2).encode())
             self.count += 1
+            self.prompts.append(prompt)
             paths.append(path)
         return paths
 
@@ -124,6 +222,12 @@ class OutputWriter:
         images = torch.cat(batches, 0)
         grid = make_grid(torch.clamp((images + 1) / 2, 0, 1), nrow=n_rows)
         array = (255.0 * grid.permute(1, 2, 0).numpy()).astype(np.uint8)
-        grids = [p for p in self.outdir.glob("grid-*.png")]
-        return write_new_file(self.outdir / f"grid-{len(grids):04}.png",
-                              png_bytes(Image.fromarray(array), {}))
+        prompts = list(dict.fromkeys(self.prompts))  # each prompt once, in order
+        params = parameters_text("\n".join(prompts), self.args, self.opts, self.ckpt_hash)
+        index = next_index(self.outdir, r"grid-(\d{4,})\.png")
+        return write_new_file(self.outdir / f"grid-{index:04}.png",
+                              png_bytes(Image.fromarray(array), {"parameters": params}))
+
+    @staticmethod
+    def discard_partial_files():
+        discard_partial_files()

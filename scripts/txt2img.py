@@ -3,6 +3,7 @@
 Every bad input is refused before the model loads, with one line on stderr and a non-zero exit
 (`--debug` shows the traceback)."""
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag costs one line on stderr (exit 2), not a usage dump."""
 
     def error(self, message):
+        message = " ".join(str(message).split())
         self.exit(2, f"error: {message} (see --help)\n")
 
 
@@ -138,16 +140,29 @@ def options_from_args(args):
         tile_size=args.tile_size, freeu=tuple(args.freeu) if args.freeu else None)
 
 
+def check_counts(args):
+    for name in ("n_iter", "n_samples", "repeat"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+
+
 def read_prompts(args):
     """Batches of prompts, as the LDM scripts chunk them (n_samples per batch)."""
+    check_counts(args)
     if args.from_file:
         path = Path(args.from_file)
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"prompt file {path} does not exist")
+        if not path.is_file():
+            raise UsageError(f"prompt file {path} is not a file")
         try:
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise UsageError(f"cannot read prompt file {path}: {err}") from None
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"cannot read prompt file {path}: it is not UTF-8 text "
+                             f"(byte {err.start})") from None
+        except OSError as err:
+            raise UsageError(f"cannot read prompt file {path}: {err.strerror or err}") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise UsageError(f"prompt file {path} has no prompts")
         prompts = [p for p in lines for _ in range(args.repeat)]
@@ -157,35 +172,121 @@ def read_prompts(args):
     return [[args.prompt] * args.n_samples]
 
 
-def check_inputs(args, opts):
-    """Everything that can be checked without loading the model."""
-    from ldm.util import load_config
+def check_readable_file(path, what):
+    """A file that exists, is a file, and can be opened; else a UsageError naming `what`."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise UsageError(f"{what} {path} is not a file")
+    try:
+        with open(path, "rb") as f:
+            first = f.read(1)
+    except OSError as err:
+        raise UsageError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    return path, first
 
-    for name in ("n_iter", "n_samples", "repeat"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+
+def check_config(path):
+    """The config must be an LDM config: a `model` section whose `target` can be imported."""
+    from omegaconf import DictConfig
+
+    from ldm.util import get_obj_from_str, load_config
+
+    check_readable_file(path, "config file")
+    config = load_config(path)
+    model = config.get("model") if isinstance(config, DictConfig) else None
+    if not isinstance(model, DictConfig) or not isinstance(model.get("target"), str):
+        raise UsageError(f"config file {path} is not an LDM model config: it has no "
+                         "'model.target' (e.g. ldm.models.diffusion.ddpm.LatentDiffusion)")
+    params = model.get("params")
+    if params is not None and not isinstance(params, DictConfig):
+        raise UsageError(f"config file {path}: 'model.params' is not a mapping")
+    get_obj_from_str(model.target)  # ConfigError with one line if it cannot be imported
+    return config
+
+
+def check_settings_files(config, opts):
+    """Settings files name UNet convs: check them against the config's UNet, built on the meta
+    device (no memory, no weights), so that a typo costs no checkpoint load."""
+    if not (opts.dilate_settings or opts.ndcfg_dilate_settings or opts.disperse_settings):
+        return
+    import torch
+    from omegaconf import DictConfig
+
+    from ldm.scalecrafter.settings import build_settings
+    from ldm.util import instantiate_from_config
+
+    unet_config = (config.model.get("params") or {}).get("unet_config")
+    if not isinstance(unet_config, DictConfig):
+        return  # not the usual layout: the settings are checked once the model is loaded
+    with torch.device("meta"):
+        unet = instantiate_from_config(unet_config)
+    build_settings(unet, opts)
+
+
+def check_numbers(args):
+    """Counts, ranges and finite floats: the flags GenerationOptions.validate does not cover."""
+    check_counts(args)
     if args.n_rows < 0:
         raise UsageError(f"--n_rows must not be negative, got {args.n_rows}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in 0..{2 ** 32 - 1}, got {args.seed}")
+    numbers = [("scale", args.scale), ("ddim_eta", args.ddim_eta), ("dilate", args.dilate)]
+    numbers += [("freeu", value) for value in args.freeu or ()]
+    for name, value in numbers:
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--{name} must be a finite number, got {value}")
+    for name in ("ndcfg_tau", "inflate_tau"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.tile_size is not None and args.tile_size <= 0:
+        raise UsageError(f"--tile_size must be positive, got {args.tile_size}")
+    if args.overlap < 0 or args.overlap % 2:
+        raise UsageError(f"--overlap must be even and non-negative, got {args.overlap}")
+
+
+def check_features(args):
+    """Flags that would silently do nothing, or that make no sense together."""
+    if args.ndcfg_dilate_settings and args.ndcfg_tau <= 0:
+        raise UsageError(f"--ndcfg_tau must be positive with --ndcfg_dilate_settings, got "
+                         f"{args.ndcfg_tau}")
+    if args.ndcfg_tau and not args.ndcfg_dilate_settings:
+        raise UsageError("--ndcfg_tau needs --ndcfg_dilate_settings")
+    if args.disperse_settings and args.inflate_tau <= 0:
+        raise UsageError(f"--inflate_tau must be positive with --disperse_settings, got "
+                         f"{args.inflate_tau} (0 turns dispersion off: drop --disperse_settings)")
+    if args.inflate_tau and not args.disperse_settings:
+        raise UsageError("--inflate_tau needs --disperse_settings")
+    if args.disperse_settings and not args.disperse_transform:
+        raise UsageError("--disperse_settings needs --disperse_transform")
+    if args.disperse_transform and not args.disperse_settings:
+        raise UsageError("--disperse_transform needs --disperse_settings")
+
+
+def check_inputs(args, opts):
+    """Everything that can be checked without loading the checkpoint, cheapest first."""
+    check_numbers(args)
     opts.validate()
+    check_features(args)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for, but no CUDA device is available")
     if not args.ckpt:
         raise UsageError("--ckpt is required (see README: Checkpoints)")
-    ckpt = Path(args.ckpt)
-    if not ckpt.is_file():
-        raise UsageError(f"checkpoint file {ckpt} does not exist")
-    if ckpt.stat().st_size == 0:
-        raise UsageError(f"checkpoint {ckpt} is empty")
-    load_config(args.config)
+    _, first = check_readable_file(args.ckpt, "checkpoint file")
+    if not first:
+        raise UsageError(f"checkpoint {args.ckpt} is empty (0 bytes)")
+    config = check_config(args.config)
     for name in ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
                  "disperse_transform"):
         value = getattr(args, name)
-        if value and not Path(value).is_file():
-            raise UsageError(f"--{name}: file {value} does not exist")
+        if value:
+            check_readable_file(value, f"--{name} file")
     from ldm.outputs import ensure_writable_dir
     ensure_writable_dir(Path(args.outdir) / "samples")
+    check_settings_files(config, opts)
 
 
 def run(args):
@@ -217,6 +318,9 @@ def run(args):
                 all_images.append(decoded)
         writer.save_grid(all_images, args.n_rows or args.n_samples)
     except KeyboardInterrupt:
+        writer.discard_partial_files()
+        if args.debug:
+            raise
         print(f"interrupted: kept {writer.count} finished image(s) in {writer.sample_dir}",
               file=sys.stderr)
         return 130
@@ -225,29 +329,47 @@ def run(args):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    """Exit status: 0 done, 1 refused or failed (one line on stderr), 2 bad flags, 130 Ctrl-C."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug, args = "--debug" in argv, None
     try:
         args = parse_args(argv)
+        debug = args.debug
         return run(args)
     except SystemExit:
         raise
+    except KeyboardInterrupt:  # before sampling started (run handles it during sampling)
+        if debug:
+            raise
+        print("interrupted: no image was made", file=sys.stderr)
+        return 130
     except Exception as err:  # one readable line unless --debug
         if debug:
             raise
-        print(f"error: {describe(err)}", file=sys.stderr)
+        print(f"error: {describe(err, args)}", file=sys.stderr)
         return 1
 
 
-def describe(err):
-    from ldm.checkpoint import CheckpointError
-    from ldm.util import ConfigError
+def describe(err, args=None):
+    """One line for the user: the message alone for errors meant for users, else with its type."""
+    try:
+        from ldm.checkpoint import CheckpointError
+        from ldm.util import ConfigError
+    except Exception:  # describing must not fail
+        CheckpointError = ConfigError = UsageError
 
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = str(err).strip()
+    message = " ".join(text.splitlines()[0].split()) if text else type(err).__name__
+    if isinstance(err, CheckpointError) and args is not None \
+            and message.startswith("checkpoint does not fit the config"):
+        message = (f"checkpoint {args.ckpt} does not fit the config {args.config}"
+                   + message[len("checkpoint does not fit the config"):])
     if isinstance(err, (UsageError, CheckpointError, ConfigError, ValueError)):
         return message
     if isinstance(err, OSError):
-        return f"{err.strerror or message}: {err.filename}" if err.filename else message
+        if err.filename:
+            return f"{err.strerror or message}: {err.filename}"
+        return err.strerror or message
     return f"{type(err).__name__}: {message}"
 
 

@@ -1,0 +1,517 @@
+"""Side-by-side performance and memory figures for ScaleCrafter at high resolution.
+
+One run measures, each case in a fresh subprocess (so that its peak memory is its own):
+
+  guidance  re-dilated CFG call vs plain CFG call, and noise-damped CFG step (2B + B batch) vs
+            CFG step (2B batch), through the real seam (GuidedDenoiser.guided_output), on the
+            full-size SD 2.1 UNet with random weights; rounds interleaved, medians reported
+  decode    tiled SyncGN VAE decode vs full decode (full-size SD VAE, random weights): time and
+            peak memory
+  unet      one full-size SD 2.1 UNet CFG call (batch 2, context (2, 77, 1024), fp32) at each
+            latent side of --sides: seconds and peak memory
+
+Peak memory on the CPU is the subprocess's peak resident set (getrusage ru_maxrss), on CUDA
+torch.cuda.max_memory_allocated. `peak_gb` subtracts nothing (weights and the Python/torch
+runtime included); `baseline_gb` is the resident set (allocated memory on CUDA) after the model
+was built, before the first call. Ratios of decode peaks use the memory above that baseline.
+
+    python scripts/benchmark.py --quick                 # < 5 min on 2 CPU cores
+    python scripts/benchmark.py --json bench.json       # full set: latent 64, 96, 128
+    python scripts/benchmark.py --only unet --sides 256 # one big case
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+FULL_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml"
+TINY_CONFIG = REPO_ROOT / "configs" / "tiny" / "tiny-sd21.yaml"
+ITEMS = ("guidance", "decode", "unet")
+GB = 1024 ** 3
+
+# The published code's figures on 2 CPU cores, fp32: one full-size UNet CFG call.
+PUBLISHED = {64: {"seconds": 27.3, "peak_gb": 5.69}, 96: {"seconds": 77.0, "peak_gb": 11.34}}
+TARGETS = {
+    "redilation_step_ratio": 1.05,
+    "ndcfg_step_ratio": 1.55,
+    "tiled_decode_time_ratio": 1.3,
+    "tiled_decode_peak_ratio": 1.0,  # must be below: "a lower peak"
+    "unet96_time_vs_published": 0.8,
+    "unet96_peak_vs_published": 0.5,
+    "unet256_peak_gb": 24.0,
+}
+
+
+def log(message):
+    print(f"[benchmark] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring inside one case process
+
+
+class Meter:
+    """Time and peak memory of one process on one device."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def current_bytes(self):
+        if self.cuda:
+            return self.torch.cuda.memory_allocated(self.device)
+        with open("/proc/self/statm") as f:  # resident pages now (not the peak)
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def peak_bytes(self):
+        if self.cuda:
+            return self.torch.cuda.max_memory_allocated(self.device)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    def timed(self, fn):
+        """(wall seconds, process CPU seconds) of fn()."""
+        self.sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        self.sync()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _model_config(tiny):
+    from ldm.util import load_config
+
+    return load_config(TINY_CONFIG if tiny else FULL_CONFIG).model.params
+
+
+def _build(node, device):
+    """A module of the config node with its default random init (weights' values do not matter
+    for timing), float32, in eval mode."""
+    from ldm.util import instantiate_from_config
+
+    return instantiate_from_config(node).to(device).float().eval()
+
+
+class _UNetOnly:
+    """The two things GuidedDenoiser needs of a LatentDiffusion, for a bare UNet."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def apply_model(self, x, t, cond):
+        return self.unet(x, t, context=cond)
+
+
+def case_guidance(p, meter):
+    """Plain CFG call, re-dilated CFG call and noise-damped CFG step, interleaved per round."""
+    import torch
+
+    from ldm.scalecrafter.guidance import GuidedDenoiser
+    from ldm.scalecrafter.redilation import uniform_dilation_map
+    from ldm.scalecrafter.schedule import ScaleCrafterSettings
+
+    params = _model_config(p["tiny"])
+    unet = _build(params.unet_config, meter.device)
+    ctx_dim = params.unet_config.params.context_dim
+    baseline = meter.current_bytes()
+    gen = torch.Generator().manual_seed(0)
+    side, batch = p["side"], p["batch"]
+    x = torch.randn(batch, 4, side, side, generator=gen).to(meter.device)
+    t = torch.full((batch,), 500, dtype=torch.long, device=meter.device)
+    cond, uncond = (torch.randn(batch, 77, ctx_dim, generator=gen).to(meter.device)
+                    for _ in range(2))
+    dilation = uniform_dilation_map(unet, p["factor"], p["skip"])
+    variants = {
+        "plain": ScaleCrafterSettings(),
+        "dilated": ScaleCrafterSettings(dilation=dilation, dilate_tau=1),
+        "ndcfg": ScaleCrafterSettings(dilation=dilation, dilate_tau=1, ndcfg_dilation=dilation,
+                                      ndcfg_tau=1),
+    }
+    model = _UNetOnly(unet)
+    denoisers = {k: GuidedDenoiser(model, cond, uncond, 9.0, s) for k, s in variants.items()}
+    times = {k: [] for k in variants}
+    with torch.no_grad():
+        for k, d in denoisers.items():
+            log(f"  guidance: warm-up {k}")
+            d.guided_output(x, t, 0)
+        for r in range(p["repeats"]):
+            for k, d in denoisers.items():
+                times[k].append(meter.timed(lambda: d.guided_output(x, t, 0))[0])
+            log(f"  guidance: round {r + 1}/{p['repeats']}: "
+                + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    batches = {k: d.unet_batches[-1 if k != "ndcfg" else -2:] for k, d in denoisers.items()}
+    per_round = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))
+    return {
+        "side": side, "batch": batch, "dilated_convs": len(dilation),
+        "unet_batches": batches,
+        "seconds": {k: statistics.median(v) for k, v in times.items()},
+        "all_seconds": times,
+        "redilation_step_ratio": per_round("dilated", "plain"),
+        "ndcfg_step_ratio": per_round("ndcfg", "dilated"),
+        "ndcfg_vs_undilated_ratio": per_round("ndcfg", "plain"),
+        "baseline_gb": baseline / GB, "peak_gb": meter.peak_bytes() / GB,
+    }
+
+
+def case_decode(p, meter):
+    """VAE decode of one latent, full or tiled (SyncGN)."""
+    import torch
+
+    from ldm.scalecrafter.tiled_decode import plan_axis, tiled_decode
+
+    params = _model_config(p["tiny"])
+    vae = _build(params.first_stage_config, meter.device)
+    del vae.encoder  # decoding never uses it; keep the baseline to what a decode needs
+    baseline = meter.current_bytes()
+    side = p["side"]
+    z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
+    z = z.to(meter.device)
+    if p["mode"] == "full":
+        run = lambda: vae.decode(z)
+        tiles, area = 1, 1.0
+    else:
+        tile = p.get("tile_size")
+        plan = plan_axis(side, tile or max(side // 2, 1), p["overlap"])
+        tiles = len(plan) ** 2
+        area = sum(a.stop - a.start for a in plan) ** 2 / side ** 2
+        run = lambda: tiled_decode(vae, z, p["overlap"], True, tile)
+    times, cpu = [], []
+    with torch.no_grad():
+        log(f"  decode {p['mode']}: warm-up")
+        out = run()
+        finite = bool(torch.isfinite(out).all())
+        del out
+        for r in range(p["repeats"]):
+            w, c = meter.timed(run)
+            times.append(w)
+            cpu.append(c)
+            log(f"  decode {p['mode']}: {r + 1}/{p['repeats']} {w:.2f}s")
+    peak = meter.peak_bytes()
+    return {"side": side, "mode": p["mode"], "overlap": p.get("overlap"), "tiles": tiles,
+            "decoded_area_ratio": area, "seconds": statistics.median(times),
+            "cpu_seconds": statistics.median(cpu), "all_seconds": times, "finite": finite,
+            "baseline_gb": baseline / GB, "peak_gb": peak / GB,
+            "peak_above_baseline_gb": (peak - baseline) / GB}
+
+
+def case_unet(p, meter):
+    """One CFG call (batch 2) of the UNet at one latent side."""
+    import torch
+
+    params = _model_config(p["tiny"])
+    unet = _build(params.unet_config, meter.device)
+    ctx_dim = params.unet_config.params.context_dim
+    baseline = meter.current_bytes()
+    side = p["side"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, side, side, generator=gen).to(meter.device)
+    ctx = torch.randn(2, 77, ctx_dim, generator=gen).to(meter.device)
+    t = torch.tensor([500, 500], device=meter.device)
+    times, cpu = [], []
+    with torch.no_grad():
+        if p["warmup"]:
+            log(f"  unet {side}: warm-up")
+            unet(x, t, context=ctx)
+        for r in range(p["repeats"]):
+            w, c = meter.timed(lambda: unet(x, t, context=ctx))
+            times.append(w)
+            cpu.append(c)
+            log(f"  unet {side}: {r + 1}/{p['repeats']} {w:.2f}s")
+    return {"side": side, "seconds": statistics.median(times),
+            "cpu_seconds": statistics.median(cpu), "all_seconds": times,
+            "warmup": p["warmup"], "baseline_gb": baseline / GB,
+            "peak_gb": meter.peak_bytes() / GB}
+
+
+CASES = {"guidance": case_guidance, "decode": case_decode, "unet": case_unet}
+
+
+def run_case(name, params, device="cpu"):
+    """Run one case in this process (its peak is this process's peak so far)."""
+    import torch
+
+    meter = Meter(device)
+    if meter.cuda:
+        torch.cuda.reset_peak_memory_stats(meter.device)
+    result = CASES[name](params, meter)
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
+def run_case_subprocess(name, params, device):
+    """Run one case in a fresh interpreter; returns its result, or {"error": ...}."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name,
+           "--case-params", json.dumps(params), "--device", device]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        if proc.returncode < 0:
+            why = f"killed by signal {-proc.returncode} (out of memory?)"
+        else:
+            why = f"exit status {proc.returncode}"
+        return {"error": f"case {name} {json.dumps(params)} failed: {why}"}
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# The plan, the report
+
+
+def plan(args):
+    """The cases of this run: (key, case name, params)."""
+    tiny = args.tiny
+    cases = []
+    if "guidance" in args.only:
+        cases.append(("guidance", "guidance", {
+            "tiny": tiny, "side": args.ratio_side, "batch": 1, "factor": 2, "skip": 1,
+            "repeats": args.repeats}))
+    if "decode" in args.only:
+        for mode in ("full", "tiled"):
+            cases.append((f"decode_{mode}", "decode", {
+                "tiny": tiny, "side": args.decode_side, "mode": mode, "overlap": args.overlap,
+                "tile_size": args.tile_size, "repeats": args.repeats}))
+    if "unet" in args.only:
+        for side in args.sides:
+            cases.append((f"unet_{side}", "unet", {
+                "tiny": tiny, "side": side, "repeats": args.unet_repeats,
+                "warmup": side <= args.warmup_max_side}))
+    return cases
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def build_report(results, device, meta=None):
+    """The JSON report from the case results keyed as in plan()."""
+    g = results.get("guidance", {})
+    full, tiled = results.get("decode_full", {}), results.get("decode_tiled", {})
+    unet = {}
+    for key, r in results.items():
+        if key.startswith("unet_"):
+            side = key.split("_", 1)[1]
+            unet[side] = {"seconds": r.get("seconds"), "peak_gb": r.get("peak_gb"),
+                          "cpu_seconds": r.get("cpu_seconds"),
+                          "baseline_gb": r.get("baseline_gb")}
+            if "error" in r:
+                unet[side]["error"] = r["error"]
+    return {
+        "redilation_step_ratio": g.get("redilation_step_ratio"),
+        "ndcfg_step_ratio": g.get("ndcfg_step_ratio"),
+        "tiled_decode_time_ratio": _ratio(tiled.get("seconds"), full.get("seconds")),
+        "tiled_decode_peak_ratio": _ratio(tiled.get("peak_above_baseline_gb"),
+                                          full.get("peak_above_baseline_gb")),
+        "unet_cfg_call": unet,
+        "device": device,
+        "meta": meta or {},
+        "details": results,
+    }
+
+
+def _fmt(value, spec=".2f"):
+    return "–" if value is None else format(value, spec)
+
+
+def _verdict(value, limit, strict=False):
+    if value is None:
+        return "not measured"
+    ok = value < limit if strict else value <= limit
+    return "met" if ok else "MISSED"
+
+
+def markdown_table(report):
+    """The report as markdown: ratios with their targets, then the UNet CFG call per side."""
+    cpu = report["device"] == "cpu"
+    d = report["details"]
+    lines = ["| measure | value | target | verdict |", "| --- | --- | --- | --- |"]
+    g = d.get("guidance", {})
+    where = f" (latent {g['side']})" if "side" in g else ""
+    rows = [("re-dilated / plain CFG call" + where, "redilation_step_ratio", "≤ 1.05", False),
+            ("ndcfg step (2B+B) / CFG step (2B)" + where, "ndcfg_step_ratio", "≤ 1.55", False)]
+    dt = d.get("decode_tiled", {})
+    where = (f" (latent {dt['side']}, overlap {dt['overlap']}, {dt['tiles']} tiles)"
+             if "side" in dt else "")
+    rows += [("tiled SyncGN / full decode, time" + where, "tiled_decode_time_ratio", "≤ 1.3",
+              False),
+             ("tiled SyncGN / full decode, peak above baseline" + where,
+              "tiled_decode_peak_ratio", "< 1", True)]
+    for label, key, target, strict in rows:
+        value = report.get(key)
+        lines.append(f"| {label} | {_fmt(value, '.3f')} | {target} | "
+                     f"{_verdict(value, TARGETS[key], strict)} |")
+    lines += ["", "| latent side | image | seconds | CPU seconds | peak GB | baseline GB "
+                  "| published s | published GB | time / published | peak / published |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for side, r in sorted(report["unet_cfg_call"].items(), key=lambda kv: int(kv[0])):
+        pub = PUBLISHED.get(int(side)) if cpu else None
+        pub_s, pub_gb = (pub["seconds"], pub["peak_gb"]) if pub else (None, None)
+        err = f" ({r['error']})" if r.get("error") else ""
+        lines.append(
+            f"| {side} | {8 * int(side)}² | {_fmt(r['seconds'], '.1f')}{err} | "
+            f"{_fmt(r.get('cpu_seconds'), '.1f')} | {_fmt(r['peak_gb'])} | "
+            f"{_fmt(r.get('baseline_gb'))} | {_fmt(pub_s, '.1f')} | {_fmt(pub_gb)} | "
+            f"{_fmt(_ratio(r['seconds'], pub_s))} | {_fmt(_ratio(r['peak_gb'], pub_gb))} |")
+    meta = report.get("meta", {})
+    if meta:
+        lines += ["", "device: {device}, torch {torch}, {threads} threads, load average "
+                      "{load_before} before / {load_after} after".format(
+                          device=report["device"], torch=meta.get("torch"),
+                          threads=meta.get("threads"), load_before=meta.get("loadavg_before"),
+                          load_after=meta.get("loadavg_after"))]
+    return "\n".join(lines)
+
+
+def write_json(report, path):
+    Path(path).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _int_list(text):
+    try:
+        values = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 64,96,128, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one latent side")
+    return values
+
+
+def build_parser():
+    p = OneLineParser(description="Time and peak memory of ScaleCrafter's costs, side by side "
+                                  "(random weights, float32).")
+    add = p.add_argument
+    add("--device", choices=["cpu", "cuda"], default="cpu", help="where to compute")
+    add("--quick", action="store_true",
+        help="small ratio cases and latent 64 only for the UNet call (< 5 min on 2 cores)")
+    add("--sides", type=_int_list, help="latent sides of the UNet CFG call, e.g. 64,96,128,256 "
+                                        "(default 64,96,128; --quick: 64)")
+    add("--only", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+        default=list(ITEMS), help=f"comma list of {', '.join(ITEMS)} (default: all)")
+    add("--repeats", type=int, help="timed repeats of the ratio cases (default 5; --quick 3)")
+    add("--unet-repeats", type=int, default=1, help="timed UNet calls per side after warm-up")
+    add("--warmup-max-side", type=int, default=128,
+        help="warm up the UNet call only up to this side (a larger call's one-time setup is "
+             "negligible and one call takes many minutes)")
+    add("--ratio-side", type=int,
+        help="latent side of the re-dilation / ndcfg case (default 64; --quick 48)")
+    add("--decode-side", type=int, help="latent side of the decode case (default 64; --quick 32)")
+    add("--overlap", type=int, default=8, help="tile overlap, latent pixels (txt2img default)")
+    add("--tile-size", type=int, help="tile side, latent pixels (default: half, as txt2img)")
+    add("--tiny", action="store_true", help="the tiny test model and tiny sizes (for tests)")
+    add("--json", type=str, help="write the figures to this JSON file")
+    add("--case", type=str, help=argparse.SUPPRESS)
+    add("--case-params", type=str, help=argparse.SUPPRESS)
+    return p
+
+
+def resolve(args):
+    """Fill defaults that depend on --quick / --tiny and check every flag; UsageError if bad."""
+    unknown = [v for v in args.only if v not in ITEMS]
+    if unknown or not args.only:
+        raise UsageError(f"--only takes a comma list of {', '.join(ITEMS)}, got "
+                         f"{','.join(args.only) or 'nothing'}")
+    if args.tiny:
+        defaults = {"sides": [16, 24], "repeats": 1, "ratio_side": 16, "decode_side": 32}
+    elif args.quick:
+        defaults = {"sides": [64], "repeats": 3, "ratio_side": 48, "decode_side": 32}
+    else:
+        defaults = {"sides": [64, 96, 128], "repeats": 5, "ratio_side": 64, "decode_side": 64}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for side in args.sides + [args.ratio_side, args.decode_side]:
+        if side <= 0 or side % 8:
+            raise UsageError(f"latent sides must be positive multiples of 8, got {side}")
+    for name in ("repeats", "unet_repeats"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, "
+                             f"got {getattr(args, name)}")
+    if args.overlap < 0 or args.overlap % 2:
+        raise UsageError(f"--overlap must be even and non-negative, got {args.overlap}")
+    tile = args.tile_size or args.decode_side // 2
+    if tile <= 0 or args.overlap >= tile:
+        raise UsageError(f"--overlap ({args.overlap}) must be smaller than the tile "
+                         f"({tile} latent pixels)")
+    if args.json:
+        parent = Path(args.json).resolve().parent
+        if not parent.is_dir():
+            raise UsageError(f"--json: directory {parent} does not exist")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but no CUDA device is available")
+    args.sides = sorted(set(args.sides))
+    return args
+
+
+def run_all(args, runner=run_case_subprocess):
+    import torch
+
+    cases = plan(args)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "loadavg_before": round(os.getloadavg()[0], 2), "quick": bool(args.quick),
+            "tiny": bool(args.tiny)}
+    results = {}
+    for i, (key, name, params) in enumerate(cases, 1):
+        log(f"case {i}/{len(cases)}: {key} {json.dumps(params)}")
+        start = time.perf_counter()
+        results[key] = runner(name, params, args.device)
+        if "error" in results[key]:
+            log(results[key]["error"])
+        log(f"case {key} done in {time.perf_counter() - start:.0f}s")
+    meta["loadavg_after"] = round(os.getloadavg()[0], 2)
+    return build_report(results, args.device, meta)
+
+
+def main(argv=None, runner=run_case_subprocess):
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.case:  # a hidden child: one case, its result as one JSON line on stdout
+        if args.case not in CASES:
+            print(f"error: unknown case {args.case!r}", file=sys.stderr)
+            return 2
+        result = run_case(args.case, json.loads(args.case_params or "{}"), args.device)
+        print(json.dumps(result))
+        return 0
+    try:
+        resolve(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = run_all(args, runner)
+    if args.json:
+        write_json(report, args.json)
+    print(markdown_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

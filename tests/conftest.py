@@ -1,0 +1,55 @@
+"""Shared paths and the tiny reference model (loaded once per test session)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REF = SHARED / "reference"
+TINY = REF / "tiny"
+TINY_CKPT = TINY / "tiny-sd21.ckpt"
+TINY_CONFIG = TINY / "tiny-sd21.yaml"
+SETTINGS = REF / "scalecrafter-settings"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def reference(name):
+    path = TINY / name
+    assert path.is_file(), f"reference data {path} is missing (../shared/reference)"
+    return np.load(path)
+
+
+def cases():
+    return json.loads((TINY / "cases.json").read_text())["models"][0]
+
+
+def ultra_cases():
+    return json.loads((TINY / "ultra-cases.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from ldm.pipeline import Pipeline
+    assert TINY_CKPT.is_file(), "the tiny reference checkpoint is missing"
+    return Pipeline.load(TINY_CONFIG, TINY_CKPT, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def txt2img():
+    """The CLI module, imported from its file (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("txt2img_cli", REPO / "scripts" / "txt2img.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,309 @@
+"""scripts/txt2img.py refuses bad input with one line on stderr and a non-zero exit, before it
+loads the model where it can; it never shows a traceback unless --debug is given.
+
+Most cases call the CLI's main(argv) in-process; two run it as a subprocess, end to end."""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+TINY_CKPT = REFERENCE / "tiny" / "tiny-sd21.ckpt"
+TINY_CONFIG = REPO / "configs" / "tiny" / "tiny-sd21.yaml"
+SD_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
+SCRIPT = REPO / "scripts" / "txt2img.py"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """The CLI module, imported from its file (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("txt2img_cli_errors", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Bad inputs of every kind, made once for the module."""
+    d = tmp_path_factory.mktemp("bad")
+
+    def write(name, data):
+        path = d / name
+        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+        return path
+
+    assert TINY_CKPT.is_file(), f"the tiny reference checkpoint {TINY_CKPT} is missing"
+    assert TINY_CONFIG.is_file(), f"the tiny config {TINY_CONFIG} is missing"
+    good = TINY_CKPT.read_bytes()
+    paths = {
+        "folder": d / "a-folder",
+        "regular": write("regular-file", "not a folder"),
+        "missing": d / "missing",
+        "not_ldm.yaml": write("not_ldm.yaml", "foo: 1\nbar: [1, 2]\n"),
+        "no_target.yaml": write("no_target.yaml", "model:\n  params:\n    channels: 4\n"),
+        "bad_target.yaml": write("bad_target.yaml", "model:\n  target: no_such_pkg.Model\n"),
+        "broken.yaml": write("broken.yaml", "model: [\n"),
+        "empty.ckpt": write("empty.ckpt", b""),
+        "truncated.ckpt": write("truncated.ckpt", good[: len(good) // 2]),
+        "garbage.ckpt": write("garbage.ckpt", bytes(range(256)) * 40),
+        "empty.txt": write("empty.txt", ""),
+        "blank.txt": write("blank.txt", "  \n\n\t\n"),
+        "latin1.txt": write("latin1.txt", "caf\xe9 au lait\n".encode("latin-1")),
+        "bad_settings.txt": write("bad_settings.txt", "no factor here\n"),
+        "unknown_conv.txt": write("unknown_conv.txt", "down_blocks.9.resnets.0.conv1:2\n"),
+    }
+    paths["folder"].mkdir()
+    other = d / "other.ckpt"  # a valid torch file, but not a Stable Diffusion state dict
+    torch.save({"encoder.weight": torch.zeros(4, 4), "encoder.bias": torch.zeros(4)}, other)
+    paths["other.ckpt"] = other
+    return paths
+
+
+@pytest.fixture
+def base(tmp_path):
+    return ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--H", "128", "--W", "128",
+            "--steps", "2", "--n_iter", "1", "--n_samples", "1", "--precision", "full",
+            "--device", "cpu", "--outdir", str(tmp_path / "out"), "--prompt", "a red cube"]
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail the test if the CLI gets as far as loading the model."""
+    import ldm.pipeline
+
+    def load(*args, **kwargs):
+        pytest.fail("the model was loaded although the input could be refused before")
+
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "load", classmethod(load))
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    import ldm.pipeline
+
+    def sample(*args, **kwargs):
+        pytest.fail("sampling started although the input is bad")
+
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "sample", sample)
+
+
+def call(cli, capsys, argv):
+    """(exit status, stderr lines) of main(argv) in this process."""
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    err = capsys.readouterr().err
+    return status, err.splitlines()
+
+
+def fill(flag, files):
+    """`{name}` in a flag becomes the path files[name]."""
+    return re.sub(r"\{([^}]+)\}", lambda m: str(files[m.group(1)]), flag)
+
+
+def assert_one_line(status, lines, expected, code=1):
+    assert status == code, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: "), lines
+    assert expected in lines[0], lines
+    assert "Traceback" not in lines[0]
+
+
+# (case id, extra flags: {name} are paths of the `files` fixture, expected part of the message)
+EARLY = [
+    ("H-not-multiple-of-64", ["--H", "100"], "--H must be a positive multiple of 64, got 100"),
+    ("W-zero", ["--W", "0"], "--W must be a positive multiple of 64, got 0"),
+    ("H-negative", ["--H", "-64"], "--H must be a positive multiple of 64"),
+    ("steps-zero", ["--steps", "0"], "--steps must be positive, got 0"),
+    ("steps-negative", ["--steps", "-5"], "--steps must be positive, got -5"),
+    ("samples-zero", ["--n_samples", "0"], "--n_samples must be positive, got 0"),
+    ("samples-zero-from-file", ["--n_samples", "0", "--from-file", "{blank.txt}"],
+     "--n_samples must be positive"),
+    ("n_iter-zero", ["--n_iter", "0"], "--n_iter must be positive"),
+    ("dilate-zero", ["--dilate", "0"], "--dilate must be positive"),
+    ("dilate-negative", ["--dilate", "-2"], "--dilate must be positive"),
+    ("dilate-nan", ["--dilate", "nan"], "--dilate must be a finite number"),
+    ("dilate-tau-zero", ["--dilate", "2", "--dilate_tau", "0"], "--dilate_tau must be positive"),
+    ("dilate-tau-negative", ["--dilate", "2", "--dilate_tau", "-1"], "--dilate_tau"),
+    ("dilate-skip-negative", ["--dilate", "2", "--dilate_skip", "-1"], "--dilate_skip"),
+    ("ndcfg-tau-negative", ["--ndcfg_tau", "-3"], "--ndcfg_tau must not be negative"),
+    ("ndcfg-tau-zero", ["--ndcfg_dilate_settings", "{bad_settings.txt}", "--ndcfg_tau", "0"],
+     "--ndcfg_tau must be positive"),
+    ("inflate-tau-negative", ["--inflate_tau", "-1"], "--inflate_tau must not be negative"),
+    ("inflate-tau-zero", ["--disperse_settings", "{bad_settings.txt}", "--disperse_transform",
+                          "{bad_settings.txt}", "--inflate_tau", "0"],
+     "--inflate_tau must be positive"),
+    ("overlap-odd", ["--tiled_decoding", "--overlap", "3"], "--overlap must be even"),
+    ("overlap-negative", ["--tiled_decoding", "--overlap", "-2"], "--overlap must be even"),
+    ("overlap-not-smaller", ["--tiled_decoding", "--overlap", "8"],
+     "--overlap (8) must be smaller than the tile (8 latent pixels)"),
+    ("overlap-vs-tile-size", ["--tiled_decoding", "--tile_size", "6", "--overlap", "6"],
+     "must be smaller than the tile"),
+    ("tile-size-zero", ["--tiled_decoding", "--tile_size", "0"], "--tile_size must be positive"),
+    ("scale-inf", ["--scale", "inf"], "--scale must be a finite number"),
+    ("seed-negative", ["--seed", "-1"], "--seed must be in 0..4294967295"),
+    ("plms-and-dpm", ["--plms", "--dpm"], "choose one of --plms and --dpm"),
+    ("config-missing", ["--config", "{missing}"], "does not exist"),
+    ("config-folder", ["--config", "{folder}"], "is not a file"),
+    ("config-not-yaml", ["--config", "{broken.yaml}"], "is not valid YAML"),
+    ("config-not-ldm", ["--config", "{not_ldm.yaml}"], "has no 'model' section"),
+    ("config-no-target", ["--config", "{no_target.yaml}"], "has no 'model.target'"),
+    ("config-bad-target", ["--config", "{bad_target.yaml}"], "cannot import target"),
+    ("ckpt-missing", ["--ckpt", "{missing}"], "does not exist"),
+    ("ckpt-folder", ["--ckpt", "{folder}"], "is not a file"),
+    ("ckpt-empty", ["--ckpt", "{empty.ckpt}"], "is empty"),
+    ("prompt-file-missing", ["--from-file", "{missing}"], "prompt file"),
+    ("prompt-file-empty", ["--from-file", "{empty.txt}"], "has no prompts"),
+    ("prompt-file-blank", ["--from-file", "{blank.txt}"], "has no prompts"),
+    ("prompt-file-not-utf8", ["--from-file", "{latin1.txt}"], "not UTF-8"),
+    ("prompt-empty", ["--prompt", " "], "the prompt is empty"),
+    ("outdir-under-a-file", ["--outdir", "{regular}/sub"], "is not a folder"),
+    ("outdir-is-a-file", ["--outdir", "{regular}"], "is not a folder"),
+    ("settings-file-missing", ["--dilate_settings", "{missing}"], "does not exist"),
+    # settings files are checked against the config's UNet built on the meta device
+    ("settings-file-syntax", ["--dilate_settings", "{bad_settings.txt}"],
+     "expected 'module_name:factor'"),
+    ("settings-file-unknown-conv", ["--dilate_settings", "{unknown_conv.txt}"],
+     "is not a 3x3 convolution"),
+    ("disperse-without-transform", ["--disperse_settings", "{bad_settings.txt}",
+                                    "--inflate_tau", "5"], "needs --disperse_transform"),
+    ("preset-unknown", ["--preset", "no-such-preset"], "unknown preset"),
+]
+
+
+@pytest.mark.parametrize("flags, expected", [c[1:] for c in EARLY], ids=[c[0] for c in EARLY])
+def test_bad_input_is_refused_before_loading(cli, capsys, files, base, no_load, flags,
+                                             expected):
+    flags = [fill(f, files) for f in flags]
+    status, lines = call(cli, capsys, base + flags)
+    assert_one_line(status, lines, expected)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--H", "abc"], "argument --H: invalid int value: 'abc'"),
+    (["--steps"], "argument --steps: expected one argument"),
+    (["--freeu", "1", "2", "3"], "argument --freeu: expected 4 arguments"),
+    (["--precision", "half"], "argument --precision: invalid choice"),
+], ids=["unknown-flag", "not-a-number", "missing-value", "freeu-three", "bad-choice"])
+def test_bad_flags_exit_2_with_one_line(cli, capsys, base, no_load, flags, expected):
+    status, lines = call(cli, capsys, base + flags)
+    assert_one_line(status, lines, expected, code=2)
+
+
+# Checkpoints that can only be judged by reading them: refused by the loader, before sampling.
+LOADED = [
+    ("truncated", "{truncated.ckpt}", None, "is not a valid PyTorch checkpoint"),
+    ("garbage", "{garbage.ckpt}", None, "is not a valid PyTorch checkpoint"),
+    ("not-sd", "{other.ckpt}", None, "does not fit the config"),
+    ("wrong-config", str(TINY_CKPT), str(SD_CONFIG), "does not fit the config"),
+]
+
+
+@pytest.mark.parametrize("ckpt, config, expected", [c[1:] for c in LOADED],
+                         ids=[c[0] for c in LOADED])
+def test_bad_checkpoint_is_refused(cli, capsys, files, base, no_sampling, tmp_path, ckpt,
+                                   config, expected):
+    ckpt = fill(ckpt, files)
+    argv = base + ["--ckpt", ckpt] + (["--config", config] if config else [])
+    status, lines = call(cli, capsys, argv)
+    assert_one_line(status, lines, expected)
+    assert ckpt in lines[0]
+    assert not list((tmp_path / "out").rglob("*.png"))
+
+
+def test_debug_shows_the_traceback(cli, capsys, base, no_load):
+    with pytest.raises(ValueError, match="positive multiple of 64"):
+        cli.main(base + ["--H", "100", "--debug"])
+
+
+def test_ctrl_c_before_sampling_is_one_line(cli, capsys, base, monkeypatch):
+    import ldm.pipeline
+
+    def load(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "load", classmethod(load))
+    status, lines = call(cli, capsys, base)
+    assert status == 130
+    assert lines == ["interrupted: no image was made"]
+
+
+def test_ctrl_c_while_sampling_keeps_finished_images(cli, capsys, base, monkeypatch, tmp_path):
+    """The first batch is saved, Ctrl-C comes in the second: exit 130, one line, the first image
+    complete, nothing partial."""
+    import ldm.pipeline
+
+    calls = []
+
+    def sample(self, prompts, opts, generator, x_T=None, settings=None, progress=True):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        z = torch.randn((len(prompts), opts.C, opts.H // opts.f, opts.W // opts.f),
+                        generator=generator)
+        return z, []
+
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "sample", sample)
+    argv = base + ["--n_iter", "3"]
+    status, lines = call(cli, capsys, argv)
+    assert status == 130
+    messages = [line for line in lines if line.startswith(("interrupted", "error"))]
+    assert len(messages) == 1 and "kept 1 finished image" in messages[0], lines
+    assert not any("Traceback" in line for line in lines)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png"]
+    assert not list(out.glob("grid-*")), "no grid for an interrupted run"
+    assert not list(out.rglob(".partial-*"))
+    from PIL import Image
+    with Image.open(out / "samples" / "00000.png") as image:
+        image.load()  # complete, readable
+        assert image.size == (128, 128)
+
+
+def run_script(*argv, cwd=REPO):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # as a user runs it
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_unknown_flag_end_to_end():
+    result = run_script("--prompt", "x", "--no-such-flag")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: unrecognized arguments: --no-such-flag (see --help)"]
+
+
+def test_malicious_checkpoint_is_refused_end_to_end(tmp_path):
+    """A .ckpt whose pickle would run os.system: one line saying it was refused, exit 1, and
+    the command never runs."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "extra": Payload()}, evil)
+    assert not marker.exists()
+    result = run_script("--config", TINY_CONFIG, "--ckpt", evil, "--H", "128", "--W", "128",
+                        "--steps", "2", "--n_iter", "1", "--n_samples", "1", "--precision",
+                        "full", "--outdir", tmp_path / "out", "--prompt", "x")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: checkpoint") and "refused" in lines[0], lines
+    assert "Traceback" not in result.stderr
+    assert not marker.exists(), "the checkpoint's code ran"
+    assert not list((tmp_path / "out" / "samples").glob("*.png"))

@@ -1,0 +1,253 @@
+"""ldm.outputs and the outputs of scripts/txt2img.py: atomic writes that never overwrite,
+numbering that goes on across runs, generation parameters in every PNG, JSON sidecars, latents,
+byte-identical PNGs from identical runs, and nothing partial after Ctrl-C."""
+import errno
+import importlib.util
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+TINY_CKPT = REFERENCE / "tiny" / "tiny-sd21.ckpt"
+TINY_CONFIG = REPO / "configs" / "tiny" / "tiny-sd21.yaml"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ldm import outputs  # noqa: E402
+from ldm.checkpoint import short_hash  # noqa: E402
+from ldm.outputs import OutputError, OutputWriter, ensure_writable_dir, write_new_file  # noqa
+from ldm.pipeline import GenerationOptions  # noqa: E402
+
+
+def partial_files(folder):
+    return sorted(p.name for p in Path(folder).rglob(outputs.PARTIAL_PREFIX + "*"))
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+class Interrupt:
+    """A stand-in for an os function that raises KeyboardInterrupt on its `at`-th call."""
+
+    def __init__(self, real, at=1):
+        self.real, self.at, self.calls = real, at, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.real(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# write_new_file
+
+
+def test_write_new_file_never_overwrites(tmp_path):
+    (tmp_path / "00000.png").write_bytes(b"old")
+    path = write_new_file(tmp_path / "00000.png", b"new")
+    assert path == tmp_path / "00001.png"
+    assert (tmp_path / "00000.png").read_bytes() == b"old"
+    assert path.read_bytes() == b"new"
+    assert write_new_file(tmp_path / "00000.png", b"newer") == tmp_path / "00002.png"
+    assert write_new_file(tmp_path / "grid-0009.png", b"g") == tmp_path / "grid-0009.png"
+    assert write_new_file(tmp_path / "grid-0009.png", b"h") == tmp_path / "grid-0010.png"
+    assert partial_files(tmp_path) == []
+
+
+def test_new_files_are_not_private(tmp_path):
+    """mkstemp makes 0600 files; a sample must get the mode open() would give it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = write_new_file(tmp_path / "00000.png", b"x")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("where", ["fsync", "link"])
+def test_ctrl_c_inside_a_write_leaves_no_partial_file(tmp_path, monkeypatch, where):
+    first = write_new_file(tmp_path / "00000.png", b"finished image")
+    monkeypatch.setattr(outputs.os, where, Interrupt(getattr(os, where)))
+    with pytest.raises(KeyboardInterrupt):
+        write_new_file(tmp_path / "00001.png", b"half-written image")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png"]
+    assert first.read_bytes() == b"finished image"
+    assert outputs._pending == set()
+
+
+def test_file_systems_without_hard_links(tmp_path, monkeypatch):
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    (tmp_path / "00000.png").write_bytes(b"old")
+    monkeypatch.setattr(outputs.os, "link", no_link)
+    assert write_new_file(tmp_path / "00000.png", b"new") == tmp_path / "00001.png"
+    assert (tmp_path / "00000.png").read_bytes() == b"old"
+    assert (tmp_path / "00001.png").read_bytes() == b"new"
+    assert partial_files(tmp_path) == []
+
+
+def test_an_output_folder_under_a_regular_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="file exists and is not a folder") as info:
+        ensure_writable_dir(tmp_path / "file" / "out" / "samples")
+    assert "\n" not in str(info.value)
+    assert ensure_writable_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# OutputWriter, without a model
+
+
+def fake_run(tmp_path, **overrides):
+    assert TINY_CKPT.is_file(), f"the tiny reference checkpoint {TINY_CKPT} is missing"
+    args = SimpleNamespace(ckpt=str(TINY_CKPT), config=str(TINY_CONFIG), save_latent=True,
+                           metadata="json")
+    opts = GenerationOptions(H=128, W=128, steps=2, seed=51, precision="full", dilate=2.0,
+                             dilate_tau=1, dilate_skip=1, freeu=(1.1, 1.2, 0.9, 0.2))
+    for key, value in overrides.items():
+        setattr(opts if hasattr(opts, key) else args, key, value)
+    return args, opts
+
+
+def fake_batch(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, 3, 128, 128), generator=g) * 2 - 1, torch.randn((n, 4, 16, 16),
+                                                                          generator=g)
+
+
+def test_writer_files_and_numbering_across_runs(tmp_path):
+    args, opts = fake_run(tmp_path)
+    writer = OutputWriter(tmp_path / "out", args, opts)
+    decoded, latents = fake_batch(2, 0)
+    paths = writer.save_batch(["a cat, sitting", "a dog"], decoded, latents)
+    assert [p.name for p in paths] == ["00000.png", "00001.png"]
+    assert writer.save_grid([decoded], 2).name == "grid-0000.png"
+    samples = tmp_path / "out" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == [
+        "00000.json", "00000.npy", "00000.png", "00001.json", "00001.npy", "00001.png"]
+    latent = np.load(samples / "00001.npy")
+    assert latent.dtype == np.float32 and latent.shape == (4, 16, 16)
+    np.testing.assert_array_equal(latent, latents[1].numpy())
+    sidecar = json.loads((samples / "00000.json").read_text())
+    assert sidecar["prompt"] == "a cat, sitting"
+    assert sidecar["ckpt_hash"] == short_hash(TINY_CKPT)
+    assert sidecar["options"]["dilate"] == 2.0 and sidecar["image"] == "00000.png"
+    # a second run into the same folder goes on numbering; a gap is never refilled
+    (tmp_path / "out" / "grid-0000.png").rename(tmp_path / "out" / "grid-0003.png")
+    writer = OutputWriter(tmp_path / "out", *fake_run(tmp_path, save_latent=False,
+                                                      metadata="png"))
+    paths = writer.save_batch(["a bird"], *fake_batch(1, 1))
+    assert [p.name for p in paths] == ["00002.png"]
+    assert not (samples / "00002.npy").exists() and not (samples / "00002.json").exists()
+    assert writer.save_grid([fake_batch(1, 1)[0]], 1).name == "grid-0004.png"
+    with Image.open(tmp_path / "out" / "grid-0004.png") as grid:
+        assert grid.text["parameters"].startswith("a bird\nSteps: 2")
+
+
+def test_parameters_text_carries_every_setting(tmp_path):
+    args, opts = fake_run(tmp_path, dilate=None, dilate_settings="/x/dil, v2.txt", ndcfg_tau=5,
+                          ndcfg_dilate_settings="nd.txt", tiled_decoding=True, overlap=4,
+                          sync_gn=True, tile_size=32, sampler="dpm", scale=7.5)
+    text = outputs.parameters_text("a cat", args, opts, "0123456789", 3, 1)
+    prompt, line = text.split("\n")
+    assert prompt == "a cat"
+    fields = dict(re.findall(r'(\w[\w \-/]*): ("(?:\\.|[^\\"])*"|[^,]*)(?:, |$)', line))
+    assert fields["Seed"] == "51" and fields["Size"] == "128x128" and fields["Steps"] == "2"
+    assert fields["Sampler"] == "DPM-Solver++ 2M" and fields["CFG scale"] == "7.5"
+    assert fields["Model"] == "tiny-sd21.ckpt" and fields["Model hash"] == "0123456789"
+    assert fields["Batch size"] == "3" and fields["Batch pos"] == "1"
+    assert json.loads(fields["dilate_settings"]) == "/x/dil, v2.txt"  # quoted: it has a comma
+    assert fields["freeu"] == "1.1 1.2 0.9 0.2"
+    for name in outputs.SCALECRAFTER_FIELDS:
+        assert name in fields, name
+    assert (fields["ndcfg_tau"], fields["overlap"], fields["tile_size"]) == ("5", "4", "32")
+
+
+def test_ctrl_c_while_saving_keeps_finished_images(tmp_path, monkeypatch):
+    """KeyboardInterrupt in the middle of an image's write: the images before it stay as they
+    were, the interrupted one does not appear, no temp file remains."""
+    args, opts = fake_run(tmp_path)
+    writer = OutputWriter(tmp_path / "out", args, opts)
+    writer.save_batch(["first"], *fake_batch(1, 0))
+    before = snapshot(tmp_path / "out")
+    # each image writes .png, .npy and .json (one fsync each): stop in the 2nd image's .png
+    monkeypatch.setattr(outputs.os, "fsync", Interrupt(os.fsync, at=4))
+    with pytest.raises(KeyboardInterrupt):
+        writer.save_batch(["second", "third"], *fake_batch(2, 1))
+    monkeypatch.undo()
+    writer.discard_partial_files()
+    after = snapshot(tmp_path / "out")
+    assert partial_files(tmp_path) == []
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert sorted(after) == sorted(before) + ["samples/00001.json", "samples/00001.npy",
+                                              "samples/00001.png"]
+    assert writer.count == 2
+    with Image.open(tmp_path / "out" / "samples" / "00001.png") as image:
+        assert image.text["parameters"].startswith("second\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, end to end with the tiny model
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("txt2img_outputs", REPO / "scripts" /
+                                                  "txt2img.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_same_command_twice_gives_identical_numbered_outputs(cli, tmp_path, capsys):
+    assert TINY_CKPT.is_file(), f"the tiny reference checkpoint {TINY_CKPT} is missing"
+    out = tmp_path / "out"
+    prompt = "a watercolor fox, in snow"
+    argv = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--H", "128", "--W", "128",
+            "--steps", "2", "--n_iter", "1", "--n_samples", "1", "--precision", "full",
+            "--device", "cpu", "--outdir", str(out), "--prompt", prompt, "--seed", "51",
+            "--dilate", "2", "--dilate_tau", "1", "--dilate_skip", "1", "--metadata", "json",
+            "--save_latent"]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    samples = out / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == [
+        f"0000{i}.{ext}" for i in (0, 1) for ext in ("json", "npy", "png")]
+    assert sorted(p.name for p in out.glob("grid-*")) == ["grid-0000.png", "grid-0001.png"]
+    assert partial_files(out) == []
+    # determinism: byte for byte, metadata included
+    assert (samples / "00000.png").read_bytes() == (samples / "00001.png").read_bytes()
+    assert (out / "grid-0000.png").read_bytes() == (out / "grid-0001.png").read_bytes()
+    # the metadata round trip
+    with Image.open(samples / "00001.png") as image:
+        assert image.size == (128, 128)
+        parameters = image.text["parameters"]
+    ckpt_hash = short_hash(TINY_CKPT)
+    assert re.fullmatch(r"[0-9a-f]{10}", ckpt_hash)
+    assert parameters.startswith(prompt + "\n")
+    for part in ("Seed: 51", "Size: 128x128", "Steps: 2", "Sampler: DDIM", "CFG scale: 9.0",
+                 "dilate: 2.0", "dilate_tau: 1", "dilate_skip: 1", "progressive_dilate: False",
+                 "Model: tiny-sd21.ckpt", f"Model hash: {ckpt_hash}"):
+        assert part in parameters, (part, parameters)
+    sidecar = json.loads((samples / "00001.json").read_text())
+    assert sidecar["parameters"] == parameters and sidecar["ckpt_hash"] == ckpt_hash
+    latent = np.load(samples / "00000.npy")
+    assert latent.dtype == np.float32 and latent.shape == (4, 16, 16)
+    assert np.isfinite(latent).all()
+    with Image.open(out / "grid-0000.png") as grid:
+        assert grid.text["parameters"].startswith(prompt + "\n")

@@ -1,0 +1,215 @@
+"""Re-dilation and tiled SyncGN decoding (the seed's features), number for number."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import SETTINGS, TINY_CKPT, TINY_CONFIG, cases, reference, rel_err
+from ldm.pipeline import GenerationOptions
+from ldm.scalecrafter.redilation import (ConvOverride, overridden_convs, redilated_conv,
+                                         uniform_dilation_map)
+from ldm.scalecrafter.schedule import ScaleCrafterSettings, factor_at
+from ldm.scalecrafter.tiled_decode import plan_axis, tiled_decode
+
+SAMPLE = cases()["sample"][0]
+
+
+def unet_call(pipe, data, overrides=None):
+    args = [torch.from_numpy(data[k]) for k in ("x", "t", "context")]
+    with torch.no_grad(), overridden_convs(pipe.model.unet, overrides or {}):
+        return pipe.model.apply_model(*args)
+
+
+def no_patched_convs(unet):
+    return all("forward" not in m.__dict__ for m in unet.modules())
+
+
+def test_dilated_unet_call_matches_reference(tiny_pipe):
+    case = cases()["unet"][1]
+    data = reference(f"tiny-sd21-unet-{case['name']}.npz")
+    plan = uniform_dilation_map(tiny_pipe.model.unet, case["dilate"], case["skip"])
+    out = unet_call(tiny_pipe, data, {k: ConvOverride(v) for k, v in plan.items()})
+    assert rel_err(out, data["out"]) <= 1e-4
+    assert no_patched_convs(tiny_pipe.model.unet)
+
+
+def test_uniform_map_skips_the_outer_blocks(tiny_pipe):
+    plan = uniform_dilation_map(tiny_pipe.model.unet, 2, 2)
+    assert "input_blocks.0.0" not in plan and "input_blocks.1.0.in_layers.2" not in plan
+    assert "input_blocks.2.0.in_layers.2" in plan and "middle_block.0.in_layers.2" in plan
+    assert "output_blocks.9.0.out_layers.3" in plan and "output_blocks.10.0.in_layers.2" not in plan
+    assert "out.2" not in plan
+
+
+def test_dilation_one_is_the_plain_model(tiny_pipe):
+    data = reference("tiny-sd21-unet-vanilla.npz")
+    plan = uniform_dilation_map(tiny_pipe.model.unet, 1, 0)
+    plain = unet_call(tiny_pipe, data)
+    assert torch.equal(unet_call(tiny_pipe, data, {k: ConvOverride(v) for k, v in plan.items()}),
+                       plain)
+
+
+def test_model_is_restored_after_an_exception(tiny_pipe):
+    unet = tiny_pipe.model.unet
+    plan = {k: ConvOverride(2) for k in uniform_dilation_map(unet, 2, 1)}
+    with pytest.raises(RuntimeError, match="boom"):
+        with overridden_convs(unet, plan):
+            assert not no_patched_convs(unet)
+            raise RuntimeError("boom")
+    assert no_patched_convs(unet)
+
+
+def test_integer_factor_through_the_resize_path_is_plain_dilation():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, stride=2)
+    x = torch.randn(1, 4, 13, 10)
+    plain = F.conv2d(x, conv.weight, conv.bias, 2, 3, 3)
+    assert torch.equal(redilated_conv(conv, x, 3), plain)
+    # a factor a hair below 3 takes the fractional path (resize, dilation 3, resize back)
+    near = redilated_conv(conv, x, 3 - 1e-9)
+    assert near.shape == plain.shape and torch.allclose(near, plain, atol=1e-5)
+
+
+def test_progressive_schedule():
+    assert [factor_at(4, i, 4, True) for i in range(5)] == [4, 3, 2, 2, None]
+    assert [factor_at(3, i, 3, False) for i in range(4)] == [3, 3, 3, None]
+    assert [factor_at(2.5, i, 2, True) for i in range(2)] == [3, 2]
+
+
+def test_progressive_flag_reaches_every_sampler(tiny_pipe):
+    """--progressive_dilate used to be dropped by the seed; here the planner applies it."""
+    opts = GenerationOptions(dilate=4, dilate_tau=4, dilate_skip=1, progressive_dilate=True)
+    settings = tiny_pipe.settings_for(opts)
+    from ldm.scalecrafter.schedule import StepPlanner
+    planner = StepPlanner(tiny_pipe.model.unet, settings)
+    factors = [sorted({o.factor for o in planner.main(i).values()}) for i in range(5)]
+    assert factors == [[4], [3], [2], [2], []]
+
+
+@pytest.mark.parametrize("sampler", ["plms", "dpm"])
+def test_every_sampler_gets_the_same_per_step_plan(tiny_pipe, sampler, monkeypatch):
+    from ldm.scalecrafter import guidance
+    seen = []
+    original = guidance.overridden_convs
+
+    def spy(unet, overrides):
+        seen.append(sorted({o.factor for o in overrides.values()}))
+        return original(unet, overrides)
+
+    monkeypatch.setattr(guidance, "overridden_convs", spy)
+    opts = GenerationOptions(H=64, W=64, steps=4, sampler=sampler, scale=3.0, seed=1,
+                             precision="full", dilate=2, dilate_tau=2, dilate_skip=1)
+    dilated = tiny_pipe.generate(["a cat"], opts, progress=False).latents
+    assert seen[0] == [2] and seen[-1] == []
+    assert [2] in seen and [] in seen
+    opts.dilate = None
+    plain = tiny_pipe.generate(["a cat"], opts, progress=False).latents
+    assert not torch.allclose(dilated, plain)
+
+
+def run_cli(txt2img, tmp_path, *extra):
+    argv = ["--prompt", SAMPLE["prompt"], "--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT),
+            "--H", str(SAMPLE["H"]), "--W", str(SAMPLE["W"]), "--steps", str(SAMPLE["steps"]),
+            "--ddim_eta", str(SAMPLE["eta"]), "--scale", str(SAMPLE["scale"]),
+            "--seed", str(SAMPLE["seed"]), "--dilate", str(SAMPLE["dilate"]),
+            "--dilate_tau", str(SAMPLE["dilate_tau"]), "--dilate_skip", str(SAMPLE["dilate_skip"]),
+            "--n_iter", "1", "--n_samples", "1", "--precision", "full", "--device", "cpu",
+            "--outdir", str(tmp_path), "--save_latent", *extra]
+    assert txt2img.main(argv) == 0
+    return tmp_path / "samples"
+
+
+def as_png_array(image):
+    return (np.clip((image[0] + 1) / 2, 0, 1) * 255).transpose(1, 2, 0).astype(np.uint8)
+
+
+def test_sample_case_through_the_cli(txt2img, tiny_pipe, tmp_path):
+    ref = reference(f"tiny-sd21-sample-{SAMPLE['name']}.npz")
+    samples = run_cli(txt2img, tmp_path / "full")
+    latent = np.load(samples / "00000.npy")
+    assert latent.shape == (4, 32, 32) and latent.dtype == np.float32
+    assert rel_err(latent[None], ref["latent"]) <= 1e-4
+    png = np.asarray(Image.open(samples / "00000.png"))
+    assert np.abs(png.astype(int) - as_png_array(ref["image_full"])).max() <= 1
+    # our latent decodes to the reference image, whole and in all four tiled variants
+    z = torch.from_numpy(latent[None])
+    assert rel_err(tiny_pipe.model.decode_first_stage(z), ref["image_full"]) <= 1e-4
+    for overlap in SAMPLE["overlaps"]:
+        for sync in (0, 1):
+            opts = GenerationOptions(tiled_decoding=True, overlap=overlap, sync_gn=bool(sync))
+            image = tiny_pipe.decode(z, opts)
+            assert rel_err(image, ref[f"image_tiled_ov{overlap}_sync{sync}"]) <= 1e-4
+
+
+def test_tiled_sync_gn_through_the_cli(txt2img, tmp_path):
+    ref = reference(f"tiny-sd21-sample-{SAMPLE['name']}.npz")
+    samples = run_cli(txt2img, tmp_path, "--tiled_decoding", "--sync_gn", "--overlap", "8")
+    png = np.asarray(Image.open(samples / "00000.png"))
+    assert np.abs(png.astype(int) - as_png_array(ref["image_tiled_ov8_sync1"])).max() <= 1
+
+
+def test_tile_plan_covers_the_axis_once():
+    for length, tile, overlap in [(32, 16, 8), (48, 16, 4), (20, 16, 2), (17, 8, 6), (8, 16, 0)]:
+        tiles = plan_axis(length, tile, overlap)
+        kept = sum(t.keep[1] - t.keep[0] for t in tiles)
+        assert kept == 8 * length
+        assert tiles[0].start == 0 and tiles[-1].stop == length
+    with pytest.raises(ValueError):
+        plan_axis(32, 16, 3)
+    with pytest.raises(ValueError):
+        plan_axis(32, 16, 16)
+
+
+def test_single_tile_is_the_full_decode(tiny_pipe):
+    z = torch.randn(1, 4, 12, 20, generator=torch.Generator().manual_seed(1))
+    vae = tiny_pipe.model.first_stage_model
+    with torch.no_grad():
+        full = vae.decode(z)
+    assert torch.allclose(tiled_decode(vae, z, 0, False, tile_size=(12, 20)), full,
+                          atol=1e-5, rtol=1e-5)
+    # SyncGN's variance carries the reference's n/(n-1) correction, GroupNorm's does not
+    assert 1e-6 < rel_err(tiled_decode(vae, z, 0, True, tile_size=(12, 20)), full) < 1e-2
+
+
+def pointwise_vae(vae):
+    """A copy of the VAE whose 3x3 kernels keep only their centre tap: every layer but the
+    GroupNorms is then pixel-local, so a tile border changes nothing but the norm statistics."""
+    import copy
+    vae = copy.deepcopy(vae)
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+                centre = m.weight[:, :, 1, 1].clone()
+                m.weight.zero_()
+                m.weight[:, :, 1, 1] = centre
+    return vae
+
+
+@pytest.mark.parametrize("tile, overlap, bound", [((10, 16), 0, 2e-2), ((16, 28), 8, 0.2)])
+def test_sync_gn_gives_whole_image_statistics_on_non_square_tiles(tiny_pipe, monkeypatch,
+                                                                  tile, overlap, bound):
+    """Non-square latent, non-square tiles, last tiles cut at the border. With pixel-local
+    layers (and no attention), SyncGN tiles equal the full decode up to the n/(n-1) variance
+    correction and, with overlap, the overlapped strips counted twice in the statistics (the
+    reference's definition); per-tile GroupNorm is far off."""
+    from ldm.modules.diffusionmodules.model import AttnBlock
+    monkeypatch.setattr(AttnBlock, "attend", lambda self, h: torch.zeros_like(h))
+    vae = pointwise_vae(tiny_pipe.model.first_stage_model)
+    z = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(2))
+    z[..., :, 20:] += 1.5  # different statistics in different tiles
+    with torch.no_grad():
+        full = vae.decode(z)
+    synced = tiled_decode(vae, z, overlap=overlap, sync_gn=True, tile_size=tile)
+    unsynced = tiled_decode(vae, z, overlap=overlap, sync_gn=False, tile_size=tile)
+    assert synced.shape == full.shape == (1, 3, 192, 320)
+    assert rel_err(synced, full) < bound
+    assert rel_err(unsynced, full) > 3 * rel_err(synced, full)
+
+
+def test_offloaded_tiles_give_the_same_numbers(tiny_pipe):
+    z = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(3))
+    vae = tiny_pipe.model.first_stage_model
+    a = tiled_decode(vae, z, 4, True, offload=False)
+    b = tiled_decode(vae, z, 4, True, offload=True)
+    assert torch.equal(a, b)

@@ -1,0 +1,100 @@
+"""Samplers against an exact solution: for Gaussian data N(0, s^2) the ideal denoiser is known in
+closed form and the probability-flow ODE keeps x_t / std_t constant, so every deterministic
+sampler must carry x_T to x_T * std_end / std_start. A wrong coefficient or time shift fails."""
+import numpy as np
+import pytest
+import torch
+
+from ldm.models.diffusion.ddim import ddim_timesteps, sample_ddim
+from ldm.models.diffusion.ddpm import Prediction, make_beta_schedule
+from ldm.models.diffusion.dpm_solver import DiscreteVPSchedule, sample_dpmpp_2m
+from ldm.models.diffusion.plms import sample_plms
+
+DATA_STD = 0.5
+ALPHAS_CUMPROD = torch.tensor(np.cumprod(1 - make_beta_schedule("linear", 1000, 0.00085, 0.012)),
+                              dtype=torch.float32)
+
+
+class GaussianDenoiser:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, alpha_bar, step):
+        self.calls.append((float(t), step))
+        a = torch.as_tensor(alpha_bar, dtype=torch.float64)
+        x64 = x.double()
+        eps = (1 - a).sqrt() * x64 / (a * DATA_STD ** 2 + 1 - a)
+        x0 = (x64 - (1 - a).sqrt() * eps) / a.sqrt()
+        return Prediction(eps=eps.float(), x0=x0.float())
+
+
+def std_at(alpha_bar):
+    return float(np.sqrt(alpha_bar * DATA_STD ** 2 + 1 - alpha_bar))
+
+
+def x_T():
+    return torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+
+
+def ddim_error(sampler, steps):
+    acp = ALPHAS_CUMPROD.double().numpy()
+    x = x_T()
+    out = sampler(GaussianDenoiser(), x, ALPHAS_CUMPROD, steps, progress=False)
+    expected = x * std_at(acp[0]) / std_at(acp[ddim_timesteps(steps)[-1]])
+    return float(((out - expected).abs().max() / expected.abs().max()))
+
+
+def dpm_error(steps, denoiser=None):
+    schedule = DiscreteVPSchedule(ALPHAS_CUMPROD)
+    x = x_T()
+    out = sample_dpmpp_2m(denoiser or GaussianDenoiser(), x, ALPHAS_CUMPROD, steps,
+                          progress=False)
+    a_start = schedule.alpha_sigma_lambda(1.0)[0] ** 2
+    a_end = schedule.alpha_sigma_lambda(1.0 / 1000)[0] ** 2
+    expected = x * std_at(a_end) / std_at(a_start)
+    return float(((out - expected).abs().max() / expected.abs().max()))
+
+
+def test_ddim_converges_to_the_exact_solution_at_first_order():
+    coarse, fine = ddim_error(sample_ddim, 50), ddim_error(sample_ddim, 200)
+    assert fine < 0.02
+    assert 3 < coarse / fine < 5  # error ~ 1/steps
+
+
+def test_plms_converges_at_higher_order():
+    coarse, fine = ddim_error(sample_plms, 20), ddim_error(sample_plms, 50)
+    assert fine < 5e-3
+    assert coarse / fine > 5
+
+
+def test_dpm_solver_converges_at_higher_order():
+    coarse, fine = dpm_error(50), dpm_error(200)
+    assert fine < 1e-2
+    assert coarse / fine > 6  # between first (4x) and second order (16x) on this schedule
+
+
+def test_dpm_solver_evaluates_once_per_step_from_the_noisiest():
+    denoiser = GaussianDenoiser()
+    dpm_error(8, denoiser)
+    assert [s for _, s in denoiser.calls] == list(range(8))
+    assert denoiser.calls[0][0] == pytest.approx(999.0)
+    assert denoiser.calls[-1][0] < denoiser.calls[0][0]
+
+
+def test_ddim_eta_noise_is_drawn_every_step():
+    """The reference draws one randn per step even at eta 0: the RNG stream after a run depends
+    on the number of steps, not on eta."""
+    states = []
+    for eta in (0.0, 1.0):
+        g = torch.Generator().manual_seed(5)
+        sample_ddim(GaussianDenoiser(), x_T(), ALPHAS_CUMPROD, 6, eta=eta, generator=g,
+                    progress=False)
+        states.append(torch.randn(3, generator=g))
+    assert torch.equal(states[0], states[1])
+
+
+def test_step_index_is_counted_from_the_noisiest_step():
+    denoiser = GaussianDenoiser()
+    sample_ddim(denoiser, x_T(), ALPHAS_CUMPROD, 6, progress=False)
+    assert [t for t, _ in denoiser.calls] == [997, 831, 665, 499, 333, 167, 1]
+    assert [s for _, s in denoiser.calls] == list(range(7))
