@@ -40,8 +40,12 @@ class OutputError(OSError):
 def ensure_writable_dir(path) -> Path:
     """Create `path` (and its parents) and check that files can be created in it."""
     path = Path(path)
-    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
-    if not existing.is_dir():
+    # A regular file on the way: name it (mkdir would only say "Not a directory").
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    except OSError:  # e.g. a parent that cannot be searched: mkdir reports it below
+        existing = None
+    if existing is not None and not existing.is_dir():
         raise OutputError(f"cannot create output folder {path}: {existing} exists and is not a "
                           "folder")
     try:

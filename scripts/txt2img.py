@@ -1,7 +1,10 @@
 """Text-to-image with ScaleCrafter: a thin command line over ldm.pipeline.
 
-Every bad input is refused before the model loads, with one line on stderr and a non-zero exit
-(`--debug` shows the traceback)."""
+Bad input is refused with one line on stderr and a non-zero exit (`--debug` shows the
+traceback): flags, sizes, files, settings and the output folder before the checkpoint is read,
+a checkpoint that is no checkpoint (or unsafe) before the model is built, one that does not fit
+the config before any weights are placed. Exit status: 0 done, 1 refused or failed, 2 bad
+flags, 130 interrupted (the finished images are kept, nothing partial is left)."""
 import argparse
 import math
 import sys
@@ -284,9 +287,9 @@ def check_inputs(args, opts):
         value = getattr(args, name)
         if value:
             check_readable_file(value, f"--{name} file")
-    from ldm.outputs import ensure_writable_dir
-    ensure_writable_dir(Path(args.outdir) / "samples")
     check_settings_files(config, opts)
+    from ldm.outputs import ensure_writable_dir
+    ensure_writable_dir(Path(args.outdir) / "samples")  # the one check that creates something
 
 
 def run(args):

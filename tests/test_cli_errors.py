@@ -183,11 +183,12 @@ EARLY = [
 
 
 @pytest.mark.parametrize("flags, expected", [c[1:] for c in EARLY], ids=[c[0] for c in EARLY])
-def test_bad_input_is_refused_before_loading(cli, capsys, files, base, no_load, flags,
-                                             expected):
+def test_bad_input_is_refused_before_loading(cli, capsys, files, base, no_load, tmp_path,
+                                             flags, expected):
     flags = [fill(f, files) for f in flags]
     status, lines = call(cli, capsys, base + flags)
     assert_one_line(status, lines, expected)
+    assert not (tmp_path / "out").exists(), "a refused run created its output folder"
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -202,19 +203,31 @@ def test_bad_flags_exit_2_with_one_line(cli, capsys, base, no_load, flags, expec
     assert_one_line(status, lines, expected, code=2)
 
 
-# Checkpoints that can only be judged by reading them: refused by the loader, before sampling.
+def test_a_checkpoint_is_required(cli, capsys, base, no_load):
+    i = base.index("--ckpt")
+    status, lines = call(cli, capsys, base[:i] + base[i + 2:])
+    assert_one_line(status, lines, "--ckpt is required")
+
+
+# Checkpoints that can only be judged by reading them: refused by the loader, before sampling;
+# a file that is no checkpoint at all before the model is even built (on the meta device).
 LOADED = [
-    ("truncated", "{truncated.ckpt}", None, "is not a valid PyTorch checkpoint"),
-    ("garbage", "{garbage.ckpt}", None, "is not a valid PyTorch checkpoint"),
-    ("not-sd", "{other.ckpt}", None, "does not fit the config"),
-    ("wrong-config", str(TINY_CKPT), str(SD_CONFIG), "does not fit the config"),
+    ("truncated", "{truncated.ckpt}", None, "is not a valid PyTorch checkpoint", False),
+    ("garbage", "{garbage.ckpt}", None, "is not a valid PyTorch checkpoint", False),
+    ("not-sd", "{other.ckpt}", None, "does not fit the config", True),
+    ("wrong-config", str(TINY_CKPT), str(SD_CONFIG), "does not fit the config", True),
 ]
 
 
-@pytest.mark.parametrize("ckpt, config, expected", [c[1:] for c in LOADED],
+@pytest.mark.parametrize("ckpt, config, expected, builds", [c[1:] for c in LOADED],
                          ids=[c[0] for c in LOADED])
-def test_bad_checkpoint_is_refused(cli, capsys, files, base, no_sampling, tmp_path, ckpt,
-                                   config, expected):
+def test_bad_checkpoint_is_refused(cli, capsys, files, base, no_sampling, tmp_path, monkeypatch,
+                                   ckpt, config, expected, builds):
+    import ldm.pipeline
+
+    if not builds:
+        monkeypatch.setattr(ldm.pipeline, "build_model",
+                            lambda *a, **k: pytest.fail("built the model for a bad file"))
     ckpt = fill(ckpt, files)
     argv = base + ["--ckpt", ckpt] + (["--config", config] if config else [])
     status, lines = call(cli, capsys, argv)

@@ -1,0 +1,92 @@
+"""Fast checks of scripts/benchmark.py: its cases, JSON report and table on the tiny model.
+
+The cases run in this process (the script runs each in a fresh subprocess for its peak memory);
+no timing is asserted, only the report's shape and types."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _in_process(bench):
+    return lambda name, params, device: bench.run_case(name, params, device)
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def test_tiny_run_writes_json_and_table(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--tiny", "--sides", "8", "--ratio-side", "8", "--decode-side", "8", "--overlap", "2",
+            "--json", str(out)]
+    assert bench.main(argv, runner=_in_process(bench)) == 0
+    report = json.loads(out.read_text())
+    for key in ("redilation_step_ratio", "ndcfg_step_ratio", "tiled_decode_time_ratio",
+                "tiled_decode_peak_ratio"):
+        assert _number(report[key]) and report[key] > 0, key
+    assert report["device"] == "cpu"
+    assert list(report["unet_cfg_call"]) == ["8"]
+    call = report["unet_cfg_call"]["8"]
+    assert _number(call["seconds"]) and call["seconds"] > 0
+    assert _number(call["peak_gb"]) and call["peak_gb"] > 0
+    guidance = report["details"]["guidance"]
+    # the seam really ran CFG (2B), and ndcfg added one B-batch pass
+    assert guidance["unet_batches"] == {"plain": [2], "dilated": [2], "ndcfg": [2, 1]}
+    assert guidance["dilated_convs"] > 0
+    assert report["details"]["decode_tiled"]["tiles"] == 9  # half-side tiles + overlap: 3 x 3
+    assert report["details"]["decode_tiled_2x2"]["tiles"] == 4
+    table = capsys.readouterr().out
+    assert "| re-dilated / plain CFG call" in table
+    assert "| 8 | 64² |" in table
+
+
+def test_report_of_failed_case_keeps_keys(bench):
+    results = {"unet_256": {"error": "case unet failed: killed by signal 9 (out of memory?)"}}
+    report = bench.build_report(results, "cpu")
+    assert report["redilation_step_ratio"] is None
+    assert report["unet_cfg_call"]["256"]["seconds"] is None
+    assert "out of memory" in report["unet_cfg_call"]["256"]["error"]
+    assert "killed by signal 9" in bench.markdown_table(report)
+
+
+def test_two_by_two_tile_covers_with_two_tiles(bench):
+    from ldm.scalecrafter.tiled_decode import plan_axis
+
+    for side, overlap in ((64, 8), (128, 8), (96, 0), (256, 16)):
+        assert len(plan_axis(side, bench.two_by_two_tile(side, overlap), overlap)) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sides", "0"], "positive multiples of 8"),
+    (["--sides", "60"], "positive multiples of 8"),
+    (["--only", "decode,foo"], "--only takes"),
+    (["--repeats", "0"], "--repeats must be positive"),
+    (["--overlap", "3"], "--overlap must be even"),
+    (["--decode-side", "16", "--overlap", "8"], "must be smaller than the tile"),
+    (["--json", "/nonexistent-dir/x.json"], "does not exist"),
+])
+def test_bad_flags_are_one_line_errors(bench, capsys, argv, message):
+    assert bench.main(argv, runner=None) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_unparseable_flag_is_one_line(bench, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--sides", "a,b"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1

@@ -1,0 +1,156 @@
+"""The full method for ultra-high resolution: per-layer and fractional dilation, dispersion,
+noise-damped CFG and presets, against the published implementation's runs."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import REF, REPO, SETTINGS, TINY_CKPT, TINY_CONFIG, reference, rel_err, ultra_cases
+from ldm.pipeline import GenerationOptions
+from ldm.scalecrafter.redilation import ConvOverride, conv3x3_names, redilated_conv
+from ldm.scalecrafter.settings import (SettingsError, diffusers_conv_names, read_conv_list,
+                                       read_dilation_settings)
+from ldm.util import instantiate_from_config, load_config
+
+TRANSFORM = REF / "dispersion" / "R20to1_new.mat"
+
+
+def case_argv(case, outdir):
+    argv = ["--prompt", case["prompt"], "--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT),
+            "--H", str(case["H"]), "--W", str(case["W"]), "--steps", str(case["steps"]),
+            "--ddim_eta", str(case["eta"]), "--scale", str(case["scale"]),
+            "--seed", str(case["seed"]), "--n_iter", "1", "--n_samples", "1",
+            "--precision", "full", "--device", "cpu", "--outdir", str(outdir), "--save_latent",
+            "--dilate_settings", str(SETTINGS / case["dilate_settings"]),
+            "--dilate_tau", str(case["dilate_tau"])]
+    if case.get("progressive"):
+        argv.append("--progressive_dilate")
+    if "ndcfg_dilate_settings" in case:
+        argv += ["--ndcfg_dilate_settings", str(SETTINGS / case["ndcfg_dilate_settings"]),
+                 "--ndcfg_tau", str(case["ndcfg_tau"])]
+    if "disperse_settings" in case:
+        argv += ["--disperse_settings", str(SETTINGS / case["disperse_settings"]),
+                 "--disperse_transform", str(TRANSFORM), "--inflate_tau", str(case["inflate_tau"])]
+    return argv
+
+
+@pytest.mark.parametrize("case", ultra_cases(), ids=lambda c: c["name"])
+def test_ultra_case_through_the_cli(txt2img, tmp_path, case):
+    ref = reference(f"ultra-{case['name']}.npz")
+    assert txt2img.main(case_argv(case, tmp_path)) == 0
+    latent = np.load(tmp_path / "samples" / "00000.npy")
+    assert rel_err(latent[None], ref["latent"]) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def sd21_unet():
+    config = load_config(REPO / "configs" / "stable-diffusion" / "v2-inference.yaml")
+    with torch.device("meta"):
+        return instantiate_from_config(config.model.params.unet_config)
+
+
+def test_every_published_sd21_name_translates(sd21_unet):
+    convs = set(conv3x3_names(sd21_unet))
+    translation = diffusers_conv_names(sd21_unet)
+    assert set(translation.values()) == convs  # one-to-one onto the 3x3 convs
+    assert len(translation) == len(convs) == 52
+    assert translation["down_blocks.1.downsamplers.0.conv"] == "input_blocks.6.0.op"
+    assert translation["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.1.conv"
+    assert translation["up_blocks.1.upsamplers.0.conv"] == "output_blocks.5.2.conv"
+    assert translation["mid_block.resnets.1.conv2"] == "middle_block.2.out_layers.3"
+    files = sorted(SETTINGS.glob("*dilate/*.txt"))
+    assert len(files) == 6
+    for path in files:
+        theirs = read_dilation_settings(path, sd21_unet)
+        ours = read_dilation_settings(REPO / "configs" / "scalecrafter" / path.parent.name /
+                                      path.name, sd21_unet)
+        assert theirs == ours and len(theirs) == len(path.read_text().split())
+    disperse = SETTINGS / "disperse" / "sd2.1_2048x2048.txt"
+    assert len(read_conv_list(disperse, sd21_unet)) == 23
+
+
+def test_unknown_setting_name_is_an_error(sd21_unet, tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text("down_blocks.1.resnets.0.conv1:2\ndown_blocks.9.resnets.0.conv1:2\n")
+    with pytest.raises(SettingsError, match=r"bad.txt:2: 'down_blocks.9.resnets.0.conv1'"):
+        read_dilation_settings(path, sd21_unet)
+
+
+def ndcfg_opts(**kw):
+    base = dict(H=64, W=64, steps=4, scale=7.5, seed=4, precision="full", ddim_eta=0.0,
+                dilate_settings=str(SETTINGS / "dilate/sd2.1_2048x2048.txt"), dilate_tau=3,
+                ndcfg_dilate_settings=str(SETTINGS / "ndcfg_dilate/sd2.1_2048x2048.txt"))
+    base.update(kw)
+    return GenerationOptions(**base)
+
+
+def test_ndcfg_with_tau_zero_is_plain_cfg(tiny_pipe):
+    damped = tiny_pipe.generate(["a fox"], ndcfg_opts(ndcfg_tau=0), progress=False)
+    plain = tiny_pipe.generate(["a fox"], ndcfg_opts(ndcfg_tau=0, ndcfg_dilate_settings=None),
+                               progress=False)
+    assert torch.equal(damped.latents, plain.latents)
+    assert damped.unet_batches == [2] * 4
+
+
+def test_noise_damped_pass_evaluates_only_the_unconditional_half(tiny_pipe):
+    result = tiny_pipe.generate(["a fox"], ndcfg_opts(ndcfg_tau=2), progress=False)
+    assert result.unet_batches == [2, 1, 2, 1, 2, 2]  # 1.5 batches during ndcfg_tau steps
+    plain = tiny_pipe.generate(["a fox"], ndcfg_opts(ndcfg_tau=0), progress=False)
+    assert not torch.allclose(result.latents, plain.latents)
+
+
+def centre_tap_transform():
+    R = np.zeros((25, 9))
+    for i in range(3):
+        for j in range(3):
+            R[(i + 1) * 5 + (j + 1), i * 3 + j] = 1.0
+    return R
+
+
+def test_centre_tap_dispersion_is_the_plain_conv():
+    from ldm.scalecrafter.dispersion import disperse_kernel
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    x = torch.randn(2, 3, 11, 9)
+    kernel = disperse_kernel(conv.weight.detach(), centre_tap_transform())
+    assert kernel.shape == (5, 3, 5, 5)
+    assert torch.allclose(redilated_conv(conv, x, 1, kernel), conv(x), atol=1e-6)
+    assert torch.allclose(redilated_conv(conv, x, 2, kernel), redilated_conv(conv, x, 2),
+                          atol=1e-6)
+
+
+def test_presets_set_values_and_flags_override(txt2img):
+    args = txt2img.parse_args(["--preset", "sd2.1_2048x2048_disperse", "--steps", "7",
+                               "--ckpt", "x"])
+    assert (args.H, args.W, args.steps, args.dilate_tau, args.ndcfg_tau) == (2048, 2048, 7, 37, 37)
+    assert args.inflate_tau > 0 and args.progressive_dilate and args.tiled_decoding
+    for name in ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
+                 "disperse_transform"):
+        assert (REPO / getattr(args, name)).is_file()
+    presets = txt2img.list_presets()
+    assert {"sd2.1_1024x1024", "sd2.1_1280x1280", "sd2.1_2048x1024", "sd2.1_2048x2048",
+            "sd2.1_2048x2048_disperse", "sd2.1_4096x4096_experimental"} <= set(presets)
+
+
+@pytest.mark.parametrize("preset, extra", [
+    ("sd2.1_1280x1280", []),
+    ("sd2.1_2048x2048_disperse", ["--ndcfg_tau", "2", "--inflate_tau", "1", "--overlap", "8"])])
+def test_presets_run_end_to_end_on_the_tiny_model(txt2img, tmp_path, preset, extra):
+    argv = ["--preset", preset, "--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT),
+            "--H", "256", "--W", "384", "--steps", "3", "--dilate_tau", "2", *extra,
+            "--n_iter", "1", "--n_samples", "1", "--precision", "full",
+            "--outdir", str(tmp_path), "--save_latent"]
+    assert txt2img.main(argv) == 0
+    assert np.isfinite(np.load(tmp_path / "samples" / "00000.npy")).all()
+
+
+def test_tiled_decode_of_an_8x_size_image(txt2img, tmp_path):
+    """The experimental 4096 preset's machinery on the tiny model (trained at 256 x 256) for an
+    image of 8x its pixels, 1024 x 512: one step, decoded in SyncGN tiles."""
+    from PIL import Image
+    argv = ["--preset", "sd2.1_4096x4096_experimental", "--config", str(TINY_CONFIG),
+            "--ckpt", str(TINY_CKPT), "--H", "512", "--W", "1024", "--steps", "1",
+            "--dilate_tau", "1", "--ndcfg_tau", "1", "--inflate_tau", "1", "--n_iter", "1",
+            "--n_samples", "1", "--precision", "full", "--outdir", str(tmp_path)]
+    assert txt2img.main(argv) == 0
+    image = Image.open(tmp_path / "samples" / "00000.png")
+    assert image.size == (1024, 512)
