@@ -20,6 +20,18 @@ def bench():
     return module
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine every OpenMP barrier of a tiny op can wait
+    for a time slice, which makes the tiny cases many times slower (nothing here is timed)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _in_process(bench):
     return lambda name, params, device: bench.run_case(name, params, device)
 
@@ -28,7 +40,7 @@ def _number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def test_tiny_run_writes_json_and_table(bench, tmp_path, capsys):
+def test_tiny_run_writes_json_and_table(bench, tmp_path, capsys, one_thread):
     out = tmp_path / "bench.json"
     argv = ["--tiny", "--sides", "8", "--ratio-side", "8", "--decode-side", "8", "--overlap", "2",
             "--json", str(out)]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Downloads the SD 2.1 base checkpoint (the one the seed uses) into checkpoints/ if missing.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CKPT="$ROOT/checkpoints/v2-1_512-ema-pruned.ckpt"
+URL="https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/v2-1_512-ema-pruned.ckpt"
+[ -s "$CKPT" ] && exit 0
+mkdir -p "$ROOT/checkpoints"
+echo "[ckpt] downloading $(basename "$CKPT") (5.2 GB) ..." >&2
+if command -v curl >/dev/null && curl -fL --retry 3 -o "$CKPT.partial" "$URL"; then
+  mv "$CKPT.partial" "$CKPT"
+elif command -v wget >/dev/null && wget -O "$CKPT.partial" "$URL"; then
+  mv "$CKPT.partial" "$CKPT"
+else
+  rm -f "$CKPT.partial"
+  cat >&2 <<MSG
+[ckpt] could not download the checkpoint (no network?). Fetch it by hand on a machine with
+       network access and copy it here:
+         $URL
+         -> $CKPT
+MSG
+  exit 1
+fi
