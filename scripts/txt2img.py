@@ -250,18 +250,14 @@ def check_numbers(args):
 
 
 def check_features(args):
-    """Flags that would silently do nothing, or that make no sense together."""
-    if args.ndcfg_dilate_settings and args.ndcfg_tau <= 0:
-        raise UsageError(f"--ndcfg_tau must be positive with --ndcfg_dilate_settings, got "
-                         f"{args.ndcfg_tau}")
+    """Flags that would silently do nothing, or that make no sense together. A tau of 0 with
+    its settings file is allowed: it is how the published presets (and ablations) switch a
+    feature off."""
     if args.ndcfg_tau and not args.ndcfg_dilate_settings:
         raise UsageError("--ndcfg_tau needs --ndcfg_dilate_settings")
-    if args.disperse_settings and args.inflate_tau <= 0:
-        raise UsageError(f"--inflate_tau must be positive with --disperse_settings, got "
-                         f"{args.inflate_tau} (0 turns dispersion off: drop --disperse_settings)")
     if args.inflate_tau and not args.disperse_settings:
         raise UsageError("--inflate_tau needs --disperse_settings")
-    if args.disperse_settings and not args.disperse_transform:
+    if args.disperse_settings and args.inflate_tau and not args.disperse_transform:
         raise UsageError("--disperse_settings needs --disperse_transform")
     if args.disperse_transform and not args.disperse_settings:
         raise UsageError("--disperse_transform needs --disperse_settings")
