@@ -5,6 +5,7 @@
     result = pipe.generate(["a corgi on a beach"], GenerationOptions(H=1024, W=1024, dilate=2, dilate_tau=20, dilate_skip=4))
     result.images[0].save("corgi.png")
 """
+import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +71,14 @@ class GenerationOptions:
         for name in ("steps", "C", "f"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("scale", "ddim_eta", "dilate"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"--seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
+        if self.tile_size is not None and self.tile_size <= 0:
+            raise ValueError(f"--tile_size must be positive, got {self.tile_size}")
         if self.steps > 1000:
             raise ValueError(f"--steps must be at most 1000, got {self.steps}")
         if self.sampler not in SAMPLERS:

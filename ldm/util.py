@@ -30,13 +30,15 @@ def instantiate_from_config(config):
 
 def load_config(path) -> "OmegaConf":
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder, not a file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         config = OmegaConf.load(path)
     except Exception as err:  # yaml errors come in many classes
         raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from err
-    if "model" not in config:
+    if not hasattr(config, "keys") or "model" not in config:
         raise ConfigError(f"config file {path} has no 'model' section")
     return config
 

@@ -154,3 +154,30 @@ def test_tiled_decode_of_an_8x_size_image(txt2img, tmp_path):
     assert txt2img.main(argv) == 0
     image = Image.open(tmp_path / "samples" / "00000.png")
     assert image.size == (1024, 512)
+
+
+def freeu_run(pipe, freeu):
+    opts = GenerationOptions(H=64, W=64, steps=3, scale=5.0, seed=9, precision="full",
+                             freeu=freeu)
+    return pipe.generate(["a boat"], opts, progress=False).latents
+
+
+def test_freeu_identity_is_plain_and_sd21_values_change_the_result(tiny_pipe):
+    plain = freeu_run(tiny_pipe, None)
+    assert torch.equal(freeu_run(tiny_pipe, (1.0, 1.0, 1.0, 1.0)), plain)
+    changed = freeu_run(tiny_pipe, (1.1, 1.2, 0.9, 0.2))
+    assert torch.isfinite(changed).all() and not torch.allclose(changed, plain)
+    assert torch.equal(freeu_run(tiny_pipe, None), plain)  # hooks removed after the run
+
+
+def test_autocast_runs_the_unet_in_bf16_on_cpu_and_decodes_in_fp32(tiny_pipe):
+    dtypes = []
+    hook = tiny_pipe.model.unet.out.register_forward_hook(
+        lambda m, args, out: dtypes.append(out.dtype))
+    try:
+        opts = GenerationOptions(H=64, W=64, steps=2, scale=5.0, seed=9, precision="autocast")
+        result = tiny_pipe.generate(["a boat"], opts, progress=False)
+    finally:
+        hook.remove()
+    assert set(dtypes) == {torch.bfloat16}
+    assert result.decoded.dtype == torch.float32 and torch.isfinite(result.decoded).all()

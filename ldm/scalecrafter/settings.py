@@ -52,7 +52,7 @@ def _lines(path):
     path = Path(path)
     if not path.is_file():
         raise SettingsError(f"settings file {path} does not exist")
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if line:
             yield number, line
