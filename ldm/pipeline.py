@@ -7,7 +7,7 @@
 """
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -193,7 +193,3 @@ class Pipeline:
         z, batches = self.sample(prompts, opts, generator, x_T, progress=progress)
         decoded = self.decode(z, opts).float().cpu()
         return GenerationResult(to_pil(decoded), z.cpu(), decoded, batches)
-
-
-def options_as_dict(opts: GenerationOptions) -> dict:
-    return asdict(opts)
