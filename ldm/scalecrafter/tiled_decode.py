@@ -58,25 +58,36 @@ class _Tiles:
         self.home = torch.device("cpu") if offload else device
         self.tiles = [_to(t, self.home) for t in tiles]
 
-    def map(self, fn, *others: "_Tiles") -> "_Tiles":
+    def map(self, fn, *others: "_Tiles", consume=False) -> "_Tiles":
+        """fn over the tiles (and the matching tiles of `others`). With consume, each input tile
+        is released as soon as its output exists, so a layer never holds two full copies."""
         out = []
         for i, tile in enumerate(self.tiles):
             args = [_to(tile, self.device)] + [_to(o.tiles[i], self.device) for o in others]
             out.append(_to(fn(*args), self.home))
-        return _Tiles(out, self.device, self.offload) if out else self
+            del args, tile
+            if consume:
+                for owner in (self, *others):
+                    owner.tiles[i] = None
+        return _Tiles(out, self.device, self.offload)
 
-    def group_norm(self, norm: nn.GroupNorm, sync: bool) -> "_Tiles":
+    def normalizer(self, norm: nn.GroupNorm, sync: bool):
+        """The GroupNorm to apply to each tile: the module itself, or (SyncGN) the same affine
+        normalisation with statistics over all tiles. Applied inside the next layer's map, so
+        no normalised copy of every tile is ever held."""
         if not sync:
-            return self.map(norm)
+            return norm
         mean, inv_std = self._sync_stats(norm)
+        groups = norm.num_groups
 
         def apply(x):
             b, c = x.shape[:2]
-            g = x.reshape(b, norm.num_groups, -1).float()
-            g = (g - mean[..., None]) * inv_std[..., None]
-            y = g.reshape(x.shape).to(x.dtype)
-            return y * norm.weight.view(1, c, 1, 1) + norm.bias.view(1, c, 1, 1)
-        return self.map(apply)
+            per_group = c // groups
+            mean_c = mean.repeat_interleave(per_group, dim=1).view(b, c, 1, 1)
+            scale = (inv_std.repeat_interleave(per_group, dim=1) * norm.weight).view(b, c, 1, 1)
+            return torch.addcmul(norm.bias.view(1, c, 1, 1), x.float() - mean_c,
+                                 scale).to(x.dtype)
+        return apply
 
     def _sync_stats(self, norm):
         """Per (sample, group): mean over all tiles' elements, and the variance with each tile's
@@ -85,10 +96,10 @@ class _Tiles:
         counts, means, m2s = [], [], []
         for tile in self.tiles:
             g = _to(tile, self.device).reshape(tile.shape[0], norm.num_groups, -1).float()
-            mean = g.mean(-1)
+            var, mean = torch.var_mean(g, dim=-1, correction=0)
             counts.append(g.shape[-1])
             means.append(mean)
-            m2s.append(((g - mean[..., None]) ** 2).sum(-1))
+            m2s.append(var * g.shape[-1])
         total = sum(counts)
         mean = sum(n * m for n, m in zip(counts, means)) / total
         var = sum(n / (n - 1) * (m2 + n * (m - mean) ** 2)
@@ -97,20 +108,22 @@ class _Tiles:
 
 
 def _resnet(block: ResnetBlock, x: _Tiles, sync: bool) -> _Tiles:
-    h = x.group_norm(block.norm1, sync).map(lambda t: block.conv1(F.silu(t)))
-    h = h.group_norm(block.norm2, sync)
-    return h.map(lambda t, skip: block.shortcut(skip) + block.conv2(block.dropout(F.silu(t))), x)
+    norm1 = x.normalizer(block.norm1, sync)
+    h = x.map(lambda t: block.conv1(F.silu(norm1(t))))  # x stays: it is the skip
+    norm2 = h.normalizer(block.norm2, sync)
+    return h.map(lambda t, skip: block.shortcut(skip) + block.conv2(block.dropout(F.silu(norm2(t)))),
+                 x, consume=True)
 
 
 def _attn(block: AttnBlock, x: _Tiles) -> _Tiles:
     # The published SyncGN leaves the attention block's own GroupNorm per tile (its reference
     # decodes agree with ours to 1e-6 only this way), and attention itself is per tile anyway.
-    return x.map(block)
+    return x.map(block, consume=True)
 
 
 def _decode_tiles(autoencoder, tiles: _Tiles, sync: bool) -> _Tiles:
     dec = autoencoder.decoder
-    h = tiles.map(lambda z: dec.conv_in(autoencoder.post_quant_conv(z)))
+    h = tiles.map(lambda z: dec.conv_in(autoencoder.post_quant_conv(z)), consume=True)
     h = _resnet(dec.mid.block_1, h, sync)
     h = _attn(dec.mid.attn_1, h)
     h = _resnet(dec.mid.block_2, h, sync)
@@ -120,10 +133,11 @@ def _decode_tiles(autoencoder, tiles: _Tiles, sync: bool) -> _Tiles:
             if len(up.attn) > 0:
                 h = _attn(up.attn[i], h)
         if hasattr(up, "upsample"):
-            h = h.map(up.upsample)
-    h = h.group_norm(dec.norm_out, sync).map(lambda t: dec.conv_out(F.silu(t)))
+            h = h.map(up.upsample, consume=True)
+    norm_out = h.normalizer(dec.norm_out, sync)
+    h = h.map(lambda t: dec.conv_out(F.silu(norm_out(t))), consume=True)
     if dec.tanh_out:
-        h = h.map(torch.tanh)
+        h = h.map(torch.tanh, consume=True)
     return h
 
 
