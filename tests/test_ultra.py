@@ -91,9 +91,21 @@ def test_ndcfg_with_tau_zero_is_plain_cfg(tiny_pipe):
     assert damped.unet_batches == [2] * 4
 
 
-def test_noise_damped_pass_evaluates_only_the_unconditional_half(tiny_pipe):
+def test_noise_damped_pass_evaluates_only_the_unconditional_half(tiny_pipe, monkeypatch):
+    from ldm.scalecrafter import guidance
+    segments = []
+    original = guidance.overridden_convs
+
+    def spy(unet, overrides):
+        if isinstance(overrides, list):
+            segments.append([rows for rows, _ in overrides])
+        return original(unet, overrides)
+
+    monkeypatch.setattr(guidance, "overridden_convs", spy)
     result = tiny_pipe.generate(["a fox"], ndcfg_opts(ndcfg_tau=2), progress=False)
-    assert result.unet_batches == [2, 1, 2, 1, 2, 2]  # 1.5 batches during ndcfg_tau steps
+    # 1.5 batches during the ndcfg_tau steps: 2 CFG rows + 1 damped unconditional row
+    assert result.unet_batches == [3, 3, 2, 2]
+    assert segments == [[2, 1], [2, 1]]
     plain = tiny_pipe.generate(["a fox"], ndcfg_opts(ndcfg_tau=0), progress=False)
     assert not torch.allclose(result.latents, plain.latents)
 

@@ -31,13 +31,19 @@ class GuidedDenoiser:
         main, damped = self.planner.main(step), self.planner.damped(step)
         if self.scale == 1.0 and damped is None:
             return self._unet(x, t, self.cond, main)
-        both = self._unet(torch.cat([x, x]), torch.cat([t, t]),
-                          torch.cat([self.uncond, self.cond]), main)
-        uncond, cond = both.chunk(2)
-        if damped is not None:  # only the unconditional half is re-evaluated: 1.5 batches
-            uncond_base = self._unet(x, t, self.uncond, damped)
-            return uncond_base + self.scale * (cond - uncond)
-        return uncond + self.scale * (cond - uncond)
+        if damped is None:
+            both = self._unet(torch.cat([x, x]), torch.cat([t, t]),
+                              torch.cat([self.uncond, self.cond]), main)
+            uncond, cond = both.chunk(2)
+            return uncond + self.scale * (cond - uncond)
+        # Noise-damped CFG: the unconditional half runs once more with the damped plan, as
+        # extra rows of the same UNet call (1.5 batches); only convs whose plans differ split.
+        rows = x.shape[0]
+        out = self._unet(torch.cat([x, x, x]), torch.cat([t, t, t]),
+                         torch.cat([self.uncond, self.cond, self.uncond]),
+                         [(2 * rows, main), (rows, damped)])
+        uncond, cond, uncond_damped = out.chunk(3)
+        return uncond_damped + self.scale * (cond - uncond)
 
     def __call__(self, x, t, alpha_bar, step: int) -> Prediction:
         """t: timestep (int or fractional) for every batch element; alpha_bar: the sampler's

@@ -67,25 +67,61 @@ def uniform_dilation_map(unet: nn.Module, factor: float, skip: int) -> Dict[str,
     return chosen
 
 
+def _is_plain(override: Optional[ConvOverride]) -> bool:
+    return override is None or (override.factor == 1 and override.weight is None)
+
+
+def _same(a: Optional[ConvOverride], b: Optional[ConvOverride]) -> bool:
+    if _is_plain(a) or _is_plain(b):
+        return _is_plain(a) and _is_plain(b)
+    return a.factor == b.factor and a.weight is b.weight
+
+
+def _conv_forward(conv, override):
+    def forward(x):
+        if _is_plain(override):
+            return conv._conv_forward(x, conv.weight, conv.bias)
+        return redilated_conv(conv, x, override.factor, override.weight)
+    return forward
+
+
+def _split_forward(conv, segments):
+    """Rows of the batch that run with different overrides: each slice runs its own conv."""
+    parts = [(size, _conv_forward(conv, override)) for size, override in segments]
+
+    def forward(x):
+        outs, start = [], 0
+        for size, run in parts:
+            outs.append(run(x[start:start + size]))
+            start += size
+        return torch.cat(outs)
+    return forward
+
+
 @contextmanager
-def overridden_convs(unet: nn.Module, overrides: Dict[str, ConvOverride]):
-    """Apply per-conv overrides inside the block; always restore the plain convs after."""
+def overridden_convs(unet: nn.Module, overrides):
+    """Apply per-conv overrides inside the block; always restore the plain convs after.
+
+    `overrides` is {conv name: ConvOverride} for the whole batch, or a list of
+    (rows, {conv name: ConvOverride}) for consecutive slices of the batch that need different
+    plans (noise-damped CFG runs its damped rows in the same UNet call)."""
     modules = dict(unet.named_modules())
+    segments = overrides if isinstance(overrides, list) else [(None, overrides)]
+    names = {name for _, plan in segments for name in plan}
     patched = []
     try:
-        for name, override in overrides.items():
-            conv = modules[name]
-            if override.factor == 1 and override.weight is None:
-                continue  # plain conv: nothing to change
-            conv.forward = _bound(conv, override)
-            patched.append(conv)
+        for name in names:
+            per_segment = [(rows, plan.get(name)) for rows, plan in segments]
+            first = per_segment[0][1]
+            if all(_same(first, o) for _, o in per_segment):
+                if _is_plain(first):
+                    continue  # plain conv: nothing to change
+                forward = _conv_forward(modules[name], first)
+            else:
+                forward = _split_forward(modules[name], per_segment)
+            modules[name].forward = forward
+            patched.append(modules[name])
         yield
     finally:
         for conv in patched:
             del conv.forward
-
-
-def _bound(conv, override):
-    def forward(x):
-        return redilated_conv(conv, x, override.factor, override.weight)
-    return forward
