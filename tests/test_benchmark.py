@@ -55,8 +55,10 @@ def test_tiny_run_writes_json_and_table(bench, tmp_path, capsys, one_thread):
     assert _number(call["seconds"]) and call["seconds"] > 0
     assert _number(call["peak_gb"]) and call["peak_gb"] > 0
     guidance = report["details"]["guidance"]
-    # the seam really ran CFG (2B), and ndcfg added one B-batch pass
-    assert guidance["unet_batches"] == {"plain": [2], "dilated": [2], "ndcfg": [2, 1]}
+    # the seam really ran CFG (2B rows), and ndcfg added B more rows (in one call or two)
+    batches = guidance["unet_batches"]
+    assert batches["plain"] == [2] and batches["dilated"] == [2]
+    assert sum(batches["ndcfg"]) == 3
     assert guidance["dilated_convs"] > 0
     assert report["details"]["decode_tiled"]["tiles"] == 9  # half-side tiles + overlap: 3 x 3
     assert report["details"]["decode_tiled_2x2"]["tiles"] == 4
