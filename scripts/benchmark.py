@@ -372,6 +372,23 @@ def _verdict(value, limit, strict=False):
     return "met" if ok else "MISSED"
 
 
+def _unet_table(calls, cpu):
+    """Markdown rows of the UNet CFG calls, with the published figures where they exist."""
+    lines = ["| latent side | image | seconds | CPU seconds | peak GB | baseline GB "
+             "| published s | published GB | time / published | peak / published |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for side, r in sorted(calls.items(), key=lambda kv: int(kv[0])):
+        pub = PUBLISHED.get(int(side)) if cpu else None
+        pub_s, pub_gb = (pub["seconds"], pub["peak_gb"]) if pub else (None, None)
+        err = f" ({r['error']})" if r.get("error") else ""
+        lines.append(
+            f"| {side} | {8 * int(side)}² | {_fmt(r['seconds'], '.1f')}{err} | "
+            f"{_fmt(r.get('cpu_seconds'), '.1f')} | {_fmt(r['peak_gb'])} | "
+            f"{_fmt(r.get('baseline_gb'))} | {_fmt(pub_s, '.1f')} | {_fmt(pub_gb)} | "
+            f"{_fmt(_ratio(r['seconds'], pub_s))} | {_fmt(_ratio(r['peak_gb'], pub_gb))} |")
+    return lines
+
+
 def markdown_table(report):
     """The report as markdown: ratios with their targets, then the UNet CFG call per side."""
     cpu = report["device"] == "cpu"
@@ -405,18 +422,8 @@ def markdown_table(report):
     for label, value, cpu_value, target, key, strict in rows:
         lines.append(f"| {label} | {_fmt(value, '.3f')} | {_fmt(cpu_value, '.3f')} | {target} | "
                      f"{_verdict(value, TARGETS[key], strict)} |")
-    lines += ["", "| latent side | image | seconds | CPU seconds | peak GB | baseline GB "
-                  "| published s | published GB | time / published | peak / published |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for side, r in sorted(report["unet_cfg_call"].items(), key=lambda kv: int(kv[0])):
-        pub = PUBLISHED.get(int(side)) if cpu else None
-        pub_s, pub_gb = (pub["seconds"], pub["peak_gb"]) if pub else (None, None)
-        err = f" ({r['error']})" if r.get("error") else ""
-        lines.append(
-            f"| {side} | {8 * int(side)}² | {_fmt(r['seconds'], '.1f')}{err} | "
-            f"{_fmt(r.get('cpu_seconds'), '.1f')} | {_fmt(r['peak_gb'])} | "
-            f"{_fmt(r.get('baseline_gb'))} | {_fmt(pub_s, '.1f')} | {_fmt(pub_gb)} | "
-            f"{_fmt(_ratio(r['seconds'], pub_s))} | {_fmt(_ratio(r['peak_gb'], pub_gb))} |")
+    if report["unet_cfg_call"]:
+        lines += [""] + _unet_table(report["unet_cfg_call"], cpu)
     meta = report.get("meta", {})
     if meta:
         lines += ["", "device: {device}, torch {torch}, {threads} threads, load average "

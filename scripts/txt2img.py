@@ -62,7 +62,8 @@ def build_parser(suppress_defaults=False):
                    help="re-dilate during this many of the noisiest steps")
     g.add_argument("--dilate_skip", type=int, default=d(4),
                    help="keep the first/last K input/output blocks undilated")
-    g.add_argument("--progressive_dilate", action="store_true",
+    g.add_argument("--progressive_dilate", action=argparse.BooleanOptionalAction,
+                   default=d(False),
                    help="factor max(ceil(D*(tau-i)/tau), 2) at step i")
     g.add_argument("--dilate_settings", type=str, help="per-layer dilation file (name:factor)")
     g = p.add_argument_group("ScaleCrafter: ultra resolution")
@@ -77,9 +78,11 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--freeu", type=float, nargs=4, metavar=("B1", "B2", "S1", "S2"),
                    help="FreeU backbone/skip factors (SD 2.1: 1.1 1.2 0.9 0.2)")
     g = p.add_argument_group("tiled VAE decoding")
-    g.add_argument("--tiled_decoding", action="store_true", help="decode in overlapping tiles")
+    g.add_argument("--tiled_decoding", action=argparse.BooleanOptionalAction, default=d(False),
+                   help="decode in overlapping tiles (--no-tiled_decoding undoes a preset's)")
     g.add_argument("--overlap", type=int, default=d(8), help="tile overlap, latent pixels (even)")
-    g.add_argument("--sync_gn", action="store_true", help="GroupNorm statistics over all tiles")
+    g.add_argument("--sync_gn", action=argparse.BooleanOptionalAction, default=d(False),
+                   help="GroupNorm statistics over all tiles")
     g.add_argument("--tile_size", type=int, help="tile side, latent pixels (default: half)")
     g = p.add_argument_group("outputs")
     g.add_argument("--save_latent", action="store_true",
