@@ -113,3 +113,20 @@ def test_sampling_is_deterministic_per_seed(tiny_pipe, sampler):
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
     assert torch.isfinite(runs[0]).all()
+
+
+def test_openclip_arch_may_be_a_config_path(tiny_pipe):
+    """`arch` as a path to an open_clip model-config JSON builds the same text tower."""
+    from conftest import TINY
+    from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
+    case = cases()["sample"][0]
+    ref = reference(f"tiny-sd21-sample-{case['name']}.npz")["cond"]
+    embedder = FrozenOpenCLIPEmbedder(arch=str(TINY / "tiny-openclip.json"), layer="penultimate")
+    prefix = "cond_stage_model."
+    state = {k[len(prefix):]: v.float() for k, v in load_state_dict(TINY_CKPT).items()
+             if k.startswith(prefix)}
+    embedder.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert rel_err(embedder.encode([case["prompt"]]), ref) <= 1e-4
+    with pytest.raises(ValueError, match="unknown OpenCLIP architecture"):
+        FrozenOpenCLIPEmbedder(arch="no-such-arch")
