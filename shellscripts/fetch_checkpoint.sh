@@ -7,9 +7,9 @@ URL="https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/v
 [ -s "$CKPT" ] && exit 0
 mkdir -p "$ROOT/checkpoints"
 echo "[ckpt] downloading $(basename "$CKPT") (5.2 GB) ..." >&2
-if command -v curl >/dev/null && curl -fL --retry 3 -o "$CKPT.partial" "$URL"; then
+if command -v curl >/dev/null && curl -fL --connect-timeout 20 --retry 2 -o "$CKPT.partial" "$URL"; then
   mv "$CKPT.partial" "$CKPT"
-elif command -v wget >/dev/null && wget -O "$CKPT.partial" "$URL"; then
+elif command -v wget >/dev/null && wget --timeout=20 --tries=2 -O "$CKPT.partial" "$URL"; then
   mv "$CKPT.partial" "$CKPT"
 else
   rm -f "$CKPT.partial"
