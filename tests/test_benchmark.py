@@ -46,9 +46,10 @@ def test_tiny_run_writes_json_and_table(bench, tmp_path, capsys, one_thread):
             "--json", str(out)]
     assert bench.main(argv, runner=_in_process(bench)) == 0
     report = json.loads(out.read_text())
-    for key in ("redilation_step_ratio", "ndcfg_step_ratio", "tiled_decode_time_ratio",
-                "tiled_decode_peak_ratio"):
+    for key in ("redilation_step_ratio", "ndcfg_step_ratio", "tiled_decode_time_ratio"):
         assert _number(report[key]) and report[key] > 0, key
+    # peaks above the baseline are a few pages at this size: in-process, only the type is stable
+    assert _number(report["tiled_decode_peak_ratio"])
     assert report["device"] == "cpu"
     assert list(report["unet_cfg_call"]) == ["8"]
     call = report["unet_cfg_call"]["8"]
