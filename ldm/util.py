@@ -43,10 +43,6 @@ def load_config(path) -> "OmegaConf":
     return config
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def build_model(config, device="cpu", state_dict=None):
     """Build the model of `config.model`; with a state dict, build it on the meta device (no random
     init of a 1.3B-parameter model) and take the checkpoint tensors strictly, key for key."""
