@@ -114,3 +114,12 @@ def test_prediction_split_is_consistent(parameterization):
     output = eps if parameterization == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
     pred = LatentDiffusion.split_prediction(model, x, output, a)
     assert torch.allclose(pred.eps, eps, atol=1e-5) and torch.allclose(pred.x0, x0, atol=1e-5)
+
+
+def test_plms_start_evaluations_belong_to_step_zero():
+    """PLMS evaluates twice in its first step; both run under step 0's plan (so a re-dilation
+    tau of 1 covers exactly the first step, as for DDIM)."""
+    denoiser = GaussianDenoiser()
+    sample_plms(denoiser, x_T(), ALPHAS_CUMPROD, 6, progress=False)
+    assert [s for _, s in denoiser.calls] == [0, 0, 1, 2, 3, 4, 5, 6]
+    assert [t for t, _ in denoiser.calls][:3] == [997, 831, 831]

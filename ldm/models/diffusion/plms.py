@@ -30,10 +30,11 @@ def sample_plms(denoiser, x, alphas_cumprod, steps, generator=None, progress=Tru
         index = n - 1 - step
         eps = denoiser(x, int(timesteps[index]), _scalar(alphas[index], x), step).eps
         if not history:  # pseudo improved Euler start: average with eps at the next timestep
+            # (this evaluation is part of step 0, so it runs under step 0's plan)
             next_index = max(index - 1, 0)
             x_next = step_to(x, eps, index)
             eps_next = denoiser(x_next, int(timesteps[next_index]),
-                                _scalar(alphas[next_index], x), min(step + 1, n - 1)).eps
+                                _scalar(alphas[next_index], x), step).eps
             eps_prime = (eps + eps_next) / 2
         else:
             eps_prime = _plms_eps(eps, history)
