@@ -46,10 +46,15 @@ def tiny_pipe():
     return Pipeline.load(TINY_CONFIG, TINY_CKPT, device="cpu")
 
 
-@pytest.fixture(scope="session")
-def txt2img():
-    """The CLI module, imported from its file (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("txt2img_cli", REPO / "scripts" / "txt2img.py")
+def load_script(name, module_name=None):
+    """A module of scripts/, imported from its file (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(module_name or f"script_{name}",
+                                                  REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def txt2img():
+    return load_script("txt2img", "txt2img_cli")

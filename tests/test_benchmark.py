@@ -2,11 +2,11 @@
 
 The cases run in this process (the script runs each in a fresh subprocess for its peak memory);
 no timing is asserted, only the report's shape and types."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "benchmark.py"
@@ -14,10 +14,7 @@ SCRIPT = REPO / "scripts" / "benchmark.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark", "benchmark_script")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 loads the model where it can; it never shows a traceback unless --debug is given.
 
 Most cases call the CLI's main(argv) in-process; two run it as a subprocess, end to end."""
-import importlib.util
 import os
 import re
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -26,10 +26,7 @@ if str(REPO) not in sys.path:
 @pytest.fixture(scope="module")
 def cli():
     """The CLI module, imported from its file (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("txt2img_cli_errors", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("txt2img", "txt2img_cli_errors")
 
 
 @pytest.fixture(scope="module")

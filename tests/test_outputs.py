@@ -2,7 +2,6 @@
 numbering that goes on across runs, generation parameters in every PNG, JSON sidecars, latents,
 byte-identical PNGs from identical runs, and nothing partial after Ctrl-C."""
 import errno
-import importlib.util
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from ldm import outputs  # noqa: E402
 from ldm.checkpoint import short_hash  # noqa: E402
 from ldm.outputs import OutputError, OutputWriter, ensure_writable_dir, write_new_file  # noqa
 from ldm.pipeline import GenerationOptions  # noqa: E402
+from conftest import load_script
 
 
 def partial_files(folder):
@@ -206,11 +206,7 @@ def test_ctrl_c_while_saving_keeps_finished_images(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("txt2img_outputs", REPO / "scripts" /
-                                                  "txt2img.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("txt2img", "txt2img_outputs")
 
 
 def test_same_command_twice_gives_identical_numbered_outputs(cli, tmp_path, capsys):
