@@ -161,9 +161,11 @@ class Pipeline:
         model = self.model
         settings = settings if settings is not None else self.settings_for(opts)
         with self._autocast(opts), freeu_applied(model.unet, opts.freeu):
-            cond = model.get_learned_conditioning(list(prompts))
+            size = (opts.H, opts.W)
+            cond = model.get_conditioning(list(prompts), size)
             need_uncond = opts.scale != 1.0 or settings.uses_ndcfg
-            uncond = model.get_learned_conditioning([""] * len(prompts)) if need_uncond else None
+            uncond = (model.get_unconditional_conditioning([""] * len(prompts), size)
+                      if need_uncond else None)
             denoiser = GuidedDenoiser(model, cond, uncond, opts.scale, settings)
             x = x_T if x_T is not None else self.initial_noise(opts, len(prompts), generator)
             if opts.sampler == "ddim":

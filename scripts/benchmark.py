@@ -114,7 +114,10 @@ class _UNetOnly:
         self.unet = unet
 
     def apply_model(self, x, t, cond):
-        return self.unet(x, t, context=cond)
+        from ldm.modules.encoders.conditioning import as_conditioning
+
+        cond = as_conditioning(cond)
+        return self.unet(x, t, context=cond.context, y=cond.vector)
 
 
 def case_guidance(p, meter):

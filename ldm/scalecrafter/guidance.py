@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ldm.models.diffusion.ddpm import Prediction
+from ldm.modules.encoders.conditioning import Conditioning, as_conditioning
 from ldm.scalecrafter.redilation import overridden_convs
 from ldm.scalecrafter.schedule import ScaleCrafterSettings, StepPlanner
 
@@ -17,14 +18,18 @@ class GuidedDenoiser:
                  settings: Optional[ScaleCrafterSettings] = None):
         if scale != 1.0 and uncond is None:
             raise ValueError("classifier-free guidance needs an unconditional conditioning")
-        self.model, self.cond, self.uncond, self.scale = model, cond, uncond, scale
+        # Conditionings (context + optional vector; a bare tensor is a context) are batched
+        # as a whole, so CFG is the same for every family.
+        self.model, self.scale = model, scale
+        self.cond = as_conditioning(cond)
+        self.uncond = None if uncond is None else as_conditioning(uncond)
         self.planner = StepPlanner(model.unet, settings or ScaleCrafterSettings())
         self.unet_batches = []  # batch size of every UNet call, for accounting and tests
 
-    def _unet(self, x, t, context, overrides):
+    def _unet(self, x, t, cond, overrides):
         self.unet_batches.append(x.shape[0])
         with overridden_convs(self.model.unet, overrides):
-            return self.model.apply_model(x, t, context)
+            return self.model.apply_model(x, t, cond)
 
     def guided_output(self, x, t, step: int):
         """Raw (eps or v) prediction with CFG, and noise-damped CFG while its plan says so."""
@@ -33,14 +38,14 @@ class GuidedDenoiser:
             return self._unet(x, t, self.cond, main)
         if damped is None:
             both = self._unet(torch.cat([x, x]), torch.cat([t, t]),
-                              torch.cat([self.uncond, self.cond]), main)
+                              Conditioning.cat([self.uncond, self.cond]), main)
             uncond, cond = both.chunk(2)
             return uncond + self.scale * (cond - uncond)
         # Noise-damped CFG: the unconditional half runs once more with the damped plan, as
         # extra rows of the same UNet call (1.5 batches); only convs whose plans differ split.
         rows = x.shape[0]
         out = self._unet(torch.cat([x, x, x]), torch.cat([t, t, t]),
-                         torch.cat([self.uncond, self.cond, self.uncond]),
+                         Conditioning.cat([self.uncond, self.cond, self.uncond]),
                          [(2 * rows, main), (rows, damped)])
         uncond, cond, uncond_damped = out.chunk(3)
         return uncond_damped + self.scale * (cond - uncond)

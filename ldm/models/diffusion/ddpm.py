@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldm.modules.encoders.conditioning import (Conditioning, as_conditioning, conditioning_of,
+                                               unconditional_of)
 from ldm.util import instantiate_from_config
 
 
@@ -40,12 +42,16 @@ class DiffusionWrapper(nn.Module):
         super().__init__()
         self.diffusion_model = instantiate_from_config(unet_config)
 
-    def forward(self, x, t, context=None):
-        return self.diffusion_model(x, t, context=context)
+    def forward(self, x, t, context=None, y=None):
+        return self.diffusion_model(x, t, context=context, y=y)
 
 
 class LatentDiffusion(nn.Module):
     """Accepts every key of the standard SD 2.x configs; training-only ones are ignored."""
+
+    conditioner_key = "cond_stage_model"  # the conditioner's name, hence its checkpoint keys
+    schedule_in_checkpoint = True         # LDM files carry the schedule buffers
+    checkpoint_extras = ()                # keys a file may carry that the model derives itself
 
     def __init__(self, unet_config, first_stage_config, cond_stage_config, timesteps=1000,
                  beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
@@ -62,7 +68,7 @@ class LatentDiffusion(nn.Module):
         self.channels, self.image_size = channels, image_size
         self.model = DiffusionWrapper(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config).eval()
-        self.cond_stage_model = instantiate_from_config(cond_stage_config).eval()
+        self.add_module(self.conditioner_key, instantiate_from_config(cond_stage_config).eval())
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s,
                                v_posterior)
         if scale_by_std:
@@ -90,19 +96,32 @@ class LatentDiffusion(nn.Module):
             "posterior_mean_coef2": (1 - acp_prev) * np.sqrt(alphas) / (1 - acp),
         }
         for name, value in buffers.items():
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32),
+                                 persistent=self.schedule_in_checkpoint)
 
     @property
     def unet(self) -> nn.Module:
         return self.model.diffusion_model
 
     @property
+    def cond_model(self) -> nn.Module:
+        """The conditioner (text tower, or SDXL's text towers + size embedders)."""
+        return self._modules[self.conditioner_key]
+
+    @property
+    def family(self):
+        """'sd1', 'sd2', 'sdxl', ...: what presets are checked against."""
+        return getattr(self.cond_model, "family", None)
+
+    @property
     def device(self):
         return self.betas.device
 
     def apply_model(self, x, t, cond):
-        """Raw network output (eps or v, per `parameterization`) for latents x at timesteps t."""
-        return self.model(x, t, context=cond)
+        """Raw network output (eps or v, per `parameterization`) for latents x at timesteps t;
+        cond is a Conditioning or a bare context tensor."""
+        cond = as_conditioning(cond)
+        return self.model(x, t, context=cond.context, y=cond.vector)
 
     def split_prediction(self, x, output, alpha_bar) -> Prediction:
         """Turn the raw output at cumulative alpha `alpha_bar` (broadcastable to x) into eps and x0."""
@@ -114,7 +133,19 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def get_learned_conditioning(self, prompts):
-        return self.cond_stage_model.encode(prompts)
+        """The text tower's own output (SD 1.x/2.x: the context tensor)."""
+        return self.cond_model.encode(prompts)
+
+    @torch.no_grad()
+    def get_conditioning(self, prompts, size) -> Conditioning:
+        """Conditioning of `prompts` for images of `size` (H, W); only SDXL uses the size."""
+        return conditioning_of(self.cond_model, list(prompts), size)
+
+    @torch.no_grad()
+    def get_unconditional_conditioning(self, negative_prompts, size) -> Conditioning:
+        """CFG's unconditional branch for these negative prompts ("" = none), by the family's
+        rule, which lives in its conditioner."""
+        return unconditional_of(self.cond_model, list(negative_prompts), size)
 
     @torch.no_grad()
     def decode_first_stage(self, z):
@@ -123,3 +154,36 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def encode_first_stage(self, x):
         return self.first_stage_model.encode(x).mode() * self.scale_factor
+
+
+# sgm's denoiser scalings and what they mean for the raw network output.
+_SGM_PARAMETERIZATION = {"EpsScaling": "eps", "VScaling": "v"}
+
+
+def _sgm_schedule(denoiser_config):
+    """LatentDiffusion schedule arguments from sgm's DiscreteDenoiser config (SDXL: eps, LDM's
+    linear betas 0.00085..0.012 over 1000 steps, i.e. LegacyDDPMDiscretization's defaults)."""
+    params = (denoiser_config or {}).get("params") or {}
+    scaling = ((params.get("scaling_config") or {}).get("target") or "EpsScaling").split(".")[-1]
+    if scaling not in _SGM_PARAMETERIZATION:
+        raise ValueError(f"unsupported sgm denoiser scaling {scaling!r}")
+    disc = (params.get("discretization_config") or {}).get("params") or {}
+    return dict(parameterization=_SGM_PARAMETERIZATION[scaling],
+                timesteps=params.get("num_idx", disc.get("num_timesteps", 1000)),
+                linear_start=disc.get("linear_start", 0.00085),
+                linear_end=disc.get("linear_end", 0.012))
+
+
+class DiffusionEngine(LatentDiffusion):
+    """Stability's sgm layout (SDXL): the same model under sgm's names. The conditioner is
+    `conditioner.*`; the schedule is not stored in the file, which may instead carry
+    `denoiser.sigmas`, sqrt((1 - a)/a) of that same schedule."""
+
+    conditioner_key = "conditioner"
+    schedule_in_checkpoint = False
+    checkpoint_extras = ("denoiser.sigmas",)
+
+    def __init__(self, network_config, first_stage_config, conditioner_config,
+                 denoiser_config=None, scale_factor=1.0, **_training_only):
+        super().__init__(network_config, first_stage_config, conditioner_config,
+                         scale_factor=scale_factor, **_sgm_schedule(denoiser_config))

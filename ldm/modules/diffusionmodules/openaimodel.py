@@ -1,5 +1,7 @@
-"""The SD 2.x UNet (inference only). Module names follow the original LDM layout so that real
-checkpoints load key for key; ScaleCrafter never edits this file, it re-dilates convs from outside."""
+"""The Stable Diffusion UNet (inference only): SD 1.x/2.x, and SDXL through its options (per-level
+transformer depth, `label_emb` for a conditioning vector). Module names follow the original LDM /
+sgm layout so that real checkpoints load key for key; ScaleCrafter never edits this file, it
+re-dilates convs from outside."""
 import math
 
 import torch
@@ -97,6 +99,27 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
+def _per_level(depth, levels):
+    """transformer_depth may be one int for every level or a list per level (SDXL)."""
+    if isinstance(depth, int):
+        return [depth] * levels
+    depth = list(depth)
+    if len(depth) != levels:
+        raise ValueError(f"transformer_depth has {len(depth)} entries for {levels} levels")
+    return depth
+
+
+def _label_embedding(num_classes, adm_in_channels, time_dim):
+    """SDXL's `num_classes: sequential`: an MLP from the conditioning vector to the time
+    embedding (nested Sequential: the checkpoint's keys are label_emb.0.0 / label_emb.0.2)."""
+    if num_classes is None:
+        return None
+    if num_classes != "sequential" or not adm_in_channels:
+        raise ValueError("only num_classes 'sequential' with adm_in_channels is supported")
+    return nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, time_dim), nn.SiLU(),
+                                       nn.Linear(time_dim, time_dim)))
+
+
 class UNetModel(nn.Module):
     """Noise-prediction UNet with cross-attention. Accepts every key of the standard configs;
     training-only ones (use_checkpoint, use_fp16, ...) are ignored."""
@@ -107,26 +130,33 @@ class UNetModel(nn.Module):
                  num_head_channels=-1, use_scale_shift_norm=False, resblock_updown=False,
                  use_spatial_transformer=True, transformer_depth=1, context_dim=None,
                  use_linear_in_transformer=False, legacy=True, disable_self_attentions=None,
+                 transformer_depth_middle=None, num_classes=None, adm_in_channels=None,
                  **_training_only):
         super().__init__()
         if dims != 2 or resblock_updown or not use_spatial_transformer:
-            raise ValueError("only the SD 2.x UNet layout (2-D, spatial transformers) is supported")
+            raise ValueError("only the Stable Diffusion UNet layout (2-D, spatial transformers) "
+                             "is supported")
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("set num_heads or num_head_channels")
         if isinstance(num_res_blocks, int):
             num_res_blocks = [num_res_blocks] * len(channel_mult)
+        depths = _per_level(transformer_depth, len(channel_mult))
+        if transformer_depth_middle is None:  # sgm's rule: the deepest level's depth
+            transformer_depth_middle = depths[-1]
         self.model_channels = model_channels
         time_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_dim), nn.SiLU(),
                                         nn.Linear(time_dim, time_dim))
+        self.label_emb = _label_embedding(num_classes, adm_in_channels, time_dim)
 
-        def transformer(ch, level):
+        def transformer(ch, level, depth=None):
             heads = ch // num_head_channels if num_head_channels != -1 else num_heads
             dim_head = num_head_channels if num_head_channels != -1 else ch // num_heads
             if legacy:
                 dim_head = ch // heads
             no_self = disable_self_attentions[level] if disable_self_attentions else False
-            return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth,
+            return SpatialTransformer(ch, heads, dim_head,
+                                      depth=depths[level] if depth is None else depth,
                                       context_dim=context_dim, disable_self_attn=no_self,
                                       use_linear=use_linear_in_transformer)
 
@@ -151,7 +181,8 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            resblock(ch, ch), transformer(ch, len(channel_mult) - 1), resblock(ch, ch))
+            resblock(ch, ch), transformer(ch, len(channel_mult) - 1, transformer_depth_middle),
+            resblock(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -168,8 +199,12 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(),
                                  nn.Conv2d(model_channels, out_channels, 3, padding=1))
 
-    def forward(self, x, timesteps, context=None, **_unused):
+    def forward(self, x, timesteps, context=None, y=None, **_unused):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        if self.label_emb is not None:  # SDXL: the pooled text + size vector joins the time
+            if y is None:
+                raise ValueError("this UNet needs a conditioning vector y (label_emb)")
+            emb = emb + self.label_emb(y.to(emb.dtype))
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb, context)

@@ -1,0 +1,50 @@
+"""What every conditioner hands the UNet: a cross-attention context and, for families that have
+one (SDXL), a vector added to the time embedding. CFG batches this structure as a whole, so the
+guided denoiser never needs to know which family it drives."""
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    context: torch.Tensor                  # (B, tokens, channels) for cross-attention
+    vector: Optional[torch.Tensor] = None  # (B, channels) for the UNet's label_emb, or None
+
+    def __len__(self):
+        return self.context.shape[0]
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        """Stack along the batch, e.g. [uncond, cond] for one CFG call."""
+        parts = [as_conditioning(p) for p in parts]
+        if len({p.vector is None for p in parts}) > 1:
+            raise ValueError("cannot batch conditionings with and without a vector")
+        vector = None if parts[0].vector is None else torch.cat([p.vector for p in parts])
+        return Conditioning(torch.cat([p.context for p in parts]), vector)
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        vector = None if self.vector is None else self.vector.to(*args, **kwargs)
+        return Conditioning(self.context.to(*args, **kwargs), vector)
+
+
+def as_conditioning(cond) -> Conditioning:
+    """A bare tensor (what SD 1.x/2.x text towers return) is a context without a vector."""
+    return cond if isinstance(cond, Conditioning) else Conditioning(cond)
+
+
+def conditioning_of(conditioner, prompts, size) -> Conditioning:
+    """The conditioning of `prompts` for an image of `size` (H, W). Conditioners that use the size
+    (SDXL's) define `condition`; a plain text tower only encodes the prompts."""
+    if hasattr(conditioner, "condition"):
+        return conditioner.condition(prompts, size)
+    return Conditioning(conditioner.encode(prompts))
+
+
+def unconditional_of(conditioner, negative_prompts, size) -> Conditioning:
+    """The unconditional branch of CFG. Text towers encode the negative prompts ("" included);
+    conditioners with their own rule (SDXL zeroes the text parts for "") define `unconditional`."""
+    if hasattr(conditioner, "unconditional"):
+        return conditioner.unconditional(negative_prompts, size)
+    return Conditioning(conditioner.encode(negative_prompts))
