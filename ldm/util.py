@@ -55,8 +55,6 @@ def build_model(config, device="cpu", state_dict=None):
         return instantiate_from_config(config.model).to(device).eval()
     with torch.device("meta"):
         model = instantiate_from_config(config.model)
-    state_dict = {k: v for k, v in state_dict.items()
-                  if k not in getattr(model, "checkpoint_extras", ())}
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -68,20 +66,11 @@ def build_model(config, device="cpu", state_dict=None):
         raise CheckpointError(f"checkpoint does not fit the config: {len(wrong)} tensors have "
                               f"other shapes, e.g. {k} is {tuple(state_dict[k].shape)}, "
                               f"the config wants {tuple(expected[k].shape)}")
-    model.load_state_dict(_placed(state_dict, device), strict=True, assign=True)
+    # Half-precision files compute in float32 here, like the reference implementation.
+    state_dict = {k: v.to(device=device, dtype=torch.float32) if v.is_floating_point()
+                  else v.to(device) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
-
-
-def _placed(state_dict, device):
-    """The tensors on `device`, half precision cast to float32 (like the reference
-    implementation), one tensor at a time and popped as it goes: SDXL's 3.5B parameters must
-    not exist twice in RAM (fp16 file + fp32 model)."""
-    placed = {}
-    for key in list(state_dict):
-        value = state_dict.pop(key)
-        placed[key] = (value.to(device=device, dtype=torch.float32) if value.is_floating_point()
-                       else value.to(device))
-    return placed
 
 
 def load_model(config_path, ckpt_path, device="cpu"):

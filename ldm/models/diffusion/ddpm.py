@@ -51,7 +51,6 @@ class LatentDiffusion(nn.Module):
 
     conditioner_key = "cond_stage_model"  # the conditioner's name, hence its checkpoint keys
     schedule_in_checkpoint = True         # LDM files carry the schedule buffers
-    checkpoint_extras = ()                # keys a file may carry that the model derives itself
 
     def __init__(self, unet_config, first_stage_config, cond_stage_config, timesteps=1000,
                  beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
@@ -181,7 +180,6 @@ class DiffusionEngine(LatentDiffusion):
 
     conditioner_key = "conditioner"
     schedule_in_checkpoint = False
-    checkpoint_extras = ("denoiser.sigmas",)
 
     def __init__(self, network_config, first_stage_config, conditioner_config,
                  denoiser_config=None, scale_factor=1.0, **_training_only):
