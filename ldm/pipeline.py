@@ -132,10 +132,10 @@ class Pipeline:
     @classmethod
     def load(cls, config_path, ckpt_path, device="cpu"):
         from ldm.checkpoint import load_state_dict
-        from ldm.modules.encoders.modules import register_openclip_config_dir
+        from ldm.modules.encoders.modules import register_config_dir
 
         config = load_config(config_path)
-        register_openclip_config_dir(Path(config_path).resolve().parent)
+        register_config_dir(Path(config_path).resolve().parent)
         model = build_model(config, device, load_state_dict(ckpt_path))
         return cls(model, device, config_path, ckpt_path)
 

@@ -47,29 +47,18 @@ def load_config(path) -> "OmegaConf":
 
 
 def build_model(config, device="cpu", state_dict=None):
-    """Build the model of `config.model`; with a state dict, build it on the meta device (no random
-    init of a 1.3B-parameter model) and take the checkpoint tensors strictly, key for key."""
-    from ldm.checkpoint import CheckpointError, describe_key_mismatch
+    """Build the model of `config.model`; with a state dict (a checkpoint file's tensors, consumed
+    here), build it on the meta device (no random init of a billion parameters) and take the
+    file's tensors as `ldm.layouts.fit_state_dict` fits them. Weights compute in float32, like the
+    reference implementation, whatever the file stores."""
+    from ldm.layouts import fit_state_dict
 
     if state_dict is None:
         return instantiate_from_config(config.model).to(device).eval()
     with torch.device("meta"):
         model = instantiate_from_config(config.model)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(describe_key_mismatch(missing, unexpected))
-    wrong = [k for k, v in expected.items() if v.shape != state_dict[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(f"checkpoint does not fit the config: {len(wrong)} tensors have "
-                              f"other shapes, e.g. {k} is {tuple(state_dict[k].shape)}, "
-                              f"the config wants {tuple(expected[k].shape)}")
-    # Half-precision files compute in float32 here, like the reference implementation.
-    state_dict = {k: v.to(device=device, dtype=torch.float32) if v.is_floating_point()
-                  else v.to(device) for k, v in state_dict.items()}
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.load_state_dict(fit_state_dict(model, state_dict, torch.float32, device),
+                          strict=True, assign=True)
     return model.eval()
 
 

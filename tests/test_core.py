@@ -41,13 +41,12 @@ def test_sd21_config_builds_the_checkpoint_layout(config_name):
     assert shapes["cond_stage_model.model.token_embedding.weight"] == (49408, 1024)
 
 
-def test_strict_loading_names_missing_and_unexpected_keys(tiny_pipe):
+def test_loading_refuses_missing_weights_and_wrong_shapes(tiny_pipe):
     config = load_config(REF / "tiny" / "tiny-sd21.yaml")
     state = load_state_dict(TINY_CKPT)
     broken = dict(state)
-    del broken["betas"]
-    broken["model.diffusion_model.extra.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match="betas.*extra.weight"):
+    del broken["model.diffusion_model.out.2.weight"], broken["first_stage_model.encoder.conv_in.bias"]
+    with pytest.raises(CheckpointError, match="2 missing keys.*out.2.weight.*conv_in.bias"):
         build_model(config, "cpu", broken)
     wrong = dict(state)
     wrong["betas"] = torch.zeros(3)

@@ -68,20 +68,24 @@ class LatentDiffusion(nn.Module):
         self.model = DiffusionWrapper(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config).eval()
         self.add_module(self.conditioner_key, instantiate_from_config(cond_stage_config).eval())
-        self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s,
+        self._schedule_args = (beta_schedule, timesteps, linear_start, linear_end, cosine_s,
                                v_posterior)
+        for name, value in self.rebuildable_buffers().items():
+            self.register_buffer(name, value, persistent=self.schedule_in_checkpoint)
+        self.num_timesteps = timesteps
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
             self.scale_factor = scale_factor
 
-    def register_schedule(self, schedule, timesteps, linear_start, linear_end, cosine_s,
-                          v_posterior):
+    def rebuildable_buffers(self):
+        """The schedule buffers LDM checkpoints carry, computed from the config (float64, then
+        stored as float32, as LDM does); files that lack them get these."""
+        schedule, timesteps, linear_start, linear_end, cosine_s, v_posterior = self._schedule_args
         betas = make_beta_schedule(schedule, timesteps, linear_start, linear_end, cosine_s)
         alphas = 1.0 - betas
         acp = np.cumprod(alphas)
         acp_prev = np.append(1.0, acp[:-1])
-        self.num_timesteps = len(betas)
         post_var = (1 - v_posterior) * betas * (1 - acp_prev) / (1 - acp) + v_posterior * betas
         buffers = {
             "betas": betas, "alphas_cumprod": acp, "alphas_cumprod_prev": acp_prev,
@@ -94,9 +98,7 @@ class LatentDiffusion(nn.Module):
             "posterior_mean_coef1": betas * np.sqrt(acp_prev) / (1 - acp),
             "posterior_mean_coef2": (1 - acp_prev) * np.sqrt(alphas) / (1 - acp),
         }
-        for name, value in buffers.items():
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32),
-                                 persistent=self.schedule_in_checkpoint)
+        return {name: torch.tensor(value, dtype=torch.float32) for name, value in buffers.items()}
 
     @property
     def unet(self) -> nn.Module:
@@ -108,9 +110,9 @@ class LatentDiffusion(nn.Module):
         return self._modules[self.conditioner_key]
 
     @property
-    def family(self):
-        """'sd1', 'sd2', 'sdxl', ...: what presets are checked against."""
-        return getattr(self.cond_model, "family", None)
+    def family(self) -> str:
+        """Which model family this is (presets are made for one), as its conditioner says."""
+        return getattr(self.cond_model, "family", "unknown")
 
     @property
     def device(self):

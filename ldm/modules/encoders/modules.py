@@ -1,30 +1,24 @@
-"""Text conditioning: the OpenCLIP text tower of SD 2.x. Weights always come from the SD checkpoint,
-so the tower is built without downloading anything (and without the unused visual tower)."""
+"""Text conditioning: the OpenCLIP text tower of SD 2.x (the CLIP text model of SD 1.x lives in
+clip_text.py). Weights always come from the SD checkpoint, so the towers are built without
+downloading anything (and without the unused visual tower)."""
 import json
-from pathlib import Path
 
 import open_clip
 import torch
 from torch import nn
 
-# Where an `arch` that is neither an open_clip model name nor a JSON path is looked for.
-_CONFIG_DIRS = [Path(__file__).resolve().parents[3] / "configs" / "openclip"]
-
-
-def register_openclip_config_dir(path):
-    """Let `arch: NAME` resolve to `NAME.json` in `path` (e.g. the directory of a model yaml)."""
-    path = Path(path)
-    if path not in _CONFIG_DIRS:
-        _CONFIG_DIRS.insert(0, path)
+# Config targets name every text encoder in this module (`ldm.modules.encoders.modules.X`).
+from ldm.modules.encoders.clip_text import FrozenCLIPEmbedder  # noqa: F401
+from ldm.modules.encoders.common import (  # noqa: F401  (re-exported)
+    AbstractEncoder, register_config_dir, resolve_config_file)
 
 
 def resolve_openclip_config(arch: str) -> dict:
     """Model config of `arch`: an open_clip model name, or a path to an open_clip config JSON."""
-    candidates = [Path(arch)] + [d / f"{arch}.json" for d in _CONFIG_DIRS]
-    for path in candidates:
-        if path.suffix == ".json" and path.is_file():
-            with open(path) as f:
-                return json.load(f)
+    path = resolve_config_file(arch)
+    if path is not None:
+        with open(path) as f:
+            return json.load(f)
     config = open_clip.get_model_config(arch)
     if config is None:
         raise ValueError(f"unknown OpenCLIP architecture {arch!r}: not an open_clip model name "
@@ -42,13 +36,10 @@ def build_text_tower(arch: str) -> nn.Module:
     return model
 
 
-class AbstractEncoder(nn.Module):
-    def encode(self, *args, **kwargs):
-        raise NotImplementedError
-
-
 class FrozenOpenCLIPEmbedder(AbstractEncoder):
     """Token-wise CLIP text features, from the last or the penultimate transformer layer."""
+
+    family = "sd2"
 
     LAYERS = ("last", "penultimate")
 

@@ -1,0 +1,92 @@
+"""Fitting a published checkpoint file to the model its config builds.
+
+Real files are not the model's state dict. The rules, as the established tools apply them:
+- every weight the model needs must be in the file with its shape, else the load is refused;
+- buffers the model derives from its config (the diffusion schedule, CLIP position ids) may be
+  missing: they are rebuilt (files converted by other tools often lack them);
+- the known extras below are dropped without a word; any other extra key is dropped with one
+  warning line (the file may be from another family or a fine-tune with add-ons).
+The tables are data: a family whose files carry something new adds a row here."""
+import fnmatch
+import sys
+from typing import Dict, List, Mapping
+
+import torch
+from torch import nn
+
+# Keys that published files carry and no inference model uses: pattern -> where they come from.
+KNOWN_EXTRAS = {
+    "model_ema.*": "training EMA state: decay / num_updates (SD 1.x, 2.x), and in non-pruned "
+                   "files (v1-5-pruned.ckpt) full EMA copies of the UNet; configs with "
+                   "use_ema: False use the main model.* weights",
+    "*.embeddings.position_ids": "CLIP text position ids, saved by transformers < 4.31 "
+                                 "(SD 1.x, SDXL); absent from newer conversions",
+    "denoiser.sigmas": "sgm's DiscreteDenoiser buffer (SDXL); it follows from the schedule",
+    "lvlb_weights": "LDM training loss weights",
+    "logvar": "LDM training log-variance",
+}
+
+# Buffers rebuilt even when the file has them: their value is fixed by the architecture, and
+# some community files store them damaged (position ids as rounded floats).
+ALWAYS_REBUILT = ("*.embeddings.position_ids",)
+
+EXAMPLES = 5  # keys named in an error or warning line
+
+
+def _matches(key: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def _key_list(keys: List[str]) -> str:
+    shown = ", ".join(keys[:EXAMPLES])
+    return shown + (f", ... and {len(keys) - EXAMPLES} more" if len(keys) > EXAMPLES else "")
+
+
+def rebuildable_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """{state-dict key: value} of every buffer a module can derive from its own config (modules
+    say so with a `rebuildable_buffers()` method)."""
+    found = {}
+    for prefix, module in model.named_modules():
+        own = getattr(module, "rebuildable_buffers", None)
+        if callable(own):
+            found.update({f"{prefix}.{k}" if prefix else k: v for k, v in own().items()})
+    return found
+
+
+def warn(message: str):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
+                   dtype=torch.float32, device="cpu") -> Dict[str, torch.Tensor]:
+    """The tensors to load into `model` (built on the meta device) from a file's `state_dict`.
+
+    Consumes `state_dict` tensor by tensor, so a half-precision file never exists twice over in
+    full precision. Floating tensors become `dtype`, others the model's dtype. Raises
+    CheckpointError (one line) when a needed weight is missing or has another shape."""
+    from ldm.checkpoint import CheckpointError, describe_key_mismatch
+
+    expected: Mapping[str, torch.Tensor] = model.state_dict()
+    rebuilt = rebuildable_buffers(model)
+    missing = [k for k in expected if k not in state_dict and k not in rebuilt]
+    if missing:
+        raise CheckpointError(describe_key_mismatch(missing, []))
+    wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"checkpoint does not fit the config: {len(wrong)} tensors have "
+                              f"other shapes, e.g. {k} is {tuple(state_dict[k].shape)}, "
+                              f"the config wants {tuple(expected[k].shape)}")
+    unknown = [k for k in state_dict if k not in expected and not _matches(k, KNOWN_EXTRAS)]
+    if unknown:
+        warn(f"checkpoint has {len(unknown)} keys this model does not use, ignored: "
+             f"{_key_list(unknown)}")
+    fitted = {}
+    for key, target in expected.items():
+        value = rebuilt[key] if key not in state_dict or _matches(key, ALWAYS_REBUILT) \
+            else state_dict.pop(key)
+        fitted[key] = value.to(device=device, dtype=dtype if target.is_floating_point()
+                               else target.dtype)
+        state_dict.pop(key, None)
+    state_dict.clear()  # the extras: nothing of the file outlives the load
+    return fitted
