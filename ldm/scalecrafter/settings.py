@@ -2,9 +2,16 @@
 
 A dilation settings file has one `module_name:factor` a line; a dispersion file one module name a
 line. Names may be ours (`input_blocks.4.0.in_layers.2`) or diffusers' (`down_blocks.1.resnets.0.conv1`,
-as in the authors' published files); each must denote one 3x3 convolution of the UNet."""
+as in the authors' published files); each must denote one 3x3 convolution of the UNet.
+
+The authors' SDXL files also name convs SDXL lacks (they were written for a 4-level UNet; diffusers
+silently patched only the names it found). A diffusers name is skipped, with one warning line per
+file, when it is a slot this UNet's layout lacks: a conv of the level just below its deepest one,
+or a down/upsampler of an existing level (the outermost ones have none). Anything else is refused
+as a typo."""
+import re
 from pathlib import Path
-from typing import Dict, FrozenSet
+from typing import Dict, FrozenSet, List
 
 from torch import nn
 
@@ -48,6 +55,29 @@ class SettingsError(ValueError):
     pass
 
 
+_DIFFUSERS_SLOT = re.compile(r"(?:down|up)_blocks\.(\d+)\.(?:resnets\.\d+\.conv[12]|"
+                             r"(down|up)samplers\.0\.conv)")
+
+
+def _absent_slot(name: str, translation: Dict[str, str]) -> bool:
+    """A well-formed diffusers conv name of a slot this UNet's layout does not have."""
+    match = _DIFFUSERS_SLOT.fullmatch(name)
+    if not match:
+        return False
+    levels = 1 + max(int(k.split(".")[1]) for k in translation if k.startswith("down_blocks."))
+    level, sampler = int(match.group(1)), match.group(2) is not None
+    return level == levels or (sampler and level < levels)
+
+
+def _warn_skipped(path, skipped: List[str]):
+    """One line per file read."""
+    from ldm.layouts import warn
+
+    if skipped:
+        warn(f"{path}: skipped {len(skipped)} names this UNet does not have (as diffusers "
+             f"did): {', '.join(skipped)}")
+
+
 def _lines(path):
     path = Path(path)
     if not path.is_file():
@@ -58,17 +88,21 @@ def _lines(path):
             yield number, line
 
 
-def _our_name(name, unet, translation, ours, path, number):
+def _our_name(name, translation, ours, path, number, skipped):
+    """Our conv name for `name`, or None (recorded in `skipped`) for an absent diffusers slot."""
     if name in ours:
         return name
     if name in translation:
         return translation[name]
+    if _absent_slot(name, translation):
+        skipped.append(name)
+        return None
     raise SettingsError(f"{path}:{number}: {name!r} is not a 3x3 convolution of this UNet")
 
 
 def read_dilation_settings(path, unet: nn.Module) -> Dict[str, float]:
     translation, ours = diffusers_conv_names(unet), set(conv3x3_names(unet))
-    factors = {}
+    factors, skipped = {}, []
     for number, line in _lines(path):
         name, sep, value = line.rpartition(":")
         if not sep:
@@ -79,14 +113,20 @@ def read_dilation_settings(path, unet: nn.Module) -> Dict[str, float]:
             raise SettingsError(f"{path}:{number}: factor {value!r} is not a number") from None
         if factor <= 0:
             raise SettingsError(f"{path}:{number}: factor must be positive, got {factor}")
-        factors[_our_name(name.strip(), unet, translation, ours, path, number)] = factor
+        ours_name = _our_name(name.strip(), translation, ours, path, number, skipped)
+        if ours_name is not None:
+            factors[ours_name] = factor
+    _warn_skipped(path, skipped)
     return factors
 
 
 def read_conv_list(path, unet: nn.Module) -> FrozenSet[str]:
     translation, ours = diffusers_conv_names(unet), set(conv3x3_names(unet))
-    return frozenset(_our_name(line, unet, translation, ours, path, number)
-                     for number, line in _lines(path))
+    skipped = []
+    names = {_our_name(line, translation, ours, path, number, skipped)
+             for number, line in _lines(path)}
+    _warn_skipped(path, skipped)
+    return frozenset(names - {None})
 
 
 def build_settings(unet: nn.Module, opts) -> ScaleCrafterSettings:

@@ -187,3 +187,11 @@ class DiffusionEngine(LatentDiffusion):
                  denoiser_config=None, scale_factor=1.0, **_training_only):
         super().__init__(network_config, first_stage_config, conditioner_config,
                          scale_factor=scale_factor, **_sgm_schedule(denoiser_config))
+        self.register_load_state_dict_post_hook(DiffusionEngine._place_schedule)
+
+    def _place_schedule(self, _incompatible_keys=None):
+        """The schedule is not in the file, so loading into a meta-built model leaves it on
+        the meta device: compute it next to the loaded weights."""
+        device = self.model.diffusion_model.out[2].weight.device
+        for name, value in self.rebuildable_buffers().items():
+            self.register_buffer(name, value.to(device), persistent=False)

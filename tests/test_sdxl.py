@@ -1,0 +1,141 @@
+"""SDXL against the tiny sgm-made reference (../shared/reference/tiny-sdxl): conditioner, UNet
+calls, whole CLI runs with the authors' SDXL settings files as published, and the full-size
+layout of sd_xl_base.yaml."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REF, REPO, rel_err
+
+TINY_XL = REF / "tiny-sdxl"
+XL_SETTINGS = REF / "scalecrafter-settings-sdxl"
+XL_CASES = json.loads((TINY_XL / "cases.json").read_text())["files"]
+
+
+def xl_cases(kind):
+    return [(name, case) for name, case in XL_CASES.items() if case["kind"] == kind]
+
+
+def load(name):
+    return np.load(TINY_XL / name)
+
+
+@pytest.fixture(scope="session")
+def xl_pipe():
+    from ldm.pipeline import Pipeline
+    return Pipeline.load(TINY_XL / "tiny-sdxl.yaml", TINY_XL / "tiny-sdxl.safetensors")
+
+
+@pytest.mark.parametrize("name, case", xl_cases("cond"), ids=lambda v: str(v)[:24])
+def test_conditioner_matches_sgm(xl_pipe, name, case):
+    model, ref = xl_pipe.model, load(name)
+    size = (case["H"], case["W"])
+    cond = model.get_conditioning(case["prompts"], size)
+    uncond = model.get_unconditional_conditioning([""] * len(case["prompts"]), size)
+    assert rel_err(cond.context, ref["crossattn"]) <= 1e-4
+    assert rel_err(cond.vector, ref["vector"]) <= 1e-4
+    # sgm zeroes the text parts for "": exactly zero context and pooled part, same size part
+    assert not uncond.context.any() and not uncond.vector[:, :64].any()
+    assert rel_err(uncond.vector, ref["uc_vector"]) <= 1e-4
+    embedders = model.cond_model.embedders
+    assert torch.equal(embedders[0].tokenizer(case["prompts"]),
+                       torch.from_numpy(ref["tokens_clip"]))
+    assert torch.equal(embedders[1].tokenize(case["prompts"]),
+                       torch.from_numpy(ref["tokens_openclip"]))
+
+
+def test_a_nonempty_negative_prompt_is_encoded(xl_pipe):
+    model, size = xl_pipe.model, (256, 384)
+    uncond = model.get_unconditional_conditioning(["blurry", ""], size)
+    cond = model.get_conditioning(["blurry"], size)
+    assert rel_err(uncond.context[:1], cond.context) <= 1e-6 and not uncond.context[1:].any()
+    assert rel_err(uncond.vector[:1], cond.vector) <= 1e-6
+
+
+@pytest.mark.parametrize("name, case", xl_cases("unet"), ids=lambda v: str(v)[:28])
+def test_unet_call_matches_sgm(xl_pipe, name, case):
+    from ldm.modules.encoders.conditioning import Conditioning
+    from ldm.scalecrafter.redilation import ConvOverride, overridden_convs, uniform_dilation_map
+
+    data, unet = load(name), xl_pipe.model.unet
+    plan = uniform_dilation_map(unet, case["dilate"], case["skip"]) if "dilate" in case else {}
+    assert sorted(plan) == sorted(case.get("dilated_convs", []))
+    cond = Conditioning(torch.from_numpy(data["context"]), torch.from_numpy(data["y"]))
+    with torch.no_grad(), overridden_convs(unet, {k: ConvOverride(v) for k, v in plan.items()}):
+        out = xl_pipe.model.apply_model(torch.from_numpy(data["x"]),
+                                        torch.from_numpy(data["t"]), cond)
+    assert rel_err(out, data["out"]) <= 1e-4
+
+
+def test_settings_translate_to_the_reference_sets(xl_pipe, capsys):
+    from ldm.scalecrafter.settings import read_conv_list, read_dilation_settings
+
+    unet = xl_pipe.model.unet
+    case = XL_CASES["tiny-sdxl-sample-sdxl4096-progressive-disperse-rect.npz"]
+    assert read_dilation_settings(XL_SETTINGS / case["dilate_settings"], unet) == \
+        case["effective_dilate"]
+    assert read_conv_list(XL_SETTINGS / case["disperse_settings"], unet) == \
+        set(case["effective_disperse"])
+    ours = REPO / "configs" / "scalecrafter"
+    for path in XL_SETTINGS.glob("*/sdxl_*.txt"):  # our shipped files: same sets, real convs only
+        read = read_conv_list if path.parent.name == "disperse" else read_dilation_settings
+        assert read(ours / path.parent.name / path.name, unet) == read(path, unet)
+        lines = [line for line in (ours / path.parent.name / path.name).read_text().splitlines()
+                 if not line.startswith("#")]
+        assert len(lines) == len(read(path, unet))
+
+
+def run_cli(txt2img, tmp_path, case, capsys):
+    argv = ["--config", str(TINY_XL / "tiny-sdxl.yaml"),
+            "--ckpt", str(TINY_XL / "tiny-sdxl.safetensors"),
+            "--prompt", case["prompt"], "--seed", str(case["seed"]),
+            "--H", str(case["H"]), "--W", str(case["W"]), "--steps", str(case["steps"]),
+            "--ddim_eta", str(case["eta"]), "--scale", str(case["scale"]),
+            "--dilate_settings", str(XL_SETTINGS / case["dilate_settings"]),
+            "--dilate_tau", str(case["dilate_tau"]),
+            "--progressive_dilate" if case["progressive"] else "--no-progressive_dilate",
+            "--n_iter", "1", "--n_samples", str(case["n_samples"]), "--precision", "full",
+            "--outdir", str(tmp_path), "--save_latent"]
+    if "ndcfg_dilate_settings" in case:
+        argv += ["--ndcfg_dilate_settings", str(XL_SETTINGS / case["ndcfg_dilate_settings"]),
+                 "--ndcfg_tau", str(case["ndcfg_tau"])]
+    if "disperse_settings" in case:
+        argv += ["--disperse_settings", str(XL_SETTINGS / case["disperse_settings"]),
+                 "--disperse_transform", str(REF / "dispersion" / "R20to1_new.mat"),
+                 "--inflate_tau", str(case["inflate_tau"])]
+    capsys.readouterr()
+    assert txt2img.main(argv) == 0
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, case", xl_cases("sample"), ids=lambda v: str(v)[:40])
+def test_cli_run_with_the_authors_settings_matches_sgm(txt2img, xl_pipe, tmp_path, capsys,
+                                                        name, case):
+    err = run_cli(txt2img, tmp_path, case, capsys)
+    ref = load(name)
+    latent = np.load(tmp_path / "samples" / "00000.npy")
+    assert rel_err(latent[None], ref["latent"]) <= 1e-4
+    from ldm.pipeline import GenerationOptions
+    image = xl_pipe.decode(torch.from_numpy(latent[None]), GenerationOptions())
+    assert rel_err(image, ref["image_full"]) <= 1e-4
+    # one warning line per settings file, naming exactly the convs SDXL lacks
+    warnings = [line for line in err.splitlines() if "does not have" in line]
+    assert len(warnings) == len(case["skipped_names"])
+    for file, names in case["skipped_names"].items():
+        line = next(w for w in warnings if w.split(": skipped")[0].endswith(file))
+        assert line.endswith(": " + ", ".join(names))
+
+
+def test_sd_xl_base_yaml_builds_the_published_layout():
+    from ldm.util import instantiate_from_config, load_config
+
+    manifest = json.loads((REF / "sdxl-base.keys.json").read_text())
+    config = load_config(REPO / "configs" / "stable-diffusion" / "sd_xl_base.yaml")
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    manifest.pop("denoiser.sigmas")  # sgm's schedule buffer: files may or may not carry it
+    assert shapes == manifest
+    assert model.family == "sdxl" and model.scale_factor == 0.13025
