@@ -125,6 +125,11 @@ class LatentDiffusion(nn.Module):
         return self.cond_stage_model.encode(prompts)
 
     @torch.no_grad()
+    def get_unconditional_conditioning(self, negative_prompts):
+        """The conditioning of CFG's unconditional branch: the negative prompts, encoded."""
+        return self.cond_stage_model.encode(negative_prompts)
+
+    @torch.no_grad()
     def decode_first_stage(self, z):
         return self.first_stage_model.decode(z / self.scale_factor)
 
