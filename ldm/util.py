@@ -48,10 +48,14 @@ def config_family(config):
     components declares with a `family` attribute (the conditioner does); None if none does."""
     params = config.model.get("params") or {}
     for node in params.values():
-        if hasattr(node, "get") and isinstance(node.get("target"), str):
+        if not (hasattr(node, "get") and isinstance(node.get("target"), str)):
+            continue
+        try:
             family = getattr(get_obj_from_str(node["target"]), "family", None)
-            if family:
-                return family
+        except ConfigError:  # training-only parts (lr schedulers, losses) are not ours to import
+            continue
+        if family:
+            return family
     return None
 
 
