@@ -50,7 +50,7 @@ import tempfile
 import types
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -59,7 +59,6 @@ import torch
 __all__ = [
     "CheckpointError",
     "load_state_dict",
-    "describe_key_mismatch",
     "file_sha256",
     "short_hash",
     "save_safetensors",
@@ -512,40 +511,6 @@ def load_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, 
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def _key_list(keys: list[str], limit: int) -> str:
-    shown = ", ".join(keys[: max(limit, 0)])
-    rest = len(keys) - max(limit, 0)
-    if rest > 0:
-        shown = f"{shown}, ... and {rest} more" if shown else f"... {rest} keys"
-    return shown
-
-
-def describe_key_mismatch(
-    missing: Iterable[str], unexpected: Iterable[str], limit: int = 5
-) -> str:
-    """One line describing state-dict keys that do not match a model.
-
-    >>> describe_key_mismatch(["a", "b", "c"], ["d", "e"])
-    'checkpoint does not fit the config: 3 missing keys (a, b, c), 2 unexpected keys (d, e)'
-    """
-    missing = [str(k) for k in missing]
-    unexpected = [str(k) for k in unexpected]
-    if not missing and not unexpected:
-        return "checkpoint fits the config: no missing or unexpected keys"
-    parts = []
-    if missing:
-        parts.append(f"{_plural(len(missing), 'missing key')} ({_key_list(missing, limit)})")
-    if unexpected:
-        parts.append(
-            f"{_plural(len(unexpected), 'unexpected key')} ({_key_list(unexpected, limit)})"
-        )
-    return "checkpoint does not fit the config: " + ", ".join(parts)
 
 
 def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:

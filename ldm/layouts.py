@@ -42,6 +42,12 @@ def _key_list(keys: List[str]) -> str:
     return shown + (f", ... and {len(keys) - EXAMPLES} more" if len(keys) > EXAMPLES else "")
 
 
+def describe_missing(missing: List[str]) -> str:
+    """One line naming the first few weights a file lacks."""
+    count = f"{len(missing)} missing key" + ("s" if len(missing) != 1 else "")
+    return f"checkpoint does not fit the config: {count} ({_key_list(missing)})"
+
+
 def rebuildable_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
     """{state-dict key: value} of every buffer a module can derive from its own config (modules
     say so with a `rebuildable_buffers()` method)."""
@@ -64,13 +70,13 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     Consumes `state_dict` tensor by tensor, so a half-precision file never exists twice over in
     full precision. Floating tensors become `dtype`, others the model's dtype. Raises
     CheckpointError (one line) when a needed weight is missing or has another shape."""
-    from ldm.checkpoint import CheckpointError, describe_key_mismatch
+    from ldm.checkpoint import CheckpointError
 
     expected: Mapping[str, torch.Tensor] = model.state_dict()
     rebuilt = rebuildable_buffers(model)
     missing = [k for k in expected if k not in state_dict and k not in rebuilt]
     if missing:
-        raise CheckpointError(describe_key_mismatch(missing, []))
+        raise CheckpointError(describe_missing(missing))
     wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
     if wrong:
         k = wrong[0]

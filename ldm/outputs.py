@@ -176,7 +176,9 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
         fields["Batch pos"] = batch_pos
     options = asdict(opts)
     fields.update((name, options[name]) for name in SCALECRAFTER_FIELDS)
-    return prompt + "\n" + ", ".join(f"{k}: {_infotext_value(v)}" for k, v in fields.items())
+    negative = f"Negative prompt: {opts.negative_prompt}\n" if opts.negative_prompt else ""
+    return (prompt + "\n" + negative
+            + ", ".join(f"{k}: {_infotext_value(v)}" for k, v in fields.items()))
 
 
 class OutputWriter:

@@ -39,6 +39,7 @@ class GenerationOptions:
     sampler: str = "ddim"
     ddim_eta: float = 0.0
     scale: float = 9.0
+    negative_prompt: str = ""  # the unconditional prompt of CFG and noise-damped CFG
     seed: int = 42
     fixed_code: bool = False
     precision: str = "autocast"
@@ -56,7 +57,7 @@ class GenerationOptions:
     inflate_tau: int = 0
     # decoding
     tiled_decoding: bool = False
-    overlap: int = 0
+    overlap: int = 24
     sync_gn: bool = False
     tile_size: Optional[int] = None
     # FreeU (b1, b2, s1, s2), e.g. the authors' SD 2.1 values (1.1, 1.2, 0.9, 0.2)
@@ -164,7 +165,8 @@ class Pipeline:
             size = (opts.H, opts.W)
             cond = model.get_conditioning(list(prompts), size)
             need_uncond = opts.scale != 1.0 or settings.uses_ndcfg
-            uncond = (model.get_unconditional_conditioning([""] * len(prompts), size)
+            uncond = (model.get_unconditional_conditioning([opts.negative_prompt] * len(prompts),
+                                                           size)
                       if need_uncond else None)
             denoiser = GuidedDenoiser(model, cond, uncond, opts.scale, settings)
             x = x_T if x_T is not None else self.initial_noise(opts, len(prompts), generator)

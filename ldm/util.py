@@ -46,6 +46,22 @@ def load_config(path) -> "OmegaConf":
     return config
 
 
+def config_family(config):
+    """The model family of a config ("sd1", "sd2", "sdxl", ...), as the class of one of its
+    components declares with a `family` attribute (the conditioner does); None if none does."""
+    params = config.model.get("params") or {}
+    for node in params.values():
+        if not (hasattr(node, "get") and isinstance(node.get("target"), str)):
+            continue
+        try:
+            family = getattr(get_obj_from_str(node["target"]), "family", None)
+        except ConfigError:  # training-only parts (lr schedulers, losses) are not ours to import
+            continue
+        if family:
+            return family
+    return None
+
+
 def build_model(config, device="cpu", state_dict=None):
     """Build the model of `config.model`; with a state dict (a checkpoint file's tensors, consumed
     here), build it on the meta device (no random init of a billion parameters) and take the

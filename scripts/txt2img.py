@@ -48,6 +48,8 @@ def build_parser(suppress_defaults=False):
     add("--n_samples", type=int, default=d(3), help="images per prompt per iteration (batch)")
     add("--n_rows", type=int, default=d(0), help="rows in the grid (default: n_samples)")
     add("--scale", type=float, default=d(9.0), help="classifier-free guidance scale")
+    add("--negative_prompt", type=str, default=d(""),
+        help="the unconditional prompt of classifier-free guidance (default: empty)")
     add("--config", type=str, default=d("configs/stable-diffusion/v2-inference.yaml"),
         help="model config (standard LDM yaml)")
     add("--ckpt", type=str, help="model checkpoint (.ckpt or .safetensors)")
@@ -80,7 +82,8 @@ def build_parser(suppress_defaults=False):
     g = p.add_argument_group("tiled VAE decoding")
     g.add_argument("--tiled_decoding", action=argparse.BooleanOptionalAction, default=d(False),
                    help="decode in overlapping tiles (--no-tiled_decoding undoes a preset's)")
-    g.add_argument("--overlap", type=int, default=d(8), help="tile overlap, latent pixels (even)")
+    g.add_argument("--overlap", type=int, default=d(24),
+                   help="tile overlap, latent pixels (even, smaller than the tile)")
     g.add_argument("--sync_gn", action=argparse.BooleanOptionalAction, default=d(False),
                    help="GroupNorm statistics over all tiles")
     g.add_argument("--tile_size", type=int, help="tile side, latent pixels (default: half)")
@@ -118,6 +121,8 @@ def apply_preset(args, name, explicit):
     if not path.is_file():
         raise UsageError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
     preset = OmegaConf.to_container(OmegaConf.load(path))
+    # Which model family the preset is made for: checked against the config, not a flag.
+    args.preset_family = preset.pop("family", None)
     for key, value in preset.items():
         if not hasattr(args, key):
             raise UsageError(f"preset {path} sets unknown option {key!r}")
@@ -136,7 +141,8 @@ def options_from_args(args):
         raise UsageError("choose one of --plms and --dpm")
     return GenerationOptions(
         H=args.H, W=args.W, C=args.C, f=args.f, steps=args.steps, sampler=sampler,
-        ddim_eta=args.ddim_eta, scale=args.scale, seed=args.seed, fixed_code=args.fixed_code,
+        ddim_eta=args.ddim_eta, scale=args.scale, negative_prompt=args.negative_prompt,
+        seed=args.seed, fixed_code=args.fixed_code,
         precision=args.precision, dilate=args.dilate, dilate_tau=args.dilate_tau,
         dilate_skip=args.dilate_skip, progressive_dilate=args.progressive_dilate,
         dilate_settings=args.dilate_settings, ndcfg_dilate_settings=args.ndcfg_dilate_settings,
@@ -212,6 +218,19 @@ def check_config(path):
     return config
 
 
+def check_preset_family(args, config):
+    """A preset is tuned for one model family: refuse it with a model of another."""
+    from ldm.util import config_family
+
+    wanted = getattr(args, "preset_family", None)
+    if wanted is None:
+        return
+    family = config_family(config)
+    if family != wanted:
+        raise UsageError(f"preset {args.preset} is made for {wanted} models, but the config "
+                         f"{args.config} is a {family or 'model of unknown family'} model")
+
+
 def check_settings_files(config, opts):
     """Settings files name UNet convs: check them against the config's UNet, built on the meta
     device (no memory, no weights), so that a typo costs no checkpoint load."""
@@ -281,6 +300,7 @@ def check_inputs(args, opts):
     if not first:
         raise UsageError(f"checkpoint {args.ckpt} is empty (0 bytes)")
     config = check_config(args.config)
+    check_preset_family(args, config)
     for name in ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
                  "disperse_transform"):
         value = getattr(args, name)

@@ -26,7 +26,6 @@ if str(REPO_ROOT) not in sys.path:
 
 from ldm.checkpoint import (  # noqa: E402
     CheckpointError,
-    describe_key_mismatch,
     file_sha256,
     load_state_dict,
     save_safetensors,
@@ -444,15 +443,14 @@ def test_checkpoint_without_tensors(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_describe_key_mismatch():
-    assert describe_key_mismatch(["a", "b", "c"], ["d", "e"]) == (
-        "checkpoint does not fit the config: 3 missing keys (a, b, c), 2 unexpected keys (d, e)"
+def test_describe_missing():
+    from ldm.layouts import describe_missing
+    assert describe_missing(["a", "b", "c"]) == (
+        "checkpoint does not fit the config: 3 missing keys (a, b, c)"
     )
-    assert describe_key_mismatch(["a"], []) == "checkpoint does not fit the config: 1 missing key (a)"
-    long = describe_key_mismatch([f"k{i}" for i in range(12)], [], limit=3)
-    assert long == "checkpoint does not fit the config: 12 missing keys (k0, k1, k2, ... and 9 more)"
-    assert "\n" not in long
-    assert "no missing or unexpected" in describe_key_mismatch([], [])
+    assert describe_missing(["a"]) == "checkpoint does not fit the config: 1 missing key (a)"
+    long = describe_missing([f"k{i}" for i in range(12)])
+    assert long == "checkpoint does not fit the config: 12 missing keys (k0, k1, k2, k3, k4, ... and 7 more)"
 
 
 def test_file_sha256_and_short_hash(tmp_path):

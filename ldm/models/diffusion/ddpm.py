@@ -138,12 +138,12 @@ class LatentDiffusion(nn.Module):
         return self.cond_model.encode(prompts)
 
     @torch.no_grad()
-    def get_conditioning(self, prompts, size) -> Conditioning:
+    def get_conditioning(self, prompts, size=None) -> Conditioning:
         """Conditioning of `prompts` for images of `size` (H, W); only SDXL uses the size."""
         return conditioning_of(self.cond_model, list(prompts), size)
 
     @torch.no_grad()
-    def get_unconditional_conditioning(self, negative_prompts, size) -> Conditioning:
+    def get_unconditional_conditioning(self, negative_prompts, size=None) -> Conditioning:
         """CFG's unconditional branch for these negative prompts ("" = none), by the family's
         rule, which lives in its conditioner."""
         return unconditional_of(self.cond_model, list(negative_prompts), size)

@@ -1,0 +1,117 @@
+"""Published checkpoint layouts load as they are on disk: tiny look-alikes of the real files
+(their extras, missing buffers, dtypes and containers) give the main weights' numbers."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import REF, TINY_CKPT, TINY_CONFIG, rel_err
+from ldm.checkpoint import CheckpointError, load_state_dict, save_safetensors
+from ldm.pipeline import Pipeline
+
+SD1 = REF / "tiny-sd1"
+SD1_CONFIG, SD1_CKPT = SD1 / "tiny-sd15.yaml", SD1 / "tiny-sd15.ckpt"
+SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+            "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+            "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+            "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+
+def unet_error(pipe, case="tiny-sd15-unet-vanilla.npz"):
+    ref = np.load(SD1 / case)
+    with torch.no_grad():
+        out = pipe.model.apply_model(torch.from_numpy(ref["x"]), torch.from_numpy(ref["t"]),
+                                     torch.from_numpy(ref["context"]))
+    return rel_err(out, ref["out"])
+
+
+def write(tmp_path, name, state, lightning=True):
+    path = tmp_path / name
+    if name.endswith(".safetensors"):
+        save_safetensors(state, path)
+    else:
+        torch.save({"state_dict": state, "global_step": 0} if lightning else state, path)
+    return path
+
+
+def test_the_reference_file_carries_the_real_extras():
+    state = load_state_dict(SD1_CKPT)
+    assert {POSITION_IDS, "model_ema.decay", "model_ema.num_updates"} <= set(state)
+
+
+def test_non_pruned_file_with_ema_copies_uses_the_main_weights(tmp_path, capsys):
+    """v1-5-pruned.ckpt: `model_ema.` + the UNet key without `model.` and dots, for every UNet
+    weight, with values other than the main ones."""
+    state = load_state_dict(SD1_CKPT)
+    unet_keys = [k for k in state if k.startswith("model.diffusion_model.")]
+    for key in unet_keys:
+        state["model_ema." + key[len("model."):].replace(".", "")] = state[key].float() + 1.0
+    assert "model_ema.diffusion_modelinput_blocks00weight" in state
+    pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "v1-5-pruned.ckpt", state))
+    assert unet_error(pipe) <= 1e-4
+    assert capsys.readouterr().err == ""  # known extras go without a word
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_converted_file_without_schedule_or_position_ids(tmp_path, dtype):
+    """Community conversions: safetensors, any float dtype, no schedule buffers, no position
+    ids. The buffers are rebuilt from the config and equal the original file's."""
+    original = load_state_dict(SD1_CKPT)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in original.items()
+             if k not in SCHEDULE and k != POSITION_IDS and not k.startswith("model_ema.")}
+    pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "converted.safetensors", state))
+    model = pipe.model
+    for name in SCHEDULE:
+        assert torch.allclose(getattr(model, name), original[name].float(), rtol=1e-6, atol=0)
+    assert torch.equal(model.cond_stage_model.transformer.text_model.embeddings.position_ids,
+                       torch.arange(77)[None])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    if dtype == torch.float32:
+        assert unet_error(pipe) <= 1e-4  # the reference's weights are exactly fp16 values
+    else:
+        assert unet_error(pipe) <= (1e-4 if dtype == torch.float16 else 5e-2)
+
+
+def test_damaged_float_position_ids_are_rebuilt(tmp_path):
+    state = load_state_dict(SD1_CKPT)
+    state[POSITION_IDS] = torch.arange(77, dtype=torch.float32)[None] + 0.4  # rounding damage
+    pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "damaged.ckpt", state, lightning=False))
+    ids = pipe.model.cond_stage_model.transformer.text_model.embeddings.position_ids
+    assert ids.dtype == torch.int64 and torch.equal(ids, torch.arange(77)[None])
+    ref = np.load(SD1 / "tiny-sd15-cond-basic.npz")
+    cond = pipe.model.get_learned_conditioning(["a photograph of an astronaut riding a horse", ""])
+    assert rel_err(cond, ref["cond"]) <= 1e-4
+
+
+def test_sd21_file_with_ema_buffers_loads(tmp_path, capsys):
+    """v2-1_512-ema-pruned.ckpt: the model's keys plus model_ema.decay / num_updates."""
+    state = load_state_dict(TINY_CKPT)
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    state["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+    path = write(tmp_path, "v2-1_512-ema-pruned.ckpt", state)
+    pipe = Pipeline.load(TINY_CONFIG, path)
+    ref = np.load(REF / "tiny" / "tiny-sd21-unet-vanilla.npz")
+    with torch.no_grad():
+        out = pipe.model.apply_model(torch.from_numpy(ref["x"]), torch.from_numpy(ref["t"]),
+                                     torch.from_numpy(ref["context"]))
+    assert rel_err(out, ref["out"]) <= 1e-4
+    assert capsys.readouterr().err == ""
+
+
+def test_unknown_extras_load_with_one_warning_line(tmp_path, capsys):
+    state = load_state_dict(SD1_CKPT)
+    extras = [f"lora_unet_down.{i}.alpha" for i in range(7)]
+    state.update({k: torch.ones(1) for k in extras})
+    pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "with-extras.ckpt", state))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning:") and "7 keys" in err[0]
+    assert "lora_unet_down.0.alpha" in err[0] and "and 2 more" in err[0]
+    assert unet_error(pipe) <= 1e-4
+
+
+def test_missing_weight_is_refused_with_its_name(tmp_path):
+    state = load_state_dict(SD1_CKPT)
+    del state["cond_stage_model.transformer.text_model.final_layer_norm.weight"]
+    with pytest.raises(CheckpointError, match="1 missing key.*final_layer_norm.weight"):
+        Pipeline.load(SD1_CONFIG, write(tmp_path, "broken.ckpt", state))
+
