@@ -114,8 +114,9 @@ def test_negative_prompt_is_the_unconditional_branch(sd1_pipe, tmp_path, txt2img
     finally:
         GuidedDenoiser.__init__ = original
     from ldm.modules.encoders.conditioning import as_conditioning
-    assert torch.equal(as_conditioning(seen[0]).context, model.get_learned_conditioning(["blurry"]))
-    assert torch.equal(as_conditioning(seen[1]).context, model.get_learned_conditioning([""]))
+    contexts = [as_conditioning(uncond).context for uncond in seen]
+    assert torch.equal(contexts[0], model.get_learned_conditioning(["blurry"]))
+    assert torch.equal(contexts[1], model.get_learned_conditioning([""]))
     assert not torch.allclose(with_negative, plain)
     argv = ["--prompt", "a boat", "--negative_prompt", "blurry, low quality",
             "--config", str(SD1_CONFIG), "--ckpt", str(SD1_CKPT), "--H", "64", "--W", "64",

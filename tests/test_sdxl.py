@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import REF, REPO, rel_err
 
@@ -139,3 +140,59 @@ def test_sd_xl_base_yaml_builds_the_published_layout():
     manifest.pop("denoiser.sigmas")  # sgm's schedule buffer: files may or may not carry it
     assert shapes == manifest
     assert model.family == "sdxl" and model.scale_factor == 0.13025
+
+
+XL_PRESETS = ["sdxl_2048x2048", "sdxl_2560x2560", "sdxl_4096x2048", "sdxl_4096x4096",
+              "sdxl_4096x4096_disperse"]
+
+
+def test_sdxl_presets_carry_the_authors_settings(txt2img, xl_pipe, capsys):
+    from ldm.scalecrafter.settings import build_settings
+
+    authors = REF / "scalecrafter-settings-sdxl" / "presets"
+    for name in XL_PRESETS:
+        args = txt2img.parse_args(["--preset", name, "--ckpt", "x"])
+        theirs = yaml.safe_load((authors / f"{name}.yaml").read_text())
+        assert args.preset_family == "sdxl" and args.scale == 5
+        assert tuple(args.freeu) == (1.1, 1.2, 0.6, 0.4)
+        assert (args.H, args.W) == (theirs["pixel_height"], theirs["pixel_width"])
+        assert (args.dilate_tau, args.ndcfg_tau, args.progressive_dilate, args.steps) == \
+            (theirs["dilate_tau"], theirs["ndcfg_tau"], theirs["progressive"],
+             theirs["num_inference_steps"])
+        assert (args.inflate_tau > 0) == name.endswith("_disperse")
+        opts = txt2img.options_from_args(args)
+        capsys.readouterr()
+        build_settings(xl_pipe.model.unet, opts)  # our files: real convs only, no warning
+        assert "warning" not in capsys.readouterr().err
+    assert txt2img.parse_args(["--preset", "sdxl_2048x2048", "--scale", "7",
+                               "--ckpt", "x"]).scale == 7
+
+
+def test_sdxl_preset_is_refused_for_another_family(txt2img, tmp_path, capsys):
+    argv = ["--preset", "sdxl_2048x2048", "--config", str(REF / "tiny" / "tiny-sd21.yaml"),
+            "--ckpt", str(REF / "tiny" / "tiny-sd21.ckpt"), "--outdir", str(tmp_path)]
+    assert txt2img.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sdxl" in err[0] and "sd2" in err[0]
+
+
+def test_noise_damped_cfg_with_dispersion_is_defined(xl_pipe, txt2img, tmp_path):
+    """Our definition (README): the damped pass disperses only the convs its own settings
+    re-dilate, at half its factor; dispersed convs it does not re-dilate run as trained. The
+    authors' code would crash here (5x5 kernels at padding 1)."""
+    from ldm.scalecrafter.schedule import StepPlanner
+
+    args = txt2img.parse_args(["--preset", "sdxl_4096x4096_disperse", "--ckpt", "x"])
+    planner = StepPlanner(xl_pipe.model.unet,
+                          xl_pipe.settings_for(txt2img.options_from_args(args)))
+    damped = planner.damped(0)
+    assert not any(name.startswith("input_blocks.7") for name in damped)
+    middle = damped["middle_block.0.in_layers.2"]
+    assert middle.factor == 1 and middle.weight.shape[-1] == 5
+    argv = ["--preset", "sdxl_4096x4096_disperse", "--config", str(TINY_XL / "tiny-sdxl.yaml"),
+            "--ckpt", str(TINY_XL / "tiny-sdxl.safetensors"), "--H", "256", "--W", "384",
+            "--steps", "3", "--dilate_tau", "2", "--ndcfg_tau", "2", "--inflate_tau", "2",
+            "--n_iter", "1", "--n_samples", "1", "--precision", "full", "--overlap", "8",
+            "--outdir", str(tmp_path), "--save_latent", "--negative_prompt", "blurry"]
+    assert txt2img.main(argv) == 0
+    assert np.isfinite(np.load(tmp_path / "samples" / "00000.npy")).all()
