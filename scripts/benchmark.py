@@ -9,6 +9,9 @@ One run measures, each case in a fresh subprocess (so that its peak memory is it
             peak memory
   unet      one full-size SD 2.1 UNet CFG call (batch 2, context (2, 77, 1024), fp32) at each
             latent side of --sides: seconds and peak memory
+  sdxl      one full-size SDXL UNet CFG call (batch 2, context (2, 77, 2048), vector (2, 2816),
+            fp32) at each latent side of --sdxl-sides (default 128, 256: 1024² and 2048²
+            images); only with --only sdxl (a 10 GB model)
 
 Peak memory on the CPU is the subprocess's peak resident set (getrusage ru_maxrss), on CUDA
 torch.cuda.max_memory_allocated. `peak_gb` subtracts nothing (weights and the Python/torch
@@ -36,7 +39,12 @@ if str(REPO_ROOT) not in sys.path:
 
 FULL_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml"
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny" / "tiny-sd21.yaml"
-ITEMS = ("guidance", "decode", "unet")
+ITEMS = ("guidance", "decode", "unet", "sdxl")
+DEFAULT_ITEMS = ("guidance", "decode", "unet")
+SDXL_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "sd_xl_base.yaml"
+# --tiny: SDXL's layout (3 levels, no attention at the first, per-level depth, label_emb), small
+TINY_SDXL_UNET = {"model_channels": 32, "transformer_depth": [0, 1, 2], "context_dim": 128,
+                  "num_head_channels": 16, "adm_in_channels": 1600}
 GB = 1024 ** 3
 
 # The published code's figures on 2 CPU cores, fp32: one full-size UNet CFG call.
@@ -255,7 +263,41 @@ def case_unet(p, meter):
             "peak_gb": meter.peak_bytes() / GB}
 
 
-CASES = {"guidance": case_guidance, "decode": case_decode, "unet": case_unet}
+def case_sdxl_unet(p, meter):
+    """One CFG call (batch 2) of the SDXL UNet at one latent side, with its vector input."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.util import load_config
+
+    node = load_config(SDXL_CONFIG).model.params.network_config
+    if p["tiny"]:
+        node.params = OmegaConf.merge(node.params, TINY_SDXL_UNET)
+    unet = _build(node, meter.device)
+    baseline = meter.current_bytes()
+    side, gen = p["side"], torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, side, side, generator=gen).to(meter.device)
+    ctx = torch.randn(2, 77, node.params.context_dim, generator=gen).to(meter.device)
+    y = torch.randn(2, node.params.adm_in_channels, generator=gen).to(meter.device)
+    t = torch.tensor([500, 500], device=meter.device)
+    call = lambda: unet(x, t, context=ctx, y=y)  # noqa: E731
+    times, cpu = [], []
+    with torch.no_grad():
+        if p["warmup"]:
+            call()
+        for r in range(p["repeats"]):
+            w, c = meter.timed(call)
+            times.append(w)
+            cpu.append(c)
+            log(f"  sdxl unet {side}: {r + 1}/{p['repeats']} {w:.2f}s")
+    return {"side": side, "seconds": statistics.median(times),
+            "cpu_seconds": statistics.median(cpu), "all_seconds": times,
+            "warmup": p["warmup"], "baseline_gb": baseline / GB,
+            "peak_gb": meter.peak_bytes() / GB}
+
+
+CASES = {"guidance": case_guidance, "decode": case_decode, "unet": case_unet,
+         "sdxl_unet": case_sdxl_unet}
 
 
 def run_case(name, params, device="cpu"):
@@ -311,6 +353,11 @@ def plan(args):
             cases.append((f"unet_{side}", "unet", {
                 "tiny": tiny, "side": side, "repeats": args.unet_repeats,
                 "warmup": side <= args.warmup_max_side}))
+    if "sdxl" in args.only:
+        for side in args.sdxl_sides:
+            cases.append((f"sdxl_unet_{side}", "sdxl_unet", {
+                "tiny": tiny, "side": side, "repeats": args.unet_repeats,
+                "warmup": side <= args.warmup_max_side // 2}))
     return cases
 
 
@@ -341,15 +388,16 @@ def build_report(results, device, meta=None):
         "tiled_2x2_decode_peak_ratio": _ratio(two.get("peak_above_baseline_gb"),
                                               full.get("peak_above_baseline_gb")),
     }
-    unet = {}
+    unet, sdxl = {}, {}
     for key, r in results.items():
-        if key.startswith("unet_"):
-            side = key.split("_", 1)[1]
-            unet[side] = {"seconds": r.get("seconds"), "peak_gb": r.get("peak_gb"),
+        if key.startswith(("unet_", "sdxl_unet_")):
+            side = key.rsplit("_", 1)[1]
+            calls = sdxl if key.startswith("sdxl_") else unet
+            calls[side] = {"seconds": r.get("seconds"), "peak_gb": r.get("peak_gb"),
                           "cpu_seconds": r.get("cpu_seconds"),
                           "baseline_gb": r.get("baseline_gb")}
             if "error" in r:
-                unet[side]["error"] = r["error"]
+                calls[side]["error"] = r["error"]
     return {
         "redilation_step_ratio": g.get("redilation_step_ratio"),
         "ndcfg_step_ratio": g.get("ndcfg_step_ratio"),
@@ -357,6 +405,7 @@ def build_report(results, device, meta=None):
         "tiled_decode_peak_ratio": _ratio(tiled.get("peak_above_baseline_gb"),
                                           full.get("peak_above_baseline_gb")),
         "unet_cfg_call": unet,
+        "sdxl_unet_cfg_call": sdxl,
         "device": device,
         "extra": extra,
         "meta": meta or {},
@@ -427,6 +476,8 @@ def markdown_table(report):
                      f"{_verdict(value, TARGETS[key], strict)} |")
     if report["unet_cfg_call"]:
         lines += [""] + _unet_table(report["unet_cfg_call"], cpu)
+    if report.get("sdxl_unet_cfg_call"):
+        lines += ["", "SDXL UNet CFG call:"] + _unet_table(report["sdxl_unet_cfg_call"], False)
     meta = report.get("meta", {})
     if meta:
         lines += ["", "device: {device}, torch {torch}, {threads} threads, load average "
@@ -474,7 +525,10 @@ def build_parser():
     add("--sides", type=_int_list, help="latent sides of the UNet CFG call, e.g. 64,96,128,256 "
                                         "(default 64,96,128; --quick: 64)")
     add("--only", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
-        default=list(ITEMS), help=f"comma list of {', '.join(ITEMS)} (default: all)")
+        default=list(DEFAULT_ITEMS),
+        help=f"comma list of {', '.join(ITEMS)} (default: {', '.join(DEFAULT_ITEMS)})")
+    add("--sdxl-sides", type=_int_list, help="latent sides of the SDXL UNet CFG call "
+                                             "(default 128,256)")
     add("--repeats", type=int, help="timed repeats of the ratio cases (default 3)")
     add("--unet-repeats", type=int, default=1, help="timed UNet calls per side after warm-up")
     add("--warmup-max-side", type=int, default=128,
@@ -501,17 +555,18 @@ def resolve(args):
                          f"{','.join(args.only) or 'nothing'}")
     if args.tiny:
         defaults = {"sides": [8, 16], "repeats": 1, "ratio_side": 16, "decode_side": 16,
-                    "overlap": 4}
+                    "overlap": 4, "sdxl_sides": [8, 16]}
     elif args.quick:
         defaults = {"sides": [64], "repeats": 3, "ratio_side": 48, "decode_side": 32,
                     "overlap": 8}
     else:
         defaults = {"sides": [64, 96, 128], "repeats": 3, "ratio_side": 64, "decode_side": 64,
                     "overlap": 8}
+    defaults.setdefault("sdxl_sides", [128, 256])
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for side in args.sides + [args.ratio_side, args.decode_side]:
+    for side in args.sides + args.sdxl_sides + [args.ratio_side, args.decode_side]:
         if side <= 0 or side % 8:
             raise UsageError(f"latent sides must be positive multiples of 8, got {side}")
     for name in ("repeats", "unet_repeats"):
@@ -534,6 +589,7 @@ def resolve(args):
         if not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for, but no CUDA device is available")
     args.sides = sorted(set(args.sides))
+    args.sdxl_sides = sorted(set(args.sdxl_sides))
     return args
 
 

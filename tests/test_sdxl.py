@@ -196,3 +196,17 @@ def test_noise_damped_cfg_with_dispersion_is_defined(xl_pipe, txt2img, tmp_path)
             "--outdir", str(tmp_path), "--save_latent", "--negative_prompt", "blurry"]
     assert txt2img.main(argv) == 0
     assert np.isfinite(np.load(tmp_path / "samples" / "00000.npy")).all()
+
+
+def test_benchmark_sdxl_case_on_the_tiny_layout(tmp_path):
+    from conftest import load_script
+
+    bench = load_script("benchmark", "benchmark_sdxl")
+    out = tmp_path / "bench.json"
+    runner = lambda name, params, device: bench.run_case(name, params, device)  # noqa: E731
+    argv = ["--tiny", "--only", "sdxl", "--sdxl-sides", "8", "--json", str(out)]
+    assert bench.main(argv, runner=runner) == 0
+    report = json.loads(out.read_text())
+    assert list(report["sdxl_unet_cfg_call"]) == ["8"] and not report["unet_cfg_call"]
+    call = report["sdxl_unet_cfg_call"]["8"]
+    assert call["seconds"] > 0 and call["peak_gb"] > 0 and "error" not in call
