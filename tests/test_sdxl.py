@@ -210,3 +210,15 @@ def test_benchmark_sdxl_case_on_the_tiny_layout(tmp_path):
     assert list(report["sdxl_unet_cfg_call"]) == ["8"] and not report["unet_cfg_call"]
     call = report["sdxl_unet_cfg_call"]["8"]
     assert call["seconds"] > 0 and call["peak_gb"] > 0 and "error" not in call
+
+
+def test_freeu_stages_on_sdxl_follow_the_authors_channel_rule(xl_pipe):
+    """The authors' SDXL FreeU scales up-block resnets whose backbone input has 1280 (stage 1)
+    or 640 (stage 2) channels: up_blocks.0 and the first resnet of up_blocks.1, then the rest of
+    up_blocks.1 and the first of up_blocks.2 (output blocks 0-3 and 4-6 here)."""
+    from ldm.scalecrafter.freeu import freeu_stage_params, output_block_h_channels
+
+    unet, params = xl_pipe.model.unet, (1.1, 1.2, 0.6, 0.4)
+    stages = [freeu_stage_params(h, unet.model_channels, params)
+              for h in output_block_h_channels(unet)]
+    assert stages == [(1.1, 0.6)] * 4 + [(1.2, 0.4)] * 3 + [None] * 2
