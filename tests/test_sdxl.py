@@ -129,16 +129,28 @@ def test_cli_run_with_the_authors_settings_matches_sgm(txt2img, xl_pipe, tmp_pat
         assert line.endswith(": " + ", ".join(names))
 
 
-def test_sd_xl_base_yaml_builds_the_published_layout():
+@pytest.mark.parametrize("targets", ["ours", "sgm"])
+def test_sd_xl_base_yaml_builds_the_published_layout(targets, tmp_path):
+    """Our sd_xl_base.yaml, and the same file with Stability's (sgm) targets, on the meta
+    device: exactly the keys and shapes of the published checkpoint."""
+    from ldm.targets import SGM_TARGETS
     from ldm.util import instantiate_from_config, load_config
 
     manifest = json.loads((REF / "sdxl-base.keys.json").read_text())
-    config = load_config(REPO / "configs" / "stable-diffusion" / "sd_xl_base.yaml")
+    path = REPO / "configs" / "stable-diffusion" / "sd_xl_base.yaml"
+    if targets == "sgm":
+        text = path.read_text()
+        for theirs, ours in SGM_TARGETS.items():
+            text = text.replace(f"target: {ours}\n", f"target: {theirs}\n")
+        assert "target: ldm." not in text
+        path = tmp_path / "sd_xl_base.yaml"
+        path.write_text(text)
+    config = load_config(path)
     with torch.device("meta"):
         model = instantiate_from_config(config.model)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     manifest.pop("denoiser.sigmas")  # sgm's schedule buffer: files may or may not carry it
-    assert shapes == manifest
+    assert shapes == manifest and len(shapes) == 2515
     assert model.family == "sdxl" and model.scale_factor == 0.13025
 
 
