@@ -233,21 +233,23 @@ def check_preset_family(args, config):
 
 def check_settings_files(config, opts):
     """Settings files name UNet convs: check them against the config's UNet, built on the meta
-    device (no memory, no weights), so that a typo costs no checkpoint load."""
+    device (no memory, no weights), so that a typo costs no checkpoint load. Returns the
+    settings (names and factors only, valid for the loaded model too), or None."""
     if not (opts.dilate_settings or opts.ndcfg_dilate_settings or opts.disperse_settings):
-        return
+        return None
     import torch
     from omegaconf import DictConfig
 
     from ldm.scalecrafter.settings import build_settings
     from ldm.util import instantiate_from_config
 
-    unet_config = (config.model.get("params") or {}).get("unet_config")
+    params = config.model.get("params") or {}
+    unet_config = params.get("unet_config") or params.get("network_config")  # LDM / sgm layout
     if not isinstance(unet_config, DictConfig):
-        return  # not the usual layout: the settings are checked once the model is loaded
+        return None  # not the usual layout: the settings are checked once the model is loaded
     with torch.device("meta"):
         unet = instantiate_from_config(unet_config)
-    build_settings(unet, opts)
+    return build_settings(unet, opts)
 
 
 def check_numbers(args):
@@ -286,7 +288,8 @@ def check_features(args):
 
 
 def check_inputs(args, opts):
-    """Everything that can be checked without loading the checkpoint, cheapest first."""
+    """Everything that can be checked without loading the checkpoint, cheapest first. Returns
+    the ScaleCrafter settings when they could be read already (else None)."""
     check_numbers(args)
     opts.validate()
     check_features(args)
@@ -306,9 +309,10 @@ def check_inputs(args, opts):
         value = getattr(args, name)
         if value:
             check_readable_file(value, f"--{name} file")
-    check_settings_files(config, opts)
+    settings = check_settings_files(config, opts)
     from ldm.outputs import ensure_writable_dir
     ensure_writable_dir(Path(args.outdir) / "samples")  # the one check that creates something
+    return settings
 
 
 def run(args):
@@ -320,9 +324,10 @@ def run(args):
 
     opts = options_from_args(args)
     batches = read_prompts(args)
-    check_inputs(args, opts)
+    settings = check_inputs(args, opts)  # settings files read once (one warning at most)
     pipe = Pipeline.load(args.config, args.ckpt, device=args.device)
-    settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
+    if settings is None:
+        settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
     writer = OutputWriter(args.outdir, args, opts)
     seed_everything(args.seed, verbose=False)
     generator = torch.Generator().manual_seed(args.seed)

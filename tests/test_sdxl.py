@@ -234,3 +234,18 @@ def test_freeu_stages_on_sdxl_follow_the_authors_channel_rule(xl_pipe):
     stages = [freeu_stage_params(h, unet.model_channels, params)
               for h in output_block_h_channels(unet)]
     assert stages == [(1.1, 0.6)] * 4 + [(1.2, 0.4)] * 3 + [None] * 2
+
+
+def test_settings_typo_is_refused_before_the_checkpoint_is_read(txt2img, tmp_path, capsys):
+    """sgm-layout configs too: the settings are checked on the meta-built UNet (the checkpoint
+    here is garbage, and is never read)."""
+    settings = tmp_path / "typo.txt"
+    settings.write_text("up_blocks.0.resnets.0.conv1:2\nup_blocks.0.resnet.1.conv1:2\n")
+    ckpt = tmp_path / "never-read.safetensors"
+    ckpt.write_bytes(b"not a checkpoint")
+    argv = ["--config", str(TINY_XL / "tiny-sdxl.yaml"), "--ckpt", str(ckpt),
+            "--dilate_settings", str(settings), "--outdir", str(tmp_path / "out")]
+    assert txt2img.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {settings}:2: 'up_blocks.0.resnet.1.conv1' is not a 3x3 "
+                   "convolution of this UNet"]
