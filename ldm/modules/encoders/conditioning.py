@@ -12,9 +12,6 @@ class Conditioning:
     context: torch.Tensor                  # (B, tokens, channels) for cross-attention
     vector: Optional[torch.Tensor] = None  # (B, channels) for the UNet's label_emb, or None
 
-    def __len__(self):
-        return self.context.shape[0]
-
     @staticmethod
     def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
         """Stack along the batch, e.g. [uncond, cond] for one CFG call."""
@@ -23,10 +20,6 @@ class Conditioning:
             raise ValueError("cannot batch conditionings with and without a vector")
         vector = None if parts[0].vector is None else torch.cat([p.vector for p in parts])
         return Conditioning(torch.cat([p.context for p in parts]), vector)
-
-    def to(self, *args, **kwargs) -> "Conditioning":
-        vector = None if self.vector is None else self.vector.to(*args, **kwargs)
-        return Conditioning(self.context.to(*args, **kwargs), vector)
 
 
 def as_conditioning(cond) -> Conditioning:

@@ -114,5 +114,5 @@ class GeneralConditioner(nn.Module):
         keep = torch.tensor([bool(p) for p in negative_prompts], device=self._device)
         return self._encode(negative_prompts, size, keep_text=keep)
 
-    def encode(self, prompts, size):
+    def encode(self, prompts, size=None):
         return self.condition(prompts, size)
