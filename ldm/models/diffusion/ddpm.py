@@ -192,6 +192,6 @@ class DiffusionEngine(LatentDiffusion):
     def _place_schedule(self, _incompatible_keys=None):
         """The schedule is not in the file, so loading into a meta-built model leaves it on
         the meta device: compute it next to the loaded weights."""
-        device = self.model.diffusion_model.out[2].weight.device
+        device = next(self.model.parameters()).device
         for name, value in self.rebuildable_buffers().items():
             self.register_buffer(name, value.to(device), persistent=False)
