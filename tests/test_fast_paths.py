@@ -1,0 +1,69 @@
+"""The GPU fast paths, checked on the CPU against the direct forms they replace: polyphase
+re-dilation, query-chunked VAE attention."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.scalecrafter import redilation
+from ldm.scalecrafter.redilation import ConvOverride, dilated_conv, polyphase_conv, redilated_conv
+
+
+@pytest.fixture
+def polyphase_on_cpu(monkeypatch):
+    monkeypatch.setitem(redilation.POLYPHASE, "cpu", True)
+
+
+def _close(a, b):
+    assert a.shape == b.shape
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("d", range(2, 9))
+def test_polyphase_equals_dilated_conv(d):
+    gen = torch.Generator().manual_seed(d)
+    weight, bias = torch.randn(5, 3, 3, 3, generator=gen), torch.randn(5, generator=gen)
+    for h, w in ((16, 16), (13, 10), (7, 9), (3, 5)):  # multiples of d or not, below d too
+        x = torch.randn(2, 3, h, w, generator=gen)
+        _close(polyphase_conv(x, weight, bias, d), F.conv2d(x, weight, bias, 1, d, d))
+
+
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_polyphase_dispersed_5x5_and_groups(d):
+    gen = torch.Generator().manual_seed(10 + d)
+    x = torch.randn(1, 4, 11, 14, generator=gen)
+    weight = torch.randn(6, 2, 5, 5, generator=gen)
+    _close(polyphase_conv(x, weight, None, d, groups=2),
+           F.conv2d(x, weight, None, 1, 2 * d, d, groups=2))
+
+
+@pytest.mark.parametrize("d", range(2, 9))
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dilated_conv_policy_path_equals_conv2d(polyphase_on_cpu, d, stride):
+    gen = torch.Generator().manual_seed(20 + d)
+    weight, bias = torch.randn(4, 3, 3, 3, generator=gen), torch.randn(4, generator=gen)
+    for h, w in ((16, 12), (15, 9)):
+        x = torch.randn(1, 3, h, w, generator=gen)
+        _close(dilated_conv(x, weight, bias, (stride, stride), d),
+               F.conv2d(x, weight, bias, stride, d, d))
+
+
+def test_fractional_factor_keeps_its_resize_on_the_polyphase_path(polyphase_on_cpu):
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, stride=2)
+    x = torch.randn(1, 3, 20, 17, generator=torch.Generator().manual_seed(3))
+    fast = redilated_conv(conv, x, 2.5)
+    redilation.POLYPHASE["cpu"] = False
+    _close(fast, redilated_conv(conv, x, 2.5))
+
+
+def test_polyphase_policy_unet_call_matches_reference(polyphase_on_cpu, tiny_pipe):
+    from conftest import cases, reference, rel_err
+    from ldm.scalecrafter.redilation import overridden_convs, uniform_dilation_map
+
+    case = cases()["unet"][1]
+    data = reference(f"tiny-sd21-unet-{case['name']}.npz")
+    plan = uniform_dilation_map(tiny_pipe.model.unet, case["dilate"], case["skip"])
+    args = [torch.from_numpy(data[k]) for k in ("x", "t", "context")]
+    with torch.no_grad(), overridden_convs(tiny_pipe.model.unet,
+                                           {k: ConvOverride(v) for k, v in plan.items()}):
+        out = tiny_pipe.model.apply_model(*args)
+    assert rel_err(out, data["out"]) <= 1e-4
