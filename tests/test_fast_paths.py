@@ -67,3 +67,37 @@ def test_polyphase_policy_unet_call_matches_reference(polyphase_on_cpu, tiny_pip
                                            {k: ConvOverride(v) for k, v in plan.items()}):
         out = tiny_pipe.model.apply_model(*args)
     assert rel_err(out, data["out"]) <= 1e-4
+
+
+def _einsum_attention(q, k, v):
+    """The LDM VAE's original attention: the whole N x N matrix of scores."""
+    scores = torch.einsum("bhic,bhjc->bhij", q, k) / q.shape[-1] ** 0.5
+    return torch.einsum("bhij,bhjc->bhic", scores.softmax(dim=-1), v)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 7 * 4 * 37, 10 ** 9])
+def test_vae_attention_equals_einsum_attention(chunk_bytes):
+    from ldm.modules.diffusionmodules.model import attention
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 1, 37, 16, generator=gen) for _ in range(3))
+    # 1 byte: one query per chunk; 7*4*37: 7 rows, a last short chunk
+    _close(attention(q, k, v, chunk_bytes), _einsum_attention(q, k, v))
+
+
+def test_attn_block_chunks_queries(monkeypatch, tiny_pipe):
+    from ldm.modules.diffusionmodules import model
+
+    block = tiny_pipe.model.first_stage_model.decoder.mid.attn_1
+    h = torch.randn(1, block.q.in_channels, 6, 5, generator=torch.Generator().manual_seed(6))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention",
+                        lambda q, k, v: calls.append(q.shape[-2]) or sdpa(q, k, v))
+    monkeypatch.setattr(model, "ATTENTION_CHUNK_BYTES", 4 * 4 * 30)  # 4 queries of 30 keys
+    with torch.no_grad():
+        out = block.attend(h)
+        q, k, v = (f(h).flatten(2).transpose(1, 2)[:, None] for f in (block.q, block.k, block.v))
+        ref = block.proj_out(_einsum_attention(q, k, v)[:, 0].transpose(1, 2).reshape(h.shape))
+    assert calls == [4] * 7 + [2]
+    _close(out, ref)
