@@ -101,3 +101,36 @@ def test_attn_block_chunks_queries(monkeypatch, tiny_pipe):
         ref = block.proj_out(_einsum_attention(q, k, v)[:, 0].transpose(1, 2).reshape(h.shape))
     assert calls == [4] * 7 + [2]
     _close(out, ref)
+
+
+def test_auto_tiles_are_the_fewest_that_fit_the_budget(tiny_pipe):
+    from ldm.scalecrafter.tiled_decode import auto_tile_size, plan_axis, tile_working_bytes
+
+    dec = tiny_pipe.model.first_stage_model.decoder
+    assert auto_tile_size(dec, 64, 48, 8, 10 ** 12) == (64, 48)  # everything fits: one tile
+    half = tile_working_bytes(dec, 64, 36)  # two tiles of 64 x 36 cover 64 x 64 (overlap 8)
+    th, tw = auto_tile_size(dec, 64, 64, 8, 2 * half)  # a tile gets half the budget
+    rows, cols = plan_axis(64, th, 8), plan_axis(64, tw, 8)
+    assert len(rows) * len(cols) == 2 and {th, tw} == {64, 36}
+    assert len(plan_axis(64, 64, 8)) * len(plan_axis(64, 35, 8)) == 3  # a pixel less: 3 tiles
+    th, tw = auto_tile_size(dec, 64, 64, 8, 2 * tile_working_bytes(dec, 27, 27))
+    rows, cols = plan_axis(64, th, 8), plan_axis(64, tw, 8)
+    assert (len(rows), len(cols), th, tw) == (3, 3, 27, 27)
+    assert rows[-1].stop - rows[-1].start >= th - 2  # no sliver: the last tile is near full
+    # a budget nothing fits: the smallest tiles allowed (stride >= 8), still covering the axis
+    th, tw = auto_tile_size(dec, 40, 40, 8, 1)
+    assert th - 8 >= 8 and plan_axis(40, th, 8)[-1].stop == 40
+
+
+def test_tiles_waiting_in_host_memory_or_on_device_and_auto_tiling(tiny_pipe):
+    from conftest import rel_err
+    from ldm.scalecrafter.tiled_decode import tiled_decode
+
+    vae = tiny_pipe.model.first_stage_model
+    z = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(3))
+    seed = tiled_decode(vae, z, 4, True)
+    assert torch.equal(seed, tiled_decode(vae, z, 4, True, budget_bytes=0))
+    assert torch.equal(seed, tiled_decode(vae, z, 4, True, tile_size=(8, 12)))
+    auto = tiled_decode(vae, z, 4, True, tile_size="auto", budget_bytes=10 ** 12)
+    assert torch.equal(auto, tiled_decode(vae, z, 4, True, tile_size=(16, 24)))  # one tile
+    assert rel_err(auto, seed) > 1e-6
