@@ -9,7 +9,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -58,7 +58,8 @@ class GenerationOptions:
     tiled_decoding: bool = False
     overlap: int = 0
     sync_gn: bool = False
-    tile_size: Optional[int] = None
+    tile_size: Optional[Union[int, str]] = None  # None: half each side (the seed's); "auto"
+    decode_budget_gb: Optional[float] = None  # memory a tiled decode may use; None: from free
     # FreeU (b1, b2, s1, s2), e.g. the authors' SD 2.1 values (1.1, 1.2, 0.9, 0.2)
     freeu: Optional[Tuple[float, float, float, float]] = None
 
@@ -77,8 +78,14 @@ class GenerationOptions:
                 raise ValueError(f"--{name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2 ** 32:
             raise ValueError(f"--seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
-        if self.tile_size is not None and self.tile_size <= 0:
-            raise ValueError(f"--tile_size must be positive, got {self.tile_size}")
+        if self.tile_size is not None and self.tile_size != "auto" and (
+                isinstance(self.tile_size, (str, bool)) or self.tile_size <= 0):
+            raise ValueError(f"--tile_size must be a positive integer or 'auto', "
+                             f"got {self.tile_size}")
+        if self.decode_budget_gb is not None and not (
+                math.isfinite(self.decode_budget_gb) and self.decode_budget_gb > 0):
+            raise ValueError(f"--decode_budget_gb must be a positive number, "
+                             f"got {self.decode_budget_gb}")
         if self.steps > 1000:
             raise ValueError(f"--steps must be at most 1000, got {self.steps}")
         if self.sampler not in SAMPLERS:
@@ -103,6 +110,8 @@ class GenerationOptions:
         if self.tiled_decoding:
             if self.overlap < 0 or self.overlap % 2:
                 raise ValueError(f"--overlap must be even and non-negative, got {self.overlap}")
+            if self.tile_size == "auto":
+                return  # auto tiles are always wider than the overlap
             tile = self.tile_size or min(self.H, self.W) // self.f // 2
             if tile <= 0 or self.overlap >= tile:
                 raise ValueError(f"--overlap ({self.overlap}) must be smaller than the tile "
@@ -177,12 +186,14 @@ class Pipeline:
         return z.float(), denoiser.unet_batches
 
     @torch.no_grad()
-    def decode(self, z, opts: GenerationOptions):
+    def decode(self, z, opts: GenerationOptions, progress=True):
         """Latents to images in [-1, 1]; the VAE always runs in float32 (fp16 decodes overflow)."""
         z = z.float() / self.model.scale_factor
         vae = self.model.first_stage_model
         if opts.tiled_decoding:
-            return tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size)
+            budget = None if opts.decode_budget_gb is None else int(opts.decode_budget_gb * 2**30)
+            return tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size,
+                                budget_bytes=budget, progress=progress)
         return vae.decode(z)
 
     def generate(self, prompts: Sequence[str], opts: GenerationOptions, generator=None,
@@ -191,5 +202,5 @@ class Pipeline:
         if generator is None:
             generator = torch.Generator().manual_seed(opts.seed)
         z, batches = self.sample(prompts, opts, generator, x_T, progress=progress)
-        decoded = self.decode(z, opts).float().cpu()
+        decoded = self.decode(z, opts, progress).float().cpu()
         return GenerationResult(to_pil(decoded), z.cpu(), decoded, batches)

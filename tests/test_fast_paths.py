@@ -134,3 +134,19 @@ def test_tiles_waiting_in_host_memory_or_on_device_and_auto_tiling(tiny_pipe):
     auto = tiled_decode(vae, z, 4, True, tile_size="auto", budget_bytes=10 ** 12)
     assert torch.equal(auto, tiled_decode(vae, z, 4, True, tile_size=(16, 24)))  # one tile
     assert rel_err(auto, seed) > 1e-6
+
+
+def test_auto_tile_option_is_checked_and_reaches_the_decoder(tiny_pipe, monkeypatch):
+    from ldm import pipeline
+    from ldm.pipeline import GenerationOptions
+
+    opts = GenerationOptions(H=128, W=128, tiled_decoding=True, overlap=8, sync_gn=True,
+                             tile_size="auto", decode_budget_gb=0.5)
+    opts.validate()  # auto tiles need no overlap-vs-tile check
+    for bad in ("big", 0, True):
+        with pytest.raises(ValueError, match="--tile_size"):
+            GenerationOptions(tile_size=bad).validate()
+    seen = {}
+    monkeypatch.setattr(pipeline, "tiled_decode", lambda *a, **k: seen.update(args=a, **k))
+    tiny_pipe.decode(torch.zeros(1, 4, 16, 16), opts, progress=False)
+    assert seen["args"][2:] == (8, True, "auto") and seen["budget_bytes"] == 2 ** 29
