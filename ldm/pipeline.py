@@ -18,6 +18,7 @@ from PIL import Image
 from ldm.models.diffusion.ddim import sample_ddim
 from ldm.models.diffusion.dpm_solver import sample_dpmpp_2m
 from ldm.models.diffusion.plms import sample_plms
+from ldm.precision import HALF_WEIGHTS, prepare_for_inference
 from ldm.scalecrafter.freeu import freeu_applied
 from ldm.scalecrafter.guidance import GuidedDenoiser
 from ldm.scalecrafter.schedule import ScaleCrafterSettings
@@ -137,22 +138,32 @@ class Pipeline:
     def __init__(self, model, device="cpu", config_path=None, ckpt_path=None):
         self.model, self.device = model, torch.device(device)
         self.config_path, self.ckpt_path = config_path, ckpt_path
+        self.half_weights = None  # the weight dtype prepare_for_inference chose, if any
 
     @classmethod
-    def load(cls, config_path, ckpt_path, device="cpu"):
+    def load(cls, config_path, ckpt_path, device="cpu", precision="full", **layout):
+        """precision 'autocast' also stores the UNet and text encoder in half precision where
+        ldm.precision says so (CUDA); layout: channels_last, compile_unet (off by default)."""
         from ldm.checkpoint import load_state_dict
         from ldm.modules.encoders.modules import register_openclip_config_dir
 
         config = load_config(config_path)
         register_openclip_config_dir(Path(config_path).resolve().parent)
         model = build_model(config, device, load_state_dict(ckpt_path))
-        return cls(model, device, config_path, ckpt_path)
+        pipe = cls(model, device, config_path, ckpt_path)
+        prepare_for_inference(model, device, precision, **layout)
+        if precision == "autocast":
+            pipe.half_weights = HALF_WEIGHTS.get(pipe.device.type)
+        return pipe
 
     def settings_for(self, opts: GenerationOptions) -> ScaleCrafterSettings:
         return build_settings(self.model.unet, opts)
 
     def _autocast(self, opts):
         if opts.precision != "autocast":
+            if self.half_weights is not None:
+                raise ValueError("this pipeline holds half-precision weights: load it with "
+                                 "precision='full' for --precision full")
             return nullcontext()
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)

@@ -319,7 +319,7 @@ def run(args):
     opts = options_from_args(args)
     batches = read_prompts(args)
     check_inputs(args, opts)
-    pipe = Pipeline.load(args.config, args.ckpt, device=args.device)
+    pipe = Pipeline.load(args.config, args.ckpt, device=args.device, precision=args.precision)
     settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
     writer = OutputWriter(args.outdir, args, opts)
     seed_everything(args.seed, verbose=False)

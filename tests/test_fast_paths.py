@@ -150,3 +150,23 @@ def test_auto_tile_option_is_checked_and_reaches_the_decoder(tiny_pipe, monkeypa
     monkeypatch.setattr(pipeline, "tiled_decode", lambda *a, **k: seen.update(args=a, **k))
     tiny_pipe.decode(torch.zeros(1, 4, 16, 16), opts, progress=False)
     assert seen["args"][2:] == (8, True, "auto") and seen["budget_bytes"] == 2 ** 29
+
+
+def test_half_weights_keep_the_vae_fp32_and_stay_close(monkeypatch):
+    """prepare_for_inference is a no-op on the CPU; with a half dtype for the CPU (as CUDA gets
+    fp16) every module but the VAE is halved. (CPU autocast runs GroupNorm in the weights' dtype,
+    so the numbers of half weights are checked on CUDA: shellscripts/gpu_check.sh.)"""
+    from conftest import TINY_CKPT, TINY_CONFIG
+    from ldm import precision
+    from ldm.pipeline import Pipeline
+
+    pipe = Pipeline.load(TINY_CONFIG, TINY_CKPT, device="cpu", precision="autocast")
+    assert {p.dtype for p in pipe.model.parameters()} == {torch.float32}
+    monkeypatch.setitem(precision.HALF_WEIGHTS, "cpu", torch.bfloat16)
+    pipe = Pipeline.load(TINY_CONFIG, TINY_CKPT, device="cpu", precision="autocast")
+    assert {p.dtype for p in pipe.model.first_stage_model.parameters()} == {torch.float32}
+    assert {p.dtype for p in pipe.model.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.model.cond_stage_model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="half-precision weights"):
+        from ldm.pipeline import GenerationOptions
+        pipe.sample(["x"], GenerationOptions(precision="full", steps=1), None)
