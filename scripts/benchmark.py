@@ -183,10 +183,12 @@ def case_guidance(p, meter):
 
 
 def case_decode(p, meter):
-    """VAE decode of one latent, full or tiled (SyncGN)."""
+    """VAE decode of one latent, full or tiled (SyncGN): tile_size None is the seed's tiling
+    (half each side), "auto" the fewest tiles within the budget."""
     import torch
 
-    from ldm.scalecrafter.tiled_decode import plan_axis, tiled_decode
+    from ldm.scalecrafter.tiled_decode import (default_budget, plan_axis, resolve_tile_size,
+                                               tile_working_bytes, tiled_decode)
 
     params = _model_config(p["tiny"])
     vae = _build(params.first_stage_config, meter.device)
@@ -195,18 +197,24 @@ def case_decode(p, meter):
     side = p["side"]
     z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
     z = z.to(meter.device)
+    budget = (int(p["budget_gb"] * GB) if p.get("budget_gb") else default_budget(meter.device))
     if p["mode"] == "full":
         run = lambda: vae.decode(z)
-        tiles, area = 1, 1.0
+        tiles, area, tile = 1, 1.0, (side, side)
     else:
-        tile = p.get("tile_size")
-        plan = plan_axis(side, tile or max(side // 2, 1), p["overlap"])
-        tiles = len(plan) ** 2
-        area = sum(a.stop - a.start for a in plan) ** 2 / side ** 2
-        run = lambda: tiled_decode(vae, z, p["overlap"], True, tile)
+        tile = resolve_tile_size(vae, z, p.get("tile_size"), p["overlap"], budget)
+        rows, cols = plan_axis(side, tile[0], p["overlap"]), plan_axis(side, tile[1], p["overlap"])
+        tiles = len(rows) * len(cols)
+        area = (sum(a.stop - a.start for a in rows) * sum(a.stop - a.start for a in cols)
+                / side ** 2)
+        run = lambda: tiled_decode(vae, z, p["overlap"], True, tile, budget_bytes=budget)
+    need = tile_working_bytes(vae.decoder, tile[0], tile[1])
+    if meter.cuda and need > torch.cuda.get_device_properties(meter.device).total_memory:
+        return {"side": side, "mode": p["mode"], "skipped": f"needs about {need / GB:.0f} GB "
+                f"for one {tile[0]}x{tile[1]} tile, more than the card has"}
     times, cpu = [], []
     with torch.no_grad():
-        log(f"  decode {p['mode']}: warm-up")
+        log(f"  decode {p['mode']}: warm-up ({tiles} tiles of {tile[0]}x{tile[1]})")
         out = run()
         finite = bool(torch.isfinite(out).all())
         del out
@@ -217,6 +225,7 @@ def case_decode(p, meter):
             log(f"  decode {p['mode']}: {r + 1}/{p['repeats']} {w:.2f}s")
     peak = meter.peak_bytes()
     return {"side": side, "mode": p["mode"], "overlap": p.get("overlap"), "tiles": tiles,
+            "tile": list(tile), "budget_gb": budget / GB,
             "decoded_area_ratio": area, "seconds": statistics.median(times),
             "cpu_seconds": statistics.median(cpu), "all_seconds": times, "finite": finite,
             "baseline_gb": baseline / GB, "peak_gb": peak / GB,
@@ -296,13 +305,14 @@ def plan(args):
             "repeats": args.repeats}))
     if "decode" in args.only:
         side, overlap = args.decode_side, args.overlap
-        modes = [("full", None), ("tiled", args.tile_size)]
+        # "tiled": --tile-size (default auto); "tiled_seed": the seed's half-side tiles
+        modes = [("full", None), ("tiled", args.tile_size or "auto"), ("tiled_seed", None)]
         if args.tile_size is None and not args.quick:  # the 2 x 2 tiling, for comparison
             modes.append(("tiled_2x2", two_by_two_tile(side, overlap)))
         for mode, tile in modes:
             cases.append((f"decode_{mode}", "decode", {
                 "tiny": tiny, "side": side, "mode": mode, "overlap": overlap,
-                "tile_size": tile, "repeats": args.repeats}))
+                "tile_size": tile, "repeats": args.repeats, "budget_gb": args.decode_budget_gb}))
     if "unet" in args.only:
         for side in args.sides:
             cases.append((f"unet_{side}", "unet", {
@@ -327,11 +337,13 @@ def build_report(results, device, meta=None):
     """The JSON report from the case results keyed as in plan()."""
     g = results.get("guidance", {})
     full, tiled = results.get("decode_full", {}), results.get("decode_tiled", {})
-    two = results.get("decode_tiled_2x2", {})
+    two, seed = results.get("decode_tiled_2x2", {}), results.get("decode_tiled_seed", {})
     extra = {
         "redilation_step_ratio_cpu": g.get("redilation_step_ratio_cpu"),
         "ndcfg_step_ratio_cpu": g.get("ndcfg_step_ratio_cpu"),
         "tiled_decode_time_ratio_cpu": _ratio(tiled.get("cpu_seconds"), full.get("cpu_seconds")),
+        "tiled_decode_time_ratio_seed_tiling_cpu": _ratio(seed.get("cpu_seconds"),
+                                                          full.get("cpu_seconds")),
         "tiled_2x2_decode_time_ratio": _ratio(two.get("seconds"), full.get("seconds")),
         "tiled_2x2_decode_time_ratio_cpu": _ratio(two.get("cpu_seconds"),
                                                   full.get("cpu_seconds")),
@@ -353,6 +365,12 @@ def build_report(results, device, meta=None):
         "tiled_decode_time_ratio": _ratio(tiled.get("seconds"), full.get("seconds")),
         "tiled_decode_peak_ratio": _ratio(tiled.get("peak_above_baseline_gb"),
                                           full.get("peak_above_baseline_gb")),
+        "tiled_decode_tiles": tiled.get("tiles"),
+        "tiled_decode_area_ratio": tiled.get("decoded_area_ratio"),
+        "tiled_decode_time_ratio_seed_tiling": _ratio(seed.get("seconds"), full.get("seconds")),
+        "tiled_decode_peak_ratio_seed_tiling": _ratio(seed.get("peak_above_baseline_gb"),
+                                                      full.get("peak_above_baseline_gb")),
+        "tiled_decode_area_ratio_seed_tiling": seed.get("decoded_area_ratio"),
         "unet_cfg_call": unet,
         "device": device,
         "extra": extra,
@@ -401,7 +419,9 @@ def markdown_table(report):
              extra.get("redilation_step_ratio_cpu"), "≤ 1.05", "redilation_step_ratio", False),
             ("ndcfg step (2B+B) / CFG step (2B)" + at, report["ndcfg_step_ratio"],
              extra.get("ndcfg_step_ratio_cpu"), "≤ 1.55", "ndcfg_step_ratio", False)]
-    for key, label in (("decode_tiled", "tiled SyncGN"), ("decode_tiled_2x2", "tiled SyncGN 2x2")):
+    for key, label in (("decode_tiled", "tiled SyncGN (auto)"),
+                       ("decode_tiled_seed", "tiled SyncGN (seed tiling)"),
+                       ("decode_tiled_2x2", "tiled SyncGN 2x2")):
         t = d.get(key, {})
         if "side" not in t:
             continue
@@ -411,6 +431,10 @@ def markdown_table(report):
             time_ratio, peak_ratio = (report["tiled_decode_time_ratio"],
                                       report["tiled_decode_peak_ratio"])
             cpu_ratio = extra.get("tiled_decode_time_ratio_cpu")
+        elif key == "decode_tiled_seed":
+            time_ratio, peak_ratio = (report["tiled_decode_time_ratio_seed_tiling"],
+                                      report["tiled_decode_peak_ratio_seed_tiling"])
+            cpu_ratio = extra.get("tiled_decode_time_ratio_seed_tiling_cpu")
         else:
             time_ratio, peak_ratio = (extra.get("tiled_2x2_decode_time_ratio"),
                                       extra.get("tiled_2x2_decode_peak_ratio"))
@@ -461,6 +485,15 @@ def _int_list(text):
     return values
 
 
+def _tile_size(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
 def build_parser():
     p = OneLineParser(description="Time and peak memory of ScaleCrafter's costs, side by side "
                                   "(random weights, float32).")
@@ -482,7 +515,10 @@ def build_parser():
     add("--decode-side", type=int, help="latent side of the decode case (default 64; --quick 32)")
     add("--overlap", type=int, help="tile overlap, latent pixels (default 8, as txt2img; "
                                     "--tiny 4)")
-    add("--tile-size", type=int, help="tile side, latent pixels (default: half, as txt2img)")
+    add("--tile-size", type=_tile_size, help="tile side of the 'tiled' decode, latent pixels, "
+        "or auto (default auto; the seed's half-side tiling is measured beside it)")
+    add("--decode-budget-gb", type=float, help="memory budget of tiled decodes (default: from "
+        "free memory on the CPU, 10 on CUDA: a 24 GB card's share beside fp16 weights)")
     add("--tiny", action="store_true", help="the tiny test model and tiny sizes (for tests)")
     add("--json", type=str, help="write the figures to this JSON file")
     add("--case", type=str, help=argparse.SUPPRESS)
@@ -517,7 +553,9 @@ def resolve(args):
                              f"got {getattr(args, name)}")
     if args.overlap < 0 or args.overlap % 2:
         raise UsageError(f"--overlap must be even and non-negative, got {args.overlap}")
-    tile = args.tile_size or args.decode_side // 2
+    tile = args.decode_side // 2  # the seed's tiling always runs; an explicit tile too
+    if isinstance(args.tile_size, int):
+        tile = min(tile, args.tile_size)
     if tile <= 0 or args.overlap >= tile:
         raise UsageError(f"--overlap ({args.overlap}) must be smaller than the tile "
                          f"({tile} latent pixels)")

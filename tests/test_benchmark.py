@@ -43,7 +43,8 @@ def test_tiny_run_writes_json_and_table(bench, tmp_path, capsys, one_thread):
             "--json", str(out)]
     assert bench.main(argv, runner=_in_process(bench)) == 0
     report = json.loads(out.read_text())
-    for key in ("redilation_step_ratio", "ndcfg_step_ratio", "tiled_decode_time_ratio"):
+    for key in ("redilation_step_ratio", "ndcfg_step_ratio", "tiled_decode_time_ratio",
+                "tiled_decode_time_ratio_seed_tiling"):
         assert _number(report[key]) and report[key] > 0, key
     # peaks above the baseline are a few pages at this size: in-process, only the type is stable
     assert _number(report["tiled_decode_peak_ratio"])
@@ -58,7 +59,9 @@ def test_tiny_run_writes_json_and_table(bench, tmp_path, capsys, one_thread):
     assert batches["plain"] == [2] and batches["dilated"] == [2]
     assert sum(batches["ndcfg"]) == 3
     assert guidance["dilated_convs"] > 0
-    assert report["details"]["decode_tiled"]["tiles"] == 9  # half-side tiles + overlap: 3 x 3
+    assert report["details"]["decode_tiled_seed"]["tiles"] == 9  # half-side + overlap: 3 x 3
+    assert report["tiled_decode_area_ratio_seed_tiling"] == (3 * 4 / 8) ** 2  # 3 tiles of 4 on 8
+    assert report["details"]["decode_tiled"]["tiles"] == 1  # auto: the whole latent fits
     assert report["details"]["decode_tiled_2x2"]["tiles"] == 4
     table = capsys.readouterr().out
     assert "| re-dilated / plain CFG call" in table
