@@ -31,8 +31,11 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (REPO_ROOT, REPO_ROOT / "scripts"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import benchmark_gpu  # noqa: E402  (the --device cuda rows)
 
 FULL_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml"
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny" / "tiny-sd21.yaml"
@@ -261,7 +264,8 @@ def case_unet(p, meter):
             "peak_gb": meter.peak_bytes() / GB}
 
 
-CASES = {"guidance": case_guidance, "decode": case_decode, "unet": case_unet}
+CASES = {"guidance": case_guidance, "decode": case_decode, "unet": case_unet,
+         **benchmark_gpu.CASES}
 
 
 def run_case(name, params, device="cpu"):
@@ -276,11 +280,15 @@ def run_case(name, params, device="cpu"):
     return result
 
 
-def run_case_subprocess(name, params, device):
+def run_case_subprocess(name, params, device, timeout=None):
     """Run one case in a fresh interpreter; returns its result, or {"error": ...}."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name,
            "--case-params", json.dumps(params), "--device", device]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"case {name} {json.dumps(params)} took over {timeout}s: stopped"}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         if proc.returncode < 0:
@@ -520,6 +528,15 @@ def build_parser():
     add("--decode-budget-gb", type=float, help="memory budget of tiled decodes (default: from "
         "free memory on the CPU, 10 on CUDA: a 24 GB card's share beside fp16 weights)")
     add("--tiny", action="store_true", help="the tiny test model and tiny sizes (for tests)")
+    g = p.add_argument_group("--device cuda: issue 11's table (--only decode,sample,cli)")
+    g.add_argument("--sample-steps", type=int, default=50,
+                   help="steps of the 1024² runs (2 of 5 re-dilated, as 20 of 50)")
+    g.add_argument("--preset-steps", type=int, default=3,
+                   help="steps of the 4096² experimental preset run (its peak, not its time)")
+    g.add_argument("--compile", action="store_true",
+                   help="also time the 1024² run with torch.compile (minutes of compiling)")
+    g.add_argument("--case-timeout", type=int, default=240, help="seconds per case")
+    g.add_argument("--workdir", type=str, help="where the random checkpoint is written")
     add("--json", type=str, help="write the figures to this JSON file")
     add("--case", type=str, help=argparse.SUPPRESS)
     add("--case-params", type=str, help=argparse.SUPPRESS)
@@ -528,10 +545,16 @@ def build_parser():
 
 def resolve(args):
     """Fill defaults that depend on --quick / --tiny and check every flag; UsageError if bad."""
-    unknown = [v for v in args.only if v not in ITEMS]
+    items = benchmark_gpu.ITEMS if args.device == "cuda" else ITEMS
+    if args.device == "cuda" and args.only == list(ITEMS):
+        args.only = list(items)  # the default: everything of this device
+    unknown = [v for v in args.only if v not in items]
     if unknown or not args.only:
-        raise UsageError(f"--only takes a comma list of {', '.join(ITEMS)}, got "
+        raise UsageError(f"--only takes a comma list of {', '.join(items)}, got "
                          f"{','.join(args.only) or 'nothing'}")
+    for name in ("sample_steps", "preset_steps", "case_timeout"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if args.tiny:
         defaults = {"sides": [8, 16], "repeats": 1, "ratio_side": 16, "decode_side": 16,
                     "overlap": 4}
@@ -575,7 +598,8 @@ def resolve(args):
 def run_all(args, runner=run_case_subprocess):
     import torch
 
-    cases = plan(args)
+    cuda = args.device == "cuda"
+    cases = benchmark_gpu.plan(args) if cuda else plan(args)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "loadavg_before": round(os.getloadavg()[0], 2), "quick": bool(args.quick),
             "tiny": bool(args.tiny)}
@@ -583,11 +607,18 @@ def run_all(args, runner=run_case_subprocess):
     for i, (key, name, params) in enumerate(cases, 1):
         log(f"case {i}/{len(cases)}: {key} {json.dumps(params)}")
         start = time.perf_counter()
-        results[key] = runner(name, params, args.device)
+        results[key] = (runner(name, params, args.device, args.case_timeout) if cuda
+                        else runner(name, params, args.device))
         if "error" in results[key]:
             log(results[key]["error"])
         log(f"case {key} done in {time.perf_counter() - start:.0f}s")
     meta["loadavg_after"] = round(os.getloadavg()[0], 2)
+    if cuda:
+        meta["card"] = benchmark_gpu.card_name()
+        report = build_report({}, args.device, meta)
+        report.update(card=meta["card"], gpu_rows=benchmark_gpu.summary(results),
+                      details=results)
+        return report
     return build_report(results, args.device, meta)
 
 
@@ -609,7 +640,10 @@ def main(argv=None, runner=run_case_subprocess):
     report = run_all(args, runner)
     if args.json:
         write_json(report, args.json)
-    print(markdown_table(report))
+    if args.device == "cuda":
+        print(benchmark_gpu.markdown(report["details"], report["card"]))
+    else:
+        print(markdown_table(report))
     return 0
 
 

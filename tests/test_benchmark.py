@@ -105,3 +105,24 @@ def test_unparseable_flag_is_one_line(bench, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
+
+
+def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path):
+    """The --device cuda cases, on the CPU with the tiny model and tiny sizes, in this process:
+    they run, and the table names every row of issue 11 (nothing is timed here)."""
+    gpu = bench.benchmark_gpu
+    run = lambda name, **p: bench.run_case(name, {"tiny": True, **p}, "cpu")
+    results = {
+        "sample_1024": run("sample", side=8, steps=5, warmup_steps=1,
+                           variants={"plain": {}, "dilated": {"dilate_tau": 2}}),
+        "sample_4096_preset": run("sample", side=16, steps=2, warmup_steps=1, decode=True,
+                                  preset="sd2.1_4096x4096_experimental", budget_gb=1e-4),
+        "cli_1024": run("cli", workdir=str(tmp_path),
+                        extra=["--H", "64", "--W", "64", "--steps", "2", "--overlap", "2"]),
+    }
+    assert set(results["sample_1024"]["seconds"]) == {"plain", "dilated"}
+    assert results["sample_4096_preset"]["decode_seconds"] > 0
+    assert results["cli_1024"]["seconds"] > 0, results["cli_1024"]
+    table = gpu.markdown(results, "cpu")
+    assert "re-dilated / plain 1024² run (2 of 5 steps dilated)" in table
+    assert len(gpu.rows(results)) == 11 and "CLI wall time" in table

@@ -39,7 +39,8 @@ def plan_axis(length: int, tile: int, overlap: int) -> List[AxisTile]:
     if overlap < 0 or overlap % 2 or overlap >= tile:
         raise ValueError(f"overlap must be even, non-negative and smaller than the tile "
                          f"({tile}), got {overlap}")
-    tile = min(tile, length)
+    if tile >= length:  # one tile: nothing overlaps (the overlap may even exceed the axis)
+        return [AxisTile(0, length, (0, SCALE * length))]
     stride = tile - overlap
     count = max(math.ceil((length - tile) / stride), 0) + 1
     half = SCALE * overlap // 2
