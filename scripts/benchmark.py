@@ -277,6 +277,8 @@ def run_case(name, params, device="cpu"):
         torch.cuda.reset_peak_memory_stats(meter.device)
     result = CASES[name](params, meter)
     result["threads"] = torch.get_num_threads()
+    if meter.cuda:
+        result["card"] = torch.cuda.get_device_name(meter.device)
     return result
 
 
@@ -612,14 +614,20 @@ def run_all(args, runner=run_case_subprocess):
         if "error" in results[key]:
             log(results[key]["error"])
         log(f"case {key} done in {time.perf_counter() - start:.0f}s")
+        if args.json:  # what is measured so far survives an interrupted run
+            write_json(_report(results, args.device, meta, cuda), args.json)
     meta["loadavg_after"] = round(os.getloadavg()[0], 2)
+    return _report(results, args.device, meta, cuda)
+
+
+def _report(results, device, meta, cuda):
     if cuda:
-        meta["card"] = benchmark_gpu.card_name()
-        report = build_report({}, args.device, meta)
+        meta["card"] = benchmark_gpu.card_name(results)
+        report = build_report({}, device, meta)
         report.update(card=meta["card"], gpu_rows=benchmark_gpu.summary(results),
                       details=results)
         return report
-    return build_report(results, args.device, meta)
+    return build_report(results, device, meta)
 
 
 def main(argv=None, runner=run_case_subprocess):

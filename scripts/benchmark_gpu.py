@@ -325,10 +325,10 @@ def summary(results):
             for label, text, target, value, why in rows(results)}
 
 
-def card_name():
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+def card_name(results):
+    """The card, as the cases saw it (the parent process never opens a CUDA context)."""
+    names = {r["card"] for r in results.values() if isinstance(r, dict) and "card" in r}
+    return ", ".join(sorted(names)) or "unknown card"
 
 
 if __name__ == "__main__":  # a quick look at a saved report: python benchmark_gpu.py bench.json
