@@ -56,6 +56,8 @@ def build_parser(suppress_defaults=False):
         help="full: float32; autocast: UNet in fp16 on CUDA, bf16 on the CPU")
     add("--repeat", type=int, default=d(1), help="repeat each prompt of --from-file this often")
     add("--device", type=str, choices=["cpu", "cuda"], default=d("cpu"), help="device")
+    add("--compile", action="store_true", help="torch.compile the UNet (slow first step)")
+    add("--channels_last", action="store_true", help="UNet in channels-last memory format")
     g = p.add_argument_group("ScaleCrafter: re-dilation")
     g.add_argument("--dilate", type=float, help="dilation factor for the UNet's 3x3 convs")
     g.add_argument("--dilate_tau", type=int, default=d(20),
@@ -319,7 +321,8 @@ def run(args):
     opts = options_from_args(args)
     batches = read_prompts(args)
     check_inputs(args, opts)
-    pipe = Pipeline.load(args.config, args.ckpt, device=args.device, precision=args.precision)
+    pipe = Pipeline.load(args.config, args.ckpt, device=args.device, precision=args.precision,
+                         channels_last=args.channels_last, compile_unet=args.compile)
     settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
     writer = OutputWriter(args.outdir, args, opts)
     seed_everything(args.seed, verbose=False)
