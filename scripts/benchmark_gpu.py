@@ -81,6 +81,7 @@ def _options(p):
 
     if p.get("preset"):
         values = OmegaConf.to_container(OmegaConf.load(PRESETS / f"{p['preset']}.yaml"))
+        values.pop("family", None)  # which models the preset is for, not an option
         for key, value in values.items():
             if key.endswith(("_settings", "_transform")):
                 values[key] = str(REPO_ROOT / value)
@@ -160,10 +161,10 @@ def write_random_checkpoint(path, device, config=FULL_CONFIG):
     fast), saved as the published .ckpt is: {"state_dict": ...}, float32."""
     import torch
 
-    from ldm.modules.encoders.modules import register_openclip_config_dir
+    from ldm.modules.encoders.modules import register_config_dir
     from ldm.util import instantiate_from_config, load_config
 
-    register_openclip_config_dir(Path(config).resolve().parent)
+    register_config_dir(Path(config).resolve().parent)
     with torch.device(device):
         model = instantiate_from_config(load_config(config).model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
