@@ -9,7 +9,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from PIL import Image
 from ldm.models.diffusion.ddim import sample_ddim
 from ldm.models.diffusion.dpm_solver import sample_dpmpp_2m
 from ldm.models.diffusion.plms import sample_plms
+from ldm.precision import HALF_WEIGHTS, prepare_for_inference
 from ldm.scalecrafter.freeu import freeu_applied
 from ldm.scalecrafter.guidance import GuidedDenoiser
 from ldm.scalecrafter.schedule import ScaleCrafterSettings
@@ -59,7 +60,8 @@ class GenerationOptions:
     tiled_decoding: bool = False
     overlap: int = 24
     sync_gn: bool = False
-    tile_size: Optional[int] = None
+    tile_size: Optional[Union[int, str]] = None  # None: half each side (the seed's); "auto"
+    decode_budget_gb: Optional[float] = None  # memory a tiled decode may use; None: from free
     # FreeU (b1, b2, s1, s2), e.g. the authors' SD 2.1 values (1.1, 1.2, 0.9, 0.2)
     freeu: Optional[Tuple[float, float, float, float]] = None
 
@@ -78,8 +80,14 @@ class GenerationOptions:
                 raise ValueError(f"--{name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2 ** 32:
             raise ValueError(f"--seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
-        if self.tile_size is not None and self.tile_size <= 0:
-            raise ValueError(f"--tile_size must be positive, got {self.tile_size}")
+        if self.tile_size is not None and self.tile_size != "auto" and (
+                isinstance(self.tile_size, (str, bool)) or self.tile_size <= 0):
+            raise ValueError(f"--tile_size must be a positive integer or 'auto', "
+                             f"got {self.tile_size}")
+        if self.decode_budget_gb is not None and not (
+                math.isfinite(self.decode_budget_gb) and self.decode_budget_gb > 0):
+            raise ValueError(f"--decode_budget_gb must be a positive number, "
+                             f"got {self.decode_budget_gb}")
         if self.steps > 1000:
             raise ValueError(f"--steps must be at most 1000, got {self.steps}")
         if self.sampler not in SAMPLERS:
@@ -104,6 +112,8 @@ class GenerationOptions:
         if self.tiled_decoding:
             if self.overlap < 0 or self.overlap % 2:
                 raise ValueError(f"--overlap must be even and non-negative, got {self.overlap}")
+            if self.tile_size == "auto":
+                return  # auto tiles are always wider than the overlap
             tile = self.tile_size or min(self.H, self.W) // self.f // 2
             if tile <= 0 or self.overlap >= tile:
                 raise ValueError(f"--overlap ({self.overlap}) must be smaller than the tile "
@@ -129,22 +139,32 @@ class Pipeline:
     def __init__(self, model, device="cpu", config_path=None, ckpt_path=None):
         self.model, self.device = model, torch.device(device)
         self.config_path, self.ckpt_path = config_path, ckpt_path
+        self.half_weights = None  # the weight dtype prepare_for_inference chose, if any
 
     @classmethod
-    def load(cls, config_path, ckpt_path, device="cpu"):
+    def load(cls, config_path, ckpt_path, device="cpu", precision="full", **layout):
+        """precision 'autocast' also stores the UNet and text encoder in half precision where
+        ldm.precision says so (CUDA); layout: channels_last, compile_unet (off by default)."""
         from ldm.checkpoint import load_state_dict
         from ldm.modules.encoders.modules import register_config_dir
 
         config = load_config(config_path)
         register_config_dir(Path(config_path).resolve().parent)
         model = build_model(config, device, load_state_dict(ckpt_path))
-        return cls(model, device, config_path, ckpt_path)
+        pipe = cls(model, device, config_path, ckpt_path)
+        prepare_for_inference(model, device, precision, **layout)
+        if precision == "autocast":
+            pipe.half_weights = HALF_WEIGHTS.get(pipe.device.type)
+        return pipe
 
     def settings_for(self, opts: GenerationOptions) -> ScaleCrafterSettings:
         return build_settings(self.model.unet, opts)
 
     def _autocast(self, opts):
         if opts.precision != "autocast":
+            if self.half_weights is not None:
+                raise ValueError("this pipeline holds half-precision weights: load it with "
+                                 "precision='full' for --precision full")
             return nullcontext()
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
@@ -181,12 +201,14 @@ class Pipeline:
         return z.float(), denoiser.unet_batches
 
     @torch.no_grad()
-    def decode(self, z, opts: GenerationOptions):
+    def decode(self, z, opts: GenerationOptions, progress=True):
         """Latents to images in [-1, 1]; the VAE always runs in float32 (fp16 decodes overflow)."""
         z = z.float() / self.model.scale_factor
         vae = self.model.first_stage_model
         if opts.tiled_decoding:
-            return tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size)
+            budget = None if opts.decode_budget_gb is None else int(opts.decode_budget_gb * 2**30)
+            return tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size,
+                                budget_bytes=budget, progress=progress)
         return vae.decode(z)
 
     def generate(self, prompts: Sequence[str], opts: GenerationOptions, generator=None,
@@ -195,5 +217,5 @@ class Pipeline:
         if generator is None:
             generator = torch.Generator().manual_seed(opts.seed)
         z, batches = self.sample(prompts, opts, generator, x_T, progress=progress)
-        decoded = self.decode(z, opts).float().cpu()
+        decoded = self.decode(z, opts, progress).float().cpu()
         return GenerationResult(to_pil(decoded), z.cpu(), decoded, batches)

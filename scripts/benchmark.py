@@ -34,8 +34,11 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (REPO_ROOT, REPO_ROOT / "scripts"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import benchmark_gpu  # noqa: E402  (the --device cuda rows)
 
 FULL_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml"
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny" / "tiny-sd21.yaml"
@@ -194,10 +197,12 @@ def case_guidance(p, meter):
 
 
 def case_decode(p, meter):
-    """VAE decode of one latent, full or tiled (SyncGN)."""
+    """VAE decode of one latent, full or tiled (SyncGN): tile_size None is the seed's tiling
+    (half each side), "auto" the fewest tiles within the budget."""
     import torch
 
-    from ldm.scalecrafter.tiled_decode import plan_axis, tiled_decode
+    from ldm.scalecrafter.tiled_decode import (default_budget, plan_axis, resolve_tile_size,
+                                               tile_working_bytes, tiled_decode)
 
     params = _model_config(p["tiny"])
     vae = _build(params.first_stage_config, meter.device)
@@ -206,18 +211,24 @@ def case_decode(p, meter):
     side = p["side"]
     z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
     z = z.to(meter.device)
+    budget = (int(p["budget_gb"] * GB) if p.get("budget_gb") else default_budget(meter.device))
     if p["mode"] == "full":
         run = lambda: vae.decode(z)
-        tiles, area = 1, 1.0
+        tiles, area, tile = 1, 1.0, (side, side)
     else:
-        tile = p.get("tile_size")
-        plan = plan_axis(side, tile or max(side // 2, 1), p["overlap"])
-        tiles = len(plan) ** 2
-        area = sum(a.stop - a.start for a in plan) ** 2 / side ** 2
-        run = lambda: tiled_decode(vae, z, p["overlap"], True, tile)
+        tile = resolve_tile_size(vae, z, p.get("tile_size"), p["overlap"], budget)
+        rows, cols = plan_axis(side, tile[0], p["overlap"]), plan_axis(side, tile[1], p["overlap"])
+        tiles = len(rows) * len(cols)
+        area = (sum(a.stop - a.start for a in rows) * sum(a.stop - a.start for a in cols)
+                / side ** 2)
+        run = lambda: tiled_decode(vae, z, p["overlap"], True, tile, budget_bytes=budget)
+    need = tile_working_bytes(vae.decoder, tile[0], tile[1])
+    if meter.cuda and need > torch.cuda.get_device_properties(meter.device).total_memory:
+        return {"side": side, "mode": p["mode"], "skipped": f"needs about {need / GB:.0f} GB "
+                f"for one {tile[0]}x{tile[1]} tile, more than the card has"}
     times, cpu = [], []
     with torch.no_grad():
-        log(f"  decode {p['mode']}: warm-up")
+        log(f"  decode {p['mode']}: warm-up ({tiles} tiles of {tile[0]}x{tile[1]})")
         out = run()
         finite = bool(torch.isfinite(out).all())
         del out
@@ -228,6 +239,7 @@ def case_decode(p, meter):
             log(f"  decode {p['mode']}: {r + 1}/{p['repeats']} {w:.2f}s")
     peak = meter.peak_bytes()
     return {"side": side, "mode": p["mode"], "overlap": p.get("overlap"), "tiles": tiles,
+            "tile": list(tile), "budget_gb": budget / GB,
             "decoded_area_ratio": area, "seconds": statistics.median(times),
             "cpu_seconds": statistics.median(cpu), "all_seconds": times, "finite": finite,
             "baseline_gb": baseline / GB, "peak_gb": peak / GB,
@@ -297,7 +309,7 @@ def case_sdxl_unet(p, meter):
 
 
 CASES = {"guidance": case_guidance, "decode": case_decode, "unet": case_unet,
-         "sdxl_unet": case_sdxl_unet}
+         "sdxl_unet": case_sdxl_unet, **benchmark_gpu.CASES}
 
 
 def run_case(name, params, device="cpu"):
@@ -309,14 +321,20 @@ def run_case(name, params, device="cpu"):
         torch.cuda.reset_peak_memory_stats(meter.device)
     result = CASES[name](params, meter)
     result["threads"] = torch.get_num_threads()
+    if meter.cuda:
+        result["card"] = torch.cuda.get_device_name(meter.device)
     return result
 
 
-def run_case_subprocess(name, params, device):
+def run_case_subprocess(name, params, device, timeout=None):
     """Run one case in a fresh interpreter; returns its result, or {"error": ...}."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name,
            "--case-params", json.dumps(params), "--device", device]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"case {name} {json.dumps(params)} took over {timeout}s: stopped"}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         if proc.returncode < 0:
@@ -341,24 +359,29 @@ def plan(args):
             "repeats": args.repeats}))
     if "decode" in args.only:
         side, overlap = args.decode_side, args.overlap
-        modes = [("full", None), ("tiled", args.tile_size)]
+        # "tiled": --tile-size (default auto); "tiled_seed": the seed's half-side tiles
+        modes = [("full", None), ("tiled", args.tile_size or "auto"), ("tiled_seed", None)]
         if args.tile_size is None and not args.quick:  # the 2 x 2 tiling, for comparison
             modes.append(("tiled_2x2", two_by_two_tile(side, overlap)))
         for mode, tile in modes:
             cases.append((f"decode_{mode}", "decode", {
                 "tiny": tiny, "side": side, "mode": mode, "overlap": overlap,
-                "tile_size": tile, "repeats": args.repeats}))
+                "tile_size": tile, "repeats": args.repeats, "budget_gb": args.decode_budget_gb}))
     if "unet" in args.only:
         for side in args.sides:
             cases.append((f"unet_{side}", "unet", {
                 "tiny": tiny, "side": side, "repeats": args.unet_repeats,
                 "warmup": side <= args.warmup_max_side}))
-    if "sdxl" in args.only:
-        for side in args.sdxl_sides:
-            cases.append((f"sdxl_unet_{side}", "sdxl_unet", {
-                "tiny": tiny, "side": side, "repeats": args.unet_repeats,
-                "warmup": side <= args.warmup_max_side // 2}))
     return cases
+
+
+def plan_sdxl(args):
+    """The SDXL UNet cases (CPU or CUDA), only when asked for: a 10 GB model."""
+    if "sdxl" not in args.only:
+        return []
+    return [(f"sdxl_unet_{side}", "sdxl_unet", {
+        "tiny": args.tiny, "side": side, "repeats": args.unet_repeats,
+        "warmup": side <= args.warmup_max_side // 2}) for side in args.sdxl_sides]
 
 
 def two_by_two_tile(side, overlap):
@@ -377,11 +400,13 @@ def build_report(results, device, meta=None):
     """The JSON report from the case results keyed as in plan()."""
     g = results.get("guidance", {})
     full, tiled = results.get("decode_full", {}), results.get("decode_tiled", {})
-    two = results.get("decode_tiled_2x2", {})
+    two, seed = results.get("decode_tiled_2x2", {}), results.get("decode_tiled_seed", {})
     extra = {
         "redilation_step_ratio_cpu": g.get("redilation_step_ratio_cpu"),
         "ndcfg_step_ratio_cpu": g.get("ndcfg_step_ratio_cpu"),
         "tiled_decode_time_ratio_cpu": _ratio(tiled.get("cpu_seconds"), full.get("cpu_seconds")),
+        "tiled_decode_time_ratio_seed_tiling_cpu": _ratio(seed.get("cpu_seconds"),
+                                                          full.get("cpu_seconds")),
         "tiled_2x2_decode_time_ratio": _ratio(two.get("seconds"), full.get("seconds")),
         "tiled_2x2_decode_time_ratio_cpu": _ratio(two.get("cpu_seconds"),
                                                   full.get("cpu_seconds")),
@@ -404,6 +429,12 @@ def build_report(results, device, meta=None):
         "tiled_decode_time_ratio": _ratio(tiled.get("seconds"), full.get("seconds")),
         "tiled_decode_peak_ratio": _ratio(tiled.get("peak_above_baseline_gb"),
                                           full.get("peak_above_baseline_gb")),
+        "tiled_decode_tiles": tiled.get("tiles"),
+        "tiled_decode_area_ratio": tiled.get("decoded_area_ratio"),
+        "tiled_decode_time_ratio_seed_tiling": _ratio(seed.get("seconds"), full.get("seconds")),
+        "tiled_decode_peak_ratio_seed_tiling": _ratio(seed.get("peak_above_baseline_gb"),
+                                                      full.get("peak_above_baseline_gb")),
+        "tiled_decode_area_ratio_seed_tiling": seed.get("decoded_area_ratio"),
         "unet_cfg_call": unet,
         "sdxl_unet_cfg_call": sdxl,
         "device": device,
@@ -453,7 +484,9 @@ def markdown_table(report):
              extra.get("redilation_step_ratio_cpu"), "≤ 1.05", "redilation_step_ratio", False),
             ("ndcfg step (2B+B) / CFG step (2B)" + at, report["ndcfg_step_ratio"],
              extra.get("ndcfg_step_ratio_cpu"), "≤ 1.55", "ndcfg_step_ratio", False)]
-    for key, label in (("decode_tiled", "tiled SyncGN"), ("decode_tiled_2x2", "tiled SyncGN 2x2")):
+    for key, label in (("decode_tiled", "tiled SyncGN (auto)"),
+                       ("decode_tiled_seed", "tiled SyncGN (seed tiling)"),
+                       ("decode_tiled_2x2", "tiled SyncGN 2x2")):
         t = d.get(key, {})
         if "side" not in t:
             continue
@@ -463,6 +496,10 @@ def markdown_table(report):
             time_ratio, peak_ratio = (report["tiled_decode_time_ratio"],
                                       report["tiled_decode_peak_ratio"])
             cpu_ratio = extra.get("tiled_decode_time_ratio_cpu")
+        elif key == "decode_tiled_seed":
+            time_ratio, peak_ratio = (report["tiled_decode_time_ratio_seed_tiling"],
+                                      report["tiled_decode_peak_ratio_seed_tiling"])
+            cpu_ratio = extra.get("tiled_decode_time_ratio_seed_tiling_cpu")
         else:
             time_ratio, peak_ratio = (extra.get("tiled_2x2_decode_time_ratio"),
                                       extra.get("tiled_2x2_decode_peak_ratio"))
@@ -515,6 +552,15 @@ def _int_list(text):
     return values
 
 
+def _tile_size(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
 def build_parser():
     p = OneLineParser(description="Time and peak memory of ScaleCrafter's costs, side by side "
                                   "(random weights, float32).")
@@ -539,8 +585,20 @@ def build_parser():
     add("--decode-side", type=int, help="latent side of the decode case (default 64; --quick 32)")
     add("--overlap", type=int, help="tile overlap, latent pixels (default 8, as txt2img; "
                                     "--tiny 4)")
-    add("--tile-size", type=int, help="tile side, latent pixels (default: half, as txt2img)")
+    add("--tile-size", type=_tile_size, help="tile side of the 'tiled' decode, latent pixels, "
+        "or auto (default auto; the seed's half-side tiling is measured beside it)")
+    add("--decode-budget-gb", type=float, help="memory budget of tiled decodes (default: from "
+        "free memory on the CPU, 10 on CUDA: a 24 GB card's share beside fp16 weights)")
     add("--tiny", action="store_true", help="the tiny test model and tiny sizes (for tests)")
+    g = p.add_argument_group("--device cuda: issue 11's table (--only decode,sample,cli)")
+    g.add_argument("--sample-steps", type=int, default=50,
+                   help="steps of the 1024² runs (2 of 5 re-dilated, as 20 of 50)")
+    g.add_argument("--preset-steps", type=int, default=3,
+                   help="steps of the 4096² experimental preset run (its peak, not its time)")
+    g.add_argument("--compile", action="store_true",
+                   help="also time the 1024² run with torch.compile (minutes of compiling)")
+    g.add_argument("--case-timeout", type=int, default=240, help="seconds per case")
+    g.add_argument("--workdir", type=str, help="where the random checkpoint is written")
     add("--json", type=str, help="write the figures to this JSON file")
     add("--case", type=str, help=argparse.SUPPRESS)
     add("--case-params", type=str, help=argparse.SUPPRESS)
@@ -549,10 +607,16 @@ def build_parser():
 
 def resolve(args):
     """Fill defaults that depend on --quick / --tiny and check every flag; UsageError if bad."""
-    unknown = [v for v in args.only if v not in ITEMS]
+    items = benchmark_gpu.ITEMS + ("sdxl",) if args.device == "cuda" else ITEMS
+    if args.device == "cuda" and args.only == list(DEFAULT_ITEMS):
+        args.only = list(items)  # the default: everything of this device
+    unknown = [v for v in args.only if v not in items]
     if unknown or not args.only:
-        raise UsageError(f"--only takes a comma list of {', '.join(ITEMS)}, got "
+        raise UsageError(f"--only takes a comma list of {', '.join(items)}, got "
                          f"{','.join(args.only) or 'nothing'}")
+    for name in ("sample_steps", "preset_steps", "case_timeout"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if args.tiny:
         defaults = {"sides": [8, 16], "repeats": 1, "ratio_side": 16, "decode_side": 16,
                     "overlap": 4, "sdxl_sides": [8, 16]}
@@ -575,7 +639,9 @@ def resolve(args):
                              f"got {getattr(args, name)}")
     if args.overlap < 0 or args.overlap % 2:
         raise UsageError(f"--overlap must be even and non-negative, got {args.overlap}")
-    tile = args.tile_size or args.decode_side // 2
+    tile = args.decode_side // 2  # the seed's tiling always runs; an explicit tile too
+    if isinstance(args.tile_size, int):
+        tile = min(tile, args.tile_size)
     if tile <= 0 or args.overlap >= tile:
         raise UsageError(f"--overlap ({args.overlap}) must be smaller than the tile "
                          f"({tile} latent pixels)")
@@ -596,7 +662,8 @@ def resolve(args):
 def run_all(args, runner=run_case_subprocess):
     import torch
 
-    cases = plan(args)
+    cuda = args.device == "cuda"
+    cases = (benchmark_gpu.plan(args) if cuda else plan(args)) + plan_sdxl(args)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "loadavg_before": round(os.getloadavg()[0], 2), "quick": bool(args.quick),
             "tiny": bool(args.tiny)}
@@ -604,12 +671,26 @@ def run_all(args, runner=run_case_subprocess):
     for i, (key, name, params) in enumerate(cases, 1):
         log(f"case {i}/{len(cases)}: {key} {json.dumps(params)}")
         start = time.perf_counter()
-        results[key] = runner(name, params, args.device)
+        results[key] = (runner(name, params, args.device, args.case_timeout) if cuda
+                        else runner(name, params, args.device))
         if "error" in results[key]:
             log(results[key]["error"])
         log(f"case {key} done in {time.perf_counter() - start:.0f}s")
+        if args.json:  # what is measured so far survives an interrupted run
+            write_json(_report(results, args.device, meta, cuda), args.json)
     meta["loadavg_after"] = round(os.getloadavg()[0], 2)
-    return build_report(results, args.device, meta)
+    return _report(results, args.device, meta, cuda)
+
+
+def _report(results, device, meta, cuda):
+    if cuda:
+        meta["card"] = benchmark_gpu.card_name(results)
+        sdxl = {k: v for k, v in results.items() if k.startswith("sdxl_unet_")}
+        report = build_report(sdxl, device, meta)
+        report.update(card=meta["card"], gpu_rows=benchmark_gpu.summary(results),
+                      details=results)
+        return report
+    return build_report(results, device, meta)
 
 
 def main(argv=None, runner=run_case_subprocess):
@@ -630,7 +711,10 @@ def main(argv=None, runner=run_case_subprocess):
     report = run_all(args, runner)
     if args.json:
         write_json(report, args.json)
-    print(markdown_table(report))
+    if args.device == "cuda":
+        print(benchmark_gpu.markdown(report["details"], report["card"]))
+    else:
+        print(markdown_table(report))
     return 0
 
 

@@ -58,6 +58,8 @@ def build_parser(suppress_defaults=False):
         help="full: float32; autocast: UNet in fp16 on CUDA, bf16 on the CPU")
     add("--repeat", type=int, default=d(1), help="repeat each prompt of --from-file this often")
     add("--device", type=str, choices=["cpu", "cuda"], default=d("cpu"), help="device")
+    add("--compile", action="store_true", help="torch.compile the UNet (slow first step)")
+    add("--channels_last", action="store_true", help="UNet in channels-last memory format")
     g = p.add_argument_group("ScaleCrafter: re-dilation")
     g.add_argument("--dilate", type=float, help="dilation factor for the UNet's 3x3 convs")
     g.add_argument("--dilate_tau", type=int, default=d(20),
@@ -86,7 +88,11 @@ def build_parser(suppress_defaults=False):
                    help="tile overlap, latent pixels (even, smaller than the tile)")
     g.add_argument("--sync_gn", action=argparse.BooleanOptionalAction, default=d(False),
                    help="GroupNorm statistics over all tiles")
-    g.add_argument("--tile_size", type=int, help="tile side, latent pixels (default: half)")
+    g.add_argument("--tile_size", type=tile_size_arg,
+                   help="tile side, latent pixels, or 'auto': the fewest tiles that fit "
+                        "--decode_budget_gb (default: half the side, the seed's tiling)")
+    g.add_argument("--decode_budget_gb", type=float,
+                   help="device memory a tiled decode may use (default: 80%% of what is free)")
     g = p.add_argument_group("outputs")
     g.add_argument("--save_latent", action="store_true",
                    help="also write each final latent as NNNNN.npy (float32)")
@@ -94,6 +100,16 @@ def build_parser(suppress_defaults=False):
                    help="png: parameters in the PNG; json: also a sidecar NNNNN.json")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def tile_size_arg(text):
+    """--tile_size: an integer or 'auto' (range checks come later, with the other numbers)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def list_presets():
@@ -149,7 +165,7 @@ def options_from_args(args):
         ndcfg_tau=args.ndcfg_tau, disperse_settings=args.disperse_settings,
         disperse_transform=args.disperse_transform, inflate_tau=args.inflate_tau,
         tiled_decoding=args.tiled_decoding, overlap=args.overlap, sync_gn=args.sync_gn,
-        tile_size=args.tile_size, freeu=tuple(args.freeu) if args.freeu else None)
+        tile_size=args.tile_size, decode_budget_gb=args.decode_budget_gb, freeu=tuple(args.freeu) if args.freeu else None)
 
 
 def check_counts(args):
@@ -267,8 +283,12 @@ def check_numbers(args):
     for name in ("ndcfg_tau", "inflate_tau"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.tile_size is not None and args.tile_size <= 0:
+    if args.tile_size is not None and args.tile_size != "auto" and (
+            not isinstance(args.tile_size, int) or args.tile_size <= 0):
         raise UsageError(f"--tile_size must be positive, got {args.tile_size}")
+    budget = args.decode_budget_gb
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise UsageError(f"--decode_budget_gb must be a positive number, got {budget}")
     if args.overlap < 0 or args.overlap % 2:
         raise UsageError(f"--overlap must be even and non-negative, got {args.overlap}")
 
@@ -325,7 +345,8 @@ def run(args):
     opts = options_from_args(args)
     batches = read_prompts(args)
     settings = check_inputs(args, opts)  # settings files read once (one warning at most)
-    pipe = Pipeline.load(args.config, args.ckpt, device=args.device)
+    pipe = Pipeline.load(args.config, args.ckpt, device=args.device, precision=args.precision,
+                         channels_last=args.channels_last, compile_unet=args.compile)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
     writer = OutputWriter(args.outdir, args, opts)

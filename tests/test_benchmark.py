@@ -43,7 +43,8 @@ def test_tiny_run_writes_json_and_table(bench, tmp_path, capsys, one_thread):
             "--json", str(out)]
     assert bench.main(argv, runner=_in_process(bench)) == 0
     report = json.loads(out.read_text())
-    for key in ("redilation_step_ratio", "ndcfg_step_ratio", "tiled_decode_time_ratio"):
+    for key in ("redilation_step_ratio", "ndcfg_step_ratio", "tiled_decode_time_ratio",
+                "tiled_decode_time_ratio_seed_tiling"):
         assert _number(report[key]) and report[key] > 0, key
     # peaks above the baseline are a few pages at this size: in-process, only the type is stable
     assert _number(report["tiled_decode_peak_ratio"])
@@ -58,7 +59,9 @@ def test_tiny_run_writes_json_and_table(bench, tmp_path, capsys, one_thread):
     assert batches["plain"] == [2] and batches["dilated"] == [2]
     assert sum(batches["ndcfg"]) == 3
     assert guidance["dilated_convs"] > 0
-    assert report["details"]["decode_tiled"]["tiles"] == 9  # half-side tiles + overlap: 3 x 3
+    assert report["details"]["decode_tiled_seed"]["tiles"] == 9  # half-side + overlap: 3 x 3
+    assert report["tiled_decode_area_ratio_seed_tiling"] == (3 * 4 / 8) ** 2  # 3 tiles of 4 on 8
+    assert report["details"]["decode_tiled"]["tiles"] == 1  # auto: the whole latent fits
     assert report["details"]["decode_tiled_2x2"]["tiles"] == 4
     table = capsys.readouterr().out
     assert "| re-dilated / plain CFG call" in table
@@ -102,3 +105,24 @@ def test_unparseable_flag_is_one_line(bench, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
+
+
+def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path):
+    """The --device cuda cases, on the CPU with the tiny model and tiny sizes, in this process:
+    they run, and the table names every row of issue 11 (nothing is timed here)."""
+    gpu = bench.benchmark_gpu
+    run = lambda name, **p: bench.run_case(name, {"tiny": True, **p}, "cpu")
+    results = {
+        "sample_1024": run("sample", side=8, steps=5, warmup_steps=1,
+                           variants={"plain": {}, "dilated": {"dilate_tau": 2}}),
+        "sample_4096_preset": run("sample", side=16, steps=2, warmup_steps=1, decode=True,
+                                  preset="sd2.1_4096x4096_experimental", budget_gb=1e-4),
+        "cli_1024": run("cli", workdir=str(tmp_path),
+                        extra=["--H", "64", "--W", "64", "--steps", "2", "--overlap", "2"]),
+    }
+    assert set(results["sample_1024"]["seconds"]) == {"plain", "dilated"}
+    assert results["sample_4096_preset"]["decode_seconds"] > 0
+    assert results["cli_1024"]["seconds"] > 0, results["cli_1024"]
+    table = gpu.markdown(results, "cpu")
+    assert "re-dilated / plain 1024² run (2 of 5 steps dilated)" in table
+    assert len(gpu.rows(results)) == 11 and "CLI wall time" in table

@@ -143,6 +143,9 @@ EARLY = [
     ("overlap-vs-tile-size", ["--tiled_decoding", "--tile_size", "6", "--overlap", "6"],
      "must be smaller than the tile"),
     ("tile-size-zero", ["--tiled_decoding", "--tile_size", "0"], "--tile_size must be positive"),
+    ("decode-budget-zero", ["--tiled_decoding", "--decode_budget_gb", "0"],
+     "--decode_budget_gb must be a positive number"),
+    ("decode-budget-nan", ["--decode_budget_gb", "nan"], "--decode_budget_gb must be a positive"),
     ("scale-inf", ["--scale", "inf"], "--scale must be a finite number"),
     ("seed-negative", ["--seed", "-1"], "--seed must be in 0..4294967295"),
     ("plms-and-dpm", ["--plms", "--dpm"], "choose one of --plms and --dpm"),
@@ -186,10 +189,11 @@ def test_bad_input_is_refused_before_loading(cli, capsys, files, base, no_load, 
 @pytest.mark.parametrize("flags, expected", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--H", "abc"], "argument --H: invalid int value: 'abc'"),
+    (["--tile_size", "big"], "argument --tile_size: expected an integer or 'auto', got 'big'"),
     (["--steps"], "argument --steps: expected one argument"),
     (["--freeu", "1", "2", "3"], "argument --freeu: expected 4 arguments"),
     (["--precision", "half"], "argument --precision: invalid choice"),
-], ids=["unknown-flag", "not-a-number", "missing-value", "freeu-three", "bad-choice"])
+], ids=["unknown-flag", "not-a-number", "tile-size-word", "missing-value", "freeu-three", "bad-choice"])
 def test_bad_flags_exit_2_with_one_line(cli, capsys, base, no_load, flags, expected):
     status, lines = call(cli, capsys, base + flags)
     assert_one_line(status, lines, expected, code=2)

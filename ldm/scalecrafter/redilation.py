@@ -22,19 +22,62 @@ class ConvOverride:
     weight: Optional[torch.Tensor] = None
 
 
+# Which form of an integer-dilated conv runs faster, per device type (measured; see
+# docs/benchmarks.md): a plain conv on the polyphase components uses the fast plain-conv
+# kernels (cuDNN has few for dilated convs), oneDNN runs dilated convs at full speed already.
+POLYPHASE = {"cuda": True, "cpu": False}
+
+
+def use_polyphase(device: torch.device) -> bool:
+    return POLYPHASE.get(device.type, False)
+
+
+def polyphase_conv(x, weight, bias, dilation: int, groups: int = 1):
+    """F.conv2d(x, weight, bias, 1, dilation * (k - 1) // 2, dilation, groups), computed as a plain
+    conv (padding (k - 1) // 2) on the dilation x dilation polyphase components of x, which are
+    stacked into the batch: output pixel (d*i + r, d*j + s) only reads input pixels of phase (r, s)."""
+    d, pad = dilation, (weight.shape[-1] - 1) // 2
+    b, c, h, w = x.shape
+    hp, wp = -(-h // d) * d, -(-w // d) * d
+    if (hp, wp) != (h, w):  # zeros past the border are what the dilated conv's padding reads
+        x = F.pad(x, (0, wp - w, 0, hp - h))
+    phases = x.reshape(b, c, hp // d, d, wp // d, d).permute(0, 3, 5, 1, 2, 4)
+    phases = phases.reshape(b * d * d, c, hp // d, wp // d)
+    out = F.conv2d(phases, weight, bias, 1, pad, 1, groups)
+    o = out.shape[1]
+    out = out.reshape(b, d, d, o, hp // d, wp // d).permute(0, 3, 4, 1, 5, 2)
+    return out.reshape(b, o, hp, wp)[:, :, :h, :w]
+
+
+def dilated_conv(x, weight, bias, stride, dilation: int, groups: int = 1):
+    """A conv with dilation = padding-per-tap `dilation`, by the faster path for x's device. A
+    stride s that divides the dilation reads only the phase-0 pixels: a stride-1 conv with
+    dilation / s on x[::s, ::s]; other strides keep F.conv2d's dilated conv."""
+    padding = dilation * (weight.shape[-1] - 1) // 2
+    if not use_polyphase(x.device) or dilation == 1 or stride[0] != stride[1]:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    s = stride[0]
+    if dilation % s:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if s > 1:
+        x, dilation = x[:, :, ::s, ::s], dilation // s
+        if dilation == 1:
+            return F.conv2d(x, weight, bias, 1, padding // s, 1, groups)
+    return polyphase_conv(x, weight, bias, dilation, groups)
+
+
 def redilated_conv(conv: nn.Conv2d, x, factor: float, weight=None):
     """conv(x) with dilation ceil(factor); a fractional factor resizes the input by
     ceil(factor)/factor before and the output back to the plain conv's size after."""
     weight = conv.weight if weight is None else weight.to(x.dtype)
     dilation = math.ceil(factor)
-    padding = dilation * (weight.shape[-1] - 1) // 2
     stride = conv.stride
     if dilation == factor:
-        return F.conv2d(x, weight, conv.bias, stride, padding, dilation, conv.groups)
+        return dilated_conv(x, weight, conv.bias, stride, dilation, conv.groups)
     h, w = x.shape[-2:]
     scaled = (round(h * dilation / factor), round(w * dilation / factor))
     x = F.interpolate(x, size=scaled, mode="bilinear", align_corners=False)
-    out = F.conv2d(x, weight, conv.bias, stride, padding, dilation, conv.groups)
+    out = dilated_conv(x, weight, conv.bias, stride, dilation, conv.groups)
     target = ((h - 1) // stride[0] + 1, (w - 1) // stride[1] + 1)
     return F.interpolate(out, size=target, mode="bilinear", align_corners=False)
 

@@ -2,19 +2,26 @@
 the GroupNorms of the ResNet blocks and the output norm; attention blocks stay per tile.
 
 Tiles advance through the decoder in lockstep, layer by layer: a GroupNorm needs the statistics of
-every tile before any tile can pass it. Between layers the tiles wait in host memory, so only one
-tile's activations are on the accelerator at a time (`offload`); the numbers do not change."""
+every tile before any tile can pass it. Between layers the tiles wait on the device while they fit
+a memory budget, else in pinned host memory (copied on a side stream, fetched one tile ahead);
+each tile's GroupNorm moments are taken while it is on the device, so SyncGN costs no extra trip.
+None of this changes a number."""
 import math
+import os
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
 
 SCALE = 8  # image pixels per latent pixel
+BUDGET_FRACTION = 0.8  # of the memory available when decoding starts
+PEAK_PER_LARGEST = 3  # a tile's transient peak, in units of its largest activation (measured)
+MIN_STRIDE = 8  # latent pixels: auto tiling never makes tiles thinner than overlap + this
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,8 @@ def plan_axis(length: int, tile: int, overlap: int) -> List[AxisTile]:
     if overlap < 0 or overlap % 2 or overlap >= tile:
         raise ValueError(f"overlap must be even, non-negative and smaller than the tile "
                          f"({tile}), got {overlap}")
-    tile = min(tile, length)
+    if tile >= length:  # one tile: nothing overlaps (the overlap may even exceed the axis)
+        return [AxisTile(0, length, (0, SCALE * length))]
     stride = tile - overlap
     count = max(math.ceil((length - tile) / stride), 0) + 1
     half = SCALE * overlap // 2
@@ -46,30 +54,156 @@ def plan_axis(length: int, tile: int, overlap: int) -> List[AxisTile]:
     return tiles
 
 
-def _to(x, device):
-    return x.to(device, non_blocking=True)
+def available_bytes(device: torch.device) -> int:
+    """Memory a decode could use now: free device memory plus what torch's allocator caches
+    unused (CUDA), or the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def default_budget(device: torch.device) -> int:
+    return int(BUDGET_FRACTION * available_bytes(device))
+
+
+def _largest_activation(decoder, th: int, tw: int) -> int:
+    """Elements (per sample) of the largest activation a (th, tw) latent tile reaches: the
+    widest level input or upsample output at its resolution."""
+    levels, largest = len(decoder.up), 0
+    for i, up in enumerate(decoder.up):
+        up_scale = 2 ** (levels - 1 - i)
+        widest = max(b.norm1.num_channels for b in up.block)
+        largest = max(largest, widest * up_scale ** 2)
+        if hasattr(up, "upsample"):  # its output: this level's channels, the next resolution
+            largest = max(largest, up.block[-1].conv2.out_channels * (2 * up_scale) ** 2)
+    return largest * th * tw
+
+
+def tile_working_bytes(decoder, th: int, tw: int, batch: int = 1, element_size: int = 4) -> int:
+    """Estimated transient peak of decoding one (th, tw) tile, waiting tiles excluded."""
+    return PEAK_PER_LARGEST * _largest_activation(decoder, th, tw) * batch * element_size
+
+
+def even_tile(length: int, count: int, overlap: int) -> int:
+    """The tile side that covers `length` with `count` equal tiles overlapping by `overlap` (the
+    last one cut by at most count - 1 pixels, never a sliver)."""
+    return max(-(-(length + (count - 1) * overlap) // count), overlap + 2)
+
+
+def _max_tiles(length: int, overlap: int) -> int:
+    n = 1
+    while n < length and even_tile(length, n + 1, overlap) - overlap >= MIN_STRIDE:
+        n += 1
+    return n
+
+
+def auto_tile_size(decoder, height: int, width: int, overlap: int, budget: int,
+                   batch: int = 1) -> Tuple[int, int]:
+    """Fewest equal tiles whose working set fits half the budget (the other half keeps waiting
+    tiles on the device); the smallest allowed tiles when none fits."""
+    best = None
+    for nh in range(1, _max_tiles(height, overlap) + 1):
+        for nw in range(1, _max_tiles(width, overlap) + 1):
+            th, tw = even_tile(height, nh, overlap), even_tile(width, nw, overlap)
+            if best is not None and nh * nw >= best[0]:
+                break
+            if tile_working_bytes(decoder, th, tw, batch) <= budget / 2:
+                best = (nh * nw, th, tw)
+    if best is None:
+        return (even_tile(height, _max_tiles(height, overlap), overlap),
+                even_tile(width, _max_tiles(width, overlap), overlap))
+    return best[1], best[2]
+
+
+class _Placement:
+    """Where finished tiles wait between layers: on the device while their bytes fit
+    `keep_bytes`, else in pinned host memory. Copies run on a side stream (CUDA) so that they
+    overlap the decoder's kernels; on the CPU everything simply stays."""
+
+    def __init__(self, device: torch.device, keep_bytes: float, progress: Optional[tqdm] = None):
+        self.device, self.keep_bytes, self.resident = device, keep_bytes, 0
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.progress = progress
+
+    def store(self, t, keep=False):
+        size = t.numel() * t.element_size()
+        if self.stream is None or keep or self.resident + size <= self.keep_bytes:
+            self.resident += size
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)
+        t.record_stream(self.stream)  # its memory is not reused before the copy ends
+        return host
+
+    def release(self, t):
+        if t is not None and t.device == self.device:
+            self.resident -= t.numel() * t.element_size()
+
+    def fetch(self, tiles):
+        """Start bringing host tiles to the device; (tensors, event to wait for or None)."""
+        if self.stream is None or all(t.device == self.device for t in tiles):
+            return tiles, None
+        with torch.cuda.stream(self.stream):
+            moved = [t.to(self.device, non_blocking=True) for t in tiles]
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return moved, event
+
+    def ready(self, moved, event):
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for t in moved:
+                t.record_stream(compute)  # allocated on the side stream, used on this one
+        return moved
+
+
+def _moments(t, groups: int):
+    """(count, mean, sum of squared deviations) per (sample, group) of one tile, in float32."""
+    g = t.reshape(t.shape[0], groups, -1).float()
+    var, mean = torch.var_mean(g, dim=-1, correction=0)
+    return g.shape[-1], mean, var * g.shape[-1]
 
 
 class _Tiles:
-    """A list of tiles and where they compute; `map` runs a function tile by tile."""
+    """A list of tiles and where they wait; `map` runs a function tile by tile."""
 
-    def __init__(self, tiles, device, offload):
-        self.device, self.offload = device, offload
-        self.home = torch.device("cpu") if offload else device
-        self.tiles = [_to(t, self.home) for t in tiles]
+    def __init__(self, tiles, place: _Placement, moments=None):
+        self.tiles, self.place, self.moments = tiles, place, moments
 
-    def map(self, fn, *others: "_Tiles", consume=False) -> "_Tiles":
-        """fn over the tiles (and the matching tiles of `others`). With consume, each input tile
-        is released as soon as its output exists, so a layer never holds two full copies."""
-        out = []
-        for i, tile in enumerate(self.tiles):
-            args = [_to(tile, self.device)] + [_to(o.tiles[i], self.device) for o in others]
-            out.append(_to(fn(*args), self.home))
-            del args, tile
+    def map(self, fn, *others: "_Tiles", consume=False, groups=None, keep=False) -> "_Tiles":
+        """fn over the tiles (and the matching tiles of `others`), the next tile's copy in flight
+        while one computes. With consume, each input tile is released as soon as its output
+        exists, so a layer never holds two full copies. With groups, each output's GroupNorm
+        moments are taken while it is still on the device."""
+        sets, place = (self, *others), self.place
+        out, moments = [], [] if groups else None
+        pending = place.fetch([s.tiles[0] for s in sets])
+        for i in range(len(self.tiles)):
+            args = place.ready(*pending)
+            pending = (place.fetch([s.tiles[i + 1] for s in sets])
+                       if i + 1 < len(self.tiles) else None)
+            result = fn(*args)
+            del args
+            if groups:
+                moments.append(_moments(result, groups))
+            out.append(place.store(result, keep))
+            del result
             if consume:
-                for owner in (self, *others):
+                for owner in sets:
+                    place.release(owner.tiles[i])
                     owner.tiles[i] = None
-        return _Tiles(out, self.device, self.offload)
+        if place.progress is not None:
+            place.progress.update(1)
+        return _Tiles(out, place, (groups, moments) if groups else None)
 
     def normalizer(self, norm: nn.GroupNorm, sync: bool):
         """The GroupNorm to apply to each tile: the module itself, or (SyncGN) the same affine
@@ -85,21 +219,23 @@ class _Tiles:
             per_group = c // groups
             mean_c = mean.repeat_interleave(per_group, dim=1).view(b, c, 1, 1)
             scale = (inv_std.repeat_interleave(per_group, dim=1) * norm.weight).view(b, c, 1, 1)
-            return torch.addcmul(norm.bias.view(1, c, 1, 1), x.float() - mean_c,
-                                 scale).to(x.dtype)
+            centred = x.float() - mean_c  # a new tensor: x itself may still be a skip input
+            return torch.addcmul(norm.bias.view(1, c, 1, 1), centred, scale,
+                                 out=centred).to(x.dtype)
         return apply
+
+    def _tile_moments(self, groups):
+        if self.moments is not None and self.moments[0] == groups:
+            return self.moments[1]
+        # not taken when the tiles were made: one pass over them
+        return [_moments(self.place.ready(*self.place.fetch([t]))[0], groups)
+                for t in self.tiles]
 
     def _sync_stats(self, norm):
         """Per (sample, group): mean over all tiles' elements, and the variance with each tile's
         n/(n-1) correction, as the reference SyncGN defines it. Per-tile moments are merged
-        exactly (Chan's formula), so one pass over the tiles suffices."""
-        counts, means, m2s = [], [], []
-        for tile in self.tiles:
-            g = _to(tile, self.device).reshape(tile.shape[0], norm.num_groups, -1).float()
-            var, mean = torch.var_mean(g, dim=-1, correction=0)
-            counts.append(g.shape[-1])
-            means.append(mean)
-            m2s.append(var * g.shape[-1])
+        exactly (Chan's formula), on the device: no host round trip."""
+        counts, means, m2s = zip(*self._tile_moments(norm.num_groups))
         total = sum(counts)
         mean = sum(n * m for n, m in zip(counts, means)) / total
         var = sum(n / (n - 1) * (m2 + n * (m - mean) ** 2)
@@ -107,61 +243,92 @@ class _Tiles:
         return mean, torch.rsqrt(var + norm.eps)
 
 
-def _resnet(block: ResnetBlock, x: _Tiles, sync: bool) -> _Tiles:
+def _resnet(block: ResnetBlock, x: _Tiles, sync: bool, groups) -> _Tiles:
     norm1 = x.normalizer(block.norm1, sync)
-    h = x.map(lambda t: block.conv1(F.silu(norm1(t))))  # x stays: it is the skip
+    h = x.map(lambda t: block.conv1(F.silu(norm1(t), inplace=True)),  # x stays: it is the skip
+              groups=block.norm2.num_groups if sync else None)
     norm2 = h.normalizer(block.norm2, sync)
-    return h.map(lambda t, skip: block.shortcut(skip) + block.conv2(block.dropout(F.silu(norm2(t)))),
-                 x, consume=True)
+
+    def second(t, skip):
+        out = block.conv2(block.dropout(F.silu(norm2(t), inplace=True)))
+        return out.add_(block.shortcut(skip))  # in place: one full-size tensor less at the peak
+    return h.map(second, x, consume=True, groups=groups)
 
 
-def _attn(block: AttnBlock, x: _Tiles) -> _Tiles:
+def _attn(block: AttnBlock, x: _Tiles, groups) -> _Tiles:
     # The published SyncGN leaves the attention block's own GroupNorm per tile (its reference
     # decodes agree with ours to 1e-6 only this way), and attention itself is per tile anyway.
-    return x.map(block, consume=True)
+    return x.map(block, consume=True, groups=groups)
+
+
+def _layer_count(dec) -> int:
+    """Maps one decode runs (for the progress bar)."""
+    resnets = 2 + sum(len(up.block) for up in dec.up)
+    attns = 1 + sum(len(up.attn) for up in dec.up)
+    upsamples = sum(hasattr(up, "upsample") for up in dec.up)
+    return 2 + 2 * resnets + attns + upsamples + bool(dec.tanh_out)
 
 
 def _decode_tiles(autoencoder, tiles: _Tiles, sync: bool) -> _Tiles:
     dec = autoencoder.decoder
-    h = tiles.map(lambda z: dec.conv_in(autoencoder.post_quant_conv(z)), consume=True)
-    h = _resnet(dec.mid.block_1, h, sync)
-    h = _attn(dec.mid.attn_1, h)
-    h = _resnet(dec.mid.block_2, h, sync)
+    # all the decoder's GroupNorms have this many groups; a tile's moments are taken for it
+    groups = dec.norm_out.num_groups if sync else None
+    h = tiles.map(lambda z: dec.conv_in(autoencoder.post_quant_conv(z)), consume=True,
+                  groups=groups)
+    h = _resnet(dec.mid.block_1, h, sync, groups)
+    h = _attn(dec.mid.attn_1, h, groups)
+    h = _resnet(dec.mid.block_2, h, sync, groups)
     for up in reversed(dec.up):
         for i, block in enumerate(up.block):
-            h = _resnet(block, h, sync)
+            h = _resnet(block, h, sync, groups)
             if len(up.attn) > 0:
-                h = _attn(up.attn[i], h)
+                h = _attn(up.attn[i], h, groups)
         if hasattr(up, "upsample"):
-            h = h.map(up.upsample, consume=True)
+            h = h.map(up.upsample, consume=True, groups=groups)
     norm_out = h.normalizer(dec.norm_out, sync)
-    h = h.map(lambda t: dec.conv_out(F.silu(norm_out(t))), consume=True)
+    h = h.map(lambda t: dec.conv_out(F.silu(norm_out(t), inplace=True)), consume=True,
+              keep=True)  # three channels: the image stays on the device
     if dec.tanh_out:
-        h = h.map(torch.tanh, consume=True)
+        h = h.map(torch.tanh, consume=True, keep=True)
     return h
+
+
+def resolve_tile_size(autoencoder, z, tile_size, overlap: int, budget: int):
+    """(h, w) latent tile sides: default half of each side (the seed's tiling), 'auto' the
+    fewest that fit the budget, or the given int / pair."""
+    _, _, height, width = z.shape
+    if tile_size is None:
+        return max(height // 2, 1), max(width // 2, 1)
+    if tile_size == "auto":
+        return auto_tile_size(autoencoder.decoder, height, width, overlap, budget, z.shape[0])
+    if isinstance(tile_size, int):
+        return tile_size, tile_size
+    return tuple(tile_size)
 
 
 @torch.no_grad()
 def tiled_decode(autoencoder, z, overlap: int = 8, sync_gn: bool = True, tile_size=None,
-                 offload=None):
+                 offload=None, budget_bytes=None, progress=False):
     """Decode latents z (already divided by the scale factor) tile by tile.
 
-    tile_size: latent pixels per tile side, (h, w) or int; default half of each latent side.
-    offload: keep waiting tiles in host memory; default on for accelerators."""
-    _, _, height, width = z.shape
-    if tile_size is None:
-        tile_size = (max(height // 2, 1), max(width // 2, 1))
-    elif isinstance(tile_size, int):
-        tile_size = (tile_size, tile_size)
-    rows = plan_axis(height, tile_size[0], overlap)
-    cols = plan_axis(width, tile_size[1], overlap)
-    if offload is None:
-        offload = z.device.type != "cpu"
+    tile_size: latent pixels per tile side, (h, w), int, or 'auto'; default half of each side.
+    budget_bytes: device memory the decode may use (default: a share of what is free now);
+    'auto' tiles fit it, and waiting tiles beyond it go to host memory. offload: True sends
+    every waiting tile to host memory, False keeps all on the device (default: the budget)."""
+    budget = default_budget(z.device) if budget_bytes is None else budget_bytes
+    th, tw = resolve_tile_size(autoencoder, z, tile_size, overlap, budget)
+    rows, cols = plan_axis(z.shape[2], th, overlap), plan_axis(z.shape[3], tw, overlap)
+    working = tile_working_bytes(autoencoder.decoder, rows[0].stop, cols[0].stop, z.shape[0])
+    keep = {True: 0, False: math.inf}.get(offload, max(budget - working, 0))
+    bar = tqdm(total=_layer_count(autoencoder.decoder), desc=f"Decoding {len(rows)}x{len(cols)}"
+               " tiles", disable=not progress, leave=False)
+    place = _Placement(z.device, keep, bar)
     pieces = [z[:, :, r.start:r.stop, c.start:c.stop] for r in rows for c in cols]
-    decoded = _decode_tiles(autoencoder, _Tiles(pieces, z.device, offload), sync_gn).tiles
+    with bar:
+        decoded = _decode_tiles(autoencoder, _Tiles(pieces, place), sync_gn).tiles
     out_rows = []
     for i, r in enumerate(rows):
         row = [decoded[i * len(cols) + j][..., r.keep[0]:r.keep[1], c.keep[0]:c.keep[1]]
                for j, c in enumerate(cols)]
         out_rows.append(torch.cat(row, dim=-1))
-    return torch.cat(out_rows, dim=-2).to(z.device)
+    return torch.cat(out_rows, dim=-2)

@@ -23,8 +23,18 @@ def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: np.ndarray, eta: 
     return alphas, alphas_prev, sigmas
 
 
-def _scalar(value, like):
-    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+def _on_device(values, like):
+    """Per-step coefficients as one float32 tensor on x's device, copied once: indexing it in
+    the loop costs no host-device round trip."""
+    return torch.tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32).to(like.device)
+
+
+def to_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor (e.g. seeded noise) onto x's device without waiting for the device: the copy
+    goes through pinned memory, so the host keeps queueing work."""
+    if like.device.type == "cpu":
+        return t
+    return t.pin_memory().to(like.device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -33,12 +43,13 @@ def sample_ddim(denoiser, x, alphas_cumprod, steps, eta=0.0, generator=None, pro
     gives the same stream of random numbers whatever eta is."""
     timesteps = ddim_timesteps(steps, len(alphas_cumprod))
     alphas, alphas_prev, sigmas = ddim_coefficients(alphas_cumprod, timesteps, eta)
+    coefficients = [_on_device(v, x) for v in (alphas, alphas_prev, sigmas)]
     n = len(timesteps)
     for step in tqdm(range(n), desc="DDIM", disable=not progress, leave=False):
         index = n - 1 - step
-        a_t, a_prev, sigma = (_scalar(v[index], x) for v in (alphas, alphas_prev, sigmas))
+        a_t, a_prev, sigma = (v[index] for v in coefficients)
         pred = denoiser(x, int(timesteps[index]), a_t, step)
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        noise = to_device(torch.randn(x.shape, generator=generator, dtype=x.dtype), x)
         direction = (1 - a_prev - sigma ** 2).sqrt() * pred.eps
         x = a_prev.sqrt() * pred.x0 + direction + sigma * noise
     return x

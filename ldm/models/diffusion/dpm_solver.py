@@ -33,10 +33,11 @@ def sample_dpmpp_2m(denoiser, x, alphas_cumprod, steps, generator=None, progress
     schedule = DiscreteVPSchedule(alphas_cumprod)
     times = np.linspace(1.0, 1.0 / schedule.n, steps + 1)  # 'time_uniform', from noisiest
     coeffs = [schedule.alpha_sigma_lambda(t) for t in times]
+    # alpha_bar of every step on the device at once: no host-device copy (and sync) per step
+    alpha_bars = torch.tensor([c[0] ** 2 for c in coeffs], dtype=torch.float32).to(x.device)
 
     def x0_at(x, i):
-        alpha = coeffs[i][0]
-        return denoiser(x, schedule.model_time(times[i]), alpha ** 2, i).x0
+        return denoiser(x, schedule.model_time(times[i]), alpha_bars[i], i).x0
 
     previous = [x0_at(x, 0)]
     for i in tqdm(range(1, steps + 1), desc="DPM-Solver++", disable=not progress, leave=False):

@@ -2,7 +2,7 @@
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import _scalar, ddim_coefficients, ddim_timesteps
+from ldm.models.diffusion.ddim import _on_device, ddim_coefficients, ddim_timesteps
 
 
 def _plms_eps(eps, history):
@@ -18,23 +18,24 @@ def _plms_eps(eps, history):
 def sample_plms(denoiser, x, alphas_cumprod, steps, generator=None, progress=True):
     timesteps = ddim_timesteps(steps, len(alphas_cumprod))
     alphas, alphas_prev, _ = ddim_coefficients(alphas_cumprod, timesteps, 0.0)
+    alphas, alphas_prev = _on_device(alphas, x), _on_device(alphas_prev, x)
     n = len(timesteps)
 
     def step_to(x, eps, index):
-        a_t, a_prev = _scalar(alphas[index], x), _scalar(alphas_prev[index], x)
+        a_t, a_prev = alphas[index], alphas_prev[index]
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
     history = []
     for step in tqdm(range(n), desc="PLMS", disable=not progress, leave=False):
         index = n - 1 - step
-        eps = denoiser(x, int(timesteps[index]), _scalar(alphas[index], x), step).eps
+        eps = denoiser(x, int(timesteps[index]), alphas[index], step).eps
         if not history:  # pseudo improved Euler start: average with eps at the next timestep
             # (this evaluation is part of step 0, so it runs under step 0's plan)
             next_index = max(index - 1, 0)
             x_next = step_to(x, eps, index)
             eps_next = denoiser(x_next, int(timesteps[next_index]),
-                                _scalar(alphas[next_index], x), step).eps
+                                alphas[next_index], step).eps
             eps_prime = (eps + eps_next) / 2
         else:
             eps_prime = _plms_eps(eps, history)

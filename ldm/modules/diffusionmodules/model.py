@@ -1,4 +1,6 @@
 """Encoder / decoder of the KL autoencoder (LDM layout and key names)."""
+import warnings
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -72,7 +74,7 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head spatial self-attention, through SDPA (no HW x HW matrix)."""
+    """Single-head spatial self-attention, through SDPA (no HW x HW matrix: `attention`)."""
 
     def __init__(self, in_channels):
         super().__init__()
@@ -89,9 +91,52 @@ class AttnBlock(nn.Module):
         """Attention output (before the residual) for the already normalised input h."""
         _, _, height, width = h.shape
         q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         out = rearrange(out, "b 1 (h w) c -> b c h w", h=height, w=width)
         return self.proj_out(out)
+
+
+# Scores one query chunk may hold when no fused kernel takes the VAE's single 512-wide head
+# (flash attention does not; the math kernel would build the whole N x N matrix: 256 GiB at 4096²).
+ATTENTION_CHUNK_BYTES = 256 * 2 ** 20
+_FUSED_OK = {}  # (device type, dtype, head dim) -> whether a fused kernel took it
+
+
+def _fused_attention(q, k, v):
+    """SDPA restricted to the kernels that never build the N x N matrix; None where none
+    applies (tried once per device type, dtype and head size)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    key = (q.device.type, q.dtype, q.shape[-1])
+    if not q.is_cuda or _FUSED_OK.get(key) is False:
+        return None
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.CUDNN_ATTENTION]
+    try:
+        with warnings.catch_warnings(), sdpa_kernel(backends):
+            warnings.simplefilter("ignore")
+            out = attention(q, k, v)
+    except RuntimeError:
+        _FUSED_OK[key] = False
+        return None
+    _FUSED_OK[key] = True
+    return out
+
+
+def attention(q, k, v, chunk_bytes=None):
+    """softmax(q k^T / sqrt(c)) v for q, k, v of shape (b, heads, n, c), with no N x N matrix:
+    a fused kernel where one takes the shape, else SDPA on chunks of queries whose scores fit
+    `chunk_bytes` (rows of a softmax are independent, so chunking changes no number)."""
+    out = _fused_attention(q, k, v)
+    if out is not None:
+        return out
+    budget = ATTENTION_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    rows_per_query = q.shape[0] * q.shape[1] * k.shape[-2] * q.element_size()
+    chunk = max(1, budget // rows_per_query)
+    if chunk >= q.shape[-2]:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(q[..., i:i + chunk, :], k, v)
+                      for i in range(0, q.shape[-2], chunk)], dim=-2)
 
 
 def _level(blocks, attns, sampler=None, name=None):

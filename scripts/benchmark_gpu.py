@@ -1,0 +1,340 @@
+"""The GPU rows of scripts/benchmark.py (`--device cuda`): issue 11's table, measured on one card.
+
+Each row is a case run in its own process (scripts/benchmark.py runs them); the UNet runs with
+fp16 weights under autocast, as `--precision autocast` does, the VAE in fp32. Weights are random:
+their values change neither time nor memory."""
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FULL_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml"
+TINY_CONFIG = REPO_ROOT / "configs" / "tiny" / "tiny-sd21.yaml"  # for the CPU smoke test
+PRESETS = REPO_ROOT / "configs" / "scalecrafter" / "presets"
+GB = 1024 ** 3
+SEED_COMMAND = ["--prompt", "A corgi sits on a beach chair on a beautiful beach, with palm trees "
+                "behind, high details", "--ddim_eta", "1", "--scale", "9", "--seed", "51",
+                "--H", "1024", "--W", "1024", "--dilate", "2", "--dilate_tau", "20",
+                "--dilate_skip", "4", "--n_iter", "1", "--n_samples", "1", "--tiled_decoding",
+                "--sync_gn"]
+
+
+def log(message):
+    print(f"[benchmark] {message}", file=sys.stderr, flush=True)
+
+
+class _Denoising:
+    """What GuidedDenoiser needs of a LatentDiffusion, for a bare UNet (eps prediction)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def apply_model(self, x, t, cond):
+        from ldm.modules.encoders.conditioning import as_conditioning
+
+        cond = as_conditioning(cond)
+        return self.unet(x, t, context=cond.context, y=cond.vector)
+
+    def split_prediction(self, x, output, alpha_bar):
+        from ldm.models.diffusion.ddpm import Prediction
+
+        return Prediction(eps=output, x0=(x - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt())
+
+
+def _config(p):
+    return TINY_CONFIG if p.get("tiny") else FULL_CONFIG
+
+
+def _half(device):
+    import torch
+
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def _unet_and_schedule(device, layout, config=FULL_CONFIG):
+    """The full-size SD 2.1 UNet (random, fp16 weights on CUDA, layout options applied) and the
+    config's alphas_cumprod."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from ldm.models.diffusion.ddpm import make_beta_schedule
+    from ldm.precision import prepare_for_inference
+    from ldm.util import instantiate_from_config, load_config
+
+    params = load_config(config).model.params
+    with torch.device(device):
+        holder = nn.Module()
+        holder.unet = instantiate_from_config(params.unet_config).eval()
+    prepare_for_inference(holder, device, "autocast", **layout)
+    betas = make_beta_schedule("linear", 1000, params.linear_start, params.linear_end)
+    acp = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
+    return holder.unet, acp, params.unet_config.params.context_dim
+
+
+def _options(p):
+    """GenerationOptions of the case: a preset file's values, or the seed's uniform dilation."""
+    from omegaconf import OmegaConf
+
+    from ldm.pipeline import GenerationOptions
+
+    if p.get("preset"):
+        values = OmegaConf.to_container(OmegaConf.load(PRESETS / f"{p['preset']}.yaml"))
+        values.pop("family", None)  # which models the preset is for, not an option
+        for key, value in values.items():
+            if key.endswith(("_settings", "_transform")):
+                values[key] = str(REPO_ROOT / value)
+        values.update(steps=p["steps"], H=8 * p["side"], W=8 * p["side"])
+        return GenerationOptions(**values)
+    if p.get("dilate_tau"):
+        return GenerationOptions(steps=p["steps"], dilate=2, dilate_tau=p["dilate_tau"],
+                                 dilate_skip=4, H=8 * p["side"], W=8 * p["side"])
+    return GenerationOptions(steps=p["steps"], H=8 * p["side"], W=8 * p["side"])
+
+
+def case_sample(p, meter):
+    """DDIM runs (eta 1, CFG 9) of the fp16 UNet: variants interleaved round by round; with a
+    preset, one run plus its tiled decode, for the whole run's peak."""
+    import torch
+
+    from ldm.models.diffusion.ddim import sample_ddim
+    from ldm.scalecrafter.guidance import GuidedDenoiser
+    from ldm.scalecrafter.settings import build_settings
+
+    layout = {"channels_last": p.get("channels_last", False),
+              "compile_unet": p.get("compile", False)}
+    unet, acp, ctx_dim = _unet_and_schedule(meter.device, layout, _config(p))
+    baseline = meter.current_bytes()
+    gen = torch.Generator().manual_seed(0)
+    cond, uncond = (torch.randn(1, 77, ctx_dim, generator=gen).to(meter.device) for _ in range(2))
+    x = torch.randn(1, 4, p["side"], p["side"], generator=gen).to(meter.device)
+    variants = p.get("variants", {"run": {}})
+    settings = {k: build_settings(unet, _options({**p, **v})) for k, v in variants.items()}
+
+    def run(key, steps=None):
+        denoiser = GuidedDenoiser(_Denoising(unet), cond, uncond, 9.0, settings[key])
+        with torch.autocast(meter.device.type, dtype=_half(meter.device)):
+            return sample_ddim(denoiser, x, acp, steps or p["steps"], 1.0,
+                               torch.Generator().manual_seed(1), progress=False)
+    times = {k: [] for k in variants}
+    with torch.no_grad():
+        for key in variants:
+            log(f"  sample {key}: warm-up ({p.get('warmup_steps', 2)} steps)")
+            run(key, p.get("warmup_steps", 2))
+        for r in range(p.get("repeats", 1)):
+            for key in variants:
+                wall, _ = meter.timed(lambda: run(key))
+                times[key].append(wall)
+                log(f"  sample {key}: {r + 1}: {wall:.2f}s")
+        result = {"seconds": {k: statistics.median(v) for k, v in times.items()},
+                  "all_seconds": times, "sample_peak_gb": meter.peak_bytes() / GB}
+        if p.get("decode"):
+            result.update(_decode_after(p, meter, run(next(iter(variants))), unet))
+    result.update(side=p["side"], steps=p["steps"], baseline_gb=baseline / GB,
+                  peak_gb=meter.peak_bytes() / GB)
+    return result
+
+
+def _decode_after(p, meter, z, unet):
+    """The run's own tiled decode (the preset's tiling), fp32 VAE: its time and the whole run's
+    peak. The UNet stays in memory, as in txt2img."""
+    import torch
+
+    from ldm.util import instantiate_from_config, load_config
+    from ldm.scalecrafter.tiled_decode import tiled_decode
+
+    opts = _options(p)
+    params = load_config(_config(p)).model.params
+    with torch.device(meter.device):
+        vae = instantiate_from_config(params.first_stage_config).eval()
+    del vae.encoder
+    budget = int(p["budget_gb"] * GB) if p.get("budget_gb") else None
+    z = z.float() / params.scale_factor
+    wall, _ = meter.timed(lambda: tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size,
+                                               budget_bytes=budget))
+    return {"decode_seconds": wall, "decode_budget_gb": p.get("budget_gb")}
+
+
+def write_random_checkpoint(path, device, config=FULL_CONFIG):
+    """A full-size SD 2.1 checkpoint with random weights (initialised on `device`, which is
+    fast), saved as the published .ckpt is: {"state_dict": ...}, float32."""
+    import torch
+
+    from ldm.modules.encoders.modules import register_config_dir
+    from ldm.util import instantiate_from_config, load_config
+
+    register_config_dir(Path(config).resolve().parent)
+    with torch.device(device):
+        model = instantiate_from_config(load_config(config).model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    del model
+    torch.save({"state_dict": state}, path)
+
+
+def case_cli(p, meter):
+    """Wall time of the seed's 1024² command (load + sample + decode) in a fresh process."""
+    try:
+        import open_clip  # noqa: F401  (the SD 2.x text encoder)
+    except ImportError as err:
+        return {"skipped": f"open_clip_torch is not installed ({err})"}
+    with tempfile.TemporaryDirectory(dir=p.get("workdir")) as tmp:
+        ckpt = Path(tmp) / "sd21-random.ckpt"
+        start = time.perf_counter()
+        write_random_checkpoint(ckpt, meter.device, _config(p))
+        log(f"  cli: random checkpoint written in {time.perf_counter() - start:.0f}s "
+            f"({ckpt.stat().st_size / GB:.1f} GB)")
+        cmd = [sys.executable, str(REPO_ROOT / "scripts" / "txt2img.py"), *SEED_COMMAND,
+               "--ckpt", str(ckpt), "--config", str(_config(p)), "--device", meter.device.type,
+               "--outdir", str(Path(tmp) / "out"), *p.get("extra", [])]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wall = time.perf_counter() - start
+    if proc.returncode:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        return {"error": f"txt2img exited {proc.returncode}: {tail[0]}", "seconds": wall}
+    return {"seconds": wall, "command": "txt2img.py " + " ".join(SEED_COMMAND + p.get("extra", []))}
+
+
+CASES = {"sample": case_sample, "cli": case_cli}
+ITEMS = ("decode", "sample", "cli")
+
+
+def plan(args):
+    """The GPU cases: (key, case name, params)."""
+    cases, budget = [], args.decode_budget_gb or 10.0
+    if "decode" in args.only:
+        for side in (128, 256, 512):
+            modes = [("full", None), ("auto", "auto")] + ([("seed", None)] if side < 512 else [])
+            for mode, tile in modes:
+                cases.append((f"decode_{side}_{mode}", "decode", {
+                    "tiny": False, "side": side, "mode": "full" if mode == "full" else "tiled",
+                    "overlap": 16 if side > 128 else 8, "tile_size": tile,
+                    "repeats": 1 if side == 512 else 2, "budget_gb": budget}))
+    if "sample" in args.only:
+        steps, tau = args.sample_steps, round(args.sample_steps * 20 / 50)
+        variants = {"plain": {}, "dilated": {"dilate_tau": tau}}
+        cases.append(("sample_1024", "sample", {"side": 128, "steps": steps,
+                                                 "variants": variants, "repeats": 2}))
+        layouts = [("channels_last", {"channels_last": True})]
+        if args.compile:
+            layouts.append(("compile", {"compile": True, "warmup_steps": 3}))
+        for name, layout in layouts:
+            cases.append((f"sample_1024_{name}", "sample", {
+                "side": 128, "steps": steps, "variants": {"plain": {}}, "repeats": 2, **layout}))
+        cases.append(("sample_4096_preset", "sample", {
+            "side": 512, "steps": args.preset_steps, "preset": "sd2.1_4096x4096_experimental",
+            "variants": {"run": {}}, "repeats": 1, "warmup_steps": 1, "decode": True,
+            "budget_gb": budget}))
+    if "cli" in args.only:
+        cases.append(("cli_1024", "cli", {"workdir": args.workdir}))
+    return cases
+
+
+def _get(results, key, *path):
+    value = results.get(key, {})
+    for name in path:
+        value = value.get(name) if isinstance(value, dict) else None
+    return value
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _why(results, key):
+    r = results.get(key, {})
+    return r.get("error") or r.get("skipped")
+
+
+def rows(results):
+    """Issue 11's table: (measure, value text, target, number or None), from the case results."""
+    out = []
+    for side, image in ((128, "1024²"), (256, "2048²")):
+        full = _get(results, f"decode_{side}_full", "seconds")
+        for mode, label in (("seed", "seed's tiling"), ("auto", "auto tiles")):
+            key = f"decode_{side}_{mode}"
+            tiled = _get(results, key, "seconds")
+            tiles = _get(results, key, "tiles")
+            out.append((f"tiled SyncGN / full decode, {image} ({label}, {tiles} tiles)",
+                        _pair(tiled, full, "s"), "≤ 1.3x", _ratio(tiled, full),
+                        _why(results, key) or _why(results, f"decode_{side}_full")))
+    out.append(("full decode 2048², peak", _gb(_get(results, "decode_256_full", "peak_gb")),
+                "≤ 12 GB", _get(results, "decode_256_full", "peak_gb"),
+                _why(results, "decode_256_full")))
+    r = results.get("decode_512_full", {})
+    out.append(("full decode 4096², time / peak", _time_peak(r), "runs, ≤ 16 GB",
+                r.get("peak_gb"), _why(results, "decode_512_full")))
+    r = results.get("decode_512_auto", {})
+    out.append((f"tiled SyncGN decode 4096², time / peak ({r.get('tiles')} tiles, budget "
+                f"{_fmt(r.get('budget_gb'), '.0f')} GB)", _time_peak(r), "≤ 15 s / ≤ 12 GB",
+                r.get("peak_gb"), _why(results, "decode_512_auto")))
+    r = results.get("sample_4096_preset", {})
+    out.append((f"4096² experimental preset, whole-run peak ({r.get('steps')} steps + tiled "
+                f"decode)", _gb(r.get("peak_gb")), "≤ 24 GB", r.get("peak_gb"),
+                _why(results, "sample_4096_preset")))
+    s = results.get("sample_1024", {})
+    plain, dilated = _get(s, "seconds", "plain"), _get(s, "seconds", "dilated")
+    steps = s.get("steps")
+    out.append((f"re-dilated / plain 1024² run ({steps and round(steps * 20 / 50)} of {steps} "
+                f"steps dilated)", _pair(dilated, plain, "s"), "≤ 1.05x",
+                _ratio(dilated, plain), _why(results, "sample_1024")))
+    out.append((f"plain 1024² {steps}-step sample", _fmt(plain, ".2f") + " s", "≤ 1.3 s (50 steps)",
+                plain, _why(results, "sample_1024")))
+    for name in ("channels_last", "compile"):
+        key = f"sample_1024_{name}"
+        if key in results:
+            t = _get(results, key, "seconds", "plain")
+            out.append((f"plain 1024² {steps}-step sample, {name.replace('_', '-')}",
+                        _pair(t, plain, "s"), "faster than without", _ratio(t, plain),
+                        _why(results, key)))
+    r = results.get("cli_1024", {})
+    out.append(("CLI wall time, the seed's 1024² command (random full-size .ckpt)",
+                _fmt(r.get("seconds"), ".1f") + " s", "≤ 20 s", r.get("seconds"),
+                _why(results, "cli_1024")))
+    return out
+
+
+def _fmt(value, spec):
+    return "–" if value is None else format(value, spec)
+
+
+def _gb(value):
+    return _fmt(value, ".2f") + " GB"
+
+
+def _pair(a, b, unit):
+    if a is None or b is None:
+        return "–"
+    return f"{a:.2f} {unit} / {b:.2f} {unit} = {a / b:.2f}x"
+
+
+def _time_peak(r):
+    return f"{_fmt(r.get('seconds'), '.2f')} s / {_gb(r.get('peak_gb'))}"
+
+
+def markdown(results, card):
+    lines = [f"GPU: {card}", "", "| measured | value | target |", "| --- | --- | --- |"]
+    for label, text, target, _, why in rows(results):
+        lines.append(f"| {label} | {text}{f' ({why})' if why else ''} | {target} |")
+    return "\n".join(lines)
+
+
+def summary(results):
+    """JSON-friendly rows: {measure: {"value": number or None, "text", "target", "note"}}."""
+    return {label: {"value": value, "text": text, "target": target, "note": why}
+            for label, text, target, value, why in rows(results)}
+
+
+def card_name(results):
+    """The card, as the cases saw it (the parent process never opens a CUDA context)."""
+    names = {r["card"] for r in results.values() if isinstance(r, dict) and "card" in r}
+    return ", ".join(sorted(names)) or "unknown card"
+
+
+if __name__ == "__main__":  # a quick look at a saved report: python benchmark_gpu.py bench.json
+    report = json.loads(Path(sys.argv[1]).read_text())
+    print(markdown(report["details"], report.get("card", "?")))

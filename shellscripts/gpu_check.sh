@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One GPU session for issue 11, under ~6 minutes on an H100: (1) correctness of the CUDA paths
+# against the tiny reference arrays, fp32 with TF32 off; (2) issue 11's table,
+# `scripts/benchmark.py --device cuda`. Runs with the machine's python3 (no venv): the repository
+# goes on PYTHONPATH. Logs and bench_gpu.json go to $OUT (default ./gpu_out).
+#
+#   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh
+#
+# SCALECRAFTER_REF: a folder laid out as ../shared/reference (it needs tiny/; default
+# ./shared_ref). Each part runs under its own timeout; one failing does not stop the next.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/gpu_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export SCALECRAFTER_REF="${SCALECRAFTER_REF:-$ROOT/shared_ref}"
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+say() { echo "[gpu_check $((SECONDS - START))s] $*" | tee -a "$OUT/summary.txt"; }
+
+say "repo $ROOT, reference $SCALECRAFTER_REF, python $($PY -c 'import sys; print(sys.version.split()[0])')"
+nvidia-smi -L 2>&1 | tee -a "$OUT/summary.txt"
+# Imports the repository needs, in one process; a missing one is named here, and the parts that
+# need it fail or skip with their own message (open_clip_torch only matters for the CLI runs).
+"$PY" - <<'EOF' 2>&1 | tee -a "$OUT/summary.txt"
+import importlib
+for mod in ("torch", "numpy", "omegaconf", "einops", "safetensors", "tqdm", "PIL", "scipy",
+            "lightning_fabric", "open_clip"):
+    try:
+        importlib.import_module(mod)
+    except Exception as err:
+        print(f"MISSING python module {mod!r}: {type(err).__name__}: {err} "
+              "(install its wheel; see requirements.txt)")
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available",
+      torch.cuda.is_available())
+EOF
+
+# (1) fp32 correctness on CUDA, TF32 off (budget: 60 s)
+say "part 1: scripts/gpu_check.py (log: $OUT/gpu_check.log)"
+NVIDIA_TF32_OVERRIDE=0 timeout 60 "$PY" scripts/gpu_check.py >"$OUT/gpu_check.log" 2>"$OUT/gpu_check.err"
+status=$?
+grep -E '^(PASS|FAIL|SKIP|gpu_check)' "$OUT/gpu_check.log" | tee -a "$OUT/summary.txt"
+[ $status -eq 124 ] && say "part 1 stopped at its 60 s timeout"
+say "part 1 exit status $status (number of failed checks)"
+
+# (2) issue 11's table (budget: 290 s; each case at most 150 s, in its own process; the JSON is
+# rewritten after every case, so a timeout keeps what was measured). The random full-size
+# checkpoint of the CLI row goes to a temporary folder (TMPDIR), never to $OUT.
+say "part 2: scripts/benchmark.py --device cuda (log: $OUT/bench_gpu.log)"
+timeout 290 "$PY" scripts/benchmark.py --device cuda --case-timeout 150 \
+  --json "$OUT/bench_gpu.json" >"$OUT/bench_gpu.md" 2>"$OUT/bench_gpu.log"
+status=$?
+[ $status -eq 124 ] && say "part 2 stopped at its 290 s timeout (bench_gpu.json has the cases done)"
+if [ -s "$OUT/bench_gpu.md" ]; then
+  tee -a "$OUT/summary.txt" <"$OUT/bench_gpu.md"
+elif [ -s "$OUT/bench_gpu.json" ]; then
+  "$PY" scripts/benchmark_gpu.py "$OUT/bench_gpu.json" | tee -a "$OUT/summary.txt"
+fi
+[ $status -ne 0 ] && tail -n 3 "$OUT/bench_gpu.log" | tee -a "$OUT/summary.txt"
+say "part 2 exit status $status; done in $((SECONDS - START)) s"

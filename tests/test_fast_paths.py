@@ -1,0 +1,172 @@
+"""The GPU fast paths, checked on the CPU against the direct forms they replace: polyphase
+re-dilation, query-chunked VAE attention."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.scalecrafter import redilation
+from ldm.scalecrafter.redilation import ConvOverride, dilated_conv, polyphase_conv, redilated_conv
+
+
+@pytest.fixture
+def polyphase_on_cpu(monkeypatch):
+    monkeypatch.setitem(redilation.POLYPHASE, "cpu", True)
+
+
+def _close(a, b):
+    assert a.shape == b.shape
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("d", range(2, 9))
+def test_polyphase_equals_dilated_conv(d):
+    gen = torch.Generator().manual_seed(d)
+    weight, bias = torch.randn(5, 3, 3, 3, generator=gen), torch.randn(5, generator=gen)
+    for h, w in ((16, 16), (13, 10), (7, 9), (3, 5)):  # multiples of d or not, below d too
+        x = torch.randn(2, 3, h, w, generator=gen)
+        _close(polyphase_conv(x, weight, bias, d), F.conv2d(x, weight, bias, 1, d, d))
+
+
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_polyphase_dispersed_5x5_and_groups(d):
+    gen = torch.Generator().manual_seed(10 + d)
+    x = torch.randn(1, 4, 11, 14, generator=gen)
+    weight = torch.randn(6, 2, 5, 5, generator=gen)
+    _close(polyphase_conv(x, weight, None, d, groups=2),
+           F.conv2d(x, weight, None, 1, 2 * d, d, groups=2))
+
+
+@pytest.mark.parametrize("d", range(2, 9))
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dilated_conv_policy_path_equals_conv2d(polyphase_on_cpu, d, stride):
+    gen = torch.Generator().manual_seed(20 + d)
+    weight, bias = torch.randn(4, 3, 3, 3, generator=gen), torch.randn(4, generator=gen)
+    for h, w in ((16, 12), (15, 9)):
+        x = torch.randn(1, 3, h, w, generator=gen)
+        _close(dilated_conv(x, weight, bias, (stride, stride), d),
+               F.conv2d(x, weight, bias, stride, d, d))
+
+
+def test_fractional_factor_keeps_its_resize_on_the_polyphase_path(polyphase_on_cpu):
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, stride=2)
+    x = torch.randn(1, 3, 20, 17, generator=torch.Generator().manual_seed(3))
+    fast = redilated_conv(conv, x, 2.5)
+    redilation.POLYPHASE["cpu"] = False
+    _close(fast, redilated_conv(conv, x, 2.5))
+
+
+def test_polyphase_policy_unet_call_matches_reference(polyphase_on_cpu, tiny_pipe):
+    from conftest import cases, reference, rel_err
+    from ldm.scalecrafter.redilation import overridden_convs, uniform_dilation_map
+
+    case = cases()["unet"][1]
+    data = reference(f"tiny-sd21-unet-{case['name']}.npz")
+    plan = uniform_dilation_map(tiny_pipe.model.unet, case["dilate"], case["skip"])
+    args = [torch.from_numpy(data[k]) for k in ("x", "t", "context")]
+    with torch.no_grad(), overridden_convs(tiny_pipe.model.unet,
+                                           {k: ConvOverride(v) for k, v in plan.items()}):
+        out = tiny_pipe.model.apply_model(*args)
+    assert rel_err(out, data["out"]) <= 1e-4
+
+
+def _einsum_attention(q, k, v):
+    """The LDM VAE's original attention: the whole N x N matrix of scores."""
+    scores = torch.einsum("bhic,bhjc->bhij", q, k) / q.shape[-1] ** 0.5
+    return torch.einsum("bhij,bhjc->bhic", scores.softmax(dim=-1), v)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 7 * 4 * 37, 10 ** 9])
+def test_vae_attention_equals_einsum_attention(chunk_bytes):
+    from ldm.modules.diffusionmodules.model import attention
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 1, 37, 16, generator=gen) for _ in range(3))
+    # 1 byte: one query per chunk; 7*4*37: 7 rows, a last short chunk
+    _close(attention(q, k, v, chunk_bytes), _einsum_attention(q, k, v))
+
+
+def test_attn_block_chunks_queries(monkeypatch, tiny_pipe):
+    from ldm.modules.diffusionmodules import model
+
+    block = tiny_pipe.model.first_stage_model.decoder.mid.attn_1
+    h = torch.randn(1, block.q.in_channels, 6, 5, generator=torch.Generator().manual_seed(6))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention",
+                        lambda q, k, v: calls.append(q.shape[-2]) or sdpa(q, k, v))
+    monkeypatch.setattr(model, "ATTENTION_CHUNK_BYTES", 4 * 4 * 30)  # 4 queries of 30 keys
+    with torch.no_grad():
+        out = block.attend(h)
+        q, k, v = (f(h).flatten(2).transpose(1, 2)[:, None] for f in (block.q, block.k, block.v))
+        ref = block.proj_out(_einsum_attention(q, k, v)[:, 0].transpose(1, 2).reshape(h.shape))
+    assert calls == [4] * 7 + [2]
+    _close(out, ref)
+
+
+def test_auto_tiles_are_the_fewest_that_fit_the_budget(tiny_pipe):
+    from ldm.scalecrafter.tiled_decode import auto_tile_size, plan_axis, tile_working_bytes
+
+    dec = tiny_pipe.model.first_stage_model.decoder
+    assert auto_tile_size(dec, 64, 48, 8, 10 ** 12) == (64, 48)  # everything fits: one tile
+    half = tile_working_bytes(dec, 64, 36)  # two tiles of 64 x 36 cover 64 x 64 (overlap 8)
+    th, tw = auto_tile_size(dec, 64, 64, 8, 2 * half)  # a tile gets half the budget
+    rows, cols = plan_axis(64, th, 8), plan_axis(64, tw, 8)
+    assert len(rows) * len(cols) == 2 and {th, tw} == {64, 36}
+    assert len(plan_axis(64, 64, 8)) * len(plan_axis(64, 35, 8)) == 3  # a pixel less: 3 tiles
+    th, tw = auto_tile_size(dec, 64, 64, 8, 2 * tile_working_bytes(dec, 27, 27))
+    rows, cols = plan_axis(64, th, 8), plan_axis(64, tw, 8)
+    assert (len(rows), len(cols), th, tw) == (3, 3, 27, 27)
+    assert rows[-1].stop - rows[-1].start >= th - 2  # no sliver: the last tile is near full
+    # a budget nothing fits: the smallest tiles allowed (stride >= 8), still covering the axis
+    th, tw = auto_tile_size(dec, 40, 40, 8, 1)
+    assert th - 8 >= 8 and plan_axis(40, th, 8)[-1].stop == 40
+
+
+def test_tiles_waiting_in_host_memory_or_on_device_and_auto_tiling(tiny_pipe):
+    from conftest import rel_err
+    from ldm.scalecrafter.tiled_decode import tiled_decode
+
+    vae = tiny_pipe.model.first_stage_model
+    z = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(3))
+    seed = tiled_decode(vae, z, 4, True)
+    assert torch.equal(seed, tiled_decode(vae, z, 4, True, budget_bytes=0))
+    assert torch.equal(seed, tiled_decode(vae, z, 4, True, tile_size=(8, 12)))
+    auto = tiled_decode(vae, z, 4, True, tile_size="auto", budget_bytes=10 ** 12)
+    assert torch.equal(auto, tiled_decode(vae, z, 4, True, tile_size=(16, 24)))  # one tile
+    assert rel_err(auto, seed) > 1e-6
+
+
+def test_auto_tile_option_is_checked_and_reaches_the_decoder(tiny_pipe, monkeypatch):
+    from ldm import pipeline
+    from ldm.pipeline import GenerationOptions
+
+    opts = GenerationOptions(H=128, W=128, tiled_decoding=True, overlap=8, sync_gn=True,
+                             tile_size="auto", decode_budget_gb=0.5)
+    opts.validate()  # auto tiles need no overlap-vs-tile check
+    for bad in ("big", 0, True):
+        with pytest.raises(ValueError, match="--tile_size"):
+            GenerationOptions(tile_size=bad).validate()
+    seen = {}
+    monkeypatch.setattr(pipeline, "tiled_decode", lambda *a, **k: seen.update(args=a, **k))
+    tiny_pipe.decode(torch.zeros(1, 4, 16, 16), opts, progress=False)
+    assert seen["args"][2:] == (8, True, "auto") and seen["budget_bytes"] == 2 ** 29
+
+
+def test_half_weights_keep_the_vae_fp32_and_stay_close(monkeypatch):
+    """prepare_for_inference is a no-op on the CPU; with a half dtype for the CPU (as CUDA gets
+    fp16) every module but the VAE is halved. (CPU autocast runs GroupNorm in the weights' dtype,
+    so the numbers of half weights are checked on CUDA: shellscripts/gpu_check.sh.)"""
+    from conftest import TINY_CKPT, TINY_CONFIG
+    from ldm import precision
+    from ldm.pipeline import Pipeline
+
+    pipe = Pipeline.load(TINY_CONFIG, TINY_CKPT, device="cpu", precision="autocast")
+    assert {p.dtype for p in pipe.model.parameters()} == {torch.float32}
+    monkeypatch.setitem(precision.HALF_WEIGHTS, "cpu", torch.bfloat16)
+    pipe = Pipeline.load(TINY_CONFIG, TINY_CKPT, device="cpu", precision="autocast")
+    assert {p.dtype for p in pipe.model.first_stage_model.parameters()} == {torch.float32}
+    assert {p.dtype for p in pipe.model.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.model.cond_stage_model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="half-precision weights"):
+        from ldm.pipeline import GenerationOptions
+        pipe.sample(["x"], GenerationOptions(precision="full", steps=1), None)
