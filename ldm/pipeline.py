@@ -18,7 +18,7 @@ from PIL import Image
 from ldm.models.diffusion.ddim import sample_ddim
 from ldm.models.diffusion.dpm_solver import sample_dpmpp_2m
 from ldm.models.diffusion.plms import sample_plms
-from ldm.precision import HALF_WEIGHTS, prepare_for_inference
+from ldm.precision import HALF_WEIGHTS, prepare_for_inference, weight_dtype_policy
 from ldm.scalecrafter.freeu import freeu_applied
 from ldm.scalecrafter.guidance import GuidedDenoiser
 from ldm.scalecrafter.schedule import ScaleCrafterSettings
@@ -144,13 +144,18 @@ class Pipeline:
     @classmethod
     def load(cls, config_path, ckpt_path, device="cpu", precision="full", **layout):
         """precision 'autocast' also stores the UNet and text encoder in half precision where
-        ldm.precision says so (CUDA); layout: channels_last, compile_unet (off by default)."""
+        ldm.precision says so (CUDA); layout: channels_last, cudnn_benchmark,
+        native_group_norm (None: ldm.precision.FAST_PATHS' choice for the device), compile_unet
+        (off by default)."""
         from ldm.checkpoint import load_state_dict
         from ldm.modules.encoders.modules import register_config_dir
 
         config = load_config(config_path)
         register_config_dir(Path(config_path).resolve().parent)
-        model = build_model(config, device, load_state_dict(ckpt_path))
+        # Weights go straight to their final device and dtype (prepare_for_inference then has
+        # no cast left to do).
+        model = build_model(config, device, load_state_dict(ckpt_path),
+                            weight_dtype_policy(device, precision))
         pipe = cls(model, device, config_path, ckpt_path)
         prepare_for_inference(model, device, precision, **layout)
         if precision == "autocast":

@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm.modules.normalization import GroupNorm32
+
 
 def attention(q, k, v, heads: int):
     """Multi-head scaled dot-product attention on (batch, tokens, heads*dim) tensors."""
@@ -79,7 +81,9 @@ class SpatialTransformer(nn.Module):
             context_dim = context_dim[0]
         inner = n_heads * d_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(32, in_channels, eps=1e-6, affine=True)
+        # float32 statistics, output in the input's dtype (the next projection casts to it
+        # under autocast anyway); a GroupNorm32 so the native-half switch reaches it too
+        self.norm = GroupNorm32(32, in_channels, eps=1e-6, affine=True)
         self.proj_in = (nn.Linear(in_channels, inner) if use_linear
                         else nn.Conv2d(in_channels, inner, 1))
         self.transformer_blocks = nn.ModuleList(
