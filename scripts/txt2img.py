@@ -8,6 +8,7 @@ flags, 130 interrupted (the finished images are kept, nothing partial is left)."
 import argparse
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +105,8 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--metadata", choices=["png", "json"], default=d("png"),
                    help="png: parameters in the PNG; json: also a sidecar NNNNN.json")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.add_argument("--timings", action="store_true",
+                   help="print the seconds spent loading, sampling, decoding and writing")
     return p
 
 
@@ -358,6 +361,31 @@ def seed_everything(seed):
     return seed
 
 
+class PhaseTimer:
+    """Seconds spent per phase (load, sample, decode, write), for --timings. A phase ends when
+    the device has finished its work, so queued kernels are charged to the phase that queued
+    them."""
+
+    def __init__(self, device, enabled):
+        self.device, self.enabled, self.seconds = device, enabled, {}
+
+    @contextmanager
+    def phase(self, name):
+        import time
+
+        start = time.perf_counter()
+        yield
+        if self.enabled and self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def report(self):
+        if self.enabled:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items())
+            print(f"timings (s): {parts}", file=sys.stderr, flush=True)
+
+
 def run(args):
     import torch
 
@@ -369,9 +397,12 @@ def run(args):
     batches = read_prompts(args)
     settings = check_inputs(args, opts)  # settings files read once (one warning at most)
     ckpt_hash = BackgroundShortHash(args.ckpt)  # for the metadata; overlaps loading and sampling
-    pipe = Pipeline.load(args.config, args.ckpt, device=args.device, precision=args.precision,
-                         channels_last=args.channels_last, compile_unet=args.compile,
-                         cudnn_benchmark=args.fast_kernels, native_group_norm=args.fast_kernels)
+    timer = PhaseTimer(args.device, args.timings)
+    with timer.phase("load"):
+        pipe = Pipeline.load(args.config, args.ckpt, device=args.device,
+                             precision=args.precision, channels_last=args.channels_last,
+                             compile_unet=args.compile, cudnn_benchmark=args.fast_kernels,
+                             native_group_norm=args.fast_kernels)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
     writer = OutputWriter(args.outdir, args, opts, ckpt_hash)
@@ -385,11 +416,16 @@ def run(args):
         for _ in trange(args.n_iter, desc="Sampling"):
             for prompts in tqdm(batches, desc="data", leave=False):
                 start = x_T[:len(prompts)] if x_T is not None else None
-                z, _ = pipe.sample(prompts, opts, generator, start, settings)
-                decoded = pipe.decode(z, opts).float().cpu()
-                writer.save_batch(prompts, decoded, z.cpu())
+                with timer.phase("sample"):
+                    z, _ = pipe.sample(prompts, opts, generator, start, settings)
+                with timer.phase("decode"):
+                    decoded = pipe.decode(z, opts).float().cpu()
+                with timer.phase("write"):  # waits for the checkpoint hash, if still running
+                    writer.save_batch(prompts, decoded, z.cpu())
                 all_images.append(decoded)
-        writer.save_grid(all_images, args.n_rows or args.n_samples)
+        with timer.phase("write"):
+            writer.save_grid(all_images, args.n_rows or args.n_samples)
+        timer.report()
     except KeyboardInterrupt:
         writer.discard_partial_files()
         if args.debug:
