@@ -1,5 +1,7 @@
 """How a loaded model is laid out for inference on its device: weight precision, memory format,
 compilation. Family-blind: it knows the first stage (the VAE) and nothing else by name."""
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -39,7 +41,8 @@ def denoising_modules(model: nn.Module):
 # Kernel and layout choices per device type, taken where the caller leaves them open (None):
 # - channels_last: the UNet in channels-last memory format (cuDNN's NHWC fp16 convolutions);
 #   measured 0.88x of the contiguous time for a 1024² sample on an H200;
-# - cudnn_benchmark: cuDNN times its algorithms once per shape (sampling repeats one shape);
+# - cudnn_benchmark: cuDNN times its algorithms once per shape, during sampling only (it
+#   repeats one shape);
 # - native_group_norm: the UNet's GroupNorms in the activations' half dtype (CUDA accumulates
 #   in float32 anyway), not through a float32 copy.
 # The CPU keeps the reference kernels (its numbers are the reference ones).
@@ -61,32 +64,37 @@ def fast_paths(device, **chosen):
     return paths
 
 
-def set_kernel_paths(model: nn.Module, cudnn_benchmark: bool, native_group_norm: bool):
-    """Switches that can change between runs of one loaded model (the benchmark flips them):
-    cuDNN autotuning (process-wide) and the UNet's GroupNorm dtype."""
-    from ldm.modules.normalization import set_native_group_norm
-
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    set_native_group_norm(unet_of(model), native_group_norm)
+@contextmanager
+def autotuned(enabled: bool):
+    """cuDNN autotuning (process-wide) while the block runs, restored after it: meant around
+    sampling, where one shape repeats; a tiled decode's many tile shapes would each pay for
+    their own tuning."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
                           channels_last=None, compile_unet: bool = False,
-                          cudnn_benchmark=None, native_group_norm=None):
+                          native_group_norm=None):
     """Lay the model out for `device`; returns it. Half weights under autocast where
-    HALF_WEIGHTS says so (a no-op when the loader gave them already); channels-last, cuDNN
-    autotuning and native half GroupNorm as FAST_PATHS says for the device unless given;
-    torch.compile only when asked."""
+    HALF_WEIGHTS says so (a no-op when the loader gave them already); channels-last and native
+    half GroupNorm as FAST_PATHS says for the device unless given; torch.compile only when
+    asked. (cuDNN autotuning is no layout: the sampler turns it on, see `autotuned`.)"""
+    from ldm.modules.normalization import set_native_group_norm
+
     device = torch.device(device)
     half = HALF_WEIGHTS.get(device.type) if precision == "autocast" else None
     if half is not None:
         for child in denoising_modules(model):
             child.to(half)
-    paths = fast_paths(device, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
-                       native_group_norm=native_group_norm)
+    paths = fast_paths(device, channels_last=channels_last, native_group_norm=native_group_norm)
     if paths["channels_last"]:
         unet_of(model).to(memory_format=torch.channels_last)
-    set_kernel_paths(model, paths["cudnn_benchmark"], paths["native_group_norm"])
+    set_native_group_norm(unet_of(model), paths["native_group_norm"])
     if compile_unet:
         unet = unet_of(model)
         unet.forward = torch.compile(unet.forward, dynamic=False)

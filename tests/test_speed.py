@@ -172,3 +172,21 @@ def test_cli_timings_line(txt2img, tmp_path, capsys):
     assert len(line) == 1
     for phase in ("load", "sample", "decode", "write"):
         assert f"{phase} " in line[0]
+
+
+def test_cudnn_autotuning_only_while_sampling(tiny_pipe, monkeypatch):
+    assert tiny_pipe.cudnn_benchmark is False  # the CPU keeps the reference kernels
+    before = torch.backends.cudnn.benchmark
+    with precision.autotuned(not before):
+        assert torch.backends.cudnn.benchmark is (not before)
+    assert torch.backends.cudnn.benchmark is before
+    seen = []
+    from ldm import pipeline
+    real = pipeline.sample_ddim
+    monkeypatch.setattr(pipeline, "sample_ddim", lambda *a, **k: (
+        seen.append(torch.backends.cudnn.benchmark), real(*a, **k))[1])
+    monkeypatch.setattr(tiny_pipe, "cudnn_benchmark", True)
+    from ldm.pipeline import GenerationOptions
+    tiny_pipe.sample(["x"], GenerationOptions(H=64, W=64, steps=1, precision="full"),
+                     torch.Generator().manual_seed(0), progress=False)
+    assert seen == [True] and torch.backends.cudnn.benchmark is before
