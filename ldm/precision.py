@@ -12,9 +12,7 @@ HALF_WEIGHTS = {"cuda": torch.float16}
 # The VAE stays fp32 everywhere: the fp16 decoder overflows, and bf16 loses ~1e-2 (measured on
 # the tiny model, docs/benchmarks.md); decoding is not where the time goes.
 VAE_DTYPE = torch.float32
-
-
-FIRST_STAGE = "first_stage_model"
+FIRST_STAGE = "first_stage_model"  # the VAE's child name in every family's model
 
 
 def weight_dtype_policy(device, precision: str = "autocast"):
@@ -26,9 +24,9 @@ def weight_dtype_policy(device, precision: str = "autocast"):
 
     def dtype_of(key: str) -> torch.dtype:
         child, dot, _ = key.partition(".")
-        if half is None or not dot or child == FIRST_STAGE:
-            return torch.float32 if child != FIRST_STAGE else VAE_DTYPE
-        return half
+        if child == FIRST_STAGE:
+            return VAE_DTYPE
+        return half if dot and half is not None else torch.float32
     return dtype_of
 
 
