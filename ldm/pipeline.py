@@ -148,7 +148,7 @@ class Pipeline:
              cudnn_benchmark=None, **layout):
         """precision 'autocast' also stores the UNet and text encoder in half precision where
         ldm.precision says so (CUDA); layout: channels_last, cudnn_benchmark,
-        native_group_norm (None: ldm.precision.FAST_PATHS' choice for the device), compile_unet
+        native_norms (None: ldm.precision.FAST_PATHS' choice for the device), compile_unet
         (off by default)."""
         from ldm.checkpoint import load_state_dict
         from ldm.modules.encoders.modules import register_config_dir

@@ -41,14 +41,14 @@ def denoising_modules(model: nn.Module):
 #   measured 0.88x of the contiguous time for a 1024² sample on an H200;
 # - cudnn_benchmark: cuDNN times its algorithms once per shape, during sampling only (it
 #   repeats one shape);
-# - native_group_norm: the UNet's GroupNorms in the activations' half dtype (CUDA accumulates
-#   in float32 anyway), not through a float32 copy.
+# - native_norms: the UNet's GroupNorms and LayerNorms in the activations' half dtype (CUDA
+#   accumulates in float32 anyway), not through a float32 copy.
 # The CPU keeps the reference kernels (its numbers are the reference ones).
 # scripts/benchmark.py --device cuda measures each against the reference kernels.
 FAST_PATHS = {
-    "cuda": {"channels_last": True, "cudnn_benchmark": True, "native_group_norm": True},
+    "cuda": {"channels_last": True, "cudnn_benchmark": True, "native_norms": True},
 }
-REFERENCE_PATHS = {"channels_last": False, "cudnn_benchmark": False, "native_group_norm": False}
+REFERENCE_PATHS = {"channels_last": False, "cudnn_benchmark": False, "native_norms": False}
 
 
 def fast_paths(device, **chosen):
@@ -77,22 +77,22 @@ def autotuned(enabled: bool):
 
 def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
                           channels_last=None, compile_unet: bool = False,
-                          native_group_norm=None):
+                          native_norms=None):
     """Lay the model out for `device`; returns it. Half weights under autocast where
     HALF_WEIGHTS says so (a no-op when the loader gave them already); channels-last and native
-    half GroupNorm as FAST_PATHS says for the device unless given; torch.compile only when
+    half norms as FAST_PATHS says for the device unless given; torch.compile only when
     asked. (cuDNN autotuning is no layout: the sampler turns it on, see `autotuned`.)"""
-    from ldm.modules.normalization import set_native_group_norm
+    from ldm.modules.normalization import set_native_norms
 
     device = torch.device(device)
     half = HALF_WEIGHTS.get(device.type) if precision == "autocast" else None
     if half is not None:
         for child in denoising_modules(model):
             child.to(half)
-    paths = fast_paths(device, channels_last=channels_last, native_group_norm=native_group_norm)
+    paths = fast_paths(device, channels_last=channels_last, native_norms=native_norms)
     if paths["channels_last"]:
         unet_of(model).to(memory_format=torch.channels_last)
-    set_native_group_norm(unet_of(model), paths["native_group_norm"])
+    set_native_norms(unet_of(model), paths["native_norms"])
     if compile_unet:
         unet = unet_of(model)
         unet.forward = torch.compile(unet.forward, dynamic=False)

@@ -99,8 +99,8 @@ def _options(p):
 # Kernel switches a variant of a sample case may set (cuDNN autotuning while sampling, the
 # UNet's GroupNorm dtype); a
 # variant that sets none runs with the device's defaults (ldm.precision.FAST_PATHS), as txt2img.
-KERNEL_SWITCHES = ("cudnn_benchmark", "native_group_norm")
-REFERENCE_KERNELS = {"cudnn_benchmark": False, "native_group_norm": False}
+KERNEL_SWITCHES = ("cudnn_benchmark", "native_norms")
+REFERENCE_KERNELS = {"cudnn_benchmark": False, "native_norms": False}
 
 
 def _kernels(device, variant):
@@ -117,7 +117,7 @@ def case_sample(p, meter):
     import torch
 
     from ldm.models.diffusion.ddim import sample_ddim
-    from ldm.modules.normalization import set_native_group_norm
+    from ldm.modules.normalization import set_native_norms
     from ldm.precision import autotuned
     from ldm.scalecrafter.guidance import GuidedDenoiser
     from ldm.scalecrafter.settings import build_settings
@@ -136,7 +136,7 @@ def case_sample(p, meter):
     kernels = {k: _kernels(meter.device, v) for k, v in variants.items()}
 
     def run(key, steps=None):
-        set_native_group_norm(unet, kernels[key]["native_group_norm"])
+        set_native_norms(unet, kernels[key]["native_norms"])
         denoiser = GuidedDenoiser(_Denoising(unet), cond, uncond, 9.0, settings[key])
         with torch.autocast(meter.device.type, dtype=_half(meter.device)), \
                 autotuned(kernels[key]["cudnn_benchmark"]):
@@ -246,7 +246,7 @@ SEED_TILING_SIDES = (128,)
 SWITCH_VARIANTS = {
     "reference": REFERENCE_KERNELS,
     "cudnn_benchmark": {**REFERENCE_KERNELS, "cudnn_benchmark": True},
-    "native_group_norm": {**REFERENCE_KERNELS, "native_group_norm": True},
+    "native_norms": {**REFERENCE_KERNELS, "native_norms": True},
 }
 
 

@@ -134,7 +134,7 @@ def half_weights_unet():
     # the reference kernels, then the device's default fast paths (channels-last, native half
     # GroupNorm) on the same UNet (this order: channels-last is not undone)
     for label, paths in (("reference kernels", {"channels_last": False,
-                                                "native_group_norm": False}),
+                                                "native_norms": False}),
                          ("default paths", {})):
         prepare_for_inference(holder, DEVICE, "autocast", **paths)
         dtypes = {p.dtype for p in unet.parameters()}

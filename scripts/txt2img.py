@@ -64,7 +64,7 @@ def build_parser(suppress_defaults=False):
         help="UNet in channels-last memory format (default: where ldm/precision.py measured "
              "it faster, CUDA)")
     add("--fast_kernels", action=argparse.BooleanOptionalAction,
-        help="CUDA: cuDNN autotuning and GroupNorm in the activations' dtype "
+        help="CUDA: cuDNN autotuning and the UNet's norms in the activations' dtype "
              "(default: on with CUDA; --no-fast_kernels for the reference kernels)")
     g = p.add_argument_group("ScaleCrafter: re-dilation")
     g.add_argument("--dilate", type=float, help="dilation factor for the UNet's 3x3 convs")
@@ -402,7 +402,7 @@ def run(args):
         pipe = Pipeline.load(args.config, args.ckpt, device=args.device,
                              precision=args.precision, channels_last=args.channels_last,
                              compile_unet=args.compile, cudnn_benchmark=args.fast_kernels,
-                             native_group_norm=args.fast_kernels)
+                             native_norms=args.fast_kernels)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
     writer = OutputWriter(args.outdir, args, opts, ckpt_hash)

@@ -125,15 +125,15 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path):
                         extra=["--H", "64", "--W", "64", "--steps", "2", "--overlap", "2"]),
     }
     assert set(results["sample_1024"]["seconds"]) == set(gpu.SWITCH_VARIANTS)
-    assert results["sample_1024"]["kernels"]["native_group_norm"] == {
-        "cudnn_benchmark": False, "native_group_norm": True}
+    assert results["sample_1024"]["kernels"]["native_norms"] == {
+        "cudnn_benchmark": False, "native_norms": True}
     assert set(results["sample_1024_channels_last"]["seconds"]) == {
         "channels_last", "plain", "dilated"}
     assert results["sample_4096_preset"]["decode_seconds"] > 0
     assert results["cli_1024"]["seconds"] > 0, results["cli_1024"]
     table = gpu.markdown(results, "cpu")
     assert "re-dilated / plain 1024² run (2 of 5 steps dilated)" in table
-    assert "plain 1024² 5-step sample, native-group-norm / reference kernels" in table
+    assert "plain 1024² 5-step sample, native-norms / reference kernels" in table
     assert "plain 1024² 5-step sample, all together / reference kernels" in table
     assert set(results["cli_1024"]["phases"]) == {"load", "sample", "decode", "write"}
     assert len(gpu.rows(results)) == 14 and "CLI wall time" in table

@@ -1,6 +1,6 @@
 """Start-up and per-step speed work, checked on the CPU by exact properties: memory-mapped
 checkpoints, weights loaded straight into their final dtype, the background checkpoint hash, the
-seeding without lightning, and the UNet's native-half GroupNorm switch."""
+seeding without lightning, and the UNet's native-half norm switch."""
 import os
 import random
 
@@ -12,7 +12,7 @@ from torch import nn
 from conftest import TINY_CKPT, TINY_CONFIG, rel_err
 from ldm import checkpoint, precision
 from ldm.checkpoint import BackgroundShortHash, load_state_dict, short_hash
-from ldm.modules.normalization import GroupNorm32, set_native_group_norm
+from ldm.modules.normalization import GroupNorm32, LayerNorm32, set_native_norms
 from ldm.pipeline import Pipeline
 from ldm.util import build_model, load_config
 
@@ -97,20 +97,30 @@ def test_cli_no_longer_imports_lightning(txt2img):
     assert "lightning" not in inspect.getsource(txt2img.run)
 
 
-def test_every_unet_group_norm_is_switchable(tiny_pipe):
+def test_every_unet_norm_is_switchable(tiny_pipe):
     unet = tiny_pipe.model.unet
-    norms = [m for m in unet.modules() if isinstance(m, nn.GroupNorm)]
-    assert norms and all(isinstance(m, GroupNorm32) for m in norms)
-    assert set_native_group_norm(unet, False) == len(norms)
+    groups = [m for m in unet.modules() if isinstance(m, nn.GroupNorm)]
+    layers = [m for m in unet.modules() if isinstance(m, nn.LayerNorm)]
+    assert groups and all(isinstance(m, GroupNorm32) for m in groups)
+    assert layers and all(isinstance(m, LayerNorm32) for m in layers)
+    assert set_native_norms(unet, False) == len(groups) + len(layers)
+
+
+def _group_norm(gen):
+    return GroupNorm32(4, 8, eps=1e-6), 3 + 5 * torch.randn(2, 8, 6, 5, generator=gen)
+
+
+def _layer_norm(gen):
+    return LayerNorm32(8), 3 + 5 * torch.randn(2, 7, 8, generator=gen)
 
 
 @torch.no_grad()
-def test_native_group_norm_is_exact_in_float32_and_close_in_half():
+@pytest.mark.parametrize("make", [_group_norm, _layer_norm])
+def test_native_norms_are_exact_in_float32_and_close_in_half(make):
     gen = torch.Generator().manual_seed(0)
-    norm = GroupNorm32(4, 8, eps=1e-6)
+    norm, x = make(gen)
     norm.weight.copy_(torch.randn(8, generator=gen))
     norm.bias.copy_(torch.randn(8, generator=gen))
-    x = 3 + 5 * torch.randn(2, 8, 6, 5, generator=gen)
     reference = norm(x)
     norm.in_input_dtype = True
     assert torch.equal(norm(x), reference)  # fp32 inputs never take the native path
@@ -121,7 +131,7 @@ def test_native_group_norm_is_exact_in_float32_and_close_in_half():
         assert norm(x.bfloat16()).dtype == torch.bfloat16
 
 
-def test_native_group_norm_unet_call_close_under_autocast(tiny_pipe):
+def test_native_norms_unet_call_close_under_autocast(tiny_pipe):
     unet = tiny_pipe.model.unet
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 16, 16, generator=gen)
@@ -130,18 +140,18 @@ def test_native_group_norm_unet_call_close_under_autocast(tiny_pipe):
         ctx = tiny_pipe.model.get_conditioning(["a fox", "a hen"], (128, 128))
 
     def call(native):
-        set_native_group_norm(unet, native)
+        set_native_norms(unet, native)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             return tiny_pipe.model.apply_model(x, t, ctx).float()
     try:
         reference, native = call(False), call(True)
         with torch.no_grad():  # full precision: the switch changes nothing at all
-            set_native_group_norm(unet, True)
+            set_native_norms(unet, True)
             a = tiny_pipe.model.apply_model(x, t, ctx)
-            set_native_group_norm(unet, False)
+            set_native_norms(unet, False)
             b = tiny_pipe.model.apply_model(x, t, ctx)
     finally:
-        set_native_group_norm(unet, False)
+        set_native_norms(unet, False)
     assert torch.equal(a, b)
     assert rel_err(native, reference) < 3e-2
 
@@ -151,7 +161,7 @@ def test_fast_paths_per_device_and_overrides():
     cuda = precision.fast_paths("cuda")
     assert cuda == dict(precision.REFERENCE_PATHS, **precision.FAST_PATHS["cuda"])
     assert precision.fast_paths("cuda", channels_last=False)["channels_last"] is False
-    assert precision.fast_paths("cpu", native_group_norm=True)["native_group_norm"] is True
+    assert precision.fast_paths("cpu", native_norms=True)["native_norms"] is True
     with pytest.raises(TypeError):
         precision.fast_paths("cpu", fused=True)
 

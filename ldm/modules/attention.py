@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.modules.normalization import GroupNorm32
+from ldm.modules.normalization import GroupNorm32, LayerNorm32
 
 
 def attention(q, k, v, heads: int):
@@ -61,9 +61,10 @@ class BasicTransformerBlock(nn.Module):
                                     dropout)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        # nn.LayerNorm unless switched to native half computation (ldm.precision)
+        self.norm1 = LayerNorm32(dim)
+        self.norm2 = LayerNorm32(dim)
+        self.norm3 = LayerNorm32(dim)
 
     def forward(self, x, context=None):
         x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
