@@ -47,6 +47,7 @@ import pickle
 import re
 import struct
 import tempfile
+import threading
 import types
 import warnings
 import zipfile
@@ -61,6 +62,7 @@ __all__ = [
     "load_state_dict",
     "file_sha256",
     "short_hash",
+    "BackgroundShortHash",
     "save_safetensors",
     "SHORT_HASH_LEN",
     "PICKLE_SUFFIXES",
@@ -410,11 +412,20 @@ _UNSUPPORTED_GLOBAL_RE = re.compile(
 )
 
 
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
 def _torch_load_pickled(path: Path, trust_pickle: bool) -> Any:
+    # Zip checkpoints are memory-mapped: storages are not read up front (a 5 GB file took 17 s
+    # to read), only the pages each tensor touches when it is cast or moved. The pickle goes
+    # through the same gate either way; legacy (non-zip) files cannot be mapped.
+    mmap = _is_zip(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:
             first_error = exc
 
@@ -431,6 +442,7 @@ def _torch_load_pickled(path: Path, trust_pickle: bool) -> Any:
                 map_location="cpu",
                 weights_only=False,
                 pickle_module=pickle_module,
+                mmap=mmap,
             )
         except _RefusedGlobal as exc:
             raise _refusal(path, exc.target) from None
@@ -523,6 +535,31 @@ def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
                 break
             digest.update(block)
     return digest.hexdigest()
+
+
+class BackgroundShortHash:
+    """:func:`short_hash` of a file, computed in a daemon thread started at once: file reads and
+    hashlib release the GIL, so hashing a 5 GB checkpoint (3.5 s) overlaps loading and sampling.
+    :meth:`result` waits for it (and re-raises its error)."""
+
+    def __init__(self, path: PathLike):
+        self._value: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True,
+                                        name="checkpoint-sha256")
+        self._thread.start()
+
+    def _run(self, path):
+        try:
+            self._value = short_hash(path)
+        except BaseException as exc:  # handed to whoever asks for the result
+            self._error = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")

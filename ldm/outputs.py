@@ -185,16 +185,26 @@ class OutputWriter:
     """Numbered samples (outdir/samples/NNNNN.png) and grids (outdir/grid-NNNN.png); numbering
     goes on from the files already there, so runs into one folder never overwrite each other."""
 
-    def __init__(self, outdir, args, opts):
-        from ldm.checkpoint import short_hash
-
+    def __init__(self, outdir, args, opts, ckpt_hash=None):
+        """ckpt_hash: the checkpoint's short hash, or a BackgroundShortHash computing it (the
+        CLI starts one before loading); None: hashed here when the first file is written."""
         self.outdir = Path(outdir)
         self.sample_dir = self.outdir / "samples"
         ensure_writable_dir(self.sample_dir)
         self.args, self.opts = args, opts
-        self.ckpt_hash = short_hash(args.ckpt)
+        self._ckpt_hash = ckpt_hash
         self.count = 0
         self.prompts = []
+
+    @property
+    def ckpt_hash(self) -> str:
+        from ldm.checkpoint import short_hash
+
+        if self._ckpt_hash is None:
+            self._ckpt_hash = short_hash(self.args.ckpt)
+        elif not isinstance(self._ckpt_hash, str):
+            self._ckpt_hash = self._ckpt_hash.result()
+        return self._ckpt_hash
 
     def save_batch(self, prompts, decoded: torch.Tensor, latents: torch.Tensor):
         paths = []

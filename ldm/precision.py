@@ -1,5 +1,7 @@
 """How a loaded model is laid out for inference on its device: weight precision, memory format,
 compilation. Family-blind: it knows the first stage (the VAE) and nothing else by name."""
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -10,26 +12,87 @@ HALF_WEIGHTS = {"cuda": torch.float16}
 # The VAE stays fp32 everywhere: the fp16 decoder overflows, and bf16 loses ~1e-2 (measured on
 # the tiny model, docs/benchmarks.md); decoding is not where the time goes.
 VAE_DTYPE = torch.float32
+FIRST_STAGE = "first_stage_model"  # the VAE's child name in every family's model
+
+
+def weight_dtype_policy(device, precision: str = "autocast"):
+    """key -> dtype for every floating tensor of a checkpoint, so that weights are loaded
+    straight into the dtype prepare_for_inference would give them (no fp32 copy on the host
+    first): half for the children other than the first stage where HALF_WEIGHTS says so,
+    float32 for the VAE and the model's own (root) buffers such as the schedule."""
+    half = HALF_WEIGHTS.get(torch.device(device).type) if precision == "autocast" else None
+
+    def dtype_of(key: str) -> torch.dtype:
+        child, dot, _ = key.partition(".")
+        if child == FIRST_STAGE:
+            return VAE_DTYPE
+        return half if dot and half is not None else torch.float32
+    return dtype_of
 
 
 def denoising_modules(model: nn.Module):
     """The model's children other than the first stage: the UNet wrapper and the conditioner(s)."""
-    vae = getattr(model, "first_stage_model", None)
+    vae = getattr(model, FIRST_STAGE, None)
     return [child for child in model.children() if child is not vae]
 
 
+# Kernel and layout choices per device type, taken where the caller leaves them open (None):
+# - channels_last: the UNet in channels-last memory format (cuDNN's NHWC fp16 convolutions);
+#   measured 0.88x of the contiguous time for a 1024² sample on an H200;
+# - cudnn_benchmark: cuDNN times its algorithms once per shape, during sampling only (it
+#   repeats one shape);
+# - native_norms: the UNet's GroupNorms and LayerNorms in the activations' half dtype (CUDA
+#   accumulates in float32 anyway), not through a float32 copy.
+# The CPU keeps the reference kernels (its numbers are the reference ones).
+# scripts/benchmark.py --device cuda measures each against the reference kernels.
+FAST_PATHS = {
+    "cuda": {"channels_last": True, "cudnn_benchmark": True, "native_norms": True},
+}
+REFERENCE_PATHS = {"channels_last": False, "cudnn_benchmark": False, "native_norms": False}
+
+
+def fast_paths(device, **chosen):
+    """The kernel/layout choices for `device`: FAST_PATHS' defaults, overridden by every choice
+    given as True or False (None leaves the default)."""
+    paths = dict(REFERENCE_PATHS, **FAST_PATHS.get(torch.device(device).type, {}))
+    paths.update({k: v for k, v in chosen.items() if v is not None})
+    unknown = set(paths) - set(REFERENCE_PATHS)
+    if unknown:
+        raise TypeError(f"unknown fast path(s): {', '.join(sorted(unknown))}")
+    return paths
+
+
+@contextmanager
+def autotuned(enabled: bool):
+    """cuDNN autotuning (process-wide) while the block runs, restored after it: meant around
+    sampling, where one shape repeats; a tiled decode's many tile shapes would each pay for
+    their own tuning."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
-                          channels_last: bool = False, compile_unet: bool = False):
+                          channels_last=None, compile_unet: bool = False,
+                          native_norms=None):
     """Lay the model out for `device`; returns it. Half weights under autocast where
-    HALF_WEIGHTS says so; channels-last UNet memory format and torch.compile only when asked
-    (each is kept where measured faster: scripts/benchmark.py --device cuda)."""
+    HALF_WEIGHTS says so (a no-op when the loader gave them already); channels-last and native
+    half norms as FAST_PATHS says for the device unless given; torch.compile only when
+    asked. (cuDNN autotuning is no layout: the sampler turns it on, see `autotuned`.)"""
+    from ldm.modules.normalization import set_native_norms
+
     device = torch.device(device)
     half = HALF_WEIGHTS.get(device.type) if precision == "autocast" else None
     if half is not None:
         for child in denoising_modules(model):
             child.to(half)
-    if channels_last:
+    paths = fast_paths(device, channels_last=channels_last, native_norms=native_norms)
+    if paths["channels_last"]:
         unet_of(model).to(memory_format=torch.channels_last)
+    set_native_norms(unet_of(model), paths["native_norms"])
     if compile_unet:
         unet = unet_of(model)
         unet.forward = torch.compile(unet.forward, dynamic=False)

@@ -96,12 +96,29 @@ def _options(p):
     return GenerationOptions(steps=p["steps"], H=8 * p["side"], W=8 * p["side"])
 
 
+# Kernel switches a variant of a sample case may set (cuDNN autotuning while sampling, the
+# UNet's GroupNorm dtype); a
+# variant that sets none runs with the device's defaults (ldm.precision.FAST_PATHS), as txt2img.
+KERNEL_SWITCHES = ("cudnn_benchmark", "native_norms")
+REFERENCE_KERNELS = {"cudnn_benchmark": False, "native_norms": False}
+
+
+def _kernels(device, variant):
+    from ldm.precision import fast_paths
+
+    paths = fast_paths(device, **{k: variant.get(k) for k in KERNEL_SWITCHES})
+    return {k: paths[k] for k in KERNEL_SWITCHES}
+
+
 def case_sample(p, meter):
-    """DDIM runs (eta 1, CFG 9) of the fp16 UNet: variants interleaved round by round; with a
-    preset, one run plus its tiled decode, for the whole run's peak."""
+    """DDIM runs (eta 1, CFG 9) of the fp16 UNet: variants (re-dilation, kernel switches)
+    interleaved round by round; with a preset, one run plus its tiled decode, for the whole
+    run's peak."""
     import torch
 
     from ldm.models.diffusion.ddim import sample_ddim
+    from ldm.modules.normalization import set_native_norms
+    from ldm.precision import autotuned
     from ldm.scalecrafter.guidance import GuidedDenoiser
     from ldm.scalecrafter.settings import build_settings
 
@@ -113,29 +130,38 @@ def case_sample(p, meter):
     cond, uncond = (torch.randn(1, 77, ctx_dim, generator=gen).to(meter.device) for _ in range(2))
     x = torch.randn(1, 4, p["side"], p["side"], generator=gen).to(meter.device)
     variants = p.get("variants", {"run": {}})
-    settings = {k: build_settings(unet, _options({**p, **v})) for k, v in variants.items()}
+    options = {k: {n: x for n, x in v.items() if n not in KERNEL_SWITCHES}
+               for k, v in variants.items()}
+    settings = {k: build_settings(unet, _options({**p, **v})) for k, v in options.items()}
+    kernels = {k: _kernels(meter.device, v) for k, v in variants.items()}
 
     def run(key, steps=None):
+        set_native_norms(unet, kernels[key]["native_norms"])
         denoiser = GuidedDenoiser(_Denoising(unet), cond, uncond, 9.0, settings[key])
-        with torch.autocast(meter.device.type, dtype=_half(meter.device)):
+        with torch.autocast(meter.device.type, dtype=_half(meter.device)), \
+                autotuned(kernels[key]["cudnn_benchmark"]):
             return sample_ddim(denoiser, x, acp, steps or p["steps"], 1.0,
                                torch.Generator().manual_seed(1), progress=False)
-    times = {k: [] for k in variants}
+    times, warmup = {k: [] for k in variants}, {}
     with torch.no_grad():
+        run(next(iter(variants)), 1)  # the process's one-off CUDA set-up, in no variant's time
         for key in variants:
             log(f"  sample {key}: warm-up ({p.get('warmup_steps', 2)} steps)")
-            run(key, p.get("warmup_steps", 2))
+            # its time shows what one-off work (cuDNN autotuning) costs a single run
+            warmup[key], _ = meter.timed(lambda: run(key, p.get("warmup_steps", 2)))
         for r in range(p.get("repeats", 1)):
             for key in variants:
                 wall, _ = meter.timed(lambda: run(key))
                 times[key].append(wall)
                 log(f"  sample {key}: {r + 1}: {wall:.2f}s")
         result = {"seconds": {k: statistics.median(v) for k, v in times.items()},
+                  "warmup_seconds": warmup,
                   "all_seconds": times, "sample_peak_gb": meter.peak_bytes() / GB}
         if p.get("decode"):
             result.update(_decode_after(p, meter, run(next(iter(variants))), unet))
     result.update(side=p["side"], steps=p["steps"], baseline_gb=baseline / GB,
-                  peak_gb=meter.peak_bytes() / GB)
+                  peak_gb=meter.peak_bytes() / GB, kernels=kernels,
+                  channels_last=layout["channels_last"])
     return result
 
 
@@ -189,18 +215,39 @@ def case_cli(p, meter):
             f"({ckpt.stat().st_size / GB:.1f} GB)")
         cmd = [sys.executable, str(REPO_ROOT / "scripts" / "txt2img.py"), *SEED_COMMAND,
                "--ckpt", str(ckpt), "--config", str(_config(p)), "--device", meter.device.type,
-               "--outdir", str(Path(tmp) / "out"), *p.get("extra", [])]
+               "--outdir", str(Path(tmp) / "out"), "--timings", *p.get("extra", [])]
         start = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wall = time.perf_counter() - start
     if proc.returncode:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
         return {"error": f"txt2img exited {proc.returncode}: {tail[0]}", "seconds": wall}
-    return {"seconds": wall, "command": "txt2img.py " + " ".join(SEED_COMMAND + p.get("extra", []))}
+    return {"seconds": wall, "phases": _phases(proc.stderr),
+            "command": "txt2img.py " + " ".join(SEED_COMMAND + p.get("extra", []))}
+
+
+def _phases(stderr):
+    """{phase: seconds} from txt2img's --timings line ("timings (s): load 3.10, sample ...");
+    the rest of the wall time is Python start-up and imports."""
+    for line in reversed(stderr.splitlines()):
+        if line.startswith("timings (s):"):
+            pairs = (part.split() for part in line.split(":", 1)[1].split(","))
+            return {name: float(value) for name, value in pairs}
+    return {}
 
 
 CASES = {"sample": case_sample, "cli": case_cli}
 ITEMS = ("decode", "sample", "cli")
+
+
+# Where the seed's half-side tiling is measured beside the auto tiles (2048² dropped: the
+# same ratio at 1024² says it, and the run must stay within ~4 minutes).
+SEED_TILING_SIDES = (128,)
+SWITCH_VARIANTS = {
+    "reference": REFERENCE_KERNELS,
+    "cudnn_benchmark": {**REFERENCE_KERNELS, "cudnn_benchmark": True},
+    "native_norms": {**REFERENCE_KERNELS, "native_norms": True},
+}
 
 
 def plan(args):
@@ -208,7 +255,8 @@ def plan(args):
     cases, budget = [], args.decode_budget_gb or 10.0
     if "decode" in args.only:
         for side in (128, 256, 512):
-            modes = [("full", None), ("auto", "auto")] + ([("seed", None)] if side < 512 else [])
+            modes = [("full", None), ("auto", "auto")] + (
+                [("seed", None)] if side in SEED_TILING_SIDES else [])
             for mode, tile in modes:
                 cases.append((f"decode_{side}_{mode}", "decode", {
                     "tiny": False, "side": side, "mode": "full" if mode == "full" else "tiled",
@@ -216,18 +264,22 @@ def plan(args):
                     "repeats": 1 if side == 512 else 2, "budget_gb": budget}))
     if "sample" in args.only:
         steps, tau = args.sample_steps, round(args.sample_steps * 20 / 50)
-        variants = {"plain": {}, "dilated": {"dilate_tau": tau}}
-        cases.append(("sample_1024", "sample", {"side": 128, "steps": steps,
-                                                 "variants": variants, "repeats": 2}))
-        layouts = [("channels_last", {"channels_last": True})]
+        # The reference kernels and each kernel switch alone, in the contiguous layout ...
+        cases.append(("sample_1024", "sample", {"side": 128, "steps": steps, "repeats": 2,
+                                                 "variants": SWITCH_VARIANTS}))
+        # ... channels-last alone, and everything together (txt2img's CUDA defaults), plain
+        # and re-dilated.
+        cases.append(("sample_1024_channels_last", "sample", {
+            "side": 128, "steps": steps, "repeats": 2, "channels_last": True, "variants": {
+                "channels_last": REFERENCE_KERNELS, "plain": {}, "dilated": {"dilate_tau": tau}}}))
         if args.compile:
-            layouts.append(("compile", {"compile": True, "warmup_steps": 3}))
-        for name, layout in layouts:
-            cases.append((f"sample_1024_{name}", "sample", {
-                "side": 128, "steps": steps, "variants": {"plain": {}}, "repeats": 2, **layout}))
+            cases.append(("sample_1024_compile", "sample", {
+                "side": 128, "steps": steps, "variants": {"plain": {}}, "repeats": 2,
+                "channels_last": True, "compile": True, "warmup_steps": 3}))
         cases.append(("sample_4096_preset", "sample", {
             "side": 512, "steps": args.preset_steps, "preset": "sd2.1_4096x4096_experimental",
             "variants": {"run": {}}, "repeats": 1, "warmup_steps": 1, "decode": True,
+            "channels_last": True,  # txt2img's CUDA default layout
             "budget_gb": budget}))
     if "cli" in args.only:
         cases.append(("cli_1024", "cli", {"workdir": args.workdir}))
@@ -257,6 +309,8 @@ def rows(results):
         full = _get(results, f"decode_{side}_full", "seconds")
         for mode, label in (("seed", "seed's tiling"), ("auto", "auto tiles")):
             key = f"decode_{side}_{mode}"
+            if mode == "seed" and side not in SEED_TILING_SIDES:
+                continue
             tiled = _get(results, key, "seconds")
             tiles = _get(results, key, "tiles")
             out.append((f"tiled SyncGN / full decode, {image} ({label}, {tiles} tiles)",
@@ -276,26 +330,59 @@ def rows(results):
     out.append((f"4096² experimental preset, whole-run peak ({r.get('steps')} steps + tiled "
                 f"decode)", _gb(r.get("peak_gb")), "≤ 24 GB", r.get("peak_gb"),
                 _why(results, "sample_4096_preset")))
-    s = results.get("sample_1024", {})
-    plain, dilated = _get(s, "seconds", "plain"), _get(s, "seconds", "dilated")
-    steps = s.get("steps")
-    out.append((f"re-dilated / plain 1024² run ({steps and round(steps * 20 / 50)} of {steps} "
-                f"steps dilated)", _pair(dilated, plain, "s"), "≤ 1.05x",
-                _ratio(dilated, plain), _why(results, "sample_1024")))
-    out.append((f"plain 1024² {steps}-step sample", _fmt(plain, ".2f") + " s", "≤ 1.3 s (50 steps)",
-                plain, _why(results, "sample_1024")))
-    for name in ("channels_last", "compile"):
-        key = f"sample_1024_{name}"
-        if key in results:
-            t = _get(results, key, "seconds", "plain")
-            out.append((f"plain 1024² {steps}-step sample, {name.replace('_', '-')}",
-                        _pair(t, plain, "s"), "faster than without", _ratio(t, plain),
-                        _why(results, key)))
+    out += _sample_rows(results)
     r = results.get("cli_1024", {})
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in (r.get("phases") or {}).items())
     out.append(("CLI wall time, the seed's 1024² command (random full-size .ckpt)",
-                _fmt(r.get("seconds"), ".1f") + " s", "≤ 20 s", r.get("seconds"),
-                _why(results, "cli_1024")))
+                _fmt(r.get("seconds"), ".1f") + " s" + (f" ({phases})" if phases else ""),
+                "≤ 20 s", r.get("seconds"), _why(results, "cli_1024")))
     return out
+
+
+def _sample_rows(results):
+    """The 1024² sample rows: re-dilated / plain and the plain time with the device's default
+    kernels (txt2img's), then each switch, and all together, against the reference kernels."""
+    fast = results.get("sample_1024_channels_last", {})
+    switches = results.get("sample_1024", {})
+    steps = fast.get("steps") or switches.get("steps")
+    plain, dilated = _get(fast, "seconds", "plain"), _get(fast, "seconds", "dilated")
+    why = _why(results, "sample_1024_channels_last")
+    out = [(f"re-dilated / plain 1024² run ({steps and round(steps * 20 / 50)} of {steps} "
+            f"steps dilated)", _pair(dilated, plain, "s"), "≤ 1.05x", _ratio(dilated, plain),
+            why),
+           (f"plain 1024² {steps}-step sample (default kernels: {_kernel_text(fast)})",
+            _fmt(plain, ".2f") + " s", "≤ 1.3 s (50 steps)", plain, why)]
+    reference = _get(switches, "seconds", "reference")
+    measured = [(name.replace("_", "-"), _get(switches, "seconds", name),
+                 _why(results, "sample_1024")) for name in SWITCH_VARIANTS if name != "reference"]
+    measured += [("channels-last", _get(fast, "seconds", "channels_last"), why),
+                 ("all together", plain, why)]
+    if "sample_1024_compile" in results:
+        measured.append(("all + torch.compile",
+                         _get(results, "sample_1024_compile", "seconds", "plain"),
+                         _why(results, "sample_1024_compile")))
+    for name, t, note in measured:
+        text = _pair(t, reference, "s") + (_warmup_note(switches) if name == "cudnn-benchmark"
+                                           else "")
+        out.append((f"plain 1024² {steps}-step sample, {name} / reference kernels", text,
+                    "< 1x (kept where faster)", _ratio(t, reference),
+                    note or _why(results, "sample_1024")))
+    return out
+
+
+def _warmup_note(result):
+    """cuDNN autotuning is paid once per run, in its first steps (a single image pays it in
+    full): the warm-up's time beside the reference kernels' warm-up."""
+    tuned, plain = (_get(result, "warmup_seconds", k) for k in ("cudnn_benchmark", "reference"))
+    if tuned is None or plain is None:
+        return ""
+    return f" (warm-up steps: {tuned:.2f} s / {plain:.2f} s)"
+
+
+def _kernel_text(result):
+    on = [k.replace("_", "-") for k, v in (result.get("kernels", {}).get("plain") or {}).items()
+          if v]
+    return ", ".join((["channels-last"] if result.get("channels_last") else []) + on) or "none"
 
 
 def _fmt(value, spec):

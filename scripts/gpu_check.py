@@ -128,14 +128,21 @@ def half_weights_unet():
     unet, _, _ = tiny_parts()
     holder = nn.Module()
     holder.unet = unet
-    prepare_for_inference(holder, DEVICE, "autocast")
-    dtypes = {p.dtype for p in unet.parameters()}
     data = np.load(TINY / "tiny-sd21-unet-vanilla.npz")
     x, t, ctx = (torch.from_numpy(data[k]).to(DEVICE) for k in ("x", "t", "context"))
-    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16):
-        got = unet(x, t, context=ctx)
-    return expect(f"fp16 weights {sorted(map(str, dtypes))} under autocast", rel_err(got,
-                  data["out"]), 2e-2)
+    out = []
+    # the reference kernels, then the device's default fast paths (channels-last, native half
+    # GroupNorm) on the same UNet (this order: channels-last is not undone)
+    for label, paths in (("reference kernels", {"channels_last": False,
+                                                "native_norms": False}),
+                         ("default paths", {})):
+        prepare_for_inference(holder, DEVICE, "autocast", **paths)
+        dtypes = {p.dtype for p in unet.parameters()}
+        with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16):
+            got = unet(x, t, context=ctx)
+        out.append(expect(f"fp16 weights {sorted(map(str, dtypes))} under autocast, {label}",
+                          rel_err(got, data["out"]), 2e-2))
+    return ", ".join(out)
 
 
 @check

@@ -8,6 +8,7 @@ flags, 130 interrupted (the finished images are kept, nothing partial is left)."
 import argparse
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,12 @@ def build_parser(suppress_defaults=False):
     add("--repeat", type=int, default=d(1), help="repeat each prompt of --from-file this often")
     add("--device", type=str, choices=["cpu", "cuda"], default=d("cpu"), help="device")
     add("--compile", action="store_true", help="torch.compile the UNet (slow first step)")
-    add("--channels_last", action="store_true", help="UNet in channels-last memory format")
+    add("--channels_last", action=argparse.BooleanOptionalAction,
+        help="UNet in channels-last memory format (default: where ldm/precision.py measured "
+             "it faster, CUDA)")
+    add("--fast_kernels", action=argparse.BooleanOptionalAction,
+        help="CUDA: cuDNN autotuning and the UNet's norms in the activations' dtype "
+             "(default: on with CUDA; --no-fast_kernels for the reference kernels)")
     g = p.add_argument_group("ScaleCrafter: re-dilation")
     g.add_argument("--dilate", type=float, help="dilation factor for the UNet's 3x3 convs")
     g.add_argument("--dilate_tau", type=int, default=d(20),
@@ -99,6 +105,8 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--metadata", choices=["png", "json"], default=d("png"),
                    help="png: parameters in the PNG; json: also a sidecar NNNNN.json")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.add_argument("--timings", action="store_true",
+                   help="print the seconds spent loading, sampling, decoding and writing")
     return p
 
 
@@ -335,22 +343,70 @@ def check_inputs(args, opts):
     return settings
 
 
+def seed_everything(seed):
+    """What lightning's seed_everything(seed, workers=False) does, without importing lightning
+    (3.7 s): the global RNGs of Python, numpy and torch (CUDA included), and the environment
+    variables it leaves for subprocesses."""
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    os.environ["PL_SEED_WORKERS"] = "0"
+    return seed
+
+
+class PhaseTimer:
+    """Seconds spent per phase (load, sample, decode, write), for --timings. A phase ends when
+    the device has finished its work, so queued kernels are charged to the phase that queued
+    them."""
+
+    def __init__(self, device, enabled):
+        self.device, self.enabled, self.seconds = device, enabled, {}
+
+    @contextmanager
+    def phase(self, name):
+        import time
+
+        start = time.perf_counter()
+        yield
+        if self.enabled and self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def report(self):
+        if self.enabled:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items())
+            print(f"timings (s): {parts}", file=sys.stderr, flush=True)
+
+
 def run(args):
     import torch
-    from lightning_fabric.utilities.seed import seed_everything
 
+    from ldm.checkpoint import BackgroundShortHash
     from ldm.outputs import OutputWriter
     from ldm.pipeline import Pipeline
 
     opts = options_from_args(args)
     batches = read_prompts(args)
     settings = check_inputs(args, opts)  # settings files read once (one warning at most)
-    pipe = Pipeline.load(args.config, args.ckpt, device=args.device, precision=args.precision,
-                         channels_last=args.channels_last, compile_unet=args.compile)
+    ckpt_hash = BackgroundShortHash(args.ckpt)  # for the metadata; overlaps loading and sampling
+    timer = PhaseTimer(args.device, args.timings)
+    with timer.phase("load"):
+        pipe = Pipeline.load(args.config, args.ckpt, device=args.device,
+                             precision=args.precision, channels_last=args.channels_last,
+                             compile_unet=args.compile, cudnn_benchmark=args.fast_kernels,
+                             native_norms=args.fast_kernels)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
-    writer = OutputWriter(args.outdir, args, opts)
-    seed_everything(args.seed, verbose=False)
+    writer = OutputWriter(args.outdir, args, opts, ckpt_hash)
+    seed_everything(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     x_T = pipe.initial_noise(opts, args.n_samples, generator) if args.fixed_code else None
     from tqdm.auto import trange, tqdm
@@ -360,11 +416,16 @@ def run(args):
         for _ in trange(args.n_iter, desc="Sampling"):
             for prompts in tqdm(batches, desc="data", leave=False):
                 start = x_T[:len(prompts)] if x_T is not None else None
-                z, _ = pipe.sample(prompts, opts, generator, start, settings)
-                decoded = pipe.decode(z, opts).float().cpu()
-                writer.save_batch(prompts, decoded, z.cpu())
+                with timer.phase("sample"):
+                    z, _ = pipe.sample(prompts, opts, generator, start, settings)
+                with timer.phase("decode"):
+                    decoded = pipe.decode(z, opts).float().cpu()
+                with timer.phase("write"):  # waits for the checkpoint hash, if still running
+                    writer.save_batch(prompts, decoded, z.cpu())
                 all_images.append(decoded)
-        writer.save_grid(all_images, args.n_rows or args.n_samples)
+        with timer.phase("write"):
+            writer.save_grid(all_images, args.n_rows or args.n_samples)
+        timer.report()
     except KeyboardInterrupt:
         writer.discard_partial_files()
         if args.debug:

@@ -114,15 +114,26 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path):
     run = lambda name, **p: bench.run_case(name, {"tiny": True, **p}, "cpu")
     results = {
         "sample_1024": run("sample", side=8, steps=5, warmup_steps=1,
-                           variants={"plain": {}, "dilated": {"dilate_tau": 2}}),
+                           variants=gpu.SWITCH_VARIANTS),
+        "sample_1024_channels_last": run("sample", side=8, steps=5, warmup_steps=1,
+                                         channels_last=True, variants={
+                                             "channels_last": gpu.REFERENCE_KERNELS, "plain": {},
+                                             "dilated": {"dilate_tau": 2}}),
         "sample_4096_preset": run("sample", side=16, steps=2, warmup_steps=1, decode=True,
                                   preset="sd2.1_4096x4096_experimental", budget_gb=1e-4),
         "cli_1024": run("cli", workdir=str(tmp_path),
                         extra=["--H", "64", "--W", "64", "--steps", "2", "--overlap", "2"]),
     }
-    assert set(results["sample_1024"]["seconds"]) == {"plain", "dilated"}
+    assert set(results["sample_1024"]["seconds"]) == set(gpu.SWITCH_VARIANTS)
+    assert results["sample_1024"]["kernels"]["native_norms"] == {
+        "cudnn_benchmark": False, "native_norms": True}
+    assert set(results["sample_1024_channels_last"]["seconds"]) == {
+        "channels_last", "plain", "dilated"}
     assert results["sample_4096_preset"]["decode_seconds"] > 0
     assert results["cli_1024"]["seconds"] > 0, results["cli_1024"]
     table = gpu.markdown(results, "cpu")
     assert "re-dilated / plain 1024² run (2 of 5 steps dilated)" in table
-    assert len(gpu.rows(results)) == 11 and "CLI wall time" in table
+    assert "plain 1024² 5-step sample, native-norms / reference kernels" in table
+    assert "plain 1024² 5-step sample, all together / reference kernels" in table
+    assert set(results["cli_1024"]["phases"]) == {"load", "sample", "decode", "write"}
+    assert len(gpu.rows(results)) == 14 and "CLI wall time" in table

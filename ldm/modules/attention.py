@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm.modules.normalization import GroupNorm32, LayerNorm32
+
 
 def attention(q, k, v, heads: int):
     """Multi-head scaled dot-product attention on (batch, tokens, heads*dim) tensors."""
@@ -59,9 +61,10 @@ class BasicTransformerBlock(nn.Module):
                                     dropout)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        # nn.LayerNorm unless switched to native half computation (ldm.precision)
+        self.norm1 = LayerNorm32(dim)
+        self.norm2 = LayerNorm32(dim)
+        self.norm3 = LayerNorm32(dim)
 
     def forward(self, x, context=None):
         x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
@@ -79,7 +82,9 @@ class SpatialTransformer(nn.Module):
             context_dim = context_dim[0]
         inner = n_heads * d_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(32, in_channels, eps=1e-6, affine=True)
+        # float32 statistics, output in the input's dtype (the next projection casts to it
+        # under autocast anyway); a GroupNorm32 so the native-half switch reaches it too
+        self.norm = GroupNorm32(32, in_channels, eps=1e-6, affine=True)
         self.proj_in = (nn.Linear(in_channels, inner) if use_linear
                         else nn.Conv2d(in_channels, inner, 1))
         self.transformer_blocks = nn.ModuleList(

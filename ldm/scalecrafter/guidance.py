@@ -25,6 +25,14 @@ class GuidedDenoiser:
         self.uncond = None if uncond is None else as_conditioning(uncond)
         self.planner = StepPlanner(model.unet, settings or ScaleCrafterSettings())
         self.unet_batches = []  # batch size of every UNet call, for accounting and tests
+        self._batched = {}  # the batched conditionings, made once, not at every step
+
+    def _conditioning(self, parts: str) -> Conditioning:
+        """Batched once per denoiser: "uc" is [uncond, cond], "ucu" [uncond, cond, uncond]."""
+        if parts not in self._batched:
+            pick = {"u": self.uncond, "c": self.cond}
+            self._batched[parts] = Conditioning.cat([pick[p] for p in parts])
+        return self._batched[parts]
 
     def _unet(self, x, t, cond, overrides):
         self.unet_batches.append(x.shape[0])
@@ -38,14 +46,14 @@ class GuidedDenoiser:
             return self._unet(x, t, self.cond, main)
         if damped is None:
             both = self._unet(torch.cat([x, x]), torch.cat([t, t]),
-                              Conditioning.cat([self.uncond, self.cond]), main)
+                              self._conditioning("uc"), main)
             uncond, cond = both.chunk(2)
             return uncond + self.scale * (cond - uncond)
         # Noise-damped CFG: the unconditional half runs once more with the damped plan, as
         # extra rows of the same UNet call (1.5 batches); only convs whose plans differ split.
         rows = x.shape[0]
         out = self._unet(torch.cat([x, x, x]), torch.cat([t, t, t]),
-                         Conditioning.cat([self.uncond, self.cond, self.uncond]),
+                         self._conditioning("ucu"),
                          [(2 * rows, main), (rows, damped)])
         uncond, cond, uncond_damped = out.chunk(3)
         return uncond_damped + self.scale * (cond - uncond)

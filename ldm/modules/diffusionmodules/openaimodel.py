@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.normalization import GroupNorm32
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
@@ -21,13 +22,6 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the activation dtype (fp16 statistics overflow)."""
-
-    def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
 
 
 def normalization(channels):
