@@ -1,0 +1,287 @@
+"""The full (untiled) VAE decode, layer by layer in row bands: the same maths as
+`Decoder.forward`, with far less memory.
+
+The plain decode holds, at its peak, an upsampled map, its conv output, a normalised copy and a
+ResNet block's hidden map at full resolution (68 GB in fp32 at 4096²). Here:
+- a 3x3 conv runs band by band: an output band needs its input band plus one row above and below,
+  and the GroupNorm + SiLU before it is applied to that input band only (no normalised copy);
+- GroupNorm statistics are whole-map: per-band moments merged exactly (Chan's formula), taken
+  while each band is written, so they cost no extra pass;
+- a ResNet block's output overwrites its hidden map in place (the rows the next band still needs
+  are kept aside), so a block holds its input and one hidden map;
+- where even that exceeds the memory budget, an upsample's output is never materialised (its
+  bands are recomputed from the small input when needed), and a block with an identity shortcut
+  recomputes its hidden bands instead of storing them, writing its output into its input.
+Attention runs as in the plain decoder (it sits at the latent resolution).
+
+Numbers equal the plain decode's to float tolerance: only the summation order of the GroupNorm
+moments and the conv algorithm per band differ."""
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.diffusionmodules.model import ResnetBlock
+
+BAND_BYTES = 256 * 2 ** 20  # one band of the widest map a conv reads (its temporaries are a few)
+
+
+class Moments:
+    """Per (sample, group) moments of a map, merged exactly from its bands."""
+
+    def __init__(self, groups: int):
+        self.groups, self.parts = groups, []
+
+    def add(self, band):
+        b, c = band.shape[:2]
+        g = band.reshape(b, self.groups, c // self.groups, -1).float()
+        var, mean = torch.var_mean(g, dim=(2, 3), correction=0)
+        n = g.shape[2] * g.shape[3]
+        self.parts.append((n, mean, var * n))
+
+    def normalizer(self, norm: nn.GroupNorm):
+        """x band -> silu(GroupNorm(x)) with the whole map's statistics, as a new tensor."""
+        counts, means, m2s = zip(*self.parts)
+        total = sum(counts)
+        mean = sum(n * m for n, m in zip(counts, means)) / total
+        var = sum(m2 + n * (m - mean) ** 2 for n, m, m2 in zip(counts, means, m2s)) / total
+        per_group = norm.num_channels // self.groups
+        inv_std = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, dim=1)
+        mean_c = mean.repeat_interleave(per_group, dim=1)[:, :, None, None]
+        scale = (inv_std * norm.weight)[:, :, None, None]
+        bias = norm.bias[None, :, None, None]
+
+        def apply(x):
+            out = torch.addcmul(bias, x.float() - mean_c, scale)  # a new tensor: x stays
+            return F.silu(out, inplace=True).to(x.dtype)
+        return apply
+
+
+class Dense:
+    """A materialised map; `rows` are views."""
+
+    def __init__(self, t):
+        self.t = t
+        self.shape = t.shape
+
+    def rows(self, r0, r1):
+        return self.t[:, :, r0:r1]
+
+
+class Upsampled:
+    """conv(nearest-2x(src)), never materialised: each requested band is computed from the
+    rows of src under it (the small map stays; the 4x larger one never exists whole)."""
+
+    def __init__(self, upsample, src: Dense):
+        self.upsample, self.src = upsample, src
+        b, _, h, w = src.shape
+        c = upsample.conv.out_channels if upsample.with_conv else src.shape[1]
+        self.shape = torch.Size((b, c, 2 * h, 2 * w))
+
+    def rows(self, r0, r1):
+        height = self.shape[2]
+        lo, hi = (max(r0 - 1, 0), min(r1 + 1, height)) if self.upsample.with_conv else (r0, r1)
+        s0, s1 = lo // 2, (hi - 1) // 2 + 1
+        up = F.interpolate(self.src.rows(s0, s1), scale_factor=2.0, mode="nearest")
+        up = up[:, :, lo - 2 * s0:hi - 2 * s0]
+        if not self.upsample.with_conv:
+            return up
+        return conv_band(up, self.upsample.conv, r0 == 0, r1 == height)
+
+
+class Overwritten(Dense):
+    """A map whose rows are overwritten, top band first, by a layer that reads it with a halo:
+    the last `keep` original rows of every written band are kept for the next band."""
+
+    def __init__(self, t, keep: int):
+        super().__init__(t)
+        self.keep, self.done, self.saved = keep, 0, None
+
+    def rows(self, r0, r1):
+        if r0 >= self.done:
+            return self.t[:, :, r0:r1]
+        first = self.done - self.saved.shape[2]
+        assert r0 >= first, "a band reads rows overwritten before the previous band"
+        return torch.cat([self.saved[:, :, r0 - first:], self.t[:, :, self.done:r1]], dim=2)
+
+    def write(self, r0, r1, band):
+        assert r0 == self.done
+        self.saved = self.rows(max(r1 - self.keep, 0), r1).clone()
+        self.t[:, :, r0:r1] = band
+        self.done = r1
+
+
+def conv_band(x, conv: nn.Conv2d, top: bool, bottom: bool):
+    """A 3x3, stride-1, padding-1 conv of an input band that already holds its halo rows, except
+    at the map's top / bottom border, where the zero padding goes (after any normalisation, as
+    the plain conv pads its normalised input)."""
+    if top or bottom:
+        x = F.pad(x, (0, 0, int(top), int(bottom)))
+    return F.conv2d(x, conv.weight, conv.bias, padding=(0, 1))
+
+
+def _bands(height: int, rows: int):
+    return [(r, min(r + rows, height)) for r in range(0, height, rows)]
+
+
+class LeanDecoder:
+    """Runs one decoder on one latent; `budget` (bytes) decides where memory is traded for
+    recomputation (None: never)."""
+
+    def __init__(self, decoder, budget: Optional[float] = None, band_bytes: int = BAND_BYTES):
+        self.dec, self.budget, self.band_bytes = decoder, budget, band_bytes
+        self.groups = decoder.norm_out.num_groups
+
+    def _fits(self, nbytes) -> bool:
+        return self.budget is None or nbytes <= self.budget
+
+    def _band_rows(self, src) -> int:
+        b, c, _, w = src.shape
+        return max(2, self.band_bytes // max(b * c * w * 4, 1))
+
+    def _conv_rows(self, src, r0, r1, conv, prologue=None):
+        """Output rows [r0, r1) of conv(prologue(src))."""
+        height = src.shape[2]
+        x = src.rows(max(r0 - 1, 0), min(r1 + 1, height))
+        if prologue is not None:
+            x = prologue(x)
+        return conv_band(x, conv, r0 == 0, r1 == height)
+
+    def moments(self, src) -> Moments:
+        m = Moments(self.groups)
+        for r0, r1 in _bands(src.shape[2], self._band_rows(src)):
+            m.add(src.rows(r0, r1))
+        return m
+
+    def materialize(self, src):
+        """A lazy map written out band by band, with its moments."""
+        out = torch.empty(src.shape, dtype=src.src.t.dtype, device=src.src.t.device)
+        m = Moments(self.groups)
+        for r0, r1 in _bands(src.shape[2], self._band_rows(src)):
+            band = src.rows(r0, r1)
+            m.add(band)
+            out[:, :, r0:r1] = band
+            del band
+        return Dense(out), m
+
+    def conv_map(self, src, conv, prologue=None, moments=True):
+        """conv(prologue(src)) materialised band by band, with its moments (if asked)."""
+        b, _, h, w = src.shape
+        out = torch.empty(b, conv.out_channels, h, w, dtype=conv.weight.dtype,
+                          device=conv.weight.device)
+        m = Moments(self.groups)
+        for r0, r1 in _bands(h, self._band_rows(src)):
+            band = self._conv_rows(src, r0, r1, conv, prologue)
+            if moments:
+                m.add(band)
+            out[:, :, r0:r1] = band
+            del band
+        return Dense(out), m
+
+    def resnet(self, block: ResnetBlock, x, mx: Moments):
+        """One ResNet block (no time embedding in a decoder): (output Dense, its moments)."""
+        assert not hasattr(block, "temb_proj") and not block.dropout.p, "inference decoder only"
+        norm1 = mx.normalizer(block.norm1)
+        cin, cout = block.norm1.num_channels, block.conv2.out_channels
+        full = x.shape[0] * x.shape[2] * x.shape[3] * 4
+        if (isinstance(x, Dense) and cin == cout and not hasattr(block, "conv_shortcut")
+                and not self._fits(full * (cin + cout))):
+            return self._resnet_recompute(block, x, norm1)
+        h, mh = self.conv_map(x, block.conv1, norm1)
+        norm2 = mh.normalizer(block.norm2)
+        out, m = Overwritten(h.t, keep=1), Moments(self.groups)
+        for r0, r1 in _bands(h.shape[2], self._band_rows(h)):
+            band = self._conv_rows(out, r0, r1, block.conv2, norm2)
+            band.add_(block.shortcut(x.rows(r0, r1)))
+            m.add(band)
+            out.write(r0, r1, band)
+            del band
+        return Dense(out.t), m
+
+    def _resnet_recompute(self, block, x: Dense, norm1):
+        """The block without its hidden map: one pass for the hidden map's moments, then each
+        output band recomputes the hidden rows it needs (one halo row more) and overwrites x."""
+        height = x.shape[2]
+        rows = self._band_rows(x)
+        mh = Moments(self.groups)
+        for r0, r1 in _bands(height, rows):
+            mh.add(self._conv_rows(x, r0, r1, block.conv1, norm1))
+        norm2 = mh.normalizer(block.norm2)
+        out, m = Overwritten(x.t, keep=2), Moments(self.groups)
+        for r0, r1 in _bands(height, rows):
+            lo, hi = max(r0 - 1, 0), min(r1 + 1, height)
+            hidden = norm2(self._conv_rows(out, lo, hi, block.conv1, norm1))
+            band = conv_band(hidden, block.conv2, r0 == 0, r1 == height)
+            del hidden
+            band.add_(out.rows(r0, r1))  # identity shortcut
+            m.add(band)
+            out.write(r0, r1, band)
+            del band
+        return Dense(out.t), m
+
+    def upsample(self, up, x: Dense, next_block):
+        """The upsample's output: materialised (with its moments) where it and the next block's
+        hidden map fit the budget, else lazily recomputed per band."""
+        lazy = Upsampled(up, x)
+        b, c, h, w = lazy.shape
+        hidden = next_block.conv1.out_channels if next_block is not None else 0
+        if self._fits(b * h * w * 4 * (c + hidden)):
+            return self.materialize(lazy)
+        return lazy, self.moments(lazy)
+
+    def __call__(self, z):
+        dec = self.dec
+        x = Dense(dec.conv_in(z))
+        mx = self.moments(x)
+        x, mx = self.resnet(dec.mid.block_1, x, mx)
+        x = Dense(dec.mid.attn_1(x.t))
+        mx = self.moments(x)
+        x, mx = self.resnet(dec.mid.block_2, x, mx)
+        for level in reversed(range(len(dec.up))):
+            up = dec.up[level]
+            for i, block in enumerate(up.block):
+                x, mx = self.resnet(block, x, mx)
+                if len(up.attn) > 0:
+                    x = Dense(up.attn[i](x.t))
+                    mx = self.moments(x)
+            if hasattr(up, "upsample"):
+                following = dec.up[level - 1].block[0] if level > 0 else None
+                x, mx = self.upsample(up.upsample, x, following)
+        if dec.give_pre_end:
+            return x.t if isinstance(x, Dense) else x.rows(0, x.shape[2])
+        out, _ = self.conv_map(x, dec.conv_out, mx.normalizer(dec.norm_out), moments=False)
+        return torch.tanh_(out.t) if dec.tanh_out else out.t
+
+
+@torch.no_grad()
+def lean_decode(autoencoder, z, budget_bytes: Optional[float] = None,
+                band_bytes: int = BAND_BYTES):
+    """autoencoder.decode(z), band by band (see the module's docstring). budget_bytes: memory
+    above which layers recompute rather than store (None: store everything)."""
+    post = autoencoder.post_quant_conv(z)
+    return LeanDecoder(autoencoder.decoder, budget_bytes, band_bytes)(post)
+
+
+def plain_decode_bytes(decoder, height: int, width: int, batch: int = 1) -> int:
+    """The plain decode's estimated peak: four maps of its largest activation (an upsampled
+    map, its conv output, a normalised copy and a hidden map; 4.3 GB x 4 = 17.2 GB at 2048²,
+    as measured on an H200)."""
+    from ldm.scalecrafter.tiled_decode import _largest_activation
+
+    return 4 * _largest_activation(decoder, height, width) * batch * 4
+
+
+def full_decode(autoencoder, z, budget_bytes: Optional[float] = None, lean: Optional[bool] = None):
+    """The untiled decode: lean (banded) where asked, on CUDA by default, or wherever the plain
+    decode's estimated peak exceeds the budget; else the plain decoder."""
+    if lean is None:
+        from ldm.scalecrafter.tiled_decode import default_budget
+
+        budget = default_budget(z.device) if budget_bytes is None else budget_bytes
+        lean = z.is_cuda or plain_decode_bytes(autoencoder.decoder, *z.shape[2:],
+                                               z.shape[0]) > budget
+    if not lean:
+        return autoencoder.decode(z)
+    return lean_decode(autoencoder, z, budget_bytes)
