@@ -135,7 +135,9 @@ class LeanDecoder:
         self.groups = decoder.norm_out.num_groups
 
     def _fits(self, nbytes) -> bool:
-        return self.budget is None or nbytes <= self.budget
+        """Whether maps of nbytes, plus the band temporaries beside them (a few bands of the
+        widest map), fit the budget."""
+        return self.budget is None or nbytes + 4 * self.band_bytes <= self.budget
 
     def _band_rows(self, src) -> int:
         b, c, _, w = src.shape
