@@ -78,7 +78,7 @@ def test_full_decode_chooses_plain_or_lean(vae, monkeypatch):
     seen = []
     monkeypatch.setattr(lean, "lean_decode", lambda *a, **k: seen.append("lean") or 0)
     monkeypatch.setattr(vae, "decode", lambda z: seen.append("plain") or 0)
-    full_decode(vae, z, budget_bytes=10 ** 12)  # on the CPU, plain where it fits
+    full_decode(vae, z, budget_bytes=10 ** 12)  # plain where it fits
     full_decode(vae, z, budget_bytes=1)
     full_decode(vae, z, lean=True)
     assert seen == ["plain", "lean", "lean"]
