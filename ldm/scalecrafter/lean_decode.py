@@ -16,8 +16,7 @@ Attention runs as in the plain decoder (it sits at the latent resolution).
 
 Numbers equal the plain decode's to float tolerance: only the summation order of the GroupNorm
 moments and the conv algorithm per band differ."""
-import math
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +125,66 @@ def _bands(height: int, rows: int):
     return [(r, min(r + rows, height)) for r in range(0, height, rows)]
 
 
+def band_rows(src, band_bytes: int = BAND_BYTES) -> int:
+    """Rows per band: a band of src (4-byte elements) within band_bytes, at least two rows (the
+    halo a recomputed band reads)."""
+    b, c, _, w = src.shape
+    return max(2, band_bytes // max(b * c * w * 4, 1))
+
+
+def conv_rows(src, r0, r1, conv, prologue=None):
+    """Output rows [r0, r1) of conv(prologue(src)), for a 3x3 padding-1 conv."""
+    height = src.shape[2]
+    x = src.rows(max(r0 - 1, 0), min(r1 + 1, height))
+    if prologue is not None:
+        x = prologue(x)
+    return conv_band(x, conv, r0 == 0, r1 == height)
+
+
+def banded_conv(src, conv, prologue=None, epilogue=None, band_bytes: int = BAND_BYTES):
+    """conv(prologue(src)) written band by band into a new map: the prologue (a GroupNorm +
+    SiLU) never exists at full size. epilogue(band, r0, r1) sees each output band first."""
+    b, _, h, w = src.shape
+    out = torch.empty(b, conv.out_channels, h, w, dtype=conv.weight.dtype,
+                      device=conv.weight.device)
+    for r0, r1 in _bands(h, band_rows(src, band_bytes)):
+        band = conv_rows(src, r0, r1, conv, prologue)
+        if epilogue is not None:
+            epilogue(band, r0, r1)
+        out[:, :, r0:r1] = band
+        del band
+    return out
+
+
+def banded_residual(h, conv, prologue, shortcut_rows, epilogue=None,
+                    band_bytes: int = BAND_BYTES):
+    """conv(prologue(h)) + shortcut_rows(r0, r1), written over h itself band by band (the next
+    band's halo row is kept aside): a ResNet block's second half without a third map."""
+    out = Overwritten(h, keep=1)
+    for r0, r1 in _bands(h.shape[2], band_rows(out, band_bytes)):
+        band = conv_rows(out, r0, r1, conv, prologue)
+        band.add_(shortcut_rows(r0, r1))
+        if epilogue is not None:
+            epilogue(band, r0, r1)
+        out.write(r0, r1, band)
+        del band
+    return h
+
+
+def materialize(src, epilogue=None, band_bytes: int = BAND_BYTES):
+    """A lazy map (Upsampled) written out band by band."""
+    out = None
+    for r0, r1 in _bands(src.shape[2], band_rows(src, band_bytes)):
+        band = src.rows(r0, r1)
+        if out is None:
+            out = torch.empty(src.shape, dtype=band.dtype, device=band.device)
+        if epilogue is not None:
+            epilogue(band, r0, r1)
+        out[:, :, r0:r1] = band
+        del band
+    return out
+
+
 class LeanDecoder:
     """Runs one decoder on one latent; `budget` (bytes) decides where memory is traded for
     recomputation (None: never)."""
@@ -140,16 +199,10 @@ class LeanDecoder:
         return self.budget is None or nbytes + 4 * self.band_bytes <= self.budget
 
     def _band_rows(self, src) -> int:
-        b, c, _, w = src.shape
-        return max(2, self.band_bytes // max(b * c * w * 4, 1))
+        return band_rows(src, self.band_bytes)
 
     def _conv_rows(self, src, r0, r1, conv, prologue=None):
-        """Output rows [r0, r1) of conv(prologue(src))."""
-        height = src.shape[2]
-        x = src.rows(max(r0 - 1, 0), min(r1 + 1, height))
-        if prologue is not None:
-            x = prologue(x)
-        return conv_band(x, conv, r0 == 0, r1 == height)
+        return conv_rows(src, r0, r1, conv, prologue)
 
     def moments(self, src) -> Moments:
         m = Moments(self.groups)
@@ -157,29 +210,19 @@ class LeanDecoder:
             m.add(src.rows(r0, r1))
         return m
 
+    def _tally(self, m: Moments):
+        return lambda band, r0, r1: m.add(band)
+
     def materialize(self, src):
         """A lazy map written out band by band, with its moments."""
-        out = torch.empty(src.shape, dtype=src.src.t.dtype, device=src.src.t.device)
         m = Moments(self.groups)
-        for r0, r1 in _bands(src.shape[2], self._band_rows(src)):
-            band = src.rows(r0, r1)
-            m.add(band)
-            out[:, :, r0:r1] = band
-            del band
-        return Dense(out), m
+        return Dense(materialize(src, self._tally(m), self.band_bytes)), m
 
     def conv_map(self, src, conv, prologue=None, moments=True):
         """conv(prologue(src)) materialised band by band, with its moments (if asked)."""
-        b, _, h, w = src.shape
-        out = torch.empty(b, conv.out_channels, h, w, dtype=conv.weight.dtype,
-                          device=conv.weight.device)
         m = Moments(self.groups)
-        for r0, r1 in _bands(h, self._band_rows(src)):
-            band = self._conv_rows(src, r0, r1, conv, prologue)
-            if moments:
-                m.add(band)
-            out[:, :, r0:r1] = band
-            del band
+        out = banded_conv(src, conv, prologue, self._tally(m) if moments else None,
+                          self.band_bytes)
         return Dense(out), m
 
     def resnet(self, block: ResnetBlock, x, mx: Moments):
@@ -192,15 +235,11 @@ class LeanDecoder:
                 and not self._fits(full * (cin + cout))):
             return self._resnet_recompute(block, x, norm1)
         h, mh = self.conv_map(x, block.conv1, norm1)
-        norm2 = mh.normalizer(block.norm2)
-        out, m = Overwritten(h.t, keep=1), Moments(self.groups)
-        for r0, r1 in _bands(h.shape[2], self._band_rows(h)):
-            band = self._conv_rows(out, r0, r1, block.conv2, norm2)
-            band.add_(block.shortcut(x.rows(r0, r1)))
-            m.add(band)
-            out.write(r0, r1, band)
-            del band
-        return Dense(out.t), m
+        m = Moments(self.groups)
+        out = banded_residual(h.t, block.conv2, mh.normalizer(block.norm2),
+                              lambda r0, r1: block.shortcut(x.rows(r0, r1)), self._tally(m),
+                              self.band_bytes)
+        return Dense(out), m
 
     def _resnet_recompute(self, block, x: Dense, norm1):
         """The block without its hidden map: one pass for the hidden map's moments, then each
