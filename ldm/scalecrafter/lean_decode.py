@@ -35,9 +35,10 @@ class Moments:
 
     def add(self, band):
         b, c = band.shape[:2]
-        g = band.reshape(b, self.groups, c // self.groups, -1).float()
-        var, mean = torch.var_mean(g, dim=(2, 3), correction=0)
-        n = g.shape[2] * g.shape[3]
+        # a conv's output band is contiguous: a view, one reduction over the last dim (fast)
+        g = band.reshape(b, self.groups, -1).float()
+        var, mean = torch.var_mean(g, dim=-1, correction=0)
+        n = g.shape[-1]
         self.parts.append((n, mean, var * n))
 
     def normalizer(self, norm: nn.GroupNorm):
@@ -48,12 +49,14 @@ class Moments:
         var = sum(m2 + n * (m - mean) ** 2 for n, m, m2 in zip(counts, means, m2s)) / total
         per_group = norm.num_channels // self.groups
         inv_std = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, dim=1)
-        mean_c = mean.repeat_interleave(per_group, dim=1)[:, :, None, None]
-        scale = (inv_std * norm.weight)[:, :, None, None]
-        bias = norm.bias[None, :, None, None]
+        mean_c = mean.repeat_interleave(per_group, dim=1)
+        # x * scale + shift, one pass, as torch's own GroupNorm kernels compute it
+        scale = inv_std * norm.weight
+        shift = (norm.bias - mean_c * scale)[:, :, None, None]
+        scale = scale[:, :, None, None]
 
         def apply(x):
-            out = torch.addcmul(bias, x.float() - mean_c, scale)  # a new tensor: x stays
+            out = torch.addcmul(shift, x.float(), scale)  # a new tensor: x stays
             return F.silu(out, inplace=True).to(x.dtype)
         return apply
 
@@ -116,6 +119,8 @@ def conv_band(x, conv: nn.Conv2d, top: bool, bottom: bool):
     """A 3x3, stride-1, padding-1 conv of an input band that already holds its halo rows, except
     at the map's top / bottom border, where the zero padding goes (after any normalisation, as
     the plain conv pads its normalised input)."""
+    if top and bottom:  # the whole map in one band: the plain conv
+        return F.conv2d(x, conv.weight, conv.bias, padding=1)
     if top or bottom:
         x = F.pad(x, (0, 0, int(top), int(bottom)))
     return F.conv2d(x, conv.weight, conv.bias, padding=(0, 1))
@@ -206,6 +211,9 @@ class LeanDecoder:
 
     def moments(self, src) -> Moments:
         m = Moments(self.groups)
+        if isinstance(src, Dense) and src.t.is_contiguous():
+            m.add(src.t)  # a view: no copy, one reduction
+            return m
         for r0, r1 in _bands(src.shape[2], self._band_rows(src)):
             m.add(src.rows(r0, r1))
         return m
