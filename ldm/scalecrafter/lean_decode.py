@@ -24,7 +24,7 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.model import ResnetBlock
 
-BAND_BYTES = 256 * 2 ** 20  # one band of the widest map a conv reads (its temporaries are a few)
+BAND_BYTES = 128 * 2 ** 20  # one band of the widest map a conv reads (its temporaries are a few)
 
 
 class Moments:
@@ -162,11 +162,12 @@ def banded_conv(src, conv, prologue=None, epilogue=None, band_bytes: int = BAND_
 
 
 def banded_residual(h, conv, prologue, shortcut_rows, epilogue=None,
-                    band_bytes: int = BAND_BYTES):
+                    band_bytes: int = BAND_BYTES, rows: Optional[int] = None):
     """conv(prologue(h)) + shortcut_rows(r0, r1), written over h itself band by band (the next
-    band's halo row is kept aside): a ResNet block's second half without a third map."""
+    band's halo row is kept aside): a ResNet block's second half without a third map. rows:
+    per band, when the shortcut's input is the wider map."""
     out = Overwritten(h, keep=1)
-    for r0, r1 in _bands(h.shape[2], band_rows(out, band_bytes)):
+    for r0, r1 in _bands(h.shape[2], rows or band_rows(out, band_bytes)):
         band = conv_rows(out, r0, r1, conv, prologue)
         band.add_(shortcut_rows(r0, r1))
         if epilogue is not None:
@@ -246,7 +247,7 @@ class LeanDecoder:
         m = Moments(self.groups)
         out = banded_residual(h.t, block.conv2, mh.normalizer(block.norm2),
                               lambda r0, r1: block.shortcut(x.rows(r0, r1)), self._tally(m),
-                              self.band_bytes)
+                              rows=min(self._band_rows(x), self._band_rows(h)))
         return Dense(out), m
 
     def _resnet_recompute(self, block, x: Dense, norm1):
