@@ -258,7 +258,9 @@ def rows(results):
     """Issue 11's table: (measure, value text, target, number or None), from the case results."""
     out = []
     for side, image in ((128, "1024²"), (256, "2048²")):
-        full = _get(results, f"decode_{side}_full", "seconds")
+        # against the plain decoder where it ran beside the banded one (the faster of the two)
+        full = (_get(results, f"decode_{side}_plain", "seconds")
+                or _get(results, f"decode_{side}_full", "seconds"))
         for mode, label in (("seed", "seed's tiling"), ("auto", "auto tiles")):
             key = f"decode_{side}_{mode}"
             tiled = _get(results, key, "seconds")
