@@ -35,6 +35,13 @@ def test_equals_the_plain_decode(vae, budget, band_bytes):
     assert rel_err(lean_decode(vae, z, budget, band_bytes), plain) <= 1e-5
 
 
+def test_batch_of_two_equals_the_plain_decode(vae):
+    z = torch.cat([_latent(9, 12, seed=4), _latent(9, 12, seed=5)])
+    with torch.no_grad():
+        plain = vae.decode(z)
+    assert rel_err(lean_decode(vae, z, 0, 3000), plain) <= 1e-5
+
+
 def test_budget_switches_to_recomputation(vae, monkeypatch):
     """Nothing recomputed without a budget; with none left, the identity-shortcut blocks
     recompute their hidden maps and upsampled maps stay lazy."""

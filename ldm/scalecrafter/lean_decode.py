@@ -44,9 +44,11 @@ class Moments:
     def normalizer(self, norm: nn.GroupNorm):
         """x band -> silu(GroupNorm(x)) with the whole map's statistics, as a new tensor."""
         counts, means, m2s = zip(*self.parts)
-        total = sum(counts)
-        mean = sum(n * m for n, m in zip(counts, means)) / total
-        var = sum(m2 + n * (m - mean) ** 2 for n, m, m2 in zip(counts, means, m2s)) / total
+        n = torch.tensor(counts, dtype=torch.float32, device=means[0].device)[:, None, None]
+        means, m2s = torch.stack(means), torch.stack(m2s)  # (bands, b, groups): a few kernels
+        total = n.sum()
+        mean = (n * means).sum(0) / total
+        var = (m2s + n * (means - mean) ** 2).sum(0) / total
         per_group = norm.num_channels // self.groups
         inv_std = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, dim=1)
         mean_c = mean.repeat_interleave(per_group, dim=1)
