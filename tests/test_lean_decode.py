@@ -89,3 +89,19 @@ def test_full_decode_chooses_plain_or_lean(vae, monkeypatch):
     full_decode(vae, z, budget_bytes=1)
     full_decode(vae, z, lean=True)
     assert seen == ["plain", "lean", "lean"]
+
+
+def test_pipeline_full_decode_goes_banded_beyond_its_budget(tiny_pipe, monkeypatch):
+    from ldm import pipeline
+    from ldm.pipeline import GenerationOptions
+
+    z = _latent(8, 8, seed=3)
+    with torch.no_grad():
+        plain = tiny_pipe.model.first_stage_model.decode(z / tiny_pipe.model.scale_factor)
+    ran = []
+    monkeypatch.setattr(lean, "lean_decode",
+                        lambda *a, **k: ran.append(a[2]) or lean_decode(*a, **k))
+    opts = GenerationOptions(H=64, W=64, decode_budget_gb=2 ** -30)  # one byte
+    assert rel_err(tiny_pipe.decode(z, opts, progress=False), plain) <= 1e-5
+    assert ran == [1]  # the budget reached the banded decoder
+    assert pipeline.full_decode is full_decode
