@@ -24,6 +24,7 @@ from ldm.scalecrafter.freeu import freeu_applied
 from ldm.scalecrafter.guidance import GuidedDenoiser
 from ldm.scalecrafter.schedule import ScaleCrafterSettings
 from ldm.scalecrafter.settings import build_settings
+from ldm.scalecrafter.lean_decode import full_decode
 from ldm.scalecrafter.tiled_decode import tiled_decode
 from ldm.util import load_config, build_model
 
@@ -62,7 +63,7 @@ class GenerationOptions:
     overlap: int = 24
     sync_gn: bool = False
     tile_size: Optional[Union[int, str]] = None  # None: half each side (the seed's); "auto"
-    decode_budget_gb: Optional[float] = None  # memory a tiled decode may use; None: from free
+    decode_budget_gb: Optional[float] = None  # memory a decode may use; None: from free
     # FreeU (b1, b2, s1, s2), e.g. the authors' SD 2.1 values (1.1, 1.2, 0.9, 0.2)
     freeu: Optional[Tuple[float, float, float, float]] = None
 
@@ -216,11 +217,11 @@ class Pipeline:
         """Latents to images in [-1, 1]; the VAE always runs in float32 (fp16 decodes overflow)."""
         z = z.float() / self.model.scale_factor
         vae = self.model.first_stage_model
+        budget = None if opts.decode_budget_gb is None else int(opts.decode_budget_gb * 2**30)
         if opts.tiled_decoding:
-            budget = None if opts.decode_budget_gb is None else int(opts.decode_budget_gb * 2**30)
             return tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size,
                                 budget_bytes=budget, progress=progress)
-        return vae.decode(z)
+        return full_decode(vae, z, budget)  # banded where the plain decode would not fit it
 
     def generate(self, prompts: Sequence[str], opts: GenerationOptions, generator=None,
                  x_T=None, progress=True) -> GenerationResult:

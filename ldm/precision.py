@@ -10,7 +10,9 @@ from torch import nn
 # keeps fp32 weights (its numbers are the reference ones).
 HALF_WEIGHTS = {"cuda": torch.float16}
 # The VAE stays fp32 everywhere: the fp16 decoder overflows, and bf16 loses ~1e-2 (measured on
-# the tiny model, docs/benchmarks.md); decoding is not where the time goes.
+# the tiny model, docs/benchmarks.md; its random weights likely exaggerate that, a trained VAE
+# was not measured); decoding is not where the time goes, and memory does not need bf16 either:
+# the banded decode (scalecrafter/lean_decode.py) fits 4096² in fp32 within 16 GB.
 VAE_DTYPE = torch.float32
 FIRST_STAGE = "first_stage_model"  # the VAE's child name in every family's model
 

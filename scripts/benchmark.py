@@ -197,10 +197,13 @@ def case_guidance(p, meter):
 
 
 def case_decode(p, meter):
-    """VAE decode of one latent, full or tiled (SyncGN): tile_size None is the seed's tiling
-    (half each side), "auto" the fewest tiles within the budget."""
+    """VAE decode of one latent: "full" as txt2img does it (the plain decoder where its peak
+    fits the budget, else the banded one; "plain" / "lean" force either), or tiled (SyncGN):
+    tile_size None is the seed's tiling (half each side), "auto" the fewest tiles within the
+    budget."""
     import torch
 
+    from ldm.scalecrafter.lean_decode import full_decode, plain_decode_bytes
     from ldm.scalecrafter.tiled_decode import (default_budget, plan_axis, resolve_tile_size,
                                                tile_working_bytes, tiled_decode)
 
@@ -212,8 +215,11 @@ def case_decode(p, meter):
     z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
     z = z.to(meter.device)
     budget = (int(p["budget_gb"] * GB) if p.get("budget_gb") else default_budget(meter.device))
-    if p["mode"] == "full":
-        run = lambda: vae.decode(z)
+    path = None
+    if p["mode"] in ("full", "plain", "lean"):
+        plain_need = plain_decode_bytes(vae.decoder, side, side)
+        path = p["mode"] if p["mode"] != "full" else ("lean" if plain_need > budget else "plain")
+        run = lambda: full_decode(vae, z, budget, lean=path == "lean")
         tiles, area, tile = 1, 1.0, (side, side)
     else:
         tile = resolve_tile_size(vae, z, p.get("tile_size"), p["overlap"], budget)
@@ -222,7 +228,8 @@ def case_decode(p, meter):
         area = (sum(a.stop - a.start for a in rows) * sum(a.stop - a.start for a in cols)
                 / side ** 2)
         run = lambda: tiled_decode(vae, z, p["overlap"], True, tile, budget_bytes=budget)
-    need = tile_working_bytes(vae.decoder, tile[0], tile[1])
+    need = (plain_need if path == "plain" else 0 if path == "lean"
+            else tile_working_bytes(vae.decoder, tile[0], tile[1]))
     if meter.cuda and need > torch.cuda.get_device_properties(meter.device).total_memory:
         return {"side": side, "mode": p["mode"], "skipped": f"needs about {need / GB:.0f} GB "
                 f"for one {tile[0]}x{tile[1]} tile, more than the card has"}
@@ -238,7 +245,8 @@ def case_decode(p, meter):
             cpu.append(c)
             log(f"  decode {p['mode']}: {r + 1}/{p['repeats']} {w:.2f}s")
     peak = meter.peak_bytes()
-    return {"side": side, "mode": p["mode"], "overlap": p.get("overlap"), "tiles": tiles,
+    return {"side": side, "mode": p["mode"], "path": path, "overlap": p.get("overlap"),
+            "tiles": tiles,
             "tile": list(tile), "budget_gb": budget / GB,
             "decoded_area_ratio": area, "seconds": statistics.median(times),
             "cpu_seconds": statistics.median(cpu), "all_seconds": times, "finite": finite,

@@ -147,6 +147,7 @@ def half_weights_unet():
 
 @check
 def decodes():
+    from ldm.scalecrafter.lean_decode import lean_decode
     from ldm.scalecrafter.tiled_decode import tiled_decode
 
     _, vae, scale = tiny_parts()
@@ -155,6 +156,10 @@ def decodes():
     out = []
     with torch.no_grad():
         out.append(expect("full", rel_err(vae.decode(z), ref["image_full"]), TOL))
+    # the banded full decode: small bands, and a budget that makes every layer recompute
+    for budget in (None, 0):
+        out.append(expect(f"banded budget {budget}", rel_err(
+            lean_decode(vae, z, budget, band_bytes=4096), ref["image_full"]), TOL))
     for overlap in (0, 8):
         for sync in (0, 1):
             on_device = tiled_decode(vae, z, overlap, bool(sync), offload=False)

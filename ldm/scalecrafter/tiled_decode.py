@@ -17,10 +17,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
+from ldm.scalecrafter.lean_decode import (Dense, Moments, Upsampled, banded_conv,
+                                          banded_residual, materialize)
 
 SCALE = 8  # image pixels per latent pixel
 BUDGET_FRACTION = 0.8  # of the memory available when decoding starts
-PEAK_PER_LARGEST = 3  # a tile's transient peak, in units of its largest activation (measured)
+# A tile's transient peak, in units of its largest activation L (the upsampled 256-channel map):
+# the convs run by row bands, so the block 256 -> 128 channels holds its input (L),
+# its hidden map (L/2) and a few bands; the next tile's inputs are being fetched meanwhile
+# (1.5 L) and the last output may still be on its way to host memory (L/2). Counted by tracking
+# live tensors (4096², 16 tiles: 3.3 L without the copy in flight); an H200 measured the old
+# unbanded decode at 1.8 GB above its estimate of 3 L, which is why waiting tiles went over.
+PEAK_PER_LARGEST = 4
 MIN_STRIDE = 8  # latent pixels: auto tiling never makes tiles thinner than overlap + this
 
 
@@ -243,16 +251,42 @@ class _Tiles:
         return mean, torch.rsqrt(var + norm.eps)
 
 
-def _resnet(block: ResnetBlock, x: _Tiles, sync: bool, groups) -> _Tiles:
-    norm1 = x.normalizer(block.norm1, sync)
-    h = x.map(lambda t: block.conv1(F.silu(norm1(t), inplace=True)),  # x stays: it is the skip
-              groups=block.norm2.num_groups if sync else None)
-    norm2 = h.normalizer(block.norm2, sync)
+def _activation(norm):
+    return lambda t: F.silu(norm(t), inplace=True)
 
-    def second(t, skip):
-        out = block.conv2(block.dropout(F.silu(norm2(t), inplace=True)))
-        return out.add_(block.shortcut(skip))  # in place: one full-size tensor less at the peak
+
+def _prologue(tiles: "_Tiles", norm: nn.GroupNorm, sync: bool):
+    """tile -> the GroupNorm + SiLU to apply to its bands: with SyncGN the sample's statistics,
+    else the tile's own (its moments, one reduction over the tile)."""
+    if sync:
+        act = _activation(tiles.normalizer(norm, True))
+        return lambda t: act
+
+    def own(t):
+        m = Moments(norm.num_groups)
+        m.add(t.contiguous())
+        return m.normalizer(norm)
+    return own
+
+
+def _resnet(block: ResnetBlock, x: _Tiles, sync: bool, groups) -> _Tiles:
+    """The block with each conv by row bands (lean_decode): a band normalises on its own, so no
+    normalised tile exists whole; the output overwrites the hidden tile. A tile's peak: its
+    input, its hidden map and a few bands."""
+    act1 = _prologue(x, block.norm1, sync)
+    h = x.map(lambda t: banded_conv(Dense(t), block.conv1, act1(t)),  # x stays: it is the skip
+              groups=block.norm2.num_groups if sync else None)
+    act2 = _prologue(h, block.norm2, sync)
+
+    def second(t, skip):  # dropout is the identity at inference
+        return banded_residual(t, block.conv2, act2(t),
+                               lambda r0, r1: block.shortcut(skip[:, :, r0:r1]))
     return h.map(second, x, consume=True, groups=groups)
+
+
+def _upsample(upsample, t):
+    """nearest-2x + conv by row bands: the 4x larger interpolated tile never exists whole."""
+    return materialize(Upsampled(upsample, Dense(t)))
 
 
 def _attn(block: AttnBlock, x: _Tiles, groups) -> _Tiles:
@@ -284,9 +318,9 @@ def _decode_tiles(autoencoder, tiles: _Tiles, sync: bool) -> _Tiles:
             if len(up.attn) > 0:
                 h = _attn(up.attn[i], h, groups)
         if hasattr(up, "upsample"):
-            h = h.map(up.upsample, consume=True, groups=groups)
-    norm_out = h.normalizer(dec.norm_out, sync)
-    h = h.map(lambda t: dec.conv_out(F.silu(norm_out(t), inplace=True)), consume=True,
+            h = h.map(lambda t: _upsample(up.upsample, t), consume=True, groups=groups)
+    act_out = _prologue(h, dec.norm_out, sync)
+    h = h.map(lambda t: banded_conv(Dense(t), dec.conv_out, act_out(t)), consume=True,
               keep=True)  # three channels: the image stays on the device
     if dec.tanh_out:
         h = h.map(torch.tanh, consume=True, keep=True)
