@@ -46,7 +46,21 @@ class _Denoising:
 
 
 def _config(p):
+    if p.get("config"):
+        return REPO_ROOT / p["config"]
     return TINY_CONFIG if p.get("tiny") else FULL_CONFIG
+
+
+def _parts(params):
+    """UNet, VAE and schedule configs of a model config, in either layout: LDM's
+    (unet_config, linear_start/end) or Stability's (network_config, denoiser_config)."""
+    from ldm.models.diffusion.ddpm import _sgm_schedule
+
+    if "network_config" in params:
+        schedule = _sgm_schedule(params.get("denoiser_config"))
+        return params.network_config, params.first_stage_config, schedule
+    schedule = dict(linear_start=params.linear_start, linear_end=params.linear_end)
+    return params.unet_config, params.first_stage_config, schedule
 
 
 def _half(device):
@@ -66,14 +80,14 @@ def _unet_and_schedule(device, layout, config=FULL_CONFIG):
     from ldm.precision import prepare_for_inference
     from ldm.util import instantiate_from_config, load_config
 
-    params = load_config(config).model.params
+    unet_config, _, schedule = _parts(load_config(config).model.params)
     with torch.device(device):
         holder = nn.Module()
-        holder.unet = instantiate_from_config(params.unet_config).eval()
+        holder.unet = instantiate_from_config(unet_config).eval()
     prepare_for_inference(holder, device, "autocast", **layout)
-    betas = make_beta_schedule("linear", 1000, params.linear_start, params.linear_end)
+    betas = make_beta_schedule("linear", 1000, schedule["linear_start"], schedule["linear_end"])
     acp = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
-    return holder.unet, acp, params.unet_config.params.context_dim
+    return holder.unet, acp, unet_config.params.context_dim
 
 
 def _options(p):
@@ -127,7 +141,7 @@ def case_sample(p, meter):
     unet, acp, ctx_dim = _unet_and_schedule(meter.device, layout, _config(p))
     baseline = meter.current_bytes()
     gen = torch.Generator().manual_seed(0)
-    cond, uncond = (torch.randn(1, 77, ctx_dim, generator=gen).to(meter.device) for _ in range(2))
+    cond, uncond = (_random_conditioning(unet, ctx_dim, gen, meter.device) for _ in range(2))
     x = torch.randn(1, 4, p["side"], p["side"], generator=gen).to(meter.device)
     variants = p.get("variants", {"run": {}})
     options = {k: {n: x for n, x in v.items() if n not in KERNEL_SWITCHES}
@@ -165,6 +179,19 @@ def case_sample(p, meter):
     return result
 
 
+def _random_conditioning(unet, ctx_dim, gen, device):
+    """Random text context, plus a vector where the UNet takes one (SDXL's label_emb)."""
+    import torch
+
+    from ldm.modules.encoders.conditioning import Conditioning
+
+    context = torch.randn(1, 77, ctx_dim, generator=gen).to(device)
+    label = getattr(unet, "label_emb", None)
+    vector = None if label is None else \
+        torch.randn(1, label[0][0].in_features, generator=gen).to(device)
+    return Conditioning(context, vector)
+
+
 def _decode_after(p, meter, z, unet):
     """The run's own tiled decode (the preset's tiling), fp32 VAE: its time and the whole run's
     peak. The UNet stays in memory, as in txt2img."""
@@ -176,7 +203,7 @@ def _decode_after(p, meter, z, unet):
     opts = _options(p)
     params = load_config(_config(p)).model.params
     with torch.device(meter.device):
-        vae = instantiate_from_config(params.first_stage_config).eval()
+        vae = instantiate_from_config(_parts(params)[1]).eval()
     del vae.encoder
     budget = int(p["budget_gb"] * GB) if p.get("budget_gb") else None
     z = z.float() / params.scale_factor
@@ -285,6 +312,12 @@ def plan(args):
             "variants": {"run": {}}, "repeats": 1, "warmup_steps": 1, "decode": True,
             "channels_last": True,  # txt2img's CUDA default layout
             "budget_gb": budget}))
+        # SDXL, the family of the authors' 4096² headline: random full-size UNet and VAE
+        cases.append(("sample_sdxl_4096_preset", "sample", {
+            "side": 512, "steps": args.preset_steps, "preset": "sdxl_4096x4096",
+            "config": "configs/stable-diffusion/sd_xl_base.yaml", "variants": {"run": {}},
+            "repeats": 1, "warmup_steps": 1, "decode": True, "channels_last": True,
+            "budget_gb": budget}))
     if "cli" in args.only:
         cases.append(("cli_1024", "cli", {"workdir": args.workdir}))
     return cases
@@ -340,10 +373,16 @@ def rows(results):
     out.append((f"tiled SyncGN decode 4096², time / peak ({r.get('tiles')} tiles, budget "
                 f"{_fmt(r.get('budget_gb'), '.0f')} GB)", _time_peak(r), "≤ 15 s / ≤ 12 GB",
                 r.get("peak_gb"), _why(results, "decode_512_auto")))
-    r = results.get("sample_4096_preset", {})
-    out.append((f"4096² experimental preset, whole-run peak ({r.get('steps')} steps + tiled "
-                f"decode)", _gb(r.get("peak_gb")), "≤ 24 GB", r.get("peak_gb"),
-                _why(results, "sample_4096_preset")))
+    for key, name in (("sample_4096_preset", "4096² experimental preset"),
+                      ("sample_sdxl_4096_preset", "SDXL sdxl_4096x4096 preset")):
+        if key == "sample_sdxl_4096_preset" and key not in results:
+            continue  # not planned (CPU smoke runs)
+        r = results.get(key, {})
+        step = (r.get("seconds") or {}).get("run")
+        out.append((f"{name}, whole-run peak ({r.get('steps')} steps + tiled decode; "
+                    f"{_fmt(step, '.1f')} s sampling, {_fmt(r.get('decode_seconds'), '.1f')} s "
+                    f"decode)", _gb(r.get("peak_gb")), "≤ 24 GB", r.get("peak_gb"),
+                    _why(results, key)))
     out += _sample_rows(results)
     r = results.get("cli_1024", {})
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in (r.get("phases") or {}).items())

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import load_script
+from conftest import REF, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "benchmark.py"
@@ -121,6 +121,9 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path):
                                              "dilated": {"dilate_tau": 2}}),
         "sample_4096_preset": run("sample", side=16, steps=2, warmup_steps=1, decode=True,
                                   preset="sd2.1_4096x4096_experimental", budget_gb=1e-4),
+        "sample_sdxl_4096_preset": run("sample", side=16, steps=2, warmup_steps=1, decode=True,
+                                       preset="sdxl_4096x4096", budget_gb=1e-4,
+                                       config=str(REF / "tiny-sdxl" / "tiny-sdxl.yaml")),
         # a budget the plain decoder's estimate exceeds: the banded one runs
         "decode_256_full": run("decode", side=8, mode="full", repeats=1, budget_gb=1e-6),
         "decode_256_plain": run("decode", side=8, mode="plain", repeats=1, budget_gb=1e-6),
@@ -139,8 +142,10 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path):
     assert "plain 1024² 5-step sample, native-norms / reference kernels" in table
     assert "plain 1024² 5-step sample, all together / reference kernels" in table
     assert set(results["cli_1024"]["phases"]) == {"load", "sample", "decode", "write"}
-    assert len(gpu.rows(results)) == 16 and "CLI wall time" in table
+    assert len(gpu.rows(results)) == 17 and "CLI wall time" in table
     assert results["decode_256_full"]["path"] == "lean"
     assert results["decode_256_plain"]["path"] == "plain"
     assert "full decode 2048², time / peak (lean decoder)" in table
     assert "banded / plain decoder, time" in table
+    assert "SDXL sdxl_4096x4096 preset, whole-run peak (2 steps" in table
+    assert results["sample_sdxl_4096_preset"]["peak_gb"] > 0
