@@ -160,7 +160,7 @@ def test_fast_paths_per_device_and_overrides():
     assert precision.fast_paths("cpu") == precision.REFERENCE_PATHS
     cuda = precision.fast_paths("cuda")
     assert cuda == dict(precision.REFERENCE_PATHS, **precision.FAST_PATHS["cuda"])
-    assert precision.fast_paths("cuda", channels_last=False)["channels_last"] is False
+    assert precision.fast_paths("cuda", channels_last=True)["channels_last"] is True
     assert precision.fast_paths("cpu", native_norms=True)["native_norms"] is True
     with pytest.raises(TypeError):
         precision.fast_paths("cpu", fused=True)

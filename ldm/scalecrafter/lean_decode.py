@@ -330,14 +330,22 @@ def plain_decode_bytes(decoder, height: int, width: int, batch: int = 1) -> int:
     return int(PLAIN_PEAK_PER_LARGEST * _largest_activation(decoder, height, width) * batch * 4)
 
 
+# Devices where the banded decoder runs even when the plain one would fit: on an H200 it took
+# 0.88x the plain decoder's time at 2048² (and 6.7 GB instead of 17.2 GB). On the CPU it costs
+# ~6% more time, so the plain decoder runs there whenever it fits.
+BANDED_ALWAYS = {"cuda": True}
+
+
 def full_decode(autoencoder, z, budget_bytes: Optional[float] = None, lean: Optional[bool] = None):
-    """The untiled decode: the plain decoder where its estimated peak fits the budget (default:
-    a share of the free memory), else the banded one (or as `lean` says)."""
+    """The untiled decode: banded on devices in BANDED_ALWAYS; elsewhere the plain decoder
+    where its estimated peak fits the budget (default: a share of the free memory), else the
+    banded one (or as `lean` says)."""
     from ldm.scalecrafter.tiled_decode import default_budget
 
     budget = default_budget(z.device) if budget_bytes is None else budget_bytes
     if lean is None:
-        lean = plain_decode_bytes(autoencoder.decoder, *z.shape[2:], z.shape[0]) > budget
+        lean = BANDED_ALWAYS.get(z.device.type, False) or \
+            plain_decode_bytes(autoencoder.decoder, *z.shape[2:], z.shape[0]) > budget
     if not lean:
         return autoencoder.decode(z)
     return lean_decode(autoencoder, z, budget)
