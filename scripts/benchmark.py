@@ -267,17 +267,25 @@ def case_unet(p, meter):
     x = torch.randn(2, 4, side, side, generator=gen).to(meter.device)
     ctx = torch.randn(2, 77, ctx_dim, generator=gen).to(meter.device)
     t = torch.tensor([500, 500], device=meter.device)
+    return _time_call(lambda: unet(x, t, context=ctx), p, meter, baseline, "unet")
+
+
+def _time_call(call, p, meter, baseline, label):
+    """Median wall and CPU seconds of `call` over p["repeats"] (after an optional warm-up), and
+    the case's peak memory."""
+    import torch
+
     times, cpu = [], []
     with torch.no_grad():
         if p["warmup"]:
-            log(f"  unet {side}: warm-up")
-            unet(x, t, context=ctx)
+            log(f"  {label} {p['side']}: warm-up")
+            call()
         for r in range(p["repeats"]):
-            w, c = meter.timed(lambda: unet(x, t, context=ctx))
+            w, c = meter.timed(call)
             times.append(w)
             cpu.append(c)
-            log(f"  unet {side}: {r + 1}/{p['repeats']} {w:.2f}s")
-    return {"side": side, "seconds": statistics.median(times),
+            log(f"  {label} {p['side']}: {r + 1}/{p['repeats']} {w:.2f}s")
+    return {"side": p["side"], "seconds": statistics.median(times),
             "cpu_seconds": statistics.median(cpu), "all_seconds": times,
             "warmup": p["warmup"], "baseline_gb": baseline / GB,
             "peak_gb": meter.peak_bytes() / GB}
@@ -300,20 +308,7 @@ def case_sdxl_unet(p, meter):
     ctx = torch.randn(2, 77, node.params.context_dim, generator=gen).to(meter.device)
     y = torch.randn(2, node.params.adm_in_channels, generator=gen).to(meter.device)
     t = torch.tensor([500, 500], device=meter.device)
-    call = lambda: unet(x, t, context=ctx, y=y)  # noqa: E731
-    times, cpu = [], []
-    with torch.no_grad():
-        if p["warmup"]:
-            call()
-        for r in range(p["repeats"]):
-            w, c = meter.timed(call)
-            times.append(w)
-            cpu.append(c)
-            log(f"  sdxl unet {side}: {r + 1}/{p['repeats']} {w:.2f}s")
-    return {"side": side, "seconds": statistics.median(times),
-            "cpu_seconds": statistics.median(cpu), "all_seconds": times,
-            "warmup": p["warmup"], "baseline_gb": baseline / GB,
-            "peak_gb": meter.peak_bytes() / GB}
+    return _time_call(lambda: unet(x, t, context=ctx, y=y), p, meter, baseline, "sdxl unet")
 
 
 CASES = {"guidance": case_guidance, "decode": case_decode, "unet": case_unet,
