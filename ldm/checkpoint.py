@@ -41,13 +41,11 @@ from __future__ import annotations
 
 import _compat_pickle
 import builtins
-import hashlib
 import os
 import pickle
 import re
 import struct
 import tempfile
-import threading
 import types
 import warnings
 import zipfile
@@ -60,17 +58,12 @@ import torch
 __all__ = [
     "CheckpointError",
     "load_state_dict",
-    "file_sha256",
-    "short_hash",
-    "BackgroundShortHash",
     "save_safetensors",
-    "SHORT_HASH_LEN",
     "PICKLE_SUFFIXES",
 ]
 
 PathLike = Union[str, os.PathLike]
 
-SHORT_HASH_LEN = 10
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CONVERTER = "scripts/convert_checkpoint.py"
 
@@ -523,60 +516,6 @@ def load_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, 
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class BackgroundShortHash:
-    """:func:`short_hash` of a file, computed in a daemon thread started at once: file reads and
-    hashlib release the GIL, so hashing a 5 GB checkpoint (3.5 s) overlaps loading and sampling.
-    :meth:`result` waits for it (and re-raises its error)."""
-
-    def __init__(self, path: PathLike):
-        self._value: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True,
-                                        name="checkpoint-sha256")
-        self._thread.start()
-
-    def _run(self, path):
-        try:
-            self._value = short_hash(path)
-        except BaseException as exc:  # handed to whoever asks for the result
-            self._error = exc
-
-    def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def short_hash(path_or_digest: Union[PathLike, str], chunk: int = 1 << 20) -> str:
-    """First :data:`SHORT_HASH_LEN` hex chars of a file's SHA-256.
-
-    Accepts a file path, or an already computed 64-char hex digest.
-    """
-    if (
-        isinstance(path_or_digest, str)
-        and _HEX64.fullmatch(path_or_digest)
-        and not os.path.exists(path_or_digest)
-    ):
-        return path_or_digest[:SHORT_HASH_LEN]
-    return file_sha256(path_or_digest, chunk)[:SHORT_HASH_LEN]
 
 
 def save_safetensors(

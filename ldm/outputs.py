@@ -198,7 +198,7 @@ class OutputWriter:
 
     @property
     def ckpt_hash(self) -> str:
-        from ldm.checkpoint import short_hash
+        from ldm.hashing import short_hash
 
         if self._ckpt_hash is None:
             self._ckpt_hash = short_hash(self.args.ckpt)

@@ -390,7 +390,7 @@ class PhaseTimer:
 def run(args):
     import torch
 
-    from ldm.checkpoint import BackgroundShortHash
+    from ldm.hashing import BackgroundShortHash
     from ldm.outputs import OutputWriter
     from ldm.pipeline import Pipeline
 

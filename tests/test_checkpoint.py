@@ -26,10 +26,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from ldm.checkpoint import (  # noqa: E402
     CheckpointError,
-    file_sha256,
     load_state_dict,
     save_safetensors,
-    short_hash,
 )
 
 REFERENCE_CKPT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tiny" / "tiny-sd21.ckpt"
@@ -454,6 +452,7 @@ def test_describe_missing():
 
 
 def test_file_sha256_and_short_hash(tmp_path):
+    from ldm.hashing import file_sha256, short_hash
     path = tmp_path / "blob.bin"
     data = os.urandom(3 * 1024 + 17)
     path.write_bytes(data)

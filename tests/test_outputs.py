@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ldm import outputs  # noqa: E402
-from ldm.checkpoint import short_hash  # noqa: E402
+from ldm.hashing import short_hash  # noqa: E402
 from ldm.outputs import OutputError, OutputWriter, ensure_writable_dir, write_new_file  # noqa
 from ldm.pipeline import GenerationOptions  # noqa: E402
 from conftest import load_script
