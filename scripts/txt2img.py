@@ -252,8 +252,8 @@ def check_preset_family(args, config):
         return
     family = config_family(config)
     if family != wanted:
-        raise UsageError(f"preset {args.preset} is made for {wanted} models, but the config "
-                         f"{args.config} is a {family or 'model of unknown family'} model")
+        raise UsageError(f"preset {args.preset} is made for {wanted} models; the config "
+                         f"{args.config} is for {family or 'unknown-family'} models")
 
 
 def check_settings_files(config, opts):
