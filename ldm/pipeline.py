@@ -221,7 +221,7 @@ class Pipeline:
         if opts.tiled_decoding:
             return tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size,
                                 budget_bytes=budget, progress=progress)
-        return full_decode(vae, z, budget)  # banded where the plain decode would not fit it
+        return full_decode(vae, z, budget)  # banded on CUDA and wherever plain would not fit
 
     def generate(self, prompts: Sequence[str], opts: GenerationOptions, generator=None,
                  x_T=None, progress=True) -> GenerationResult:
