@@ -118,19 +118,6 @@ def _build(node, device):
     return instantiate_from_config(node).to(device).float().eval()
 
 
-class _UNetOnly:
-    """The two things GuidedDenoiser needs of a LatentDiffusion, for a bare UNet."""
-
-    def __init__(self, unet):
-        self.unet = unet
-
-    def apply_model(self, x, t, cond):
-        from ldm.modules.encoders.conditioning import as_conditioning
-
-        cond = as_conditioning(cond)
-        return self.unet(x, t, context=cond.context, y=cond.vector)
-
-
 def case_guidance(p, meter):
     """Plain CFG call, re-dilated CFG call and noise-damped CFG step, interleaved per round."""
     import torch
@@ -160,7 +147,7 @@ def case_guidance(p, meter):
             dilation=dilation, dilate_tau=1, ndcfg_tau=1,
             ndcfg_dilation=damped),
     }
-    model = _UNetOnly(unet)
+    model = benchmark_gpu._Denoising(unet)  # what GuidedDenoiser needs of a model
     denoisers = {k: GuidedDenoiser(model, cond, uncond, 9.0, s) for k, s in variants.items()}
     wall, cpu = {k: [] for k in variants}, {k: [] for k in variants}
     batches = {}  # the UNet calls of one step, by batch size
