@@ -18,8 +18,8 @@ from PIL import Image
 from ldm.models.diffusion.ddim import sample_ddim
 from ldm.models.diffusion.dpm_solver import sample_dpmpp_2m
 from ldm.models.diffusion.plms import sample_plms
-from ldm.precision import (HALF_WEIGHTS, autotuned, fast_paths, prepare_for_inference,
-                           weight_dtype_policy)
+from ldm.precision import (HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths, prepare_for_inference,
+                           sampling_kernels, weight_dtype_policy)
 from ldm.scalecrafter.freeu import freeu_applied
 from ldm.scalecrafter.guidance import GuidedDenoiser
 from ldm.scalecrafter.schedule import ScaleCrafterSettings
@@ -142,15 +142,16 @@ class Pipeline:
         self.model, self.device = model, torch.device(device)
         self.config_path, self.ckpt_path = config_path, ckpt_path
         self.half_weights = None  # the weight dtype prepare_for_inference chose, if any
-        self.cudnn_benchmark = False  # cuDNN autotuning while sampling
+        # switches that act while sampling (cuDNN autotuning, cuDNN attention first)
+        self.sampling_kernels = {name: False for name in SAMPLING_SWITCHES}
 
     @classmethod
     def load(cls, config_path, ckpt_path, device="cpu", precision="full",
-             cudnn_benchmark=None, **layout):
+             cudnn_benchmark=None, cudnn_attention=None, **layout):
         """precision 'autocast' also stores the UNet and text encoder in half precision where
-        ldm.precision says so (CUDA); layout: channels_last, cudnn_benchmark,
-        native_norms (None: ldm.precision.FAST_PATHS' choice for the device), compile_unet
-        (off by default)."""
+        ldm.precision says so (CUDA); kernel and layout switches: cudnn_benchmark,
+        cudnn_attention, channels_last, native_norms (None: ldm.precision.FAST_PATHS' choice
+        for the device), compile_unet (off by default)."""
         from ldm.checkpoint import load_state_dict
         from ldm.modules.encoders.modules import register_config_dir
 
@@ -162,8 +163,9 @@ class Pipeline:
                             weight_dtype_policy(device, precision))
         pipe = cls(model, device, config_path, ckpt_path)
         prepare_for_inference(model, device, precision, **layout)
-        pipe.cudnn_benchmark = fast_paths(device, cudnn_benchmark=cudnn_benchmark)[
-            "cudnn_benchmark"]
+        paths = fast_paths(device, cudnn_benchmark=cudnn_benchmark,
+                           cudnn_attention=cudnn_attention)
+        pipe.sampling_kernels = {name: paths[name] for name in SAMPLING_SWITCHES}
         if precision == "autocast":
             pipe.half_weights = HALF_WEIGHTS.get(pipe.device.type)
         return pipe
@@ -193,7 +195,7 @@ class Pipeline:
         model = self.model
         settings = settings if settings is not None else self.settings_for(opts)
         with self._autocast(opts), freeu_applied(model.unet, opts.freeu), \
-                autotuned(self.cudnn_benchmark):
+                sampling_kernels(**self.sampling_kernels):
             size = (opts.H, opts.W)
             cond = model.get_conditioning(list(prompts), size)
             need_uncond = opts.scale != 1.0 or settings.uses_ndcfg

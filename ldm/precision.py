@@ -46,13 +46,20 @@ def denoising_modules(model: nn.Module):
 # - cudnn_benchmark: cuDNN times its algorithms once per shape, during sampling only (it
 #   repeats one shape): 0.98x on the H200;
 # - native_norms: the UNet's GroupNorms and LayerNorms in the activations' half dtype (CUDA
-#   accumulates in float32 anyway), not through a float32 copy: 0.92x on the H200.
+#   accumulates in float32 anyway), not through a float32 copy: 0.92x on the H200;
+# - cudnn_attention: scaled-dot-product attention tries cuDNN's fused kernel first while
+#   sampling (PyTorch tries FlashAttention-2 first, cuDNN last); not yet measured on a card,
+#   so off until scripts/gpu_speed.py shows it faster.
 # The CPU keeps the reference kernels (its numbers are the reference ones).
 # scripts/benchmark.py --device cuda measures each against the reference kernels.
 FAST_PATHS = {
-    "cuda": {"channels_last": False, "cudnn_benchmark": True, "native_norms": True},
+    "cuda": {"channels_last": False, "cudnn_benchmark": True, "native_norms": True,
+             "cudnn_attention": False},
 }
-REFERENCE_PATHS = {"channels_last": False, "cudnn_benchmark": False, "native_norms": False}
+REFERENCE_PATHS = {"channels_last": False, "cudnn_benchmark": False, "native_norms": False,
+                   "cudnn_attention": False}
+# The switches that act while sampling only (process-wide state, restored after it).
+SAMPLING_SWITCHES = ("cudnn_benchmark", "cudnn_attention")
 
 
 def fast_paths(device, **chosen):
@@ -77,6 +84,28 @@ def autotuned(enabled: bool):
         yield
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+@contextmanager
+def attention_preferred(cudnn_first: bool):
+    """While the block runs, SDPA tries cuDNN's fused attention first (where it cannot run,
+    e.g. float32 or the CPU, the next backend in PyTorch's own order does); restored after."""
+    if not cudnn_first:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        yield
+
+
+@contextmanager
+def sampling_kernels(cudnn_benchmark: bool = False, cudnn_attention: bool = False):
+    """The kernel switches that act while sampling (see FAST_PATHS)."""
+    with autotuned(cudnn_benchmark), attention_preferred(cudnn_attention):
+        yield
 
 
 def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",

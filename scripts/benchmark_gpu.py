@@ -113,8 +113,8 @@ def _options(p):
 # Kernel switches a variant of a sample case may set (cuDNN autotuning while sampling, the
 # UNet's GroupNorm dtype); a
 # variant that sets none runs with the device's defaults (ldm.precision.FAST_PATHS), as txt2img.
-KERNEL_SWITCHES = ("cudnn_benchmark", "native_norms")
-REFERENCE_KERNELS = {"cudnn_benchmark": False, "native_norms": False}
+KERNEL_SWITCHES = ("cudnn_benchmark", "native_norms", "cudnn_attention")
+REFERENCE_KERNELS = {"cudnn_benchmark": False, "native_norms": False, "cudnn_attention": False}
 
 
 def _kernels(device, variant):
@@ -132,7 +132,7 @@ def case_sample(p, meter):
 
     from ldm.models.diffusion.ddim import sample_ddim
     from ldm.modules.normalization import set_native_norms
-    from ldm.precision import autotuned
+    from ldm.precision import sampling_kernels
     from ldm.scalecrafter.guidance import GuidedDenoiser
     from ldm.scalecrafter.settings import build_settings
 
@@ -153,7 +153,8 @@ def case_sample(p, meter):
         set_native_norms(unet, kernels[key]["native_norms"])
         denoiser = GuidedDenoiser(_Denoising(unet), cond, uncond, 9.0, settings[key])
         with torch.autocast(meter.device.type, dtype=_half(meter.device)), \
-                autotuned(kernels[key]["cudnn_benchmark"]):
+                sampling_kernels(kernels[key]["cudnn_benchmark"],
+                                 kernels[key]["cudnn_attention"]):
             return sample_ddim(denoiser, x, acp, steps or p["steps"], 1.0,
                                torch.Generator().manual_seed(1), progress=False)
     times, warmup = {k: [] for k in variants}, {}
@@ -274,6 +275,7 @@ SWITCH_VARIANTS = {
     "reference": REFERENCE_KERNELS,
     "cudnn_benchmark": {**REFERENCE_KERNELS, "cudnn_benchmark": True},
     "native_norms": {**REFERENCE_KERNELS, "native_norms": True},
+    "cudnn_attention": {**REFERENCE_KERNELS, "cudnn_attention": True},
 }
 
 

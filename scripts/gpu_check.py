@@ -123,7 +123,7 @@ def unet_calls():
 def half_weights_unet():
     from torch import nn
 
-    from ldm.precision import prepare_for_inference
+    from ldm.precision import prepare_for_inference, sampling_kernels
 
     unet, _, _ = tiny_parts()
     holder = nn.Module()
@@ -133,12 +133,13 @@ def half_weights_unet():
     out = []
     # the reference kernels, then the device's default fast paths (channels-last, native half
     # GroupNorm) on the same UNet (this order: channels-last is not undone)
-    for label, paths in (("reference kernels", {"channels_last": False,
-                                                "native_norms": False}),
-                         ("default paths", {})):
+    for label, paths, cudnn_attention in (
+            ("reference kernels", {"channels_last": False, "native_norms": False}, False),
+            ("default paths", {}, False), ("default paths + cuDNN attention first", {}, True)):
         prepare_for_inference(holder, DEVICE, "autocast", **paths)
         dtypes = {p.dtype for p in unet.parameters()}
-        with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16):
+        with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16), \
+                sampling_kernels(cudnn_attention=cudnn_attention):
             got = unet(x, t, context=ctx)
         out.append(expect(f"fp16 weights {sorted(map(str, dtypes))} under autocast, {label}",
                           rel_err(got, data["out"]), 2e-2))

@@ -66,6 +66,9 @@ def build_parser(suppress_defaults=False):
     add("--fast_kernels", action=argparse.BooleanOptionalAction,
         help="CUDA: cuDNN autotuning and the UNet's norms in the activations' dtype "
              "(default: on with CUDA; --no-fast_kernels for the reference kernels)")
+    add("--cudnn_attention", action=argparse.BooleanOptionalAction,
+        help="while sampling, attention tries cuDNN's fused kernel before FlashAttention "
+             "(default: ldm/precision.py's choice for the device, off until measured faster)")
     g = p.add_argument_group("ScaleCrafter: re-dilation")
     g.add_argument("--dilate", type=float, help="dilation factor for the UNet's 3x3 convs")
     g.add_argument("--dilate_tau", type=int, default=d(20),
@@ -403,7 +406,8 @@ def run(args):
         pipe = Pipeline.load(args.config, args.ckpt, device=args.device,
                              precision=args.precision, channels_last=args.channels_last,
                              compile_unet=args.compile, cudnn_benchmark=args.fast_kernels,
-                             native_norms=args.fast_kernels)
+                             native_norms=args.fast_kernels,
+                             cudnn_attention=args.cudnn_attention)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
     writer = OutputWriter(args.outdir, args, opts, ckpt_hash)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One GPU session for issue 11, under ~6 minutes on an H100: (1) correctness of the CUDA paths
-# against the tiny reference arrays, fp32 with TF32 off; (2) issue 11's table,
-# `scripts/benchmark.py --device cuda`. Runs with the machine's python3 (no venv): the repository
-# goes on PYTHONPATH. Logs and bench_gpu.json go to $OUT (default ./gpu_out).
+# One GPU session for issue 11: (1) `check`: correctness of the CUDA paths against the tiny
+# reference arrays, fp32 with TF32 off (~1 min); (2) `bench`: issue 11's table,
+# `scripts/benchmark.py --device cuda` (~6 min); (3) `speed`: where the time goes,
+# `scripts/gpu_speed.py` (~6 min). The arguments pick the parts (default: check bench; one
+# device command has 10 minutes, so `speed` goes with `check` alone). Runs with the machine's
+# python3 (no venv): the repository goes on PYTHONPATH. Logs and JSON go to $OUT (./gpu_out).
 #
-#   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh
+#   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [speed]
 #
 # SCALECRAFTER_REF: a folder laid out as ../shared/reference (it needs tiny/; default
 # ./shared_ref). Each part runs under its own timeout; one failing does not stop the next.
@@ -38,17 +40,23 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "available",
       torch.cuda.is_available())
 EOF
 
+PARTS=" ${*:-check bench} "
+wants() { [[ "$PARTS" == *" $1 "* ]]; }
+
 # (1) fp32 correctness on CUDA, TF32 off (budget: 60 s)
+if wants check; then
 say "part 1: scripts/gpu_check.py (log: $OUT/gpu_check.log)"
 NVIDIA_TF32_OVERRIDE=0 timeout 60 "$PY" scripts/gpu_check.py >"$OUT/gpu_check.log" 2>"$OUT/gpu_check.err"
 status=$?
 grep -E '^(PASS|FAIL|SKIP|gpu_check)' "$OUT/gpu_check.log" | tee -a "$OUT/summary.txt"
 [ $status -eq 124 ] && say "part 1 stopped at its 60 s timeout"
 say "part 1 exit status $status (number of failed checks)"
+fi
 
 # (2) issue 11's table (budget: 400 s; each case at most 150 s, in its own process; the JSON is
 # rewritten after every case, so a timeout keeps what was measured). The random full-size
 # checkpoint of the CLI row goes to a temporary folder (TMPDIR), never to $OUT.
+if wants bench; then
 say "part 2: scripts/benchmark.py --device cuda (log: $OUT/bench_gpu.log)"
 timeout 400 "$PY" scripts/benchmark.py --device cuda --case-timeout 150 \
   --json "$OUT/bench_gpu.json" >"$OUT/bench_gpu.md" 2>"$OUT/bench_gpu.log"
@@ -61,3 +69,14 @@ elif [ -s "$OUT/bench_gpu.json" ]; then
 fi
 [ $status -ne 0 ] && tail -n 3 "$OUT/bench_gpu.log" | tee -a "$OUT/summary.txt"
 say "part 2 exit status $status; done in $((SECONDS - START)) s"
+fi
+
+# (3) where the time goes (budget: 560 s; each part has its own timeout inside)
+if wants speed; then
+say "part 3: scripts/gpu_speed.py (log: $OUT/speed.log)"
+timeout 560 "$PY" scripts/gpu_speed.py --json "$OUT/speed.json" >"$OUT/speed.md" 2>"$OUT/speed.log"
+status=$?
+[ $status -eq 124 ] && say "part 3 stopped at its 560 s timeout (speed.json has the parts done)"
+tee -a "$OUT/summary.txt" <"$OUT/speed.md"
+say "part 3 exit status $status; done in $((SECONDS - START)) s"
+fi

@@ -132,7 +132,7 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path):
     }
     assert set(results["sample_1024"]["seconds"]) == set(gpu.SWITCH_VARIANTS)
     assert results["sample_1024"]["kernels"]["native_norms"] == {
-        "cudnn_benchmark": False, "native_norms": True}
+        "cudnn_benchmark": False, "native_norms": True, "cudnn_attention": False}
     assert set(results["sample_1024_channels_last"]["seconds"]) == {
         "channels_last", "plain", "dilated"}
     assert results["sample_4096_preset"]["decode_seconds"] > 0
@@ -142,7 +142,8 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path):
     assert "plain 1024² 5-step sample, native-norms / reference kernels" in table
     assert "plain 1024² 5-step sample, all together / reference kernels" in table
     assert set(results["cli_1024"]["phases"]) == {"load", "sample", "decode", "write"}
-    assert len(gpu.rows(results)) == 17 and "CLI wall time" in table
+    assert "plain 1024² 5-step sample, cudnn-attention / reference kernels" in table
+    assert len(gpu.rows(results)) == 18 and "CLI wall time" in table
     assert results["decode_256_full"]["path"] == "lean"
     assert results["decode_256_plain"]["path"] == "plain"
     assert "full decode 2048², time / peak (lean decoder)" in table

@@ -186,7 +186,7 @@ def test_cli_timings_line(txt2img, tmp_path, capsys):
 
 
 def test_cudnn_autotuning_only_while_sampling(tiny_pipe, monkeypatch):
-    assert tiny_pipe.cudnn_benchmark is False  # the CPU keeps the reference kernels
+    assert tiny_pipe.sampling_kernels == {"cudnn_benchmark": False, "cudnn_attention": False}
     before = torch.backends.cudnn.benchmark
     with precision.autotuned(not before):
         assert torch.backends.cudnn.benchmark is (not before)
@@ -196,8 +196,23 @@ def test_cudnn_autotuning_only_while_sampling(tiny_pipe, monkeypatch):
     real = pipeline.sample_ddim
     monkeypatch.setattr(pipeline, "sample_ddim", lambda *a, **k: (
         seen.append(torch.backends.cudnn.benchmark), real(*a, **k))[1])
-    monkeypatch.setattr(tiny_pipe, "cudnn_benchmark", True)
+    monkeypatch.setitem(tiny_pipe.sampling_kernels, "cudnn_benchmark", True)
     from ldm.pipeline import GenerationOptions
     tiny_pipe.sample(["x"], GenerationOptions(H=64, W=64, steps=1, precision="full"),
                      torch.Generator().manual_seed(0), progress=False)
     assert seen == [True] and torch.backends.cudnn.benchmark is before
+
+
+def test_cudnn_attention_first_only_inside_the_block():
+    from torch.nn.attention import SDPBackend
+
+    before = torch._C._get_sdp_priority_order()
+    q, k, v = torch.randn(3, 2, 4, 50, 16).unbind(0)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with precision.sampling_kernels(cudnn_attention=True):
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+        # where cuDNN cannot run (here: the CPU) the next backend does, with the same numbers
+        assert torch.equal(torch.nn.functional.scaled_dot_product_attention(q, k, v), plain)
+    assert torch._C._get_sdp_priority_order() == before
+    with precision.sampling_kernels(cudnn_attention=False):
+        assert torch._C._get_sdp_priority_order() == before

@@ -1,0 +1,406 @@
+"""Where the GPU time goes: the diagnosis behind issue 11's two missed targets (the plain 1024²
+50-step sample, the seed's CLI command) and the cold 4096² decode.
+
+Four parts, each in its own process (so each is cold where it should be) under its own timeout:
+
+- `profile`: one 1024² CFG call of the full-size SD 2.1 UNet (fp16 weights, the device's
+  default kernels): wall per call, FLOPs and the TFLOP/s they make, GPU kernel time by kind
+  (attention, conv, GEMM, norm, elementwise, copy) and the top kernels; then the same call
+  with each candidate switch (cuDNN attention first, channels-last), interleaved.
+- `cli`: a fresh process loading a random full-size SD 2.1 `.ckpt` as txt2img does, with every
+  step of the load timed apart (imports, CUDA start, meta build, file read, weights to the
+  device), then the first sampling steps cold and warm, with and without cuDNN autotuning.
+- `cold_decode`: the 4096² tiled SyncGN decode (`--tile_size auto`) cold, then warm, with the
+  host-side ops that take the cold call's time.
+- `compile`: `torch.compile` of the UNet (default mode): compile time, then its call time
+  interleaved with eager, and how far its output is from eager's.
+
+    python scripts/gpu_speed.py --json speed.json            # all parts, ~6 min on an H100
+    python scripts/gpu_speed.py --parts profile,cli --json s.json
+    python scripts/gpu_speed.py --tiny --device cpu          # the CPU smoke run (tests)
+
+Prints a markdown summary; the JSON is rewritten after each part. Weights are random: their
+values change neither time nor memory."""
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import benchmark_gpu as bg  # noqa: E402  (scripts/ is not a package)
+
+PARTS = ("profile", "cli", "cold_decode", "compile")
+# seconds per part (together within gpu_check.sh's 560 s for part 3)
+TIMEOUTS = {"profile": 80, "cli": 130, "cold_decode": 100, "compile": 180}
+# GPU kernels by kind, from their names (first match wins).
+KERNEL_KINDS = (
+    ("attention", r"flash|fmha|attention|sdpa|mha"),
+    ("norm", r"norm|moments"),
+    ("conv", r"conv|fprop|implicit|winograd|dgrad|nchw|nhwc"),
+    ("gemm", r"gemm|cutlass|cublas|nvjet|xmma"),
+    ("copy", r"copy|transpose|permute|cat|pad"),
+    ("elementwise", r"elementwise|vectorized|unrolled|reduce|gelu|silu|upsample"),
+)
+
+
+def log(message):
+    print(f"[gpu_speed] {message}", file=sys.stderr, flush=True)
+
+
+def kind_of(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _wall(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _interleaved(calls, device, rounds):
+    """Median seconds of each named call, run round by round so drift hits all alike."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(_wall(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _unet_call(p, device):
+    """(call, unet): one CFG UNet call (batch 2) at latent side p['side'], fp16 under autocast
+    on CUDA (bf16 on the CPU), with the device's default kernels and layout."""
+    import torch
+
+    from ldm.precision import fast_paths, sampling_kernels
+
+    config = bg.TINY_CONFIG if p.get("tiny") else bg.FULL_CONFIG
+    unet, _, ctx_dim = bg._unet_and_schedule(device, {}, config)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, p["side"], p["side"], generator=gen).to(device)
+    t = torch.full((2,), 981, device=device)
+    context = torch.randn(2, 77, ctx_dim, generator=gen).to(device)
+    paths = fast_paths(device)
+
+    def call(cudnn_attention=None, net=None):
+        attention = paths["cudnn_attention"] if cudnn_attention is None else cudnn_attention
+        with torch.no_grad(), torch.autocast(device.type, dtype=bg._half(device)), \
+                sampling_kernels(paths["cudnn_benchmark"], attention):
+            return (unet if net is None else net)(x, t, context=context)
+    return call, unet
+
+
+def _kernel_table(prof, calls):
+    """GPU kernel milliseconds per call, by kind and the top 12 by name."""
+    from torch.autograd import DeviceType
+
+    by_kind, by_name = {}, {}
+    for evt in prof.key_averages():
+        if evt.device_type != DeviceType.CUDA:
+            continue
+        ms = getattr(evt, "self_device_time_total", None)
+        ms = (evt.self_cuda_time_total if ms is None else ms) / 1e3 / calls
+        by_kind[kind_of(evt.key)] = by_kind.get(kind_of(evt.key), 0.0) + ms
+        by_name[evt.key[:100]] = by_name.get(evt.key[:100], 0.0) + ms
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}, \
+        [[name, round(ms, 3)] for name, ms in top]
+
+
+def _flops(call):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        call()
+    return counter.get_total_flops()
+
+
+def part_profile(p, device):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    call, unet = _unet_call(p, device)
+    for _ in range(3):
+        call()
+    result = {"side": p["side"], "flops_per_call": _flops(call)}
+    walls = [_wall(call, device) for _ in range(5)]
+    result["seconds_per_call"] = statistics.median(walls)
+    result["tflops"] = result["flops_per_call"] / result["seconds_per_call"] / 1e12
+    if device.type == "cuda":
+        for attention in (False, True):
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    call(attention)
+                _sync(device)
+            kinds, top = _kernel_table(prof, 3)
+            tag = "cudnn_attention" if attention else "default"
+            result[f"kernel_ms_{tag}"], result[f"top_kernels_{tag}"] = kinds, top
+            result[f"gpu_busy_ms_{tag}"] = round(sum(kinds.values()), 3)
+    result["variants_seconds"] = _interleaved(
+        {"default": call, "cudnn_attention": lambda: call(True),
+         "flash_only": lambda: _flash_only(call)}, device, p.get("rounds", 5))
+    unet.to(memory_format=torch.channels_last)
+    for _ in range(2):
+        call()
+    result["variants_seconds"]["channels_last"] = statistics.median(
+        [_wall(call, device) for _ in range(p.get("rounds", 5))])
+    result["peak_gb"] = (torch.cuda.max_memory_allocated(device) / bg.GB
+                         if device.type == "cuda" else None)
+    return result
+
+
+def _flash_only(call):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]  # MATH: where flash cannot run
+    with sdpa_kernel(backends):
+        return call(False)
+
+
+def part_compile(p, device):
+    import torch
+
+    call, unet = _unet_call(p, device)
+    eager = call().float()
+    compiled = torch.compile(unet, dynamic=False)
+    start = time.perf_counter()
+    out = call(net=compiled).float()
+    _sync(device)
+    result = {"compile_seconds": time.perf_counter() - start,
+              "rel_err_vs_eager": float((out - eager).abs().max() / eager.abs().max())}
+    call(net=compiled)
+    result["seconds"] = _interleaved({"eager": call, "compiled": lambda: call(net=compiled)},
+                                     device, p.get("rounds", 5))
+    return result
+
+
+def part_cold_decode(p, device):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ldm.scalecrafter.tiled_decode import tiled_decode
+    from ldm.util import instantiate_from_config, load_config
+
+    params = load_config(bg.TINY_CONFIG if p.get("tiny") else bg.FULL_CONFIG).model.params
+    with torch.device(device):
+        vae = instantiate_from_config(params.first_stage_config).eval()
+    del vae.encoder
+    z = torch.randn(1, 4, p["side"], p["side"]).to(device)
+
+    def decode():
+        with torch.no_grad():
+            return tiled_decode(vae, z, p.get("overlap", 16), True, "auto", progress=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cold = _wall(decode, device)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+    warm = _wall(decode, device)
+    return {"side": p["side"], "cold_seconds": cold, "warm_seconds": warm,
+            "top_host_ops_cold_ms": [[e.key, round(e.self_cpu_time_total / 1e3, 1), e.count]
+                                     for e in ops],
+            "peak_gb": (torch.cuda.max_memory_allocated(device) / bg.GB
+                        if device.type == "cuda" else None)}
+
+
+def part_cli(p, device):
+    """The full-size checkpoint is written here; the load runs in a fresh process."""
+    with tempfile.TemporaryDirectory(dir=p.get("workdir")) as tmp:
+        ckpt = Path(tmp) / "sd21-random.ckpt"
+        config = bg.TINY_CONFIG if p.get("tiny") else bg.FULL_CONFIG
+        start = time.perf_counter()
+        bg.write_random_checkpoint(ckpt, device, config)
+        written = time.perf_counter() - start
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--load-probe", str(ckpt),
+               "--config", str(config), "--device", device.type, "--side", str(p["side"])]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=p.get("timeout"))
+    if proc.returncode:
+        return {"error": f"load probe exited {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["checkpoint_write_seconds"] = written
+    return result
+
+
+def load_probe(ckpt, config, device_type, side):
+    """Runs in a fresh interpreter: each step of txt2img's load timed apart, then sampling
+    steps cold and warm. Prints one JSON line."""
+    marks, last = {}, [time.perf_counter()]
+
+    def mark(name):
+        now = time.perf_counter()
+        marks[name] = round(now - last[0], 3)
+        last[0] = now
+    import torch
+    mark("import_torch")
+    if device_type == "cuda":
+        torch.zeros(1, device="cuda")
+    mark("cuda_start")
+    import open_clip  # noqa: F401  (what the SD 2.x text encoder costs to import)
+    mark("import_open_clip")
+    from ldm.checkpoint import load_state_dict
+    from ldm.layouts import fit_state_dict
+    from ldm.modules.encoders.modules import register_config_dir
+    from ldm.pipeline import GenerationOptions, Pipeline
+    from ldm.precision import prepare_for_inference, weight_dtype_policy
+    from ldm.util import instantiate_from_config, load_config
+    mark("import_ldm")
+    cfg = load_config(config)
+    register_config_dir(Path(config).resolve().parent)
+    with torch.device("meta"):
+        model = instantiate_from_config(cfg.model)
+    mark("meta_build")
+    state = load_state_dict(ckpt)
+    mark("read_checkpoint")
+    fitted = fit_state_dict(model, state, weight_dtype_policy(device_type, "autocast"),
+                            device_type)
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    mark("weights_to_device")
+    model.load_state_dict(fitted, strict=True, assign=True)
+    prepare_for_inference(model.eval(), device_type, "autocast")
+    mark("assign_and_layout")
+    pipe = Pipeline(model, device_type)
+    pipe.sampling_kernels = {"cudnn_benchmark": False, "cudnn_attention": False}
+    opts = GenerationOptions(H=8 * side, W=8 * side, steps=2, precision="autocast")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad(), torch.autocast(device_type, dtype=bg._half(torch.device(device_type))):
+        pipe.model.get_conditioning(["a corgi"], (opts.H, opts.W))
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    mark("first_text_encode")
+
+    def steps(tuned):
+        pipe.sampling_kernels["cudnn_benchmark"] = tuned
+        pipe.sample(["a corgi"], opts, gen, progress=False)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+    for name, tuned in (("2_steps_cold", False), ("2_steps_autotune_first", True),
+                        ("2_steps_autotuned_warm", True), ("2_steps_plain_warm", False)):
+        steps(tuned)
+        mark(name)
+    print(json.dumps({"seconds": marks, "side": side}))
+
+
+def run_part(name, params, device, timeout):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name,
+           "--params", json.dumps(params), "--device", device]
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped at its {timeout} s timeout"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or not lines:
+        return {"error": f"exit status {proc.returncode}"}
+    return json.loads(lines[-1])
+
+
+PART_FUNCTIONS = {"profile": part_profile, "cli": part_cli, "cold_decode": part_cold_decode,
+                  "compile": part_compile}
+
+
+def part_params(name, tiny):
+    side = {"profile": 128, "cli": 128, "cold_decode": 512, "compile": 128}[name]
+    if tiny:
+        side = {"profile": 16, "cli": 8, "cold_decode": 16, "compile": 16}[name]
+    return {"side": side, "tiny": tiny, "rounds": 2 if tiny else 5,
+            "timeout": TIMEOUTS[name] - 10}
+
+
+def summary(results):
+    """Markdown lines for the parts that ran."""
+    lines = []
+    prof = results.get("profile", {})
+    if "seconds_per_call" in prof:
+        lines.append(f"- {prof['side'] * 8}² CFG UNet call: {prof['seconds_per_call'] * 1e3:.1f} ms, "
+                     f"{prof['flops_per_call'] / 1e12:.2f} TFLOP, {prof['tflops']:.0f} TFLOP/s")
+        for tag in ("default", "cudnn_attention"):
+            if f"kernel_ms_{tag}" in prof:
+                kinds = ", ".join(f"{k} {v:.1f}" for k, v in prof[f"kernel_ms_{tag}"].items())
+                lines.append(f"- GPU ms per call by kind ({tag}): {kinds} "
+                             f"(busy {prof[f'gpu_busy_ms_{tag}']:.1f})")
+                lines += [f"  - {ms:.2f} ms {name}" for name, ms in prof[f"top_kernels_{tag}"][:8]]
+        lines.append("- variants, s per call: " + ", ".join(
+            f"{k} {v * 1e3:.1f} ms" for k, v in prof["variants_seconds"].items()))
+    for name in PARTS:
+        r = results.get(name, {})
+        if "error" in r:
+            lines.append(f"- {name}: {r['error']}")
+    cli = results.get("cli", {})
+    if "seconds" in cli:
+        lines.append("- CLI load probe, s: " + ", ".join(f"{k} {v}"
+                                                         for k, v in cli["seconds"].items()))
+    cold = results.get("cold_decode", {})
+    if "cold_seconds" in cold:
+        lines.append(f"- {cold['side'] * 8}² tiled decode: cold {cold['cold_seconds']:.1f} s, "
+                     f"warm {cold['warm_seconds']:.1f} s; cold host ops (ms, calls): "
+                     + "; ".join(f"{k} {ms} x{n}" for k, ms, n in cold["top_host_ops_cold_ms"][:6]))
+    comp = results.get("compile", {})
+    if "seconds" in comp:
+        s = comp["seconds"]
+        lines.append(f"- torch.compile: {comp['compile_seconds']:.0f} s to compile, "
+                     f"{s['compiled'] * 1e3:.1f} ms vs eager {s['eager'] * 1e3:.1f} ms per call, "
+                     f"rel. err {comp['rel_err_vs_eager']:.1e}")
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="the tiny config (CPU smoke run)")
+    ap.add_argument("--json", help="write the results here (rewritten after each part)")
+    ap.add_argument("--part", help=argparse.SUPPRESS)
+    ap.add_argument("--params", help=argparse.SUPPRESS)
+    ap.add_argument("--load-probe", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--side", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.load_probe:
+        return load_probe(args.load_probe, args.config, args.device, args.side)
+    import torch
+
+    if args.part:
+        result = PART_FUNCTIONS[args.part](json.loads(args.params), torch.device(args.device))
+        print(json.dumps(result))
+        return 0
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        ap.error(f"unknown part(s): {', '.join(unknown)}")
+    results = {"device": (torch.cuda.get_device_name() if args.device == "cuda"
+                          else "cpu"), "torch": torch.__version__}
+    for name in parts:
+        log(f"part {name} (at most {TIMEOUTS[name]} s)")
+        start = time.perf_counter()
+        results[name] = run_part(name, part_params(name, args.tiny), args.device,
+                                 TIMEOUTS[name])
+        results[name]["part_seconds"] = round(time.perf_counter() - start, 1)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    print(f"## gpu_speed on {results['device']} (torch {results['torch']})")
+    print("\n".join(summary(results)))
+    return 0 if all("error" not in results[p] for p in parts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""scripts/gpu_speed.py, the GPU time diagnosis, runs its parts on the tiny model (CPU)."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_CKPT, TINY_CONFIG, load_script
+
+
+@pytest.fixture(scope="module")
+def speed():
+    return load_script("gpu_speed")
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128", "conv"),
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT", "gemm"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half>", "norm"),
+    ("void at::native::group_norm_kernel<c10::Half>", "norm"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>",
+     "elementwise"),
+    ("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>", "copy"),
+])
+def test_kernels_are_sorted_by_kind(speed, name, kind):
+    assert speed.kind_of(name) == kind
+
+
+def test_profile_and_cold_decode_parts_run_on_the_tiny_model(speed):
+    cpu = torch.device("cpu")
+    prof = speed.part_profile({"side": 8, "tiny": True, "rounds": 1}, cpu)
+    assert prof["flops_per_call"] > 0 and prof["seconds_per_call"] > 0
+    assert set(prof["variants_seconds"]) == {"default", "cudnn_attention", "flash_only",
+                                             "channels_last"}
+    cold = speed.part_cold_decode({"side": 8, "tiny": True, "overlap": 2}, cpu)
+    assert cold["cold_seconds"] > 0 and cold["warm_seconds"] > 0
+    assert cold["top_host_ops_cold_ms"]
+    lines = speed.summary({"profile": prof, "cold_decode": cold, "compile": {"error": "x"}})
+    assert lines[0].startswith("- 64² CFG UNet call:")
+    assert any(line.startswith("- 64² tiled decode: cold") for line in lines)
+    assert "- compile: x" in lines
+
+
+def test_load_probe_times_every_step_of_the_load(speed, capsys):
+    speed.load_probe(str(TINY_CKPT), str(TINY_CONFIG), "cpu", 8)
+    seconds = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["seconds"]
+    assert list(seconds)[:5] == ["import_torch", "cuda_start", "import_open_clip", "import_ldm",
+                                 "meta_build"]
+    assert {"read_checkpoint", "weights_to_device", "first_text_encode",
+            "2_steps_autotune_first"} <= set(seconds)
+
+
+def test_unknown_part_is_refused_in_one_line(speed, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        speed.main(["--parts", "profile,warp", "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert "unknown part(s): warp" in capsys.readouterr().err
