@@ -129,12 +129,26 @@ def _kernel_table(prof, calls):
 
 
 def _flops(call):
+    """(total FLOPs of one call, FLOPs by kernel kind) from PyTorch's flop counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
         call()
-    return counter.get_total_flops()
+    by_kind = {}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        # batched matmuls only come from attention run the composite way (Linear is addmm/mm)
+        name = str(op)
+        kind = ("attention" if "attention" in name or "bmm" in name
+                else "conv" if "conv" in name else "gemm")
+        by_kind[kind] = by_kind.get(kind, 0) + flops
+    return counter.get_total_flops(), by_kind
+
+
+def kind_tflops(flops_by_kind, kernel_ms):
+    """TFLOP/s each kind of kernel reaches: its FLOPs over its GPU time."""
+    return {kind: round(flops / (kernel_ms[kind] / 1e3) / 1e12, 1)
+            for kind, flops in flops_by_kind.items() if kernel_ms.get(kind)}
 
 
 def part_profile(p, device):
@@ -144,7 +158,8 @@ def part_profile(p, device):
     call, unet = _unet_call(p, device)
     for _ in range(3):
         call()
-    result = {"side": p["side"], "flops_per_call": _flops(call)}
+    flops, flops_by_kind = _flops(call)
+    result = {"side": p["side"], "flops_per_call": flops, "flops_by_kind": flops_by_kind}
     walls = [_wall(call, device) for _ in range(5)]
     result["seconds_per_call"] = statistics.median(walls)
     result["tflops"] = result["flops_per_call"] / result["seconds_per_call"] / 1e12
@@ -158,6 +173,7 @@ def part_profile(p, device):
             tag = "cudnn_attention" if attention else "default"
             result[f"kernel_ms_{tag}"], result[f"top_kernels_{tag}"] = kinds, top
             result[f"gpu_busy_ms_{tag}"] = round(sum(kinds.values()), 3)
+            result[f"tflops_by_kind_{tag}"] = kind_tflops(flops_by_kind, kinds)
     result["variants_seconds"] = _interleaved(
         {"default": call, "cudnn_attention": lambda: call(True),
          "flash_only": lambda: _flash_only(call)}, device, p.get("rounds", 5))
@@ -338,6 +354,8 @@ def summary(results):
                 kinds = ", ".join(f"{k} {v:.1f}" for k, v in prof[f"kernel_ms_{tag}"].items())
                 lines.append(f"- GPU ms per call by kind ({tag}): {kinds} "
                              f"(busy {prof[f'gpu_busy_ms_{tag}']:.1f})")
+                lines.append("  - TFLOP/s by kind: " + ", ".join(
+                    f"{k} {v}" for k, v in prof[f"tflops_by_kind_{tag}"].items()))
                 lines += [f"  - {ms:.2f} ms {name}" for name, ms in prof[f"top_kernels_{tag}"][:8]]
         lines.append("- variants, s per call: " + ", ".join(
             f"{k} {v * 1e3:.1f} ms" for k, v in prof["variants_seconds"].items()))

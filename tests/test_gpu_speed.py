@@ -27,10 +27,18 @@ def test_kernels_are_sorted_by_kind(speed, name, kind):
     assert speed.kind_of(name) == kind
 
 
+def test_tflops_by_kind(speed):
+    assert speed.kind_tflops({"attention": 4e12, "conv": 3e12, "gemm": 1e12},
+                             {"attention": 10.0, "conv": 0.0, "norm": 2.0}) == {"attention": 400.0}
+
+
 def test_profile_and_cold_decode_parts_run_on_the_tiny_model(speed):
     cpu = torch.device("cpu")
     prof = speed.part_profile({"side": 8, "tiny": True, "rounds": 1}, cpu)
     assert prof["flops_per_call"] > 0 and prof["seconds_per_call"] > 0
+    # (the CPU's fused attention op has no FLOP formula in PyTorch's counter; CUDA's have)
+    assert {"conv", "gemm"} <= set(prof["flops_by_kind"]) <= {"attention", "conv", "gemm"}
+    assert sum(prof["flops_by_kind"].values()) == prof["flops_per_call"]
     assert set(prof["variants_seconds"]) == {"default", "cudnn_attention", "flash_only",
                                              "channels_last"}
     cold = speed.part_cold_decode({"side": 8, "tiny": True, "overlap": 2}, cpu)
