@@ -38,9 +38,12 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import benchmark_gpu as bg  # noqa: E402  (scripts/ is not a package)
 
-PARTS = ("profile", "cli", "cold_decode", "compile")
+PARTS = ("profile", "cli", "cold_decode", "cold_decode_v7", "compile")
 # seconds per part (together within gpu_check.sh's 560 s for part 3)
-TIMEOUTS = {"profile": 80, "cli": 130, "cold_decode": 100, "compile": 180}
+TIMEOUTS = {"profile": 80, "cli": 130, "cold_decode": 90, "cold_decode_v7": 90, "compile": 170}
+# Environment of a part's process: cuDNN's legacy (v7) API picks conv algorithms without
+# building v8 execution plans, which a cold call pays per new conv shape.
+PART_ENV = {"cold_decode_v7": {"TORCH_CUDNN_V8_API_DISABLED": "1"}}
 # GPU kernels by kind, from their names (first match wins).
 KERNEL_KINDS = (
     ("attention", r"flash|fmha|attention|sdpa|mha"),
@@ -228,11 +231,14 @@ def part_cold_decode(p, device):
     def decode():
         with torch.no_grad():
             return tiled_decode(vae, z, p.get("overlap", 16), True, "auto", progress=False)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         cold = _wall(decode, device)
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+    conv_shapes = [e for e in prof.key_averages(group_by_input_shape=True)
+                   if e.key == "aten::convolution"]
     warm = _wall(decode, device)
     return {"side": p["side"], "cold_seconds": cold, "warm_seconds": warm,
+            "conv_calls": sum(e.count for e in conv_shapes), "conv_shapes": len(conv_shapes),
             "top_host_ops_cold_ms": [[e.key, round(e.self_cpu_time_total / 1e3, 1), e.count]
                                      for e in ops],
             "peak_gb": (torch.cuda.max_memory_allocated(device) / bg.GB
@@ -305,23 +311,31 @@ def load_probe(ckpt, config, device_type, side):
         torch.cuda.synchronize()
     mark("first_text_encode")
 
-    def steps(tuned):
-        pipe.sampling_kernels["cudnn_benchmark"] = tuned
+    def steps(tuned, cudnn_attention):
+        pipe.sampling_kernels = {"cudnn_benchmark": tuned, "cudnn_attention": cudnn_attention}
         pipe.sample(["a corgi"], opts, gen, progress=False)
         if device_type == "cuda":
             torch.cuda.synchronize()
-    for name, tuned in (("2_steps_cold", False), ("2_steps_autotune_first", True),
-                        ("2_steps_autotuned_warm", True), ("2_steps_plain_warm", False)):
-        steps(tuned)
+    # what a single run pays once: the first steps, cuDNN autotuning's first pass, cuDNN
+    # attention's first graphs (it builds one per shape), each beside its warm time
+    for name, tuned, attention in (
+            ("2_steps_cold", False, False), ("2_steps_autotune_first", True, False),
+            ("2_steps_autotuned_warm", True, False), ("2_steps_plain_warm", False, False),
+            ("2_steps_cudnn_attention_first", False, True),
+            ("2_steps_cudnn_attention_warm", False, True)):
+        steps(tuned, attention)
         mark(name)
     print(json.dumps({"seconds": marks, "side": side}))
 
 
 def run_part(name, params, device, timeout):
+    import os
+
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name,
            "--params", json.dumps(params), "--device", device]
+    env = dict(os.environ, **PART_ENV.get(name, {}))
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"stopped at its {timeout} s timeout"}
     lines = proc.stdout.strip().splitlines()
@@ -331,13 +345,13 @@ def run_part(name, params, device, timeout):
 
 
 PART_FUNCTIONS = {"profile": part_profile, "cli": part_cli, "cold_decode": part_cold_decode,
-                  "compile": part_compile}
+                  "cold_decode_v7": part_cold_decode, "compile": part_compile}
 
 
 def part_params(name, tiny):
-    side = {"profile": 128, "cli": 128, "cold_decode": 512, "compile": 128}[name]
+    side = {"profile": 128, "cli": 128, "compile": 128}.get(name, 512)
     if tiny:
-        side = {"profile": 16, "cli": 8, "cold_decode": 16, "compile": 16}[name]
+        side = {"profile": 16, "cli": 8, "compile": 16}.get(name, 16)
     return {"side": side, "tiny": tiny, "rounds": 2 if tiny else 5,
             "timeout": TIMEOUTS[name] - 10}
 
@@ -357,7 +371,7 @@ def summary(results):
                 lines.append("  - TFLOP/s by kind: " + ", ".join(
                     f"{k} {v}" for k, v in prof[f"tflops_by_kind_{tag}"].items()))
                 lines += [f"  - {ms:.2f} ms {name}" for name, ms in prof[f"top_kernels_{tag}"][:8]]
-        lines.append("- variants, s per call: " + ", ".join(
+        lines.append("- variants, per call: " + ", ".join(
             f"{k} {v * 1e3:.1f} ms" for k, v in prof["variants_seconds"].items()))
     for name in PARTS:
         r = results.get(name, {})
@@ -367,11 +381,15 @@ def summary(results):
     if "seconds" in cli:
         lines.append("- CLI load probe, s: " + ", ".join(f"{k} {v}"
                                                          for k, v in cli["seconds"].items()))
-    cold = results.get("cold_decode", {})
-    if "cold_seconds" in cold:
-        lines.append(f"- {cold['side'] * 8}² tiled decode: cold {cold['cold_seconds']:.1f} s, "
-                     f"warm {cold['warm_seconds']:.1f} s; cold host ops (ms, calls): "
-                     + "; ".join(f"{k} {ms} x{n}" for k, ms, n in cold["top_host_ops_cold_ms"][:6]))
+    for name in ("cold_decode", "cold_decode_v7"):
+        cold = results.get(name, {})
+        if "cold_seconds" not in cold:
+            continue
+        lines.append(f"- {cold['side'] * 8}² tiled decode ({name}): cold "
+                     f"{cold['cold_seconds']:.1f} s, warm {cold['warm_seconds']:.1f} s, "
+                     f"{cold['conv_calls']} convs of {cold['conv_shapes']} shapes; cold host ops "
+                     "(ms, calls): " + "; ".join(f"{k} {ms} x{n}"
+                                                 for k, ms, n in cold["top_host_ops_cold_ms"][:6]))
     comp = results.get("compile", {})
     if "seconds" in comp:
         s = comp["seconds"]

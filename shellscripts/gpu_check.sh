@@ -2,8 +2,8 @@
 # One GPU session for issue 11: (1) `check`: correctness of the CUDA paths against the tiny
 # reference arrays, fp32 with TF32 off (~1 min); (2) `bench`: issue 11's table,
 # `scripts/benchmark.py --device cuda` (~6 min); (3) `speed`: where the time goes,
-# `scripts/gpu_speed.py` (~6 min). The arguments pick the parts (default: check bench; one
-# device command has 10 minutes, so `speed` goes with `check` alone). Runs with the machine's
+# `scripts/gpu_speed.py` (at most 560 s). The arguments pick the parts (default: check bench;
+# one device command has 10 minutes, so `speed` runs alone). Runs with the machine's
 # python3 (no venv): the repository goes on PYTHONPATH. Logs and JSON go to $OUT (./gpu_out).
 #
 #   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [speed]

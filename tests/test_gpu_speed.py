@@ -46,7 +46,8 @@ def test_profile_and_cold_decode_parts_run_on_the_tiny_model(speed):
     assert cold["top_host_ops_cold_ms"]
     lines = speed.summary({"profile": prof, "cold_decode": cold, "compile": {"error": "x"}})
     assert lines[0].startswith("- 64² CFG UNet call:")
-    assert any(line.startswith("- 64² tiled decode: cold") for line in lines)
+    assert any(line.startswith("- 64² tiled decode (cold_decode): cold") for line in lines)
+    assert cold["conv_calls"] >= cold["conv_shapes"] > 0
     assert "- compile: x" in lines
 
 
@@ -56,7 +57,12 @@ def test_load_probe_times_every_step_of_the_load(speed, capsys):
     assert list(seconds)[:5] == ["import_torch", "cuda_start", "import_open_clip", "import_ldm",
                                  "meta_build"]
     assert {"read_checkpoint", "weights_to_device", "first_text_encode",
-            "2_steps_autotune_first"} <= set(seconds)
+            "2_steps_autotune_first", "2_steps_cudnn_attention_first"} <= set(seconds)
+
+
+def test_parts_have_a_function_and_a_timeout_within_the_shell_budget(speed):
+    assert set(speed.PART_FUNCTIONS) == set(speed.TIMEOUTS) == set(speed.PARTS)
+    assert sum(speed.TIMEOUTS.values()) <= 560  # gpu_check.sh's timeout for part 3
 
 
 def test_unknown_part_is_refused_in_one_line(speed, capsys):
