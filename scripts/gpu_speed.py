@@ -38,12 +38,21 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import benchmark_gpu as bg  # noqa: E402  (scripts/ is not a package)
 
-PARTS = ("profile", "cli", "cold_decode", "cold_decode_v7", "compile")
+COLD_DECODES = ("cold_decode", "cold_decode_hostreg", "cold_decode_v7")
+PARTS = ("profile", "cli", *COLD_DECODES, "compile")
 # seconds per part (together within gpu_check.sh's 560 s for part 3)
-TIMEOUTS = {"profile": 80, "cli": 130, "cold_decode": 90, "cold_decode_v7": 90, "compile": 170}
-# Environment of a part's process: cuDNN's legacy (v7) API picks conv algorithms without
-# building v8 execution plans, which a cold call pays per new conv shape.
-PART_ENV = {"cold_decode_v7": {"TORCH_CUDNN_V8_API_DISABLED": "1"}}
+TIMEOUTS = {"profile": 70, "cli": 120, "cold_decode": 80, "cold_decode_hostreg": 80,
+            "cold_decode_v7": 80, "compile": 130}
+# Environment of a part's process. The two suspects of the cold 4096² decode: pinned host
+# memory, allocated (page-locked) at first use by one thread (hostreg: malloc + page-locking
+# by 16 threads instead), and cuDNN's per-shape execution plans (v7: the legacy API's
+# algorithm choice, no plans).
+PART_ENV = {
+    "cold_decode_hostreg": {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:True,"
+                                                       "pinned_num_register_threads:16"},
+    "cold_decode_v7": {"TORCH_CUDNN_V8_API_DISABLED": "1"},
+}
+DECODE_BUDGET_GB = 10.0  # a 24 GB card's share beside fp16 weights, as benchmark.py uses
 # GPU kernels by kind, from their names (first match wins).
 KERNEL_KINDS = (
     ("attention", r"flash|fmha|attention|sdpa|mha"),
@@ -228,21 +237,37 @@ def part_cold_decode(p, device):
     del vae.encoder
     z = torch.randn(1, 4, p["side"], p["side"]).to(device)
 
+    budget = int(p.get("budget_gb", DECODE_BUDGET_GB) * bg.GB)
+
     def decode():
         with torch.no_grad():
-            return tiled_decode(vae, z, p.get("overlap", 16), True, "auto", progress=False)
+            return tiled_decode(vae, z, p.get("overlap", 16), True, "auto",
+                                budget_bytes=budget, progress=False)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         cold = _wall(decode, device)
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
     conv_shapes = [e for e in prof.key_averages(group_by_input_shape=True)
                    if e.key == "aten::convolution"]
+    pinned = _pinned_stats(device)
     warm = _wall(decode, device)
-    return {"side": p["side"], "cold_seconds": cold, "warm_seconds": warm,
+    return {"side": p["side"], "cold_seconds": cold, "warm_seconds": warm, "pinned": pinned,
             "conv_calls": sum(e.count for e in conv_shapes), "conv_shapes": len(conv_shapes),
             "top_host_ops_cold_ms": [[e.key, round(e.self_cpu_time_total / 1e3, 1), e.count]
                                      for e in ops],
             "peak_gb": (torch.cuda.max_memory_allocated(device) / bg.GB
                         if device.type == "cuda" else None)}
+
+
+def _pinned_stats(device):
+    """Pinned host memory so far: peak GB, blocks made, seconds spent making them."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    stats = torch.cuda.host_memory_stats()
+    return {"peak_gb": stats.get("allocated_bytes.peak", 0) / bg.GB,
+            "blocks": stats.get("num_host_alloc", 0),
+            "alloc_seconds": stats.get("host_alloc_time.total", 0) / 1e6}
 
 
 def part_cli(p, device):
@@ -344,8 +369,8 @@ def run_part(name, params, device, timeout):
     return json.loads(lines[-1])
 
 
-PART_FUNCTIONS = {"profile": part_profile, "cli": part_cli, "cold_decode": part_cold_decode,
-                  "cold_decode_v7": part_cold_decode, "compile": part_compile}
+PART_FUNCTIONS = {"profile": part_profile, "cli": part_cli, "compile": part_compile,
+                  **{name: part_cold_decode for name in COLD_DECODES}}
 
 
 def part_params(name, tiny):
@@ -381,12 +406,15 @@ def summary(results):
     if "seconds" in cli:
         lines.append("- CLI load probe, s: " + ", ".join(f"{k} {v}"
                                                          for k, v in cli["seconds"].items()))
-    for name in ("cold_decode", "cold_decode_v7"):
+    for name in COLD_DECODES:
         cold = results.get(name, {})
         if "cold_seconds" not in cold:
             continue
+        pinned = cold.get("pinned") or {}
+        pinned_text = (f", pinned {pinned['peak_gb']:.1f} GB in {pinned['blocks']} blocks made in "
+                       f"{pinned['alloc_seconds']:.1f} s" if pinned else "")
         lines.append(f"- {cold['side'] * 8}² tiled decode ({name}): cold "
-                     f"{cold['cold_seconds']:.1f} s, warm {cold['warm_seconds']:.1f} s, "
+                     f"{cold['cold_seconds']:.1f} s, warm {cold['warm_seconds']:.1f} s{pinned_text}, "
                      f"{cold['conv_calls']} convs of {cold['conv_shapes']} shapes; cold host ops "
                      "(ms, calls): " + "; ".join(f"{k} {ms} x{n}"
                                                  for k, ms, n in cold["top_host_ops_cold_ms"][:6]))
