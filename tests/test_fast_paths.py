@@ -129,7 +129,9 @@ def test_tiles_waiting_in_host_memory_or_on_device_and_auto_tiling(tiny_pipe):
     vae = tiny_pipe.model.first_stage_model
     z = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(3))
     seed = tiled_decode(vae, z, 4, True)
-    assert torch.equal(seed, tiled_decode(vae, z, 4, True, budget_bytes=0))
+    # no budget at all: every tile waits in host memory (on the CPU: stays) and the layers
+    # recompute rather than store (upsampled tiles lazy, identity blocks without hidden tiles)
+    assert rel_err(tiled_decode(vae, z, 4, True, budget_bytes=0), seed) <= 1e-6
     assert torch.equal(seed, tiled_decode(vae, z, 4, True, tile_size=(8, 12)))
     auto = tiled_decode(vae, z, 4, True, tile_size="auto", budget_bytes=10 ** 12)
     assert torch.equal(auto, tiled_decode(vae, z, 4, True, tile_size=(16, 24)))  # one tile

@@ -70,3 +70,10 @@ def test_unknown_part_is_refused_in_one_line(speed, capsys):
         speed.main(["--parts", "profile,warp", "--device", "cpu"])
     assert exit_.value.code == 2
     assert "unknown part(s): warp" in capsys.readouterr().err
+
+
+def test_stored_cold_decodes_turn_recomputation_off(speed):
+    assert speed.part_params("cold_decode_stored", False)["recompute"] is False
+    assert "recompute" not in speed.part_params("cold_decode", False)
+    assert "pinned_num_register_threads" in \
+        speed.PART_ENV["cold_decode_stored_hostreg"]["PYTORCH_CUDA_ALLOC_CONF"]

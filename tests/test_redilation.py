@@ -213,3 +213,38 @@ def test_offloaded_tiles_give_the_same_numbers(tiny_pipe):
     a = tiled_decode(vae, z, 4, True, offload=False)
     b = tiled_decode(vae, z, 4, True, offload=True)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sync", [0, 1])
+def test_tiles_recomputed_under_no_budget_match_the_reference(tiny_pipe, monkeypatch, sync):
+    """A budget nothing fits: upsampled tiles are never stored but recomputed band by band, and
+    identity-shortcut blocks recompute their hidden rows instead of storing hidden tiles (two
+    rows per band here, so every band path runs); the reference's numbers all the same."""
+    from ldm.scalecrafter import lean_decode, tiled_decode as td
+
+    ref = reference(f"tiny-sd21-sample-{SAMPLE['name']}.npz")
+    z = torch.from_numpy(ref["latent"]) / tiny_pipe.model.scale_factor
+    vae = tiny_pipe.model.first_stage_model
+    overlap = SAMPLE["overlaps"][0]
+    stored = tiled_decode(vae, z, overlap, bool(sync))
+    ran = {"lazy": [], "recomputed": 0}
+    upsampled, recomputed = td._upsampled_tiles, td._resnet_recomputed
+    monkeypatch.setattr(td, "_upsampled_tiles", lambda x, up, groups, lazy: (
+        ran["lazy"].append(lazy), upsampled(x, up, groups, lazy))[1])
+
+    def counting(*args):
+        ran["recomputed"] += 1
+        return recomputed(*args)
+    monkeypatch.setattr(td, "_resnet_recomputed", counting)
+    for module in (lean_decode, td):
+        monkeypatch.setattr(module, "band_rows", lambda src, band_bytes=None: 2)
+    lean = tiled_decode(vae, z, overlap, bool(sync), budget_bytes=0)
+    dec = vae.decoder
+    after_upsample = {id(dec.up[i - 1].block[0]) for i in range(1, len(dec.up))}
+    identity = sum(b.norm1.num_channels == b.conv2.out_channels and id(b) not in after_upsample
+                   for blocks in [[dec.mid.block_1, dec.mid.block_2]] + [u.block for u in dec.up]
+                   for b in blocks)
+    assert ran == {"lazy": [True] * sum(hasattr(u, "upsample") for u in dec.up),
+                   "recomputed": identity} and identity > 0
+    assert rel_err(lean, ref[f"image_tiled_ov{overlap}_sync{sync}"]) <= 1e-4
+    assert rel_err(lean, stored) <= 1e-5

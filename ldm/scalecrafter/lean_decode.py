@@ -128,7 +128,7 @@ def conv_band(x, conv: nn.Conv2d, top: bool, bottom: bool):
     return F.conv2d(x, conv.weight, conv.bias, padding=(0, 1))
 
 
-def _bands(height: int, rows: int):
+def row_bands(height: int, rows: int):
     return [(r, min(r + rows, height)) for r in range(0, height, rows)]
 
 
@@ -154,7 +154,7 @@ def banded_conv(src, conv, prologue=None, epilogue=None, band_bytes: int = BAND_
     b, _, h, w = src.shape
     out = torch.empty(b, conv.out_channels, h, w, dtype=conv.weight.dtype,
                       device=conv.weight.device)
-    for r0, r1 in _bands(h, band_rows(src, band_bytes)):
+    for r0, r1 in row_bands(h, band_rows(src, band_bytes)):
         band = conv_rows(src, r0, r1, conv, prologue)
         if epilogue is not None:
             epilogue(band, r0, r1)
@@ -163,13 +163,45 @@ def banded_conv(src, conv, prologue=None, epilogue=None, band_bytes: int = BAND_
     return out
 
 
+class Convolved:
+    """conv(prologue(src)) for a 3x3 padding-1 conv, never materialised: each requested band is
+    computed from the rows of src under it and their halo."""
+
+    def __init__(self, src, conv: nn.Conv2d, prologue=None):
+        self.src, self.conv, self.prologue = src, conv, prologue
+        b, _, h, w = src.shape
+        self.shape = torch.Size((b, conv.out_channels, h, w))
+
+    def rows(self, r0, r1):
+        return conv_rows(self.src, r0, r1, self.conv, self.prologue)
+
+
+def residual_recomputed(x, block: ResnetBlock, norm1, norm2, rows: int, epilogue=None):
+    """An identity-shortcut ResNet block, x + conv2(norm2(conv1(norm1(x)))), written over x band
+    by band: each band recomputes the hidden rows it needs (one halo row more), so the hidden
+    map never exists. norm1 / norm2: the GroupNorm + SiLU to apply to a band."""
+    height = x.shape[2]
+    out = Overwritten(x, keep=2)
+    for r0, r1 in row_bands(height, rows):
+        lo, hi = max(r0 - 1, 0), min(r1 + 1, height)
+        hidden = norm2(conv_rows(out, lo, hi, block.conv1, norm1))
+        band = conv_band(hidden, block.conv2, r0 == 0, r1 == height)
+        del hidden
+        band.add_(out.rows(r0, r1))  # identity shortcut
+        if epilogue is not None:
+            epilogue(band, r0, r1)
+        out.write(r0, r1, band)
+        del band
+    return x
+
+
 def banded_residual(h, conv, prologue, shortcut_rows, epilogue=None,
                     band_bytes: int = BAND_BYTES, rows: Optional[int] = None):
     """conv(prologue(h)) + shortcut_rows(r0, r1), written over h itself band by band (the next
     band's halo row is kept aside): a ResNet block's second half without a third map. rows:
     per band, when the shortcut's input is the wider map."""
     out = Overwritten(h, keep=1)
-    for r0, r1 in _bands(h.shape[2], rows or band_rows(out, band_bytes)):
+    for r0, r1 in row_bands(h.shape[2], rows or band_rows(out, band_bytes)):
         band = conv_rows(out, r0, r1, conv, prologue)
         band.add_(shortcut_rows(r0, r1))
         if epilogue is not None:
@@ -182,7 +214,7 @@ def banded_residual(h, conv, prologue, shortcut_rows, epilogue=None,
 def materialize(src, epilogue=None, band_bytes: int = BAND_BYTES):
     """A lazy map (Upsampled) written out band by band."""
     out = None
-    for r0, r1 in _bands(src.shape[2], band_rows(src, band_bytes)):
+    for r0, r1 in row_bands(src.shape[2], band_rows(src, band_bytes)):
         band = src.rows(r0, r1)
         if out is None:
             out = torch.empty(src.shape, dtype=band.dtype, device=band.device)
@@ -209,15 +241,12 @@ class LeanDecoder:
     def _band_rows(self, src) -> int:
         return band_rows(src, self.band_bytes)
 
-    def _conv_rows(self, src, r0, r1, conv, prologue=None):
-        return conv_rows(src, r0, r1, conv, prologue)
-
     def moments(self, src) -> Moments:
         m = Moments(self.groups)
         if isinstance(src, Dense) and src.t.is_contiguous():
             m.add(src.t)  # a view: no copy, one reduction
             return m
-        for r0, r1 in _bands(src.shape[2], self._band_rows(src)):
+        for r0, r1 in row_bands(src.shape[2], self._band_rows(src)):
             m.add(src.rows(r0, r1))
         return m
 
@@ -255,23 +284,11 @@ class LeanDecoder:
     def _resnet_recompute(self, block, x: Dense, norm1):
         """The block without its hidden map: one pass for the hidden map's moments, then each
         output band recomputes the hidden rows it needs (one halo row more) and overwrites x."""
-        height = x.shape[2]
-        rows = self._band_rows(x)
-        mh = Moments(self.groups)
-        for r0, r1 in _bands(height, rows):
-            mh.add(self._conv_rows(x, r0, r1, block.conv1, norm1))
-        norm2 = mh.normalizer(block.norm2)
-        out, m = Overwritten(x.t, keep=2), Moments(self.groups)
-        for r0, r1 in _bands(height, rows):
-            lo, hi = max(r0 - 1, 0), min(r1 + 1, height)
-            hidden = norm2(self._conv_rows(out, lo, hi, block.conv1, norm1))
-            band = conv_band(hidden, block.conv2, r0 == 0, r1 == height)
-            del hidden
-            band.add_(out.rows(r0, r1))  # identity shortcut
-            m.add(band)
-            out.write(r0, r1, band)
-            del band
-        return Dense(out.t), m
+        mh = self.moments(Convolved(x, block.conv1, norm1))
+        m = Moments(self.groups)
+        out = residual_recomputed(x.t, block, norm1, mh.normalizer(block.norm2),
+                                  self._band_rows(x), self._tally(m))
+        return Dense(out), m
 
     def upsample(self, up, x: Dense, next_block):
         """The upsample's output: materialised (with its moments) where it and the next block's

@@ -17,8 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
-from ldm.scalecrafter.lean_decode import (Dense, Moments, Upsampled, banded_conv,
-                                          banded_residual, materialize)
+from ldm.scalecrafter.lean_decode import (Convolved, Dense, Moments, Upsampled, band_rows,
+                                          banded_conv, banded_residual, materialize,
+                                          residual_recomputed, row_bands)
 
 SCALE = 8  # image pixels per latent pixel
 BUDGET_FRACTION = 0.8  # of the memory available when decoding starts
@@ -134,8 +135,12 @@ class _Placement:
     `keep_bytes`, else in pinned host memory. Copies run on a side stream (CUDA) so that they
     overlap the decoder's kernels; on the CPU everything simply stays."""
 
-    def __init__(self, device: torch.device, keep_bytes: float, progress: Optional[tqdm] = None):
+    def __init__(self, device: torch.device, keep_bytes: float, progress: Optional[tqdm] = None,
+                 room: float = math.inf):
         self.device, self.keep_bytes, self.resident = device, keep_bytes, 0
+        # bytes of waiting tiles the memory budget allows: beyond it, layers recompute rather
+        # than store (whatever `offload` says of where stored tiles wait)
+        self.room = room
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.progress = progress
 
@@ -181,11 +186,29 @@ def _moments(t, groups: int):
     return g.shape[-1], mean, var * g.shape[-1]
 
 
+def _source_moments(src, groups: int):
+    """_moments of a map a layer reads: a tile, or a lazy one (Upsampled) taken band by band and
+    merged exactly (Chan's formula) into the tile's own moments."""
+    if isinstance(src, Dense):
+        return _moments(src.t, groups)
+    parts = [_moments(src.rows(r0, r1).contiguous(), groups)
+             for r0, r1 in row_bands(src.shape[2], band_rows(src))]
+    total = sum(n for n, _, _ in parts)
+    mean = sum(n * m for n, m, _ in parts) / total
+    return total, mean, sum(m2 + n * (m - mean) ** 2 for n, m, m2 in parts)
+
+
 class _Tiles:
     """A list of tiles and where they wait; `map` runs a function tile by tile."""
 
-    def __init__(self, tiles, place: _Placement, moments=None):
+    def __init__(self, tiles, place: _Placement, moments=None, view=None):
         self.tiles, self.place, self.moments = tiles, place, moments
+        self.view = view  # tile -> the map the next layer reads, if not the tile itself
+
+    def source(self, t):
+        """What the next layer reads of tile t: the tile, or a lazy map made from it (an
+        upsampled tile, computed band by band whenever read, never stored)."""
+        return Dense(t) if self.view is None else self.view(t)
 
     def map(self, fn, *others: "_Tiles", consume=False, groups=None, keep=False) -> "_Tiles":
         """fn over the tiles (and the matching tiles of `others`), the next tile's copy in flight
@@ -236,7 +259,7 @@ class _Tiles:
         if self.moments is not None and self.moments[0] == groups:
             return self.moments[1]
         # not taken when the tiles were made: one pass over them
-        return [_moments(self.place.ready(*self.place.fetch([t]))[0], groups)
+        return [_source_moments(self.source(self.place.ready(*self.place.fetch([t]))[0]), groups)
                 for t in self.tiles]
 
     def _sync_stats(self, norm):
@@ -263,25 +286,65 @@ def _prologue(tiles: "_Tiles", norm: nn.GroupNorm, sync: bool):
         return lambda t: act
 
     def own(t):
-        m = Moments(norm.num_groups)
-        m.add(t.contiguous())
+        src, m = tiles.source(t), Moments(norm.num_groups)
+        if isinstance(src, Dense):
+            m.add(t.contiguous())
+        else:
+            for r0, r1 in row_bands(src.shape[2], band_rows(src)):
+                m.add(src.rows(r0, r1))
         return m.normalizer(norm)
     return own
+
+
+def _waiting_bytes(x: _Tiles, channels: int, scale: int = 1) -> int:
+    """fp32 bytes of maps of `channels` channels over all of x's tiles (each `scale` x larger
+    per side)."""
+    return 4 * channels * scale ** 2 * sum(t.shape[0] * t.shape[2] * t.shape[3] for t in x.tiles)
+
+
+def _recomputes(block: ResnetBlock, x: _Tiles) -> bool:
+    """Whether an identity-shortcut block should run without its hidden tiles: when they and
+    the block's input would not all fit where tiles wait on the device."""
+    cin, cout = block.norm1.num_channels, block.conv2.out_channels
+    return (cin == cout and not hasattr(block, "conv_shortcut") and x.view is None
+            and _waiting_bytes(x, cin + cout) > x.place.room)
 
 
 def _resnet(block: ResnetBlock, x: _Tiles, sync: bool, groups) -> _Tiles:
     """The block with each conv by row bands (lean_decode): a band normalises on its own, so no
     normalised tile exists whole; the output overwrites the hidden tile. A tile's peak: its
     input, its hidden map and a few bands."""
+    if _recomputes(block, x):
+        return _resnet_recomputed(block, x, sync, groups)
     act1 = _prologue(x, block.norm1, sync)
-    h = x.map(lambda t: banded_conv(Dense(t), block.conv1, act1(t)),  # x stays: it is the skip
+    h = x.map(lambda t: banded_conv(x.source(t), block.conv1, act1(t)),  # x stays: the skip
               groups=block.norm2.num_groups if sync else None)
     act2 = _prologue(h, block.norm2, sync)
 
     def second(t, skip):  # dropout is the identity at inference
+        src = x.source(skip)
+        # a lazy (wider) skip is read in bands no larger than the conv's
+        rows = None if x.view is None else min(band_rows(src), band_rows(Dense(t)))
         return banded_residual(t, block.conv2, act2(t),
-                               lambda r0, r1: block.shortcut(skip[:, :, r0:r1]))
+                               lambda r0, r1: block.shortcut(src.rows(r0, r1)), rows=rows)
     return h.map(second, x, consume=True, groups=groups)
+
+
+def _resnet_recomputed(block: ResnetBlock, x: _Tiles, sync: bool, groups) -> _Tiles:
+    """An identity-shortcut block whose hidden tiles never wait: one pass over the tiles for
+    the hidden map's GroupNorm moments (its conv by bands, not stored), then each tile's output
+    recomputes the hidden rows it needs and overwrites the tile (lean_decode's recomputation).
+    The tiles waiting between layers are the block's input only: half the bytes."""
+    act1 = _prologue(x, block.norm1, sync)
+    hidden = _Tiles(x.tiles, x.place, view=lambda t: Convolved(Dense(t), block.conv1, act1(t)))
+    act2 = _prologue(hidden, block.norm2, sync)
+
+    def over(t):
+        return residual_recomputed(t, block, act1(t), act2(t), band_rows(Dense(t)))
+    out = x.map(over, consume=True, groups=groups)
+    if x.place.progress is not None:
+        x.place.progress.update(1)  # the hidden map's layer, never stored
+    return out
 
 
 def _upsample(upsample, t):
@@ -289,9 +352,33 @@ def _upsample(upsample, t):
     return materialize(Upsampled(upsample, Dense(t)))
 
 
+def _upsampled_tiles(x: _Tiles, upsample, groups, lazy: bool) -> _Tiles:
+    """The upsample layer: its output tiles stored, or (lazy) never stored: the small tiles stay
+    and the next block reads each upsampled tile band by band, recomputing its rows (the
+    upsample conv runs about three times instead of once; the tiles waiting between layers
+    hold a quarter of the bytes)."""
+    if not lazy:
+        return x.map(lambda t: _upsample(upsample, t), consume=True, groups=groups)
+    out = _Tiles(x.tiles, x.place, view=lambda t: Upsampled(upsample, Dense(t)))
+    if groups:
+        out.moments = (groups, out._tile_moments(groups))
+    if x.place.progress is not None:
+        x.place.progress.update(1)
+    return out
+
+
+def _upsample_is_lazy(x: _Tiles, upsample, next_block) -> bool:
+    """Whether storing the upsampled tiles and the next block's hidden tiles would exceed what
+    may wait on the device (then they would go through host memory, 4x the bytes)."""
+    channels = (upsample.conv.out_channels if upsample.with_conv else 0) + \
+        (next_block.conv1.out_channels if next_block is not None else 0)
+    return _waiting_bytes(x, channels, scale=2) > x.place.room
+
+
 def _attn(block: AttnBlock, x: _Tiles, groups) -> _Tiles:
     # The published SyncGN leaves the attention block's own GroupNorm per tile (its reference
     # decodes agree with ours to 1e-6 only this way), and attention itself is per tile anyway.
+    assert x.view is None, "lazy tiles only feed a ResNet block"
     return x.map(block, consume=True, groups=groups)
 
 
@@ -312,13 +399,16 @@ def _decode_tiles(autoencoder, tiles: _Tiles, sync: bool) -> _Tiles:
     h = _resnet(dec.mid.block_1, h, sync, groups)
     h = _attn(dec.mid.attn_1, h, groups)
     h = _resnet(dec.mid.block_2, h, sync, groups)
-    for up in reversed(dec.up):
+    for level in reversed(range(len(dec.up))):
+        up = dec.up[level]
         for i, block in enumerate(up.block):
             h = _resnet(block, h, sync, groups)
             if len(up.attn) > 0:
                 h = _attn(up.attn[i], h, groups)
         if hasattr(up, "upsample"):
-            h = h.map(lambda t: _upsample(up.upsample, t), consume=True, groups=groups)
+            following = dec.up[level - 1].block[0] if level > 0 else None
+            h = _upsampled_tiles(h, up.upsample, groups,
+                                 _upsample_is_lazy(h, up.upsample, following))
     act_out = _prologue(h, dec.norm_out, sync)
     h = h.map(lambda t: banded_conv(Dense(t), dec.conv_out, act_out(t)), consume=True,
               keep=True)  # three channels: the image stays on the device
@@ -342,21 +432,24 @@ def resolve_tile_size(autoencoder, z, tile_size, overlap: int, budget: int):
 
 @torch.no_grad()
 def tiled_decode(autoencoder, z, overlap: int = 8, sync_gn: bool = True, tile_size=None,
-                 offload=None, budget_bytes=None, progress=False):
+                 offload=None, budget_bytes=None, progress=False, recompute=True):
     """Decode latents z (already divided by the scale factor) tile by tile.
 
     tile_size: latent pixels per tile side, (h, w), int, or 'auto'; default half of each side.
     budget_bytes: device memory the decode may use (default: a share of what is free now);
-    'auto' tiles fit it, and waiting tiles beyond it go to host memory. offload: True sends
-    every waiting tile to host memory, False keeps all on the device (default: the budget)."""
+    'auto' tiles fit it; where a layer's waiting tiles would exceed it, the layer recomputes
+    rather than stores (recompute=False: never) and the tiles beyond it go to host memory.
+    offload: True sends every waiting tile to host memory, False keeps all on the device
+    (default: the budget)."""
     budget = default_budget(z.device) if budget_bytes is None else budget_bytes
     th, tw = resolve_tile_size(autoencoder, z, tile_size, overlap, budget)
     rows, cols = plan_axis(z.shape[2], th, overlap), plan_axis(z.shape[3], tw, overlap)
     working = tile_working_bytes(autoencoder.decoder, rows[0].stop, cols[0].stop, z.shape[0])
-    keep = {True: 0, False: math.inf}.get(offload, max(budget - working, 0))
+    room = max(budget - working, 0) if recompute else math.inf
+    keep = {True: 0, False: math.inf}.get(offload, room)
     bar = tqdm(total=_layer_count(autoencoder.decoder), desc=f"Decoding {len(rows)}x{len(cols)}"
                " tiles", disable=not progress, leave=False)
-    place = _Placement(z.device, keep, bar)
+    place = _Placement(z.device, keep, bar, room)
     pieces = [z[:, :, r.start:r.stop, c.start:c.stop] for r in rows for c in cols]
     with bar:
         decoded = _decode_tiles(autoencoder, _Tiles(pieces, place), sync_gn).tiles
