@@ -357,6 +357,10 @@ def plan(args):
             cases.append((f"decode_{mode}", "decode", {
                 "tiny": tiny, "side": side, "mode": mode, "overlap": overlap,
                 "tile_size": tile, "repeats": args.repeats, "budget_gb": args.decode_budget_gb}))
+        if not args.quick:  # the seed's tiling again, under a budget nothing fits: recomputed
+            cases.append(("decode_tiled_recompute", "decode", {
+                "tiny": tiny, "side": side, "mode": "tiled_recompute", "overlap": overlap,
+                "tile_size": None, "repeats": args.repeats, "budget_gb": 2 ** -30}))
     if "unet" in args.only:
         for side in args.sides:
             cases.append((f"unet_{side}", "unet", {
@@ -391,6 +395,7 @@ def build_report(results, device, meta=None):
     g = results.get("guidance", {})
     full, tiled = results.get("decode_full", {}), results.get("decode_tiled", {})
     two, seed = results.get("decode_tiled_2x2", {}), results.get("decode_tiled_seed", {})
+    recomputed = results.get("decode_tiled_recompute", {})
     extra = {
         "redilation_step_ratio_cpu": g.get("redilation_step_ratio_cpu"),
         "ndcfg_step_ratio_cpu": g.get("ndcfg_step_ratio_cpu"),
@@ -402,6 +407,11 @@ def build_report(results, device, meta=None):
                                                   full.get("cpu_seconds")),
         "tiled_2x2_decode_peak_ratio": _ratio(two.get("peak_above_baseline_gb"),
                                               full.get("peak_above_baseline_gb")),
+        # the seed's tiling with every layer recomputed (no budget) over the same tiles stored
+        "tiled_recompute_decode_time_ratio": _ratio(recomputed.get("seconds"),
+                                                    seed.get("seconds")),
+        "tiled_recompute_decode_peak_ratio": _ratio(recomputed.get("peak_above_baseline_gb"),
+                                                    seed.get("peak_above_baseline_gb")),
     }
     unet, sdxl = {}, {}
     for key, r in results.items():
@@ -501,6 +511,11 @@ def markdown_table(report):
     for label, value, cpu_value, target, key, strict in rows:
         lines.append(f"| {label} | {_fmt(value, '.3f')} | {_fmt(cpu_value, '.3f')} | {target} | "
                      f"{_verdict(value, TARGETS[key], strict)} |")
+    if "side" in d.get("decode_tiled_recompute", {}):
+        for what, key in (("time", "tiled_recompute_decode_time_ratio"),
+                          ("peak above baseline", "tiled_recompute_decode_peak_ratio")):
+            lines.append(f"| tiled SyncGN (seed tiling), every layer recomputed (no budget) / "
+                         f"stored, {what} | {_fmt(extra.get(key), '.3f')} | – | – | – |")
     if report["unet_cfg_call"]:
         lines += [""] + _unet_table(report["unet_cfg_call"], cpu)
     if report.get("sdxl_unet_cfg_call"):
