@@ -107,10 +107,26 @@ def test_unparseable_flag_is_one_line(bench, capsys):
     assert err.startswith("error:") and err.count("\n") == 1
 
 
-def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path):
-    """The --device cuda cases, on the CPU with the tiny model and tiny sizes, in this process:
-    they run, and the table names every row of issue 11 (nothing is timed here)."""
+def _txt2img_in_process(txt2img):
+    """subprocess.run for the CLI case, run in this process (its imports are done already)."""
+    import contextlib
+    import io
+    import subprocess
+
+    def run(cmd, **_):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = txt2img.main(cmd[2:])
+        return subprocess.CompletedProcess(cmd, code, "", err.getvalue())
+    return run
+
+
+def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, monkeypatch):
+    """The --device cuda cases, on the CPU with the tiny model and tiny sizes, in this process
+    (the CLI case too): they run, and the table names every row of issue 11 (nothing is timed
+    here)."""
     gpu = bench.benchmark_gpu
+    monkeypatch.setattr(gpu.subprocess, "run", _txt2img_in_process(txt2img))
     run = lambda name, **p: bench.run_case(name, {"tiny": True, **p}, "cpu")
     results = {
         "sample_1024": run("sample", side=8, steps=5, warmup_steps=1,
