@@ -9,6 +9,7 @@ Real files are not the model's state dict. The rules, as the established tools a
 The tables are data: a family whose files carry something new adds a row here."""
 import fnmatch
 import sys
+import threading
 from typing import Callable, Dict, List, Mapping, Union
 
 import torch
@@ -72,6 +73,47 @@ def _placed(value: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
     return value.to(device=device).to(dtype=dtype)
 
 
+# Device types whose loads move the file's tensors in a background thread while the model is
+# built (CUDA: host-to-device copies release the GIL, and building imports the text encoder's
+# packages, seconds of Python); measured by scripts/gpu_speed.py's load probe.
+STAGED_LOADS = {"cuda": True}
+
+
+def _dtype_for(key: str, value: torch.Tensor, dtype: "DtypeChoice") -> torch.dtype:
+    if not value.is_floating_point():
+        return value.dtype
+    return dtype(key) if callable(dtype) else dtype
+
+
+class StagedStateDict:
+    """A file's tensors moved to `device` and their dtype by a thread started at once, so that
+    the copies overlap whatever the caller does meanwhile (building the model on the meta
+    device). Known extras and always-rebuilt keys are left where they are. `result()` waits for
+    the thread (re-raising its error) and returns the state dict, its values replaced."""
+
+    def __init__(self, state_dict: Dict[str, torch.Tensor], device, dtype: "DtypeChoice"):
+        self._state, self._device, self._dtype = state_dict, device, dtype
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="weights-to-device")
+        self._thread.start()
+
+    def _run(self):
+        try:
+            for key in list(self._state):  # nobody else touches the dict until result()
+                if _matches(key, KNOWN_EXTRAS) or _matches(key, ALWAYS_REBUILT):
+                    continue
+                value = self._state[key]
+                self._state[key] = _placed(value, self._device, _dtype_for(key, value, self._dtype))
+        except BaseException as exc:  # handed to result()
+            self._error = exc
+
+    def result(self) -> Dict[str, torch.Tensor]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._state
+
+
 def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
                    dtype: DtypeChoice = torch.float32, device="cpu") -> Dict[str, torch.Tensor]:
     """The tensors to load into `model` (built on the meta device) from a file's `state_dict`.
@@ -101,8 +143,7 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     for key, target in expected.items():
         value = rebuilt[key] if key not in state_dict or _matches(key, ALWAYS_REBUILT) \
             else state_dict.pop(key)
-        wanted = (dtype(key) if callable(dtype) else dtype) if target.is_floating_point() \
-            else target.dtype
+        wanted = _dtype_for(key, target, dtype) if target.is_floating_point() else target.dtype
         fitted[key] = _placed(value, device, wanted)
         state_dict.pop(key, None)
     state_dict.clear()  # the extras: nothing of the file outlives the load

@@ -147,20 +147,26 @@ class Pipeline:
 
     @classmethod
     def load(cls, config_path, ckpt_path, device="cpu", precision="full",
-             cudnn_benchmark=None, cudnn_attention=None, **layout):
+             cudnn_benchmark=None, cudnn_attention=None, staged_load=None, **layout):
         """precision 'autocast' also stores the UNet and text encoder in half precision where
         ldm.precision says so (CUDA); kernel and layout switches: cudnn_benchmark,
         cudnn_attention, channels_last, native_norms (None: ldm.precision.FAST_PATHS' choice
-        for the device), compile_unet (off by default)."""
+        for the device), compile_unet (off by default); staged_load: copy the weights while
+        the model is built (None: ldm.layouts.STAGED_LOADS' choice)."""
         from ldm.checkpoint import load_state_dict
-        from ldm.modules.encoders.modules import register_config_dir
+        from ldm.layouts import STAGED_LOADS, StagedStateDict
+        # (not via .modules, which imports open_clip: that import is what staging overlaps)
+        from ldm.modules.encoders.common import register_config_dir
 
         config = load_config(config_path)
         register_config_dir(Path(config_path).resolve().parent)
         # Weights go straight to their final device and dtype (prepare_for_inference then has
-        # no cast left to do).
-        model = build_model(config, device, load_state_dict(ckpt_path),
-                            weight_dtype_policy(device, precision))
+        # no cast left to do), copied while the model is built where STAGED_LOADS says so.
+        state, policy = load_state_dict(ckpt_path), weight_dtype_policy(device, precision)
+        if staged_load if staged_load is not None else \
+                STAGED_LOADS.get(torch.device(device).type, False):
+            state = StagedStateDict(state, device, policy)
+        model = build_model(config, device, state, policy)
         pipe = cls(model, device, config_path, ckpt_path)
         prepare_for_inference(model, device, precision, **layout)
         paths = fast_paths(device, cudnn_benchmark=cudnn_benchmark,

@@ -65,7 +65,8 @@ def config_family(config):
 def build_model(config, device="cpu", state_dict=None, dtype=torch.float32):
     """Build the model of `config.model`; with a state dict (a checkpoint file's tensors, consumed
     here), build it on the meta device (no random init of a billion parameters) and take the
-    file's tensors as `ldm.layouts.fit_state_dict` fits them. Weights become `dtype` (a dtype or
+    file's tensors as `ldm.layouts.fit_state_dict` fits them (state_dict may be a
+    `ldm.layouts.StagedStateDict` still moving them). Weights become `dtype` (a dtype or
     a key -> dtype policy, ldm.precision.weight_dtype_policy): float32 by default, like the
     reference implementation, whatever the file stores."""
     from ldm.layouts import fit_state_dict
@@ -74,6 +75,8 @@ def build_model(config, device="cpu", state_dict=None, dtype=torch.float32):
         return instantiate_from_config(config.model).to(device).eval()
     with torch.device("meta"):
         model = instantiate_from_config(config.model)
+    if hasattr(state_dict, "result"):  # a StagedStateDict, filled while the model was built
+        state_dict = state_dict.result()
     model.load_state_dict(fit_state_dict(model, state_dict, dtype, device),
                           strict=True, assign=True)
     return model.eval()

@@ -41,8 +41,8 @@ import benchmark_gpu as bg  # noqa: E402  (scripts/ is not a package)
 COLD_DECODES = ("cold_decode", "cold_decode_stored", "cold_decode_stored_hostreg")
 PARTS = ("profile", "cli", *COLD_DECODES, "compile")
 # seconds per part (together within gpu_check.sh's 560 s for part 3)
-TIMEOUTS = {"profile": 70, "cli": 120, "cold_decode": 70, "cold_decode_stored": 70,
-            "cold_decode_stored_hostreg": 70, "compile": 160}
+TIMEOUTS = {"profile": 70, "cli": 150, "cold_decode": 70, "cold_decode_stored": 70,
+            "cold_decode_stored_hostreg": 70, "compile": 130}
 # The cold 4096² decode under a 10 GB budget: as txt2img runs it (layers recompute rather than
 # store tiles beyond the budget), and storing every layer's tiles (the decode the H200 took
 # 33-37 s for, cold): so, with pinned host memory page-locked by one thread, and (hostreg)
@@ -281,14 +281,37 @@ def part_cli(p, device):
         start = time.perf_counter()
         bg.write_random_checkpoint(ckpt, device, config)
         written = time.perf_counter() - start
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--load-probe", str(ckpt),
-               "--config", str(config), "--device", device.type, "--side", str(p["side"])]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=p.get("timeout"))
-    if proc.returncode:
-        return {"error": f"load probe exited {proc.returncode}"}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        probe = [sys.executable, str(Path(__file__).resolve()), "--load-probe", str(ckpt),
+                 "--config", str(config), "--device", device.type, "--side", str(p["side"])]
+        proc = subprocess.run(probe, stdout=subprocess.PIPE, text=True, timeout=p.get("timeout"))
+        if proc.returncode:
+            return {"error": f"load probe exited {proc.returncode}"}
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        # Pipeline.load as txt2img runs it, from a fresh interpreter's start, with the weights
+        # copied while the model is built (staged) and after it (sequential), twice each
+        loads = {"staged": [], "sequential": []}
+        for _ in range(p.get("load_rounds", 2)):
+            for mode in loads:
+                proc = subprocess.run(probe + ["--load-only", mode], stdout=subprocess.PIPE,
+                                      text=True, timeout=p.get("timeout"))
+                if proc.returncode == 0:
+                    loads[mode].append(json.loads(proc.stdout.strip().splitlines()[-1])["load"])
+    result["pipeline_load_seconds"] = {m: min(t) if t else None for m, t in loads.items()}
     result["checkpoint_write_seconds"] = written
     return result
+
+
+def load_only(ckpt, config, device_type, staged: bool):
+    """Runs in a fresh interpreter: seconds from here to a loaded Pipeline (imports included).
+    Prints one JSON line."""
+    start = time.perf_counter()
+    import torch
+
+    from ldm.pipeline import Pipeline
+    Pipeline.load(config, ckpt, device=device_type, precision="autocast", staged_load=staged)
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    print(json.dumps({"load": time.perf_counter() - start}))
 
 
 def load_probe(ckpt, config, device_type, side):
@@ -384,6 +407,10 @@ def part_params(name, tiny):
             "timeout": TIMEOUTS[name] - 10, **PART_PARAMS.get(name, {})}
 
 
+def _seconds(value):
+    return "–" if value is None else f"{value:.2f}"
+
+
 def summary(results):
     """Markdown lines for the parts that ran."""
     lines = []
@@ -409,6 +436,8 @@ def summary(results):
     if "seconds" in cli:
         lines.append("- CLI load probe, s: " + ", ".join(f"{k} {v}"
                                                          for k, v in cli["seconds"].items()))
+        lines.append("- Pipeline.load from a fresh interpreter, s (best of 2): " + ", ".join(
+            f"{k} {_seconds(v)}" for k, v in cli.get("pipeline_load_seconds", {}).items()))
     for name in COLD_DECODES:
         cold = results.get(name, {})
         if "cold_seconds" not in cold:
@@ -441,7 +470,10 @@ def main(argv=None):
     ap.add_argument("--load-probe", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--side", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--load-only", choices=["staged", "sequential"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.load_probe and args.load_only:
+        return load_only(args.load_probe, args.config, args.device, args.load_only == "staged")
     if args.load_probe:
         return load_probe(args.load_probe, args.config, args.device, args.side)
     import torch

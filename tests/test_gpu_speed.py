@@ -77,3 +77,9 @@ def test_stored_cold_decodes_turn_recomputation_off(speed):
     assert "recompute" not in speed.part_params("cold_decode", False)
     assert "pinned_num_register_threads" in \
         speed.PART_ENV["cold_decode_stored_hostreg"]["PYTORCH_CUDA_ALLOC_CONF"]
+
+
+def test_load_only_times_a_pipeline_load_staged_or_not(speed, capsys):
+    for staged in (True, False):
+        speed.load_only(str(TINY_CKPT), str(TINY_CONFIG), "cpu", staged)
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["load"] > 0

@@ -115,3 +115,25 @@ def test_missing_weight_is_refused_with_its_name(tmp_path):
     with pytest.raises(CheckpointError, match="1 missing key.*final_layer_norm.weight"):
         Pipeline.load(SD1_CONFIG, write(tmp_path, "broken.ckpt", state))
 
+
+
+def test_staged_load_gives_the_same_model(tiny_pipe):
+    """Weights copied by a background thread while the model is built (CUDA's default; forced
+    here on the CPU) load exactly as the plain load does."""
+    staged = Pipeline.load(TINY_CONFIG, TINY_CKPT, device="cpu", staged_load=True)
+    ours, plain = staged.model.state_dict(), tiny_pipe.model.state_dict()
+    assert ours.keys() == plain.keys()
+    assert all(torch.equal(ours[k], plain[k]) for k in plain)
+
+
+def test_staging_leaves_extras_and_hands_over_its_error():
+    from ldm.layouts import StagedStateDict
+
+    ema, weight = torch.tensor(0.9999), torch.ones(2, dtype=torch.float64)
+    state = StagedStateDict({"model_ema.decay": ema, "w": weight}, "cpu", torch.float32).result()
+    assert state["model_ema.decay"] is ema and state["w"].dtype == torch.float32
+
+    def no_dtype(key):
+        raise ValueError(f"no dtype for {key}")
+    with pytest.raises(ValueError, match="no dtype for w"):
+        StagedStateDict({"w": weight}, "cpu", no_dtype).result()
