@@ -365,13 +365,29 @@ def seed_everything(seed):
     return seed
 
 
+def process_seconds():
+    """Seconds since this process started (Linux: /proc, at the kernel clock tick), else None."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:  # field 22 (starttime), after the ")" of the name
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class PhaseTimer:
-    """Seconds spent per phase (load, sample, decode, write), for --timings. A phase ends when
-    the device has finished its work, so queued kernels are charged to the phase that queued
+    """Seconds spent per phase (load, sample, decode, write), for --timings, after the start-up
+    (interpreter, imports, input checks) and up to the report (total). A phase ends when the
+    device has finished its work, so queued kernels are charged to the phase that queued
     them."""
 
     def __init__(self, device, enabled):
         self.device, self.enabled, self.seconds = device, enabled, {}
+        self.startup = process_seconds() if enabled else None
 
     @contextmanager
     def phase(self, name):
@@ -385,9 +401,14 @@ class PhaseTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def report(self):
-        if self.enabled:
-            parts = ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items())
-            print(f"timings (s): {parts}", file=sys.stderr, flush=True)
+        if not self.enabled:
+            return
+        parts = dict(self.seconds)
+        total = process_seconds()
+        if self.startup is not None and total is not None:
+            parts = {"startup": self.startup, **parts, "total": total}
+        text = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+        print(f"timings (s): {text}", file=sys.stderr, flush=True)
 
 
 def run(args):

@@ -157,7 +157,8 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
     assert "re-dilated / plain 1024² run (2 of 5 steps dilated)" in table
     assert "plain 1024² 5-step sample, native-norms / reference kernels" in table
     assert "plain 1024² 5-step sample, all together / reference kernels" in table
-    assert set(results["cli_1024"]["phases"]) == {"load", "sample", "decode", "write"}
+    assert set(results["cli_1024"]["phases"]) == {"startup", "load", "sample", "decode", "write",
+                                                  "total"}
     assert "plain 1024² 5-step sample, cudnn-attention / reference kernels" in table
     assert len(gpu.rows(results)) == 18 and "CLI wall time" in table
     assert results["decode_256_full"]["path"] == "lean"

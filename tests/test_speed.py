@@ -181,8 +181,10 @@ def test_cli_timings_line(txt2img, tmp_path, capsys):
     assert txt2img.main(argv) == 0
     line = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("timings")]
     assert len(line) == 1
-    for phase in ("load", "sample", "decode", "write"):
-        assert f"{phase} " in line[0]
+    seconds = {k: float(v) for k, v in (p.split() for p in line[0].split(":", 1)[1].split(","))}
+    assert list(seconds) == ["startup", "load", "sample", "decode", "write", "total"]
+    # the process's age at the start and at the report (here: pytest's process), to the tick
+    assert seconds["total"] >= sum(v for k, v in seconds.items() if k != "total") - 0.05
 
 
 def test_cudnn_autotuning_only_while_sampling(tiny_pipe, monkeypatch):
@@ -216,3 +218,12 @@ def test_cudnn_attention_first_only_inside_the_block():
     assert torch._C._get_sdp_priority_order() == before
     with precision.sampling_kernels(cudnn_attention=False):
         assert torch._C._get_sdp_priority_order() == before
+
+
+def test_process_seconds_is_this_process_age(txt2img):
+    import time
+
+    before = txt2img.process_seconds()
+    time.sleep(0.05)
+    after = txt2img.process_seconds()
+    assert 0 < before < after and after - before < 1
