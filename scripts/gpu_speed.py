@@ -269,8 +269,8 @@ def _pinned_stats(device):
     """Pinned host memory so far: peak GB, blocks made, seconds spent making them."""
     import torch
 
-    if device.type != "cuda":
-        return None
+    if device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
+        return None  # (the CPU; torch before 2.6)
     stats = torch.cuda.host_memory_stats()
     return {"peak_gb": stats.get("allocated_bytes.peak", 0) / bg.GB,
             "blocks": stats.get("num_host_alloc", 0),
