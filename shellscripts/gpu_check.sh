@@ -2,7 +2,7 @@
 # One GPU session for issue 11: (1) `check`: correctness of the CUDA paths against the tiny
 # reference arrays, fp32 with TF32 off (~1 min); (2) `bench`: issue 11's table,
 # `scripts/benchmark.py --device cuda` (~6 min); (3) `speed`: where the time goes,
-# `scripts/gpu_speed.py` (at most 560 s). The arguments pick the parts (default: check bench;
+# `scripts/gpu_speed.py` (at most 530 s). The arguments pick the parts (default: check bench;
 # one device command has 10 minutes, so `speed` runs alone). Runs with the machine's
 # python3 (no venv): the repository goes on PYTHONPATH. Logs and JSON go to $OUT (./gpu_out).
 #
@@ -71,12 +71,12 @@ fi
 say "part 2 exit status $status; done in $((SECONDS - START)) s"
 fi
 
-# (3) where the time goes (budget: 560 s; each part has its own timeout inside)
+# (3) where the time goes (budget: 530 s; each part has its own timeout inside)
 if wants speed; then
 say "part 3: scripts/gpu_speed.py (log: $OUT/speed.log)"
-timeout 560 "$PY" scripts/gpu_speed.py --json "$OUT/speed.json" >"$OUT/speed.md" 2>"$OUT/speed.log"
+timeout 530 "$PY" scripts/gpu_speed.py --json "$OUT/speed.json" >"$OUT/speed.md" 2>"$OUT/speed.log"
 status=$?
-[ $status -eq 124 ] && say "part 3 stopped at its 560 s timeout (speed.json has the parts done)"
+[ $status -eq 124 ] && say "part 3 stopped at its 530 s timeout (speed.json has the parts done)"
 tee -a "$OUT/summary.txt" <"$OUT/speed.md"
 say "part 3 exit status $status; done in $((SECONDS - START)) s"
 fi
