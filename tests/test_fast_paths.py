@@ -1,5 +1,7 @@
 """The GPU fast paths, checked on the CPU against the direct forms they replace: polyphase
 re-dilation, query-chunked VAE attention."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,3 +174,21 @@ def test_half_weights_keep_the_vae_fp32_and_stay_close(monkeypatch):
     with pytest.raises(ValueError, match="half-precision weights"):
         from ldm.pipeline import GenerationOptions
         pipe.sample(["x"], GenerationOptions(precision="full", steps=1), None)
+
+
+def test_recompute_off_still_sends_tiles_beyond_the_budget_to_the_host(tiny_pipe, monkeypatch):
+    from ldm.scalecrafter import tiled_decode as td
+
+    seen = []
+    real = td._Placement.__init__
+
+    def spy(self, device, keep_bytes, progress=None, room=math.inf):
+        seen.append((keep_bytes, room))
+        real(self, device, keep_bytes, progress, room)
+    monkeypatch.setattr(td._Placement, "__init__", spy)
+    vae = tiny_pipe.model.first_stage_model
+    z = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(3))
+    td.tiled_decode(vae, z, 4, True, budget_bytes=0)
+    td.tiled_decode(vae, z, 4, True, budget_bytes=0, recompute=False)
+    td.tiled_decode(vae, z, 4, True, budget_bytes=0, offload=False)
+    assert seen == [(0, 0), (0, math.inf), (math.inf, 0)]

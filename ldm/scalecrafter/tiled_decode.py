@@ -445,11 +445,11 @@ def tiled_decode(autoencoder, z, overlap: int = 8, sync_gn: bool = True, tile_si
     th, tw = resolve_tile_size(autoencoder, z, tile_size, overlap, budget)
     rows, cols = plan_axis(z.shape[2], th, overlap), plan_axis(z.shape[3], tw, overlap)
     working = tile_working_bytes(autoencoder.decoder, rows[0].stop, cols[0].stop, z.shape[0])
-    room = max(budget - working, 0) if recompute else math.inf
+    room = max(budget - working, 0)
     keep = {True: 0, False: math.inf}.get(offload, room)
     bar = tqdm(total=_layer_count(autoencoder.decoder), desc=f"Decoding {len(rows)}x{len(cols)}"
                " tiles", disable=not progress, leave=False)
-    place = _Placement(z.device, keep, bar, room)
+    place = _Placement(z.device, keep, bar, room if recompute else math.inf)
     pieces = [z[:, :, r.start:r.stop, c.start:c.stop] for r in rows for c in cols]
     with bar:
         decoded = _decode_tiles(autoencoder, _Tiles(pieces, place), sync_gn).tiles
