@@ -249,3 +249,17 @@ def test_settings_typo_is_refused_before_the_checkpoint_is_read(txt2img, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {settings}:2: 'up_blocks.0.resnet.1.conv1' is not a 3x3 "
                    "convolution of this UNet"]
+
+
+def test_recomputed_single_tile_decode_is_the_full_decode(xl_pipe, monkeypatch):
+    """SDXL's VAE through the tiled decoder with every layer recomputed (no budget, two-row
+    bands) in one tile with its own GroupNorm statistics: the reference's full decode."""
+    from ldm.scalecrafter import lean_decode, tiled_decode as td
+
+    ref = load("tiny-sdxl-sample-sdxl4096-progressive-ndcfg-rect.npz")
+    z = torch.from_numpy(ref["latent"]) / xl_pipe.model.scale_factor
+    for module in (lean_decode, td):
+        monkeypatch.setattr(module, "band_rows", lambda src, band_bytes=None: 2)
+    image = td.tiled_decode(xl_pipe.model.first_stage_model, z, 0, False,
+                            tile_size=tuple(z.shape[2:]), budget_bytes=0)
+    assert rel_err(image, ref["image_full"]) <= 1e-4
