@@ -508,5 +508,19 @@ def describe(err, args=None):
     return f"{type(err).__name__}: {message}"
 
 
+def exit_now(code: int):
+    """Leave without the interpreter's teardown: once torch, torchvision and open_clip are
+    loaded, freeing every module object takes over a second (1.2 s measured on the CPU) and
+    serves nothing. Outputs are complete by now; streams are flushed and the atexit handlers
+    (logging, torch's) run as in a normal exit."""
+    import atexit
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()  # what a normal exit runs first (CPython's own hook for it)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

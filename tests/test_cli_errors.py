@@ -316,3 +316,20 @@ def test_malicious_checkpoint_is_refused_end_to_end(tmp_path):
     assert "Traceback" not in result.stderr
     assert not marker.exists(), "the checkpoint's code ran"
     assert not list((tmp_path / "out" / "samples").glob("*.png"))
+
+
+def test_a_run_end_to_end_exits_fast_with_everything_written(tmp_path):
+    """The script leaves without the interpreter's teardown (exit_now): its exit status, its
+    last words on stdout and stderr, and every file are there all the same."""
+    from PIL import Image
+
+    result = run_script("--config", TINY_CONFIG, "--ckpt", TINY_CKPT, "--H", "64", "--W", "64",
+                        "--steps", "1", "--n_iter", "1", "--n_samples", "2", "--precision",
+                        "full", "--outdir", tmp_path, "--prompt", "x", "--timings")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("Enjoy.")
+    assert result.stderr.rstrip().splitlines()[-1].startswith("timings (s): startup")
+    for name in ("samples/00000.png", "samples/00001.png", "grid-0000.png"):
+        with Image.open(tmp_path / name) as image:
+            image.load()
+            assert "parameters" in image.text
