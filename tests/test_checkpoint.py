@@ -504,7 +504,7 @@ def test_save_safetensors_failure_leaves_no_temp_file(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def _run_converter(*args: str) -> subprocess.CompletedProcess:
+def _run_converter_process(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the script must find the repo by itself
     return subprocess.run(
@@ -517,6 +517,23 @@ def _run_converter(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _run_converter(*args: str) -> subprocess.CompletedProcess:
+    """The converter's main() in this process (its imports are done already), output
+    captured as a subprocess's would be; the round trip runs the script itself."""
+    import contextlib
+    import io
+
+    from conftest import load_script
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = load_script("convert_checkpoint").main(list(args))
+        except SystemExit as exit_:  # --help, bad flags
+            code = exit_.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def test_converter_round_trip(tmp_path, fake_lightning):
     from safetensors.torch import load_file
 
@@ -525,7 +542,7 @@ def test_converter_round_trip(tmp_path, fake_lightning):
     torch.save(_lightning_checkpoint(fake_lightning, sd), src)
     dst = tmp_path / "model.safetensors"
 
-    result = _run_converter(str(src), str(dst))
+    result = _run_converter_process(str(src), str(dst))
 
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
