@@ -516,8 +516,11 @@ def exit_now(code: int):
     import atexit
     import os
 
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (`| head`), a closed stream
+            pass
     atexit._run_exitfuncs()  # what a normal exit runs first (CPython's own hook for it)
     os._exit(code)
 
