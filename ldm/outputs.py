@@ -13,6 +13,7 @@ import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,7 @@ class OutputWriter:
         self._ckpt_hash = ckpt_hash
         self.count = 0
         self.prompts = []
+        self.grid_path = None  # the grid save_batch wrote, if it was given one
 
     @property
     def ckpt_hash(self) -> str:
@@ -207,48 +209,62 @@ class OutputWriter:
             self._ckpt_hash = self._ckpt_hash.result()
         return self._ckpt_hash
 
-    def save_batch(self, prompts, decoded: torch.Tensor, latents: torch.Tensor):
-        paths = []
+    def save_batch(self, prompts, decoded: torch.Tensor, latents: torch.Tensor, grid=None):
+        """The batch's samples (and their latents / sidecars); with grid=(batches, n_rows), the
+        run's grid too, written after them: the last batch's images and the grid are encoded
+        side by side. Returns the samples' paths."""
         texts = [parameters_text(prompt, self.args, self.opts, self.ckpt_hash, len(prompts), pos)
                  for pos, prompt in enumerate(prompts)]
-        # PNG encoding (zlib) releases the GIL: a batch's images are encoded side by side
-        # (3 s for one 4096² image); the files are still written one by one, in order
-        images = to_pil(decoded)
-        with ThreadPoolExecutor(max_workers=max(1, min(len(images), os.cpu_count() or 1))) as pool:
-            encoded = list(pool.map(lambda pair: png_bytes(pair[0], {"parameters": pair[1]}),
-                                    zip(images, texts)))
-        for prompt, params, data, latent in zip(prompts, texts, encoded, latents):
-            index = next_index(self.sample_dir)
-            path = write_new_file(self.sample_dir / f"{index:05}.png", data)
-            stem = path.with_suffix("")
-            if getattr(self.args, "save_latent", False):
-                buffer = io.BytesIO()
-                np.save(buffer, latent.detach().float().cpu().numpy())
-                write_new_file(stem.with_suffix(".npy"), buffer.getvalue())
-            if getattr(self.args, "metadata", "png") == "json":
-                sidecar = {"prompt": prompt, "parameters": params, "options": asdict(self.opts),
-                           "ckpt": str(self.args.ckpt), "ckpt_hash": self.ckpt_hash,
-                           "config": str(self.args.config), "image": path.name}
-                write_new_file(stem.with_suffix(".json"),
-                               json.dumps(sidecar, indent=2).encode())
-            self.count += 1
-            self.prompts.append(prompt)
-            paths.append(path)
+        # PNG encoding (zlib) releases the GIL: the images are encoded side by side (3 s for
+        # one 4096² image); the files are still written one by one, in order
+        jobs = [partial(png_bytes, image, {"parameters": text})
+                for image, text in zip(to_pil(decoded), texts)]
+        if grid is not None:
+            jobs.append(partial(self._grid_png, *grid, self.prompts + list(prompts)))
+        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+            encoded = list(pool.map(lambda job: job(), jobs))
+        grid_png = encoded.pop() if grid is not None else None
+        paths = [self._write_sample(prompt, params, data, latent)
+                 for prompt, params, data, latent in zip(prompts, texts, encoded, latents)]
+        if grid_png is not None:
+            self.grid_path = self._write_grid(grid_png)
         return paths
 
-    def save_grid(self, batches, n_rows):
+    def _write_sample(self, prompt, params, data: bytes, latent) -> Path:
+        index = next_index(self.sample_dir)
+        path = write_new_file(self.sample_dir / f"{index:05}.png", data)
+        stem = path.with_suffix("")
+        if getattr(self.args, "save_latent", False):
+            buffer = io.BytesIO()
+            np.save(buffer, latent.detach().float().cpu().numpy())
+            write_new_file(stem.with_suffix(".npy"), buffer.getvalue())
+        if getattr(self.args, "metadata", "png") == "json":
+            sidecar = {"prompt": prompt, "parameters": params, "options": asdict(self.opts),
+                       "ckpt": str(self.args.ckpt), "ckpt_hash": self.ckpt_hash,
+                       "config": str(self.args.config), "image": path.name}
+            write_new_file(stem.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
+        self.count += 1
+        self.prompts.append(prompt)
+        return path
+
+    def _grid_png(self, batches, n_rows, prompts) -> bytes:
         from torchvision.utils import make_grid
 
-        if not batches:
-            return None
         images = torch.cat(batches, 0)
         grid = make_grid(torch.clamp((images + 1) / 2, 0, 1), nrow=n_rows)
         array = (255.0 * grid.permute(1, 2, 0).numpy()).astype(np.uint8)
-        prompts = list(dict.fromkeys(self.prompts))  # each prompt once, in order
+        prompts = list(dict.fromkeys(prompts))  # each prompt once, in order
         params = parameters_text("\n".join(prompts), self.args, self.opts, self.ckpt_hash)
+        return png_bytes(Image.fromarray(array), {"parameters": params})
+
+    def _write_grid(self, data: bytes) -> Path:
         index = next_index(self.outdir, r"grid-(\d{4,})\.png")
-        return write_new_file(self.outdir / f"grid-{index:04}.png",
-                              png_bytes(Image.fromarray(array), {"parameters": params}))
+        return write_new_file(self.outdir / f"grid-{index:04}.png", data)
+
+    def save_grid(self, batches, n_rows):
+        if not batches:
+            return None
+        return self._write_grid(self._grid_png(batches, n_rows, self.prompts))
 
     @staticmethod
     def discard_partial_files():

@@ -437,7 +437,7 @@ def run(args):
     x_T = pipe.initial_noise(opts, args.n_samples, generator) if args.fixed_code else None
     from tqdm.auto import trange, tqdm
 
-    all_images = []
+    all_images, left = [], args.n_iter * len(batches)
     try:
         for _ in trange(args.n_iter, desc="Sampling"):
             for prompts in tqdm(batches, desc="data", leave=False):
@@ -446,11 +446,12 @@ def run(args):
                     z, _ = pipe.sample(prompts, opts, generator, start, settings)
                 with timer.phase("decode"):
                     decoded = pipe.decode(z, opts).float().cpu()
-                with timer.phase("write"):  # waits for the checkpoint hash, if still running
-                    writer.save_batch(prompts, decoded, z.cpu())
                 all_images.append(decoded)
-        with timer.phase("write"):
-            writer.save_grid(all_images, args.n_rows or args.n_samples)
+                left -= 1
+                # the grid goes with the last batch (encoded beside its images, written last)
+                grid = (all_images, args.n_rows or args.n_samples) if left == 0 else None
+                with timer.phase("write"):  # waits for the checkpoint hash, if still running
+                    writer.save_batch(prompts, decoded, z.cpu(), grid=grid)
         timer.report()
     except KeyboardInterrupt:
         writer.discard_partial_files()

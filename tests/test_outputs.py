@@ -247,3 +247,25 @@ def test_same_command_twice_gives_identical_numbered_outputs(cli, tmp_path, caps
     assert np.isfinite(latent).all()
     with Image.open(out / "grid-0000.png") as grid:
         assert grid.text["parameters"].startswith(prompt + "\n")
+
+
+def test_grid_written_with_the_last_batch_is_the_grid(tmp_path):
+    """save_batch(..., grid=...) encodes the grid beside the batch's images and writes it after
+    them: the same file save_grid writes, the prompts of every batch in its parameters."""
+    first, last = fake_batch(2, 0), fake_batch(1, 1)
+    grids = []
+    for folder, together in (("together", True), ("apart", False)):
+        writer = OutputWriter(tmp_path / folder, *fake_run(tmp_path))
+        writer.save_batch(["a cat", "a dog"], *first)
+        batches = [first[0], last[0]]
+        if together:
+            paths = writer.save_batch(["a bird"], *last, grid=(batches, 2))
+            grid = writer.grid_path
+        else:
+            paths = writer.save_batch(["a bird"], *last)
+            grid = writer.save_grid(batches, 2)
+        assert [p.name for p in paths] == ["00002.png"] and grid.name == "grid-0000.png"
+        grids.append(grid.read_bytes())
+    assert grids[0] == grids[1]
+    with Image.open(tmp_path / "together" / "grid-0000.png") as image:
+        assert image.text["parameters"].startswith("a cat\na dog\na bird\nSteps: 2")
