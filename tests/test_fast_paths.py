@@ -192,3 +192,15 @@ def test_recompute_off_still_sends_tiles_beyond_the_budget_to_the_host(tiny_pipe
     td.tiled_decode(vae, z, 4, True, budget_bytes=0, recompute=False)
     td.tiled_decode(vae, z, 4, True, budget_bytes=0, offload=False)
     assert seen == [(0, 0), (0, math.inf), (math.inf, 0)]
+
+
+def test_tiles_wait_on_the_host_only_within_its_share():
+    from ldm.scalecrafter.tiled_decode import waits_on_host
+
+    gb = 2 ** 30
+    assert not waits_on_host(gb, 0, 2 * gb, 0, 8 * gb)  # the device's share has room
+    assert waits_on_host(gb, 2 * gb, 2 * gb, 0, 8 * gb)  # it is full: the host takes it
+    assert waits_on_host(gb, 2 * gb, 2 * gb, 7 * gb, 8 * gb)  # up to the host's share
+    # both full: it stays on the device, past the budget, rather than pin what is not there
+    assert not waits_on_host(gb, 2 * gb, 2 * gb, 7 * gb + 1, 8 * gb)
+    assert not waits_on_host(gb, 0, 0, 0, 0)  # the CPU: no pinned memory at all

@@ -130,10 +130,24 @@ def auto_tile_size(decoder, height: int, width: int, overlap: int, budget: int,
     return best[1], best[2]
 
 
+# The most of the host's available memory (when a decode starts) that waiting tiles may pin:
+# the pinned allocator rounds blocks up to a power of two, so up to twice this may be locked.
+HOST_FRACTION = 0.4
+
+
+def waits_on_host(size: int, resident: int, keep_bytes: float, pinned: int,
+                  host_room: float) -> bool:
+    """Whether a finished tile of `size` bytes waits in pinned host memory: when the device's
+    share is full and the host's is not. Beyond both it stays on the device, past the budget,
+    rather than lock memory the host does not have (a CUDA out-of-memory error then says so)."""
+    return resident + size > keep_bytes and pinned + size <= host_room
+
+
 class _Placement:
     """Where finished tiles wait between layers: on the device while their bytes fit
-    `keep_bytes`, else in pinned host memory. Copies run on a side stream (CUDA) so that they
-    overlap the decoder's kernels; on the CPU everything simply stays."""
+    `keep_bytes`, else in pinned host memory (up to HOST_FRACTION of the host's). Copies run on
+    a side stream (CUDA) so that they overlap the decoder's kernels; on the CPU everything
+    simply stays."""
 
     def __init__(self, device: torch.device, keep_bytes: float, progress: Optional[tqdm] = None,
                  room: float = math.inf):
@@ -142,13 +156,18 @@ class _Placement:
         # than store (whatever `offload` says of where stored tiles wait)
         self.room = room
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pinned = 0
+        self.host_room = (HOST_FRACTION * available_bytes(torch.device("cpu"))
+                          if self.stream is not None else 0)
         self.progress = progress
 
     def store(self, t, keep=False):
         size = t.numel() * t.element_size()
-        if self.stream is None or keep or self.resident + size <= self.keep_bytes:
+        if self.stream is None or keep or not waits_on_host(
+                size, self.resident, self.keep_bytes, self.pinned, self.host_room):
             self.resident += size
             return t
+        self.pinned += size
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
@@ -157,8 +176,12 @@ class _Placement:
         return host
 
     def release(self, t):
-        if t is not None and t.device == self.device:
+        if t is None:
+            return
+        if t.device == self.device:
             self.resident -= t.numel() * t.element_size()
+        else:
+            self.pinned -= t.numel() * t.element_size()
 
     def fetch(self, tiles):
         """Start bringing host tiles to the device; (tensors, event to wait for or None)."""
