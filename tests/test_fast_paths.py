@@ -204,3 +204,21 @@ def test_tiles_wait_on_the_host_only_within_its_share():
     # both full: it stays on the device, past the budget, rather than pin what is not there
     assert not waits_on_host(gb, 2 * gb, 2 * gb, 7 * gb + 1, 8 * gb)
     assert not waits_on_host(gb, 0, 0, 0, 0)  # the CPU: no pinned memory at all
+
+
+def test_an_output_written_over_its_input_tile_is_counted_once():
+    """A layer that overwrites its input tile (a ResNet block's second half) never holds two
+    copies: what waits on the device is counted as the tiles' bytes, not twice that."""
+    from ldm.scalecrafter.tiled_decode import _Placement, _Tiles
+
+    place = _Placement(torch.device("cpu"), math.inf)
+    tiles = [torch.ones(256) for _ in range(3)]  # 1 KiB each
+    for t in tiles:
+        place.store(t)
+    seen = []
+    store = place.store
+    place.store = lambda t, keep=False: (store(t, keep), seen.append(place.resident))[0]
+    out = _Tiles(tiles, place).map(lambda t: t.mul_(2), consume=True)
+    assert seen == [3 * 1024] * 3 and place.resident == 3 * 1024
+    out.map(lambda t: t * 2, consume=True)  # a new tensor: both exist until the input goes
+    assert seen[3:] == [4 * 1024] * 3 and place.resident == 3 * 1024

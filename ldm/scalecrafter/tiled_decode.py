@@ -246,9 +246,15 @@ class _Tiles:
             pending = (place.fetch([s.tiles[i + 1] for s in sets])
                        if i + 1 < len(self.tiles) else None)
             result = fn(*args)
+            # an output written over its input tile (a ResNet block's second half) holds no
+            # bytes of its own: the input is released first, so they are counted once
+            in_place = consume and result.data_ptr() == args[0].data_ptr()
             del args
             if groups:
                 moments.append(_moments(result, groups))
+            if in_place:
+                place.release(self.tiles[i])
+                self.tiles[i] = None
             out.append(place.store(result, keep))
             del result
             if consume:
