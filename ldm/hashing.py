@@ -3,8 +3,9 @@ characters of the file's SHA-256), computed off the main thread where the CLI ca
 import hashlib
 import os
 import re
-import threading
 from typing import Union
+
+from ldm.background import InBackground
 
 PathLike = Union[str, os.PathLike]
 SHORT_HASH_LEN = 10
@@ -22,29 +23,13 @@ def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class BackgroundShortHash:
+class BackgroundShortHash(InBackground):
     """:func:`short_hash` of a file, computed in a daemon thread started at once: file reads and
     hashlib release the GIL, so hashing a 5 GB checkpoint (3.5 s) overlaps loading and sampling.
     :meth:`result` waits for it (and re-raises its error)."""
 
     def __init__(self, path: PathLike):
-        self._value: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True,
-                                        name="checkpoint-sha256")
-        self._thread.start()
-
-    def _run(self, path):
-        try:
-            self._value = short_hash(path)
-        except BaseException as exc:  # handed to whoever asks for the result
-            self._error = exc
-
-    def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
+        super().__init__(short_hash, path, name="checkpoint-sha256")
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -9,11 +9,12 @@ Real files are not the model's state dict. The rules, as the established tools a
 The tables are data: a family whose files carry something new adds a row here."""
 import fnmatch
 import sys
-import threading
 from typing import Callable, Dict, List, Mapping, Union
 
 import torch
 from torch import nn
+
+from ldm.background import InBackground
 
 # Keys that published files carry and no inference model uses: pattern -> where they come from.
 KNOWN_EXTRAS = {
@@ -85,33 +86,21 @@ def _dtype_for(key: str, value: torch.Tensor, dtype: "DtypeChoice") -> torch.dty
     return dtype(key) if callable(dtype) else dtype
 
 
-class StagedStateDict:
+class StagedStateDict(InBackground):
     """A file's tensors moved to `device` and their dtype by a thread started at once, so that
     the copies overlap whatever the caller does meanwhile (building the model on the meta
     device). Known extras and always-rebuilt keys are left where they are. `result()` waits for
     the thread (re-raising its error) and returns the state dict, its values replaced."""
 
     def __init__(self, state_dict: Dict[str, torch.Tensor], device, dtype: "DtypeChoice"):
-        self._state, self._device, self._dtype = state_dict, device, dtype
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True, name="weights-to-device")
-        self._thread.start()
+        super().__init__(_place_all, state_dict, device, dtype, name="weights-to-device")
 
-    def _run(self):
-        try:
-            for key in list(self._state):  # nobody else touches the dict until result()
-                if _matches(key, KNOWN_EXTRAS) or _matches(key, ALWAYS_REBUILT):
-                    continue
-                value = self._state[key]
-                self._state[key] = _placed(value, self._device, _dtype_for(key, value, self._dtype))
-        except BaseException as exc:  # handed to result()
-            self._error = exc
 
-    def result(self) -> Dict[str, torch.Tensor]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._state
+def _place_all(state: Dict[str, torch.Tensor], device, dtype: "DtypeChoice"):
+    for key in list(state):  # nobody else touches the dict until the result is asked for
+        if not (_matches(key, KNOWN_EXTRAS) or _matches(key, ALWAYS_REBUILT)):
+            state[key] = _placed(state[key], device, _dtype_for(key, state[key], dtype))
+    return state
 
 
 def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],

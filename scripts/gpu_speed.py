@@ -41,6 +41,7 @@ if str(REPO_ROOT) not in sys.path:
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import benchmark_gpu as bg  # noqa: E402  (scripts/ is not a package)
+from benchmark import Meter  # noqa: E402
 
 COLD_DECODES = ("cold_decode", "cold_decode_stored", "cold_decode_stored_hostreg")
 PARTS = ("profile", "cli", *COLD_DECODES, "compile")
@@ -83,19 +84,8 @@ def kind_of(kernel_name: str) -> str:
     return "other"
 
 
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _wall(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
+    return Meter(device).timed(fn)[0]
 
 
 def _interleaved(calls, device, rounds):
@@ -187,7 +177,7 @@ def part_profile(p, device):
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                 for _ in range(3):
                     call(attention)
-                _sync(device)
+                Meter(device).sync()
             kinds, top = _kernel_table(prof, 3)
             tag = "cudnn_attention" if attention else "default"
             result[f"kernel_ms_{tag}"], result[f"top_kernels_{tag}"] = kinds, top
@@ -222,7 +212,7 @@ def part_compile(p, device):
     compiled = torch.compile(unet, dynamic=False)
     start = time.perf_counter()
     out = call(net=compiled).float()
-    _sync(device)
+    Meter(device).sync()
     result = {"compile_seconds": time.perf_counter() - start,
               "rel_err_vs_eager": float((out - eager).abs().max() / eager.abs().max())}
     call(net=compiled)

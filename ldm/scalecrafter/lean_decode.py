@@ -163,6 +163,18 @@ def banded_conv(src, conv, prologue=None, epilogue=None, band_bytes: int = BAND_
     return out
 
 
+def map_moments(src, groups: int, band_bytes: int = BAND_BYTES) -> Moments:
+    """The GroupNorm moments of a map: one reduction over a contiguous stored map (a view, no
+    copy), else band by band (a lazy map is computed once more for them)."""
+    m = Moments(groups)
+    if isinstance(src, Dense) and src.t.is_contiguous():
+        m.add(src.t)
+        return m
+    for r0, r1 in row_bands(src.shape[2], band_rows(src, band_bytes)):
+        m.add(src.rows(r0, r1))
+    return m
+
+
 class Convolved:
     """conv(prologue(src)) for a 3x3 padding-1 conv, never materialised: each requested band is
     computed from the rows of src under it and their halo."""
@@ -242,13 +254,7 @@ class LeanDecoder:
         return band_rows(src, self.band_bytes)
 
     def moments(self, src) -> Moments:
-        m = Moments(self.groups)
-        if isinstance(src, Dense) and src.t.is_contiguous():
-            m.add(src.t)  # a view: no copy, one reduction
-            return m
-        for r0, r1 in row_bands(src.shape[2], self._band_rows(src)):
-            m.add(src.rows(r0, r1))
-        return m
+        return map_moments(src, self.groups, self.band_bytes)
 
     def _tally(self, m: Moments):
         return lambda band, r0, r1: m.add(band)

@@ -17,9 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
-from ldm.scalecrafter.lean_decode import (Convolved, Dense, Moments, Upsampled, band_rows,
-                                          banded_conv, banded_residual, materialize,
-                                          residual_recomputed, row_bands)
+from ldm.scalecrafter.lean_decode import (Convolved, Dense, Upsampled, band_rows, banded_conv,
+                                          banded_residual, map_moments, materialize,
+                                          residual_recomputed)
 
 SCALE = 8  # image pixels per latent pixel
 BUDGET_FRACTION = 0.8  # of the memory available when decoding starts
@@ -212,10 +212,7 @@ def _moments(t, groups: int):
 def _source_moments(src, groups: int):
     """_moments of a map a layer reads: a tile, or a lazy one (Upsampled) taken band by band and
     merged exactly (Chan's formula) into the tile's own moments."""
-    if isinstance(src, Dense):
-        return _moments(src.t, groups)
-    parts = [_moments(src.rows(r0, r1).contiguous(), groups)
-             for r0, r1 in row_bands(src.shape[2], band_rows(src))]
+    parts = map_moments(src, groups).parts
     total = sum(n for n, _, _ in parts)
     mean = sum(n * m for n, m, _ in parts) / total
     return total, mean, sum(m2 + n * (m - mean) ** 2 for n, m, m2 in parts)
@@ -315,13 +312,7 @@ def _prologue(tiles: "_Tiles", norm: nn.GroupNorm, sync: bool):
         return lambda t: act
 
     def own(t):
-        src, m = tiles.source(t), Moments(norm.num_groups)
-        if isinstance(src, Dense):
-            m.add(t.contiguous())
-        else:
-            for r0, r1 in row_bands(src.shape[2], band_rows(src)):
-                m.add(src.rows(r0, r1))
-        return m.normalizer(norm)
+        return map_moments(tiles.source(t), norm.num_groups).normalizer(norm)
     return own
 
 
