@@ -18,7 +18,7 @@ from PIL import Image
 from ldm.models.diffusion.ddim import sample_ddim
 from ldm.models.diffusion.dpm_solver import sample_dpmpp_2m
 from ldm.models.diffusion.plms import sample_plms
-from ldm.precision import (HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths, prepare_for_inference,
+from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths, prepare_for_inference,
                            sampling_kernels, weight_dtype_policy)
 from ldm.scalecrafter.freeu import freeu_applied
 from ldm.scalecrafter.guidance import GuidedDenoiser
@@ -185,8 +185,7 @@ class Pipeline:
                 raise ValueError("this pipeline holds half-precision weights: load it with "
                                  "precision='full' for --precision full")
             return nullcontext()
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.device.type])
 
     def initial_noise(self, opts, batch, generator):
         """Noise is drawn on the CPU from the seeded generator and moved to the device, so a seed

@@ -5,6 +5,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+# The dtype `--precision autocast` computes in, per device type.
+AUTOCAST_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
 # Weight dtype under `--precision autocast`, per device type: on CUDA autocast computes in fp16
 # anyway, so fp16 weights halve their memory and skip autocast's per-call weight casts. The CPU
 # keeps fp32 weights (its numbers are the reference ones).
@@ -127,9 +129,26 @@ def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
         unet_of(model).to(memory_format=torch.channels_last)
     set_native_norms(unet_of(model), paths["native_norms"])
     if compile_unet:
-        unet = unet_of(model)
-        unet.forward = torch.compile(unet.forward, dynamic=False)
+        compile_unet_in_place(unet_of(model))
     return model
+
+
+def compile_unet_in_place(unet: nn.Module, backend="inductor"):
+    """torch.compile the UNet's forward, with its 3x3 convs routed through re-dilation's
+    planned-conv op so that one graph serves every re-dilation plan of a run, and the batch
+    dimension dynamic so that the same graph serves noise-damped CFG's 3 rows and plain CFG's 2
+    (every other size stays static)."""
+    from ldm.scalecrafter.redilation import route_convs
+
+    route_convs(unet)
+    compiled = torch.compile(unet.forward, backend=backend)
+
+    def forward(*args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim():
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+        return compiled(*args, **kwargs)
+    unet.forward = forward
 
 
 def unet_of(model: nn.Module) -> nn.Module:

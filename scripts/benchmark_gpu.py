@@ -64,9 +64,9 @@ def _parts(params):
 
 
 def _half(device):
-    import torch
+    from ldm.precision import AUTOCAST_DTYPES
 
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return AUTOCAST_DTYPES[device.type]
 
 
 def _unet_and_schedule(device, layout, config=FULL_CONFIG):

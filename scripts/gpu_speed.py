@@ -16,8 +16,10 @@ Each part runs in its own process (so each is cold where it should be) under its
   decode (`--tile_size auto`, 10 GB budget) cold, then warm, with the host-side ops that take
   the cold call's time and the pinned memory it made: as txt2img runs it, storing every
   layer's tiles, and storing them with multi-threaded pinned registration.
-- `compile`: `torch.compile` of the UNet (default mode): compile time, then its call time
-  interleaved with eager, and how far its output is from eager's.
+- `compile`: `--compile` as txt2img does it (the default mode; the 3x3 convs routed through the
+  planned-conv op so that one graph serves every re-dilation plan): compile time, then plain
+  and re-dilated calls interleaved with an uncompiled copy, and how far its output is from
+  eager's.
 
     python scripts/gpu_speed.py --json speed.json            # all parts, at most 515 s
     python scripts/gpu_speed.py --parts profile,cli --json s.json
@@ -205,19 +207,37 @@ def _flash_only(call):
 
 
 def part_compile(p, device):
+    """`--compile` as txt2img does it (convs routed through the planned-conv op, one graph for
+    every plan): compile time, then plain and re-dilated calls against an uncompiled copy."""
+    import copy
+
     import torch
 
+    from ldm.precision import compile_unet_in_place
+    from ldm.scalecrafter.redilation import ConvOverride, overridden_convs, uniform_dilation_map
+
     call, unet = _unet_call(p, device)
-    eager = call().float()
-    compiled = torch.compile(unet, dynamic=False)
+    eager_unet = copy.deepcopy(unet)
+    compile_unet_in_place(unet)
+    reference = call(net=eager_unet).float()
     start = time.perf_counter()
-    out = call(net=compiled).float()
+    out = call().float()
     Meter(device).sync()
     result = {"compile_seconds": time.perf_counter() - start,
-              "rel_err_vs_eager": float((out - eager).abs().max() / eager.abs().max())}
-    call(net=compiled)
-    result["seconds"] = _interleaved({"eager": call, "compiled": lambda: call(net=compiled)},
-                                     device, p.get("rounds", 5))
+              "rel_err_vs_eager": float((out - reference).abs().max() / reference.abs().max())}
+    dilated = {k: ConvOverride(2) for k in uniform_dilation_map(unet, 2, 1)}
+
+    def redilated(net):
+        with overridden_convs(net, dilated):
+            return call(net=net)
+    start = time.perf_counter()
+    redilated(unet)
+    Meter(device).sync()
+    result["first_redilated_call_seconds"] = time.perf_counter() - start  # no new compile
+    result["seconds"] = _interleaved({
+        "eager": lambda: call(net=eager_unet), "compiled": call,
+        "eager_redilated": lambda: redilated(eager_unet), "compiled_redilated": lambda: redilated(unet),
+    }, device, p.get("rounds", 5))
     return result
 
 
@@ -455,7 +475,10 @@ def summary(results):
         s = comp["seconds"]
         lines.append(f"- torch.compile: {comp['compile_seconds']:.0f} s to compile, "
                      f"{s['compiled'] * 1e3:.1f} ms vs eager {s['eager'] * 1e3:.1f} ms per call, "
-                     f"rel. err {comp['rel_err_vs_eager']:.1e}")
+                     f"rel. err {comp['rel_err_vs_eager']:.1e}; re-dilated (first call "
+                     f"{comp['first_redilated_call_seconds']:.1f} s): "
+                     f"{s['compiled_redilated'] * 1e3:.1f} ms vs eager "
+                     f"{s['eager_redilated'] * 1e3:.1f} ms")
     return lines
 
 

@@ -59,7 +59,9 @@ def build_parser(suppress_defaults=False):
         help="full: float32; autocast: UNet in fp16 on CUDA, bf16 on the CPU")
     add("--repeat", type=int, default=d(1), help="repeat each prompt of --from-file this often")
     add("--device", type=str, choices=["cpu", "cuda"], default=d("cpu"), help="device")
-    add("--compile", action="store_true", help="torch.compile the UNet (slow first step)")
+    add("--compile", action="store_true",
+        help="torch.compile the UNet: compiled in the first step, once per batch shape "
+             "whatever the re-dilation plan")
     add("--channels_last", action=argparse.BooleanOptionalAction,
         help="UNet in channels-last memory format (default: where ldm/precision.py measured "
              "it faster, CUDA)")

@@ -1,4 +1,6 @@
 """Re-dilation and tiled SyncGN decoding (the seed's features), number for number."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from PIL import Image
 
 from conftest import SETTINGS, TINY_CKPT, TINY_CONFIG, cases, reference, rel_err
 from ldm.pipeline import GenerationOptions
+from ldm.precision import compile_unet_in_place
 from ldm.scalecrafter.redilation import (ConvOverride, overridden_convs, redilated_conv,
                                          uniform_dilation_map)
 from ldm.scalecrafter.schedule import ScaleCrafterSettings, factor_at
@@ -248,3 +251,55 @@ def test_tiles_recomputed_under_no_budget_match_the_reference(tiny_pipe, monkeyp
                    "recomputed": identity} and identity > 0
     assert rel_err(lean, ref[f"image_tiled_ov{overlap}_sync{sync}"]) <= 1e-4
     assert rel_err(lean, stored) <= 1e-5
+
+
+def test_compiled_block_compiles_one_graph_for_every_plan(tiny_pipe):
+    """--compile routes the 3x3 convs through one op that reads the plan when it runs, and
+    leaves the batch size dynamic: one graph serves plain steps, new factors (progressive
+    dilation, dispersion's kernels and halved factors) and noise-damped CFG's extra rows, with
+    the eager numbers, in fp32 and under autocast. (A ResBlock: tracing the whole tiny UNet
+    takes 20 s.)"""
+    block = copy.deepcopy(tiny_pipe.model.unet.middle_block[0])
+    names = ["in_layers.2", "out_layers.3"]
+    channels = block.in_layers[2].in_channels
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, channels, 12, 10, generator=gen)
+    emb = torch.randn(3, block.emb_layers[1].in_features, generator=gen)
+    kernel = torch.randn(channels, channels, 5, 5, generator=gen) / 40
+
+    def plan(factor, weight=None):
+        return {k: ConvOverride(factor, weight if k == names[0] else None) for k in names}
+    plans = {"plain": {}, "2": plan(2), "2.5": plan(2.5), "3": plan(3),
+             "dispersed": plan(1.5, kernel), "damped": [(2, plan(2)), (1, plan(4))]}
+
+    def outputs(net):
+        outs = {}
+        for precision in ("full", "autocast"):
+            for name, overrides in plans.items():
+                rows = 3 if name == "damped" else 2
+                with torch.no_grad(), overridden_convs(block, overrides), \
+                        torch.autocast("cpu", torch.bfloat16, enabled=precision == "autocast"):
+                    outs[precision, name] = net(x[:rows], emb[:rows])
+        return outs
+    eager = outputs(block)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_unet_in_place(block, backend=counting_backend)
+    try:
+        compiled = outputs(block)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 2  # one for fp32, one under autocast
+    for (precision, name), out in compiled.items():
+        ref = eager[precision, name]
+        assert out.dtype == ref.dtype
+        # under autocast the op takes its input in bf16, where a fractional factor's eager
+        # resize ran in fp32: bf16's rounding apart
+        assert rel_err(out.float(), ref.float()) <= (1e-6 if precision == "full" else 2e-2), name
+    assert not torch.allclose(eager["full", "2"], eager["full", "3"])
+    modules = dict(block.named_modules())
+    assert all("forward" in modules[name].__dict__ for name in names)  # routed for good

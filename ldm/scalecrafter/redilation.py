@@ -2,9 +2,12 @@
 
 A conv is overridden for the duration of a `with overridden_convs(...)` block by shadowing its
 `forward` with an instance attribute; leaving the block (normally or by an exception) deletes
-the attribute, so the model is exactly as before."""
+the attribute, so the model is exactly as before. A compiled UNet's convs are routed instead
+(`route_convs`): the block then only sets and clears their plans."""
+import itertools
 import math
 import re
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -12,6 +15,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm.precision import AUTOCAST_DTYPES
 
 
 @dataclass(frozen=True)
@@ -66,18 +71,20 @@ def dilated_conv(x, weight, bias, stride, dilation: int, groups: int = 1):
     return polyphase_conv(x, weight, bias, dilation, groups)
 
 
-def redilated_conv(conv: nn.Conv2d, x, factor: float, weight=None):
-    """conv(x) with dilation ceil(factor); a fractional factor resizes the input by
-    ceil(factor)/factor before and the output back to the plain conv's size after."""
+def redilated_conv(conv: nn.Conv2d, x, factor: float, weight=None, bias=None):
+    """conv(x) with dilation ceil(factor) (and another kernel and bias where given); a
+    fractional factor resizes the input by ceil(factor)/factor before and the output back to
+    the plain conv's size after."""
     weight = conv.weight if weight is None else weight.to(x.dtype)
+    bias = conv.bias if bias is None else bias
     dilation = math.ceil(factor)
     stride = conv.stride
     if dilation == factor:
-        return dilated_conv(x, weight, conv.bias, stride, dilation, conv.groups)
+        return dilated_conv(x, weight, bias, stride, dilation, conv.groups)
     h, w = x.shape[-2:]
     scaled = (round(h * dilation / factor), round(w * dilation / factor))
     x = F.interpolate(x, size=scaled, mode="bilinear", align_corners=False)
-    out = dilated_conv(x, weight, conv.bias, stride, dilation, conv.groups)
+    out = dilated_conv(x, weight, bias, stride, dilation, conv.groups)
     target = ((h - 1) // stride[0] + 1, (w - 1) // stride[1] + 1)
     return F.interpolate(out, size=target, mode="bilinear", align_corners=False)
 
@@ -120,25 +127,75 @@ def _same(a: Optional[ConvOverride], b: Optional[ConvOverride]) -> bool:
     return a.factor == b.factor and a.weight is b.weight
 
 
-def _conv_forward(conv, override):
-    def forward(x):
-        if _is_plain(override):
-            return conv._conv_forward(x, conv.weight, conv.bias)
-        return redilated_conv(conv, x, override.factor, override.weight)
-    return forward
+def _run(conv, x, override, weight, bias):
+    if _is_plain(override):
+        return conv._conv_forward(x, weight, bias)
+    if override.weight is not None:
+        weight = override.weight
+    return redilated_conv(conv, x, override.factor, weight, bias)
 
 
-def _split_forward(conv, segments):
+def _run_segments(conv, x, segments, weight, bias):
     """Rows of the batch that run with different overrides: each slice runs its own conv."""
-    parts = [(size, _conv_forward(conv, override)) for size, override in segments]
+    if len(segments) == 1:
+        return _run(conv, x, segments[0][1], weight, bias)
+    outs, start = [], 0
+    for size, override in segments:
+        outs.append(_run(conv, x[start:start + size], override, weight, bias))
+        start += size
+    return torch.cat(outs)
 
+
+def _segments_forward(conv, segments):
     def forward(x):
-        outs, start = [], 0
-        for size, run in parts:
-            outs.append(run(x[start:start + size]))
-            start += size
-        return torch.cat(outs)
+        return _run_segments(conv, x, segments, conv.weight, conv.bias)
     return forward
+
+
+# A compiled UNet (--compile) runs every 3x3 conv through one opaque op that reads the conv's
+# plan when it runs. torch.compile would otherwise trace each plan's factors into the graph and
+# compile the whole UNet again for every new plan (2-6 plans in a preset's 50 steps, 12 in the
+# 4096² one; past 8, Dynamo runs the rest eagerly). Routed, one graph serves every plan.
+_PLAIN = [(None, None)]
+_PLANS = weakref.WeakKeyDictionary()  # routed conv -> its segments while overridden
+_KEYS = weakref.WeakKeyDictionary()  # routed conv -> its op key
+_ROUTED = {}  # op key -> weak reference to the routed conv
+_NEXT_KEY = itertools.count()
+
+
+# cudagraph_unsafe: a CUDA graph would replay the kernels of the plan it was captured with
+@torch.library.custom_op("scalecrafter::planned_conv", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def planned_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 key: int) -> torch.Tensor:
+    conv = _ROUTED[key]()
+    return _run_segments(conv, x, _PLANS.get(conv, _PLAIN), weight, bias)
+
+
+@planned_conv.register_fake
+def _planned_conv_shape(x, weight, bias, key):
+    conv = _ROUTED[key]()  # every plan keeps the plain conv's output size
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+for _device_type, _dtype in AUTOCAST_DTYPES.items():  # the inputs cast as autocast casts a conv's
+    torch.library.register_autocast("scalecrafter::planned_conv", _device_type, _dtype)
+
+
+def route_convs(unet: nn.Module):
+    """Send every 3x3 conv of `unet` through the planned-conv op, for good (see above);
+    `overridden_convs` then sets plans without touching the modules."""
+    modules = dict(unet.named_modules())
+    for name in conv3x3_names(unet):
+        conv = modules[name]
+        if conv in _KEYS:
+            continue
+        key = _KEYS[conv] = next(_NEXT_KEY)
+        _ROUTED[key] = weakref.ref(conv)
+
+        def forward(x, conv=conv, key=key):
+            return torch.ops.scalecrafter.planned_conv(x, conv.weight, conv.bias, key)
+        conv.forward = forward
 
 
 @contextmanager
@@ -151,7 +208,7 @@ def overridden_convs(unet: nn.Module, overrides):
     modules = dict(unet.named_modules())
     segments = overrides if isinstance(overrides, list) else [(None, overrides)]
     names = {name for _, plan in segments for name in plan}
-    patched = []
+    patched, routed = [], []
     try:
         for name in names:
             per_segment = [(rows, plan.get(name)) for rows, plan in segments]
@@ -159,12 +216,17 @@ def overridden_convs(unet: nn.Module, overrides):
             if all(_same(first, o) for _, o in per_segment):
                 if _is_plain(first):
                     continue  # plain conv: nothing to change
-                forward = _conv_forward(modules[name], first)
+                per_segment = [(None, first)]
+            conv = modules[name]
+            if conv in _KEYS:
+                _PLANS[conv] = per_segment
+                routed.append(conv)
             else:
-                forward = _split_forward(modules[name], per_segment)
-            modules[name].forward = forward
-            patched.append(modules[name])
+                conv.forward = _segments_forward(conv, per_segment)
+                patched.append(conv)
         yield
     finally:
         for conv in patched:
             del conv.forward
+        for conv in routed:
+            del _PLANS[conv]
