@@ -482,6 +482,65 @@ def summary(results):
     return lines
 
 
+STEPS = 50  # a run's steps, the seed's default: what a one-off cost must pay back within
+
+
+def _pays_back(once, per_step_gain):
+    return per_step_gain > 0 and once < STEPS * per_step_gain
+
+
+def decisions(results):
+    """{switch: (on, why)} by docs/benchmarks.md's rules, for the switches whose figures ran:
+    per-call figures are 1024² CFG calls, i.e. one sampling step each."""
+    out = {}
+    variants = results.get("profile", {}).get("variants_seconds", {})
+    probe = results.get("cli", {}).get("seconds", {})
+    if "cudnn_attention" in variants and "2_steps_cudnn_attention_first" in probe:
+        gain = variants["default"] - variants["cudnn_attention"]
+        once = probe["2_steps_cudnn_attention_first"] - probe["2_steps_plain_warm"]
+        out["cudnn_attention"] = (_pays_back(once, gain),
+                                  f"{gain * 1e3:+.2f} ms a step, first pass {once:.2f} s")
+    if "channels_last" in variants:
+        gain = variants["default"] - variants["channels_last"]
+        out["channels_last"] = (gain > 0, f"{gain * 1e3:+.2f} ms a step")
+    if "2_steps_autotune_first" in probe:
+        gain = (probe["2_steps_plain_warm"] - probe["2_steps_autotuned_warm"]) / 2
+        once = probe["2_steps_autotune_first"] - probe["2_steps_plain_warm"]
+        out["cudnn_benchmark"] = (_pays_back(once, gain),
+                                  f"{gain * 1e3:+.2f} ms a step, first pass {once:.2f} s")
+    loads = results.get("cli", {}).get("pipeline_load_seconds", {})
+    if loads.get("staged") and loads.get("sequential"):
+        out["staged_loads"] = (loads["staged"] < loads["sequential"],
+                               f"staged {loads['staged']:.2f} s, sequential "
+                               f"{loads['sequential']:.2f} s")
+    cold = {name: results.get(name, {}).get("cold_seconds") for name in COLD_DECODES}
+    if cold["cold_decode"] and cold["cold_decode_stored"]:
+        out["recompute"] = (cold["cold_decode"] <= cold["cold_decode_stored"],
+                            f"recomputed {cold['cold_decode']:.1f} s, stored "
+                            f"{cold['cold_decode_stored']:.1f} s, cold")
+    if cold["cold_decode_stored"] and cold["cold_decode_stored_hostreg"]:
+        out["pinned_register_threads"] = (
+            cold["cold_decode_stored_hostreg"] < cold["cold_decode_stored"],
+            f"{cold['cold_decode_stored_hostreg']:.1f} s against {cold['cold_decode_stored']:.1f} s")
+    comp = results.get("compile", {})
+    if "seconds" in comp:
+        gain = comp["seconds"]["eager"] - comp["seconds"]["compiled"]
+        out["compile"] = (_pays_back(comp["compile_seconds"], gain),
+                          f"{gain * 1e3:+.2f} ms a step, {comp['compile_seconds']:.0f} s to compile")
+    return out
+
+
+def decision_lines(results):
+    lines = [f"- {name}: {'on' if on else 'off'} ({why})"
+             for name, (on, why) in decisions(results).items()]
+    variants = results.get("profile", {}).get("variants_seconds", {})
+    if variants:
+        best = min(variants, key=variants.get)
+        lines.append(f"- plain {STEPS}-step sample at the best variant ({best}): "
+                     f"{STEPS * variants[best]:.2f} s of UNet calls")
+    return ["", "Decisions (docs/benchmarks.md):"] + lines if lines else []
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
@@ -520,7 +579,7 @@ def main(argv=None):
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"## gpu_speed on {results['device']} (torch {results['torch']})")
-    print("\n".join(summary(results)))
+    print("\n".join(summary(results) + decision_lines(results)))
     return 0 if all("error" not in results[p] for p in parts) else 1
 
 

@@ -83,3 +83,25 @@ def test_load_only_times_a_pipeline_load_staged_or_not(speed, capsys):
     for staged in (True, False):
         speed.load_only(str(TINY_CKPT), str(TINY_CONFIG), "cpu", staged)
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["load"] > 0
+
+
+def test_decisions_follow_the_documented_rules(speed):
+    results = {
+        "profile": {"variants_seconds": {"default": 0.045, "cudnn_attention": 0.040,
+                                         "flash_only": 0.046, "channels_last": 0.046}},
+        "cli": {"seconds": {"2_steps_plain_warm": 0.10, "2_steps_autotuned_warm": 0.098,
+                            "2_steps_autotune_first": 0.30,  # 0.2 s once, 1 ms a step back
+                            "2_steps_cudnn_attention_first": 0.20},  # 0.1 s, 5 ms a step
+                "pipeline_load_seconds": {"staged": 6.0, "sequential": 7.5}},
+        "cold_decode": {"cold_seconds": 9.0}, "cold_decode_stored": {"cold_seconds": 30.0},
+        "cold_decode_stored_hostreg": {"cold_seconds": 31.0},
+        "compile": {"compile_seconds": 90.0, "seconds": {"eager": 0.045, "compiled": 0.035}},
+    }
+    got = {name: on for name, (on, _) in speed.decisions(results).items()}
+    assert got == {"cudnn_attention": True, "channels_last": False, "cudnn_benchmark": False,
+                   "staged_loads": True, "recompute": True, "pinned_register_threads": False,
+                   "compile": False}  # 90 s of compiling against 0.5 s saved in 50 steps
+    lines = speed.decision_lines(results)
+    assert "- cudnn_attention: on (+5.00 ms a step, first pass 0.10 s)" in lines
+    assert lines[-1] == "- plain 50-step sample at the best variant (cudnn_attention): 2.00 s of UNet calls"
+    assert speed.decision_lines({}) == []
