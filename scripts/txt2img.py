@@ -58,7 +58,8 @@ def build_parser(suppress_defaults=False):
     add("--precision", type=str, choices=["full", "autocast"], default=d("autocast"),
         help="full: float32; autocast: UNet in fp16 on CUDA, bf16 on the CPU")
     add("--repeat", type=int, default=d(1), help="repeat each prompt of --from-file this often")
-    add("--device", type=str, choices=["cpu", "cuda"], default=d("cpu"), help="device")
+    add("--device", type=str, choices=["cpu", "cuda", "auto"], default=d("cpu"),
+        help="device (auto: CUDA where torch sees one, else the CPU)")
     add("--compile", action="store_true",
         help="torch.compile the UNet: compiled in the first step, once per batch shape "
              "whatever the re-dilation plan")
@@ -327,6 +328,9 @@ def check_inputs(args, opts):
     check_numbers(args)
     opts.validate()
     check_features(args)
+    if args.device == "auto":  # decided here, where torch is imported anyway
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():

@@ -3,7 +3,7 @@
 # outer 4 blocks. Pass extra flags through, e.g. --tiled_decoding --sync_gn.
 source "$(dirname "$0")/env.sh"
 bash shellscripts/fetch_checkpoint.sh
-DEVICE="${DEVICE:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
+DEVICE="${DEVICE:-auto}"  # txt2img picks CUDA where available
 outdir="${OUTDIR:-outputs/1024x1024}"
 python scripts/txt2img.py \
   --prompt "A corgi sits on a beach chair on a beautiful beach, with palm trees behind, high details" \

@@ -7,7 +7,7 @@ source "$(dirname "$0")/env.sh"
 bash shellscripts/fetch_checkpoint.sh sd_xl_base_1.0.safetensors \
   https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors \
   "6.9 GB"
-DEVICE="${DEVICE:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
+DEVICE="${DEVICE:-auto}"  # txt2img picks CUDA where available
 outdir="${OUTDIR:-outputs/sdxl_4096x4096}"
 python scripts/txt2img.py \
   --preset sdxl_4096x4096 \

@@ -333,3 +333,22 @@ def test_a_run_end_to_end_exits_fast_with_everything_written(tmp_path):
         with Image.open(tmp_path / name) as image:
             image.load()
             assert "parameters" in image.text
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_device_auto_is_cuda_where_torch_sees_it(cli, capsys, base, monkeypatch, cuda):
+    """The sample scripts pass --device auto: no extra interpreter just to ask torch."""
+    import ldm.pipeline
+
+    seen = []
+
+    def load(cls, *args, device=None, **kwargs):
+        seen.append(device)
+        raise ValueError("stopped after choosing the device")
+
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "load", classmethod(load))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    argv = [a if a != "cpu" else "auto" for a in base]
+    status, lines = call(cli, capsys, argv)
+    assert_one_line(status, lines, "stopped after choosing the device")
+    assert seen == ["cuda" if cuda else "cpu"]
