@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import SETTINGS, TINY_CKPT, TINY_CONFIG, cases, reference, rel_err
 from ldm.pipeline import GenerationOptions
 from ldm.precision import compile_unet_in_place
-from ldm.scalecrafter.redilation import (ConvOverride, overridden_convs, redilated_conv,
+from ldm.scalecrafter.redilation import (ConvOverride, overridden_convs, redilated_conv, route_convs,
                                          uniform_dilation_map)
 from ldm.scalecrafter.schedule import ScaleCrafterSettings, factor_at
 from ldm.scalecrafter.tiled_decode import plan_axis, tiled_decode
@@ -303,3 +303,30 @@ def test_compiled_block_compiles_one_graph_for_every_plan(tiny_pipe):
     assert not torch.allclose(eager["full", "2"], eager["full", "3"])
     modules = dict(block.named_modules())
     assert all("forward" in modules[name].__dict__ for name in names)  # routed for good
+
+
+@pytest.mark.parametrize("polyphase", [False, True])
+def test_planned_conv_op_passes_opcheck(monkeypatch, polyphase):
+    """The op's shape function gives the real output's sizes, dtype and strides (inductor lays
+    out the next kernels by them) for every plan, also where the polyphase conv pads, and for
+    channels-last inputs."""
+    from ldm.scalecrafter import redilation
+
+    monkeypatch.setitem(redilation.POLYPHASE, "cpu", polyphase)
+    net = torch.nn.Sequential(torch.nn.Conv2d(6, 8, 3, padding=1))
+    route_convs(net)
+    conv = net[0]
+    key = redilation._KEYS[conv]
+    weight, bias = conv.weight.detach(), conv.bias.detach()
+    kernel = torch.randn(8, 6, 5, 5)
+    plans = [{}, {"0": ConvOverride(3)}, {"0": ConvOverride(2.5)},
+             {"0": ConvOverride(1.5, kernel)},
+             [(1, {"0": ConvOverride(2)}), (1, {"0": ConvOverride(4)})]]
+    x = torch.randn(2, 6, 11, 9)
+    for x in (x, x.to(memory_format=torch.channels_last)):
+        for plan in plans:
+            with overridden_convs(net, plan):
+                torch.library.opcheck(torch.ops.scalecrafter.planned_conv.default,
+                                      (x, weight, bias, key))
+                with torch.no_grad():
+                    assert net(x).stride() == conv._conv_forward(x, weight, bias).stride()

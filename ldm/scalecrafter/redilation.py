@@ -169,13 +169,23 @@ _NEXT_KEY = itertools.count()
 def planned_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  key: int) -> torch.Tensor:
     conv = _ROUTED[key]()
-    return _run_segments(conv, x, _PLANS.get(conv, _PLAIN), weight, bias)
+    return _in_layout_of(_run_segments(conv, x, _PLANS.get(conv, _PLAIN), weight, bias), x)
 
 
 @planned_conv.register_fake
 def _planned_conv_shape(x, weight, bias, key):
     conv = _ROUTED[key]()  # every plan keeps the plain conv's output size
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _in_layout_of(out, x)
+
+
+def _in_layout_of(out, x):
+    """out, dense in x's memory format. The compiled kernels after the op read its output
+    with the strides the shape function gave, so the real output must have exactly those; a
+    polyphase conv's output is a slice where the size needed padding."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return out.contiguous(memory_format=torch.channels_last if channels_last
+                          else torch.contiguous_format)
 
 
 for _device_type, _dtype in AUTOCAST_DTYPES.items():  # the inputs cast as autocast casts a conv's
