@@ -61,8 +61,8 @@ def build_parser(suppress_defaults=False):
     add("--device", type=str, choices=["cpu", "cuda", "auto"], default=d("cpu"),
         help="device (auto: CUDA where torch sees one, else the CPU)")
     add("--compile", action="store_true",
-        help="torch.compile the UNet: compiled in the first step, once per batch shape "
-             "whatever the re-dilation plan")
+        help="torch.compile the UNet: compiled once, in the first step, whatever the "
+             "re-dilation plan and batch size")
     add("--channels_last", action=argparse.BooleanOptionalAction,
         help="UNet in channels-last memory format (default: where ldm/precision.py measured "
              "it faster, CUDA)")
