@@ -24,6 +24,7 @@ Each part runs in its own process (so each is cold where it should be) under its
     python scripts/gpu_speed.py --json speed.json            # all parts, at most 515 s
     python scripts/gpu_speed.py --parts profile,cli --json s.json
     python scripts/gpu_speed.py --tiny --device cpu          # the CPU smoke run (tests)
+    python scripts/gpu_speed.py --summarize speed.json       # the report of a saved run
 
 Prints a markdown summary; the JSON is rewritten after each part. Weights are random: their
 values change neither time nor memory."""
@@ -541,12 +542,19 @@ def decision_lines(results):
     return ["", "Decisions (docs/benchmarks.md):"] + lines if lines else []
 
 
+def report(results):
+    return "\n".join([f"## gpu_speed on {results['device']} (torch {results['torch']})",
+                      *summary(results), *decision_lines(results)])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="the tiny config (CPU smoke run)")
     ap.add_argument("--json", help="write the results here (rewritten after each part)")
+    ap.add_argument("--summarize", metavar="JSON",
+                    help="print the summary and decisions of a saved results file, run nothing")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
     ap.add_argument("--load-probe", help=argparse.SUPPRESS)
@@ -554,6 +562,10 @@ def main(argv=None):
     ap.add_argument("--side", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--load-only", choices=["staged", "sequential"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.summarize:
+        results = json.loads(Path(args.summarize).read_text())
+        print(report(results))
+        return 0
     if args.load_probe and args.load_only:
         return load_only(args.load_probe, args.config, args.device, args.load_only == "staged")
     if args.load_probe:
@@ -578,8 +590,7 @@ def main(argv=None):
         results[name]["part_seconds"] = round(time.perf_counter() - start, 1)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
-    print(f"## gpu_speed on {results['device']} (torch {results['torch']})")
-    print("\n".join(summary(results) + decision_lines(results)))
+    print(report(results))
     return 0 if all("error" not in results[p] for p in parts) else 1
 
 

@@ -76,7 +76,7 @@ if wants speed; then
 say "part 3: scripts/gpu_speed.py (log: $OUT/speed.log)"
 timeout 530 "$PY" scripts/gpu_speed.py --json "$OUT/speed.json" >"$OUT/speed.md" 2>"$OUT/speed.log"
 status=$?
-[ $status -eq 124 ] && say "part 3 stopped at its 530 s timeout (speed.json has the parts done)"
+[ $status -eq 124 ] && say "part 3 stopped at its 530 s timeout (speed.json has the parts done: scripts/gpu_speed.py --summarize reports them)"
 tee -a "$OUT/summary.txt" <"$OUT/speed.md"
 say "part 3 exit status $status; done in $((SECONDS - START)) s"
 fi

@@ -105,3 +105,18 @@ def test_decisions_follow_the_documented_rules(speed):
     assert "- cudnn_attention: on (+5.00 ms a step, first pass 0.10 s)" in lines
     assert lines[-1] == "- plain 50-step sample at the best variant (cudnn_attention): 2.00 s of UNet calls"
     assert speed.decision_lines({}) == []
+
+
+def test_a_saved_run_is_summarized_without_running(speed, tmp_path, capsys):
+    saved = {"device": "NVIDIA H200", "torch": "2.11.0",
+             "compile": {"error": "stopped at its 120 s timeout"},
+             **{name: {"side": 512, "cold_seconds": cold, "warm_seconds": 5.0, "pinned": None,
+                       "conv_calls": 2768, "conv_shapes": 39, "top_host_ops_cold_ms": []}
+                for name, cold in (("cold_decode", 9.0), ("cold_decode_stored", 30.0))}}
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps(saved))
+    assert speed.main(["--summarize", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "## gpu_speed on NVIDIA H200 (torch 2.11.0)"
+    assert "- compile: stopped at its 120 s timeout" in out
+    assert "- recompute: on (recomputed 9.0 s, stored 30.0 s, cold)" in out
