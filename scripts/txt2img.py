@@ -437,6 +437,9 @@ def run(args):
                              cudnn_attention=args.cudnn_attention)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
+    if args.compile:  # else the first step sits at 0% for a minute or more, unexplained
+        print("note: --compile: the first step compiles the UNet (minutes the first time; "
+              "torch's on-disk cache makes later runs faster)", file=sys.stderr, flush=True)
     writer = OutputWriter(args.outdir, args, opts, ckpt_hash)
     seed_everything(args.seed)
     generator = torch.Generator().manual_seed(args.seed)

@@ -352,3 +352,14 @@ def test_device_auto_is_cuda_where_torch_sees_it(cli, capsys, base, monkeypatch,
     status, lines = call(cli, capsys, argv)
     assert_one_line(status, lines, "stopped after choosing the device")
     assert seen == ["cuda" if cuda else "cpu"]
+
+
+def test_compile_says_why_the_first_step_waits(cli, capsys, base, monkeypatch):
+    import ldm.precision
+
+    compiled = []
+    monkeypatch.setattr(ldm.precision, "compile_unet_in_place", compiled.append)
+    status, lines = call(cli, capsys, base + ["--compile"])
+    assert status == 0 and len(compiled) == 1
+    assert [line for line in lines if line.startswith("note: --compile: the first step "
+                                                      "compiles the UNet")]
