@@ -71,12 +71,15 @@ def dilated_conv(x, weight, bias, stride, dilation: int, groups: int = 1):
     return polyphase_conv(x, weight, bias, dilation, groups)
 
 
-def redilated_conv(conv: nn.Conv2d, x, factor: float, weight=None, bias=None):
-    """conv(x) with dilation ceil(factor) (and another kernel and bias where given); a
-    fractional factor resizes the input by ceil(factor)/factor before and the output back to
-    the plain conv's size after."""
+def redilated_conv(conv: nn.Conv2d, x, factor: float, weight=None):
+    """conv(x) with dilation ceil(factor) (and another kernel where given); a fractional factor
+    resizes the input by ceil(factor)/factor before and the output back to the plain conv's
+    size after."""
     weight = conv.weight if weight is None else weight.to(x.dtype)
-    bias = conv.bias if bias is None else bias
+    return _redilated(conv, x, factor, weight, conv.bias)
+
+
+def _redilated(conv, x, factor, weight, bias):
     dilation = math.ceil(factor)
     stride = conv.stride
     if dilation == factor:
@@ -128,11 +131,13 @@ def _same(a: Optional[ConvOverride], b: Optional[ConvOverride]) -> bool:
 
 
 def _run(conv, x, override, weight, bias):
+    """conv(x) under `override`, with the conv's weight and bias as given (the planned-conv op
+    gets them cast by autocast); another kernel is cast to x's dtype."""
     if _is_plain(override):
         return conv._conv_forward(x, weight, bias)
     if override.weight is not None:
-        weight = override.weight
-    return redilated_conv(conv, x, override.factor, weight, bias)
+        weight = override.weight.to(x.dtype)
+    return _redilated(conv, x, override.factor, weight, bias)
 
 
 def _run_segments(conv, x, segments, weight, bias):
