@@ -18,8 +18,8 @@ from PIL import Image
 from ldm.models.diffusion.ddim import sample_ddim
 from ldm.models.diffusion.dpm_solver import sample_dpmpp_2m
 from ldm.models.diffusion.plms import sample_plms
-from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths, prepare_for_inference,
-                           sampling_kernels, weight_dtype_policy)
+from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths,
+                           prepare_for_inference, sampling_kernels, weight_dtype_policy)
 from ldm.scalecrafter.freeu import freeu_applied
 from ldm.scalecrafter.guidance import GuidedDenoiser
 from ldm.scalecrafter.schedule import ScaleCrafterSettings
@@ -163,8 +163,9 @@ class Pipeline:
         # Weights go straight to their final device and dtype (prepare_for_inference then has
         # no cast left to do), copied while the model is built where STAGED_LOADS says so.
         state, policy = load_state_dict(ckpt_path), weight_dtype_policy(device, precision)
-        if staged_load if staged_load is not None else \
-                STAGED_LOADS.get(torch.device(device).type, False):
+        if staged_load is None:
+            staged_load = STAGED_LOADS.get(torch.device(device).type, False)
+        if staged_load:
             state = StagedStateDict(state, device, policy)
         model = build_model(config, device, state, policy)
         pipe = cls(model, device, config_path, ckpt_path)

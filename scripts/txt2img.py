@@ -113,7 +113,8 @@ def build_parser(suppress_defaults=False):
                    help="png: parameters in the PNG; json: also a sidecar NNNNN.json")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     g.add_argument("--timings", action="store_true",
-                   help="print the seconds spent loading, sampling, decoding and writing")
+                   help="print the seconds spent starting up, loading, sampling, decoding and "
+                        "writing, and the process's total")
     return p
 
 
@@ -328,12 +329,11 @@ def check_inputs(args, opts):
     check_numbers(args)
     opts.validate()
     check_features(args)
-    if args.device == "auto":  # decided here, where torch is imported anyway
+    if args.device in ("auto", "cuda"):  # auto is decided here, where torch is imported anyway
         import torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for, but no CUDA device is available")
     if not args.ckpt:
         raise UsageError("--ckpt is required (see README: Checkpoints)")
