@@ -134,13 +134,13 @@ def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
 
 
 def compile_unet_in_place(unet: nn.Module, backend="inductor"):
-    """torch.compile the UNet's forward, with its 3x3 convs routed through re-dilation's
-    planned-conv op so that one graph serves every re-dilation plan of a run, and the batch
-    dimension dynamic so that the same graph serves noise-damped CFG's 3 rows and plain CFG's 2
-    (every other size stays static)."""
-    from ldm.scalecrafter.redilation import route_convs
+    """torch.compile the UNet's forward, with the 3x3 convs a run re-dilates routed through
+    re-dilation's planned-conv op (as its first step overrides them) so that one graph serves
+    every re-dilation plan of the run, and the batch dimension dynamic so that the same graph
+    serves noise-damped CFG's 3 rows and plain CFG's 2 (every other size stays static)."""
+    from ldm.scalecrafter.redilation import route_when_overridden
 
-    route_convs(unet)
+    route_when_overridden(unet)
     compiled = torch.compile(unet.forward, backend=backend)
 
     def forward(*args, **kwargs):

@@ -16,15 +16,16 @@ Each part runs in its own process (so each is cold where it should be) under its
   decode (`--tile_size auto`, 10 GB budget) cold, then warm, with the host-side ops that take
   the cold call's time and the pinned memory it made: as txt2img runs it, storing every
   layer's tiles, and storing them with multi-threaded pinned registration.
-- `compile`: `--compile` as txt2img does it (the default mode; the 3x3 convs routed through the
-  planned-conv op so that one graph serves every re-dilation plan): compile time, then plain
-  and re-dilated calls interleaved with an uncompiled copy, and how far its output is from
-  eager's.
+- `compile`: `--compile` as txt2img does it (the default mode): a plain run's graph, and a
+  re-dilated run's, whose re-dilated 3x3 convs are routed through the planned-conv op so that
+  one graph serves every plan: compile times, then plain and re-dilated calls interleaved with
+  an uncompiled copy, and how far their outputs are from eager's.
 
-    python scripts/gpu_speed.py --json speed.json            # all parts, at most 515 s
+    python scripts/gpu_speed.py --json speed.json            # the `speed` set, at most 505 s
+    python scripts/gpu_speed.py --parts stored --json stored.json   # at most 130 s
     python scripts/gpu_speed.py --parts profile,cli --json s.json
-    python scripts/gpu_speed.py --tiny --device cpu          # the CPU smoke run (tests)
-    python scripts/gpu_speed.py --summarize speed.json       # the report of a saved run
+    python scripts/gpu_speed.py --tiny --device cpu --parts speed,stored   # CPU smoke run
+    python scripts/gpu_speed.py --summarize speed.json stored.json   # saved runs' report
 
 Prints a markdown summary; the JSON is rewritten after each part. Weights are random: their
 values change neither time nor memory."""
@@ -48,10 +49,14 @@ from benchmark import Meter  # noqa: E402
 
 COLD_DECODES = ("cold_decode", "cold_decode_stored", "cold_decode_stored_hostreg")
 PARTS = ("profile", "cli", *COLD_DECODES, "compile")
-# seconds per part (together within gpu_check.sh's 530 s for part 3, which leaves a 600 s
-# device command room for installing wheels and starting up)
+# The part sets gpu_check.sh runs, one device command each: each set's timeouts add up to at
+# most gpu_check.sh's 530 s, which leaves a 600 s command room for installing wheels and
+# starting up. `speed` first: the sampling and CLI targets, and the decode as txt2img runs it.
+PART_SETS = {"speed": ("profile", "cli", "cold_decode", "compile"),
+             "stored": ("cold_decode_stored", "cold_decode_stored_hostreg")}
+# seconds per part
 TIMEOUTS = {"profile": 60, "cli": 140, "cold_decode": 65, "cold_decode_stored": 65,
-            "cold_decode_stored_hostreg": 65, "compile": 120}
+            "cold_decode_stored_hostreg": 65, "compile": 240}
 # The cold 4096² decode under a 10 GB budget: as txt2img runs it (layers recompute rather than
 # store tiles beyond the budget), and storing every layer's tiles (the decode the H200 took
 # 33-37 s for, cold): so, with pinned host memory page-locked by one thread, and (hostreg)
@@ -207,9 +212,17 @@ def _flash_only(call):
         return call(False)
 
 
+def report_so_far(result):
+    """A part's results so far, as the line `run_part` keeps if the part meets its timeout."""
+    print(json.dumps(result), flush=True)
+
+
 def part_compile(p, device):
-    """`--compile` as txt2img does it (convs routed through the planned-conv op, one graph for
-    every plan): compile time, then plain and re-dilated calls against an uncompiled copy."""
+    """`--compile` as txt2img does it: a plain run compiles the plain UNet; a re-dilated run
+    routes the convs it overrides through the planned-conv op in its first step, so one graph
+    serves every plan of the run. Compile times, then calls interleaved with an uncompiled
+    copy: plain (the plain run's graph), and a re-dilated run's plain and re-dilated steps
+    (its routed graph)."""
     import copy
 
     import torch
@@ -218,26 +231,38 @@ def part_compile(p, device):
     from ldm.scalecrafter.redilation import ConvOverride, overridden_convs, uniform_dilation_map
 
     call, unet = _unet_call(p, device)
-    eager_unet = copy.deepcopy(unet)
-    compile_unet_in_place(unet)
-    reference = call(net=eager_unet).float()
-    start = time.perf_counter()
-    out = call().float()
-    Meter(device).sync()
-    result = {"compile_seconds": time.perf_counter() - start,
-              "rel_err_vs_eager": float((out - reference).abs().max() / reference.abs().max())}
+    eager_unet, routed_unet = copy.deepcopy(unet), copy.deepcopy(unet)
     dilated = {k: ConvOverride(2) for k in uniform_dilation_map(unet, 2, 1)}
 
     def redilated(net):
         with overridden_convs(net, dilated):
             return call(net=net)
-    start = time.perf_counter()
-    redilated(unet)
-    Meter(device).sync()
-    result["first_redilated_call_seconds"] = time.perf_counter() - start  # no new compile
+
+    def first_call(fn):
+        start = time.perf_counter()
+        out = fn().float()
+        Meter(device).sync()
+        return out, time.perf_counter() - start
+
+    def rel_err(out, ref):
+        return float((out - ref).abs().max() / ref.abs().max())
+
+    for net in (unet, routed_unet):
+        compile_unet_in_place(net, backend=p.get("backend", "inductor"))
+    plain, result = call(net=eager_unet).float(), {}
+    out, result["compile_seconds"] = first_call(call)
+    result["rel_err_vs_eager"] = rel_err(out, plain)
+    report_so_far(result)
+    out, result["routed_compile_seconds"] = first_call(lambda: redilated(routed_unet))
+    result["redilated_rel_err_vs_eager"] = rel_err(out, redilated(eager_unet).float())
+    # the routed graph's plain steps: no new compile
+    _, result["first_routed_plain_call_seconds"] = first_call(lambda: call(net=routed_unet))
+    report_so_far(result)
     result["seconds"] = _interleaved({
         "eager": lambda: call(net=eager_unet), "compiled": call,
-        "eager_redilated": lambda: redilated(eager_unet), "compiled_redilated": lambda: redilated(unet),
+        "compiled_routed": lambda: call(net=routed_unet),
+        "eager_redilated": lambda: redilated(eager_unet),
+        "compiled_redilated": lambda: redilated(routed_unet),
     }, device, p.get("rounds", 5))
     return result
 
@@ -409,8 +434,12 @@ def run_part(name, params, device, timeout):
     env = dict(os.environ, **PART_ENV.get(name, {}))
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"stopped at its {timeout} s timeout"}
+    except subprocess.TimeoutExpired as stopped:
+        # what the part reported before its timeout (`report_so_far`), if anything
+        out = stopped.stdout or b""
+        lines = (out.decode() if isinstance(out, bytes) else out).strip().splitlines()
+        return {**(json.loads(lines[-1]) if lines else {}),
+                "error": f"stopped at its {timeout} s timeout"}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:
         return {"error": f"exit status {proc.returncode}"}
@@ -472,14 +501,22 @@ def summary(results):
                      "(ms, calls): " + "; ".join(f"{k} {ms} x{n}"
                                                  for k, ms, n in cold["top_host_ops_cold_ms"][:6]))
     comp = results.get("compile", {})
+    if "compile_seconds" in comp and "seconds" not in comp:  # stopped at its timeout
+        lines.append("- torch.compile, seconds to compile: " + ", ".join(
+            f"{k} {comp[k]:.0f}" for k in ("compile_seconds", "routed_compile_seconds")
+            if k in comp))
     if "seconds" in comp:
         s = comp["seconds"]
-        lines.append(f"- torch.compile: {comp['compile_seconds']:.0f} s to compile, "
+        lines.append(f"- torch.compile, plain run: {comp['compile_seconds']:.0f} s to compile, "
                      f"{s['compiled'] * 1e3:.1f} ms vs eager {s['eager'] * 1e3:.1f} ms per call, "
-                     f"rel. err {comp['rel_err_vs_eager']:.1e}; re-dilated (first call "
-                     f"{comp['first_redilated_call_seconds']:.1f} s): "
+                     f"rel. err {comp['rel_err_vs_eager']:.1e}")
+        lines.append(f"- torch.compile, re-dilated run (convs routed): "
+                     f"{comp['routed_compile_seconds']:.0f} s to compile; re-dilated steps "
                      f"{s['compiled_redilated'] * 1e3:.1f} ms vs eager "
-                     f"{s['eager_redilated'] * 1e3:.1f} ms")
+                     f"{s['eager_redilated'] * 1e3:.1f} ms (rel. err "
+                     f"{comp['redilated_rel_err_vs_eager']:.1e}), plain steps "
+                     f"{s['compiled_routed'] * 1e3:.1f} ms (first "
+                     f"{comp['first_routed_plain_call_seconds']:.1f} s)")
     return lines
 
 
@@ -539,6 +576,10 @@ def decision_lines(results):
         best = min(variants, key=variants.get)
         lines.append(f"- plain {STEPS}-step sample at the best variant ({best}): "
                      f"{STEPS * variants[best]:.2f} s of UNet calls")
+    compiled = results.get("compile", {}).get("seconds", {}).get("compiled")
+    if compiled:
+        lines.append(f"- plain {STEPS}-step sample compiled: {STEPS * compiled:.2f} s of UNet "
+                     "calls, after compiling")
     return ["", "Decisions (docs/benchmarks.md):"] + lines if lines else []
 
 
@@ -549,12 +590,15 @@ def report(results):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    ap.add_argument("--parts", default="speed",
+                    help=f"comma list of parts ({', '.join(PARTS)}) or part sets "
+                         f"({', '.join(PART_SETS)}); default: speed")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="the tiny config (CPU smoke run)")
     ap.add_argument("--json", help="write the results here (rewritten after each part)")
-    ap.add_argument("--summarize", metavar="JSON",
-                    help="print the summary and decisions of a saved results file, run nothing")
+    ap.add_argument("--summarize", metavar="JSON", nargs="+",
+                    help="print the summary and decisions of saved results files (one per part "
+                         "set), run nothing")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
     ap.add_argument("--load-probe", help=argparse.SUPPRESS)
@@ -563,7 +607,9 @@ def main(argv=None):
     ap.add_argument("--load-only", choices=["staged", "sequential"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.summarize:
-        results = json.loads(Path(args.summarize).read_text())
+        results = {}
+        for path in args.summarize:
+            results.update(json.loads(Path(path).read_text()))
         print(report(results))
         return 0
     if args.load_probe and args.load_only:
@@ -576,7 +622,7 @@ def main(argv=None):
         result = PART_FUNCTIONS[args.part](json.loads(args.params), torch.device(args.device))
         print(json.dumps(result))
         return 0
-    parts = [p for p in args.parts.split(",") if p]
+    parts = [q for p in args.parts.split(",") if p for q in PART_SETS.get(p, (p,))]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         ap.error(f"unknown part(s): {', '.join(unknown)}")

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session for issue 11: (1) `check`: correctness of the CUDA paths against the tiny
 # reference arrays, fp32 with TF32 off (~1 min); (2) `bench`: issue 11's table,
-# `scripts/benchmark.py --device cuda` (~6 min); (3) `speed`: where the time goes,
-# `scripts/gpu_speed.py` (at most 530 s). The arguments pick the parts (default: check bench;
-# one device command has 10 minutes, so `speed` runs alone). Runs with the machine's
-# python3 (no venv): the repository goes on PYTHONPATH. Logs and JSON go to $OUT (./gpu_out).
+# `scripts/benchmark.py --device cuda` (~6 min); (3) `speed` and `stored`: where the time goes,
+# `scripts/gpu_speed.py` (at most 530 s each). The arguments pick the parts (default: check
+# bench; one device command has 10 minutes, so `speed` and `stored` each run alone). Runs
+# with the machine's python3 (no venv): the repository goes on PYTHONPATH. Logs and JSON go
+# to $OUT (./gpu_out).
 #
-#   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [speed]
+#   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [speed] [stored]
 #
 # SCALECRAFTER_REF: a folder laid out as ../shared/reference (it needs tiny/; default
 # ./shared_ref). Each part runs under its own timeout; one failing does not stop the next.
@@ -71,12 +72,17 @@ fi
 say "part 2 exit status $status; done in $((SECONDS - START)) s"
 fi
 
-# (3) where the time goes (budget: 530 s; each part has its own timeout inside)
-if wants speed; then
-say "part 3: scripts/gpu_speed.py (log: $OUT/speed.log)"
-timeout 530 "$PY" scripts/gpu_speed.py --json "$OUT/speed.json" >"$OUT/speed.md" 2>"$OUT/speed.log"
+# (3) where the time goes: gpu_speed.py's part sets `speed` (the sampling and CLI targets,
+# torch.compile, the decode as txt2img runs it) and `stored` (the decode storing every layer's
+# tiles); budget 530 s each, each part has its own timeout inside
+for set in speed stored; do
+if wants $set; then
+say "part 3 ($set): scripts/gpu_speed.py --parts $set (log: $OUT/$set.log)"
+timeout 530 "$PY" scripts/gpu_speed.py --parts $set --json "$OUT/$set.json" \
+  >"$OUT/$set.md" 2>"$OUT/$set.log"
 status=$?
-[ $status -eq 124 ] && say "part 3 stopped at its 530 s timeout (speed.json has the parts done: scripts/gpu_speed.py --summarize reports them)"
-tee -a "$OUT/summary.txt" <"$OUT/speed.md"
-say "part 3 exit status $status; done in $((SECONDS - START)) s"
+[ $status -eq 124 ] && say "part 3 ($set) stopped at its 530 s timeout ($set.json has the parts done: scripts/gpu_speed.py --summarize reports them)"
+tee -a "$OUT/summary.txt" <"$OUT/$set.md"
+say "part 3 ($set) exit status $status; done in $((SECONDS - START)) s"
 fi
+done

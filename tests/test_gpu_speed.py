@@ -62,7 +62,27 @@ def test_load_probe_times_every_step_of_the_load(speed, capsys):
 
 def test_parts_have_a_function_and_a_timeout_within_the_shell_budget(speed):
     assert set(speed.PART_FUNCTIONS) == set(speed.TIMEOUTS) == set(speed.PARTS)
-    assert sum(speed.TIMEOUTS.values()) <= 530  # gpu_check.sh's timeout for part 3
+    sets = speed.PART_SETS.values()
+    assert sorted(p for parts in sets for p in parts) == sorted(speed.PARTS)  # each once
+    for parts in sets:  # gpu_check.sh's timeout for one part set
+        assert sum(speed.TIMEOUTS[p] for p in parts) <= 530
+
+
+def test_a_part_stopped_by_its_timeout_keeps_what_it_reported(speed, monkeypatch):
+    def stopped(cmd, **kwargs):
+        raise speed.subprocess.TimeoutExpired(cmd, kwargs["timeout"],
+                                              output=b'{"compile_seconds": 80.5}\n')
+    monkeypatch.setattr(speed.subprocess, "run", stopped)
+    got = speed.run_part("compile", {}, "cpu", 240)
+    assert got == {"compile_seconds": 80.5, "error": "stopped at its 240 s timeout"}
+    lines = speed.summary({"compile": got})
+    assert "- torch.compile, seconds to compile: compile_seconds 80" in lines
+    assert "- compile: stopped at its 240 s timeout" in lines
+
+    def silent(cmd, **kwargs):
+        raise speed.subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+    monkeypatch.setattr(speed.subprocess, "run", silent)
+    assert speed.run_part("cli", {}, "cpu", 140) == {"error": "stopped at its 140 s timeout"}
 
 
 def test_unknown_part_is_refused_in_one_line(speed, capsys):
@@ -95,7 +115,11 @@ def test_decisions_follow_the_documented_rules(speed):
                 "pipeline_load_seconds": {"staged": 6.0, "sequential": 7.5}},
         "cold_decode": {"cold_seconds": 9.0}, "cold_decode_stored": {"cold_seconds": 30.0},
         "cold_decode_stored_hostreg": {"cold_seconds": 31.0},
-        "compile": {"compile_seconds": 90.0, "seconds": {"eager": 0.045, "compiled": 0.035}},
+        "compile": {"compile_seconds": 90.0, "routed_compile_seconds": 60.0,
+                    "rel_err_vs_eager": 1e-3, "redilated_rel_err_vs_eager": 2e-3,
+                    "first_routed_plain_call_seconds": 0.04,
+                    "seconds": {"eager": 0.045, "compiled": 0.035, "compiled_routed": 0.037,
+                                "eager_redilated": 0.047, "compiled_redilated": 0.038}},
     }
     got = {name: on for name, (on, _) in speed.decisions(results).items()}
     assert got == {"cudnn_attention": True, "channels_last": False, "cudnn_benchmark": False,
@@ -103,19 +127,28 @@ def test_decisions_follow_the_documented_rules(speed):
                    "compile": False}  # 90 s of compiling against 0.5 s saved in 50 steps
     lines = speed.decision_lines(results)
     assert "- cudnn_attention: on (+5.00 ms a step, first pass 0.10 s)" in lines
-    assert lines[-1] == "- plain 50-step sample at the best variant (cudnn_attention): 2.00 s of UNet calls"
+    assert lines[-2:] == [
+        "- plain 50-step sample at the best variant (cudnn_attention): 2.00 s of UNet calls",
+        "- plain 50-step sample compiled: 1.75 s of UNet calls, after compiling"]
+    assert ("- torch.compile, re-dilated run (convs routed): 60 s to compile; re-dilated steps "
+            "38.0 ms vs eager 47.0 ms (rel. err 2.0e-03), plain steps 37.0 ms (first 0.0 s)"
+            in speed.summary({"compile": results["compile"]}))
     assert speed.decision_lines({}) == []
 
 
-def test_a_saved_run_is_summarized_without_running(speed, tmp_path, capsys):
-    saved = {"device": "NVIDIA H200", "torch": "2.11.0",
-             "compile": {"error": "stopped at its 120 s timeout"},
-             **{name: {"side": 512, "cold_seconds": cold, "warm_seconds": 5.0, "pinned": None,
-                       "conv_calls": 2768, "conv_shapes": 39, "top_host_ops_cold_ms": []}
-                for name, cold in (("cold_decode", 9.0), ("cold_decode_stored", 30.0))}}
-    path = tmp_path / "speed.json"
-    path.write_text(json.dumps(saved))
-    assert speed.main(["--summarize", str(path)]) == 0
+def test_saved_runs_are_summarized_together_without_running(speed, tmp_path, capsys):
+    """One results file per part set (one device command each), reported as one run."""
+    def decode(cold):
+        return {"side": 512, "cold_seconds": cold, "warm_seconds": 5.0, "pinned": None,
+                "conv_calls": 2768, "conv_shapes": 39, "top_host_ops_cold_ms": []}
+    head = {"device": "NVIDIA H200", "torch": "2.11.0"}
+    saved = {"speed": {**head, "compile": {"error": "stopped at its 120 s timeout"},
+                       "cold_decode": decode(9.0)},
+             "stored": {**head, "cold_decode_stored": decode(30.0)}}
+    paths = [tmp_path / f"{name}.json" for name in saved]
+    for path, results in zip(paths, saved.values()):
+        path.write_text(json.dumps(results))
+    assert speed.main(["--summarize", *map(str, paths)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "## gpu_speed on NVIDIA H200 (torch 2.11.0)"
     assert "- compile: stopped at its 120 s timeout" in out

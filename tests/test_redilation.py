@@ -10,8 +10,8 @@ from PIL import Image
 from conftest import SETTINGS, TINY_CKPT, TINY_CONFIG, cases, reference, rel_err
 from ldm.pipeline import GenerationOptions
 from ldm.precision import compile_unet_in_place
-from ldm.scalecrafter.redilation import (ConvOverride, overridden_convs, redilated_conv, route_convs,
-                                         uniform_dilation_map)
+from ldm.scalecrafter.redilation import (ConvOverride, conv3x3_names, overridden_convs,
+                                         redilated_conv, route_convs, uniform_dilation_map)
 from ldm.scalecrafter.schedule import ScaleCrafterSettings, factor_at
 from ldm.scalecrafter.tiled_decode import plan_axis, tiled_decode
 
@@ -269,7 +269,8 @@ def test_compiled_block_compiles_one_graph_for_every_plan(tiny_pipe):
 
     def plan(factor, weight=None):
         return {k: ConvOverride(factor, weight if k == names[0] else None) for k in names}
-    plans = {"plain": {}, "2": plan(2), "2.5": plan(2.5), "3": plan(3),
+    # (the first plan overrides both convs, as a run's first step does: they are routed then)
+    plans = {"2": plan(2), "plain": {}, "2.5": plan(2.5), "3": plan(3),
              "dispersed": plan(1.5, kernel), "damped": [(2, plan(2)), (1, plan(4))]}
 
     def outputs(net):
@@ -303,6 +304,41 @@ def test_compiled_block_compiles_one_graph_for_every_plan(tiny_pipe):
     assert not torch.allclose(eager["full", "2"], eager["full", "3"])
     modules = dict(block.named_modules())
     assert all("forward" in modules[name].__dict__ for name in names)  # routed for good
+
+
+def test_compiled_block_routes_only_the_convs_a_run_overrides(tiny_pipe):
+    """A plain run compiles the plain block (no conv routed through the opaque op); a conv is
+    routed when a plan first overrides it, which compiles once more, and only that conv."""
+    block = copy.deepcopy(tiny_pipe.model.unet.middle_block[0])
+    first, second = "in_layers.2", "out_layers.3"
+    modules = dict(block.named_modules())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, modules[first].in_channels, 12, 10, generator=gen)
+    emb = torch.randn(2, block.emb_layers[1].in_features, generator=gen)
+    plans = {"plain": {}, "2": {first: ConvOverride(2)}, "3": {first: ConvOverride(3)}}
+
+    def run(net, name):
+        with torch.no_grad(), overridden_convs(block, plans[name]):
+            return net(x, emb)
+    eager = {name: run(block, name) for name in plans}
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_unet_in_place(block, backend=counting_backend)
+    try:
+        assert rel_err(run(block, "plain"), eager["plain"]) <= 1e-6
+        assert len(graphs) == 1 and not [n for n in conv3x3_names(block)
+                                         if "forward" in modules[n].__dict__]
+        for name in ("2", "plain", "3"):
+            assert rel_err(run(block, name), eager[name]) <= 1e-6, name
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 2
+    assert "forward" in modules[first].__dict__ and "forward" not in modules[second].__dict__
+    assert not torch.allclose(eager["2"], eager["3"])
 
 
 @pytest.mark.parametrize("polyphase", [False, True])

@@ -3,7 +3,8 @@
 A conv is overridden for the duration of a `with overridden_convs(...)` block by shadowing its
 `forward` with an instance attribute; leaving the block (normally or by an exception) deletes
 the attribute, so the model is exactly as before. A compiled UNet's convs are routed instead
-(`route_convs`): the block then only sets and clears their plans."""
+(`route_convs`, or `route_when_overridden`: each conv when a plan first overrides it): the
+block then only sets and clears their plans."""
 import itertools
 import math
 import re
@@ -161,11 +162,14 @@ def _segments_forward(conv, segments):
 # plan when it runs. torch.compile would otherwise trace each plan's factors into the graph and
 # compile the whole UNet again for every new plan (2-6 plans in a preset's 50 steps, 12 in the
 # 4096² one; past 8, Dynamo runs the rest eagerly). Routed, one graph serves every plan.
+# Only the convs a run overrides are routed: the op is opaque to the compiler (no fused bias,
+# no layout choice), so a plain run compiles the plain UNet.
 _PLAIN = [(None, None)]
 _PLANS = weakref.WeakKeyDictionary()  # routed conv -> its segments while overridden
 _KEYS = weakref.WeakKeyDictionary()  # routed conv -> its op key
 _ROUTED = {}  # op key -> weak reference to the routed conv
 _NEXT_KEY = itertools.count()
+_ROUTE_ON_DEMAND = weakref.WeakSet()  # UNets whose convs are routed when first overridden
 
 
 # cudagraph_unsafe: a CUDA graph would replay the kernels of the plan it was captured with
@@ -197,20 +201,32 @@ for _device_type, _dtype in AUTOCAST_DTYPES.items():  # the inputs cast as autoc
     torch.library.register_autocast("scalecrafter::planned_conv", _device_type, _dtype)
 
 
+def _route(conv: nn.Conv2d):
+    """Send `conv` through the planned-conv op, for good; `overridden_convs` then sets its
+    plans without touching the module."""
+    if conv in _KEYS:
+        return
+    key = _KEYS[conv] = next(_NEXT_KEY)
+    _ROUTED[key] = weakref.ref(conv)
+
+    def forward(x):
+        return torch.ops.scalecrafter.planned_conv(x, conv.weight, conv.bias, key)
+    conv.forward = forward
+
+
 def route_convs(unet: nn.Module):
-    """Send every 3x3 conv of `unet` through the planned-conv op, for good (see above);
-    `overridden_convs` then sets plans without touching the modules."""
+    """Route every 3x3 conv of `unet` through the planned-conv op now (see above)."""
     modules = dict(unet.named_modules())
     for name in conv3x3_names(unet):
-        conv = modules[name]
-        if conv in _KEYS:
-            continue
-        key = _KEYS[conv] = next(_NEXT_KEY)
-        _ROUTED[key] = weakref.ref(conv)
+        _route(modules[name])
 
-        def forward(x, conv=conv, key=key):
-            return torch.ops.scalecrafter.planned_conv(x, conv.weight, conv.bias, key)
-        conv.forward = forward
+
+def route_when_overridden(unet: nn.Module):
+    """Route each conv of `unet` when a plan first overrides it (`overridden_convs`), before
+    the call it is overridden for. A run's plans override all their convs from its first step,
+    so a compiled UNet compiles once per run: with the convs the run re-dilates routed, or
+    none for a plain run."""
+    _ROUTE_ON_DEMAND.add(unet)
 
 
 @contextmanager
@@ -233,6 +249,8 @@ def overridden_convs(unet: nn.Module, overrides):
                     continue  # plain conv: nothing to change
                 per_segment = [(None, first)]
             conv = modules[name]
+            if unet in _ROUTE_ON_DEMAND:
+                _route(conv)
             if conv in _KEYS:
                 _PLANS[conv] = per_segment
                 routed.append(conv)
