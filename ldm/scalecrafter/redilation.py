@@ -241,7 +241,9 @@ def overridden_convs(unet: nn.Module, overrides):
     names = {name for _, plan in segments for name in plan}
     patched, routed = [], []
     try:
-        for name in names:
+        # sorted: convs get their op keys in the same order in every process (the keys are
+        # constants of a compiled graph, which torch's on-disk cache can then find again)
+        for name in sorted(names):
             per_segment = [(rows, plan.get(name)) for rows, plan in segments]
             first = per_segment[0][1]
             if all(_same(first, o) for _, o in per_segment):
