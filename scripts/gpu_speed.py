@@ -435,15 +435,22 @@ def run_part(name, params, device, timeout):
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as stopped:
-        # what the part reported before its timeout (`report_so_far`), if anything
-        out = stopped.stdout or b""
-        lines = (out.decode() if isinstance(out, bytes) else out).strip().splitlines()
-        return {**(json.loads(lines[-1]) if lines else {}),
-                "error": f"stopped at its {timeout} s timeout"}
+        return {**_reported(stopped.stdout), "error": f"stopped at its {timeout} s timeout"}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:
         return {"error": f"exit status {proc.returncode}"}
     return json.loads(lines[-1])
+
+
+def _reported(out) -> dict:
+    """What a part stopped by its timeout reported before (`report_so_far`), if anything."""
+    out = out.decode() if isinstance(out, bytes) else (out or "")
+    for line in reversed(out.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return {}
 
 
 PART_FUNCTIONS = {"profile": part_profile, "cli": part_cli, "compile": part_compile,

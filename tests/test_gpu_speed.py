@@ -71,7 +71,7 @@ def test_parts_have_a_function_and_a_timeout_within_the_shell_budget(speed):
 def test_a_part_stopped_by_its_timeout_keeps_what_it_reported(speed, monkeypatch):
     def stopped(cmd, **kwargs):
         raise speed.subprocess.TimeoutExpired(cmd, kwargs["timeout"],
-                                              output=b'{"compile_seconds": 80.5}\n')
+                                              output=b'{"compile_seconds": 80.5}\nW1127 x\n')
     monkeypatch.setattr(speed.subprocess, "run", stopped)
     got = speed.run_part("compile", {}, "cpu", 240)
     assert got == {"compile_seconds": 80.5, "error": "stopped at its 240 s timeout"}
