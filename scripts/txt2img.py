@@ -503,6 +503,9 @@ def describe(err, args=None):
     except Exception:  # describing must not fail
         CheckpointError = ConfigError = UsageError
 
+    inner = getattr(err, "inner_exception", None)  # torch.compile's backend failures wrap it
+    if inner is not None:
+        return f"torch.compile failed ({describe(inner)}); run without --compile"
     text = str(err).strip()
     message = " ".join(text.splitlines()[0].split()) if text else type(err).__name__
     if isinstance(err, CheckpointError) and args is not None \

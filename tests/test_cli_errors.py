@@ -354,6 +354,33 @@ def test_device_auto_is_cuda_where_torch_sees_it(cli, capsys, base, monkeypatch,
     assert seen == ["cuda" if cuda else "cpu"]
 
 
+def test_a_failed_compile_is_one_line_naming_its_cause(cli, capsys, base, monkeypatch):
+    """torch.compile's backend errors say only "backend='inductor' raised:" on their first
+    line; the cause (no C++ compiler, no Triton, ...) is what the user needs."""
+    import ldm.precision
+
+    def no_compiler(graph_module, example_inputs):
+        raise RuntimeError("No working C++ compiler found")
+    try:  # a real failure of torch.compile (a one-line function: fast to trace)
+        torch.compile(lambda x: x + 1, backend=no_compiler)(torch.ones(1))
+    except Exception as err:  # noqa: BLE001  (whatever torch raises is what the CLI gets)
+        failure = err
+    finally:
+        torch._dynamo.reset()
+
+    def compile_unet_in_place(unet):
+        def forward(*args, **kwargs):
+            raise failure
+        unet.forward = forward
+    monkeypatch.setattr(ldm.precision, "compile_unet_in_place", compile_unet_in_place)
+    status, lines = call(cli, capsys, base + ["--compile"])
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert status == 1 and errors == [
+        "error: torch.compile failed (RuntimeError: No working C++ compiler found); "
+        "run without --compile"], lines
+    assert not [line for line in lines if "Traceback" in line]
+
+
 def test_compile_says_why_the_first_step_waits(cli, capsys, base, monkeypatch):
     import ldm.precision
 
