@@ -253,6 +253,17 @@ def test_tiles_recomputed_under_no_budget_match_the_reference(tiny_pipe, monkeyp
     assert rel_err(lean, stored) <= 1e-5
 
 
+def compile_counting(module):
+    """compile_unet_in_place with a backend that keeps each graph it gets and runs it as is."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    compile_unet_in_place(module, backend=backend)
+    return graphs
+
+
 def test_compiled_block_compiles_one_graph_for_every_plan(tiny_pipe):
     """--compile routes the 3x3 convs through one op that reads the plan when it runs, and
     leaves the batch size dynamic: one graph serves plain steps, new factors (progressive
@@ -283,13 +294,7 @@ def test_compiled_block_compiles_one_graph_for_every_plan(tiny_pipe):
                     outs[precision, name] = net(x[:rows], emb[:rows])
         return outs
     eager = outputs(block)
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    compile_unet_in_place(block, backend=counting_backend)
+    graphs = compile_counting(block)
     try:
         compiled = outputs(block)
     finally:
@@ -321,13 +326,7 @@ def test_compiled_block_routes_only_the_convs_a_run_overrides(tiny_pipe):
         with torch.no_grad(), overridden_convs(block, plans[name]):
             return net(x, emb)
     eager = {name: run(block, name) for name in plans}
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    compile_unet_in_place(block, backend=counting_backend)
+    graphs = compile_counting(block)
     try:
         assert rel_err(run(block, "plain"), eager["plain"]) <= 1e-6
         assert len(graphs) == 1 and not [n for n in conv3x3_names(block)
