@@ -27,6 +27,14 @@ from ldm.modules.diffusionmodules.model import ResnetBlock
 BAND_BYTES = 128 * 2 ** 20  # one band of the widest map a conv reads (its temporaries are a few)
 
 
+def group_moments(t, groups: int):
+    """(count, mean, sum of squared deviations) per (sample, group) of a map or band, float32."""
+    # a conv's output band is contiguous: a view, one reduction over the last dim (fast)
+    g = t.reshape(t.shape[0], groups, -1).float()
+    var, mean = torch.var_mean(g, dim=-1, correction=0)
+    return g.shape[-1], mean, var * g.shape[-1]
+
+
 class Moments:
     """Per (sample, group) moments of a map, merged exactly from its bands."""
 
@@ -34,21 +42,18 @@ class Moments:
         self.groups, self.parts = groups, []
 
     def add(self, band):
-        b, c = band.shape[:2]
-        # a conv's output band is contiguous: a view, one reduction over the last dim (fast)
-        g = band.reshape(b, self.groups, -1).float()
-        var, mean = torch.var_mean(g, dim=-1, correction=0)
-        n = g.shape[-1]
-        self.parts.append((n, mean, var * n))
+        self.parts.append(group_moments(band, self.groups))
+
+    def merged(self):
+        """group_moments of the whole map: its bands' merged exactly (Chan's formula)."""
+        total = sum(n for n, _, _ in self.parts)
+        mean = sum(n * m for n, m, _ in self.parts) / total
+        return total, mean, sum(m2 + n * (m - mean) ** 2 for n, m, m2 in self.parts)
 
     def normalizer(self, norm: nn.GroupNorm):
         """x band -> silu(GroupNorm(x)) with the whole map's statistics, as a new tensor."""
-        counts, means, m2s = zip(*self.parts)
-        n = torch.tensor(counts, dtype=torch.float32, device=means[0].device)[:, None, None]
-        means, m2s = torch.stack(means), torch.stack(m2s)  # (bands, b, groups): a few kernels
-        total = n.sum()
-        mean = (n * means).sum(0) / total
-        var = (m2s + n * (means - mean) ** 2).sum(0) / total
+        total, mean, m2 = self.merged()
+        var = m2 / total
         per_group = norm.num_channels // self.groups
         inv_std = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, dim=1)
         mean_c = mean.repeat_interleave(per_group, dim=1)

@@ -76,8 +76,7 @@ def redilated_conv(conv: nn.Conv2d, x, factor: float, weight=None):
     """conv(x) with dilation ceil(factor) (and another kernel where given); a fractional factor
     resizes the input by ceil(factor)/factor before and the output back to the plain conv's
     size after."""
-    weight = conv.weight if weight is None else weight.to(x.dtype)
-    return _redilated(conv, x, factor, weight, conv.bias)
+    return _run(conv, x, ConvOverride(factor, weight), conv.weight, conv.bias)
 
 
 def _redilated(conv, x, factor, weight, bias):
@@ -167,7 +166,7 @@ def _segments_forward(conv, segments):
 _PLAIN = [(None, None)]
 _PLANS = weakref.WeakKeyDictionary()  # routed conv -> its segments while overridden
 _KEYS = weakref.WeakKeyDictionary()  # routed conv -> its op key
-_ROUTED = {}  # op key -> weak reference to the routed conv
+_ROUTED = weakref.WeakValueDictionary()  # op key -> the routed conv
 _NEXT_KEY = itertools.count()
 _ROUTE_ON_DEMAND = weakref.WeakSet()  # UNets whose convs are routed when first overridden
 
@@ -177,13 +176,13 @@ _ROUTE_ON_DEMAND = weakref.WeakSet()  # UNets whose convs are routed when first 
                          tags=(torch.Tag.cudagraph_unsafe,))
 def planned_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  key: int) -> torch.Tensor:
-    conv = _ROUTED[key]()
+    conv = _ROUTED[key]
     return _in_layout_of(_run_segments(conv, x, _PLANS.get(conv, _PLAIN), weight, bias), x)
 
 
 @planned_conv.register_fake
 def _planned_conv_shape(x, weight, bias, key):
-    conv = _ROUTED[key]()  # every plan keeps the plain conv's output size
+    conv = _ROUTED[key]  # every plan keeps the plain conv's output size
     out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return _in_layout_of(out, x)
 
@@ -207,7 +206,7 @@ def _route(conv: nn.Conv2d):
     if conv in _KEYS:
         return
     key = _KEYS[conv] = next(_NEXT_KEY)
-    _ROUTED[key] = weakref.ref(conv)
+    _ROUTED[key] = conv
 
     def forward(x):
         return torch.ops.scalecrafter.planned_conv(x, conv.weight, conv.bias, key)

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
 from ldm.scalecrafter.lean_decode import (Convolved, Dense, Upsampled, band_rows, banded_conv,
-                                          banded_residual, map_moments, materialize,
-                                          residual_recomputed)
+                                          banded_residual, group_moments, map_moments,
+                                          materialize, residual_recomputed)
 
 SCALE = 8  # image pixels per latent pixel
 BUDGET_FRACTION = 0.8  # of the memory available when decoding starts
@@ -202,22 +202,6 @@ class _Placement:
         return moved
 
 
-def _moments(t, groups: int):
-    """(count, mean, sum of squared deviations) per (sample, group) of one tile, in float32."""
-    g = t.reshape(t.shape[0], groups, -1).float()
-    var, mean = torch.var_mean(g, dim=-1, correction=0)
-    return g.shape[-1], mean, var * g.shape[-1]
-
-
-def _source_moments(src, groups: int):
-    """_moments of a map a layer reads: a tile, or a lazy one (Upsampled) taken band by band and
-    merged exactly (Chan's formula) into the tile's own moments."""
-    parts = map_moments(src, groups).parts
-    total = sum(n for n, _, _ in parts)
-    mean = sum(n * m for n, m, _ in parts) / total
-    return total, mean, sum(m2 + n * (m - mean) ** 2 for n, m, m2 in parts)
-
-
 class _Tiles:
     """A list of tiles and where they wait; `map` runs a function tile by tile."""
 
@@ -248,7 +232,7 @@ class _Tiles:
             in_place = consume and result.data_ptr() == args[0].data_ptr()
             del args
             if groups:
-                moments.append(_moments(result, groups))
+                moments.append(group_moments(result, groups))
             if in_place:
                 place.release(self.tiles[i])
                 self.tiles[i] = None
@@ -284,9 +268,9 @@ class _Tiles:
     def _tile_moments(self, groups):
         if self.moments is not None and self.moments[0] == groups:
             return self.moments[1]
-        # not taken when the tiles were made: one pass over them
-        return [_source_moments(self.source(self.place.ready(*self.place.fetch([t]))[0]), groups)
-                for t in self.tiles]
+        # not taken when the tiles were made: one pass over them (a lazy tile's band by band)
+        return [map_moments(self.source(self.place.ready(*self.place.fetch([t]))[0]),
+                            groups).merged() for t in self.tiles]
 
     def _sync_stats(self, norm):
         """Per (sample, group): mean over all tiles' elements, and the variance with each tile's
