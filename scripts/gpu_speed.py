@@ -375,7 +375,8 @@ def load_probe(ckpt, config, device_type, side):
     if device_type == "cuda":
         torch.zeros(1, device="cuda")
     mark("cuda_start")
-    import open_clip  # noqa: F401  (what the SD 2.x text encoder costs to import)
+    from ldm.modules.encoders.common import import_open_clip
+    import_open_clip()  # what the SD 2.x text encoder costs to import
     mark("import_open_clip")
     from ldm.checkpoint import load_state_dict
     from ldm.layouts import fit_state_dict

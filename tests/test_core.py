@@ -129,3 +129,30 @@ def test_openclip_arch_may_be_a_config_path(tiny_pipe):
         assert rel_err(embedder.encode([case["prompt"]]), ref) <= 1e-4
     with pytest.raises(ValueError, match="unknown OpenCLIP architecture"):
         FrozenOpenCLIPEmbedder(arch="no-such-arch")
+
+
+def test_open_clip_imports_without_its_optional_extras(tmp_path):
+    """transformers and timm stay unimported (on a GPU image they cost open_clip's import
+    seconds), and are importable again afterwards. Planted stand-ins raise on import: open_clip
+    catches only ImportError, so a leak fails the import."""
+    import subprocess
+    import sys
+
+    for name in ("transformers", "timm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise RuntimeError('{name} ran')\n")
+    probe = (
+        "import sys\n"
+        "from ldm.modules.encoders.common import import_open_clip\n"
+        "oc = import_open_clip()\n"
+        "assert oc.model.CLIP and 'transformers' not in sys.modules and 'timm' not in sys.modules\n"
+        "for name in ('transformers', 'timm'):\n"
+        "    try:\n"
+        "        __import__(name)\n"
+        "    except RuntimeError as err:\n"
+        "        print(err)\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["transformers ran", "timm ran"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.encoders.common import AbstractEncoder, resolve_config_file
+from ldm.modules.encoders.common import AbstractEncoder, import_open_clip, resolve_config_file
 
 # transformers' CLIPTextConfig of openai/clip-vit-large-patch14 (the fields this model reads).
 KNOWN_CONFIGS = {
@@ -50,9 +50,8 @@ class ClipTokenizer:
     `length` with the last slot kept for <|endoftext|>, padded with `pad` (SD: <|endoftext|>)."""
 
     def __init__(self, length: int = 77, pad: int = EOS):
-        from open_clip.tokenizer import SimpleTokenizer
-
-        self.bpe, self.length, self.pad = SimpleTokenizer(), length, pad
+        self.bpe = import_open_clip().tokenizer.SimpleTokenizer()
+        self.length, self.pad = length, pad
 
     def _encode_plain(self, text):
         text = " ".join(ftfy.fix_text(text).split()).lower()

@@ -1,4 +1,7 @@
-"""What every text encoder shares: the encoder interface and where config files are found."""
+"""What every text encoder shares: the encoder interface, where config files are found, and how
+open_clip is imported."""
+import importlib
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -22,6 +25,30 @@ def resolve_config_file(name: str):
     for folder in _CONFIG_DIRS:
         candidates += [folder / name, folder / f"{name}.json"]
     return next((p for p in candidates if p.suffix == ".json" and p.is_file()), None)
+
+
+# open_clip's package import pulls in these optional integrations (HF text towers, timm vision
+# towers, CoCa generation) if they are installed; we build only CLIP text towers from open_clip's
+# own modules, so they are dead weight: on a GPU image that has transformers, timm and their
+# dependencies, `import open_clip` took 8.7 s (H200 machine) of the CLI's load.
+OPEN_CLIP_UNUSED_EXTRAS = ("transformers", "timm")
+
+
+def import_open_clip():
+    """open_clip, imported with its optional extras hidden (open_clip falls back to "not
+    installed" for each). Extras already imported stay as they are, and every hidden name is
+    importable again afterwards; only open_clip's HF/timm towers are unusable in this process."""
+    if "open_clip" in sys.modules:
+        return sys.modules["open_clip"]
+    hidden = [name for name in OPEN_CLIP_UNUSED_EXTRAS if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # makes `import name` raise ImportError
+    try:
+        return importlib.import_module("open_clip")
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, False) is None:
+                del sys.modules[name]
 
 
 class AbstractEncoder(nn.Module):

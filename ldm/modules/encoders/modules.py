@@ -3,14 +3,15 @@ clip_text.py). Weights always come from the SD checkpoint, so the towers are bui
 downloading anything (and without the unused visual tower)."""
 import json
 
-import open_clip
 import torch
 from torch import nn
 
 # Config targets name every text encoder in this module (`ldm.modules.encoders.modules.X`).
 from ldm.modules.encoders.clip_text import FrozenCLIPEmbedder  # noqa: F401
 from ldm.modules.encoders.common import (  # noqa: F401  (re-exported)
-    AbstractEncoder, register_config_dir, resolve_config_file)
+    AbstractEncoder, import_open_clip, register_config_dir, resolve_config_file)
+
+open_clip = import_open_clip()
 
 
 def resolve_openclip_config(arch: str) -> dict:
