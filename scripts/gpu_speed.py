@@ -12,17 +12,19 @@ Each part runs in its own process (so each is cold where it should be) under its
   step of the load timed apart (imports, CUDA start, meta build, file read, weights to the
   device), then the first sampling steps cold and warm, with and without cuDNN autotuning and
   cuDNN attention; then `Pipeline.load` from a fresh interpreter, staged and sequential.
-- `cold_decode`, `cold_decode_stored`, `cold_decode_stored_hostreg`: the 4096² tiled SyncGN
-  decode (`--tile_size auto`, 10 GB budget) cold, then warm, with the host-side ops that take
-  the cold call's time and the pinned memory it made: as txt2img runs it, storing every
-  layer's tiles, and storing them with multi-threaded pinned registration.
+- `cold_decode`, `cold_decode_hostalloc`, `cold_decode_stored`, `cold_decode_stored_hostreg`:
+  the 4096² tiled SyncGN decode (`--tile_size auto`, 10 GB budget) cold, then warm, with the
+  host-side ops that take the cold call's time and the pinned memory it made: as txt2img runs
+  it (layers beyond the budget recompute; pinned memory registered on threads), the same with
+  torch's default pinned allocations (one cudaHostAlloc each), storing every layer's tiles
+  (default pinned allocations), and storing them with pinned memory registered on threads.
 - `compile`: `--compile` as txt2img does it (the default mode): a plain run's graph, and a
   re-dilated run's, whose re-dilated 3x3 convs are routed through the planned-conv op so that
   one graph serves every plan: compile times, then plain and re-dilated calls interleaved with
   an uncompiled copy, and how far their outputs are from eager's.
 
     python scripts/gpu_speed.py --json speed.json            # the `speed` set, at most 505 s
-    python scripts/gpu_speed.py --parts stored --json stored.json   # at most 130 s
+    python scripts/gpu_speed.py --parts stored --json stored.json   # at most 195 s
     python scripts/gpu_speed.py --parts profile,cli --json s.json
     python scripts/gpu_speed.py --tiny --device cpu --parts speed,stored   # CPU smoke run
     python scripts/gpu_speed.py --summarize speed.json stored.json   # saved runs' report
@@ -47,27 +49,44 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import benchmark_gpu as bg  # noqa: E402  (scripts/ is not a package)
 from benchmark import Meter  # noqa: E402
 
-COLD_DECODES = ("cold_decode", "cold_decode_stored", "cold_decode_stored_hostreg")
+COLD_DECODES = ("cold_decode", "cold_decode_hostalloc", "cold_decode_stored",
+                "cold_decode_stored_hostreg")
 PARTS = ("profile", "cli", *COLD_DECODES, "compile")
 # The part sets gpu_check.sh runs, one device command each: each set's timeouts add up to at
 # most gpu_check.sh's 530 s, which leaves a 600 s command room for installing wheels and
 # starting up. `speed` first: the sampling and CLI targets, and the decode as txt2img runs it.
 PART_SETS = {"speed": ("profile", "cli", "cold_decode", "compile"),
-             "stored": ("cold_decode_stored", "cold_decode_stored_hostreg")}
+             "stored": ("cold_decode_hostalloc", "cold_decode_stored",
+                        "cold_decode_stored_hostreg")}
 # seconds per part
-TIMEOUTS = {"profile": 60, "cli": 140, "cold_decode": 65, "cold_decode_stored": 65,
-            "cold_decode_stored_hostreg": 65, "compile": 240}
+TIMEOUTS = {"profile": 60, "cli": 140, "cold_decode": 65, "cold_decode_hostalloc": 65,
+            "cold_decode_stored": 65, "cold_decode_stored_hostreg": 65, "compile": 240}
 # The cold 4096² decode under a 10 GB budget: as txt2img runs it (layers recompute rather than
-# store tiles beyond the budget), and storing every layer's tiles (the decode the H200 took
-# 33-37 s for, cold): so, with pinned host memory page-locked by one thread, and (hostreg)
-# by 16 threads, which tells whether making pinned memory is the cold cost.
+# store tiles beyond the budget; pinned memory registered on threads), and against it with
+# torch's default pinned allocations, storing every layer's tiles (the decode the H200 took
+# 33-37 s for, cold), and storing them with threaded registration.
 PART_PARAMS = {"cold_decode_stored": {"recompute": False},
                "cold_decode_stored_hostreg": {"recompute": False}}
-PART_ENV = {
-    "cold_decode_stored_hostreg": {
-        "PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:True,"
-                                   "pinned_num_register_threads:16"},
-}
+DEFAULT_PINNED = {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:False"}
+
+
+def _threaded_pinned():
+    """The allocator setting txt2img makes on CUDA (nothing where torch has no such option)."""
+    import importlib.metadata
+    import os
+
+    from ldm.scalecrafter.tiled_decode import fast_pinned_allocator_conf
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    conf = fast_pinned_allocator_conf({}, version, os.cpu_count() or 1)
+    return dict([conf]) if conf else {}
+
+
+PART_ENV = {"cold_decode": _threaded_pinned, "cold_decode_hostalloc": lambda: DEFAULT_PINNED,
+            "cold_decode_stored": lambda: DEFAULT_PINNED,
+            "cold_decode_stored_hostreg": _threaded_pinned}
 DECODE_BUDGET_GB = 10.0  # a 24 GB card's share beside fp16 weights, as benchmark.py uses
 # GPU kernels by kind, from their names (first match wins).
 KERNEL_KINDS = (
@@ -432,7 +451,7 @@ def run_part(name, params, device, timeout):
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name,
            "--params", json.dumps(params), "--device", device]
-    env = dict(os.environ, **PART_ENV.get(name, {}))
+    env = dict(os.environ, **PART_ENV.get(name, dict)())
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as stopped:
@@ -535,6 +554,17 @@ def _pays_back(once, per_step_gain):
     return per_step_gain > 0 and once < STEPS * per_step_gain
 
 
+def _cold(results, part):
+    """A cold decode's seconds and their text; a part stopped by its timeout took longer
+    than the timeout (a lower bound, "> 65 s"); (None, None) where it did not run."""
+    got = results.get(part, {})
+    if got.get("cold_seconds") is not None:
+        return got["cold_seconds"], f"{got['cold_seconds']:.1f} s"
+    if "timeout" in got.get("error", ""):
+        return TIMEOUTS[part], f"> {TIMEOUTS[part]} s"
+    return None, None
+
+
 def decisions(results):
     """{switch: (on, why)} by docs/benchmarks.md's rules, for the switches whose figures ran:
     per-call figures are 1024² CFG calls, i.e. one sampling step each."""
@@ -559,15 +589,14 @@ def decisions(results):
         out["staged_loads"] = (loads["staged"] < loads["sequential"],
                                f"staged {loads['staged']:.2f} s, sequential "
                                f"{loads['sequential']:.2f} s")
-    cold = {name: results.get(name, {}).get("cold_seconds") for name in COLD_DECODES}
-    if cold["cold_decode"] and cold["cold_decode_stored"]:
-        out["recompute"] = (cold["cold_decode"] <= cold["cold_decode_stored"],
-                            f"recomputed {cold['cold_decode']:.1f} s, stored "
-                            f"{cold['cold_decode_stored']:.1f} s, cold")
-    if cold["cold_decode_stored"] and cold["cold_decode_stored_hostreg"]:
-        out["pinned_register_threads"] = (
-            cold["cold_decode_stored_hostreg"] < cold["cold_decode_stored"],
-            f"{cold['cold_decode_stored_hostreg']:.1f} s against {cold['cold_decode_stored']:.1f} s")
+    # each pair differs in one thing: recomputing or storing (default pinned allocations),
+    # pinned memory registered on threads or not (recomputing, as txt2img decodes)
+    pairs = {"recompute": ("cold_decode_hostalloc", "cold_decode_stored"),
+             "pinned_register_threads": ("cold_decode", "cold_decode_hostalloc")}
+    for switch, (on, off) in pairs.items():
+        (on_s, on_text), (off_s, off_text) = _cold(results, on), _cold(results, off)
+        if on_s is not None and off_s is not None and not (on_text[0] == off_text[0] == ">"):
+            out[switch] = (on_s < off_s, f"{on} {on_text}, {off} {off_text}, cold")
     comp = results.get("compile", {})
     if "seconds" in comp:
         gain = comp["seconds"]["eager"] - comp["seconds"]["compiled"]

@@ -71,7 +71,7 @@ def build_parser(suppress_defaults=False):
              "(default: on with CUDA; --no-fast_kernels for the reference kernels)")
     add("--cudnn_attention", action=argparse.BooleanOptionalAction,
         help="while sampling, attention tries cuDNN's fused kernel before FlashAttention "
-             "(default: ldm/precision.py's choice for the device, off until measured faster)")
+             "(default: ldm/precision.py's choice for the device: on with CUDA)")
     g = p.add_argument_group("ScaleCrafter: re-dilation")
     g.add_argument("--dilate", type=float, help="dilation factor for the UNet's 3x3 convs")
     g.add_argument("--dilate_tau", type=int, default=d(20),
@@ -417,6 +417,19 @@ class PhaseTimer:
         print(f"timings (s): {text}", file=sys.stderr, flush=True)
 
 
+def use_fast_pinned_memory():
+    """Tiles a tiled decode keeps in host memory are pinned: let torch pin them with threads
+    (see ldm.scalecrafter.tiled_decode.fast_pinned_allocator_conf)."""
+    import os
+
+    import torch
+
+    from ldm.scalecrafter.tiled_decode import fast_pinned_allocator_conf
+    conf = fast_pinned_allocator_conf(os.environ, torch.__version__, os.cpu_count() or 1)
+    if conf is not None:
+        os.environ[conf[0]] = conf[1]
+
+
 def run(args):
     import torch
 
@@ -427,6 +440,8 @@ def run(args):
     opts = options_from_args(args)
     batches = read_prompts(args)
     settings = check_inputs(args, opts)  # settings files read once (one warning at most)
+    if args.device == "cuda":  # (auto is decided by now) before CUDA starts
+        use_fast_pinned_memory()
     ckpt_hash = BackgroundShortHash(args.ckpt)  # for the metadata; overlaps loading and sampling
     timer = PhaseTimer(args.device, args.timings)
     with timer.phase("load"):

@@ -73,8 +73,9 @@ say "part 2 exit status $status; done in $((SECONDS - START)) s"
 fi
 
 # (3) where the time goes: gpu_speed.py's part sets `speed` (the sampling and CLI targets,
-# torch.compile, the decode as txt2img runs it) and `stored` (the decode storing every layer's
-# tiles); budget 530 s each, each part has its own timeout inside
+# torch.compile, the decode as txt2img runs it) and `stored` (the decode with torch's default
+# pinned allocations, and storing every layer's tiles); budget 530 s each, each part has its
+# own timeout inside
 for set in speed stored; do
 if wants $set; then
 say "part 3 ($set): scripts/gpu_speed.py --parts $set (log: $OUT/$set.log)"

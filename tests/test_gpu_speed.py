@@ -95,8 +95,12 @@ def test_unknown_part_is_refused_in_one_line(speed, capsys):
 def test_stored_cold_decodes_turn_recomputation_off(speed):
     assert speed.part_params("cold_decode_stored", False)["recompute"] is False
     assert "recompute" not in speed.part_params("cold_decode", False)
-    assert "pinned_num_register_threads" in \
-        speed.PART_ENV["cold_decode_stored_hostreg"]["PYTORCH_CUDA_ALLOC_CONF"]
+    # as txt2img: pinned memory registered on threads; against it, torch's default
+    for part in ("cold_decode", "cold_decode_stored_hostreg"):
+        assert "pinned_num_register_threads" in speed.PART_ENV[part]()["PYTORCH_CUDA_ALLOC_CONF"]
+    for part in ("cold_decode_hostalloc", "cold_decode_stored"):
+        assert speed.PART_ENV[part]() == {
+            "PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:False"}
 
 
 def test_load_only_times_a_pipeline_load_staged_or_not(speed, capsys):
@@ -113,7 +117,8 @@ def test_decisions_follow_the_documented_rules(speed):
                             "2_steps_autotune_first": 0.30,  # 0.2 s once, 1 ms a step back
                             "2_steps_cudnn_attention_first": 0.20},  # 0.1 s, 5 ms a step
                 "pipeline_load_seconds": {"staged": 6.0, "sequential": 7.5}},
-        "cold_decode": {"cold_seconds": 9.0}, "cold_decode_stored": {"cold_seconds": 30.0},
+        "cold_decode": {"cold_seconds": 9.0}, "cold_decode_hostalloc": {"cold_seconds": 12.0},
+        "cold_decode_stored": {"error": "stopped at its 65 s timeout"},
         "cold_decode_stored_hostreg": {"cold_seconds": 31.0},
         "compile": {"compile_seconds": 90.0, "routed_compile_seconds": 60.0,
                     "rel_err_vs_eager": 1e-3, "redilated_rel_err_vs_eager": 2e-3,
@@ -123,10 +128,15 @@ def test_decisions_follow_the_documented_rules(speed):
     }
     got = {name: on for name, (on, _) in speed.decisions(results).items()}
     assert got == {"cudnn_attention": True, "channels_last": False, "cudnn_benchmark": False,
-                   "staged_loads": True, "recompute": True, "pinned_register_threads": False,
+                   "staged_loads": True, "recompute": True, "pinned_register_threads": True,
                    "compile": False}  # 90 s of compiling against 0.5 s saved in 50 steps
     lines = speed.decision_lines(results)
     assert "- cudnn_attention: on (+5.00 ms a step, first pass 0.10 s)" in lines
+    # a decode stopped by its timeout took at least that long
+    assert ("- recompute: on (cold_decode_hostalloc 12.0 s, cold_decode_stored > 65 s, cold)"
+            in lines)
+    slow = {**results, "cold_decode": {"cold_seconds": 13.0}}
+    assert speed.decisions(slow)["pinned_register_threads"][0] is False
     assert lines[-2:] == [
         "- plain 50-step sample at the best variant (cudnn_attention): 2.00 s of UNet calls",
         "- plain 50-step sample compiled: 1.75 s of UNet calls, after compiling"]
@@ -144,7 +154,8 @@ def test_saved_runs_are_summarized_together_without_running(speed, tmp_path, cap
     head = {"device": "NVIDIA H200", "torch": "2.11.0"}
     saved = {"speed": {**head, "compile": {"error": "stopped at its 120 s timeout"},
                        "cold_decode": decode(9.0)},
-             "stored": {**head, "cold_decode_stored": decode(30.0)}}
+             "stored": {**head, "cold_decode_hostalloc": decode(12.0),
+                        "cold_decode_stored": decode(30.0)}}
     paths = [tmp_path / f"{name}.json" for name in saved]
     for path, results in zip(paths, saved.values()):
         path.write_text(json.dumps(results))
@@ -152,4 +163,7 @@ def test_saved_runs_are_summarized_together_without_running(speed, tmp_path, cap
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "## gpu_speed on NVIDIA H200 (torch 2.11.0)"
     assert "- compile: stopped at its 120 s timeout" in out
-    assert "- recompute: on (recomputed 9.0 s, stored 30.0 s, cold)" in out
+    assert ("- recompute: on (cold_decode_hostalloc 12.0 s, cold_decode_stored 30.0 s, cold)"
+            in out)
+    assert ("- pinned_register_threads: on (cold_decode 9.0 s, cold_decode_hostalloc 12.0 s, "
+            "cold)" in out)

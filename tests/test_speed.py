@@ -220,6 +220,21 @@ def test_cudnn_attention_first_only_inside_the_block():
         assert torch._C._get_sdp_priority_order() == before
 
 
+def test_cudnn_attention_first_is_a_no_op_where_torch_cannot_reorder(monkeypatch):
+    """Before torch 2.6 `sdpa_kernel` has no priority order: the switch (on by default with
+    CUDA) must then leave PyTorch's own order rather than fail."""
+    import torch.nn.attention as attention
+
+    def old_sdpa_kernel(backends):  # torch 2.3-2.5's signature
+        raise AssertionError("must not be called")
+
+    monkeypatch.setattr(attention, "sdpa_kernel", old_sdpa_kernel)
+    assert precision.cudnn_first_order() is None
+    before = torch._C._get_sdp_priority_order()
+    with precision.sampling_kernels(cudnn_attention=True):
+        assert torch._C._get_sdp_priority_order() == before
+
+
 def test_process_seconds_is_this_process_age(txt2img):
     import time
 
@@ -227,3 +242,38 @@ def test_process_seconds_is_this_process_age(txt2img):
     time.sleep(0.05)
     after = txt2img.process_seconds()
     assert 0 < before < after and after - before < 1
+
+
+def _check_allocator_settings(value):
+    """torch's own parser of PYTORCH_CUDA_ALLOC_CONF (it runs without a GPU)."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or \
+        torch.cuda.memory._set_allocator_settings
+    setter(value)
+
+
+def test_fast_pinned_allocator_conf_is_valid_and_keeps_the_users_settings():
+    from ldm.scalecrafter.tiled_decode import fast_pinned_allocator_conf as conf
+
+    try:
+        for cpus, threads in ((1, 1), (2, 2), (6, 4), (16, 16), (96, 16)):
+            name, value = conf({}, torch.__version__, cpus)
+            assert (name, value) == ("PYTORCH_CUDA_ALLOC_CONF", "pinned_use_cuda_host_register:"
+                                     f"True,pinned_num_register_threads:{threads}")
+            _check_allocator_settings(value)  # a power of two, known keys
+        # the user's own settings stay, under the variable they used
+        name, value = conf({"PYTORCH_ALLOC_CONF": "expandable_segments:True"}, "2.11.0", 8)
+        assert name == "PYTORCH_ALLOC_CONF"
+        assert value.startswith("expandable_segments:True,pinned_use_cuda_host_register:True")
+        _check_allocator_settings(value)
+    finally:
+        _check_allocator_settings("pinned_use_cuda_host_register:False,"
+                                  "pinned_num_register_threads:1")
+    assert conf({"PYTORCH_CUDA_ALLOC_CONF": "pinned_num_register_threads:4"}, "2.11", 8) is None
+    assert conf({}, "2.1.2+cu121", 8) is None  # before the option existed: torch would refuse it
+
+
+def test_the_cli_asks_for_threaded_pinned_memory_on_cuda(txt2img, monkeypatch):
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    txt2img.use_fast_pinned_memory()
+    assert "pinned_use_cuda_host_register:True" in os.environ["PYTORCH_CUDA_ALLOC_CONF"]
