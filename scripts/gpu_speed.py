@@ -88,8 +88,10 @@ PART_ENV = {"cold_decode": _threaded_pinned, "cold_decode_hostalloc": lambda: DE
             "cold_decode_stored": lambda: DEFAULT_PINNED,
             "cold_decode_stored_hostreg": _threaded_pinned}
 DECODE_BUDGET_GB = 10.0  # a 24 GB card's share beside fp16 weights, as benchmark.py uses
-# GPU kernels by kind, from their names (first match wins).
+# GPU kernels by kind, from their names (first match wins). Inductor's generated kernels
+# (a compiled call) are one kind of their own: their names list every op they fuse.
 KERNEL_KINDS = (
+    ("triton", r"^triton_"),
     ("attention", r"flash|fmha|attention|sdpa|mha"),
     ("norm", r"norm|moments"),
     ("conv", r"conv|fprop|implicit|winograd|dgrad|nchw|nhwc"),
@@ -283,7 +285,23 @@ def part_compile(p, device):
         "eager_redilated": lambda: redilated(eager_unet),
         "compiled_redilated": lambda: redilated(routed_unet),
     }, device, p.get("rounds", 5))
+    if device.type == "cuda":  # what is left of the compiled plain call: kernels, or the host?
+        result.update(_compiled_kernels(call, device))
     return result
+
+
+def _compiled_kernels(call, device):
+    """GPU kernel ms per compiled call by kind, and how busy the GPU was in it: busy well
+    below the call's wall time would leave room for CUDA graphs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            call()
+        Meter(device).sync()
+    kinds, top = _kernel_table(prof, 3)
+    return {"kernel_ms_compiled": kinds, "top_kernels_compiled": top,
+            "gpu_busy_ms_compiled": round(sum(kinds.values()), 3)}
 
 
 def part_cold_decode(p, device):
@@ -544,6 +562,11 @@ def summary(results):
                      f"{comp['redilated_rel_err_vs_eager']:.1e}), plain steps "
                      f"{s['compiled_routed'] * 1e3:.1f} ms (first "
                      f"{comp['first_routed_plain_call_seconds']:.1f} s)")
+    if "kernel_ms_compiled" in comp:
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in comp["kernel_ms_compiled"].items())
+        lines.append(f"- GPU ms per compiled plain call by kind: {kinds} "
+                     f"(busy {comp['gpu_busy_ms_compiled']:.1f})")
+        lines += [f"  - {ms:.2f} ms {name}" for name, ms in comp["top_kernels_compiled"][:6]]
     return lines
 
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One GPU session for issue 11: (1) `check`: correctness of the CUDA paths against the tiny
 # reference arrays, fp32 with TF32 off (~1 min); (2) `bench`: issue 11's table,
-# `scripts/benchmark.py --device cuda` (~6 min); (3) `speed` and `stored`: where the time goes,
-# `scripts/gpu_speed.py` (at most 530 s each). The arguments pick the parts (default: check
-# bench; one device command has 10 minutes, so `speed` and `stored` each run alone). Runs
+# `scripts/benchmark.py --device cuda` (~6 min); (2b) `cli`: its CLI row alone (~70 s);
+# (3) `speed` and `stored`: where the time goes, `scripts/gpu_speed.py` (at most 530 s
+# each). The arguments pick the parts (default: check bench; one device command has 10
+# minutes, so `speed` runs alone, `stored` beside `check` or `cli` at most). Runs
 # with the machine's python3 (no venv): the repository goes on PYTHONPATH. Logs and JSON go
 # to $OUT (./gpu_out).
 #
-#   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [speed] [stored]
+#   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [cli] [speed] [stored]
 #
 # SCALECRAFTER_REF: a folder laid out as ../shared/reference (it needs tiny/; default
 # ./shared_ref). Each part runs under its own timeout; one failing does not stop the next.
@@ -70,6 +71,18 @@ elif [ -s "$OUT/bench_gpu.json" ]; then
 fi
 [ $status -ne 0 ] && tail -n 3 "$OUT/bench_gpu.log" | tee -a "$OUT/summary.txt"
 say "part 2 exit status $status; done in $((SECONDS - START)) s"
+fi
+
+# (2b) `cli` alone: the seed's command twice with one random checkpoint (the second run is the
+# figure; the first may read libraries from a cold disk), ~70 s (budget 150 s)
+if wants cli; then
+say "part 2b: scripts/benchmark.py --device cuda --only cli (log: $OUT/cli.log)"
+timeout 150 "$PY" scripts/benchmark.py --device cuda --only cli --case-timeout 140 \
+  --json "$OUT/cli.json" >"$OUT/cli.md" 2>"$OUT/cli.log"
+status=$?
+grep "CLI wall time" "$OUT/cli.md" | tee -a "$OUT/summary.txt"
+[ $status -ne 0 ] && tail -n 3 "$OUT/cli.log" | tee -a "$OUT/summary.txt"
+say "part 2b exit status $status; done in $((SECONDS - START)) s"
 fi
 
 # (3) where the time goes: gpu_speed.py's part sets `speed` (the sampling and CLI targets,

@@ -153,6 +153,7 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
         "channels_last", "plain", "dilated"}
     assert results["sample_4096_preset"]["decode_seconds"] > 0
     assert results["cli_1024"]["seconds"] > 0, results["cli_1024"]
+    assert results["cli_1024"]["first_run"]["seconds"] > 0  # two runs: the figure is the second
     table = gpu.markdown(results, "cpu")
     assert "re-dilated / plain 1024² run (2 of 5 steps dilated)" in table
     assert "plain 1024² 5-step sample, native-norms / reference kernels" in table
@@ -161,6 +162,7 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
                                                   "total"}
     assert "plain 1024² 5-step sample, cudnn-attention / reference kernels" in table
     assert len(gpu.rows(results)) == 18 and "CLI wall time" in table
+    assert "(random full-size .ckpt, the second run; the first took " in table
     assert results["decode_256_full"]["path"] == "lean"
     assert results["decode_256_plain"]["path"] == "plain"
     assert "full decode 2048², time / peak (lean decoder)" in table

@@ -22,6 +22,7 @@ def speed():
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>",
      "elementwise"),
     ("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>", "copy"),
+    ("triton_red_fused_convolution_native_group_norm_silu_3", "triton"),
 ])
 def test_kernels_are_sorted_by_kind(speed, name, kind):
     assert speed.kind_of(name) == kind
@@ -49,6 +50,23 @@ def test_profile_and_cold_decode_parts_run_on_the_tiny_model(speed):
     assert any(line.startswith("- 64² tiled decode (cold_decode): cold") for line in lines)
     assert cold["conv_calls"] >= cold["conv_shapes"] > 0
     assert "- compile: x" in lines
+
+
+def test_compiled_call_kernels_are_profiled_and_reported(speed):
+    """The compile part profiles the compiled plain call on CUDA; on the CPU the profile has
+    no GPU kernels, which must still give a well-formed (empty) table."""
+    got = speed._compiled_kernels(lambda: torch.ones(4) * 2, torch.device("cpu"))
+    assert got == {"kernel_ms_compiled": {}, "top_kernels_compiled": [],
+                   "gpu_busy_ms_compiled": 0}
+    comp = {"compile_seconds": 98.0, "routed_compile_seconds": 101.0, "rel_err_vs_eager": 2e-3,
+            "redilated_rel_err_vs_eager": 2e-3, "first_routed_plain_call_seconds": 0.03,
+            "seconds": {"eager": 0.0444, "compiled": 0.0279, "compiled_routed": 0.0303,
+                        "eager_redilated": 0.0549, "compiled_redilated": 0.0363},
+            "kernel_ms_compiled": {"conv": 8.7, "triton": 9.1}, "gpu_busy_ms_compiled": 25.0,
+            "top_kernels_compiled": [["triton_poi_fused_0", 1.25]]}
+    lines = speed.summary({"compile": comp})
+    assert "- GPU ms per compiled plain call by kind: conv 8.7, triton 9.1 (busy 25.0)" in lines
+    assert "  - 1.25 ms triton_poi_fused_0" in lines
 
 
 def test_load_probe_times_every_step_of_the_load(speed, capsys):
