@@ -295,7 +295,9 @@ def _compiled_kernels(call, device):
     below the call's wall time would leave room for CUDA graphs."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
         for _ in range(3):
             call()
         Meter(device).sync()
