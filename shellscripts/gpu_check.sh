@@ -2,13 +2,14 @@
 # One GPU session for issue 11: (1) `check`: correctness of the CUDA paths against the tiny
 # reference arrays, fp32 with TF32 off (~1 min); (2) `bench`: issue 11's table,
 # `scripts/benchmark.py --device cuda` (~6 min); (2b) `cli`: its CLI row alone (~70 s);
+# (2c) `sdxl`: its SDXL UNet rows (at most 200 s);
 # (3) `speed` and `stored`: where the time goes, `scripts/gpu_speed.py` (at most 530 s
 # each). The arguments pick the parts (default: check bench; one device command has 10
 # minutes, so `speed` runs alone, `stored` beside `check` or `cli` at most). Runs
 # with the machine's python3 (no venv): the repository goes on PYTHONPATH. Logs and JSON go
 # to $OUT (./gpu_out).
 #
-#   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [cli] [speed] [stored]
+#   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [cli] [sdxl] [speed] [stored]
 #
 # SCALECRAFTER_REF: a folder laid out as ../shared/reference (it needs tiny/; default
 # ./shared_ref). Each part runs under its own timeout; one failing does not stop the next.
@@ -83,6 +84,18 @@ status=$?
 grep "CLI wall time" "$OUT/cli.md" | tee -a "$OUT/summary.txt"
 [ $status -ne 0 ] && tail -n 3 "$OUT/cli.log" | tee -a "$OUT/summary.txt"
 say "part 2b exit status $status; done in $((SECONDS - START)) s"
+fi
+
+# (2c) `sdxl`: the table's SDXL UNet CFG-call rows (1024², 2048²; a 10 GB model, each case in
+# its own process), which run 2 had no time left for (budget 200 s)
+if wants sdxl; then
+say "part 2c: scripts/benchmark.py --device cuda --only sdxl (log: $OUT/sdxl.log)"
+timeout 200 "$PY" scripts/benchmark.py --device cuda --only sdxl --case-timeout 95 \
+  --json "$OUT/sdxl.json" >"$OUT/sdxl.md" 2>"$OUT/sdxl.log"
+status=$?
+tee -a "$OUT/summary.txt" <"$OUT/sdxl.md"
+[ $status -ne 0 ] && tail -n 3 "$OUT/sdxl.log" | tee -a "$OUT/summary.txt"
+say "part 2c exit status $status; done in $((SECONDS - START)) s"
 fi
 
 # (3) where the time goes: gpu_speed.py's part sets `speed` (the sampling and CLI targets,
