@@ -74,29 +74,22 @@ fi
 say "part 2 exit status $status; done in $((SECONDS - START)) s"
 fi
 
-# (2b) `cli` alone: the seed's command twice with one random checkpoint (the second run is the
-# figure; the first may read libraries from a cold disk), ~70 s (budget 150 s)
-if wants cli; then
-say "part 2b: scripts/benchmark.py --device cuda --only cli (log: $OUT/cli.log)"
-timeout 150 "$PY" scripts/benchmark.py --device cuda --only cli --case-timeout 140 \
-  --json "$OUT/cli.json" >"$OUT/cli.md" 2>"$OUT/cli.log"
-status=$?
-grep "CLI wall time" "$OUT/cli.md" | tee -a "$OUT/summary.txt"
-[ $status -ne 0 ] && tail -n 3 "$OUT/cli.log" | tee -a "$OUT/summary.txt"
-say "part 2b exit status $status; done in $((SECONDS - START)) s"
-fi
-
-# (2c) `sdxl`: the table's SDXL UNet CFG-call rows (1024², 2048²; a 10 GB model, each case in
-# its own process), which run 2 had no time left for (budget 200 s)
-if wants sdxl; then
-say "part 2c: scripts/benchmark.py --device cuda --only sdxl (log: $OUT/sdxl.log)"
-timeout 200 "$PY" scripts/benchmark.py --device cuda --only sdxl --case-timeout 95 \
-  --json "$OUT/sdxl.json" >"$OUT/sdxl.md" 2>"$OUT/sdxl.log"
-status=$?
-tee -a "$OUT/summary.txt" <"$OUT/sdxl.md"
-[ $status -ne 0 ] && tail -n 3 "$OUT/sdxl.log" | tee -a "$OUT/summary.txt"
-say "part 2c exit status $status; done in $((SECONDS - START)) s"
-fi
+# (2b) `cli` and (2c) `sdxl`: one item of the table alone, `benchmark.py --only ITEM`
+# (JSON and markdown named after it). `cli`: the seed's command twice with one random
+# checkpoint (the second run is the figure; the first may read libraries from a cold disk),
+# ~70 s. `sdxl`: the SDXL UNet CFG-call rows (1024², 2048²; a 10 GB model, each case in its
+# own process), which run 2 had no time left for.
+bench_item() {  # item, budget s, case timeout s
+  say "part $1: scripts/benchmark.py --device cuda --only $1 (log: $OUT/$1.log)"
+  timeout "$2" "$PY" scripts/benchmark.py --device cuda --only "$1" --case-timeout "$3" \
+    --json "$OUT/$1.json" >"$OUT/$1.md" 2>"$OUT/$1.log"
+  local status=$?
+  tee -a "$OUT/summary.txt" <"$OUT/$1.md"
+  [ $status -ne 0 ] && tail -n 3 "$OUT/$1.log" | tee -a "$OUT/summary.txt"
+  say "part $1 exit status $status; done in $((SECONDS - START)) s"
+}
+wants cli && bench_item cli 150 140
+wants sdxl && bench_item sdxl 200 95
 
 # (3) where the time goes: gpu_speed.py's part sets `speed` (the sampling and CLI targets,
 # torch.compile, the decode as txt2img runs it) and `stored` (the decode with torch's default
