@@ -156,3 +156,23 @@ def test_open_clip_imports_without_its_optional_extras(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[:2] == ["transformers ran", "timm ran"]
+
+
+def test_an_open_clip_that_needs_an_extra_is_imported_the_plain_way(tmp_path):
+    """Should a release import transformers unconditionally, hiding it must not break the
+    import: the second try imports it as it is."""
+    import subprocess
+    import sys
+
+    (tmp_path / "open_clip").mkdir()
+    (tmp_path / "open_clip" / "__init__.py").write_text("import transformers\nSTUB = True\n")
+    (tmp_path / "transformers").mkdir()
+    (tmp_path / "transformers" / "__init__.py").write_text("")
+    probe = ("from ldm.modules.encoders.common import import_open_clip\n"
+             "print(import_open_clip().STUB)\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "True"
+

@@ -37,7 +37,8 @@ OPEN_CLIP_UNUSED_EXTRAS = ("transformers", "timm")
 def import_open_clip():
     """open_clip, imported with its optional extras hidden (open_clip falls back to "not
     installed" for each). Extras already imported stay as they are, and every hidden name is
-    importable again afterwards; only open_clip's HF/timm towers are unusable in this process."""
+    importable again afterwards; only open_clip's HF/timm towers are unusable in this process.
+    An open_clip that needs an extra after all is imported the plain way."""
     if "open_clip" in sys.modules:
         return sys.modules["open_clip"]
     hidden = [name for name in OPEN_CLIP_UNUSED_EXTRAS if name not in sys.modules]
@@ -45,10 +46,14 @@ def import_open_clip():
         sys.modules[name] = None  # makes `import name` raise ImportError
     try:
         return importlib.import_module("open_clip")
+    except ImportError as err:
+        if err.name not in hidden:
+            raise
     finally:
         for name in hidden:
             if sys.modules.get(name, False) is None:
                 del sys.modules[name]
+    return importlib.import_module("open_clip")
 
 
 class AbstractEncoder(nn.Module):
