@@ -149,15 +149,16 @@ def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
     return model
 
 
-def compile_unet_in_place(unet: nn.Module, backend="inductor"):
+def compile_unet_in_place(unet: nn.Module, backend="inductor", options=None):
     """torch.compile the UNet's forward, with the 3x3 convs a run re-dilates routed through
     re-dilation's planned-conv op (as its first step overrides them) so that one graph serves
     every re-dilation plan of the run, and the batch dimension dynamic so that the same graph
-    serves noise-damped CFG's 3 rows and plain CFG's 2 (every other size stays static)."""
+    serves noise-damped CFG's 3 rows and plain CFG's 2 (every other size stays static).
+    `options`: Inductor's settings for this graph (e.g. {"freezing": True})."""
     from ldm.scalecrafter.redilation import route_when_overridden
 
     route_when_overridden(unet)
-    compiled = torch.compile(unet.forward, backend=backend)
+    compiled = torch.compile(unet.forward, backend=backend, options=options)
 
     def forward(*args, **kwargs):
         for value in (*args, *kwargs.values()):

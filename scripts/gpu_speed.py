@@ -51,16 +51,19 @@ from benchmark import Meter  # noqa: E402
 
 COLD_DECODES = ("cold_decode", "cold_decode_hostalloc", "cold_decode_stored",
                 "cold_decode_stored_hostreg")
-PARTS = ("profile", "cli", *COLD_DECODES, "compile")
+PARTS = ("profile", "cli", *COLD_DECODES, "compile", "compile_frozen")
 # The part sets gpu_check.sh runs, one device command each: each set's timeouts add up to at
 # most gpu_check.sh's 530 s, which leaves a 600 s command room for installing wheels and
 # starting up. `speed` first: the sampling and CLI targets, and the decode as txt2img runs it.
 PART_SETS = {"speed": ("profile", "cli", "cold_decode", "compile"),
              "stored": ("cold_decode_hostalloc", "cold_decode_stored",
-                        "cold_decode_stored_hostreg")}
+                        "cold_decode_stored_hostreg"),
+             # after run 3: the decode with and without threaded pinning, and freezing
+             "verify": ("cold_decode", "cold_decode_hostalloc", "compile_frozen")}
 # seconds per part
 TIMEOUTS = {"profile": 60, "cli": 140, "cold_decode": 65, "cold_decode_hostalloc": 65,
-            "cold_decode_stored": 65, "cold_decode_stored_hostreg": 65, "compile": 240}
+            "cold_decode_stored": 65, "cold_decode_stored_hostreg": 65, "compile": 240,
+            "compile_frozen": 180}
 # The cold 4096² decode under a 10 GB budget: as txt2img runs it (layers recompute rather than
 # store tiles beyond the budget; pinned memory registered on threads), and against it with
 # torch's default pinned allocations, storing every layer's tiles (the decode the H200 took
@@ -259,25 +262,17 @@ def part_compile(p, device):
         with overridden_convs(net, dilated):
             return call(net=net)
 
-    def first_call(fn):
-        start = time.perf_counter()
-        out = fn().float()
-        Meter(device).sync()
-        return out, time.perf_counter() - start
-
-    def rel_err(out, ref):
-        return float((out - ref).abs().max() / ref.abs().max())
-
     for net in (unet, routed_unet):
         compile_unet_in_place(net, backend=p.get("backend", "inductor"))
     plain, result = call(net=eager_unet).float(), {}
-    out, result["compile_seconds"] = first_call(call)
-    result["rel_err_vs_eager"] = rel_err(out, plain)
+    out, result["compile_seconds"] = _first_call(call, device)
+    result["rel_err_vs_eager"] = _rel_err(out, plain)
     report_so_far(result)
-    out, result["routed_compile_seconds"] = first_call(lambda: redilated(routed_unet))
-    result["redilated_rel_err_vs_eager"] = rel_err(out, redilated(eager_unet).float())
+    out, result["routed_compile_seconds"] = _first_call(lambda: redilated(routed_unet), device)
+    result["redilated_rel_err_vs_eager"] = _rel_err(out, redilated(eager_unet).float())
     # the routed graph's plain steps: no new compile
-    _, result["first_routed_plain_call_seconds"] = first_call(lambda: call(net=routed_unet))
+    _, result["first_routed_plain_call_seconds"] = _first_call(
+        lambda: call(net=routed_unet), device)
     report_so_far(result)
     result["seconds"] = _interleaved({
         "eager": lambda: call(net=eager_unet), "compiled": call,
@@ -288,6 +283,41 @@ def part_compile(p, device):
     if device.type == "cuda":  # what is left of the compiled plain call: kernels, or the host?
         result.update(_compiled_kernels(call, device))
     return result
+
+
+def part_compile_frozen(p, device):
+    """The plain run's graph compiled with Inductor's freezing (the weights become constants
+    of the graph, so convs get their weights pre-laid-out and their epilogues fused): its
+    compile time and ms per call against an uncompiled copy, to set beside `compile`'s."""
+    import copy
+
+    from ldm.precision import compile_unet_in_place
+
+    call, unet = _unet_call(p, device)
+    eager_unet = copy.deepcopy(unet)
+    compile_unet_in_place(unet, backend=p.get("backend", "inductor"),
+                          options={"freezing": True})
+    plain, result = call(net=eager_unet).float(), {}
+    out, result["compile_seconds"] = _first_call(call, device)
+    result["rel_err_vs_eager"] = _rel_err(out, plain)
+    report_so_far(result)
+    result["seconds"] = _interleaved({"eager": lambda: call(net=eager_unet),
+                                      "compiled_frozen": call}, device, p.get("rounds", 5))
+    if device.type == "cuda":
+        result.update(_compiled_kernels(call, device))
+    return result
+
+
+def _first_call(fn, device):
+    """(fn's output in float32, seconds of the call): a compiled function's compile time."""
+    start = time.perf_counter()
+    out = fn().float()
+    Meter(device).sync()
+    return out, time.perf_counter() - start
+
+
+def _rel_err(out, ref):
+    return float((out - ref).abs().max() / ref.abs().max())
 
 
 def _compiled_kernels(call, device):
@@ -494,13 +524,14 @@ def _reported(out) -> dict:
 
 
 PART_FUNCTIONS = {"profile": part_profile, "cli": part_cli, "compile": part_compile,
+                  "compile_frozen": part_compile_frozen,
                   **{name: part_cold_decode for name in COLD_DECODES}}
 
 
 def part_params(name, tiny):
-    side = {"profile": 128, "cli": 128, "compile": 128}.get(name, 512)
+    side = {"profile": 128, "cli": 128, "compile": 128, "compile_frozen": 128}.get(name, 512)
     if tiny:
-        side = {"profile": 16, "cli": 8, "compile": 16}.get(name, 16)
+        side = {"profile": 16, "cli": 8, "compile": 16, "compile_frozen": 16}.get(name, 16)
     return {"side": side, "tiny": tiny, "rounds": 2 if tiny else 5, **PART_PARAMS.get(name, {})}
 
 
@@ -564,12 +595,24 @@ def summary(results):
                      f"{comp['redilated_rel_err_vs_eager']:.1e}), plain steps "
                      f"{s['compiled_routed'] * 1e3:.1f} ms (first "
                      f"{comp['first_routed_plain_call_seconds']:.1f} s)")
-    if "kernel_ms_compiled" in comp:
-        kinds = ", ".join(f"{k} {v:.1f}" for k, v in comp["kernel_ms_compiled"].items())
-        lines.append(f"- GPU ms per compiled plain call by kind: {kinds} "
-                     f"(busy {comp['gpu_busy_ms_compiled']:.1f})")
-        lines += [f"  - {ms:.2f} ms {name}" for name, ms in comp["top_kernels_compiled"][:6]]
+    lines += _compiled_kernel_lines(comp, "compiled plain call")
+    frozen = results.get("compile_frozen", {})
+    if "seconds" in frozen:
+        s = frozen["seconds"]
+        lines.append(f"- torch.compile with freezing, plain run: {frozen['compile_seconds']:.0f} s "
+                     f"to compile, {s['compiled_frozen'] * 1e3:.1f} ms vs eager "
+                     f"{s['eager'] * 1e3:.1f} ms per call ({s['compiled_frozen'] / s['eager']:.2f}"
+                     f"x), rel. err {frozen['rel_err_vs_eager']:.1e}")
+    lines += _compiled_kernel_lines(frozen, "frozen compiled call")
     return lines
+
+
+def _compiled_kernel_lines(part, what):
+    if "kernel_ms_compiled" not in part:
+        return []
+    kinds = ", ".join(f"{k} {v:.1f}" for k, v in part["kernel_ms_compiled"].items())
+    return [f"- GPU ms per {what} by kind: {kinds} (busy {part['gpu_busy_ms_compiled']:.1f})",
+            *[f"  - {ms:.2f} ms {name}" for name, ms in part["top_kernels_compiled"][:6]]]
 
 
 STEPS = 50  # a run's steps, the seed's default: what a one-off cost must pay back within
@@ -627,6 +670,12 @@ def decisions(results):
         gain = comp["seconds"]["eager"] - comp["seconds"]["compiled"]
         out["compile"] = (_pays_back(comp["compile_seconds"], gain),
                           f"{gain * 1e3:+.2f} ms a step, {comp['compile_seconds']:.0f} s to compile")
+    frozen = results.get("compile_frozen", {}).get("seconds")
+    if "seconds" in comp and frozen:  # each against the eager copy in its own process
+        plain_ratio = comp["seconds"]["compiled"] / comp["seconds"]["eager"]
+        frozen_ratio = frozen["compiled_frozen"] / frozen["eager"]
+        out["freezing"] = (frozen_ratio < plain_ratio,
+                           f"{frozen_ratio:.2f}x of eager frozen, {plain_ratio:.2f}x not")
     return out
 
 

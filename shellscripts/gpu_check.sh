@@ -3,13 +3,13 @@
 # reference arrays, fp32 with TF32 off (~1 min); (2) `bench`: issue 11's table,
 # `scripts/benchmark.py --device cuda` (~6 min); (2b) `cli`: its CLI row alone (~70 s);
 # (2c) `sdxl`: its SDXL UNet rows (at most 200 s);
-# (3) `speed` and `stored`: where the time goes, `scripts/gpu_speed.py` (at most 530 s
+# (3) `speed`, `stored`, `verify`: where the time goes, `scripts/gpu_speed.py` (at most 530 s
 # each). The arguments pick the parts (default: check bench; one device command has 10
-# minutes, so `speed` runs alone, `stored` beside `check` or `cli` at most). Runs
+# minutes, so `speed` runs alone, `stored` or `verify` beside `check` or `cli`). Runs
 # with the machine's python3 (no venv): the repository goes on PYTHONPATH. Logs and JSON go
 # to $OUT (./gpu_out).
 #
-#   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [cli] [sdxl] [speed] [stored]
+#   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [cli] [sdxl] [speed] [stored] [verify]
 #
 # SCALECRAFTER_REF: a folder laid out as ../shared/reference (it needs tiny/; default
 # ./shared_ref). Each part runs under its own timeout; one failing does not stop the next.
@@ -92,10 +92,11 @@ wants cli && bench_item cli 150 140
 wants sdxl && bench_item sdxl 200 95
 
 # (3) where the time goes: gpu_speed.py's part sets `speed` (the sampling and CLI targets,
-# torch.compile, the decode as txt2img runs it) and `stored` (the decode with torch's default
-# pinned allocations, and storing every layer's tiles); budget 530 s each, each part has its
-# own timeout inside
-for set in speed stored; do
+# torch.compile, the decode as txt2img runs it), `stored` (the decode with torch's default
+# pinned allocations, and storing every layer's tiles) and `verify` (after run 3: the decode
+# with and without threaded pinning, torch.compile with freezing); budget 530 s each, each
+# part has its own timeout inside
+for set in speed stored verify; do
 if wants $set; then
 say "part 3 ($set): scripts/gpu_speed.py --parts $set (log: $OUT/$set.log)"
 timeout 530 "$PY" scripts/gpu_speed.py --parts $set --json "$OUT/$set.json" \
