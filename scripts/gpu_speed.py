@@ -21,10 +21,14 @@ Each part runs in its own process (so each is cold where it should be) under its
 - `compile`: `--compile` as txt2img does it (the default mode): a plain run's graph, and a
   re-dilated run's, whose re-dilated 3x3 convs are routed through the planned-conv op so that
   one graph serves every plan: compile times, then plain and re-dilated calls interleaved with
-  an uncompiled copy, and how far their outputs are from eager's.
+  an uncompiled copy, and how far their outputs are from eager's; the compiled plain call's
+  GPU kernels by kind.
+- `compile_frozen`: the plain run's graph compiled with Inductor's freezing (weights as
+  constants), against an uncompiled copy.
 
     python scripts/gpu_speed.py --json speed.json            # the `speed` set, at most 505 s
     python scripts/gpu_speed.py --parts stored --json stored.json   # at most 195 s
+    python scripts/gpu_speed.py --parts verify --json verify.json   # at most 310 s
     python scripts/gpu_speed.py --parts profile,cli --json s.json
     python scripts/gpu_speed.py --tiny --device cpu --parts speed,stored   # CPU smoke run
     python scripts/gpu_speed.py --summarize speed.json stored.json   # saved runs' report
@@ -528,6 +532,12 @@ PART_FUNCTIONS = {"profile": part_profile, "cli": part_cli, "compile": part_comp
                   **{name: part_cold_decode for name in COLD_DECODES}}
 
 
+def parts_of(spec: str):
+    """The parts a comma list of parts and part sets names, in order, each once (sets share
+    parts)."""
+    return list(dict.fromkeys(q for p in spec.split(",") if p for q in PART_SETS.get(p, (p,))))
+
+
 def part_params(name, tiny):
     side = {"profile": 128, "cli": 128, "compile": 128, "compile_frozen": 128}.get(name, 512)
     if tiny:
@@ -733,7 +743,7 @@ def main(argv=None):
         result = PART_FUNCTIONS[args.part](json.loads(args.params), torch.device(args.device))
         print(json.dumps(result))
         return 0
-    parts = [q for p in args.parts.split(",") if p for q in PART_SETS.get(p, (p,))]
+    parts = parts_of(args.parts)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         ap.error(f"unknown part(s): {', '.join(unknown)}")

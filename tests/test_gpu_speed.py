@@ -103,6 +103,13 @@ def test_a_part_stopped_by_its_timeout_keeps_what_it_reported(speed, monkeypatch
     assert speed.run_part("cli", {}, "cpu", 140) == {"error": "stopped at its 140 s timeout"}
 
 
+def test_part_sets_run_each_part_once(speed):
+    assert speed.parts_of("stored,verify") == [
+        "cold_decode_hostalloc", "cold_decode_stored", "cold_decode_stored_hostreg",
+        "cold_decode", "compile_frozen"]
+    assert speed.parts_of("cli,speed") == ["cli", "profile", "cold_decode", "compile"]
+
+
 def test_unknown_part_is_refused_in_one_line(speed, capsys):
     with pytest.raises(SystemExit) as exit_:
         speed.main(["--parts", "profile,warp", "--device", "cpu"])
