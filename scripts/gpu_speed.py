@@ -198,7 +198,6 @@ def kind_tflops(flops_by_kind, kernel_ms):
 
 def part_profile(p, device):
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     call, unet = _unet_call(p, device)
     for _ in range(3):
@@ -210,15 +209,11 @@ def part_profile(p, device):
     result["tflops"] = result["flops_per_call"] / result["seconds_per_call"] / 1e12
     if device.type == "cuda":
         for attention in (False, True):
-            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-                for _ in range(3):
-                    call(attention)
-                Meter(device).sync()
-            kinds, top = _kernel_table(prof, 3)
             tag = "cudnn_attention" if attention else "default"
-            result[f"kernel_ms_{tag}"], result[f"top_kernels_{tag}"] = kinds, top
-            result[f"gpu_busy_ms_{tag}"] = round(sum(kinds.values()), 3)
-            result[f"tflops_by_kind_{tag}"] = kind_tflops(flops_by_kind, kinds)
+            kernels = _kernels_of(lambda: call(attention), device, tag)
+            result.update(kernels)
+            result[f"tflops_by_kind_{tag}"] = kind_tflops(flops_by_kind,
+                                                          kernels[f"kernel_ms_{tag}"])
     result["variants_seconds"] = _interleaved(
         {"default": call, "cudnn_attention": lambda: call(True),
          "flash_only": lambda: _flash_only(call)}, device, p.get("rounds", 5))
@@ -268,10 +263,7 @@ def part_compile(p, device):
 
     for net in (unet, routed_unet):
         compile_unet_in_place(net, backend=p.get("backend", "inductor"))
-    plain, result = call(net=eager_unet).float(), {}
-    out, result["compile_seconds"] = _first_call(call, device)
-    result["rel_err_vs_eager"] = _rel_err(out, plain)
-    report_so_far(result)
+    result = _compiled_by_first_call(call, lambda: call(net=eager_unet), device)
     out, result["routed_compile_seconds"] = _first_call(lambda: redilated(routed_unet), device)
     result["redilated_rel_err_vs_eager"] = _rel_err(out, redilated(eager_unet).float())
     # the routed graph's plain steps: no new compile
@@ -285,7 +277,7 @@ def part_compile(p, device):
         "compiled_redilated": lambda: redilated(routed_unet),
     }, device, p.get("rounds", 5))
     if device.type == "cuda":  # what is left of the compiled plain call: kernels, or the host?
-        result.update(_compiled_kernels(call, device))
+        result.update(_kernels_of(call, device, "compiled"))
     return result
 
 
@@ -301,14 +293,21 @@ def part_compile_frozen(p, device):
     eager_unet = copy.deepcopy(unet)
     compile_unet_in_place(unet, backend=p.get("backend", "inductor"),
                           options={"freezing": True})
-    plain, result = call(net=eager_unet).float(), {}
-    out, result["compile_seconds"] = _first_call(call, device)
-    result["rel_err_vs_eager"] = _rel_err(out, plain)
-    report_so_far(result)
+    result = _compiled_by_first_call(call, lambda: call(net=eager_unet), device)
     result["seconds"] = _interleaved({"eager": lambda: call(net=eager_unet),
                                       "compiled_frozen": call}, device, p.get("rounds", 5))
     if device.type == "cuda":
-        result.update(_compiled_kernels(call, device))
+        result.update(_kernels_of(call, device, "compiled"))
+    return result
+
+
+def _compiled_by_first_call(call, eager_call, device):
+    """Compile a compiled `call` by calling it once: {compile_seconds, rel_err_vs_eager},
+    also reported at once (the part may meet its timeout later)."""
+    plain, result = eager_call().float(), {}
+    out, result["compile_seconds"] = _first_call(call, device)
+    result["rel_err_vs_eager"] = _rel_err(out, plain)
+    report_so_far(result)
     return result
 
 
@@ -324,9 +323,10 @@ def _rel_err(out, ref):
     return float((out - ref).abs().max() / ref.abs().max())
 
 
-def _compiled_kernels(call, device):
-    """GPU kernel ms per compiled call by kind, and how busy the GPU was in it: busy well
-    below the call's wall time would leave room for CUDA graphs."""
+def _kernels_of(call, device, tag):
+    """GPU kernel ms per call by kind, the top kernels, and how busy the GPU was (for a
+    compiled call: busy well below its wall time would leave room for CUDA graphs), keyed
+    kernel_ms_TAG, top_kernels_TAG, gpu_busy_ms_TAG."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
@@ -336,8 +336,8 @@ def _compiled_kernels(call, device):
             call()
         Meter(device).sync()
     kinds, top = _kernel_table(prof, 3)
-    return {"kernel_ms_compiled": kinds, "top_kernels_compiled": top,
-            "gpu_busy_ms_compiled": round(sum(kinds.values()), 3)}
+    return {f"kernel_ms_{tag}": kinds, f"top_kernels_{tag}": top,
+            f"gpu_busy_ms_{tag}": round(sum(kinds.values()), 3)}
 
 
 def part_cold_decode(p, device):

@@ -131,13 +131,21 @@ def test_openclip_arch_may_be_a_config_path(tiny_pipe):
         FrozenOpenCLIPEmbedder(arch="no-such-arch")
 
 
+def _run_with_path(probe: str, folder):
+    """`python -c probe` in a fresh interpreter with `folder` first on its import path."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": f"{folder}:{REPO}"}
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
 def test_open_clip_imports_without_its_optional_extras(tmp_path):
     """transformers and timm stay unimported (on a GPU image they cost open_clip's import
     seconds), and are importable again afterwards. Planted stand-ins raise on import: open_clip
     catches only ImportError, so a leak fails the import."""
-    import subprocess
-    import sys
-
     for name in ("transformers", "timm"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise RuntimeError('{name} ran')\n")
@@ -151,9 +159,7 @@ def test_open_clip_imports_without_its_optional_extras(tmp_path):
         "        __import__(name)\n"
         "    except RuntimeError as err:\n"
         "        print(err)\n")
-    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = _run_with_path(probe, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[:2] == ["transformers ran", "timm ran"]
 
@@ -161,18 +167,13 @@ def test_open_clip_imports_without_its_optional_extras(tmp_path):
 def test_an_open_clip_that_needs_an_extra_is_imported_the_plain_way(tmp_path):
     """Should a release import transformers unconditionally, hiding it must not break the
     import: the second try imports it as it is."""
-    import subprocess
-    import sys
-
     (tmp_path / "open_clip").mkdir()
     (tmp_path / "open_clip" / "__init__.py").write_text("import transformers\nSTUB = True\n")
     (tmp_path / "transformers").mkdir()
     (tmp_path / "transformers" / "__init__.py").write_text("")
     probe = ("from ldm.modules.encoders.common import import_open_clip\n"
              "print(import_open_clip().STUB)\n")
-    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = _run_with_path(probe, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "True"
 

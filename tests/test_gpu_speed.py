@@ -55,7 +55,7 @@ def test_profile_and_cold_decode_parts_run_on_the_tiny_model(speed):
 def test_compiled_call_kernels_are_profiled_and_reported(speed):
     """The compile part profiles the compiled plain call on CUDA; on the CPU the profile has
     no GPU kernels, which must still give a well-formed (empty) table."""
-    got = speed._compiled_kernels(lambda: torch.ones(4) * 2, torch.device("cpu"))
+    got = speed._kernels_of(lambda: torch.ones(4) * 2, torch.device("cpu"), "compiled")
     assert got == {"kernel_ms_compiled": {}, "top_kernels_compiled": [],
                    "gpu_busy_ms_compiled": 0}
     comp = {"compile_seconds": 98.0, "routed_compile_seconds": 101.0, "rel_err_vs_eager": 2e-3,

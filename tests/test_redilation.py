@@ -11,7 +11,7 @@ from conftest import SETTINGS, TINY_CKPT, TINY_CONFIG, cases, reference, rel_err
 from ldm.pipeline import GenerationOptions
 from ldm.precision import compile_unet_in_place
 from ldm.scalecrafter.redilation import (ConvOverride, conv3x3_names, overridden_convs,
-                                         redilated_conv, route_convs, uniform_dilation_map)
+                                         redilated_conv, uniform_dilation_map)
 from ldm.scalecrafter.schedule import ScaleCrafterSettings, factor_at
 from ldm.scalecrafter.tiled_decode import plan_axis, tiled_decode
 
@@ -349,8 +349,8 @@ def test_planned_conv_op_passes_opcheck(monkeypatch, polyphase):
 
     monkeypatch.setitem(redilation.POLYPHASE, "cpu", polyphase)
     net = torch.nn.Sequential(torch.nn.Conv2d(6, 8, 3, padding=1))
-    route_convs(net)
     conv = net[0]
+    redilation._route(conv)
     key = redilation._KEYS[conv]
     weight, bias = conv.weight.detach(), conv.bias.detach()
     kernel = torch.randn(8, 6, 5, 5)

@@ -3,8 +3,8 @@
 A conv is overridden for the duration of a `with overridden_convs(...)` block by shadowing its
 `forward` with an instance attribute; leaving the block (normally or by an exception) deletes
 the attribute, so the model is exactly as before. A compiled UNet's convs are routed instead
-(`route_convs`, or `route_when_overridden`: each conv when a plan first overrides it): the
-block then only sets and clears their plans."""
+(`route_when_overridden`: each conv when a plan first overrides it): the block then only sets
+and clears their plans."""
 import itertools
 import math
 import re
@@ -211,13 +211,6 @@ def _route(conv: nn.Conv2d):
     def forward(x):
         return torch.ops.scalecrafter.planned_conv(x, conv.weight, conv.bias, key)
     conv.forward = forward
-
-
-def route_convs(unet: nn.Module):
-    """Route every 3x3 conv of `unet` through the planned-conv op now (see above)."""
-    modules = dict(unet.named_modules())
-    for name in conv3x3_names(unet):
-        _route(modules[name])
 
 
 def route_when_overridden(unet: nn.Module):
