@@ -149,22 +149,33 @@ def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
     return model
 
 
-def compile_unet_in_place(unet: nn.Module, backend="inductor", options=None):
+def compile_unet_in_place(unet: nn.Module, backend="inductor", options=None,
+                          cuda_graphs: bool = False):
     """torch.compile the UNet's forward, with the 3x3 convs a run re-dilates routed through
     re-dilation's planned-conv op (as its first step overrides them) so that one graph serves
     every re-dilation plan of the run, and the batch dimension dynamic so that the same graph
     serves noise-damped CFG's 3 rows and plain CFG's 2 (every other size stays static).
-    `options`: Inductor's settings for this graph (e.g. {"freezing": True})."""
+    `options`: Inductor's settings for this graph (e.g. {"freezing": True}). `cuda_graphs`:
+    replay the compiled graph as a CUDA graph (Inductor's "reduce-overhead"), which removes
+    the host's kernel launches; each call is then its own step and returns copies, since a
+    replay reuses the previous call's output memory (noise-damped CFG calls the UNet twice a
+    step)."""
     from ldm.scalecrafter.redilation import route_when_overridden
 
     route_when_overridden(unet)
+    if cuda_graphs:
+        options = {**(options or {}), "triton.cudagraphs": True}
     compiled = torch.compile(unet.forward, backend=backend, options=options)
 
     def forward(*args, **kwargs):
         for value in (*args, *kwargs.values()):
             if isinstance(value, torch.Tensor) and value.dim():
                 torch._dynamo.maybe_mark_dynamic(value, 0)
-        return compiled(*args, **kwargs)
+        if not cuda_graphs:
+            return compiled(*args, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()
+        return torch.utils._pytree.tree_map(
+            lambda v: v.clone() if isinstance(v, torch.Tensor) else v, compiled(*args, **kwargs))
     unet.forward = forward
 
 

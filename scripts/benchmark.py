@@ -9,9 +9,10 @@ One run measures, each case in a fresh subprocess (so that its peak memory is it
             peak memory
   unet      one full-size SD 2.1 UNet CFG call (batch 2, context (2, 77, 1024), fp32) at each
             latent side of --sides: seconds and peak memory
-  sdxl      one full-size SDXL UNet CFG call (batch 2, context (2, 77, 2048), vector (2, 2816),
-            fp32) at each latent side of --sdxl-sides (default 128, 256: 1024² and 2048²
-            images); only with --only sdxl (a 10 GB model)
+  sdxl      one full-size SDXL UNet CFG call (batch 2, context (2, 77, 2048), vector (2, 2816);
+            fp32 on the CPU, fp16 weights under autocast on CUDA) at each latent side of
+            --sdxl-sides (default 128, 256: 1024² and 2048² images); only with --only sdxl
+            (a 10 GB model)
 
 Peak memory on the CPU is the subprocess's peak resident set (getrusage ru_maxrss), on CUDA
 torch.cuda.max_memory_allocated. `peak_gb` subtracts nothing (weights and the Python/torch
@@ -23,6 +24,7 @@ was built, before the first call. Ratios of decode peaks use the memory above th
     python scripts/benchmark.py --only unet --sides 256 # one big case
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -288,14 +290,45 @@ def case_sdxl_unet(p, meter):
     node = load_config(SDXL_CONFIG).model.params.network_config
     if p["tiny"]:
         node.params = OmegaConf.merge(node.params, TINY_SDXL_UNET)
-    unet = _build(node, meter.device)
+    device = torch.device(meter.device)
+    if device.type == "cuda":  # as txt2img runs it: fp16 weights, the card's default kernels
+        unet, kernels = _as_txt2img(node, device)
+        if hasattr(torch.cuda, "reset_peak_memory_stats"):  # the fp32 build is not the call's
+            torch.cuda.reset_peak_memory_stats(device)
+    else:
+        unet, kernels = _build(node, device), contextlib.nullcontext
     baseline = meter.current_bytes()
     side, gen = p["side"], torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, side, side, generator=gen).to(meter.device)
-    ctx = torch.randn(2, 77, node.params.context_dim, generator=gen).to(meter.device)
-    y = torch.randn(2, node.params.adm_in_channels, generator=gen).to(meter.device)
-    t = torch.tensor([500, 500], device=meter.device)
-    return _time_call(lambda: unet(x, t, context=ctx, y=y), p, meter, baseline, "sdxl unet")
+    x = torch.randn(2, 4, side, side, generator=gen).to(device)
+    ctx = torch.randn(2, 77, node.params.context_dim, generator=gen).to(device)
+    y = torch.randn(2, node.params.adm_in_channels, generator=gen).to(device)
+    t = torch.tensor([500, 500], device=device)
+
+    def call():
+        with kernels():
+            return unet(x, t, context=ctx, y=y)
+    return _time_call(call, p, meter, baseline, "sdxl unet")
+
+
+def _as_txt2img(node, device):
+    """(unet, kernels): the UNet laid out as txt2img does for `--precision autocast` on this
+    device, and a context manager for its calls (autocast, the sampling kernel switches)."""
+    import torch
+    from torch import nn
+
+    from ldm.precision import fast_paths, prepare_for_inference, sampling_kernels
+
+    holder = nn.Module()
+    holder.unet = _build(node, device)
+    prepare_for_inference(holder, device, "autocast")
+    paths = fast_paths(device)
+
+    @contextlib.contextmanager
+    def kernels():
+        with torch.autocast(device.type, dtype=torch.float16), \
+                sampling_kernels(paths["cudnn_benchmark"], paths["cudnn_attention"]):
+            yield
+    return holder.unet, kernels
 
 
 CASES = {"guidance": case_guidance, "decode": case_decode, "unet": case_unet,
@@ -375,7 +408,9 @@ def plan_sdxl(args):
         return []
     return [(f"sdxl_unet_{side}", "sdxl_unet", {
         "tiny": args.tiny, "side": side, "repeats": args.unet_repeats,
-        "warmup": side <= args.warmup_max_side // 2}) for side in args.sdxl_sides]
+        # a card's warm-up call is cheap; the CPU's takes minutes above latent 64
+        "warmup": args.device == "cuda" or side <= args.warmup_max_side // 2})
+        for side in args.sdxl_sides]
 
 
 def two_by_two_tile(side, overlap):

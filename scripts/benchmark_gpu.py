@@ -405,6 +405,12 @@ def rows(results):
                    else "") + ")",
                 _fmt(r.get("seconds"), ".1f") + " s" + (f" ({phases})" if phases else ""),
                 "≤ 20 s", r.get("seconds"), _why(results, "cli_1024")))
+    for side, image in ((128, "1024²"), (256, "2048²")):  # only asked for: a 10 GB model
+        key = f"sdxl_unet_{side}"
+        if key in results:
+            r = results[key]
+            out.append((f"SDXL UNet CFG call, {image} (fp16 weights under autocast)",
+                        _time_peak(r), "–", r.get("seconds"), _why(results, key)))
     return out
 
 

@@ -23,12 +23,13 @@ Each part runs in its own process (so each is cold where it should be) under its
   one graph serves every plan: compile times, then plain and re-dilated calls interleaved with
   an uncompiled copy, and how far their outputs are from eager's; the compiled plain call's
   GPU kernels by kind.
-- `compile_frozen`: the plain run's graph compiled with Inductor's freezing (weights as
-  constants), against an uncompiled copy.
+- `compile_frozen`, `compile_cudagraphs`: the plain run's graph compiled with Inductor's
+  freezing (weights as constants), or replayed as CUDA graphs, against an uncompiled copy.
 
     python scripts/gpu_speed.py --json speed.json            # the `speed` set, at most 505 s
     python scripts/gpu_speed.py --parts stored --json stored.json   # at most 195 s
     python scripts/gpu_speed.py --parts verify --json verify.json   # at most 310 s
+    python scripts/gpu_speed.py --parts graphs --json graphs.json   # at most 200 s
     python scripts/gpu_speed.py --parts profile,cli --json s.json
     python scripts/gpu_speed.py --tiny --device cpu --parts speed,stored   # CPU smoke run
     python scripts/gpu_speed.py --summarize speed.json stored.json   # saved runs' report
@@ -55,7 +56,20 @@ from benchmark import Meter  # noqa: E402
 
 COLD_DECODES = ("cold_decode", "cold_decode_hostalloc", "cold_decode_stored",
                 "cold_decode_stored_hostreg")
-PARTS = ("profile", "cli", *COLD_DECODES, "compile", "compile_frozen")
+# Parts that compile the plain graph in other ways: {part: {label: compile_unet_in_place
+# keywords}}. `compile_layouts` (after run 4): the compiled call's GPU time had 3.2 ms of cuDNN
+# converting NCHW inputs, and its wall time 5 ms of host gaps (30.0 ms a call, 24.9 busy).
+NHWC = {"freezing": True, "force_layout_optimization": True}
+COMPILE_VARIANTS = {
+    "compile_frozen": {"compiled_frozen": {"options": {"freezing": True}}},
+    "compile_cudagraphs": {"compiled_cudagraphs": {"cuda_graphs": True}},
+    "compile_layouts": {"compiled": {}, "compiled_nhwc": {"options": NHWC},
+                        "compiled_nhwc_cudagraphs": {"options": NHWC, "cuda_graphs": True}},
+}
+VARIANT_TEXT = {"compiled_frozen": "with freezing", "compiled_cudagraphs": "with CUDA graphs",
+                "compiled": "as --compile", "compiled_nhwc": "frozen, channels-last",
+                "compiled_nhwc_cudagraphs": "frozen, channels-last, CUDA graphs"}
+PARTS = ("profile", "cli", *COLD_DECODES, "compile", *COMPILE_VARIANTS)
 # The part sets gpu_check.sh runs, one device command each: each set's timeouts add up to at
 # most gpu_check.sh's 530 s, which leaves a 600 s command room for installing wheels and
 # starting up. `speed` first: the sampling and CLI targets, and the decode as txt2img runs it.
@@ -63,17 +77,22 @@ PART_SETS = {"speed": ("profile", "cli", "cold_decode", "compile"),
              "stored": ("cold_decode_hostalloc", "cold_decode_stored",
                         "cold_decode_stored_hostreg"),
              # after run 3: the decode with and without threaded pinning, and freezing
-             "verify": ("cold_decode", "cold_decode_hostalloc", "compile_frozen")}
+             "verify": ("cold_decode", "cold_decode_hostalloc", "compile_frozen"),
+             # after run 4: the compiled call's host gaps (30.0 ms a call, 24.9 ms GPU busy)
+             "graphs": ("compile_cudagraphs",),
+             # after run 4, in one process: channels-last convs, then CUDA graphs on top
+             "layouts": ("compile_layouts",)}
 # seconds per part
 TIMEOUTS = {"profile": 60, "cli": 140, "cold_decode": 65, "cold_decode_hostalloc": 65,
             "cold_decode_stored": 65, "cold_decode_stored_hostreg": 65, "compile": 240,
-            "compile_frozen": 180}
+            "compile_frozen": 180, "compile_cudagraphs": 200, "compile_layouts": 450}
 # The cold 4096² decode under a 10 GB budget: as txt2img runs it (layers recompute rather than
 # store tiles beyond the budget; pinned memory registered on threads), and against it with
 # torch's default pinned allocations, storing every layer's tiles (the decode the H200 took
 # 33-37 s for, cold), and storing them with threaded registration.
 PART_PARAMS = {"cold_decode_stored": {"recompute": False},
-               "cold_decode_stored_hostreg": {"recompute": False}}
+               "cold_decode_stored_hostreg": {"recompute": False},
+               **{name: {"variants": v} for name, v in COMPILE_VARIANTS.items()}}
 DEFAULT_PINNED = {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:False"}
 
 
@@ -281,23 +300,31 @@ def part_compile(p, device):
     return result
 
 
-def part_compile_frozen(p, device):
-    """The plain run's graph compiled with Inductor's freezing (the weights become constants
-    of the graph, so convs get their weights pre-laid-out and their epilogues fused): its
-    compile time and ms per call against an uncompiled copy, to set beside `compile`'s."""
+def part_compile_variant(p, device):
+    """The plain run's graph compiled with each of `p["variants"]` ({label:
+    `compile_unet_in_place` keywords}): compile times, then ms per call interleaved with an
+    uncompiled copy, and the GPU kernels of the fastest. Inductor's freezing makes the weights
+    constants of the graph (pre-laid-out conv weights, fused epilogues); forcing its layout
+    optimization runs the convs channels-last (it skips them by itself when the batch size is
+    dynamic, leaving cuDNN to convert every input); CUDA graphs replay the call without the
+    host's launches."""
     import copy
 
     from ldm.precision import compile_unet_in_place
 
     call, unet = _unet_call(p, device)
     eager_unet = copy.deepcopy(unet)
-    compile_unet_in_place(unet, backend=p.get("backend", "inductor"),
-                          options={"freezing": True})
-    result = _compiled_by_first_call(call, lambda: call(net=eager_unet), device)
-    result["seconds"] = _interleaved({"eager": lambda: call(net=eager_unet),
-                                      "compiled_frozen": call}, device, p.get("rounds", 5))
+    calls, result = {"eager": lambda: call(net=eager_unet)}, {"variants": {}}
+    for i, (label, keywords) in enumerate(p["variants"].items()):
+        net = unet if i == len(p["variants"]) - 1 else copy.deepcopy(unet)
+        compile_unet_in_place(net, backend=p.get("backend", "inductor"), **keywords)
+        calls[label] = lambda net=net: call(net=net)
+        result["variants"][label] = _compiled_by_first_call(calls[label], calls["eager"], device)
+        report_so_far(result)
+    result["seconds"] = _interleaved(calls, device, p.get("rounds", 5))
     if device.type == "cuda":
-        result.update(_kernels_of(call, device, "compiled"))
+        fastest = min(p["variants"], key=result["seconds"].get)
+        result.update(_kernels_of(calls[fastest], device, "compiled"), profiled=fastest)
     return result
 
 
@@ -528,7 +555,7 @@ def _reported(out) -> dict:
 
 
 PART_FUNCTIONS = {"profile": part_profile, "cli": part_cli, "compile": part_compile,
-                  "compile_frozen": part_compile_frozen,
+                  **{name: part_compile_variant for name in COMPILE_VARIANTS},
                   **{name: part_cold_decode for name in COLD_DECODES}}
 
 
@@ -539,9 +566,10 @@ def parts_of(spec: str):
 
 
 def part_params(name, tiny):
-    side = {"profile": 128, "cli": 128, "compile": 128, "compile_frozen": 128}.get(name, 512)
+    unet_parts = ("profile", "compile", *COMPILE_VARIANTS)
+    side = 128 if name in unet_parts or name == "cli" else 512
     if tiny:
-        side = {"profile": 16, "cli": 8, "compile": 16, "compile_frozen": 16}.get(name, 16)
+        side = 8 if name == "cli" else 16
     return {"side": side, "tiny": tiny, "rounds": 2 if tiny else 5, **PART_PARAMS.get(name, {})}
 
 
@@ -606,15 +634,28 @@ def summary(results):
                      f"{s['compiled_routed'] * 1e3:.1f} ms (first "
                      f"{comp['first_routed_plain_call_seconds']:.1f} s)")
     lines += _compiled_kernel_lines(comp, "compiled plain call")
-    frozen = results.get("compile_frozen", {})
-    if "seconds" in frozen:
-        s = frozen["seconds"]
-        lines.append(f"- torch.compile with freezing, plain run: {frozen['compile_seconds']:.0f} s "
-                     f"to compile, {s['compiled_frozen'] * 1e3:.1f} ms vs eager "
-                     f"{s['eager'] * 1e3:.1f} ms per call ({s['compiled_frozen'] / s['eager']:.2f}"
-                     f"x), rel. err {frozen['rel_err_vs_eager']:.1e}")
-    lines += _compiled_kernel_lines(frozen, "frozen compiled call")
+    for name in COMPILE_VARIANTS:
+        got = results.get(name, {})
+        for label, info in _variants_of(got).items():
+            line = (f"- torch.compile {VARIANT_TEXT[label]}, plain run: "
+                    f"{info['compile_seconds']:.0f} s to compile")
+            if label in got.get("seconds", {}):
+                ms, eager = got["seconds"][label], got["seconds"]["eager"]
+                line += (f", {ms * 1e3:.1f} ms vs eager {eager * 1e3:.1f} ms per call "
+                         f"({ms / eager:.2f}x)")
+            lines.append(f"{line}, rel. err {info['rel_err_vs_eager']:.1e}")
+        what = VARIANT_TEXT.get(got.get("profiled") or next(iter(COMPILE_VARIANTS[name])))
+        lines += _compiled_kernel_lines(got, f"compiled call ({what})")
     return lines
+
+
+def _variants_of(got):
+    """{label: {compile_seconds, rel_err_vs_eager}} of a compile-variant part's results (run 4's
+    single-variant parts kept them at the top level)."""
+    if "variants" in got:
+        return got["variants"]
+    label = next((k for k in got.get("seconds", {}) if k != "eager"), None)
+    return {label: got} if label and "compile_seconds" in got else {}
 
 
 def _compiled_kernel_lines(part, what):
@@ -680,12 +721,20 @@ def decisions(results):
         gain = comp["seconds"]["eager"] - comp["seconds"]["compiled"]
         out["compile"] = (_pays_back(comp["compile_seconds"], gain),
                           f"{gain * 1e3:+.2f} ms a step, {comp['compile_seconds']:.0f} s to compile")
-    frozen = results.get("compile_frozen", {}).get("seconds")
-    if "seconds" in comp and frozen:  # each against the eager copy in its own process
-        plain_ratio = comp["seconds"]["compiled"] / comp["seconds"]["eager"]
-        frozen_ratio = frozen["compiled_frozen"] / frozen["eager"]
-        out["freezing"] = (frozen_ratio < plain_ratio,
-                           f"{frozen_ratio:.2f}x of eager frozen, {plain_ratio:.2f}x not")
+    for label, switch in (("compiled_frozen", "freezing"), ("compiled_cudagraphs", "cuda_graphs")):
+        got = results.get(label.replace("compiled_", "compile_"), {}).get("seconds")
+        if "seconds" in comp and got:  # each against the eager copy in its own process
+            plain_ratio = comp["seconds"]["compiled"] / comp["seconds"]["eager"]
+            ratio = got[label] / got["eager"]
+            out[switch] = (ratio < plain_ratio, f"{ratio:.2f}x of eager {VARIANT_TEXT[label]}, "
+                                                f"{plain_ratio:.2f}x without")
+    layouts = results.get("compile_layouts", {}).get("seconds", {})
+    pairs = {"compile_nhwc": ("compiled_nhwc", "compiled"),  # in one process: these win
+             "cuda_graphs": ("compiled_nhwc_cudagraphs", "compiled_nhwc")}
+    for switch, (on, off) in pairs.items():
+        if on in layouts and off in layouts:
+            out[switch] = (layouts[on] < layouts[off], f"{layouts[on] * 1e3:.1f} ms "
+                           f"{VARIANT_TEXT[on]}, {layouts[off] * 1e3:.1f} ms {VARIANT_TEXT[off]}")
     return out
 
 
@@ -697,10 +746,14 @@ def decision_lines(results):
         best = min(variants, key=variants.get)
         lines.append(f"- plain {STEPS}-step sample at the best variant ({best}): "
                      f"{STEPS * variants[best]:.2f} s of UNet calls")
-    compiled = results.get("compile", {}).get("seconds", {}).get("compiled")
+    compiled = {label: ms for part in ("compile", *COMPILE_VARIANTS)
+                for label, ms in results.get(part, {}).get("seconds", {}).items()
+                if label.startswith("compiled") and "redilated" not in label
+                and "routed" not in label}
     if compiled:
-        lines.append(f"- plain {STEPS}-step sample compiled: {STEPS * compiled:.2f} s of UNet "
-                     "calls, after compiling")
+        best = min(compiled, key=compiled.get)
+        lines.append(f"- plain {STEPS}-step sample compiled ({best}): "
+                     f"{STEPS * compiled[best]:.2f} s of UNet calls, after compiling")
     return ["", "Decisions (docs/benchmarks.md):"] + lines if lines else []
 
 

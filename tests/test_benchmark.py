@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REF, load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +144,7 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
         # a budget the plain decoder's estimate exceeds: the banded one runs
         "decode_256_full": run("decode", side=8, mode="full", repeats=1, budget_gb=1e-6),
         "decode_256_plain": run("decode", side=8, mode="plain", repeats=1, budget_gb=1e-6),
+        "sdxl_unet_128": run("sdxl_unet", side=8, repeats=1, warmup=False),
         "cli_1024": run("cli", workdir=str(tmp_path),
                         extra=["--H", "64", "--W", "64", "--steps", "2", "--overlap", "2"]),
     }
@@ -161,7 +163,8 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
     assert set(results["cli_1024"]["phases"]) == {"startup", "load", "sample", "decode", "write",
                                                   "total"}
     assert "plain 1024² 5-step sample, cudnn-attention / reference kernels" in table
-    assert len(gpu.rows(results)) == 18 and "CLI wall time" in table
+    assert len(gpu.rows(results)) == 19 and "CLI wall time" in table
+    assert "| SDXL UNet CFG call, 1024² (fp16 weights under autocast) | " in table
     assert "(random full-size .ckpt, the second run; the first took " in table
     assert results["decode_256_full"]["path"] == "lean"
     assert results["decode_256_plain"]["path"] == "plain"
@@ -169,3 +172,28 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
     assert "banded / plain decoder, time" in table
     assert "SDXL sdxl_4096x4096 preset, whole-run peak (2 steps" in table
     assert results["sample_sdxl_4096_preset"]["peak_gb"] > 0
+
+
+def test_sdxl_unet_case_on_a_card_is_laid_out_as_txt2img(bench):
+    """On CUDA the SDXL UNet case runs as txt2img would (`prepare_for_inference`, autocast, the
+    sampling kernel switches); the same helper on the CPU, under fp16 autocast, gives the
+    fp32 call's numbers to fp16 tolerance."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import load_config
+
+    node = load_config(bench.SDXL_CONFIG).model.params.network_config
+    node.params = OmegaConf.merge(node.params, bench.TINY_SDXL_UNET)
+    torch.manual_seed(0)
+    unet, kernels = bench._as_txt2img(node, torch.device("cpu"))
+    reference = bench._build(node, "cpu")
+    reference.load_state_dict(unet.state_dict())
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, node.params.context_dim)
+    y, t = torch.randn(2, node.params.adm_in_channels), torch.tensor([500, 500])
+    with torch.no_grad():
+        with kernels():
+            assert torch.get_autocast_dtype("cpu") == torch.float16
+            assert torch.is_autocast_enabled("cpu")
+            got = unet(x, t, context=ctx, y=y).float()
+        want = reference(x, t, context=ctx, y=y)
+    assert (got - want).norm() / want.norm() < 2e-2

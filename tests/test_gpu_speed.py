@@ -103,6 +103,37 @@ def test_a_part_stopped_by_its_timeout_keeps_what_it_reported(speed, monkeypatch
     assert speed.run_part("cli", {}, "cpu", 140) == {"error": "stopped at its 140 s timeout"}
 
 
+def test_layout_variants_compile_in_one_process_and_are_judged_pairwise(speed, monkeypatch):
+    """`compile_layouts` compiles three copies of the plain graph beside one uncompiled copy
+    (plumbing on the CPU with a one-conv stand-in), and judges channels-last against the plain
+    compile and CUDA graphs against channels-last, from the one process's interleaved calls
+    (a decision there overrides the cross-process one)."""
+    stand_in, x = torch.nn.Conv2d(4, 4, 3, padding=1), torch.randn(2, 4, 8, 8)
+
+    def unet_call(p, device):
+        def call(net=None, **_):
+            with torch.no_grad():
+                return (stand_in if net is None else net)(x)
+        return call, stand_in
+    monkeypatch.setattr(speed, "_unet_call", unet_call)
+    variants = {k: {kw: v for kw, v in keywords.items() if kw != "options"}
+                for k, keywords in speed.COMPILE_VARIANTS["compile_layouts"].items()}
+    got = speed.part_compile_variant({"variants": variants, "rounds": 1, "backend": "eager"},
+                                     torch.device("cpu"))
+    assert set(got["variants"]) == {"compiled", "compiled_nhwc", "compiled_nhwc_cudagraphs"}
+    assert set(got["seconds"]) == {"eager", *got["variants"]}
+    assert all(v["rel_err_vs_eager"] < 1e-6 for v in got["variants"].values())
+    got["seconds"] = {"eager": 0.040, "compiled": 0.028, "compiled_nhwc": 0.025,
+                      "compiled_nhwc_cudagraphs": 0.0255}
+    verdicts = speed.decisions({"compile_layouts": got})
+    assert verdicts["compile_nhwc"] == (
+        True, "25.0 ms frozen, channels-last, 28.0 ms as --compile")
+    assert verdicts["cuda_graphs"] == (
+        False, "25.5 ms frozen, channels-last, CUDA graphs, 25.0 ms frozen, channels-last")
+    assert ("- plain 50-step sample compiled (compiled_nhwc): 1.25 s of UNet calls, after "
+            "compiling") in speed.decision_lines({"compile_layouts": got})
+
+
 def test_part_sets_run_each_part_once(speed):
     assert speed.parts_of("stored,verify") == [
         "cold_decode_hostalloc", "cold_decode_stored", "cold_decode_stored_hostreg",
@@ -164,7 +195,7 @@ def test_decisions_follow_the_documented_rules(speed):
     assert speed.decisions(slow)["pinned_register_threads"][0] is False
     assert lines[-2:] == [
         "- plain 50-step sample at the best variant (cudnn_attention): 2.00 s of UNet calls",
-        "- plain 50-step sample compiled: 1.75 s of UNet calls, after compiling"]
+        "- plain 50-step sample compiled (compiled): 1.75 s of UNet calls, after compiling"]
     assert ("- torch.compile, re-dilated run (convs routed): 60 s to compile; re-dilated steps "
             "38.0 ms vs eager 47.0 ms (rel. err 2.0e-03), plain steps 37.0 ms (first 0.0 s)"
             in speed.summary({"compile": results["compile"]}))
@@ -206,9 +237,11 @@ def test_frozen_compile_part_runs_and_is_judged_against_the_plain_compile(speed,
                 return (stand_in if net is None else net)(x)
         return call, stand_in
     monkeypatch.setattr(speed, "_unet_call", unet_call)
-    got = speed.part_compile_frozen({"side": 8, "tiny": True, "rounds": 1, "backend": "eager"},
-                                    torch.device("cpu"))
-    assert got["compile_seconds"] > 0 and got["rel_err_vs_eager"] < 1e-6
+    params = {**speed.part_params("compile_frozen", True), "side": 8, "rounds": 1,
+              "backend": "eager"}
+    got = speed.part_compile_variant(params, torch.device("cpu"))
+    frozen = got["variants"]["compiled_frozen"]
+    assert frozen["compile_seconds"] > 0 and frozen["rel_err_vs_eager"] < 1e-6
     assert set(got["seconds"]) == {"eager", "compiled_frozen"}
     results = {"compile": {"compile_seconds": 98.0, "routed_compile_seconds": 101.0,
                            "rel_err_vs_eager": 2e-3, "redilated_rel_err_vs_eager": 2e-3,
@@ -218,7 +251,15 @@ def test_frozen_compile_part_runs_and_is_judged_against_the_plain_compile(speed,
                                        "compiled_redilated": 0.036}},
                "compile_frozen": {"compile_seconds": 110.0, "rel_err_vs_eager": 2e-3,
                                   "seconds": {"eager": 0.040, "compiled_frozen": 0.024}}}
-    assert speed.decisions(results)["freezing"] == (True, "0.60x of eager frozen, 0.63x not")
+    results["compile_cudagraphs"] = {"compile_seconds": 120.0, "rel_err_vs_eager": 2e-3,
+                                     "seconds": {"eager": 0.040, "compiled_cudagraphs": 0.026}}
+    assert speed.decisions(results)["freezing"] == (
+        True, "0.60x of eager with freezing, 0.63x without")
+    assert speed.decisions(results)["cuda_graphs"] == (
+        False, "0.65x of eager with CUDA graphs, 0.63x without")
     assert ("- torch.compile with freezing, plain run: 110 s to compile, 24.0 ms vs eager "
             "40.0 ms per call (0.60x), rel. err 2.0e-03") in speed.summary(results)
+    results["compile_frozen"] = {"variants": {"compiled_frozen": results["compile_frozen"]},
+                                 "seconds": results["compile_frozen"].pop("seconds")}
+    assert speed.decisions(results)["freezing"][0]  # a variant part's own layout, too
 

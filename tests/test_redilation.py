@@ -365,3 +365,32 @@ def test_planned_conv_op_passes_opcheck(monkeypatch, polyphase):
                                       (x, weight, bias, key))
                 with torch.no_grad():
                     assert net(x).stride() == conv._conv_forward(x, weight, bias).stride()
+
+
+def test_compile_with_cuda_graphs_marks_each_call_a_step_and_returns_copies(monkeypatch):
+    """A CUDA-graph replay writes each call's output into the same memory: each call starts a
+    new step and hands back a copy, so noise-damped CFG's two calls in one step keep both
+    outputs. (On the CPU, a backend that replays like that; the real replay is timed on a
+    card.)"""
+    steps = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+
+    def replaying(graph_module, example_inputs, **options):
+        assert options == {"options": {"triton.cudagraphs": True}}
+        static = []
+
+        def run(*args):
+            out = graph_module(*args)
+            static[:] = static or [o.clone() for o in out]
+            for kept, new in zip(static, out):
+                kept.copy_(new)
+            return tuple(static)
+        return run
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    eager = copy.deepcopy(conv)
+    compile_unet_in_place(conv, backend=replaying, cuda_graphs=True)
+    x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        first, second = conv(x), conv(y)
+        assert torch.equal(first, eager(x)) and torch.equal(second, eager(y))
+    assert len(steps) == 2
