@@ -103,11 +103,10 @@ def test_a_part_stopped_by_its_timeout_keeps_what_it_reported(speed, monkeypatch
     assert speed.run_part("cli", {}, "cpu", 140) == {"error": "stopped at its 140 s timeout"}
 
 
-def test_layout_variants_compile_in_one_process_and_are_judged_pairwise(speed, monkeypatch):
-    """`compile_layouts` compiles three copies of the plain graph beside one uncompiled copy
-    (plumbing on the CPU with a one-conv stand-in), and judges channels-last against the plain
-    compile and CUDA graphs against channels-last, from the one process's interleaved calls
-    (a decision there overrides the cross-process one)."""
+@pytest.fixture
+def one_conv_unet(speed, monkeypatch):
+    """The compile parts' UNet call, with a one-conv stand-in for the UNet (tracing the tiny
+    UNet takes 20 s)."""
     stand_in, x = torch.nn.Conv2d(4, 4, 3, padding=1), torch.randn(2, 4, 8, 8)
 
     def unet_call(p, device):
@@ -116,10 +115,15 @@ def test_layout_variants_compile_in_one_process_and_are_judged_pairwise(speed, m
                 return (stand_in if net is None else net)(x)
         return call, stand_in
     monkeypatch.setattr(speed, "_unet_call", unet_call)
-    variants = {k: {kw: v for kw, v in keywords.items() if kw != "options"}
-                for k, keywords in speed.COMPILE_VARIANTS["compile_layouts"].items()}
-    got = speed.part_compile_variant({"variants": variants, "rounds": 1, "backend": "eager"},
-                                     torch.device("cpu"))
+
+
+def test_layout_variants_compile_in_one_process_and_are_judged_pairwise(speed, one_conv_unet):
+    """`compile_layouts` compiles three copies of the plain graph beside one uncompiled copy
+    (plumbing on the CPU with a one-conv stand-in), and judges channels-last against the plain
+    compile and CUDA graphs against channels-last, from the one process's interleaved calls
+    (a decision there overrides the cross-process one)."""
+    params = {**speed.part_params("compile_layouts", True), "rounds": 1, "backend": "eager"}
+    got = speed.part_compile_variant(params, torch.device("cpu"))
     assert set(got["variants"]) == {"compiled", "compiled_nhwc", "compiled_nhwc_cudagraphs"}
     assert set(got["seconds"]) == {"eager", *got["variants"]}
     assert all(v["rel_err_vs_eager"] < 1e-6 for v in got["variants"].values())
@@ -225,20 +229,11 @@ def test_saved_runs_are_summarized_together_without_running(speed, tmp_path, cap
             "cold)" in out)
 
 
-def test_frozen_compile_part_runs_and_is_judged_against_the_plain_compile(speed, monkeypatch):
-    """Plumbing only on the CPU, with a one-conv stand-in for the UNet (tracing the tiny UNet
-    takes 20 s; the eager backend ignores Inductor's options): the part compiles the plain
-    graph once and times it against an uncompiled copy."""
-    stand_in, x = torch.nn.Conv2d(4, 4, 3, padding=1), torch.randn(2, 4, 8, 8)
-
-    def unet_call(p, device):
-        def call(net=None, **_):
-            with torch.no_grad():
-                return (stand_in if net is None else net)(x)
-        return call, stand_in
-    monkeypatch.setattr(speed, "_unet_call", unet_call)
-    params = {**speed.part_params("compile_frozen", True), "side": 8, "rounds": 1,
-              "backend": "eager"}
+def test_frozen_compile_part_runs_and_is_judged_against_the_plain_compile(speed, one_conv_unet,
+                                                                         monkeypatch):
+    """Plumbing only on the CPU (the eager backend ignores Inductor's options): the part
+    compiles the plain graph once and times it against an uncompiled copy."""
+    params = {**speed.part_params("compile_frozen", True), "rounds": 1, "backend": "eager"}
     got = speed.part_compile_variant(params, torch.device("cpu"))
     frozen = got["variants"]["compiled_frozen"]
     assert frozen["compile_seconds"] > 0 and frozen["rel_err_vs_eager"] < 1e-6
