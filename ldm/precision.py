@@ -158,8 +158,9 @@ def compile_unet_in_place(unet: nn.Module, backend="inductor", options=None,
     `options`: Inductor's settings for this graph (e.g. {"freezing": True}). `cuda_graphs`:
     replay the compiled graph as a CUDA graph (Inductor's "reduce-overhead"), which removes
     the host's kernel launches; each call is then its own step and returns copies, since a
-    replay reuses the previous call's output memory (noise-damped CFG calls the UNet twice a
-    step)."""
+    replay reuses the previous call's output memory (multistep samplers such as PLMS keep
+    earlier outputs). The planned-conv op is tagged cudagraph-unsafe, so a re-dilated run's
+    convs are never replayed with the plan they were captured with."""
     from ldm.scalecrafter.redilation import route_when_overridden
 
     route_when_overridden(unet)

@@ -369,8 +369,7 @@ def test_planned_conv_op_passes_opcheck(monkeypatch, polyphase):
 
 def test_compile_with_cuda_graphs_marks_each_call_a_step_and_returns_copies(monkeypatch):
     """A CUDA-graph replay writes each call's output into the same memory: each call starts a
-    new step and hands back a copy, so noise-damped CFG's two calls in one step keep both
-    outputs. (On the CPU, a backend that replays like that; the real replay is timed on a
+    new step and hands back a copy, so a multistep sampler's earlier outputs survive. (On the CPU, a backend that replays like that; the real replay is timed on a
     card.)"""
     steps = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
