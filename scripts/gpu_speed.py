@@ -317,15 +317,25 @@ def part_compile_variant(p, device):
     calls, result = {"eager": lambda: call(net=eager_unet)}, {"variants": {}}
     for i, (label, keywords) in enumerate(p["variants"].items()):
         net = unet if i == len(p["variants"]) - 1 else copy.deepcopy(unet)
-        compile_unet_in_place(net, backend=p.get("backend", "inductor"), **keywords)
         calls[label] = lambda net=net: call(net=net)
-        result["variants"][label] = _compiled_by_first_call(calls[label], calls["eager"], device)
+        try:  # one variant failing to compile leaves the others' figures
+            compile_unet_in_place(net, backend=p.get("backend", "inductor"), **keywords)
+            result["variants"][label] = _compiled_by_first_call(calls[label], calls["eager"],
+                                                                device)
+        except Exception as err:
+            result.setdefault("errors", {})[label] = _one_line(err)
+            del calls[label]
         report_so_far(result)
     result["seconds"] = _interleaved(calls, device, p.get("rounds", 5))
-    if device.type == "cuda":
-        fastest = min(p["variants"], key=result["seconds"].get)
+    if device.type == "cuda" and result["variants"]:
+        fastest = min(result["variants"], key=result["seconds"].get)
         result.update(_kernels_of(calls[fastest], device, "compiled"), profiled=fastest)
     return result
+
+
+def _one_line(err):
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _compiled_by_first_call(call, eager_call, device):
@@ -644,6 +654,8 @@ def summary(results):
                 line += (f", {ms * 1e3:.1f} ms vs eager {eager * 1e3:.1f} ms per call "
                          f"({ms / eager:.2f}x)")
             lines.append(f"{line}, rel. err {info['rel_err_vs_eager']:.1e}")
+        lines += [f"- torch.compile {VARIANT_TEXT[label]}: failed ({why})"
+                  for label, why in got.get("errors", {}).items()]
         what = VARIANT_TEXT.get(got.get("profiled") or next(iter(COMPILE_VARIANTS[name])))
         lines += _compiled_kernel_lines(got, f"compiled call ({what})")
     return lines

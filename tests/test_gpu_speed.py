@@ -107,9 +107,11 @@ def test_a_part_stopped_by_its_timeout_keeps_what_it_reported(speed, monkeypatch
 def one_conv_unet(speed, monkeypatch):
     """The compile parts' UNet call, with a one-conv stand-in for the UNet (tracing the tiny
     UNet takes 20 s)."""
-    stand_in, x = torch.nn.Conv2d(4, 4, 3, padding=1), torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 4, 8, 8)
 
-    def unet_call(p, device):
+    def unet_call(p, device):  # a fresh UNet for each part, as each part's own process builds
+        stand_in = torch.nn.Conv2d(4, 4, 3, padding=1)
+
         def call(net=None, **_):
             with torch.no_grad():
                 return (stand_in if net is None else net)(x)
@@ -136,6 +138,13 @@ def test_layout_variants_compile_in_one_process_and_are_judged_pairwise(speed, o
         False, "25.5 ms frozen, channels-last, CUDA graphs, 25.0 ms frozen, channels-last")
     assert ("- plain 50-step sample compiled (compiled_nhwc): 1.25 s of UNet calls, after "
             "compiling") in speed.decision_lines({"compile_layouts": got})
+    # a variant that fails to compile is reported; the others are still timed
+    params["variants"] = {"compiled": {}, "compiled_nhwc": {"no_such_setting": True}}
+    got = speed.part_compile_variant(params, torch.device("cpu"))
+    assert set(got["seconds"]) == {"eager", "compiled"}
+    assert got["errors"]["compiled_nhwc"].startswith("TypeError: ")
+    assert any(line.startswith("- torch.compile frozen, channels-last: failed (TypeError: ")
+               for line in speed.summary({"compile_layouts": got}))
 
 
 def test_part_sets_run_each_part_once(speed):
