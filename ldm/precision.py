@@ -163,6 +163,8 @@ def compile_unet_in_place(unet: nn.Module, backend="inductor", options=None,
     convs are never replayed with the plan they were captured with."""
     from ldm.scalecrafter.redilation import route_when_overridden
 
+    if getattr(unet.forward, "compiled_in_place", False):  # Dynamo cannot trace this wrapper
+        raise ValueError("the UNet is compiled already: compile a fresh copy instead")
     route_when_overridden(unet)
     if cuda_graphs:
         options = {**(options or {}), "triton.cudagraphs": True}
@@ -177,6 +179,7 @@ def compile_unet_in_place(unet: nn.Module, backend="inductor", options=None,
         torch.compiler.cudagraph_mark_step_begin()
         return torch.utils._pytree.tree_map(
             lambda v: v.clone() if isinstance(v, torch.Tensor) else v, compiled(*args, **kwargs))
+    forward.compiled_in_place = True
     unet.forward = forward
 
 

@@ -393,3 +393,10 @@ def test_compile_with_cuda_graphs_marks_each_call_a_step_and_returns_copies(monk
         first, second = conv(x), conv(y)
         assert torch.equal(first, eager(x)) and torch.equal(second, eager(y))
     assert len(steps) == 2
+
+
+def test_compiling_a_compiled_unet_again_is_refused_in_words():
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    compile_unet_in_place(conv, backend="eager")
+    with pytest.raises(ValueError, match="compiled already"):
+        compile_unet_in_place(conv, backend="eager")
