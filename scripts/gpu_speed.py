@@ -25,11 +25,15 @@ Each part runs in its own process (so each is cold where it should be) under its
   GPU kernels by kind.
 - `compile_frozen`, `compile_cudagraphs`: the plain run's graph compiled with Inductor's
   freezing (weights as constants), or replayed as CUDA graphs, against an uncompiled copy.
+- `compile_layouts`: in one process, beside one uncompiled copy, the plain graph as
+  `--compile` builds it, frozen with Inductor's layout optimization forced (channels-last
+  convs), and that replayed as CUDA graphs.
 
     python scripts/gpu_speed.py --json speed.json            # the `speed` set, at most 505 s
     python scripts/gpu_speed.py --parts stored --json stored.json   # at most 195 s
     python scripts/gpu_speed.py --parts verify --json verify.json   # at most 310 s
     python scripts/gpu_speed.py --parts graphs --json graphs.json   # at most 200 s
+    python scripts/gpu_speed.py --parts layouts --json layouts.json # at most 450 s
     python scripts/gpu_speed.py --parts profile,cli --json s.json
     python scripts/gpu_speed.py --tiny --device cpu --parts speed,stored   # CPU smoke run
     python scripts/gpu_speed.py --summarize speed.json stored.json   # saved runs' report
