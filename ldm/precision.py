@@ -64,6 +64,13 @@ REFERENCE_PATHS = {"channels_last": False, "cudnn_benchmark": False, "native_nor
                    "cudnn_attention": False}
 # The switches that act while sampling only (process-wide state, restored after it).
 SAMPLING_SWITCHES = ("cudnn_benchmark", "cudnn_attention")
+# How `--compile` compiles the UNet, per device type: compile_unet_in_place's keywords
+# (Inductor `options`, `cuda_graphs`); a device type not listed gets the plain compile. Measured
+# on H200s (docs/benchmarks.md, run 4): freezing 0.65x of eager against the plain compile's
+# 0.63x, so no; CUDA graphs 0.70x on another machine, which does not compare, so not yet.
+# `scripts/gpu_speed.py --parts layouts` judges channels-last freezing and CUDA graphs in one
+# process; its verdicts name the entry to set here.
+COMPILE_MODES = {}
 
 
 def fast_paths(device, **chosen):
@@ -132,7 +139,8 @@ def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
     """Lay the model out for `device`; returns it. Half weights under autocast where
     HALF_WEIGHTS says so (a no-op when the loader gave them already); channels-last and native
     half norms as FAST_PATHS says for the device unless given; torch.compile only when
-    asked. (cuDNN autotuning is no layout: the sampler turns it on, see `autotuned`.)"""
+    asked, as COMPILE_MODES says for the device. (cuDNN autotuning is no layout: the sampler
+    turns it on, see `autotuned`.)"""
     from ldm.modules.normalization import set_native_norms
 
     device = torch.device(device)
@@ -145,7 +153,7 @@ def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
         unet_of(model).to(memory_format=torch.channels_last)
     set_native_norms(unet_of(model), paths["native_norms"])
     if compile_unet:
-        compile_unet_in_place(unet_of(model))
+        compile_unet_in_place(unet_of(model), **COMPILE_MODES.get(device.type, {}))
     return model
 
 

@@ -770,6 +770,12 @@ def decision_lines(results):
         best = min(compiled, key=compiled.get)
         lines.append(f"- plain {STEPS}-step sample compiled ({best}): "
                      f"{STEPS * compiled[best]:.2f} s of UNet calls, after compiling")
+    layouts = results.get("compile_layouts", {}).get("seconds", {})
+    timed = [label for label in COMPILE_VARIANTS["compile_layouts"] if label in layouts]
+    if timed:  # one process: the fastest of them is what --compile should do on this device
+        mode = COMPILE_VARIANTS["compile_layouts"][min(timed, key=layouts.get)]
+        lines.append(f"- --compile on this device type: COMPILE_MODES entry "
+                     f"(ldm/precision.py) {mode}")
     return ["", "Decisions (docs/benchmarks.md):"] + lines if lines else []
 
 

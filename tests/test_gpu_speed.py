@@ -138,6 +138,9 @@ def test_layout_variants_compile_in_one_process_and_are_judged_pairwise(speed, o
         False, "25.5 ms frozen, channels-last, CUDA graphs, 25.0 ms frozen, channels-last")
     assert ("- plain 50-step sample compiled (compiled_nhwc): 1.25 s of UNet calls, after "
             "compiling") in speed.decision_lines({"compile_layouts": got})
+    assert ("- --compile on this device type: COMPILE_MODES entry (ldm/precision.py) "
+            "{'options': {'freezing': True, 'force_layout_optimization': True}}"
+            ) in speed.decision_lines({"compile_layouts": got})
     # a variant that fails to compile is reported; the others are still timed
     params["variants"] = {"compiled": {}, "compiled_nhwc": {"no_such_setting": True}}
     got = speed.part_compile_variant(params, torch.device("cpu"))

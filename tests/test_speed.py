@@ -167,6 +167,19 @@ def test_fast_paths_per_device_and_overrides():
         precision.fast_paths("cpu", fused=True)
 
 
+def test_compile_takes_the_devices_compile_mode(monkeypatch):
+    seen = []
+    monkeypatch.setattr(precision, "compile_unet_in_place",
+                        lambda unet, **how: seen.append((unet, how)))
+    mode = {"options": {"freezing": True}, "cuda_graphs": True}
+    monkeypatch.setitem(precision.COMPILE_MODES, "cpu", mode)
+    unet = nn.Conv2d(4, 4, 3)
+    precision.prepare_for_inference(unet, "cpu", "full", compile_unet=True)
+    precision.prepare_for_inference(unet, "meta", "full", compile_unet=True)  # not listed
+    precision.prepare_for_inference(unet, "cpu", "full")  # no --compile
+    assert seen == [(unet, mode), (unet, {})]
+
+
 def test_cli_switches_default_to_the_device_policy(txt2img):
     args = txt2img.parse_args(["--ckpt", "x"])
     assert args.channels_last is None and args.fast_kernels is None and not args.timings
