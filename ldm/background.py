@@ -1,6 +1,6 @@
 """Work started in a daemon thread at once and collected later: checkpoint hashing, weights
-copied to the device while the model is built. Worth it where the work releases the GIL (file
-reads, hashlib, host-to-device copies)."""
+copied to the device while the model is built, device libraries warmed up. Worth it where the
+work releases the GIL (file reads, hashlib, host-to-device copies, device calls)."""
 import threading
 
 
