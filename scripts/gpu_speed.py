@@ -666,10 +666,14 @@ def summary(results):
                                                          for k, v in cli["seconds"].items()))
         lines.append("- Pipeline.load from a fresh interpreter, s (best of 2): " + ", ".join(
             f"{k} {_seconds(v)}" for k, v in cli.get("pipeline_load_seconds", {}).items()))
-    for mode, run in results.get("first_run", {}).get("best", {}).items():
-        lines.append(f"- fresh process, libraries {mode} while loading (best of "
-                     f"{len(results['first_run']['runs'][mode])}): load {run['load']:.2f} s, "
-                     f"first 2 steps {run['first_steps']:.2f} s, total {run['total']:.2f} s")
+    first = results.get("first_run", {})
+    for mode, runs in first.get("runs", {}).items():
+        run = first["best"].get(mode)
+        lines.append(f"- fresh process, libraries {mode} while loading: every run failed"
+                     if run is None else
+                     f"- fresh process, libraries {mode} while loading (best of {len(runs)}): "
+                     f"load {run['load']:.2f} s, first 2 steps {run['first_steps']:.2f} s, "
+                     f"total {run['total']:.2f} s")
     for name in COLD_DECODES:
         cold = results.get(name, {})
         if "cold_seconds" not in cold:
