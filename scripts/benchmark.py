@@ -316,7 +316,8 @@ def _as_txt2img(node, device):
     import torch
     from torch import nn
 
-    from ldm.precision import fast_paths, prepare_for_inference, sampling_kernels
+    from ldm.precision import (AUTOCAST_DTYPES, fast_paths, prepare_for_inference,
+                               sampling_kernels)
 
     holder = nn.Module()
     holder.unet = _build(node, device)
@@ -325,7 +326,7 @@ def _as_txt2img(node, device):
 
     @contextlib.contextmanager
     def kernels():
-        with torch.autocast(device.type, dtype=torch.float16), \
+        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[device.type]), \
                 sampling_kernels(paths["cudnn_benchmark"], paths["cudnn_attention"]):
             yield
     return holder.unet, kernels

@@ -176,8 +176,8 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
 
 def test_sdxl_unet_case_on_a_card_is_laid_out_as_txt2img(bench):
     """On CUDA the SDXL UNet case runs as txt2img would (`prepare_for_inference`, autocast, the
-    sampling kernel switches); the same helper on the CPU, under fp16 autocast, gives the
-    fp32 call's numbers to fp16 tolerance."""
+    sampling kernel switches); the same helper on the CPU, under the CPU's bf16 autocast,
+    gives the fp32 call's numbers to half-precision tolerance."""
     from omegaconf import OmegaConf
 
     from ldm.util import load_config
@@ -192,8 +192,8 @@ def test_sdxl_unet_case_on_a_card_is_laid_out_as_txt2img(bench):
     y, t = torch.randn(2, node.params.adm_in_channels), torch.tensor([500, 500])
     with torch.no_grad():
         with kernels():
-            assert torch.get_autocast_dtype("cpu") == torch.float16
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
             assert torch.is_autocast_enabled("cpu")
             got = unet(x, t, context=ctx, y=y).float()
         want = reference(x, t, context=ctx, y=y)
-    assert (got - want).norm() / want.norm() < 2e-2
+    assert (got - want).norm() / want.norm() < 3e-2  # bf16 keeps 8 bits: 1.4e-2 here
