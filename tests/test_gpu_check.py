@@ -1,0 +1,35 @@
+"""scripts/gpu_check.py, the correctness checks a card session runs first, on the CPU: a check
+that breaks here would cost device minutes there. (Its decode and CLI checks repeat what
+test_redilation.py and test_cli_errors.py already run on the CPU, so only the quick ones run.)"""
+import pytest
+
+from conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def gpu_check(monkeypatch_module):
+    monkeypatch_module.setenv("GPU_CHECK_DEVICE", "cpu")
+    return load_script("gpu_check")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_every_check_is_listed(gpu_check):
+    assert [fn.__name__ for fn in gpu_check.CHECKS] == [
+        "polyphase_redilation", "vae_attention", "unet_calls", "half_weights_unet", "decodes",
+        "bf16_vae_error", "sample_through_the_cli"]
+
+
+@pytest.mark.parametrize("name, says", [
+    ("polyphase_redilation", "polyphase (policy on cpu: False)"),
+    ("vae_attention", "attention head 512 fp32"),
+    ("unet_calls", "vanilla"),
+    ("half_weights_unet", "reference kernels"),
+])
+def test_quick_checks_pass_on_the_cpu(gpu_check, name, says):
+    assert gpu_check.DEVICE.type == "cpu"
+    assert says in getattr(gpu_check, name)()  # a check over its bound raises
