@@ -94,6 +94,19 @@ def test_decode_matches_reference(tiny_pipe):
     assert rel_err(image, data["image_full"]) <= 1e-4
 
 
+def test_encode_is_the_posterior_mean_scaled(tiny_pipe):
+    """Encoding (for API users; txt2img never encodes): LDM's moments are (mean, logvar) along
+    the channels, and the latent is the mean times scale_factor, an eighth of each side."""
+    vae = tiny_pipe.model.first_stage_model
+    image = torch.from_numpy(reference("tiny-sd21-sample-ddim-eta1-dilate2.npz")["image_full"])
+    with torch.no_grad():
+        latent = tiny_pipe.model.encode_first_stage(image)
+        moments = vae.quant_conv(vae.encoder(image))
+    assert latent.shape == (1, vae.embed_dim, image.shape[2] // 8, image.shape[3] // 8)
+    assert moments.shape[1] == 2 * vae.embed_dim
+    assert torch.equal(latent, moments[:, :vae.embed_dim] * tiny_pipe.model.scale_factor)
+
+
 def test_ddim_discretization():
     steps = ddim_timesteps(6)
     assert steps.tolist() == [1, 167, 333, 499, 665, 831, 997]

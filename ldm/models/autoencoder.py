@@ -5,21 +5,6 @@ from torch import nn
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 
 
-class DiagonalGaussianDistribution:
-    def __init__(self, parameters):
-        self.mean, logvar = torch.chunk(parameters, 2, dim=1)
-        self.logvar = torch.clamp(logvar, -30.0, 20.0)
-        self.std = torch.exp(0.5 * self.logvar)
-
-    def sample(self, generator=None):
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                            dtype=self.mean.dtype)
-        return self.mean + self.std * noise
-
-    def mode(self):
-        return self.mean
-
-
 class AutoencoderKL(nn.Module):
     """Accepts the standard config keys; training ones (lossconfig, monitor, ...) are ignored."""
 
@@ -34,13 +19,11 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
 
-    def encode(self, x) -> DiagonalGaussianDistribution:
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+    def encode(self, x):
+        """The latent of images `x` in [-1, 1]: the posterior's mean (its mode; sampling it is
+        for training), before the model's scale_factor."""
+        mean, _logvar = torch.chunk(self.quant_conv(self.encoder(x)), 2, dim=1)
+        return mean
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
-
-    def forward(self, x, sample_posterior=False):
-        posterior = self.encode(x)
-        z = posterior.sample() if sample_posterior else posterior.mode()
-        return self.decode(z), posterior

@@ -154,7 +154,7 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def encode_first_stage(self, x):
-        return self.first_stage_model.encode(x).mode() * self.scale_factor
+        return self.first_stage_model.encode(x) * self.scale_factor
 
 
 # sgm's denoiser scalings and what they mean for the raw network output.
