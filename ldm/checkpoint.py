@@ -421,51 +421,54 @@ def _torch_load_pickled(path: Path, trust_pickle: bool) -> Any:
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:
             first_error = exc
-
         if _torchscript_archive(path):
             raise CheckpointError(
                 f"checkpoint {path} is a TorchScript archive, not a state-dict checkpoint; "
                 "it was not loaded (TorchScript archives contain code)"
             )
+        return _load_through_gate(path, trust_pickle, mmap, first_error)
 
-        pickle_module = _TRUSTING_PICKLE if trust_pickle else _GATED_PICKLE
-        try:
-            return torch.load(
-                str(path),
-                map_location="cpu",
-                weights_only=False,
-                pickle_module=pickle_module,
-                mmap=mmap,
-            )
-        except _RefusedGlobal as exc:
-            raise _refusal(path, exc.target) from None
-        except RecursionError:
-            raise CheckpointError(
-                f"checkpoint {path} is not a valid PyTorch checkpoint: its pickle is nested too deeply"
-            ) from None
-        except Exception as exc:
-            if "Can not safely load weights when explicit pickle_module" in str(exc):
-                # TORCH_FORCE_WEIGHTS_ONLY_LOAD is set: only step 1 is possible.
-                match = _UNSUPPORTED_GLOBAL_RE.search(str(first_error))
-                if match:
-                    target = match.group(1)
-                    module, _, name = target.rpartition(".")
-                    if _resolve_safe(module, name, _torch_allowed_globals()) is None:
-                        raise _refusal(path, target) from None
-                    raise CheckpointError(
-                        f"checkpoint {path} carries training extras (e.g. {target}) that only the "
-                        "fallback loader can skip, and TORCH_FORCE_WEIGHTS_ONLY_LOAD forbids it: "
-                        "unset TORCH_FORCE_WEIGHTS_ONLY_LOAD (the fallback loader is safe too: "
-                        "it refuses every global outside its whitelist)"
-                    ) from None
-                raise CheckpointError(
-                    f"checkpoint {path} could not be loaded with weights_only=True "
-                    f"(TORCH_FORCE_WEIGHTS_ONLY_LOAD is set): {_first_line(first_error)}"
-                ) from None
-            raise CheckpointError(
-                f"checkpoint {path} is not a valid PyTorch checkpoint (truncated or corrupt): "
-                f"{_first_line(exc)}"
-            ) from None
+
+def _load_through_gate(path: Path, trust_pickle: bool, mmap: bool, first_error: Exception):
+    """Step 2: the full pickle format, every global it names checked against the whitelist
+    (or, with trust_pickle, none refused)."""
+    pickle_module = _TRUSTING_PICKLE if trust_pickle else _GATED_PICKLE
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False,
+                          pickle_module=pickle_module, mmap=mmap)
+    except _RefusedGlobal as exc:
+        raise _refusal(path, exc.target) from None
+    except RecursionError:
+        raise CheckpointError(
+            f"checkpoint {path} is not a valid PyTorch checkpoint: its pickle is nested too deeply"
+        ) from None
+    except Exception as exc:
+        if "Can not safely load weights when explicit pickle_module" in str(exc):
+            raise _forced_weights_only_error(path, first_error) from None
+        raise CheckpointError(
+            f"checkpoint {path} is not a valid PyTorch checkpoint (truncated or corrupt): "
+            f"{_first_line(exc)}"
+        ) from None
+
+
+def _forced_weights_only_error(path: Path, first_error: Exception) -> CheckpointError:
+    """TORCH_FORCE_WEIGHTS_ONLY_LOAD is set, so only step 1 can run: why it failed."""
+    match = _UNSUPPORTED_GLOBAL_RE.search(str(first_error))
+    if not match:
+        return CheckpointError(
+            f"checkpoint {path} could not be loaded with weights_only=True "
+            f"(TORCH_FORCE_WEIGHTS_ONLY_LOAD is set): {_first_line(first_error)}"
+        )
+    target = match.group(1)
+    module, _, name = target.rpartition(".")
+    if _resolve_safe(module, name, _torch_allowed_globals()) is None:
+        return _refusal(path, target)
+    return CheckpointError(
+        f"checkpoint {path} carries training extras (e.g. {target}) that only the "
+        "fallback loader can skip, and TORCH_FORCE_WEIGHTS_ONLY_LOAD forbids it: "
+        "unset TORCH_FORCE_WEIGHTS_ONLY_LOAD (the fallback loader is safe too: "
+        "it refuses every global outside its whitelist)"
+    )
 
 
 def _extract_tensors(path: Path, obj: Any) -> dict[str, torch.Tensor]:

@@ -191,6 +191,23 @@ def test_lightning_checkpoint_loads_after_module_is_gone(tmp_path, fake_lightnin
     assert not imported, f"loader imported {imported}"
 
 
+def test_forced_weights_only_names_the_extra_and_the_way_out(tmp_path, fake_lightning,
+                                                              monkeypatch):
+    """With TORCH_FORCE_WEIGHTS_ONLY_LOAD set, torch refuses the gated fallback loader: a
+    file with training extras is refused in one line that says so, a malicious one as such."""
+    path = tmp_path / "model.ckpt"
+    torch.save(_lightning_checkpoint(fake_lightning, _sample_state_dict()), path)
+    evil = tmp_path / "evil.ckpt"
+    _write_malicious(evil, _EvalPayload(tmp_path / "pwned"), "zip")
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(CheckpointError, match="carries training extras .*unset "
+                                              "TORCH_FORCE_WEIGHTS_ONLY_LOAD"):
+        load_state_dict(path)
+    with pytest.raises(CheckpointError, match="refused for safety"):
+        load_state_dict(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_omegaconf_hyper_parameters_load(tmp_path):
     omegaconf = pytest.importorskip("omegaconf")
     sd = _sample_state_dict()
