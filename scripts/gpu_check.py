@@ -132,10 +132,12 @@ def half_weights_unet():
     x, t, ctx = (torch.from_numpy(data[k]).to(DEVICE) for k in ("x", "t", "context"))
     out = []
     # the reference kernels, then the device's default fast paths (channels-last, native half
-    # GroupNorm) on the same UNet (this order: channels-last is not undone)
+    # GroupNorm) on the same UNet (this order: channels-last is not undone), with and without
+    # cuDNN's fused attention tried first (the default on CUDA)
     for label, paths, cudnn_attention in (
             ("reference kernels", {"channels_last": False, "native_norms": False}, False),
-            ("default paths", {}, False), ("default paths + cuDNN attention first", {}, True)):
+            ("default paths but PyTorch's attention order", {}, False),
+            ("default paths (cuDNN attention first)", {}, True)):
         prepare_for_inference(holder, DEVICE, "autocast", **paths)
         dtypes = {p.dtype for p in unet.parameters()}
         with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16), \
