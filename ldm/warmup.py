@@ -40,21 +40,15 @@ def touch_libraries(device, dtypes: Iterable[torch.dtype], cudnn_attention: bool
         torch.cuda.synchronize(device)
 
 
-class LibraryWarmUp(InBackground):
-    """touch_libraries(...) in a daemon thread started at once; `result()` waits for it."""
-
-    def __init__(self, device, dtypes, cudnn_attention: bool = False):
-        super().__init__(touch_libraries, device, tuple(dtypes), cudnn_attention,
-                         name="warm-up-libraries")
-
-
 def start_warm_up(device, precision: str, cudnn_attention: bool, enabled=None):
-    """A LibraryWarmUp for a model about to be loaded for `device` and `precision` (the dtype
-    sampling computes in, and float32 for the VAE), or None where `enabled` is False (None:
-    WARM_UPS' choice for the device type)."""
+    """touch_libraries for a model about to be loaded for `device` and `precision` (the dtype
+    sampling computes in, and float32 for the VAE), started in a daemon thread: its
+    InBackground, whose `result()` waits for it; None where `enabled` is False (None: WARM_UPS'
+    choice for the device type)."""
     kind = torch.device(device).type
     if not (WARM_UPS.get(kind, False) if enabled is None else enabled):
         return None
     compute = AUTOCAST_DTYPES.get(kind, torch.float32) if precision == "autocast" \
         else torch.float32
-    return LibraryWarmUp(device, dict.fromkeys((compute, torch.float32)), cudnn_attention)
+    return InBackground(touch_libraries, device, tuple(dict.fromkeys((compute, torch.float32))),
+                        cudnn_attention, name="warm-up-libraries")

@@ -45,6 +45,7 @@ Each part runs in its own process (so each is cold where it should be) under its
 Prints a markdown summary; the JSON is rewritten after each part. Weights are random: their
 values change neither time nor memory."""
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -434,16 +435,24 @@ def _pinned_stats(device):
             "alloc_seconds": stats.get("host_alloc_time.total", 0) / 1e6}
 
 
-def part_cli(p, device):
-    """The full-size checkpoint is written here; the load runs in a fresh process."""
+@contextlib.contextmanager
+def _probe_command(p, device):
+    """(the probe's command line, seconds to write its checkpoint): a random full-size
+    checkpoint (the tiny one with `tiny`) written to a temporary folder for the block."""
     with tempfile.TemporaryDirectory(dir=p.get("workdir")) as tmp:
         ckpt = Path(tmp) / "sd21-random.ckpt"
         config = bg.TINY_CONFIG if p.get("tiny") else bg.FULL_CONFIG
         start = time.perf_counter()
         bg.write_random_checkpoint(ckpt, device, config)
         written = time.perf_counter() - start
-        probe = [sys.executable, str(Path(__file__).resolve()), "--load-probe", str(ckpt),
-                 "--config", str(config), "--device", device.type, "--side", str(p["side"])]
+        yield ([sys.executable, str(Path(__file__).resolve()), "--load-probe", str(ckpt),
+                "--config", str(config), "--device", device.type, "--side", str(p["side"])],
+               written)
+
+
+def part_cli(p, device):
+    """The full-size checkpoint is written here; the load runs in a fresh process."""
+    with _probe_command(p, device) as (probe, written):
         result = _probe(probe, 80) or {"error": "load probe failed or took over 80 s"}
         # Pipeline.load as txt2img runs it, from a fresh interpreter's start, with the weights
         # copied while the model is built (staged) and after it (sequential), twice each
@@ -486,12 +495,7 @@ def part_first_run(p, device):
     device's default kernels), with the libraries warmed up while loading and without,
     alternating, `rounds` each (ldm/warmup.py's WARM_UPS follows from the best of each)."""
     runs = {"warm": [], "cold": []}
-    with tempfile.TemporaryDirectory(dir=p.get("workdir")) as tmp:
-        ckpt = Path(tmp) / "sd21-random.ckpt"
-        config = bg.TINY_CONFIG if p.get("tiny") else bg.FULL_CONFIG
-        bg.write_random_checkpoint(ckpt, device, config)
-        probe = [sys.executable, str(Path(__file__).resolve()), "--load-probe", str(ckpt),
-                 "--config", str(config), "--device", device.type, "--side", str(p["side"])]
+    with _probe_command(p, device) as (probe, _):
         for _ in range(p.get("load_rounds", 2)):
             for mode, got in runs.items():
                 out = _probe(probe + ["--first-run", mode], 45)
