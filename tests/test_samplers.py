@@ -1,6 +1,7 @@
 """Samplers against an exact solution: for Gaussian data N(0, s^2) the ideal denoiser is known in
 closed form and the probability-flow ODE keeps x_t / std_t constant, so every deterministic
-sampler must carry x_T to x_T * std_end / std_start. A wrong coefficient or time shift fails."""
+sampler must carry x_T to x_T * std_end / std_start. A wrong coefficient or time shift fails.
+The noise schedules are checked by their defining formulas."""
 import numpy as np
 import pytest
 import torch
@@ -123,3 +124,34 @@ def test_plms_start_evaluations_belong_to_step_zero():
     sample_plms(denoiser, x_T(), ALPHAS_CUMPROD, 6, progress=False)
     assert [s for _, s in denoiser.calls] == [0, 0, 1, 2, 3, 4, 5, 6]
     assert [t for t, _ in denoiser.calls][:3] == [997, 831, 831]
+
+
+def test_beta_schedules_follow_their_definitions():
+    """LDM's schedules by their defining property: 'linear' (SD's) runs from start to end
+    evenly in sqrt(beta), 'sqrt_linear' evenly in beta, and 'sqrt' is the square root of an
+    even run from start to end."""
+    start, end, n = 0.00085, 0.012, 1000
+    for name, power, first, last in (("linear", 0.5, start, end),
+                                     ("sqrt_linear", 1.0, start, end),
+                                     ("sqrt", 2.0, start ** 0.5, end ** 0.5)):
+        betas = make_beta_schedule(name, n, start, end)
+        assert betas.dtype == np.float64 and betas.shape == (n,)
+        np.testing.assert_allclose(betas[[0, -1]], [first, last], rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(np.diff(betas ** power), np.full(n - 1, np.diff(
+            betas[[0, -1]] ** power)[0] / (n - 1)), rtol=1e-6, err_msg=name)
+
+
+def test_cosine_schedule_has_the_cosine_alphas_cumprod():
+    """Nichol & Dhariwal's cosine schedule: alpha_bar(t) = f(t) / f(0) with
+    f(t) = cos^2((t / T + s) / (1 + s) * pi / 2), betas clipped at 0.999 near t = T."""
+    n, s = 1000, 8e-3
+    betas = make_beta_schedule("cosine", n, cosine_s=s)
+    f = np.cos((np.arange(n + 1) / n + s) / (1 + s) * np.pi / 2) ** 2
+    unclipped = betas < 0.999
+    assert betas.min() > 0 and betas.max() == 0.999 and unclipped[:-1].all()
+    np.testing.assert_allclose(np.cumprod(1 - betas)[:-1], (f[1:] / f[0])[:-1], rtol=1e-9)
+
+
+def test_unknown_beta_schedule_is_refused_by_name():
+    with pytest.raises(ValueError, match="'quadratic'"):
+        make_beta_schedule("quadratic", 10)
