@@ -66,10 +66,10 @@ REFERENCE_PATHS = {"channels_last": False, "cudnn_benchmark": False, "native_nor
 SAMPLING_SWITCHES = ("cudnn_benchmark", "cudnn_attention")
 # How `--compile` compiles the UNet, per device type: compile_unet_in_place's keywords
 # (Inductor `options`, `cuda_graphs`); a device type not listed gets the plain compile. Measured
-# on H200s (docs/benchmarks.md, run 4): freezing 0.65x of eager against the plain compile's
-# 0.63x, so no; CUDA graphs 0.70x on another machine, which does not compare, so not yet.
-# `scripts/gpu_speed.py --parts layouts` judges channels-last freezing and CUDA graphs in one
-# process; its verdicts name the entry to set here.
+# on H200s (docs/benchmarks.md, runs 4 and 5): freezing 0.65x of eager against the plain
+# compile's 0.63x; in one process (run 5) channels-last freezing 28.9 ms a call against the plain
+# compile's 29.4 ms for 44 s more compiling, and CUDA graphs on top 32.0 ms. So CUDA gets the
+# plain compile too. `scripts/gpu_speed.py --parts layouts` names the entry to set here.
 COMPILE_MODES = {}
 
 

@@ -15,7 +15,10 @@ from ldm.background import InBackground
 from ldm.precision import AUTOCAST_DTYPES, attention_preferred
 
 # Device types whose loads warm the libraries up, as scripts/gpu_speed.py's `warmup` part
-# decides (a fresh process's load, first text encode and first steps, with and without).
+# decides (a fresh process's load, first text encode and first steps, with and without). None
+# yet: on an H200 (run 5, best of 2 each) load and first 2 steps took 11.83 s warmed up, 11.33 s
+# not: the first two steps cost as much either way (2.46 s / 2.30 s), so what they pay is not
+# the libraries' start-up that this warm-up touches (per-shape cuDNN autotuning, likely).
 WARM_UPS = {}
 
 

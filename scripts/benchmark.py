@@ -718,17 +718,17 @@ def run_all(args, runner=run_case_subprocess):
             log(results[key]["error"])
         log(f"case {key} done in {time.perf_counter() - start:.0f}s")
         if args.json:  # what is measured so far survives an interrupted run
-            write_json(_report(results, args.device, meta, cuda), args.json)
+            write_json(_report(results, args.device, meta, cuda, args.only), args.json)
     meta["loadavg_after"] = round(os.getloadavg()[0], 2)
-    return _report(results, args.device, meta, cuda)
+    return _report(results, args.device, meta, cuda, args.only)
 
 
-def _report(results, device, meta, cuda):
+def _report(results, device, meta, cuda, items):
     if cuda:
         meta["card"] = benchmark_gpu.card_name(results)
         sdxl = {k: v for k, v in results.items() if k.startswith("sdxl_unet_")}
         report = build_report(sdxl, device, meta)
-        report.update(card=meta["card"], gpu_rows=benchmark_gpu.summary(results),
+        report.update(card=meta["card"], gpu_rows=benchmark_gpu.summary(results, items),
                       details=results)
         return report
     return build_report(results, device, meta)
@@ -753,7 +753,7 @@ def main(argv=None, runner=run_case_subprocess):
     if args.json:
         write_json(report, args.json)
     if args.device == "cuda":
-        print(benchmark_gpu.markdown(report["details"], report["card"]))
+        print(benchmark_gpu.markdown(report["details"], report["card"], args.only))
     else:
         print(markdown_table(report))
     return 0

@@ -352,8 +352,15 @@ def _why(results, key):
     return r.get("error") or r.get("skipped")
 
 
-def rows(results):
-    """Issue 11's table: (measure, value text, target, number or None), from the case results."""
+def rows(results, items=ITEMS + ("sdxl",)):
+    """Issue 11's table: (measure, value text, target, number or None, note), from the case
+    results, for the items asked (`--only`; rows of items not run would only show dashes)."""
+    parts = {"decode": _decode_rows, "sample": _sample_rows, "cli": _cli_rows,
+             "sdxl": _sdxl_rows}
+    return [row for item in parts if item in items for row in parts[item](results)]
+
+
+def _decode_rows(results):
     out = []
     for side, image in ((128, "1024²"), (256, "2048²")):
         # against the plain decoder where it ran beside the banded one (the faster of the two)
@@ -386,6 +393,11 @@ def rows(results):
     out.append((f"tiled SyncGN decode 4096², time / peak ({r.get('tiles')} tiles, budget "
                 f"{_fmt(r.get('budget_gb'), '.0f')} GB)", _time_peak(r), "≤ 15 s / ≤ 12 GB",
                 r.get("peak_gb"), _why(results, "decode_512_auto")))
+    return out
+
+
+def _preset_rows(results):
+    out = []
     for key, name in (("sample_4096_preset", "4096² experimental preset"),
                       ("sample_sdxl_4096_preset", "SDXL sdxl_4096x4096 preset")):
         if key == "sample_sdxl_4096_preset" and key not in results:
@@ -396,15 +408,22 @@ def rows(results):
                     f"{_fmt(step, '.1f')} s sampling, {_fmt(r.get('decode_seconds'), '.1f')} s "
                     f"decode)", _gb(r.get("peak_gb")), "≤ 24 GB", r.get("peak_gb"),
                     _why(results, key)))
-    out += _sample_rows(results)
+    return out
+
+
+def _cli_rows(results):
     r = results.get("cli_1024", {})
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in (r.get("phases") or {}).items())
     first = (r.get("first_run") or {}).get("seconds")
-    out.append(("CLI wall time, the seed's 1024² command (random full-size .ckpt"
-                + (", the second run; the first took " + _fmt(first, ".1f") + " s" if first
-                   else "") + ")",
-                _fmt(r.get("seconds"), ".1f") + " s" + (f" ({phases})" if phases else ""),
-                "≤ 20 s", r.get("seconds"), _why(results, "cli_1024")))
+    return [("CLI wall time, the seed's 1024² command (random full-size .ckpt"
+             + (", the second run; the first took " + _fmt(first, ".1f") + " s" if first
+                else "") + ")",
+             _fmt(r.get("seconds"), ".1f") + " s" + (f" ({phases})" if phases else ""),
+             "≤ 20 s", r.get("seconds"), _why(results, "cli_1024"))]
+
+
+def _sdxl_rows(results):
+    out = []
     for side, image in ((128, "1024²"), (256, "2048²")):  # only asked for: a 10 GB model
         key = f"sdxl_unet_{side}"
         if key in results:
@@ -415,14 +434,15 @@ def rows(results):
 
 
 def _sample_rows(results):
-    """The 1024² sample rows: re-dilated / plain and the plain time with the device's default
-    kernels (txt2img's), then each switch, and all together, against the reference kernels."""
+    """The presets' whole-run peaks, then the 1024² sample rows: re-dilated / plain and the
+    plain time with the device's default kernels (txt2img's), then each switch, and all
+    together, against the reference kernels."""
     fast = results.get("sample_1024_channels_last", {})
     switches = results.get("sample_1024", {})
     steps = fast.get("steps") or switches.get("steps")
     plain, dilated = _get(fast, "seconds", "plain"), _get(fast, "seconds", "dilated")
     why = _why(results, "sample_1024_channels_last")
-    out = [(f"re-dilated / plain 1024² run ({steps and round(steps * 20 / 50)} of {steps} "
+    out = _preset_rows(results) + [(f"re-dilated / plain 1024² run ({steps and round(steps * 20 / 50)} of {steps} "
             f"steps dilated)", _pair(dilated, plain, "s"), "≤ 1.05x", _ratio(dilated, plain),
             why),
            (f"plain 1024² {steps}-step sample (default kernels: {_kernel_text(fast)})",
@@ -478,17 +498,17 @@ def _time_peak(r):
     return f"{_fmt(r.get('seconds'), '.2f')} s / {_gb(r.get('peak_gb'))}"
 
 
-def markdown(results, card):
+def markdown(results, card, items=ITEMS + ("sdxl",)):
     lines = [f"GPU: {card}", "", "| measured | value | target |", "| --- | --- | --- |"]
-    for label, text, target, _, why in rows(results):
+    for label, text, target, _, why in rows(results, items):
         lines.append(f"| {label} | {text}{f' ({why})' if why else ''} | {target} |")
     return "\n".join(lines)
 
 
-def summary(results):
+def summary(results, items=ITEMS + ("sdxl",)):
     """JSON-friendly rows: {measure: {"value": number or None, "text", "target", "note"}}."""
     return {label: {"value": value, "text": text, "target": target, "note": why}
-            for label, text, target, value, why in rows(results)}
+            for label, text, target, value, why in rows(results, items)}
 
 
 def card_name(results):

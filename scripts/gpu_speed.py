@@ -31,12 +31,16 @@ Each part runs in its own process (so each is cold where it should be) under its
 - `compile_layouts`: in one process, beside one uncompiled copy, the plain graph as
   `--compile` builds it, frozen with Inductor's layout optimization forced (channels-last
   convs), and that replayed as CUDA graphs.
+- `compile_wrappers`: in one process, beside one uncompiled copy, the plain graph as
+  `--compile` builds it, with Inductor's C++ wrapper (kernels launched from C++ rather than
+  Python), and replayed as CUDA graphs; each variant's GPU busy time beside its wall time.
 
     python scripts/gpu_speed.py --json speed.json            # the `speed` set, at most 505 s
     python scripts/gpu_speed.py --parts stored --json stored.json   # at most 195 s
     python scripts/gpu_speed.py --parts verify --json verify.json   # at most 310 s
     python scripts/gpu_speed.py --parts graphs --json graphs.json   # at most 200 s
     python scripts/gpu_speed.py --parts layouts --json layouts.json # at most 450 s
+    python scripts/gpu_speed.py --parts wrappers --json wrappers.json # at most 450 s
     python scripts/gpu_speed.py --parts warmup --json warmup.json   # at most 150 s
     python scripts/gpu_speed.py --parts profile,cli --json s.json
     python scripts/gpu_speed.py --tiny --device cpu --parts speed,stored   # CPU smoke run
@@ -74,10 +78,24 @@ COMPILE_VARIANTS = {
     "compile_cudagraphs": {"compiled_cudagraphs": {"cuda_graphs": True}},
     "compile_layouts": {"compiled": {}, "compiled_nhwc": {"options": NHWC},
                         "compiled_nhwc_cudagraphs": {"options": NHWC, "cuda_graphs": True}},
+    # after run 5: the compiled call still spends 6.3 ms a call beyond its 22.6 ms of GPU
+    # time, and CUDA graphs came out at 0.67-0.70x of eager against the plain compile's
+    # 0.62-0.63x (runs 3-5); launching from C++ is the other way to cut host time
+    "compile_wrappers": {"compiled": {},
+                         "compiled_cpp_wrapper": {"options": {"cpp_wrapper": True}},
+                         "compiled_cudagraphs": {"cuda_graphs": True}},
+}
+# Pairs judged within one compile-variant part: {part: {switch: (on label, off label)}}.
+COMPILE_PAIRS = {
+    "compile_layouts": {"compile_nhwc": ("compiled_nhwc", "compiled"),
+                        "cuda_graphs": ("compiled_nhwc_cudagraphs", "compiled_nhwc")},
+    "compile_wrappers": {"cpp_wrapper": ("compiled_cpp_wrapper", "compiled"),
+                         "cuda_graphs_unfrozen": ("compiled_cudagraphs", "compiled")},
 }
 VARIANT_TEXT = {"compiled_frozen": "with freezing", "compiled_cudagraphs": "with CUDA graphs",
                 "compiled": "as --compile", "compiled_nhwc": "frozen, channels-last",
-                "compiled_nhwc_cudagraphs": "frozen, channels-last, CUDA graphs"}
+                "compiled_nhwc_cudagraphs": "frozen, channels-last, CUDA graphs",
+                "compiled_cpp_wrapper": "with the C++ wrapper"}
 PARTS = ("profile", "cli", "first_run", *COLD_DECODES, "compile", *COMPILE_VARIANTS)
 # The part sets gpu_check.sh runs, one device command each: each set's timeouts add up to at
 # most gpu_check.sh's 530 s, which leaves a 600 s command room for installing wheels and
@@ -91,12 +109,15 @@ PART_SETS = {"speed": ("profile", "cli", "cold_decode", "compile"),
              "graphs": ("compile_cudagraphs",),
              # after run 4, in one process: channels-last convs, then CUDA graphs on top
              "layouts": ("compile_layouts",),
+             # after run 5: the compiled call's host time, by C++ launches or CUDA graphs
+             "wrappers": ("compile_wrappers",),
              # after run 4: the CLI's first text encode and steps paid library start-up
              "warmup": ("first_run",)}
 # seconds per part
 TIMEOUTS = {"profile": 60, "cli": 140, "first_run": 150, "cold_decode": 65, "cold_decode_hostalloc": 65,
             "cold_decode_stored": 65, "cold_decode_stored_hostreg": 65, "compile": 240,
-            "compile_frozen": 180, "compile_cudagraphs": 200, "compile_layouts": 450}
+            "compile_frozen": 180, "compile_cudagraphs": 200, "compile_layouts": 450,
+            "compile_wrappers": 450}
 # The cold 4096² decode under a 10 GB budget: as txt2img runs it (layers recompute rather than
 # store tiles beyond the budget; pinned memory registered on threads), and against it with
 # torch's default pinned allocations, storing every layer's tiles (the decode the H200 took
@@ -341,6 +362,14 @@ def part_compile_variant(p, device):
     if device.type == "cuda" and result["variants"]:
         fastest = min(result["variants"], key=result["seconds"].get)
         result.update(_kernels_of(calls[fastest], device, "compiled"), profiled=fastest)
+        # wall minus busy is host time (launches, gaps): what CUDA graphs or C++ launches cut
+        result["gpu_busy_ms"] = {}
+        for label in result["variants"]:
+            try:  # the profiler may not see into a replayed graph: keep the timings anyway
+                result["gpu_busy_ms"][label] = _kernels_of(calls[label], device,
+                                                           "")["gpu_busy_ms_"]
+            except Exception as err:
+                result.setdefault("profile_errors", {})[label] = _one_line(err)
     return result
 
 
@@ -717,9 +746,13 @@ def summary(results):
                 ms, eager = got["seconds"][label], got["seconds"]["eager"]
                 line += (f", {ms * 1e3:.1f} ms vs eager {eager * 1e3:.1f} ms per call "
                          f"({ms / eager:.2f}x)")
+            if label in got.get("gpu_busy_ms", {}):
+                line += f", GPU busy {got['gpu_busy_ms'][label]:.1f} ms"
             lines.append(f"{line}, rel. err {info['rel_err_vs_eager']:.1e}")
         lines += [f"- torch.compile {VARIANT_TEXT[label]}: failed ({why})"
                   for label, why in got.get("errors", {}).items()]
+        lines += [f"- torch.compile {VARIANT_TEXT[label]}: not profiled ({why})"
+                  for label, why in got.get("profile_errors", {}).items()]
         what = VARIANT_TEXT.get(got.get("profiled") or next(iter(COMPILE_VARIANTS[name])))
         lines += _compiled_kernel_lines(got, f"compiled call ({what})")
     return lines
@@ -745,8 +778,19 @@ def _compiled_kernel_lines(part, what):
 STEPS = 50  # a run's steps, the seed's default: what a one-off cost must pay back within
 
 
-def _pays_back(once, per_step_gain):
-    return per_step_gain > 0 and once < STEPS * per_step_gain
+# `--compile` is for long sessions (one process, many images): one compile mode is preferred
+# to another only if its extra compile time pays back within this many steps, 40 runs of 50.
+COMPILE_SESSION_STEPS = 2000
+
+
+def _pays_back(once, per_step_gain, steps=STEPS):
+    return per_step_gain > 0 and once < steps * per_step_gain
+
+
+def _session_cost(part, label):
+    """Seconds to compile `label` plus COMPILE_SESSION_STEPS of its calls."""
+    compile_s = part["variants"][label].get("compile_seconds", 0.0)
+    return compile_s + COMPILE_SESSION_STEPS * part["seconds"][label]
 
 
 def _cold(results, part):
@@ -808,13 +852,17 @@ def decisions(results):
             ratio = got[label] / got["eager"]
             out[switch] = (ratio < plain_ratio, f"{ratio:.2f}x of eager {VARIANT_TEXT[label]}, "
                                                 f"{plain_ratio:.2f}x without")
-    layouts = results.get("compile_layouts", {}).get("seconds", {})
-    pairs = {"compile_nhwc": ("compiled_nhwc", "compiled"),  # in one process: these win
-             "cuda_graphs": ("compiled_nhwc_cudagraphs", "compiled_nhwc")}
-    for switch, (on, off) in pairs.items():
-        if on in layouts and off in layouts:
-            out[switch] = (layouts[on] < layouts[off], f"{layouts[on] * 1e3:.1f} ms "
-                           f"{VARIANT_TEXT[on]}, {layouts[off] * 1e3:.1f} ms {VARIANT_TEXT[off]}")
+    for name, pairs in COMPILE_PAIRS.items():  # in one process: these win
+        part = results.get(name, {})
+        timed = part.get("seconds", {})
+        for switch, (on, off) in pairs.items():
+            if on in timed and off in timed:
+                extra = (part["variants"][on].get("compile_seconds", 0.0)
+                         - part["variants"][off].get("compile_seconds", 0.0))
+                out[switch] = (_pays_back(extra, timed[off] - timed[on], COMPILE_SESSION_STEPS),
+                               f"{timed[on] * 1e3:.1f} ms {VARIANT_TEXT[on]}, "
+                               f"{timed[off] * 1e3:.1f} ms {VARIANT_TEXT[off]}; "
+                               f"{extra:+.0f} s to compile")
     return out
 
 
@@ -834,12 +882,14 @@ def decision_lines(results):
         best = min(compiled, key=compiled.get)
         lines.append(f"- plain {STEPS}-step sample compiled ({best}): "
                      f"{STEPS * compiled[best]:.2f} s of UNet calls, after compiling")
-    layouts = results.get("compile_layouts", {}).get("seconds", {})
-    timed = [label for label in COMPILE_VARIANTS["compile_layouts"] if label in layouts]
-    if timed:  # one process: the fastest of them is what --compile should do on this device
-        mode = COMPILE_VARIANTS["compile_layouts"][min(timed, key=layouts.get)]
-        lines.append(f"- --compile on this device type: COMPILE_MODES entry "
-                     f"(ldm/precision.py) {mode}")
+    for name in COMPILE_PAIRS:  # one process each: its cheapest long session
+        part = results.get(name, {})
+        timed = [label for label in COMPILE_VARIANTS[name] if label in part.get("seconds", {})]
+        if timed:
+            mode = COMPILE_VARIANTS[name][min(timed, key=lambda l: _session_cost(part, l))]
+            lines.append(f"- --compile on this device type: COMPILE_MODES entry "
+                         f"(ldm/precision.py) {mode}"
+                         + ("" if name == "compile_layouts" else f" (by {name})"))
     return ["", "Decisions (docs/benchmarks.md):"] + lines if lines else []
 
 

@@ -164,6 +164,11 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
                                                   "total"}
     assert "plain 1024² 5-step sample, cudnn-attention / reference kernels" in table
     assert len(gpu.rows(results)) == 19 and "CLI wall time" in table
+    # `--only cli` prints its own row, not the other items' dashes
+    only_cli = gpu.markdown(results, "cpu", ("cli",)).splitlines()[4:]
+    assert len(only_cli) == 1 and only_cli[0].startswith("| CLI wall time, the seed's 1024² ")
+    assert [label for label, *_ in gpu.rows(results, ("decode", "sample", "cli", "sdxl"))] == [
+        label for label, *_ in gpu.rows(results)]
     assert "| SDXL UNet CFG call, 1024² (fp16 weights under autocast) | " in table
     assert "(random full-size .ckpt, the second run; the first took " in table
     assert results["decode_256_full"]["path"] == "lean"
