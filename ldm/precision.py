@@ -158,7 +158,7 @@ def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
 
 
 def compile_unet_in_place(unet: nn.Module, backend="inductor", options=None,
-                          cuda_graphs: bool = False):
+                          cuda_graphs: bool = False, dynamic_batch: bool = True):
     """torch.compile the UNet's forward, with the 3x3 convs a run re-dilates routed through
     re-dilation's planned-conv op (as its first step overrides them) so that one graph serves
     every re-dilation plan of the run, and the batch dimension dynamic so that the same graph
@@ -167,7 +167,9 @@ def compile_unet_in_place(unet: nn.Module, backend="inductor", options=None,
     replay the compiled graph as a CUDA graph (Inductor's "reduce-overhead"), which removes
     the host's kernel launches; each call is then its own step and returns copies, since a
     replay reuses the previous call's output memory (multistep samplers such as PLMS keep
-    earlier outputs). The planned-conv op is tagged cudagraph-unsafe, so a re-dilated run's
+    earlier outputs). `dynamic_batch=False` keeps every size static: each new batch size
+    compiles a graph of its own (noise-damped CFG's 3 rows one more), but a static graph lets
+    Inductor lay the convs out channels-last by itself. The planned-conv op is tagged cudagraph-unsafe, so a re-dilated run's
     convs are never replayed with the plan they were captured with."""
     from ldm.scalecrafter.redilation import route_when_overridden
 
@@ -176,10 +178,13 @@ def compile_unet_in_place(unet: nn.Module, backend="inductor", options=None,
     route_when_overridden(unet)
     if cuda_graphs:
         options = {**(options or {}), "triton.cudagraphs": True}
-    compiled = torch.compile(unet.forward, backend=backend, options=options)
+    # dynamic=False also keeps a static graph apart from a dynamic one in Dynamo's cache,
+    # which another instance of the same class would otherwise reuse
+    compiled = torch.compile(unet.forward, backend=backend, options=options,
+                             dynamic=None if dynamic_batch else False)
 
     def forward(*args, **kwargs):
-        for value in (*args, *kwargs.values()):
+        for value in (*args, *kwargs.values()) if dynamic_batch else ():
             if isinstance(value, torch.Tensor) and value.dim():
                 torch._dynamo.maybe_mark_dynamic(value, 0)
         if not cuda_graphs:

@@ -31,16 +31,19 @@ Each part runs in its own process (so each is cold where it should be) under its
 - `compile_layouts`: in one process, beside one uncompiled copy, the plain graph as
   `--compile` builds it, frozen with Inductor's layout optimization forced (channels-last
   convs), and that replayed as CUDA graphs.
-- `compile_wrappers`: in one process, beside one uncompiled copy, the plain graph as
-  `--compile` builds it, with Inductor's C++ wrapper (kernels launched from C++ rather than
-  Python), and replayed as CUDA graphs; each variant's GPU busy time beside its wall time.
+- `compile_host`: in one process, beside one uncompiled copy, the plain graph as `--compile`
+  builds it (batch size dynamic), with every size static (Inductor then lays the convs out
+  channels-last by itself), that replayed as CUDA graphs, the dynamic one replayed as CUDA
+  graphs, and with Inductor's C++ wrapper (kernels launched from C++ rather than Python);
+  each variant's GPU busy time beside its wall time. Variants that no longer fit the part's
+  time are skipped, so that the ones compiled are still timed.
 
     python scripts/gpu_speed.py --json speed.json            # the `speed` set, at most 505 s
     python scripts/gpu_speed.py --parts stored --json stored.json   # at most 195 s
     python scripts/gpu_speed.py --parts verify --json verify.json   # at most 310 s
     python scripts/gpu_speed.py --parts graphs --json graphs.json   # at most 200 s
     python scripts/gpu_speed.py --parts layouts --json layouts.json # at most 450 s
-    python scripts/gpu_speed.py --parts wrappers --json wrappers.json # at most 450 s
+    python scripts/gpu_speed.py --parts host --json host.json       # at most 500 s
     python scripts/gpu_speed.py --parts warmup --json warmup.json   # at most 150 s
     python scripts/gpu_speed.py --parts profile,cli --json s.json
     python scripts/gpu_speed.py --tiny --device cpu --parts speed,stored   # CPU smoke run
@@ -80,22 +83,30 @@ COMPILE_VARIANTS = {
                         "compiled_nhwc_cudagraphs": {"options": NHWC, "cuda_graphs": True}},
     # after run 5: the compiled call still spends 6.3 ms a call beyond its 22.6 ms of GPU
     # time, and CUDA graphs came out at 0.67-0.70x of eager against the plain compile's
-    # 0.62-0.63x (runs 3-5); launching from C++ is the other way to cut host time
-    "compile_wrappers": {"compiled": {},
-                         "compiled_cpp_wrapper": {"options": {"cpp_wrapper": True}},
-                         "compiled_cudagraphs": {"cuda_graphs": True}},
+    # 0.62-0.63x (runs 3-5). Static sizes suit both layouts and CUDA graphs; launching from
+    # C++ is the other way to cut host time. In order of interest: the last ones are skipped
+    # first when compiling runs long.
+    "compile_host": {"compiled": {},
+                     "compiled_static": {"dynamic_batch": False},
+                     "compiled_static_cudagraphs": {"dynamic_batch": False, "cuda_graphs": True},
+                     "compiled_cudagraphs": {"cuda_graphs": True},
+                     "compiled_cpp_wrapper": {"options": {"cpp_wrapper": True}}},
 }
 # Pairs judged within one compile-variant part: {part: {switch: (on label, off label)}}.
 COMPILE_PAIRS = {
     "compile_layouts": {"compile_nhwc": ("compiled_nhwc", "compiled"),
                         "cuda_graphs": ("compiled_nhwc_cudagraphs", "compiled_nhwc")},
-    "compile_wrappers": {"cpp_wrapper": ("compiled_cpp_wrapper", "compiled"),
-                         "cuda_graphs_unfrozen": ("compiled_cudagraphs", "compiled")},
+    "compile_host": {"static_batch": ("compiled_static", "compiled"),
+                     "cuda_graphs_static": ("compiled_static_cudagraphs", "compiled_static"),
+                     "cuda_graphs_dynamic": ("compiled_cudagraphs", "compiled"),
+                     "cpp_wrapper": ("compiled_cpp_wrapper", "compiled")},
 }
 VARIANT_TEXT = {"compiled_frozen": "with freezing", "compiled_cudagraphs": "with CUDA graphs",
                 "compiled": "as --compile", "compiled_nhwc": "frozen, channels-last",
                 "compiled_nhwc_cudagraphs": "frozen, channels-last, CUDA graphs",
-                "compiled_cpp_wrapper": "with the C++ wrapper"}
+                "compiled_cpp_wrapper": "with the C++ wrapper",
+                "compiled_static": "with static sizes",
+                "compiled_static_cudagraphs": "with static sizes, CUDA graphs"}
 PARTS = ("profile", "cli", "first_run", *COLD_DECODES, "compile", *COMPILE_VARIANTS)
 # The part sets gpu_check.sh runs, one device command each: each set's timeouts add up to at
 # most gpu_check.sh's 530 s, which leaves a 600 s command room for installing wheels and
@@ -109,22 +120,25 @@ PART_SETS = {"speed": ("profile", "cli", "cold_decode", "compile"),
              "graphs": ("compile_cudagraphs",),
              # after run 4, in one process: channels-last convs, then CUDA graphs on top
              "layouts": ("compile_layouts",),
-             # after run 5: the compiled call's host time, by C++ launches or CUDA graphs
-             "wrappers": ("compile_wrappers",),
+             # after run 5: the compiled call's host time (static sizes, CUDA graphs, C++)
+             "host": ("compile_host",),
              # after run 4: the CLI's first text encode and steps paid library start-up
              "warmup": ("first_run",)}
 # seconds per part
 TIMEOUTS = {"profile": 60, "cli": 140, "first_run": 150, "cold_decode": 65, "cold_decode_hostalloc": 65,
             "cold_decode_stored": 65, "cold_decode_stored_hostreg": 65, "compile": 240,
             "compile_frozen": 180, "compile_cudagraphs": 200, "compile_layouts": 450,
-            "compile_wrappers": 450}
+            "compile_host": 500}
 # The cold 4096² decode under a 10 GB budget: as txt2img runs it (layers recompute rather than
 # store tiles beyond the budget; pinned memory registered on threads), and against it with
 # torch's default pinned allocations, storing every layer's tiles (the decode the H200 took
 # 33-37 s for, cold), and storing them with threaded registration.
 PART_PARAMS = {"cold_decode_stored": {"recompute": False},
                "cold_decode_stored_hostreg": {"recompute": False},
-               **{name: {"variants": v} for name, v in COMPILE_VARIANTS.items()}}
+               # a compile-variant part stops compiling 80 s before its timeout: building the
+               # model before and the timed and profiled calls after fit in that
+               **{name: {"variants": v, "compile_budget_s": TIMEOUTS[name] - 80}
+                  for name, v in COMPILE_VARIANTS.items()}}
 DEFAULT_PINNED = {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:False"}
 
 
@@ -342,21 +356,34 @@ def part_compile_variant(p, device):
     host's launches."""
     import copy
 
+    from torch._dynamo.utils import counters
+
     from ldm.precision import compile_unet_in_place
 
     call, unet = _unet_call(p, device)
     eager_unet = copy.deepcopy(unet)
     calls, result = {"eager": lambda: call(net=eager_unet)}, {"variants": {}}
+    start, longest = time.perf_counter(), 0.0
     for i, (label, keywords) in enumerate(p["variants"].items()):
+        left = p.get("compile_budget_s", float("inf")) - (time.perf_counter() - start)
+        if left < longest:  # the timings need every compiled variant: leave them the time
+            result.setdefault("skipped", {})[label] = (
+                f"{left:.0f} s of the compile budget left, the longest compile took "
+                f"{longest:.0f} s")
+            continue
         net = unet if i == len(p["variants"]) - 1 else copy.deepcopy(unet)
         calls[label] = lambda net=net: call(net=net)
+        began, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
         try:  # one variant failing to compile leaves the others' figures
             compile_unet_in_place(net, backend=p.get("backend", "inductor"), **keywords)
             result["variants"][label] = _compiled_by_first_call(calls[label], calls["eager"],
                                                                 device)
+            # Dynamo hands an instance of the same class a graph compiled for equal settings
+            result["variants"][label]["graphs"] = counters["stats"]["unique_graphs"] - graphs
         except Exception as err:
             result.setdefault("errors", {})[label] = _one_line(err)
             del calls[label]
+        longest = max(longest, time.perf_counter() - began)
         report_so_far(result)
     result["seconds"] = _interleaved(calls, device, p.get("rounds", 5))
     if device.type == "cuda" and result["variants"]:
@@ -748,11 +775,15 @@ def summary(results):
                          f"({ms / eager:.2f}x)")
             if label in got.get("gpu_busy_ms", {}):
                 line += f", GPU busy {got['gpu_busy_ms'][label]:.1f} ms"
+            if info.get("graphs") == 0:
+                line += " (compiled no graph of its own: an earlier variant's ran)"
             lines.append(f"{line}, rel. err {info['rel_err_vs_eager']:.1e}")
         lines += [f"- torch.compile {VARIANT_TEXT[label]}: failed ({why})"
                   for label, why in got.get("errors", {}).items()]
         lines += [f"- torch.compile {VARIANT_TEXT[label]}: not profiled ({why})"
                   for label, why in got.get("profile_errors", {}).items()]
+        lines += [f"- torch.compile {VARIANT_TEXT[label]}: skipped ({why})"
+                  for label, why in got.get("skipped", {}).items()]
         what = VARIANT_TEXT.get(got.get("profiled") or next(iter(COMPILE_VARIANTS[name])))
         lines += _compiled_kernel_lines(got, f"compiled call ({what})")
     return lines
@@ -787,10 +818,28 @@ def _pays_back(once, per_step_gain, steps=STEPS):
     return per_step_gain > 0 and once < steps * per_step_gain
 
 
-def _session_cost(part, label):
-    """Seconds to compile `label` plus COMPILE_SESSION_STEPS of its calls."""
-    compile_s = part["variants"][label].get("compile_seconds", 0.0)
-    return compile_s + COMPILE_SESSION_STEPS * part["seconds"][label]
+def _compile_seconds(part, label):
+    return part["variants"][label].get("compile_seconds", 0.0)
+
+
+def _better_compile(part, on, off):
+    """Whether variant `on` beats `off` of one compile-variant part: faster per call, and its
+    extra compile time paid back within COMPILE_SESSION_STEPS calls. (Compile times alone do
+    not decide: a later variant finds kernels an earlier one compiled in the on-disk cache.)"""
+    extra = _compile_seconds(part, on) - _compile_seconds(part, off)
+    return _pays_back(extra, part["seconds"][off] - part["seconds"][on], COMPILE_SESSION_STEPS)
+
+
+def _compile_mode(name, part):
+    """The COMPILE_MODES entry a compile-variant part decides: of the variants that beat its
+    first (the plain compile), the cheapest long session (compile time and the calls)."""
+    timed = [label for label in COMPILE_VARIANTS[name] if label in part.get("seconds", {})]
+    base = next(iter(COMPILE_VARIANTS[name]))
+    if base not in timed:
+        return None
+    better = [base] + [label for label in timed if _better_compile(part, label, base)]
+    return COMPILE_VARIANTS[name][min(better, key=lambda label: _compile_seconds(
+        part, label) + COMPILE_SESSION_STEPS * part["seconds"][label])]
 
 
 def _cold(results, part):
@@ -857,9 +906,8 @@ def decisions(results):
         timed = part.get("seconds", {})
         for switch, (on, off) in pairs.items():
             if on in timed and off in timed:
-                extra = (part["variants"][on].get("compile_seconds", 0.0)
-                         - part["variants"][off].get("compile_seconds", 0.0))
-                out[switch] = (_pays_back(extra, timed[off] - timed[on], COMPILE_SESSION_STEPS),
+                extra = _compile_seconds(part, on) - _compile_seconds(part, off)
+                out[switch] = (_better_compile(part, on, off),
                                f"{timed[on] * 1e3:.1f} ms {VARIANT_TEXT[on]}, "
                                f"{timed[off] * 1e3:.1f} ms {VARIANT_TEXT[off]}; "
                                f"{extra:+.0f} s to compile")
@@ -882,11 +930,9 @@ def decision_lines(results):
         best = min(compiled, key=compiled.get)
         lines.append(f"- plain {STEPS}-step sample compiled ({best}): "
                      f"{STEPS * compiled[best]:.2f} s of UNet calls, after compiling")
-    for name in COMPILE_PAIRS:  # one process each: its cheapest long session
-        part = results.get(name, {})
-        timed = [label for label in COMPILE_VARIANTS[name] if label in part.get("seconds", {})]
-        if timed:
-            mode = COMPILE_VARIANTS[name][min(timed, key=lambda l: _session_cost(part, l))]
+    for name in COMPILE_PAIRS:  # one process each
+        mode = _compile_mode(name, results.get(name, {}))
+        if mode is not None:
             lines.append(f"- --compile on this device type: COMPILE_MODES entry "
                          f"(ldm/precision.py) {mode}"
                          + ("" if name == "compile_layouts" else f" (by {name})"))

@@ -1,5 +1,6 @@
 """scripts/gpu_speed.py, the GPU time diagnosis, runs its parts on the tiny model (CPU)."""
 import json
+import time
 
 import pytest
 import torch
@@ -106,7 +107,7 @@ def test_a_part_stopped_by_its_timeout_keeps_what_it_reported(speed, monkeypatch
 @pytest.fixture
 def one_conv_unet(speed, monkeypatch):
     """The compile parts' UNet call, with a one-conv stand-in for the UNet (tracing the tiny
-    UNet takes 20 s)."""
+    UNet takes 20 s). Dynamo's graphs go with the test: each part runs in a fresh process."""
     x = torch.randn(2, 4, 8, 8)
 
     def unet_call(p, device):  # a fresh UNet for each part, as each part's own process builds
@@ -117,6 +118,9 @@ def one_conv_unet(speed, monkeypatch):
                 return (stand_in if net is None else net)(x)
         return call, stand_in
     monkeypatch.setattr(speed, "_unet_call", unet_call)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def test_layout_variants_compile_in_one_process_and_are_judged_pairwise(speed, one_conv_unet):
@@ -167,31 +171,81 @@ def test_layout_variants_compile_in_one_process_and_are_judged_pairwise(speed, o
                for line in speed.summary({"compile_layouts": got}))
 
 
-def test_wrapper_variants_are_judged_against_the_plain_compile(speed, one_conv_unet):
-    """`compile_wrappers` (plumbing on the CPU): the plain compile, the C++ wrapper and CUDA
-    graphs in one process, each judged against the plain compile with its compile time."""
-    params = {**speed.part_params("compile_wrappers", True), "rounds": 1, "backend": "eager"}
+def test_host_variants_are_judged_against_their_base(speed, one_conv_unet):
+    """`compile_host` (plumbing on the CPU): static sizes, CUDA graphs on them and on the
+    dynamic graph, and the C++ wrapper, in one process; each judged against its base with its
+    extra compile time."""
+    params = {**speed.part_params("compile_host", True), "rounds": 1, "backend": "eager"}
     got = speed.part_compile_variant(params, torch.device("cpu"))
-    assert set(got["seconds"]) == {"eager", "compiled", "compiled_cpp_wrapper",
-                                   "compiled_cudagraphs"}
-    got["seconds"] = {"eager": 0.0475, "compiled": 0.0294, "compiled_cpp_wrapper": 0.0250,
-                      "compiled_cudagraphs": 0.0280}
-    for label, seconds in (("compiled", 86), ("compiled_cpp_wrapper", 120),
-                           ("compiled_cudagraphs", 95)):
+    assert set(got["seconds"]) == {"eager", "compiled", "compiled_static",
+                                   "compiled_static_cudagraphs", "compiled_cudagraphs",
+                                   "compiled_cpp_wrapper"}
+    # each variant compiled a graph of its own, not an earlier one's (Dynamo shares a graph
+    # between instances of a class compiled with equal settings: the summary would say so)
+    assert all(v["graphs"] == 1 for v in got["variants"].values())
+    same = {**params, "variants": {"compiled": {}, "compiled_static": {}}}
+    torch._dynamo.reset()  # as a fresh process
+    shared = speed.part_compile_variant(same, torch.device("cpu"))
+    assert [v["graphs"] for v in shared["variants"].values()] == [1, 0]
+    assert [line for line in speed.summary({"compile_host": shared})
+            if "compiled no graph of its own: an earlier variant's ran" in line] != []
+    got["seconds"] = {"eager": 0.0475, "compiled": 0.0294, "compiled_static": 0.0285,
+                      "compiled_static_cudagraphs": 0.0240, "compiled_cudagraphs": 0.0280,
+                      "compiled_cpp_wrapper": 0.0250}
+    for label, seconds in (("compiled", 86), ("compiled_static", 80),
+                           ("compiled_static_cudagraphs", 90), ("compiled_cudagraphs", 95),
+                           ("compiled_cpp_wrapper", 120)):
         got["variants"][label]["compile_seconds"] = seconds
-    verdicts = speed.decisions({"compile_wrappers": got})
+    verdicts = speed.decisions({"compile_host": got})
+    assert verdicts["static_batch"] == (  # faster and quicker to compile
+        True, "28.5 ms with static sizes, 29.4 ms as --compile; -6 s to compile")
+    assert verdicts["cuda_graphs_static"] == (  # 4.5 ms x 2000 = 9 s does not pay back 10 s
+        False, "24.0 ms with static sizes, CUDA graphs, 28.5 ms with static sizes; "
+               "+10 s to compile")
+    assert verdicts["cuda_graphs_dynamic"] == (  # 1.4 ms x 2000 = 2.8 s, not 9 s
+        False, "28.0 ms with CUDA graphs, 29.4 ms as --compile; +9 s to compile")
     assert verdicts["cpp_wrapper"] == (  # 4.4 ms x 2000 = 8.8 s does not pay back 34 s
         False, "25.0 ms with the C++ wrapper, 29.4 ms as --compile; +34 s to compile")
-    assert verdicts["cuda_graphs_unfrozen"] == (  # 1.4 ms x 2000 = 2.8 s, not 9 s
-        False, "28.0 ms with CUDA graphs, 29.4 ms as --compile; +9 s to compile")
-    got["variants"]["compiled_cpp_wrapper"]["compile_seconds"] = 90
-    assert speed.decisions({"compile_wrappers": got})["cpp_wrapper"][0]
+    # the mode: of the variants that beat the plain compile, the cheapest long session
+    # (compile time + 2000 calls): static 80 + 57 s against graphs on it 90 + 48 s
+    def mode_line():
+        return next(line for line in speed.decision_lines({"compile_host": got})
+                    if "COMPILE_MODES entry" in line)
+    assert mode_line().endswith("{'dynamic_batch': False} (by compile_host)")
+    got["variants"]["compiled_static_cudagraphs"]["compile_seconds"] = 85
+    assert speed.decisions({"compile_host": got})["cuda_graphs_static"][0]
     assert ("- --compile on this device type: COMPILE_MODES entry (ldm/precision.py) "
-            "{'options': {'cpp_wrapper': True}} (by compile_wrappers)"
-            ) in speed.decision_lines({"compile_wrappers": got})
+            "{'dynamic_batch': False, 'cuda_graphs': True} (by compile_host)"
+            ) in speed.decision_lines({"compile_host": got})
+    # slower per call never wins by compiling faster (a later variant finds cached kernels)
+    got["seconds"] = {**got["seconds"], "compiled_static": 0.0298,
+                      "compiled_static_cudagraphs": 0.0300}
+    assert not speed.decisions({"compile_host": got})["static_batch"][0]
+    assert mode_line().endswith("{} (by compile_host)")
     got["gpu_busy_ms"] = {"compiled": 22.6}
     assert any("(0.62x), GPU busy 22.6 ms, rel. err" in line and "as --compile" in line
-               for line in speed.summary({"compile_wrappers": got}))
+               for line in speed.summary({"compile_host": got}))
+
+
+def test_variants_beyond_the_compile_budget_are_skipped(speed, one_conv_unet, monkeypatch):
+    """A variant is compiled only while the part's compile budget still holds its longest
+    compile so far: the compiled ones are then timed within the part's timeout."""
+    import ldm.precision
+
+    compile_in_place = ldm.precision.compile_unet_in_place
+
+    def slow(*args, **kwargs):
+        time.sleep(0.2)
+        return compile_in_place(*args, **kwargs)
+    monkeypatch.setattr(ldm.precision, "compile_unet_in_place", slow)
+    params = {**speed.part_params("compile_host", True), "rounds": 1, "backend": "eager",
+              "compile_budget_s": 0.3}
+    got = speed.part_compile_variant(params, torch.device("cpu"))
+    assert set(got["seconds"]) == {"eager", "compiled"}
+    assert set(got["skipped"]) == set(params["variants"]) - {"compiled"}
+    assert any(line.startswith("- torch.compile with static sizes: skipped (")
+               for line in speed.summary({"compile_host": got}))
+    assert speed.part_params("compile_host", False)["compile_budget_s"] == 420
 
 
 def test_part_sets_run_each_part_once(speed):

@@ -395,6 +395,50 @@ def test_compile_with_cuda_graphs_marks_each_call_a_step_and_returns_copies(monk
     assert len(steps) == 2
 
 
+@pytest.mark.parametrize("dynamic_batch", [True, False])
+def test_batch_size_is_dynamic_unless_asked_static(dynamic_batch):
+    """--compile marks the batch dynamic (noise-damped CFG's 3 rows share plain CFG's graph);
+    `dynamic_batch=False` traces every size static, which lets Inductor pick conv layouts."""
+    inputs = []
+
+    def backend(graph_module, example_inputs):
+        inputs.extend(n.meta["example_value"] for n in graph_module.graph.nodes
+                      if n.op == "placeholder")
+        return graph_module.forward
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    eager = copy.deepcopy(conv)
+    compile_unet_in_place(conv, backend=backend, dynamic_batch=dynamic_batch)
+    x = torch.randn(2, 3, 8, 8)
+    try:
+        with torch.no_grad():
+            assert torch.equal(conv(x), eager(x))
+    finally:
+        torch._dynamo.reset()
+    batch = inputs[-1].shape[0]
+    assert isinstance(batch, torch.SymInt) == dynamic_batch and batch == 2
+
+
+def test_static_and_dynamic_graphs_stay_apart():
+    """Dynamo reuses a graph for another instance of the same class with the same backend;
+    a static compile must not run an earlier dynamic one (gpu_speed times both apart)."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    convs = [torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(3)]
+    for conv, dynamic_batch in zip(convs, (True, True, False)):
+        compile_unet_in_place(conv, backend=backend, dynamic_batch=dynamic_batch)
+    x = torch.randn(2, 3, 8, 8)
+    try:
+        with torch.no_grad():
+            for conv in convs:
+                conv(x)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 2  # the second dynamic instance reused the first's graph
+
+
 def test_compiling_a_compiled_unet_again_is_refused_in_words():
     conv = torch.nn.Conv2d(3, 3, 3, padding=1)
     compile_unet_in_place(conv, backend="eager")
