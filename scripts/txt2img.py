@@ -7,6 +7,7 @@ the config before any weights are placed. Exit status: 0 done, 1 refused or fail
 flags, 130 interrupted (the finished images are kept, nothing partial is left)."""
 import argparse
 import math
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -444,6 +445,11 @@ def run(args):
         use_fast_pinned_memory()
     ckpt_hash = BackgroundShortHash(args.ckpt)  # for the metadata; overlaps loading and sampling
     timer = PhaseTimer(args.device, args.timings)
+    # a full-size load takes seconds to minutes: say what is being loaded (stdout: stderr is
+    # kept for warnings and the one-line errors)
+    size = os.path.getsize(args.ckpt)
+    size = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    print(f"Loading {args.ckpt} ({size}) with {args.config} on {args.device}", flush=True)
     with timer.phase("load"):
         pipe = Pipeline.load(args.config, args.ckpt, device=args.device,
                              precision=args.precision, channels_last=args.channels_last,

@@ -328,6 +328,10 @@ def test_a_run_end_to_end_exits_fast_with_everything_written(tmp_path):
                         "full", "--outdir", tmp_path, "--prompt", "x", "--timings")
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith("Enjoy.")
+    # what loads, before the load's seconds (on stdout: stderr holds warnings and errors)
+    size = TINY_CKPT.stat().st_size / 1e6  # (a full-size one in GB)
+    assert result.stdout.splitlines()[0] == (
+        f"Loading {TINY_CKPT} ({size:.1f} MB) with {TINY_CONFIG} on cpu")
     assert result.stderr.rstrip().splitlines()[-1].startswith("timings (s): startup")
     for name in ("samples/00000.png", "samples/00001.png", "grid-0000.png"):
         with Image.open(tmp_path / name) as image:
