@@ -648,7 +648,7 @@ def build_parser():
 
 def resolve(args):
     """Fill defaults that depend on --quick / --tiny and check every flag; UsageError if bad."""
-    items = benchmark_gpu.ITEMS + ("sdxl",) if args.device == "cuda" else ITEMS
+    items = benchmark_gpu.TABLE_ITEMS if args.device == "cuda" else ITEMS
     if args.device == "cuda" and args.only == list(DEFAULT_ITEMS):
         args.only = list(items)  # the default: everything of this device
     unknown = [v for v in args.only if v not in items]

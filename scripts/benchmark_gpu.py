@@ -277,6 +277,7 @@ def _phases(stderr):
 
 CASES = {"sample": case_sample, "cli": case_cli}
 ITEMS = ("decode", "sample", "cli")
+TABLE_ITEMS = ITEMS + ("sdxl",)  # the table's row groups (sdxl: benchmark.py's own case)
 
 
 # Where the seed's half-side tiling is measured beside the auto tiles (2048² dropped: the
@@ -352,7 +353,7 @@ def _why(results, key):
     return r.get("error") or r.get("skipped")
 
 
-def rows(results, items=ITEMS + ("sdxl",)):
+def rows(results, items=TABLE_ITEMS):
     """Issue 11's table: (measure, value text, target, number or None, note), from the case
     results, for the items asked (`--only`; rows of items not run would only show dashes)."""
     parts = {"decode": _decode_rows, "sample": _sample_rows, "cli": _cli_rows,
@@ -498,14 +499,14 @@ def _time_peak(r):
     return f"{_fmt(r.get('seconds'), '.2f')} s / {_gb(r.get('peak_gb'))}"
 
 
-def markdown(results, card, items=ITEMS + ("sdxl",)):
+def markdown(results, card, items=TABLE_ITEMS):
     lines = [f"GPU: {card}", "", "| measured | value | target |", "| --- | --- | --- |"]
     for label, text, target, _, why in rows(results, items):
         lines.append(f"| {label} | {text}{f' ({why})' if why else ''} | {target} |")
     return "\n".join(lines)
 
 
-def summary(results, items=ITEMS + ("sdxl",)):
+def summary(results, items=TABLE_ITEMS):
     """JSON-friendly rows: {measure: {"value": number or None, "text", "target", "note"}}."""
     return {label: {"value": value, "text": text, "target": target, "note": why}
             for label, text, target, value, why in rows(results, items)}

@@ -447,8 +447,8 @@ def run(args):
     timer = PhaseTimer(args.device, args.timings)
     # a full-size load takes seconds to minutes: say what is being loaded (stdout: stderr is
     # kept for warnings and the one-line errors)
-    size = os.path.getsize(args.ckpt)
-    size = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    nbytes = os.path.getsize(args.ckpt)
+    size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
     print(f"Loading {args.ckpt} ({size}) with {args.config} on {args.device}", flush=True)
     with timer.phase("load"):
         pipe = Pipeline.load(args.config, args.ckpt, device=args.device,

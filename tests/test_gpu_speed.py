@@ -123,6 +123,14 @@ def one_conv_unet(speed, monkeypatch):
     torch._dynamo.reset()
 
 
+def set_figures(got, eager, **figures):
+    """A compile-variant part's figures as a card would give them: {label: (seconds a call,
+    seconds to compile)}."""
+    got["seconds"] = {"eager": eager, **{label: call for label, (call, _) in figures.items()}}
+    for label, (_, compile_seconds) in figures.items():
+        got["variants"][label]["compile_seconds"] = compile_seconds
+
+
 def test_layout_variants_compile_in_one_process_and_are_judged_pairwise(speed, one_conv_unet):
     """`compile_layouts` compiles three copies of the plain graph beside one uncompiled copy
     (plumbing on the CPU with a one-conv stand-in), and judges channels-last against the plain
@@ -135,11 +143,8 @@ def test_layout_variants_compile_in_one_process_and_are_judged_pairwise(speed, o
     assert all(v["rel_err_vs_eager"] < 1e-6 for v in got["variants"].values())
     # faster per call is not enough: the extra compile time must pay back within a long
     # session (COMPILE_SESSION_STEPS calls)
-    got["seconds"] = {"eager": 0.040, "compiled": 0.028, "compiled_nhwc": 0.025,
-                      "compiled_nhwc_cudagraphs": 0.024}
-    for label, seconds in (("compiled", 80), ("compiled_nhwc", 84),
-                           ("compiled_nhwc_cudagraphs", 100)):
-        got["variants"][label]["compile_seconds"] = seconds
+    set_figures(got, 0.040, compiled=(0.028, 80), compiled_nhwc=(0.025, 84),
+                compiled_nhwc_cudagraphs=(0.024, 100))
     verdicts = speed.decisions({"compile_layouts": got})
     assert speed.COMPILE_SESSION_STEPS == 2000
     assert verdicts["compile_nhwc"] == (  # 3 ms x 2000 = 6 s pays back 4 s
@@ -153,11 +158,8 @@ def test_layout_variants_compile_in_one_process_and_are_judged_pairwise(speed, o
             "{'options': {'freezing': True, 'force_layout_optimization': True}}"
             ) in speed.decision_lines({"compile_layouts": got})
     # run 5 on an H200: channels-last 0.5 ms faster for 44 s more compiling, graphs slower
-    got["seconds"] = {"eager": 0.0475, "compiled": 0.0294, "compiled_nhwc": 0.0289,
-                      "compiled_nhwc_cudagraphs": 0.0320}
-    for label, seconds in (("compiled", 86), ("compiled_nhwc", 130),
-                           ("compiled_nhwc_cudagraphs", 100)):
-        got["variants"][label]["compile_seconds"] = seconds
+    set_figures(got, 0.0475, compiled=(0.0294, 86), compiled_nhwc=(0.0289, 130),
+                compiled_nhwc_cudagraphs=(0.0320, 100))
     verdicts = speed.decisions({"compile_layouts": got})
     assert not verdicts["compile_nhwc"][0] and not verdicts["cuda_graphs"][0]
     assert ("- --compile on this device type: COMPILE_MODES entry (ldm/precision.py) {}"
@@ -189,13 +191,9 @@ def test_host_variants_are_judged_against_their_base(speed, one_conv_unet):
     assert [v["graphs"] for v in shared["variants"].values()] == [1, 0]
     assert [line for line in speed.summary({"compile_host": shared})
             if "compiled no graph of its own: an earlier variant's ran" in line] != []
-    got["seconds"] = {"eager": 0.0475, "compiled": 0.0294, "compiled_static": 0.0285,
-                      "compiled_static_cudagraphs": 0.0240, "compiled_cudagraphs": 0.0280,
-                      "compiled_cpp_wrapper": 0.0250}
-    for label, seconds in (("compiled", 86), ("compiled_static", 80),
-                           ("compiled_static_cudagraphs", 90), ("compiled_cudagraphs", 95),
-                           ("compiled_cpp_wrapper", 120)):
-        got["variants"][label]["compile_seconds"] = seconds
+    set_figures(got, 0.0475, compiled=(0.0294, 86), compiled_static=(0.0285, 80),
+                compiled_static_cudagraphs=(0.0240, 90), compiled_cudagraphs=(0.0280, 95),
+                compiled_cpp_wrapper=(0.0250, 120))
     verdicts = speed.decisions({"compile_host": got})
     assert verdicts["static_batch"] == (  # faster and quicker to compile
         True, "28.5 ms with static sizes, 29.4 ms as --compile; -6 s to compile")
