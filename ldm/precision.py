@@ -66,10 +66,12 @@ REFERENCE_PATHS = {"channels_last": False, "cudnn_benchmark": False, "native_nor
 SAMPLING_SWITCHES = ("cudnn_benchmark", "cudnn_attention")
 # How `--compile` compiles the UNet, per device type: compile_unet_in_place's keywords
 # (Inductor `options`, `cuda_graphs`); a device type not listed gets the plain compile. Measured
-# on H200s (docs/benchmarks.md, runs 4 and 5): freezing 0.65x of eager against the plain
-# compile's 0.63x; in one process (run 5) channels-last freezing 28.9 ms a call against the plain
-# compile's 29.4 ms for 44 s more compiling, and CUDA graphs on top 32.0 ms. So CUDA gets the
-# plain compile too. `scripts/gpu_speed.py --parts layouts` names the entry to set here.
+# on H200s (docs/benchmarks.md, runs 4-6): channels-last freezing 28.9 ms a call against the
+# plain compile's 29.4 ms for 44 s more compiling (run 5); CUDA graphs 27.4 ms against 28.3 ms
+# (run 6, one process), but their private memory pool keeps the UNet's intermediates from the
+# decode, whose budget would count that memory as free (unmeasured at 4096²): 0.9 ms a step is
+# not worth that risk. So CUDA gets the plain compile too. `scripts/gpu_speed.py --parts host`
+# names the entry its rule would set here.
 COMPILE_MODES = {}
 
 
@@ -168,9 +170,10 @@ def compile_unet_in_place(unet: nn.Module, backend="inductor", options=None,
     the host's kernel launches; each call is then its own step and returns copies, since a
     replay reuses the previous call's output memory (multistep samplers such as PLMS keep
     earlier outputs). `dynamic_batch=False` keeps every size static: each new batch size
-    compiles a graph of its own (noise-damped CFG's 3 rows one more), but a static graph lets
-    Inductor lay the convs out channels-last by itself. The planned-conv op is tagged cudagraph-unsafe, so a re-dilated run's
-    convs are never replayed with the plan they were captured with."""
+    compiles a graph of its own (noise-damped CFG's 3 rows one more); on an H200 it ran no
+    faster (run 6: the convs still took NCHW inputs). The planned-conv op is tagged
+    cudagraph-unsafe, so a re-dilated run's convs are never replayed with the plan they were
+    captured with."""
     from ldm.scalecrafter.redilation import route_when_overridden
 
     if getattr(unet.forward, "compiled_in_place", False):  # Dynamo cannot trace this wrapper

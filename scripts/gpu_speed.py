@@ -32,8 +32,8 @@ Each part runs in its own process (so each is cold where it should be) under its
   `--compile` builds it, frozen with Inductor's layout optimization forced (channels-last
   convs), and that replayed as CUDA graphs.
 - `compile_host`: in one process, beside one uncompiled copy, the plain graph as `--compile`
-  builds it (batch size dynamic), with every size static (Inductor then lays the convs out
-  channels-last by itself), that replayed as CUDA graphs, the dynamic one replayed as CUDA
+  builds it (batch size dynamic), with every size static (run 6: its convs still took NCHW
+  inputs), that replayed as CUDA graphs, the dynamic one replayed as CUDA
   graphs, and with Inductor's C++ wrapper (kernels launched from C++ rather than Python);
   each variant's GPU busy time beside its wall time. Variants that no longer fit the part's
   time are skipped, so that the ones compiled are still timed.
@@ -83,7 +83,7 @@ COMPILE_VARIANTS = {
                         "compiled_nhwc_cudagraphs": {"options": NHWC, "cuda_graphs": True}},
     # after run 5: the compiled call still spends 6.3 ms a call beyond its 22.6 ms of GPU
     # time, and CUDA graphs came out at 0.67-0.70x of eager against the plain compile's
-    # 0.62-0.63x (runs 3-5). Static sizes suit both layouts and CUDA graphs; launching from
+    # 0.62-0.63x (runs 3-5). Static sizes were to suit both layouts and CUDA graphs; launching from
     # C++ is the other way to cut host time. In order of interest: the last ones are skipped
     # first when compiling runs long.
     "compile_host": {"compiled": {},
@@ -351,8 +351,8 @@ def part_compile_variant(p, device):
     `compile_unet_in_place` keywords}): compile times, then ms per call interleaved with an
     uncompiled copy, and the GPU kernels of the fastest. Inductor's freezing makes the weights
     constants of the graph (pre-laid-out conv weights, fused epilogues); forcing its layout
-    optimization runs the convs channels-last (it skips them by itself when the batch size is
-    dynamic, leaving cuDNN to convert every input); CUDA graphs replay the call without the
+    optimization runs the convs channels-last (without it, cuDNN converts every input, static
+    sizes or not); CUDA graphs replay the call without the
     host's launches."""
     import copy
 
@@ -812,6 +812,9 @@ STEPS = 50  # a run's steps, the seed's default: what a one-off cost must pay ba
 # `--compile` is for long sessions (one process, many images): one compile mode is preferred
 # to another only if its extra compile time pays back within this many steps, 40 runs of 50.
 COMPILE_SESSION_STEPS = 2000
+# What the per-call rule cannot see, said beside an entry that has it (docs/benchmarks.md, run 6)
+HELD_BACK = {"cuda_graphs": "first measure a 4096² run's decode with it: the graphs' private "
+                            "pool keeps the UNet's memory from the decode's budget"}
 
 
 def _pays_back(once, per_step_gain, steps=STEPS):
@@ -935,7 +938,8 @@ def decision_lines(results):
         if mode is not None:
             lines.append(f"- --compile on this device type: COMPILE_MODES entry "
                          f"(ldm/precision.py) {mode}"
-                         + ("" if name == "compile_layouts" else f" (by {name})"))
+                         + ("" if name == "compile_layouts" else f" (by {name})")
+                         + "".join(f"; {why}" for key, why in HELD_BACK.items() if mode.get(key)))
     return ["", "Decisions (docs/benchmarks.md):"] + lines if lines else []
 
 
