@@ -31,6 +31,10 @@ Each part runs in its own process (so each is cold where it should be) under its
 - `compile_layouts`: in one process, beside one uncompiled copy, the plain graph as
   `--compile` builds it, frozen with Inductor's layout optimization forced (channels-last
   convs), and that replayed as CUDA graphs.
+- `eager_layouts`: the eager call as it runs (NCHW up to the first SpatialTransformer, whose
+  output is a channels-last view that the convs after it keep), NCHW throughout, and with
+  channels-last conv weights, interleaved, each with its GPU kernels and how many of its
+  conv inputs are channels-last.
 - `compile_host`: in one process, beside one uncompiled copy, the plain graph as `--compile`
   builds it (batch size dynamic), with every size static (run 6: its convs still took NCHW
   inputs), that replayed as CUDA graphs, the dynamic one replayed as CUDA
@@ -107,7 +111,8 @@ VARIANT_TEXT = {"compiled_frozen": "with freezing", "compiled_cudagraphs": "with
                 "compiled_cpp_wrapper": "with the C++ wrapper",
                 "compiled_static": "with static sizes",
                 "compiled_static_cudagraphs": "with static sizes, CUDA graphs"}
-PARTS = ("profile", "cli", "first_run", *COLD_DECODES, "compile", *COMPILE_VARIANTS)
+PARTS = ("profile", "eager_layouts", "cli", "first_run", *COLD_DECODES, "compile",
+         *COMPILE_VARIANTS)
 # The part sets gpu_check.sh runs, one device command each: each set's timeouts add up to at
 # most gpu_check.sh's 530 s, which leaves a 600 s command room for installing wheels and
 # starting up. `speed` first: the sampling and CLI targets, and the decode as txt2img runs it.
@@ -123,11 +128,13 @@ PART_SETS = {"speed": ("profile", "cli", "cold_decode", "compile"),
              # after run 5: the compiled call's host time (static sizes, CUDA graphs, C++)
              "host": ("compile_host",),
              # after run 4: the CLI's first text encode and steps paid library start-up
-             "warmup": ("first_run",)}
+             "warmup": ("first_run",),
+             # after run 6: the eager call's mixed layouts
+             "eager": ("eager_layouts",)}
 # seconds per part
-TIMEOUTS = {"profile": 60, "cli": 140, "first_run": 150, "cold_decode": 65, "cold_decode_hostalloc": 65,
-            "cold_decode_stored": 65, "cold_decode_stored_hostreg": 65, "compile": 240,
-            "compile_frozen": 180, "compile_cudagraphs": 200, "compile_layouts": 450,
+TIMEOUTS = {"profile": 60, "eager_layouts": 90, "cli": 140, "first_run": 150, "cold_decode": 65,
+            "cold_decode_hostalloc": 65, "cold_decode_stored": 65, "cold_decode_stored_hostreg": 65,
+            "compile": 240, "compile_frozen": 180, "compile_cudagraphs": 200, "compile_layouts": 450,
             "compile_host": 500}
 # The cold 4096² decode under a 10 GB budget: as txt2img runs it (layers recompute rather than
 # store tiles beyond the budget; pinned memory registered on threads), and against it with
@@ -298,6 +305,69 @@ def _flash_only(call):
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]  # MATH: where flash cannot run
     with sdpa_kernel(backends):
         return call(False)
+
+
+# after run 6: a SpatialTransformer returns a channels-last view (its tokens are (b, h*w, c)),
+# and each conv after it answers in that layout, so the eager call runs NCHW up to the first
+# transformer and mixed after it. Its layouts: as it runs, NCHW throughout (each transformer's
+# output made contiguous), and channels-last conv weights (the `channels_last` switch).
+EAGER_LAYOUTS = ("as_run", "nchw", "channels_last")
+
+
+def _eager_layout_nets(unet):
+    """{layout: a copy of `unet` laid out that way} (the first is `unet` itself)."""
+    import copy
+
+    import torch
+
+    from ldm.modules.attention import SpatialTransformer
+
+    nchw, channels_last = copy.deepcopy(unet), copy.deepcopy(unet)
+    for module in nchw.modules():
+        if isinstance(module, SpatialTransformer):
+            module.register_forward_hook(lambda _module, _args, out: out.contiguous())
+    return {"as_run": unet, "nchw": nchw,
+            "channels_last": channels_last.to(memory_format=torch.channels_last)}
+
+
+def _conv_inputs_channels_last(call, net):
+    """How many of one call's conv inputs are (non-trivially) channels-last, and how many convs."""
+    import torch
+
+    seen = []
+
+    def note(_module, args):
+        x = args[0]
+        seen.append(not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+    hooks = [m.register_forward_pre_hook(note) for m in net.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    try:
+        call(net=net)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {"channels_last": sum(seen), "convs": len(seen)}
+
+
+def part_eager_layouts(p, device):
+    """The eager CFG call in each of EAGER_LAYOUTS, interleaved in one process: ms per call,
+    how many conv inputs are channels-last, the output's difference from the call as it runs,
+    and (CUDA) the GPU kernels of each."""
+    call, unet = _unet_call(p, device)
+    nets = _eager_layout_nets(unet)
+    result = {"conv_inputs": {name: _conv_inputs_channels_last(call, net)
+                              for name, net in nets.items()}}
+    calls = {name: (lambda net=net: call(net=net)) for name, net in nets.items()}
+    as_run = calls["as_run"]().float()
+    result["rel_err_vs_as_run"] = {name: _rel_err(fn().float(), as_run)
+                                   for name, fn in calls.items() if name != "as_run"}
+    for fn in calls.values():  # cuDNN's autotuning of each layout's shapes (after one call)
+        fn()
+    result["seconds"] = _interleaved(calls, device, p.get("rounds", 5))
+    report_so_far(result)
+    for name, fn in calls.items() if device.type == "cuda" else ():
+        result.update(_kernels_of(fn, device, name))
+    return result
 
 
 def report_so_far(result):
@@ -675,8 +745,8 @@ def _reported(out) -> dict:
     return {}
 
 
-PART_FUNCTIONS = {"profile": part_profile, "cli": part_cli, "first_run": part_first_run,
-                  "compile": part_compile,
+PART_FUNCTIONS = {"profile": part_profile, "eager_layouts": part_eager_layouts,
+                  "cli": part_cli, "first_run": part_first_run, "compile": part_compile,
                   **{name: part_compile_variant for name in COMPILE_VARIANTS},
                   **{name: part_cold_decode for name in COLD_DECODES}}
 
@@ -688,7 +758,7 @@ def parts_of(spec: str):
 
 
 def part_params(name, tiny):
-    unet_parts = ("profile", "compile", *COMPILE_VARIANTS)
+    unet_parts = ("profile", "eager_layouts", "compile", *COMPILE_VARIANTS)
     side = 128 if name in unet_parts or name in ("cli", "first_run") else 512
     if tiny:
         side = 8 if name in ("cli", "first_run") else 16
@@ -716,6 +786,7 @@ def summary(results):
                 lines += [f"  - {ms:.2f} ms {name}" for name, ms in prof[f"top_kernels_{tag}"][:8]]
         lines.append("- variants, per call: " + ", ".join(
             f"{k} {v * 1e3:.1f} ms" for k, v in prof["variants_seconds"].items()))
+    lines += _eager_layout_lines(results.get("eager_layouts", {}))
     for name in PARTS:
         r = results.get(name, {})
         if "error" in r:
@@ -787,6 +858,29 @@ def summary(results):
         what = VARIANT_TEXT.get(got.get("profiled") or next(iter(COMPILE_VARIANTS[name])))
         lines += _compiled_kernel_lines(got, f"compiled call ({what})")
     return lines
+
+
+def _eager_layout_lines(part):
+    """The eager layouts' ms per call, channels-last conv inputs and GPU kernels."""
+    lines = []
+    for name in EAGER_LAYOUTS:
+        if name not in part.get("seconds", {}):
+            continue
+        inputs = part["conv_inputs"][name]
+        line = (f"- eager call, layout {name}: {part['seconds'][name] * 1e3:.1f} ms, "
+                f"{inputs['channels_last']} of {inputs['convs']} conv inputs channels-last")
+        if f"kernel_ms_{name}" in part:
+            kinds = part[f"kernel_ms_{name}"]
+            line += (f"; GPU busy {part[f'gpu_busy_ms_{name}']:.1f} ms (" +
+                     ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()) + "), layout "
+                     f"conversions {_conversion_ms(part[f'top_kernels_{name}']):.2f} ms")
+        lines.append(line)
+    return lines
+
+
+def _conversion_ms(top_kernels):
+    """GPU ms of cuDNN's NCHW<->NHWC conversion kernels among the top kernels."""
+    return sum(ms for name, ms in top_kernels if re.search(r"nchwtonhwc|nhwctonchw", name.lower()))
 
 
 def _variants_of(got):
@@ -892,6 +986,10 @@ def decisions(results):
     if "warm" in best and "cold" in best:
         warm, cold = best["warm"]["total"], best["cold"]["total"]
         out["warm_up"] = (warm < cold, f"load and 2 steps {warm:.2f} s warmed, {cold:.2f} s not")
+    layouts = results.get("eager_layouts", {}).get("seconds", {})
+    if "nchw" in layouts:
+        gain = layouts["as_run"] - layouts["nchw"]
+        out["nchw_transformer_outputs"] = (gain > 0, f"{gain * 1e3:+.2f} ms a step")
     comp = results.get("compile", {})
     if "seconds" in comp:
         gain = comp["seconds"]["eager"] - comp["seconds"]["compiled"]

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from conftest import TINY_CKPT, TINY_CONFIG, load_script
+from conftest import TINY_CKPT, TINY_CONFIG, load_script, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,40 @@ def test_profile_and_cold_decode_parts_run_on_the_tiny_model(speed):
     assert any(line.startswith("- 64² tiled decode (cold_decode): cold") for line in lines)
     assert cold["conv_calls"] >= cold["conv_shapes"] > 0
     assert "- compile: x" in lines
+
+
+def test_eager_layouts_part_lays_out_the_tiny_model_three_ways(speed):
+    """`eager_layouts`: the call as it runs turns channels-last at the first SpatialTransformer
+    (its output is a channels-last view, which the convs after it keep); the NCHW copy has no
+    channels-last conv input, the channels-last one more than as run; all give the same
+    numbers."""
+    got = speed.part_eager_layouts({"side": 8, "tiny": True, "rounds": 1}, torch.device("cpu"))
+    inputs = got["conv_inputs"]
+    assert inputs["as_run"]["convs"] == inputs["nchw"]["convs"] == inputs["channels_last"]["convs"]
+    assert inputs["nchw"]["channels_last"] == 0
+    assert 0 < inputs["as_run"]["channels_last"] < inputs["channels_last"]["channels_last"]
+    assert set(got["rel_err_vs_as_run"]) == {"nchw", "channels_last"}
+    # the part's calls run in bf16 on the CPU (2-3e-2 apart); in float32 the layouts agree
+    unet, _, ctx_dim = speed.bg._unet_and_schedule(torch.device("cpu"), {}, speed.bg.TINY_CONFIG)
+    x, t, context = torch.randn(2, 4, 8, 8), torch.full((2,), 981), torch.randn(2, 77, ctx_dim)
+    with torch.no_grad():
+        outs = {name: net(x, t, context=context)
+                for name, net in speed._eager_layout_nets(unet).items()}
+    assert outs["nchw"].is_contiguous() and not outs["as_run"].is_contiguous()
+    for name in ("nchw", "channels_last"):
+        assert rel_err(outs[name], outs["as_run"]) < 1e-5, name
+    assert set(got["seconds"]) == set(speed.EAGER_LAYOUTS)
+    got["seconds"] = {"as_run": 0.0383, "nchw": 0.0361, "channels_last": 0.0450}
+    got.update(kernel_ms_nchw={"conv": 7.0, "norm": 5.0}, gpu_busy_ms_nchw=12.0,
+               top_kernels_nchw=[["void cudnn::engines_precompiled::nchwToNhwcKernel<__half>", 2.5],
+                                 ["sm90_xmma_fprop_implicit_gemm_f16f16", 1.0],
+                                 ["void cudnn::engines_precompiled::nhwcToNchwKernel<__half>", 0.5]])
+    lines = speed.summary({"eager_layouts": got})
+    assert (f"- eager call, layout nchw: 36.1 ms, 0 of {inputs['nchw']['convs']} conv inputs "
+            "channels-last; GPU busy 12.0 ms (conv 7.0, norm 5.0), layout conversions 3.00 ms"
+            ) in lines
+    assert speed.decisions({"eager_layouts": got})["nchw_transformer_outputs"] == (
+        True, "+2.20 ms a step")
 
 
 def test_compiled_call_kernels_are_profiled_and_reported(speed):
