@@ -1,0 +1,43 @@
+"""The README's flag table (`## Command line`) says what txt2img's parser does: every flag is
+in it, every flag in it exists, and the plain numeric defaults it states are the parser's."""
+import re
+
+from conftest import REPO
+
+
+def _table_rows():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Command line"):readme.index("### Re-dilation semantics")]
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| `--")]
+
+
+def _flags(cell):
+    return re.findall(r"--[A-Za-z][\w-]*", cell)
+
+
+def _options(txt2img):
+    """{option string: argparse action} of txt2img's parser, the `--no-` negatives left out."""
+    return {option: action for action in txt2img.build_parser()._actions
+            for option in action.option_strings
+            if option.startswith("--") and not option.startswith("--no-") and option != "--help"}
+
+
+def test_every_flag_is_in_the_table_and_every_table_flag_exists(txt2img):
+    documented = {flag for row in _table_rows() for flag in _flags(row[0])}
+    options = set(_options(txt2img))
+    assert options - documented == set(), "flags missing from README's table"
+    assert documented - options == set(), "README's table names flags txt2img does not have"
+
+
+def test_the_tables_numeric_defaults_are_the_parsers(txt2img):
+    """Rows whose default cell is one number a flag (`--H --W --C --f` | 512 512 4 8)."""
+    options, checked = _options(txt2img), 0
+    for flag_cell, default_cell, *_ in _table_rows():
+        flags, values = _flags(flag_cell), default_cell.split()
+        if len(flags) != len(values) or not all(re.fullmatch(r"-?\d+(\.\d+)?", v) for v in values):
+            continue
+        for flag, value in zip(flags, values):
+            assert options[flag].default == type(options[flag].default)(value), flag
+            checked += 1
+    assert checked >= 8  # --steps, --ddim_eta, --scale, --H --W --C --f, --seed, ...
