@@ -280,6 +280,23 @@ def test_host_variants_are_judged_against_their_base(speed, one_conv_unet):
                                 "the UNet's memory from the decode's budget")
 
 
+def test_weight_layout_variant_is_judged_against_the_plain_compile(speed, one_conv_unet):
+    """`compile_weights` (plumbing on the CPU): the plain compile and one with channels-last
+    conv weights, in one process; the mode it names carries the layout."""
+    params = {**speed.part_params("compile_weights", True), "rounds": 1, "backend": "eager"}
+    got = speed.part_compile_variant(params, torch.device("cpu"))
+    assert set(got["seconds"]) == {"eager", "compiled", "compiled_cl_weights"}
+    assert all(v["graphs"] == 1 and v["rel_err_vs_eager"] < 1e-5
+               for v in got["variants"].values())
+    # faster per call, and the same graph to compile: the entry to set
+    set_figures(got, 0.0383, compiled=(0.0283, 86), compiled_cl_weights=(0.0255, 88))
+    assert speed.decisions({"compile_weights": got})["cl_weights"] == (
+        True, "25.5 ms with channels-last weights, 28.3 ms as --compile; +2 s to compile")
+    assert ("- --compile on this device type: COMPILE_MODES entry (ldm/precision.py) "
+            "{'channels_last': True} (by compile_weights)"
+            ) in speed.decision_lines({"compile_weights": got})
+
+
 def test_variants_beyond_the_compile_budget_are_skipped(speed, one_conv_unet, monkeypatch):
     """A variant is compiled only while the part's compile budget still holds its longest
     compile so far: the compiled ones are then timed within the part's timeout."""

@@ -398,7 +398,7 @@ def test_compile_with_cuda_graphs_marks_each_call_a_step_and_returns_copies(monk
 @pytest.mark.parametrize("dynamic_batch", [True, False])
 def test_batch_size_is_dynamic_unless_asked_static(dynamic_batch):
     """--compile marks the batch dynamic (noise-damped CFG's 3 rows share plain CFG's graph);
-    `dynamic_batch=False` traces every size static, which lets Inductor pick conv layouts."""
+    `dynamic_batch=False` traces every size static."""
     inputs = []
 
     def backend(graph_module, example_inputs):
@@ -416,6 +416,32 @@ def test_batch_size_is_dynamic_unless_asked_static(dynamic_batch):
         torch._dynamo.reset()
     batch = inputs[-1].shape[0]
     assert isinstance(batch, torch.SymInt) == dynamic_batch and batch == 2
+
+
+def test_channels_last_compile_traces_channels_last_weights():
+    """`channels_last=True` lays the conv weights out channels-last before tracing, so the
+    graph's conv answers in NHWC; the numbers stay the plain conv's."""
+    placeholders = []
+
+    def backend(graph_module, example_inputs):
+        placeholders.extend(n.meta["example_value"] for n in graph_module.graph.nodes
+                            if n.op == "placeholder")
+        return graph_module.forward
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    eager = copy.deepcopy(conv)
+    compile_unet_in_place(conv, backend=backend, channels_last=True)
+    x = torch.randn(2, 3, 8, 8)
+    try:
+        with torch.no_grad():
+            out, expected = conv(x), eager(x)
+    finally:
+        torch._dynamo.reset()
+    weights = [v for v in placeholders
+               if isinstance(v, torch.Tensor) and tuple(v.shape) == (8, 3, 3, 3)]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_static_and_dynamic_graphs_stay_apart():
