@@ -32,7 +32,7 @@ Each part runs in its own process (so each is cold where it should be) under its
   `--compile` builds it, frozen with Inductor's layout optimization forced (channels-last
   convs), and that replayed as CUDA graphs.
 - `eager_layouts`: the eager call as it runs (NCHW up to the first SpatialTransformer, whose
-  output is a channels-last view that the convs after it keep), NCHW throughout, and with
+  output is a channels-last view that the convs after it answer in), NCHW throughout, and with
   channels-last conv weights, interleaved, each with its GPU kernels and how many of its
   conv inputs are channels-last.
 - `compile_weights`: in one process, beside one uncompiled copy, the plain graph as
@@ -40,8 +40,8 @@ Each part runs in its own process (so each is cold where it should be) under its
   GPU kernels.
 - `compile_host`: in one process, beside one uncompiled copy, the plain graph as `--compile`
   builds it (batch size dynamic), with every size static (run 6: its convs still took NCHW
-  inputs), that replayed as CUDA graphs, the dynamic one replayed as CUDA
-  graphs, and with Inductor's C++ wrapper (kernels launched from C++ rather than Python);
+  inputs), that replayed as CUDA graphs, the dynamic one replayed as CUDA graphs, and with
+  Inductor's C++ wrapper (kernels launched from C++ rather than Python);
   each variant's GPU busy time beside its wall time. Variants that no longer fit the part's
   time are skipped, so that the ones compiled are still timed.
 
@@ -92,9 +92,9 @@ COMPILE_VARIANTS = {
                         "compiled_nhwc_cudagraphs": {"options": NHWC, "cuda_graphs": True}},
     # after run 5: the compiled call still spends 6.3 ms a call beyond its 22.6 ms of GPU
     # time, and CUDA graphs came out at 0.67-0.70x of eager against the plain compile's
-    # 0.62-0.63x (runs 3-5). Static sizes were to suit both layouts and CUDA graphs; launching from
-    # C++ is the other way to cut host time. In order of interest: the last ones are skipped
-    # first when compiling runs long.
+    # 0.62-0.63x (runs 3-5). Static sizes were to suit both layouts and CUDA graphs;
+    # launching from C++ is the other way to cut host time. In order of interest: the last
+    # ones are skipped first when compiling runs long.
     "compile_host": {"compiled": {},
                      "compiled_static": {"dynamic_batch": False},
                      "compiled_static_cudagraphs": {"dynamic_batch": False, "cuda_graphs": True},
@@ -146,8 +146,8 @@ PART_SETS = {"speed": ("profile", "cli", "cold_decode", "compile"),
 # seconds per part
 TIMEOUTS = {"profile": 60, "eager_layouts": 90, "cli": 140, "first_run": 150, "cold_decode": 65,
             "cold_decode_hostalloc": 65, "cold_decode_stored": 65, "cold_decode_stored_hostreg": 65,
-            "compile": 240, "compile_frozen": 180, "compile_cudagraphs": 200, "compile_layouts": 450,
-            "compile_host": 500, "compile_weights": 300}
+            "compile": 240, "compile_frozen": 180, "compile_cudagraphs": 200,
+            "compile_layouts": 450, "compile_host": 500, "compile_weights": 300}
 # The cold 4096² decode under a 10 GB budget: as txt2img runs it (layers recompute rather than
 # store tiles beyond the budget; pinned memory registered on threads), and against it with
 # torch's default pinned allocations, storing every layer's tiles (the decode the H200 took
@@ -320,9 +320,10 @@ def _flash_only(call):
 
 
 # after run 6: a SpatialTransformer returns a channels-last view (its tokens are (b, h*w, c)),
-# and each conv after it answers in that layout, so the eager call runs NCHW up to the first
-# transformer and mixed after it. Its layouts: as it runs, NCHW throughout (each transformer's
-# output made contiguous), and channels-last conv weights (the `channels_last` switch).
+# which the convs after it answer in, so the eager call runs NCHW up to the first transformer
+# and mixed after it (on CUDA the GroupNorms hand back NCHW: 19 of 66 conv inputs stay
+# channels-last). Its layouts: as it runs, NCHW throughout (each transformer's output made
+# contiguous), and channels-last conv weights (the `channels_last` switch).
 EAGER_LAYOUTS = ("as_run", "nchw", "channels_last")
 
 
@@ -434,8 +435,7 @@ def part_compile_variant(p, device):
     uncompiled copy, and the GPU kernels of the fastest. Inductor's freezing makes the weights
     constants of the graph (pre-laid-out conv weights, fused epilogues); forcing its layout
     optimization runs the convs channels-last (without it, cuDNN converts every input, static
-    sizes or not); CUDA graphs replay the call without the
-    host's launches."""
+    sizes or not); CUDA graphs replay the call without the host's launches."""
     import copy
 
     from torch._dynamo.utils import counters

@@ -78,9 +78,10 @@ def test_eager_layouts_part_lays_out_the_tiny_model_three_ways(speed, tiny_pipe)
     assert set(got["seconds"]) == set(speed.EAGER_LAYOUTS)
     got["seconds"] = {"as_run": 0.0383, "nchw": 0.0361, "channels_last": 0.0450}
     got.update(kernel_ms_nchw={"conv": 7.0, "norm": 5.0}, gpu_busy_ms_nchw=12.0,
-               top_kernels_nchw=[["void cudnn::engines_precompiled::nchwToNhwcKernel<__half>", 2.5],
-                                 ["sm90_xmma_fprop_implicit_gemm_f16f16", 1.0],
-                                 ["void cudnn::engines_precompiled::nhwcToNchwKernel<__half>", 0.5]])
+               top_kernels_nchw=[
+                   ["void cudnn::engines_precompiled::nchwToNhwcKernel<__half>", 2.5],
+                   ["sm90_xmma_fprop_implicit_gemm_f16f16", 1.0],
+                   ["void cudnn::engines_precompiled::nhwcToNchwKernel<__half>", 0.5]])
     lines = speed.summary({"eager_layouts": got})
     assert (f"- eager call, layout nchw: 36.1 ms, 0 of {inputs['nchw']['convs']} conv inputs "
             "channels-last; GPU busy 12.0 ms (conv 7.0, norm 5.0), layout conversions 3.00 ms"
