@@ -100,10 +100,10 @@ wants sdxl && bench_item sdxl 200 95
 # that with CUDA graphs, in one process), `host` (after run 5: the plain compile, with static
 # sizes, CUDA graphs on both, and Inductor's C++ wrapper, in one process), `warmup` (a
 # fresh process's load and first steps, libraries warmed up while loading or not; at most
-# 150 s) and `eager` (after run 6: the eager call as it runs, NCHW throughout, and with
-# channels-last conv weights; at most 90 s) and `weights` (after run 6: the plain compile and
-# that with channels-last conv weights, in one process; at most 300 s); budget 530 s each,
-# each part has its own timeout inside
+# 150 s), `eager` (after run 6: the eager call as it runs, NCHW throughout, and with
+# channels-last conv weights; at most 90 s) and `weights` (after run 6: the plain compile,
+# with channels-last conv weights, and that with CUDA graphs, in one process; at most 360 s);
+# budget 530 s each, each part has its own timeout inside
 for set in speed stored verify graphs layouts host warmup eager weights; do
 if wants $set; then
 say "part 3 ($set): scripts/gpu_speed.py --parts $set (log: $OUT/$set.log)"
