@@ -65,13 +65,14 @@ REFERENCE_PATHS = {"channels_last": False, "cudnn_benchmark": False, "native_nor
 # The switches that act while sampling only (process-wide state, restored after it).
 SAMPLING_SWITCHES = ("cudnn_benchmark", "cudnn_attention")
 # How `--compile` compiles the UNet, per device type: compile_unet_in_place's keywords
-# (Inductor `options`, `cuda_graphs`); a device type not listed gets the plain compile. Measured
-# on H200s (docs/benchmarks.md, runs 4-6): channels-last freezing 28.9 ms a call against the
-# plain compile's 29.4 ms for 44 s more compiling (run 5); CUDA graphs 27.4 ms against 28.3 ms
-# (run 6, one process), but their private memory pool keeps the UNet's intermediates from the
-# decode, whose budget would count that memory as free (unmeasured at 4096²): 0.9 ms a step is
-# not worth that risk. So CUDA gets the plain compile too. `scripts/gpu_speed.py --parts host`
-# names the entry its rule would set here.
+# (Inductor `options`, `cuda_graphs`, `channels_last`, ...); a device type not listed gets the
+# plain compile. Measured on H200s (docs/benchmarks.md, runs 4-6): channels-last freezing
+# 28.9 ms a call against the plain compile's 29.4 ms for 44 s more compiling (run 5); CUDA
+# graphs 27.4 ms against 28.3 ms (run 6, one process), but their private memory pool keeps the
+# UNet's intermediates from the decode, whose budget would count that memory as free
+# (unmeasured at 4096²): 0.9 ms a step is not worth that risk. So CUDA gets the plain compile
+# too. `scripts/gpu_speed.py --parts weights` (or `host`, `layouts`) names the entry its rule
+# would set here.
 COMPILE_MODES = {}
 
 

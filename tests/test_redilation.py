@@ -395,25 +395,32 @@ def test_compile_with_cuda_graphs_marks_each_call_a_step_and_returns_copies(monk
     assert len(steps) == 2
 
 
+def _compiled_and_eager(conv, x, **keywords):
+    """(the compiled conv's output, a plain copy's output, the traced graph's placeholder
+    values): compile_unet_in_place with `keywords` and a backend that runs the graph as is."""
+    placeholders = []
+
+    def backend(graph_module, example_inputs):
+        placeholders.extend(n.meta["example_value"] for n in graph_module.graph.nodes
+                            if n.op == "placeholder")
+        return graph_module.forward
+    eager = copy.deepcopy(conv)
+    compile_unet_in_place(conv, backend=backend, **keywords)
+    try:
+        with torch.no_grad():
+            return conv(x), eager(x), placeholders
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("dynamic_batch", [True, False])
 def test_batch_size_is_dynamic_unless_asked_static(dynamic_batch):
     """--compile marks the batch dynamic (noise-damped CFG's 3 rows share plain CFG's graph);
     `dynamic_batch=False` traces every size static."""
-    inputs = []
-
-    def backend(graph_module, example_inputs):
-        inputs.extend(n.meta["example_value"] for n in graph_module.graph.nodes
-                      if n.op == "placeholder")
-        return graph_module.forward
-    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
-    eager = copy.deepcopy(conv)
-    compile_unet_in_place(conv, backend=backend, dynamic_batch=dynamic_batch)
-    x = torch.randn(2, 3, 8, 8)
-    try:
-        with torch.no_grad():
-            assert torch.equal(conv(x), eager(x))
-    finally:
-        torch._dynamo.reset()
+    out, expected, inputs = _compiled_and_eager(torch.nn.Conv2d(3, 3, 3, padding=1),
+                                                torch.randn(2, 3, 8, 8),
+                                                dynamic_batch=dynamic_batch)
+    assert torch.equal(out, expected)
     batch = inputs[-1].shape[0]
     assert isinstance(batch, torch.SymInt) == dynamic_batch and batch == 2
 
@@ -421,21 +428,9 @@ def test_batch_size_is_dynamic_unless_asked_static(dynamic_batch):
 def test_channels_last_compile_traces_channels_last_weights():
     """`channels_last=True` lays the conv weights out channels-last before tracing, so the
     graph's conv answers in NHWC; the numbers stay the plain conv's."""
-    placeholders = []
-
-    def backend(graph_module, example_inputs):
-        placeholders.extend(n.meta["example_value"] for n in graph_module.graph.nodes
-                            if n.op == "placeholder")
-        return graph_module.forward
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-    eager = copy.deepcopy(conv)
-    compile_unet_in_place(conv, backend=backend, channels_last=True)
-    x = torch.randn(2, 3, 8, 8)
-    try:
-        with torch.no_grad():
-            out, expected = conv(x), eager(x)
-    finally:
-        torch._dynamo.reset()
+    out, expected, placeholders = _compiled_and_eager(conv, torch.randn(2, 3, 8, 8),
+                                                      channels_last=True)
     weights = [v for v in placeholders
                if isinstance(v, torch.Tensor) and tuple(v.shape) == (8, 3, 3, 3)]
     assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
