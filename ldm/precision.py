@@ -69,9 +69,10 @@ SAMPLING_SWITCHES = ("cudnn_benchmark", "cudnn_attention")
 # plain compile. Measured on H200s (docs/benchmarks.md, runs 4-6): channels-last freezing
 # 28.9 ms a call against the plain compile's 29.4 ms for 44 s more compiling (run 5); CUDA
 # graphs 27.4 ms against 28.3 ms (run 6, one process), but their private memory pool keeps the
-# UNet's intermediates from the decode, whose budget would count that memory as free
-# (unmeasured at 4096²): 0.9 ms a step is not worth that risk. So CUDA gets the plain compile
-# too. `scripts/gpu_speed.py --parts weights` (or `host`, `layouts`) names the entry its rule
+# UNet's intermediates from the decode. The decode budget leaves that pool out (so a decode
+# gets fewer bytes, not an out-of-memory error), yet whether a 4096² run still fits a 24 GB
+# card with it is unmeasured (`gpu_check.sh card24` measures it): 0.9 ms a step is not worth
+# that risk. So CUDA gets the plain compile too. `scripts/gpu_speed.py --parts weights` (or `host`, `layouts`) names the entry its rule
 # would set here.
 COMPILE_MODES = {}
 

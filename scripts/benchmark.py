@@ -631,7 +631,8 @@ def build_parser():
     add("--decode-budget-gb", type=float, help="memory budget of tiled decodes (default: from "
         "free memory on the CPU, 10 on CUDA: a 24 GB card's share beside fp16 weights)")
     add("--tiny", action="store_true", help="the tiny test model and tiny sizes (for tests)")
-    g = p.add_argument_group("--device cuda: issue 11's table (--only decode,sample,cli)")
+    g = p.add_argument_group("--device cuda: issue 11's table (--only decode,sample,cli,sdxl; "
+                             "card24, a 4096² run within 24 GB, only when named)")
     g.add_argument("--sample-steps", type=int, default=50,
                    help="steps of the 1024² runs (2 of 5 re-dilated, as 20 of 50)")
     g.add_argument("--preset-steps", type=int, default=3,
@@ -650,7 +651,9 @@ def resolve(args):
     """Fill defaults that depend on --quick / --tiny and check every flag; UsageError if bad."""
     items = benchmark_gpu.TABLE_ITEMS if args.device == "cuda" else ITEMS
     if args.device == "cuda" and args.only == list(DEFAULT_ITEMS):
-        args.only = list(items)  # the default: everything of this device
+        args.only = list(items)  # the default: everything of this device but the opt-in items
+    if args.device == "cuda":
+        items += benchmark_gpu.OPT_IN_ITEMS
     unknown = [v for v in args.only if v not in items]
     if unknown or not args.only:
         raise UsageError(f"--only takes a comma list of {', '.join(items)}, got "

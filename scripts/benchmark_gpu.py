@@ -102,6 +102,8 @@ def _options(p):
         for key, value in values.items():
             if key.endswith(("_settings", "_transform")):
                 values[key] = str(REPO_ROOT / value)
+            elif key.endswith("_tau") and p.get("scale_taus"):  # the same share of the steps
+                values[key] = int(value * p["steps"] / values["steps"])
         values.update(steps=p["steps"], H=8 * p["side"], W=8 * p["side"])
         return GenerationOptions(**values)
     if p.get("dilate_tau"):
@@ -136,6 +138,7 @@ def case_sample(p, meter):
     from ldm.scalecrafter.guidance import GuidedDenoiser
     from ldm.scalecrafter.settings import build_settings
 
+    _as_card(meter.device, p)
     layout = {"channels_last": p.get("channels_last", False),
               "compile_unet": p.get("compile", False)}
     unet, acp, ctx_dim = _unet_and_schedule(meter.device, layout, _config(p))
@@ -171,13 +174,47 @@ def case_sample(p, meter):
                 log(f"  sample {key}: {r + 1}: {wall:.2f}s")
         result = {"seconds": {k: statistics.median(v) for k, v in times.items()},
                   "warmup_seconds": warmup,
-                  "all_seconds": times, "sample_peak_gb": meter.peak_bytes() / GB}
+                  "all_seconds": times, "sample_peak_gb": meter.peak_bytes() / GB,
+                  **_pool_figures(meter.device)}
         if p.get("decode"):
             result.update(_decode_after(p, meter, run(next(iter(variants))), unet))
     result.update(side=p["side"], steps=p["steps"], baseline_gb=baseline / GB,
                   peak_gb=meter.peak_bytes() / GB, kernels=kernels,
-                  channels_last=layout["channels_last"])
+                  channels_last=layout["channels_last"], card_gb=p.get("card_gb"),
+                  compile_modes=p.get("compile_modes"))
+    if meter.cuda:
+        result["reserved_peak_gb"] = torch.cuda.max_memory_reserved(meter.device) / GB
     return result
+
+
+def _as_card(device, p):
+    """A case's device set-up: `card_gb` caps this process's memory as a card of that size
+    would (`set_per_process_memory_fraction`), `compile_modes` is how `--compile` compiles
+    (as if set in COMPILE_MODES)."""
+    import torch
+
+    from ldm import precision
+
+    if p.get("card_gb") and device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+        torch.cuda.set_per_process_memory_fraction(min(p["card_gb"] * GB / total, 1.0), device)
+    if p.get("compile") and p.get("compile_modes") is not None:
+        precision.COMPILE_MODES[device.type] = dict(p["compile_modes"])
+
+
+def _pool_figures(device):
+    """What the CUDA graphs' private pools hold, all and unused: memory a decode cannot use."""
+    import torch
+
+    from ldm.scalecrafter.tiled_decode import DEFAULT_POOL
+
+    if device.type != "cuda":
+        return {}
+    private = [s for s in torch.cuda.memory_snapshot()
+               if tuple(s["segment_pool_id"]) != DEFAULT_POOL]
+    return {"graph_pool_gb": sum(s["total_size"] for s in private) / GB,
+            "graph_pool_unused_gb": sum(s["total_size"] - s["active_size"]
+                                        for s in private) / GB}
 
 
 def _random_conditioning(unet, ctx_dim, gen, device):
@@ -199,18 +236,23 @@ def _decode_after(p, meter, z, unet):
     import torch
 
     from ldm.util import instantiate_from_config, load_config
-    from ldm.scalecrafter.tiled_decode import tiled_decode
+    from ldm.scalecrafter.tiled_decode import (default_budget, plan_axis, resolve_tile_size,
+                                               tiled_decode)
 
     opts = _options(p)
     params = load_config(_config(p)).model.params
     with torch.device(meter.device):
         vae = instantiate_from_config(_parts(params)[1]).eval()
     del vae.encoder
-    budget = int(p["budget_gb"] * GB) if p.get("budget_gb") else None
+    # without a fixed budget, txt2img's default: a share of what is available after sampling
+    budget = int(p["budget_gb"] * GB) if p.get("budget_gb") else default_budget(meter.device)
     z = z.float() / params.scale_factor
-    wall, _ = meter.timed(lambda: tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size,
+    tile = resolve_tile_size(vae, z, opts.tile_size, opts.overlap, budget)
+    tiles = len(plan_axis(z.shape[2], tile[0], opts.overlap)) * len(
+        plan_axis(z.shape[3], tile[1], opts.overlap))
+    wall, _ = meter.timed(lambda: tiled_decode(vae, z, opts.overlap, opts.sync_gn, tile,
                                                budget_bytes=budget))
-    return {"decode_seconds": wall, "decode_budget_gb": p.get("budget_gb")}
+    return {"decode_seconds": wall, "decode_budget_gb": budget / GB, "decode_tiles": tiles}
 
 
 def write_random_checkpoint(path, device, config=FULL_CONFIG):
@@ -278,6 +320,9 @@ def _phases(stderr):
 CASES = {"sample": case_sample, "cli": case_cli}
 ITEMS = ("decode", "sample", "cli")
 TABLE_ITEMS = ITEMS + ("sdxl",)  # the table's row groups (sdxl: benchmark.py's own case)
+# Asked for by name only (`--only card24`), never by default: two 4096² whole runs
+OPT_IN_ITEMS = ("card24",)
+CARD_GB = 24  # the common researcher card issue 11 must serve
 
 
 # Where the seed's half-side tiling is measured beside the auto tiles (2048² dropped: the
@@ -334,7 +379,22 @@ def plan(args):
             "budget_gb": budget}))
     if "cli" in args.only:
         cases.append(("cli_1024", "cli", {"workdir": args.workdir}))
+    if "card24" in args.only:
+        cases += card_cases()
     return cases
+
+
+def card_cases(steps=3):
+    """The 4096² experimental preset within a 24 GB per-process limit, the decode on its default
+    budget: eager as txt2img runs it, then compiled with CUDA graphs, whose private pool holds
+    the UNet's memory through the decode. Its taus keep their share of the steps (2 of 3
+    dilated, as 40 of 50), so both the dilated steps' graphs and a plain one's are made."""
+    preset = {"side": 512, "steps": steps, "scale_taus": True,
+              "preset": "sd2.1_4096x4096_experimental", "variants": {"run": {}}, "repeats": 1,
+              "warmup_steps": 1, "decode": True, "card_gb": CARD_GB}
+    return [("card24_4096", "sample", preset),
+            ("card24_4096_graphs", "sample", {**preset, "compile": True,
+                                              "compile_modes": {"cuda_graphs": True}})]
 
 
 def _get(results, key, *path):
@@ -357,7 +417,7 @@ def rows(results, items=TABLE_ITEMS):
     """Issue 11's table: (measure, value text, target, number or None, note), from the case
     results, for the items asked (`--only`; rows of items not run would only show dashes)."""
     parts = {"decode": _decode_rows, "sample": _sample_rows, "cli": _cli_rows,
-             "sdxl": _sdxl_rows}
+             "sdxl": _sdxl_rows, "card24": _card_rows}
     return [row for item in parts if item in items for row in parts[item](results)]
 
 
@@ -409,6 +469,21 @@ def _preset_rows(results):
                     f"{_fmt(step, '.1f')} s sampling, {_fmt(r.get('decode_seconds'), '.1f')} s "
                     f"decode)", _gb(r.get("peak_gb")), "≤ 24 GB", r.get("peak_gb"),
                     _why(results, key)))
+    return out
+
+
+def _card_rows(results):
+    out = []
+    for key, name in (("card24_4096", "eager"), ("card24_4096_graphs", "compiled, CUDA graphs")):
+        r = results.get(key, {})
+        out.append((f"4096² experimental preset within {CARD_GB} GB, {name}: peak reserved / "
+                    f"allocated ({r.get('steps')} steps; graph pool "
+                    f"{_gb(r.get('graph_pool_gb'))}, {_gb(r.get('graph_pool_unused_gb'))} of it "
+                    f"unused; decode {r.get('decode_tiles')} tiles, "
+                    f"{_fmt(r.get('decode_seconds'), '.1f')} s, budget "
+                    f"{_gb(r.get('decode_budget_gb'))})",
+                    f"{_gb(r.get('reserved_peak_gb'))} / {_gb(r.get('peak_gb'))}",
+                    "runs", r.get("reserved_peak_gb"), _why(results, key)))
     return out
 
 

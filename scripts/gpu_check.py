@@ -181,6 +181,58 @@ def decodes():
     return ", ".join(out) + f"; auto tiles at 1 MiB ran, finite: {bool(torch.isfinite(auto).all())}"
 
 
+def _private_pool_cached():
+    from ldm.scalecrafter.tiled_decode import DEFAULT_POOL
+
+    return sum(s["total_size"] - s["active_size"] for s in torch.cuda.memory_snapshot()
+               if tuple(s["segment_pool_id"]) != DEFAULT_POOL)
+
+
+@check
+def decode_budget():
+    """The decode budget leaves out a CUDA graph's private pool, and keeps within the
+    per-process memory limit: the allocator must grant what it promises."""
+    from ldm.scalecrafter.tiled_decode import available_bytes
+
+    if DEVICE.type != "cuda":
+        raise Skip("CUDA only")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    x = torch.ones(2 ** 26, device=DEVICE)  # 256 MiB
+    side = torch.cuda.Stream()  # warm-up off the capture stream, as CUDA graphs require
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        (x * 2).sum()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    before = available_bytes(DEVICE)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = (x * 2).sum()  # its 256 MiB intermediate stays in the graph's pool
+    torch.cuda.synchronize()
+    pool = _private_pool_cached()
+    drop = before - available_bytes(DEVICE)
+    if pool < 2 ** 28 or drop < 0.9 * pool:
+        raise AssertionError(f"graph pool holds {pool / 2**20:.0f} MiB unused, the budget fell "
+                             f"by {drop / 2**20:.0f} MiB")
+    text = f"graph pool {pool / 2**20:.0f} MiB unused: budget {drop / 2**20:.0f} MiB lower"
+    torch.cuda.empty_cache()  # the default pool's cache goes; the graph's pool stays
+    total = torch.cuda.mem_get_info(DEVICE)[1]
+    limit = torch.cuda.memory_reserved(DEVICE) + 2 * 2 ** 30
+    torch.cuda.set_per_process_memory_fraction(limit / total, DEVICE)
+    try:
+        promised = available_bytes(DEVICE)
+        if not 1.9 * 2 ** 30 <= promised <= 2.1 * 2 ** 30:
+            raise AssertionError(f"2 GiB left under the limit, the budget says "
+                                 f"{promised / 2**30:.2f} GiB")
+        granted = torch.empty(int(0.95 * promised), dtype=torch.uint8, device=DEVICE)
+        del granted
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, DEVICE)
+    del graph, y
+    return text + f"; 2 GiB under a per-process limit: {promised / 2**30:.2f} GiB, 95% granted"
+
+
 @check
 def bf16_vae_error():
     """Informational: the decode error of a bf16 VAE (is it exact enough to keep?)."""

@@ -926,8 +926,8 @@ STEPS = 50  # a run's steps, the seed's default: what a one-off cost must pay ba
 # to another only if its extra compile time pays back within this many steps, 40 runs of 50.
 COMPILE_SESSION_STEPS = 2000
 # What the per-call rule cannot see, said beside an entry that has it (docs/benchmarks.md, run 6)
-HELD_BACK = {"cuda_graphs": "first measure a 4096² run's decode with it: the graphs' private "
-                            "pool keeps the UNet's memory from the decode's budget"}
+HELD_BACK = {"cuda_graphs": "first run `gpu_check.sh card24`: the graphs' private pool keeps "
+                            "the UNet's memory from a 4096² decode on a 24 GB card"}
 
 
 def _pays_back(once, per_step_gain, steps=STEPS):

@@ -2,7 +2,8 @@
 # One GPU session for issue 11: (1) `check`: correctness of the CUDA paths against the tiny
 # reference arrays, fp32 with TF32 off (~1 min); (2) `bench`: issue 11's table,
 # `scripts/benchmark.py --device cuda` (~6 min); (2b) `cli`: its CLI row alone (~70 s);
-# (2c) `sdxl`: its SDXL UNet rows (at most 200 s);
+# (2c) `sdxl`: its SDXL UNet rows (at most 200 s); (2d) `card24`: a 4096² run within 24 GB,
+# eager and with CUDA graphs (at most 420 s);
 # (3) `speed`, `stored`, `verify`, `graphs`, `layouts`, `host`, `warmup`, `eager`, `weights`:
 # where the time goes, `scripts/gpu_speed.py` (at most 530 s each). The arguments pick the
 # parts (default: check bench; one device command has 10 minutes, so `speed` runs alone, the
@@ -10,7 +11,7 @@
 # goes on PYTHONPATH. Logs and JSON go to $OUT (./gpu_out).
 #
 #   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [cli] \
-#     [sdxl] [speed] [stored] [verify] [graphs] [layouts] [host] [warmup] [eager] [weights]
+#     [sdxl] [card24] [speed] [stored] [verify] [graphs] [layouts] [host] [warmup] [eager] [weights]
 #
 # SCALECRAFTER_REF: a folder laid out as ../shared/reference (it needs tiny/; default
 # ./shared_ref). Each part runs under its own timeout; one failing does not stop the next.
@@ -91,6 +92,10 @@ bench_item() {  # item, budget s, case timeout s
 }
 wants cli && bench_item cli 150 140
 wants sdxl && bench_item sdxl 200 95
+# (2d) `card24`: the 4096² experimental preset (3 steps, 2 dilated) within a 24 GB
+# per-process limit, decode on its default budget: eager, then compiled with CUDA graphs
+# (whose private pool the decode budget must leave out); at most 420 s, the eager case first.
+wants card24 && bench_item card24 420 250
 
 # (3) where the time goes: gpu_speed.py's part sets `speed` (the sampling and CLI targets,
 # torch.compile, the decode as txt2img runs it), `stored` (the decode with torch's default

@@ -4,6 +4,7 @@ The cases run in this process (the script runs each in a fresh subprocess for it
 no timing is asserted, only the report's shape and types."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,3 +203,26 @@ def test_sdxl_unet_case_on_a_card_is_laid_out_as_txt2img(bench):
             got = unet(x, t, context=ctx, y=y).float()
         want = reference(x, t, context=ctx, y=y)
     assert (got - want).norm() / want.norm() < 3e-2  # bf16 keeps 8 bits: 1.4e-2 here
+
+
+def test_card_cases_keep_the_presets_share_of_dilated_steps(bench, one_thread):
+    """`--only card24` (opt-in, on CUDA): the 4096² preset's taus scaled to its 5 steps; its
+    case runs on the tiny model (no compile, no limit on the CPU) and fills the card rows."""
+    gpu = bench.benchmark_gpu
+    eager, graphs = gpu.card_cases()
+    assert graphs[2]["compile_modes"] == {"cuda_graphs": True} and not eager[2].get("compile")
+    planned = gpu.plan(SimpleNamespace(only=["card24"], decode_budget_gb=None))
+    assert [key for key, *_ in planned] == ["card24_4096", "card24_4096_graphs"]
+    opts = gpu._options(eager[2])
+    assert (opts.dilate_tau, opts.ndcfg_tau, opts.inflate_tau, opts.steps) == (2, 2, 2, 3)
+    assert gpu._options(gpu.card_cases(5)[0][2]).inflate_tau == 3  # 35 of 50: rounded down
+    params = {**eager[2], "tiny": True, "side": 16}
+    result = bench.run_case("sample", params, "cpu")
+    assert result["decode_tiles"] >= 1 and result["decode_budget_gb"] > 0, result
+    assert result["card_gb"] == gpu.CARD_GB
+    rows = gpu.rows({"card24_4096": result}, ("card24",))
+    assert [r[0].split(":")[0] for r in rows] == [
+        "4096² experimental preset within 24 GB, eager",
+        "4096² experimental preset within 24 GB, compiled, CUDA graphs"]
+    assert "decode 1 tiles" in rows[0][0] and rows[0][3] is None  # no reserved peak on a CPU
+    assert gpu.rows({"card24_4096": result}) == gpu.rows({})  # not among the default rows

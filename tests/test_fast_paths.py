@@ -222,3 +222,39 @@ def test_an_output_written_over_its_input_tile_is_counted_once():
     assert seen == [3 * 1024] * 3 and place.resident == 3 * 1024
     out.map(lambda t: t * 2, consume=True)  # a new tensor: both exist until the input goes
     assert seen[3:] == [4 * 1024] * 3 and place.resident == 3 * 1024
+
+
+def _segment(total, active, pool=(0, 0), device=0):
+    return {"device": device, "total_size": total, "active_size": active,
+            "segment_pool_id": pool}
+
+
+def test_decode_budget_counts_only_the_default_pools_cache():
+    """A CUDA graph's private pool (a compiled UNet's intermediates) is no memory for a decode."""
+    from ldm.scalecrafter.tiled_decode import reusable_cached_bytes
+
+    mib = 2 ** 20
+    segments = [_segment(64 * mib, 16 * mib), _segment(20 * mib, 20 * mib),
+                _segment(512 * mib, 2 * mib, pool=(1, 0)),  # a graph pool, mostly unused
+                _segment(8 * mib, 0, device=1)]  # another card's cache
+    assert reusable_cached_bytes(segments, 0) == 48 * mib
+    assert reusable_cached_bytes(segments, 1) == 8 * mib
+    assert reusable_cached_bytes([], 0) == 0
+
+
+@pytest.mark.parametrize("fraction, expected_gib", [(1.0, 10 + 1), (0.5, 8 - 6 + 1),
+                                                     (0.2, 0 + 1)])
+def test_cuda_budget_keeps_within_the_per_process_limit(monkeypatch, fraction, expected_gib):
+    """16 GiB card, 10 GiB free, 6 GiB reserved by this process (1 GiB of it reusable):
+    `set_per_process_memory_fraction` caps what the allocator may still reserve."""
+    from ldm.scalecrafter import tiled_decode
+
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (10 * gib, 16 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i: fraction,
+                        raising=False)
+    monkeypatch.setattr(torch.cuda, "memory_snapshot",
+                        lambda: [_segment(6 * gib, 5 * gib, device=3)])
+    got = tiled_decode.available_bytes(torch.device("cuda", 3))
+    assert got == expected_gib * gib

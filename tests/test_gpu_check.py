@@ -21,7 +21,7 @@ def monkeypatch_module():
 def test_every_check_is_listed(gpu_check):
     assert [fn.__name__ for fn in gpu_check.CHECKS] == [
         "polyphase_redilation", "vae_attention", "unet_calls", "half_weights_unet", "decodes",
-        "bf16_vae_error", "sample_through_the_cli"]
+        "decode_budget", "bf16_vae_error", "sample_through_the_cli"]
 
 
 @pytest.mark.parametrize("name, says", [
@@ -33,3 +33,8 @@ def test_every_check_is_listed(gpu_check):
 def test_quick_checks_pass_on_the_cpu(gpu_check, name, says):
     assert gpu_check.DEVICE.type == "cpu"
     assert says in getattr(gpu_check, name)()  # a check over its bound raises
+
+
+def test_cuda_only_checks_skip_elsewhere(gpu_check):
+    with pytest.raises(gpu_check.Skip):
+        gpu_check.decode_budget()

@@ -64,12 +64,36 @@ def plan_axis(length: int, tile: int, overlap: int) -> List[AxisTile]:
     return tiles
 
 
+DEFAULT_POOL = (0, 0)  # the allocator's own pool; CUDA graphs allocate from private ones
+
+
+def reusable_cached_bytes(segments, device_index: int) -> int:
+    """Bytes torch's CUDA allocator holds unused that any allocation could take: inactive blocks
+    of the default pool's segments (`torch.cuda.memory_snapshot()`). A private pool's free
+    blocks are excluded: they belong to its CUDA graphs (a compiled UNet's intermediates
+    between replays), and counting them made a decode plan for memory it could not get."""
+    return sum(s["total_size"] - s["active_size"] for s in segments
+               if s.get("device", device_index) == device_index
+               and tuple(s.get("segment_pool_id", DEFAULT_POOL)) == DEFAULT_POOL)
+
+
+def cuda_available_bytes(device: torch.device) -> int:
+    """Free device memory, within the per-process limit when one is set
+    (`torch.cuda.set_per_process_memory_fraction`), plus the default pool's reusable cache."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(index) if get_fraction else 1.0
+    if fraction < 1:  # the allocator refuses to reserve beyond fraction * total
+        free = min(free, max(int(fraction * total) - torch.cuda.memory_reserved(index), 0))
+    return free + reusable_cached_bytes(torch.cuda.memory_snapshot(), index)
+
+
 def available_bytes(device: torch.device) -> int:
-    """Memory a decode could use now: free device memory plus what torch's allocator caches
-    unused (CUDA), or the host's available memory."""
+    """Memory a decode could use now: on CUDA `cuda_available_bytes`, else the host's available
+    memory."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return cuda_available_bytes(device)
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
