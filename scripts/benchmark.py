@@ -732,7 +732,7 @@ def _report(results, device, meta, cuda, items):
         sdxl = {k: v for k, v in results.items() if k.startswith("sdxl_unet_")}
         report = build_report(sdxl, device, meta)
         report.update(card=meta["card"], gpu_rows=benchmark_gpu.summary(results, items),
-                      details=results)
+                      items=list(items), details=results)
         return report
     return build_report(results, device, meta)
 

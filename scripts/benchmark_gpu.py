@@ -593,6 +593,12 @@ def card_name(results):
     return ", ".join(sorted(names)) or "unknown card"
 
 
+def saved_table(path):
+    """The table of a saved `--json` report, for the items it ran."""
+    report = json.loads(Path(path).read_text())
+    return markdown(report["details"], report.get("card", "?"),
+                    tuple(report.get("items", TABLE_ITEMS)))
+
+
 if __name__ == "__main__":  # a quick look at a saved report: python benchmark_gpu.py bench.json
-    report = json.loads(Path(sys.argv[1]).read_text())
-    print(markdown(report["details"], report.get("card", "?")))
+    print(saved_table(sys.argv[1]))

@@ -226,3 +226,18 @@ def test_card_cases_keep_the_presets_share_of_dilated_steps(bench, one_thread):
         "4096² experimental preset within 24 GB, compiled, CUDA graphs"]
     assert "decode 1 tiles" in rows[0][0] and rows[0][3] is None  # no reserved peak on a CPU
     assert gpu.rows({"card24_4096": result}) == gpu.rows({})  # not among the default rows
+
+
+def test_saved_gpu_report_shows_the_items_it_ran(bench, tmp_path):
+    """`benchmark_gpu.py report.json` prints the rows of the items the report ran (older
+    reports, without the list: the default items)."""
+    gpu = bench.benchmark_gpu
+    results = {"card24_4096": {"steps": 3, "reserved_peak_gb": 20.5, "peak_gb": 18.25}}
+    report = bench._report(results, "cuda", {}, True, ["card24"])
+    path = tmp_path / "card24.json"
+    path.write_text(json.dumps(report))
+    rows = gpu.saved_table(path).splitlines()[4:]
+    assert len(rows) == 2 and "| 20.50 GB / 18.25 GB | runs |" in rows[0]
+    del report["items"]
+    path.write_text(json.dumps(report))
+    assert len(gpu.saved_table(path).splitlines()[4:]) == len(gpu.rows({}))
