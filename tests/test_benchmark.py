@@ -220,6 +220,7 @@ def test_card_cases_keep_the_presets_share_of_dilated_steps(bench, one_thread):
     result = bench.run_case("sample", params, "cpu")
     assert result["decode_tiles"] >= 1 and result["decode_budget_gb"] > 0, result
     assert result["card_gb"] == gpu.CARD_GB
+    assert result["warmup_seconds"] == {}  # one set-up step, then the run it decodes
     rows = gpu.rows({"card24_4096": result}, ("card24",))
     assert [r[0].split(":")[0] for r in rows] == [
         "4096² experimental preset within 24 GB, eager",
