@@ -72,8 +72,8 @@ SAMPLING_SWITCHES = ("cudnn_benchmark", "cudnn_attention")
 # UNet's intermediates from the decode. The decode budget leaves that pool out (so a decode
 # gets fewer bytes, not an out-of-memory error), yet whether a 4096² run still fits a 24 GB
 # card with it is unmeasured (`gpu_check.sh card24` measures it): 0.9 ms a step is not worth
-# that risk. So CUDA gets the plain compile too. `scripts/gpu_speed.py --parts weights` (or `host`, `layouts`) names the entry its rule
-# would set here.
+# that risk. So CUDA gets the plain compile too. `scripts/gpu_speed.py --parts weights` (or
+# `host`, `layouts`) names the entry its rule would set here.
 COMPILE_MODES = {}
 
 
