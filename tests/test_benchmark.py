@@ -155,6 +155,7 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
     assert set(results["sample_1024_channels_last"]["seconds"]) == {
         "channels_last", "plain", "dilated"}
     assert results["sample_4096_preset"]["decode_seconds"] > 0
+    assert results["sample_4096_preset"]["channels_last"] is False  # the device's default
     assert results["cli_1024"]["seconds"] > 0, results["cli_1024"]
     assert results["cli_1024"]["first_run"]["seconds"] > 0  # two runs: the figure is the second
     table = gpu.markdown(results, "cpu")
