@@ -214,15 +214,13 @@ def _pool_figures(device):
     """What the CUDA graphs' private pools hold, all and unused: memory a decode cannot use."""
     import torch
 
-    from ldm.scalecrafter.tiled_decode import DEFAULT_POOL
+    from ldm.scalecrafter.tiled_decode import in_default_pool, unused_bytes
 
     if device.type != "cuda":
         return {}
-    private = [s for s in torch.cuda.memory_snapshot()
-               if tuple(s["segment_pool_id"]) != DEFAULT_POOL]
+    private = [s for s in torch.cuda.memory_snapshot() if not in_default_pool(s)]
     return {"graph_pool_gb": sum(s["total_size"] for s in private) / GB,
-            "graph_pool_unused_gb": sum(s["total_size"] - s["active_size"]
-                                        for s in private) / GB}
+            "graph_pool_unused_gb": unused_bytes(private) / GB}
 
 
 def _random_conditioning(unet, ctx_dim, gen, device):

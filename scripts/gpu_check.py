@@ -181,18 +181,11 @@ def decodes():
     return ", ".join(out) + f"; auto tiles at 1 MiB ran, finite: {bool(torch.isfinite(auto).all())}"
 
 
-def _private_pool_cached():
-    from ldm.scalecrafter.tiled_decode import DEFAULT_POOL
-
-    return sum(s["total_size"] - s["active_size"] for s in torch.cuda.memory_snapshot()
-               if tuple(s["segment_pool_id"]) != DEFAULT_POOL)
-
-
 @check
 def decode_budget():
     """The decode budget leaves out a CUDA graph's private pool, and keeps within the
     per-process memory limit: the allocator must grant what it promises."""
-    from ldm.scalecrafter.tiled_decode import available_bytes
+    from ldm.scalecrafter.tiled_decode import available_bytes, in_default_pool, unused_bytes
 
     if DEVICE.type != "cuda":
         raise Skip("CUDA only")
@@ -210,7 +203,7 @@ def decode_budget():
     with torch.cuda.graph(graph):
         y = (x * 2).sum()  # its 256 MiB intermediate stays in the graph's pool
     torch.cuda.synchronize()
-    pool = _private_pool_cached()
+    pool = unused_bytes(s for s in torch.cuda.memory_snapshot() if not in_default_pool(s))
     drop = before - available_bytes(DEVICE)
     if pool < 2 ** 28 or drop < 0.9 * pool:
         raise AssertionError(f"graph pool holds {pool / 2**20:.0f} MiB unused, the budget fell "

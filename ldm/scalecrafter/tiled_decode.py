@@ -67,14 +67,24 @@ def plan_axis(length: int, tile: int, overlap: int) -> List[AxisTile]:
 DEFAULT_POOL = (0, 0)  # the allocator's own pool; CUDA graphs allocate from private ones
 
 
+def in_default_pool(segment) -> bool:
+    """Whether a segment of `torch.cuda.memory_snapshot()` is the allocator's own, not a
+    private pool's (CUDA graphs)."""
+    return tuple(segment.get("segment_pool_id", DEFAULT_POOL)) == DEFAULT_POOL
+
+
+def unused_bytes(segments) -> int:
+    """Bytes of the segments' inactive blocks."""
+    return sum(s["total_size"] - s["active_size"] for s in segments)
+
+
 def reusable_cached_bytes(segments, device_index: int) -> int:
     """Bytes torch's CUDA allocator holds unused that any allocation could take: inactive blocks
-    of the default pool's segments (`torch.cuda.memory_snapshot()`). A private pool's free
-    blocks are excluded: they belong to its CUDA graphs (a compiled UNet's intermediates
-    between replays), and counting them made a decode plan for memory it could not get."""
-    return sum(s["total_size"] - s["active_size"] for s in segments
-               if s.get("device", device_index) == device_index
-               and tuple(s.get("segment_pool_id", DEFAULT_POOL)) == DEFAULT_POOL)
+    of the default pool's segments. A private pool's free blocks are excluded: they belong to
+    its CUDA graphs (a compiled UNet's intermediates between replays), and counting them made
+    a decode plan for memory it could not get."""
+    return unused_bytes(s for s in segments
+                        if s.get("device", device_index) == device_index and in_default_pool(s))
 
 
 def cuda_available_bytes(device: torch.device) -> int:
