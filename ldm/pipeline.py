@@ -174,10 +174,22 @@ class Pipeline:
         if staged_load:
             state = StagedStateDict(state, device, policy)
         model = build_model(config, device, state, policy)
-        pipe = cls(model, device, config_path, ckpt_path)
-        prepare_for_inference(model, device, precision, **layout)
+        pipe = cls.from_model(model, device, precision, cudnn_benchmark, cudnn_attention,
+                              **layout)
+        pipe.config_path, pipe.ckpt_path = config_path, ckpt_path
         if warming is not None:
             warming.result()
+        return pipe
+
+    @classmethod
+    def from_model(cls, model, device="cpu", precision="full", cudnn_benchmark=None,
+                   cudnn_attention=None, **layout):
+        """A pipeline over a model already built on `device` (weights in place, e.g. the
+        benchmark's random ones), laid out and with kernels chosen as `load` does."""
+        paths = fast_paths(device, cudnn_benchmark=cudnn_benchmark,
+                           cudnn_attention=cudnn_attention)
+        prepare_for_inference(model, device, precision, **layout)
+        pipe = cls(model, device)
         pipe.sampling_kernels = {name: paths[name] for name in SAMPLING_SWITCHES}
         if precision == "autocast":
             pipe.half_weights = HALF_WEIGHTS.get(pipe.device.type)

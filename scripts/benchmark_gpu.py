@@ -128,8 +128,7 @@ def _kernels(device, variant):
 
 def case_sample(p, meter):
     """DDIM runs (eta 1, CFG 9) of the fp16 UNet: variants (re-dilation, kernel switches)
-    interleaved round by round; with a preset, one run plus its tiled decode, for the whole
-    run's peak."""
+    interleaved round by round."""
     import torch
 
     from ldm.models.diffusion.ddim import sample_ddim
@@ -162,7 +161,7 @@ def case_sample(p, meter):
                                  kernels[key]["cudnn_attention"]):
             return sample_ddim(denoiser, x, acp, steps or p["steps"], 1.0,
                                torch.Generator().manual_seed(1), progress=False)
-    times, warmup, latents = {k: [] for k in variants}, {}, {}
+    times, warmup = {k: [] for k in variants}, {}
     with torch.no_grad():
         run(next(iter(variants)), 1)  # the process's one-off CUDA set-up, in no variant's time
         for key in variants if p.get("warmup_steps", 2) else ():
@@ -171,15 +170,13 @@ def case_sample(p, meter):
             warmup[key], _ = meter.timed(lambda: run(key, p.get("warmup_steps", 2)))
         for r in range(p.get("repeats", 1)):
             for key in variants:
-                wall, _ = meter.timed(lambda: latents.update({key: run(key)}))
+                wall, _ = meter.timed(lambda: run(key))
                 times[key].append(wall)
                 log(f"  sample {key}: {r + 1}: {wall:.2f}s")
         result = {"seconds": {k: statistics.median(v) for k, v in times.items()},
                   "warmup_seconds": warmup,
                   "all_seconds": times, "sample_peak_gb": meter.peak_bytes() / GB,
                   **_pool_figures(meter.device)}
-        if p.get("decode"):
-            result.update(_decode_after(p, meter, latents[next(iter(variants))], unet))
     result.update(side=p["side"], steps=p["steps"], baseline_gb=baseline / GB,
                   peak_gb=meter.peak_bytes() / GB, kernels=kernels,
                   channels_last=layout["channels_last"], card_gb=p.get("card_gb"),
@@ -236,29 +233,80 @@ def _random_conditioning(unet, ctx_dim, gen, device):
     return Conditioning(context, vector)
 
 
-def _decode_after(p, meter, z, unet):
-    """The run's own tiled decode (the preset's tiling), fp32 VAE: its time and the whole run's
-    peak. The UNet stays in memory, as in txt2img."""
+def case_whole(p, meter):
+    """A preset's whole run as txt2img makes it, on a random full-size model built on the card:
+    text encoder(s) and UNet in fp16, the VAE in fp32, all held through the run; the prompt
+    encoded, the preset's steps sampled (after one set-up step, or `warmup_steps`), and its
+    tiled decode on the default budget (or `budget_gb`). For the whole run's peak."""
+    import dataclasses
+
     import torch
 
-    from ldm.util import instantiate_from_config, load_config
-    from ldm.scalecrafter.tiled_decode import (default_budget, plan_axis, resolve_tile_size,
-                                               tiled_decode)
+    from ldm.pipeline import Pipeline
+    from ldm.scalecrafter.tiled_decode import default_budget, plan_axis, resolve_tile_size
 
-    opts = _options(p)
-    params = load_config(_config(p)).model.params
-    with torch.device(meter.device):
-        vae = instantiate_from_config(_parts(params)[1]).eval()
-    del vae.encoder
-    # without a fixed budget, txt2img's default: a share of what is available after sampling
-    budget = int(p["budget_gb"] * GB) if p.get("budget_gb") else default_budget(meter.device)
-    z = z.float() / params.scale_factor
-    tile = resolve_tile_size(vae, z, opts.tile_size, opts.overlap, budget)
-    tiles = len(plan_axis(z.shape[2], tile[0], opts.overlap)) * len(
-        plan_axis(z.shape[3], tile[1], opts.overlap))
-    wall, _ = meter.timed(lambda: tiled_decode(vae, z, opts.overlap, opts.sync_gn, tile,
-                                               budget_bytes=budget))
-    return {"decode_seconds": wall, "decode_budget_gb": budget / GB, "decode_tiles": tiles}
+    _as_card(meter.device, p)
+    pipe = Pipeline.from_model(_random_model(meter.device, _config(p)), meter.device,
+                               "autocast", compile_unet=p.get("compile", False))
+    weights = _weights_gb(pipe.model)
+    if meter.cuda:  # the float32 weights before halving are no part of a run's peak
+        torch.cuda.reset_peak_memory_stats(meter.device)
+    baseline = meter.current_bytes()
+    opts = dataclasses.replace(_options(p), decode_budget_gb=p.get("budget_gb"))
+    prompt = [SEED_COMMAND[1]]
+
+    def sample(steps):
+        return pipe.sample(prompt, dataclasses.replace(opts, steps=steps),
+                           torch.Generator().manual_seed(1), progress=False)[0]
+    sample(p.get("warmup_steps") or 1)  # the one-off CUDA set-up (and compile), in no figure
+    latents = []
+    wall, _ = meter.timed(lambda: latents.append(sample(opts.steps)))
+    result = {"seconds": {"run": wall}, "sample_peak_gb": meter.peak_bytes() / GB,
+              **_pool_figures(meter.device)}
+    # the budget and tiles txt2img's decode will choose, then that decode itself
+    z = latents[0] / pipe.model.scale_factor
+    budget = (int(p["budget_gb"] * GB) if p.get("budget_gb")
+              else default_budget(meter.device))
+    th, tw = resolve_tile_size(pipe.model.first_stage_model, z, opts.tile_size, opts.overlap,
+                               budget)
+    tiles = len(plan_axis(z.shape[2], th, opts.overlap)) * len(
+        plan_axis(z.shape[3], tw, opts.overlap))
+    decode_wall, _ = meter.timed(lambda: pipe.decode(latents[0], opts, progress=False))
+    result.update(decode_seconds=decode_wall, decode_budget_gb=budget / GB, decode_tiles=tiles,
+                  side=p["side"], steps=p["steps"], baseline_gb=baseline / GB,
+                  weights_gb=weights, peak_gb=meter.peak_bytes() / GB,
+                  kernels=dict(pipe.sampling_kernels),
+                  channels_last=_default_layout(meter.device), card_gb=p.get("card_gb"),
+                  compile_modes=p.get("compile_modes"))
+    if meter.cuda:
+        result["reserved_peak_gb"] = torch.cuda.max_memory_reserved(meter.device) / GB
+    return result
+
+
+# the text encoders' child names: LDM's (SD 1.x / 2.x), Stability's (SDXL)
+TEXT_ENCODER_CHILDREN = ("cond_stage_model", "conditioner")
+
+
+def _random_model(device, config):
+    """The config's whole model with random float32 weights, initialised on `device` (fast on
+    a card); `prepare_for_inference` then halves what `--precision autocast` halves."""
+    import torch
+
+    from ldm.modules.encoders.common import register_config_dir
+    from ldm.util import instantiate_from_config, load_config
+
+    register_config_dir(Path(config).resolve().parent)
+    with torch.device(device):
+        return instantiate_from_config(load_config(config).model).eval()
+
+
+def _weights_gb(model):
+    """GB of parameters and buffers per child of the model (UNet, text encoder(s), VAE)."""
+    sizes = {}
+    for name, child in model.named_children():
+        tensors = [*child.parameters(), *child.buffers()]
+        sizes[name] = sum(t.numel() * t.element_size() for t in tensors) / GB
+    return sizes
 
 
 def write_random_checkpoint(path, device, config=FULL_CONFIG):
@@ -266,12 +314,7 @@ def write_random_checkpoint(path, device, config=FULL_CONFIG):
     fast), saved as the published .ckpt is: {"state_dict": ...}, float32."""
     import torch
 
-    from ldm.modules.encoders.modules import register_config_dir
-    from ldm.util import instantiate_from_config, load_config
-
-    register_config_dir(Path(config).resolve().parent)
-    with torch.device(device):
-        model = instantiate_from_config(load_config(config).model)
+    model = _random_model(device, config)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     del model
     torch.save({"state_dict": state}, path)
@@ -323,7 +366,7 @@ def _phases(stderr):
     return {}
 
 
-CASES = {"sample": case_sample, "cli": case_cli}
+CASES = {"sample": case_sample, "whole": case_whole, "cli": case_cli}
 ITEMS = ("decode", "sample", "cli")
 TABLE_ITEMS = ITEMS + ("sdxl",)  # the table's row groups (sdxl: benchmark.py's own case)
 # Asked for by name only (`--only card24`), never by default: two 4096² whole runs
@@ -372,15 +415,14 @@ def plan(args):
             cases.append(("sample_1024_compile", "sample", {
                 "side": 128, "steps": steps, "variants": {"plain": {}}, "repeats": 2,
                 "channels_last": True, "compile": True, "warmup_steps": 3}))
-        cases.append(("sample_4096_preset", "sample", {
+        cases.append(("sample_4096_preset", "whole", {
             "side": 512, "steps": args.preset_steps, "preset": "sd2.1_4096x4096_experimental",
-            "variants": {"run": {}}, "repeats": 1, "warmup_steps": 1, "decode": True,
-            "budget_gb": budget}))  # txt2img's layout (runs 1-2: channels-last)
+            "warmup_steps": 1, "budget_gb": budget}))  # txt2img's layout (runs 1-2: channels-last)
         # SDXL, the family of the authors' 4096² headline: random full-size UNet and VAE
-        cases.append(("sample_sdxl_4096_preset", "sample", {
+        cases.append(("sample_sdxl_4096_preset", "whole", {
             "side": 512, "steps": args.preset_steps, "preset": "sdxl_4096x4096",
-            "config": "configs/stable-diffusion/sd_xl_base.yaml", "variants": {"run": {}},
-            "repeats": 1, "warmup_steps": 1, "decode": True, "budget_gb": budget}))
+            "config": "configs/stable-diffusion/sd_xl_base.yaml", "warmup_steps": 1,
+            "budget_gb": budget}))
     if "cli" in args.only:
         cases.append(("cli_1024", "cli", {"workdir": args.workdir}))
     if "card24" in args.only:
@@ -394,11 +436,10 @@ def card_cases(steps=3):
     the UNet's memory through the decode. Its taus keep their share of the steps (2 of 3
     dilated, as 40 of 50), so both the dilated steps' graphs and a plain one's are made."""
     preset = {"side": 512, "steps": steps, "scale_taus": True,
-              "preset": "sd2.1_4096x4096_experimental", "variants": {"run": {}}, "repeats": 1,
-              "warmup_steps": 0, "decode": True, "card_gb": CARD_GB}
-    return [("card24_4096", "sample", preset),
-            ("card24_4096_graphs", "sample", {**preset, "compile": True,
-                                              "compile_modes": {"cuda_graphs": True}})]
+              "preset": "sd2.1_4096x4096_experimental", "card_gb": CARD_GB}
+    return [("card24_4096", "whole", preset),
+            ("card24_4096_graphs", "whole", {**preset, "compile": True,
+                                             "compile_modes": {"cuda_graphs": True}})]
 
 
 def _get(results, key, *path):
@@ -471,8 +512,8 @@ def _preset_rows(results):
         step = (r.get("seconds") or {}).get("run")
         out.append((f"{name}, whole-run peak ({r.get('steps')} steps + tiled decode; "
                     f"{_fmt(step, '.1f')} s sampling, {_fmt(r.get('decode_seconds'), '.1f')} s "
-                    f"decode)", _gb(r.get("peak_gb")), "≤ 24 GB", r.get("peak_gb"),
-                    _why(results, key)))
+                    f"decode; {_weights(r)})", _gb(r.get("peak_gb")), "≤ 24 GB",
+                    r.get("peak_gb"), _why(results, key)))
     return out
 
 
@@ -481,7 +522,7 @@ def _card_rows(results):
     for key, name in (("card24_4096", "eager"), ("card24_4096_graphs", "compiled, CUDA graphs")):
         r = results.get(key, {})
         out.append((f"4096² experimental preset within {CARD_GB} GB, {name}: peak reserved / "
-                    f"allocated ({r.get('steps')} steps; graph pool "
+                    f"allocated ({r.get('steps')} steps; {_weights(r)}; graph pool "
                     f"{_gb(r.get('graph_pool_gb'))}, {_gb(r.get('graph_pool_unused_gb'))} of it "
                     f"unused; decode {r.get('decode_tiles')} tiles, "
                     f"{_fmt(r.get('decode_seconds'), '.1f')} s, budget "
@@ -489,6 +530,14 @@ def _card_rows(results):
                     f"{_gb(r.get('reserved_peak_gb'))} / {_gb(r.get('peak_gb'))}",
                     "runs", r.get("reserved_peak_gb"), _why(results, key)))
     return out
+
+
+def _weights(r):
+    """"weights 2.6 GB, 0.7 of them text encoder(s)": what a whole run holds throughout."""
+    sizes = r.get("weights_gb") or {}
+    encoders = sum(gb for name, gb in sizes.items() if name in TEXT_ENCODER_CHILDREN)
+    return (f"weights {_gb(sum(sizes.values()) if sizes else None)}, "
+            f"{_fmt(encoders if sizes else None, '.1f')} of them text encoder(s)")
 
 
 def _cli_rows(results):

@@ -137,9 +137,9 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
                                          channels_last=True, variants={
                                              "channels_last": gpu.REFERENCE_KERNELS, "plain": {},
                                              "dilated": {"dilate_tau": 2}}),
-        "sample_4096_preset": run("sample", side=16, steps=2, warmup_steps=1, decode=True,
+        "sample_4096_preset": run("whole", side=16, steps=2, warmup_steps=1,
                                   preset="sd2.1_4096x4096_experimental", budget_gb=1e-4),
-        "sample_sdxl_4096_preset": run("sample", side=16, steps=2, warmup_steps=1, decode=True,
+        "sample_sdxl_4096_preset": run("whole", side=16, steps=2, warmup_steps=1,
                                        preset="sdxl_4096x4096", budget_gb=1e-4,
                                        config=str(REF / "tiny-sdxl" / "tiny-sdxl.yaml")),
         # a budget the plain decoder's estimate exceeds: the banded one runs
@@ -178,6 +178,7 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
     assert "full decode 2048², time / peak (lean decoder)" in table
     assert "banded / plain decoder, time" in table
     assert "SDXL sdxl_4096x4096 preset, whole-run peak (2 steps" in table
+    assert results["sample_sdxl_4096_preset"]["weights_gb"]["conditioner"] > 0
     assert results["sample_sdxl_4096_preset"]["peak_gb"] > 0
 
 
@@ -218,15 +219,19 @@ def test_card_cases_keep_the_presets_share_of_dilated_steps(bench, one_thread):
     assert (opts.dilate_tau, opts.ndcfg_tau, opts.inflate_tau, opts.steps) == (2, 2, 2, 3)
     assert gpu._options(gpu.card_cases(5)[0][2]).inflate_tau == 3  # 35 of 50: rounded down
     params = {**eager[2], "tiny": True, "side": 16}
-    result = bench.run_case("sample", params, "cpu")
+    result = bench.run_case("whole", params, "cpu")
     assert result["decode_tiles"] >= 1 and result["decode_budget_gb"] > 0, result
     assert result["card_gb"] == gpu.CARD_GB
-    assert result["warmup_seconds"] == {}  # one set-up step, then the run it decodes
+    # a whole run: the text encoder is held with the UNet and the VAE
+    assert set(result["weights_gb"]) == {"model", "first_stage_model", "cond_stage_model"}
+    assert min(result["weights_gb"].values()) > 0
     rows = gpu.rows({"card24_4096": result}, ("card24",))
     assert [r[0].split(":")[0] for r in rows] == [
         "4096² experimental preset within 24 GB, eager",
         "4096² experimental preset within 24 GB, compiled, CUDA graphs"]
     assert "decode 1 tiles" in rows[0][0] and rows[0][3] is None  # no reserved peak on a CPU
+    encoder = result["weights_gb"]["cond_stage_model"]
+    assert "of them text encoder(s)" in rows[0][0] and f"{encoder:.1f} of them" in rows[0][0]
     assert gpu.rows({"card24_4096": result}) == gpu.rows({})  # not among the default rows
 
 
