@@ -415,10 +415,11 @@ def plan(args):
             cases.append(("sample_1024_compile", "sample", {
                 "side": 128, "steps": steps, "variants": {"plain": {}}, "repeats": 2,
                 "channels_last": True, "compile": True, "warmup_steps": 3}))
+        # whole runs as txt2img makes them (runs 1-2 ran channels-last, runs 1-6 held no text
+        # encoder): the SD 2.1 experimental preset, then SDXL, the authors' 4096² headline
         cases.append(("sample_4096_preset", "whole", {
             "side": 512, "steps": args.preset_steps, "preset": "sd2.1_4096x4096_experimental",
-            "warmup_steps": 1, "budget_gb": budget}))  # txt2img's layout (runs 1-2: channels-last)
-        # SDXL, the family of the authors' 4096² headline: random full-size UNet and VAE
+            "warmup_steps": 1, "budget_gb": budget}))
         cases.append(("sample_sdxl_4096_preset", "whole", {
             "side": 512, "steps": args.preset_steps, "preset": "sdxl_4096x4096",
             "config": "configs/stable-diffusion/sd_xl_base.yaml", "warmup_steps": 1,
