@@ -252,7 +252,7 @@ def case_whole(p, meter):
     if meter.cuda:  # the float32 weights before halving are no part of a run's peak
         torch.cuda.reset_peak_memory_stats(meter.device)
     baseline = meter.current_bytes()
-    opts = dataclasses.replace(_options(p), decode_budget_gb=p.get("budget_gb"))
+    opts = _options(p)
     prompt = [SEED_COMMAND[1]]
 
     def sample(steps):
@@ -263,10 +263,12 @@ def case_whole(p, meter):
     wall, _ = meter.timed(lambda: latents.append(sample(opts.steps)))
     result = {"seconds": {"run": wall}, "sample_peak_gb": meter.peak_bytes() / GB,
               **_pool_figures(meter.device)}
-    # the budget and tiles txt2img's decode will choose, then that decode itself
+    # the budget txt2img's decode would take now, given to it (exact: GB is a power of two),
+    # so that the tiles reported are the tiles decoded
     z = latents[0] / pipe.model.scale_factor
     budget = (int(p["budget_gb"] * GB) if p.get("budget_gb")
               else default_budget(meter.device))
+    opts = dataclasses.replace(opts, decode_budget_gb=budget / GB)
     th, tw = resolve_tile_size(pipe.model.first_stage_model, z, opts.tile_size, opts.overlap,
                                budget)
     tiles = len(plan_axis(z.shape[2], th, opts.overlap)) * len(
