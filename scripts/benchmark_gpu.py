@@ -405,18 +405,19 @@ def plan(args):
                     "repeats": 1 if side == 512 else 2, "budget_gb": budget}))
     if "sample" in args.only:
         steps, tau = args.sample_steps, round(args.sample_steps * 20 / 50)
-        # The reference kernels and each kernel switch alone, in the contiguous layout ...
-        cases.append(("sample_1024", "sample", {"side": 128, "steps": steps, "repeats": 2,
-                                                 "variants": SWITCH_VARIANTS}))
-        # ... channels-last alone, and with every kernel switch on (txt2img's CUDA defaults
-        # but for the layout, which run 2 turned off), plain and re-dilated.
+        # In txt2img's layout: the reference kernels, each kernel switch alone, and txt2img's
+        # defaults (every switch on), plain and re-dilated ...
+        cases.append(("sample_1024", "sample", {
+            "side": 128, "steps": steps, "repeats": 2,
+            "variants": {**SWITCH_VARIANTS, "plain": {}, "dilated": {"dilate_tau": tau}}}))
+        # ... then channels-last (off by default since run 2): alone and with every switch on
         cases.append(("sample_1024_channels_last", "sample", {
-            "side": 128, "steps": steps, "repeats": 2, "channels_last": True, "variants": {
-                "channels_last": REFERENCE_KERNELS, "plain": {}, "dilated": {"dilate_tau": tau}}}))
+            "side": 128, "steps": steps, "repeats": 2, "channels_last": True,
+            "variants": {"channels_last": REFERENCE_KERNELS, "all_channels_last": {}}}))
         if args.compile:
             cases.append(("sample_1024_compile", "sample", {
                 "side": 128, "steps": steps, "variants": {"plain": {}}, "repeats": 2,
-                "channels_last": True, "compile": True, "warmup_steps": 3}))
+                "compile": True, "warmup_steps": 3}))
         # whole runs as txt2img makes them (runs 1-2 ran channels-last, runs 1-6 held no text
         # encoder): the SD 2.1 experimental preset, then SDXL, the authors' 4096² headline
         cases.append(("sample_4096_preset", "whole", {
@@ -567,33 +568,36 @@ def _sdxl_rows(results):
 
 def _sample_rows(results):
     """The presets' whole-run peaks, then the 1024² sample rows: re-dilated / plain and the
-    plain time with the device's default kernels (txt2img's), then each switch, and all
-    together, against the reference kernels."""
-    fast = results.get("sample_1024_channels_last", {})
-    switches = results.get("sample_1024", {})
-    steps = fast.get("steps") or switches.get("steps")
+    plain time with the device's defaults (txt2img's kernels and layout), then each switch,
+    channels-last, all together (the defaults) and with channels-last or `--compile`, against
+    the reference kernels."""
+    fast = results.get("sample_1024", {})
+    layout = results.get("sample_1024_channels_last", {})
+    steps = fast.get("steps") or layout.get("steps")
     plain, dilated = _get(fast, "seconds", "plain"), _get(fast, "seconds", "dilated")
-    why = _why(results, "sample_1024_channels_last")
+    why = _why(results, "sample_1024")
     out = _preset_rows(results) + [(f"re-dilated / plain 1024² run ({steps and round(steps * 20 / 50)} of {steps} "
             f"steps dilated)", _pair(dilated, plain, "s"), "≤ 1.05x", _ratio(dilated, plain),
             why),
            (f"plain 1024² {steps}-step sample (default kernels: {_kernel_text(fast)})",
             _fmt(plain, ".2f") + " s", "≤ 1.3 s (50 steps)", plain, why)]
-    reference = _get(switches, "seconds", "reference")
-    measured = [(name.replace("_", "-"), _get(switches, "seconds", name),
-                 _why(results, "sample_1024")) for name in SWITCH_VARIANTS if name != "reference"]
-    measured += [("channels-last", _get(fast, "seconds", "channels_last"), why),
-                 ("all together", plain, why)]
+    reference = _get(fast, "seconds", "reference")
+    layout_why = _why(results, "sample_1024_channels_last")
+    measured = [(name.replace("_", "-"), _get(fast, "seconds", name), why)
+                for name in SWITCH_VARIANTS if name != "reference"]
+    measured += [("channels-last", _get(layout, "seconds", "channels_last"), layout_why),
+                 ("all together", plain, why),
+                 ("all + channels-last", _get(layout, "seconds", "all_channels_last"),
+                  layout_why)]
     if "sample_1024_compile" in results:
         measured.append(("all + torch.compile",
                          _get(results, "sample_1024_compile", "seconds", "plain"),
                          _why(results, "sample_1024_compile")))
     for name, t, note in measured:
-        text = _pair(t, reference, "s") + (_warmup_note(switches) if name == "cudnn-benchmark"
+        text = _pair(t, reference, "s") + (_warmup_note(fast) if name == "cudnn-benchmark"
                                            else "")
         out.append((f"plain 1024² {steps}-step sample, {name} / reference kernels", text,
-                    "< 1x (kept where faster)", _ratio(t, reference),
-                    note or _why(results, "sample_1024")))
+                    "< 1x (kept where faster)", _ratio(t, reference), note))
     return out
 
 

@@ -131,12 +131,12 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
     monkeypatch.setattr(gpu.subprocess, "run", _txt2img_in_process(txt2img))
     run = lambda name, **p: bench.run_case(name, {"tiny": True, **p}, "cpu")
     results = {
-        "sample_1024": run("sample", side=8, steps=5, warmup_steps=1,
-                           variants=gpu.SWITCH_VARIANTS),
+        "sample_1024": run("sample", side=8, steps=5, warmup_steps=1, variants={
+            **gpu.SWITCH_VARIANTS, "plain": {}, "dilated": {"dilate_tau": 2}}),
         "sample_1024_channels_last": run("sample", side=8, steps=5, warmup_steps=1,
                                          channels_last=True, variants={
-                                             "channels_last": gpu.REFERENCE_KERNELS, "plain": {},
-                                             "dilated": {"dilate_tau": 2}}),
+                                             "channels_last": gpu.REFERENCE_KERNELS,
+                                             "all_channels_last": {}}),
         "sample_4096_preset": run("whole", side=16, steps=2, warmup_steps=1,
                                   preset="sd2.1_4096x4096_experimental", budget_gb=1e-4),
         "sample_sdxl_4096_preset": run("whole", side=16, steps=2, warmup_steps=1,
@@ -149,11 +149,12 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
         "cli_1024": run("cli", workdir=str(tmp_path),
                         extra=["--H", "64", "--W", "64", "--steps", "2", "--overlap", "2"]),
     }
-    assert set(results["sample_1024"]["seconds"]) == set(gpu.SWITCH_VARIANTS)
+    assert set(results["sample_1024"]["seconds"]) == {*gpu.SWITCH_VARIANTS, "plain", "dilated"}
     assert results["sample_1024"]["kernels"]["native_norms"] == {
         "cudnn_benchmark": False, "native_norms": True, "cudnn_attention": False}
+    assert results["sample_1024"]["channels_last"] is False  # txt2img's layout
     assert set(results["sample_1024_channels_last"]["seconds"]) == {
-        "channels_last", "plain", "dilated"}
+        "channels_last", "all_channels_last"}
     assert results["sample_4096_preset"]["decode_seconds"] > 0
     assert results["sample_4096_preset"]["channels_last"] is False  # the device's default
     assert results["cli_1024"]["seconds"] > 0, results["cli_1024"]
@@ -165,7 +166,9 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
     assert set(results["cli_1024"]["phases"]) == {"startup", "load", "sample", "decode", "write",
                                                   "total"}
     assert "plain 1024² 5-step sample, cudnn-attention / reference kernels" in table
-    assert len(gpu.rows(results)) == 19 and "CLI wall time" in table
+    assert "plain 1024² 5-step sample, all + channels-last / reference kernels" in table
+    assert "plain 1024² 5-step sample (default kernels: none)" in table  # the CPU's
+    assert len(gpu.rows(results)) == 20 and "CLI wall time" in table
     # `--only cli` prints its own row, not the other items' dashes
     only_cli = gpu.markdown(results, "cpu", ("cli",)).splitlines()[4:]
     assert len(only_cli) == 1 and only_cli[0].startswith("| CLI wall time, the seed's 1024² ")
@@ -205,6 +208,19 @@ def test_sdxl_unet_case_on_a_card_is_laid_out_as_txt2img(bench):
             got = unet(x, t, context=ctx, y=y).float()
         want = reference(x, t, context=ctx, y=y)
     assert (got - want).norm() / want.norm() < 3e-2  # bf16 keeps 8 bits: 1.4e-2 here
+
+
+def test_sample_rows_time_txt2img_s_defaults(bench):
+    """The plain and re-dilated 1024² runs, and the compiled one, use txt2img's layout (the
+    device's default); channels-last is timed in a case of its own."""
+    gpu = bench.benchmark_gpu
+    planned = {key: p for key, _, p in gpu.plan(SimpleNamespace(
+        only=["sample"], decode_budget_gb=None, sample_steps=50, preset_steps=3, compile=True))}
+    assert {"plain", "dilated", *gpu.SWITCH_VARIANTS} == set(planned["sample_1024"]["variants"])
+    assert planned["sample_1024"]["variants"]["dilated"] == {"dilate_tau": 20}
+    for key in ("sample_1024", "sample_1024_compile"):
+        assert planned[key].get("channels_last") is None, key
+    assert planned["sample_1024_channels_last"]["channels_last"] is True
 
 
 def test_card_cases_keep_the_presets_share_of_dilated_steps(bench, one_thread):

@@ -224,9 +224,9 @@ def test_an_output_written_over_its_input_tile_is_counted_once():
     assert seen[3:] == [4 * 1024] * 3 and place.resident == 3 * 1024
 
 
-def _segment(total, active, pool=(0, 0), device=0):
+def _segment(total, active, pool=(0, 0), device=0, stream=0):
     return {"device": device, "total_size": total, "active_size": active,
-            "segment_pool_id": pool}
+            "segment_pool_id": pool, "stream": stream}
 
 
 def test_decode_budget_counts_only_the_default_pools_cache():
@@ -242,6 +242,20 @@ def test_decode_budget_counts_only_the_default_pools_cache():
     assert reusable_cached_bytes([], 0) == 0
 
 
+def test_decode_budget_counts_other_streams_cache_only_where_it_can_be_freed():
+    """The allocator hands a stream's free blocks to that stream only; another stream's wholly
+    unused segment is freed for whoever runs short, a partly used one is not."""
+    from ldm.scalecrafter.tiled_decode import reusable_cached_bytes
+
+    mib = 2 ** 20
+    segments = [_segment(64 * mib, 16 * mib, stream=7),  # the decode's stream: 48 MiB reusable
+                _segment(32 * mib, 0, stream=9),  # a side stream's segment, wholly unused
+                _segment(40 * mib, 8 * mib, stream=9)]  # partly used: its 32 MiB stay there
+    assert reusable_cached_bytes(segments, 0, stream=7) == (48 + 32) * mib
+    assert reusable_cached_bytes(segments, 0, stream=9) == (32 + 32) * mib
+    assert reusable_cached_bytes(segments, 0) == (48 + 32 + 32) * mib
+
+
 @pytest.mark.parametrize("fraction, expected_gib", [(1.0, 10 + 1), (0.5, 8 - 6 + 1),
                                                      (0.2, 0 + 1)])
 def test_cuda_budget_keeps_within_the_per_process_limit(monkeypatch, fraction, expected_gib):
@@ -254,7 +268,10 @@ def test_cuda_budget_keeps_within_the_per_process_limit(monkeypatch, fraction, e
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 6 * gib)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i: fraction,
                         raising=False)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda i: type("Stream", (), {"cuda_stream": 5}))
     monkeypatch.setattr(torch.cuda, "memory_snapshot",
-                        lambda: [_segment(6 * gib, 5 * gib, device=3)])
+                        lambda: [_segment(6 * gib, 5 * gib, device=3, stream=5),
+                                 _segment(gib, gib // 2, device=3, stream=6)])
     got = tiled_decode.available_bytes(torch.device("cuda", 3))
     assert got == expected_gib * gib

@@ -78,13 +78,18 @@ def unused_bytes(segments) -> int:
     return sum(s["total_size"] - s["active_size"] for s in segments)
 
 
-def reusable_cached_bytes(segments, device_index: int) -> int:
-    """Bytes torch's CUDA allocator holds unused that any allocation could take: inactive blocks
-    of the default pool's segments. A private pool's free blocks are excluded: they belong to
-    its CUDA graphs (a compiled UNet's intermediates between replays), and counting them made
-    a decode plan for memory it could not get."""
+def reusable_cached_bytes(segments, device_index: int, stream: Optional[int] = None) -> int:
+    """Bytes torch's CUDA allocator holds unused that the decode's allocations could take: the
+    inactive blocks of the default pool's segments on `stream` (the decode's; None: any), and
+    other streams' wholly unused segments, which the allocator frees and reallocates when it
+    runs short. A partly used segment of another stream keeps its free blocks for that stream.
+    A private pool's free blocks are excluded: they belong to its CUDA graphs (a compiled
+    UNet's intermediates between replays), and counting them made a decode plan for memory it
+    could not get."""
     return unused_bytes(s for s in segments
-                        if s.get("device", device_index) == device_index and in_default_pool(s))
+                        if s.get("device", device_index) == device_index and in_default_pool(s)
+                        and (stream is None or s.get("stream", stream) == stream
+                             or s["active_size"] == 0))
 
 
 def cuda_available_bytes(device: torch.device) -> int:
@@ -96,7 +101,8 @@ def cuda_available_bytes(device: torch.device) -> int:
     fraction = get_fraction(index) if get_fraction else 1.0
     if fraction < 1:  # the allocator refuses to reserve beyond fraction * total
         free = min(free, max(int(fraction * total) - torch.cuda.memory_reserved(index), 0))
-    return free + reusable_cached_bytes(torch.cuda.memory_snapshot(), index)
+    stream = torch.cuda.current_stream(index).cuda_stream
+    return free + reusable_cached_bytes(torch.cuda.memory_snapshot(), index, stream)
 
 
 def available_bytes(device: torch.device) -> int:
