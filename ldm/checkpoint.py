@@ -59,12 +59,10 @@ __all__ = [
     "CheckpointError",
     "load_state_dict",
     "save_safetensors",
-    "PICKLE_SUFFIXES",
 ]
 
 PathLike = Union[str, os.PathLike]
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CONVERTER = "scripts/convert_checkpoint.py"
 
 

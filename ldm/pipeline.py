@@ -29,6 +29,7 @@ from ldm.scalecrafter.tiled_decode import tiled_decode
 from ldm.util import load_config, build_model
 
 SAMPLERS = ("ddim", "plms", "dpm")
+DETERMINISTIC = {"plms": "PLMS", "dpm": "DPM-Solver++ (2M)"}  # the samplers that take no eta
 
 
 @dataclass
@@ -48,8 +49,8 @@ class GenerationOptions:
     precision: str = "autocast"
     # re-dilation, the seed's uniform form
     dilate: Optional[float] = None
-    dilate_tau: int = 1
-    dilate_skip: int = 1
+    dilate_tau: int = 20
+    dilate_skip: int = 4
     progressive_dilate: bool = False
     # the authors' per-layer form and the ultra-resolution features
     dilate_settings: Optional[str] = None
@@ -90,12 +91,17 @@ class GenerationOptions:
                 math.isfinite(self.decode_budget_gb) and self.decode_budget_gb > 0):
             raise ValueError(f"--decode_budget_gb must be a positive number, "
                              f"got {self.decode_budget_gb}")
-        if self.steps > 1000:
-            raise ValueError(f"--steps must be at most 1000, got {self.steps}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}")
-        if self.sampler == "plms" and self.ddim_eta != 0:
-            raise ValueError("PLMS is deterministic: use --ddim_eta 0 with --plms")
+        # DDIM's uniform schedule (PLMS's too) strides 1000 // steps: beyond 500 the stride is
+        # 1 and its last timestep repeats
+        most = 1000 if self.sampler == "dpm" else 500
+        if self.steps > most:
+            raise ValueError(f"--steps must be at most {most} with {self.sampler.upper()}, "
+                             f"got {self.steps}")
+        if self.sampler in DETERMINISTIC and self.ddim_eta != 0:
+            raise ValueError(f"{DETERMINISTIC[self.sampler]} is deterministic: use --ddim_eta 0 "
+                             f"with --{self.sampler}")
         if self.ddim_eta < 0:
             raise ValueError(f"--ddim_eta must be non-negative, got {self.ddim_eta}")
         if self.precision not in ("full", "autocast"):
@@ -105,8 +111,6 @@ class GenerationOptions:
         for name in ("dilate_tau", "ndcfg_tau", "inflate_tau", "dilate_skip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
-        if (self.dilate is not None or self.dilate_settings) and self.dilate_tau <= 0:
-            raise ValueError(f"--dilate_tau must be positive, got {self.dilate_tau}")
         if self.dilate is not None and self.dilate_settings:
             raise ValueError("use either --dilate or --dilate_settings, not both")
         if self.freeu is not None and len(self.freeu) != 4:

@@ -82,8 +82,11 @@ def build_model(config, device="cpu", state_dict=None, dtype=torch.float32):
     return model.eval()
 
 
-def load_model(config_path, ckpt_path, device="cpu"):
-    from ldm.checkpoint import load_state_dict
-
-    config = load_config(config_path)
-    return build_model(config, device, load_state_dict(ckpt_path))
+def part_configs(config):
+    """The UNet's and the VAE's config nodes of a model config, under the keys its model class
+    reads (`unet_config_key`: LDM's `unet_config`, Stability's `network_config`); None where
+    one is missing."""
+    params = config.model.get("params") or {}
+    model_class = get_obj_from_str(config.model.target)
+    return (params.get(getattr(model_class, "unet_config_key", "unet_config")),
+            params.get("first_stage_config"))

@@ -624,8 +624,8 @@ def build_parser():
     add("--ratio-side", type=int,
         help="latent side of the re-dilation / ndcfg case (default 64; --quick 48)")
     add("--decode-side", type=int, help="latent side of the decode case (default 64; --quick 32)")
-    add("--overlap", type=int, help="tile overlap, latent pixels (default 8, as txt2img; "
-                                    "--tiny 4)")
+    add("--overlap", type=int, help="tile overlap, latent pixels (default 8; --tiny 4; "
+                                    "txt2img's default is 24)")
     add("--tile-size", type=_tile_size, help="tile side of the 'tiled' decode, latent pixels, "
         "or auto (default auto; the seed's half-side tiling is measured beside it)")
     add("--decode-budget-gb", type=float, help="memory budget of tiled decodes (default: from "

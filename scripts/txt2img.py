@@ -3,7 +3,7 @@
 Bad input is refused with one line on stderr and a non-zero exit (`--debug` shows the
 traceback): flags, sizes, files, settings and the output folder before the checkpoint is read,
 a checkpoint that is no checkpoint (or unsafe) before the model is built, one that does not fit
-the config before any weights are placed. Exit status: 0 done, 1 refused or failed, 2 bad
+the config (missing weights, wrong shapes) before the model is used. Exit status: 0 done, 1 refused or failed, 2 bad
 flags, 130 interrupted (the finished images are kept, nothing partial is left)."""
 import argparse
 import math
@@ -48,7 +48,7 @@ def build_parser(suppress_defaults=False):
     add("--C", type=int, default=d(4), help="latent channels")
     add("--f", type=int, default=d(8), help="downsampling factor (8 for SD)")
     add("--n_samples", type=int, default=d(3), help="images per prompt per iteration (batch)")
-    add("--n_rows", type=int, default=d(0), help="rows in the grid (default: n_samples)")
+    add("--n_rows", type=int, default=d(0), help="images in each grid row (default: n_samples)")
     add("--scale", type=float, default=d(9.0), help="classifier-free guidance scale")
     add("--negative_prompt", type=str, default=d(""),
         help="the unconditional prompt of classifier-free guidance (default: empty)")
@@ -65,8 +65,8 @@ def build_parser(suppress_defaults=False):
         help="torch.compile the UNet: compiled once, in the first step, whatever the "
              "re-dilation plan and batch size")
     add("--channels_last", action=argparse.BooleanOptionalAction,
-        help="UNet in channels-last memory format (default: where ldm/precision.py measured "
-             "it faster, CUDA)")
+        help="UNet in channels-last memory format (default: ldm/precision.py's choice for "
+             "the device: off, as measured on CUDA)")
     add("--fast_kernels", action=argparse.BooleanOptionalAction,
         help="CUDA: cuDNN autotuning and the UNet's norms in the activations' dtype "
              "(default: on with CUDA; --no-fast_kernels for the reference kernels)")
@@ -140,14 +140,22 @@ class UsageError(Exception):
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the flags given on the command line (a preset yields to them; some checks ask for them)
+    args.given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
     if args.preset:
-        explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
-        apply_preset(args, args.preset, explicit)
+        apply_preset(args, args.preset, args.given)
     return args
 
 
+# A flag given on the command line also sets aside the preset values it cannot go with: the
+# uniform and the per-layer dilation exclude each other, and eta is DDIM's alone.
+DISPLACES = {"dilate": ("dilate_settings",), "dilate_settings": ("dilate",),
+             "plms": ("ddim_eta",), "dpm": ("ddim_eta",)}
+
+
 def apply_preset(args, name, explicit):
-    """Preset values replace defaults; flags given on the command line win."""
+    """Preset values replace defaults; flags given on the command line win, and set aside the
+    preset values they exclude (DISPLACES)."""
     from omegaconf import OmegaConf
 
     path = Path(name) if name.endswith(".yaml") else PRESET_DIR / f"{name}.yaml"
@@ -159,7 +167,7 @@ def apply_preset(args, name, explicit):
     for key, value in preset.items():
         if not hasattr(args, key):
             raise UsageError(f"preset {path} sets unknown option {key!r}")
-        if key in explicit:
+        if key in explicit or any(key in DISPLACES.get(flag, ()) for flag in explicit):
             continue
         if isinstance(value, str) and key.endswith(("_settings", "_transform")):
             value = str((REPO_ROOT / value) if not Path(value).is_absolute() else value)
@@ -192,7 +200,8 @@ def check_counts(args):
 
 
 def read_prompts(args):
-    """Batches of prompts, as the LDM scripts chunk them (n_samples per batch)."""
+    """Batches of prompts, as the LDM scripts chunk them (n_samples per batch); a file's blank
+    lines are skipped."""
     check_counts(args)
     if args.from_file:
         path = Path(args.from_file)
@@ -212,9 +221,8 @@ def read_prompts(args):
             raise UsageError(f"prompt file {path} has no prompts")
         prompts = [p for p in lines for _ in range(args.repeat)]
         return [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
-    if not args.prompt or not args.prompt.strip():
-        raise UsageError("the prompt is empty")
-    return [[args.prompt] * args.n_samples]
+    # an empty prompt is allowed, as in the seed: a sample conditioned on no text
+    return [[args.prompt or ""] * args.n_samples]
 
 
 def check_readable_file(path, what):
@@ -264,6 +272,30 @@ def check_preset_family(args, config):
                          f"{args.config} is for {family or 'unknown-family'} models")
 
 
+def _param(node, *keys):
+    """node.params[keys...], or None where the config does not say."""
+    value = node.get("params") if hasattr(node, "get") else None
+    for key in keys:
+        value = value.get(key) if hasattr(value, "get") else None
+    return value
+
+
+def check_latent_shape(config, opts):
+    """--C and --f must be the model's: its UNet's latent channels and its VAE's downsampling
+    (2 per level after the first), as far as the config says them."""
+    from ldm.util import part_configs
+
+    unet_config, vae_config = part_configs(config)
+    channels, levels = _param(unet_config, "in_channels"), _param(vae_config, "ddconfig",
+                                                                  "ch_mult")
+    if channels is not None and opts.C != channels:
+        raise UsageError(f"--C {opts.C} does not fit the model: its UNet takes {channels} "
+                         f"latent channels")
+    if levels is not None and opts.f != 2 ** (len(levels) - 1):
+        raise UsageError(f"--f {opts.f} does not fit the model: its VAE downsamples by "
+                         f"{2 ** (len(levels) - 1)}")
+
+
 def check_settings_files(config, opts):
     """Settings files name UNet convs: check them against the config's UNet, built on the meta
     device (no memory, no weights), so that a typo costs no checkpoint load. Returns the
@@ -274,10 +306,9 @@ def check_settings_files(config, opts):
     from omegaconf import DictConfig
 
     from ldm.scalecrafter.settings import build_settings
-    from ldm.util import instantiate_from_config
+    from ldm.util import instantiate_from_config, part_configs
 
-    params = config.model.get("params") or {}
-    unet_config = params.get("unet_config") or params.get("network_config")  # LDM / sgm layout
+    unet_config, _ = part_configs(config)
     if not isinstance(unet_config, DictConfig):
         return None  # not the usual layout: the settings are checked once the model is loaded
     with torch.device("meta"):
@@ -322,6 +353,13 @@ def check_features(args):
         raise UsageError("--disperse_settings needs --disperse_transform")
     if args.disperse_transform and not args.disperse_settings:
         raise UsageError("--disperse_transform needs --disperse_settings")
+    given = getattr(args, "given", set())  # a preset's values may be set aside; flags may not
+    if "sync_gn" in given and args.sync_gn and not args.tiled_decoding:
+        raise UsageError("--sync_gn needs --tiled_decoding (a full decode normalises over the "
+                         "whole image already)")
+    if ("progressive_dilate" in given and args.progressive_dilate
+            and args.dilate is None and not args.dilate_settings):
+        raise UsageError("--progressive_dilate needs --dilate or --dilate_settings")
 
 
 def check_inputs(args, opts):
@@ -343,6 +381,7 @@ def check_inputs(args, opts):
         raise UsageError(f"checkpoint {args.ckpt} is empty (0 bytes)")
     config = check_config(args.config)
     check_preset_family(args, config)
+    check_latent_shape(config, opts)
     for name in ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
                  "disperse_transform"):
         value = getattr(args, name)

@@ -131,7 +131,13 @@ EARLY = [
     ("dilate-zero", ["--dilate", "0"], "--dilate must be positive"),
     ("dilate-negative", ["--dilate", "-2"], "--dilate must be positive"),
     ("dilate-nan", ["--dilate", "nan"], "--dilate must be a finite number"),
-    ("dilate-tau-zero", ["--dilate", "2", "--dilate_tau", "0"], "--dilate_tau must be positive"),
+    ("sync-gn-without-tiles", ["--sync_gn"], "--sync_gn needs --tiled_decoding"),
+    ("ddim-steps-over-500", ["--steps", "501"], "--steps must be at most 500 with DDIM"),
+    ("dpm-steps-over-1000", ["--dpm", "--steps", "1001"], "--steps must be at most 1000 with DPM"),
+    ("plms-eta", ["--plms", "--ddim_eta", "1"], "PLMS is deterministic: use --ddim_eta 0"),
+    ("dpm-eta", ["--dpm", "--ddim_eta", "0.5"], "DPM-Solver++ (2M) is deterministic"),
+    ("progressive-without-dilation", ["--progressive_dilate"],
+     "--progressive_dilate needs --dilate or --dilate_settings"),
     ("dilate-tau-negative", ["--dilate", "2", "--dilate_tau", "-1"], "--dilate_tau"),
     ("dilate-skip-negative", ["--dilate", "2", "--dilate_skip", "-1"], "--dilate_skip"),
     ("ndcfg-tau-negative", ["--ndcfg_tau", "-3"], "--ndcfg_tau must not be negative"),
@@ -162,7 +168,6 @@ EARLY = [
     ("prompt-file-empty", ["--from-file", "{empty.txt}"], "has no prompts"),
     ("prompt-file-blank", ["--from-file", "{blank.txt}"], "has no prompts"),
     ("prompt-file-not-utf8", ["--from-file", "{latin1.txt}"], "not UTF-8"),
-    ("prompt-empty", ["--prompt", " "], "the prompt is empty"),
     ("outdir-under-a-file", ["--outdir", "{regular}/sub"], "is not a folder"),
     ("outdir-is-a-file", ["--outdir", "{regular}"], "is not a folder"),
     ("settings-file-missing", ["--dilate_settings", "{missing}"], "does not exist"),
@@ -174,6 +179,8 @@ EARLY = [
     ("disperse-without-transform", ["--disperse_settings", "{bad_settings.txt}",
                                     "--inflate_tau", "5"], "needs --disperse_transform"),
     ("preset-unknown", ["--preset", "no-such-preset"], "unknown preset"),
+    ("latent-channels", ["--C", "3"], "--C 3 does not fit the model: its UNet takes 4 latent"),
+    ("downsampling", ["--f", "16"], "--f 16 does not fit the model: its VAE downsamples by 8"),
 ]
 
 
@@ -197,6 +204,25 @@ def test_bad_input_is_refused_before_loading(cli, capsys, files, base, no_load, 
 def test_bad_flags_exit_2_with_one_line(cli, capsys, base, no_load, flags, expected):
     status, lines = call(cli, capsys, base + flags)
     assert_one_line(status, lines, expected, code=2)
+
+
+@pytest.mark.parametrize("config", ["v1-inference.yaml", "v2-inference.yaml",
+                                    "sd_xl_base.yaml"])
+def test_latent_shape_is_checked_in_either_config_layout(cli, config):
+    """LDM's configs name the UNet `unet_config`, Stability's `network_config`."""
+    from ldm.pipeline import GenerationOptions
+    from ldm.util import load_config
+
+    config = load_config(REPO / "configs" / "stable-diffusion" / config)
+    cli.check_latent_shape(config, GenerationOptions())
+    with pytest.raises(cli.UsageError, match="its UNet takes 4 latent channels"):
+        cli.check_latent_shape(config, GenerationOptions(C=8))
+
+
+def test_an_empty_prompt_is_allowed(cli):
+    """As in the seed, `--prompt ""` is allowed; blank lines of a prompt file are skipped."""
+    args = cli.parse_args(["--prompt", "", "--n_samples", "2"])
+    assert cli.read_prompts(args) == [["", ""]]
 
 
 def test_a_checkpoint_is_required(cli, capsys, base, no_load):

@@ -111,8 +111,10 @@ def test_ddim_discretization():
     steps = ddim_timesteps(6)
     assert steps.tolist() == [1, 167, 333, 499, 665, 831, 997]
     assert len(ddim_timesteps(50)) == 50 and ddim_timesteps(50)[-1] == 981
-    with pytest.raises(ValueError):
-        ddim_timesteps(0)
+    assert len(set(ddim_timesteps(500))) == 500  # stride 2: the most distinct steps
+    for steps in (0, 501):  # 501: stride 1 would repeat the last timestep
+        with pytest.raises(ValueError):
+            ddim_timesteps(steps)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "plms", "dpm"])

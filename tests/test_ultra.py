@@ -75,6 +75,18 @@ def test_unknown_setting_name_is_an_error(sd21_unet, tmp_path):
         read_dilation_settings(path, sd21_unet)
 
 
+@pytest.mark.parametrize("value, message", [
+    ("nan", "must be a positive finite number, got nan"),
+    ("inf", "must be a positive finite number, got inf"), ("0", "positive"), ("-2", "positive"),
+    ("two", "'two' is not a number")])
+def test_a_factor_that_is_no_dilation_is_an_error(sd21_unet, tmp_path, value, message):
+    """Refused with its line when the file is read (before the checkpoint is), not mid-run."""
+    path = tmp_path / "bad.txt"
+    path.write_text(f"down_blocks.1.resnets.0.conv1:2\ndown_blocks.1.resnets.0.conv2:{value}\n")
+    with pytest.raises(SettingsError, match=f"bad.txt:2: .*{message}"):
+        read_dilation_settings(path, sd21_unet)
+
+
 def ndcfg_opts(**kw):
     base = dict(H=64, W=64, steps=4, scale=7.5, seed=4, precision="full", ddim_eta=0.0,
                 dilate_settings=str(SETTINGS / "dilate/sd2.1_2048x2048.txt"), dilate_tau=3,
@@ -141,6 +153,43 @@ def test_presets_set_values_and_flags_override(txt2img):
     presets = txt2img.list_presets()
     assert {"sd2.1_1024x1024", "sd2.1_1280x1280", "sd2.1_2048x1024", "sd2.1_2048x2048",
             "sd2.1_2048x2048_disperse", "sd2.1_4096x4096_experimental"} <= set(presets)
+
+
+def test_a_flag_sets_aside_the_preset_values_it_excludes(txt2img, tmp_path):
+    """`--dilate` replaces a preset's per-layer file (and the reverse), a sampler without eta
+    replaces its eta; every other preset value stays."""
+    args = txt2img.parse_args(["--preset", "sd2.1_2048x2048", "--dilate", "3", "--ckpt", "x"])
+    assert args.dilate == 3 and args.dilate_settings is None
+    assert args.ndcfg_dilate_settings and (args.dilate_tau, args.ndcfg_tau) == (37, 37)
+    txt2img.options_from_args(args).validate()
+    preset = tmp_path / "uniform.yaml"
+    preset.write_text("dilate: 2\nddim_eta: 1.0\nscale: 7.5\n")
+    args = txt2img.parse_args(["--preset", str(preset), "--dilate_settings", "f.txt", "--plms"])
+    assert (args.dilate, args.dilate_settings, args.ddim_eta, args.scale) == (
+        None, "f.txt", 0.0, 7.5)
+    txt2img.options_from_args(args).validate()
+    args = txt2img.parse_args(["--preset", str(preset), "--dpm"])
+    assert (args.dilate, args.ddim_eta) == (2, 0.0)
+
+
+def test_option_defaults_are_the_flags_defaults(txt2img):
+    """GenerationOptions' defaults are txt2img's, so the API and the CLI make the same image."""
+    import dataclasses
+
+    args = txt2img.parse_args([])
+    differ = {f.name: (f.default, getattr(args, f.name)) for f in dataclasses.fields(
+        GenerationOptions) if hasattr(args, f.name) and f.default != getattr(args, f.name)}
+    assert differ == {}
+    assert GenerationOptions().dilate_tau == 20 and GenerationOptions().dilate_skip == 4
+
+
+def test_dilate_tau_zero_is_the_plain_model(tiny_pipe):
+    """tau 0 re-dilates no step (an ablation's end point), as ndcfg_tau and inflate_tau 0 do."""
+    opts = dict(H=64, W=64, steps=3, seed=3, precision="full")
+    none = tiny_pipe.generate(["a fox"], GenerationOptions(**opts, dilate=2, dilate_tau=0),
+                              progress=False)
+    plain = tiny_pipe.generate(["a fox"], GenerationOptions(**opts), progress=False)
+    assert torch.equal(none.latents, plain.latents)
 
 
 @pytest.mark.parametrize("preset, extra", [

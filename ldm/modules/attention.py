@@ -1,4 +1,4 @@
-"""Transformer blocks of the SD 2.x UNet. Attention goes through PyTorch's fused SDPA so that no
+"""Transformer blocks of the UNet (SD 1.x, 2.x and SDXL). Attention goes through PyTorch's fused SDPA so that no
 N x N matrix is ever materialised (a 2048^2 image has 65k tokens at the first level)."""
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,8 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Image-to-tokens transformer with cross-attention on the text context (SD 2.x layout)."""
+    """Image-to-tokens transformer with cross-attention on the text context: a conv or, with
+    `use_linear` (SD 2.x, SDXL), a linear projection in and out."""
 
     def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None,
                  disable_self_attn=False, use_linear=False, **_unused):

@@ -115,7 +115,7 @@ def uniform_dilation_map(unet: nn.Module, factor: float, skip: int) -> Dict[str,
         if kind == "output_blocks" and index >= n_out - skip:
             continue
         if kind is None and not name.startswith("middle_block."):
-            continue  # the final output conv stays as trained, like the stem conv
+            continue  # the final output conv (in no block) is never dilated, as in the seed
         chosen[name] = factor
     return chosen
 

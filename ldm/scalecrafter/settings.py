@@ -9,6 +9,7 @@ silently patched only the names it found). A diffusers name is skipped, with one
 file, when it is a slot this UNet's layout lacks: a conv of the level just below its deepest one,
 or a down/upsampler of an existing level (the outermost ones have none). Anything else is refused
 as a typo."""
+import math
 import re
 from pathlib import Path
 from typing import Dict, FrozenSet, List
@@ -111,8 +112,9 @@ def read_dilation_settings(path, unet: nn.Module) -> Dict[str, float]:
             factor = float(value)
         except ValueError:
             raise SettingsError(f"{path}:{number}: factor {value!r} is not a number") from None
-        if factor <= 0:
-            raise SettingsError(f"{path}:{number}: factor must be positive, got {factor}")
+        if not (math.isfinite(factor) and factor > 0):
+            raise SettingsError(f"{path}:{number}: factor must be a positive finite number, "
+                                f"got {value.strip()}")
         ours_name = _our_name(name.strip(), translation, ours, path, number, skipped)
         if ours_name is not None:
             factors[ours_name] = factor

@@ -51,6 +51,7 @@ class LatentDiffusion(nn.Module):
 
     conditioner_key = "cond_stage_model"  # the conditioner's name, hence its checkpoint keys
     schedule_in_checkpoint = True         # LDM files carry the schedule buffers
+    unet_config_key = "unet_config"       # the UNet's node in the config's params
 
     def __init__(self, unet_config, first_stage_config, cond_stage_config, timesteps=1000,
                  beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
@@ -182,6 +183,7 @@ class DiffusionEngine(LatentDiffusion):
 
     conditioner_key = "conditioner"
     schedule_in_checkpoint = False
+    unet_config_key = "network_config"
 
     def __init__(self, network_config, first_stage_config, conditioner_config,
                  denoiser_config=None, scale_factor=1.0, **_training_only):

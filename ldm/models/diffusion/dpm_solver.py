@@ -45,8 +45,8 @@ def sample_dpmpp_2m(denoiser, x, alphas_cumprod, steps, generator=None, progress
         _, sigma_s, lam_s = coeffs[i - 1]
         h = lam_t - lam_s
         phi = np.expm1(-h)
-        # Second order from the second step on; the last steps drop to first order when the
-        # run is short (fewer than 10 steps), which is more stable.
+        # Second order from the second step on; in a short run (fewer than 10 steps) the last
+        # step drops to first order, which is more stable.
         order = 1 if i == 1 or (steps < 10 and i == steps) else 2
         x = (sigma_t / sigma_s) * x - (alpha_t * phi) * previous[-1]
         if order == 2:
