@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # SDXL base 1.0 at 4096x4096 with the sdxl_4096x4096 preset (the authors' settings: progressive
-# re-dilation and noise-damped CFG for 35 of 50 steps, scale 5, FreeU, SyncGN tiled decoding).
+# re-dilation and noise-damped CFG for 35 of 50 steps, DDIM eta 1, scale 5, FreeU, SyncGN tiled
+# decoding).
 # Needs a large GPU (see README: SDXL). Pass extra flags through, e.g. --preset
 # sdxl_4096x4096_disperse or --steps 30.
 source "$(dirname "$0")/env.sh"
@@ -15,6 +16,6 @@ python scripts/txt2img.py \
   --ckpt checkpoints/sd_xl_base_1.0.safetensors \
   --config configs/stable-diffusion/sd_xl_base.yaml \
   --device "$DEVICE" \
-  --ddim_eta 1 --seed 51 \
+  --seed 51 \
   --n_iter 1 --n_samples 1 \
   --outdir "$outdir" "$@"

@@ -41,3 +41,32 @@ def test_the_tables_numeric_defaults_are_the_parsers(txt2img):
             assert options[flag].default == type(options[flag].default)(value), flag
             checked += 1
     assert checked >= 8  # --steps, --ddim_eta, --scale, --H --W --C --f, --seed, ...
+
+
+
+def _documented_commands():
+    """Every `python scripts/txt2img.py ...` command of README.md and shellscripts/*.sh, its
+    continuation lines joined, as (where, argv): "$@" (the user's extra flags) dropped, other
+    shell variables given the script's default (`VAR="${VAR:-default}"`) or a placeholder."""
+    import shlex
+
+    for path in [REPO / "README.md", *sorted((REPO / "shellscripts").glob("*.sh"))]:
+        text = path.read_text().replace("\\\n", " ")
+        defaults = dict(re.findall(r'(\w+)="\$\{\w+:-([^}]*)\}"', text))
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip().startswith("python scripts/txt2img.py"):
+                argv = shlex.split(line.strip(), comments=True)[2:]
+                yield f"{path.name}:{number}", [
+                    defaults.get(a.lstrip("$"), "x") if a.startswith("$") else a
+                    for a in argv if a != "$@"]
+
+
+def test_documented_commands_parse(txt2img):
+    """The seed's commands and ours, as the README and the scripts write them: valid flags
+    (with the preset each names) and valid options."""
+    commands = dict(_documented_commands())
+    assert len(commands) >= 7, commands
+    for where, argv in commands.items():
+        args = txt2img.parse_args(argv)
+        txt2img.options_from_args(args).validate()
+        txt2img.check_features(args)

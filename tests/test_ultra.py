@@ -155,6 +155,22 @@ def test_presets_set_values_and_flags_override(txt2img):
             "sd2.1_2048x2048_disperse", "sd2.1_4096x4096_experimental"} <= set(presets)
 
 
+# The authors' scripts (text2image.py, text2image_xl.py): DDIM with eta 1, their guidance
+# scale and, by default since 2023-10-16, FreeU with their values per family.
+AUTHORS_SAMPLING = {"sd1": (7.5, [1.2, 1.4, 0.9, 0.2]), "sd2": (7.5, [1.1, 1.2, 0.9, 0.2]),
+                    "sdxl": (5, [1.1, 1.2, 0.6, 0.4])}
+
+
+def test_every_preset_samples_as_the_authors_scripts(txt2img):
+    presets = txt2img.list_presets()
+    assert len(presets) >= 16
+    for name in presets:
+        args = txt2img.parse_args(["--preset", name])
+        scale, freeu = AUTHORS_SAMPLING[args.preset_family]
+        assert (args.scale, args.freeu, args.ddim_eta) == (scale, freeu, 1.0), name
+        assert txt2img.parse_args(["--preset", name, "--plms"]).ddim_eta == 0.0
+
+
 def test_a_flag_sets_aside_the_preset_values_it_excludes(txt2img, tmp_path):
     """`--dilate` replaces a preset's per-layer file (and the reverse), a sampler without eta
     replaces its eta; every other preset value stays."""
