@@ -77,16 +77,16 @@ class GenerationOptions:
         for name in ("steps", "C", "f"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("scale", "ddim_eta", "dilate"):
-            value = getattr(self, name)
+        numbers = [(name, getattr(self, name)) for name in ("scale", "ddim_eta", "dilate")]
+        numbers += [("freeu", value) for value in self.freeu or ()]
+        for name, value in numbers:
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"--{name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2 ** 32:
             raise ValueError(f"--seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
         if self.tile_size is not None and self.tile_size != "auto" and (
                 isinstance(self.tile_size, (str, bool)) or self.tile_size <= 0):
-            raise ValueError(f"--tile_size must be a positive integer or 'auto', "
-                             f"got {self.tile_size}")
+            raise ValueError(f"--tile_size must be positive (or 'auto'), got {self.tile_size}")
         if self.decode_budget_gb is not None and not (
                 math.isfinite(self.decode_budget_gb) and self.decode_budget_gb > 0):
             raise ValueError(f"--decode_budget_gb must be a positive number, "

@@ -153,6 +153,7 @@ EARLY = [
      "--decode_budget_gb must be a positive number"),
     ("decode-budget-nan", ["--decode_budget_gb", "nan"], "--decode_budget_gb must be a positive"),
     ("scale-inf", ["--scale", "inf"], "--scale must be a finite number"),
+    ("freeu-nan", ["--freeu", "1.1", "1.2", "nan", "0.2"], "--freeu must be a finite number"),
     ("seed-negative", ["--seed", "-1"], "--seed must be in 0..4294967295"),
     ("plms-and-dpm", ["--plms", "--dpm"], "choose one of --plms and --dpm"),
     ("config-missing", ["--config", "{missing}"], "does not exist"),
