@@ -64,20 +64,23 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         return self.encode_tokens(self.tokenize(list(prompts)))
 
     def encode_tokens(self, tokens):
-        model = self.model
-        x = model.token_embedding(tokens) + model.positional_embedding
+        blocks = self.model.transformer.resblocks
+        x = self.run_blocks(self.embed(tokens), blocks[: len(blocks) - self.layer_idx])
+        return self.model.ln_final(x)
+
+    def embed(self, tokens):
+        return self.model.token_embedding(tokens) + self.model.positional_embedding
+
+    def run_blocks(self, x, blocks):
+        """`blocks` of the text transformer under the causal mask, batch-first in and out
+        (open_clip >= 2.24 runs its transformer batch-first; older releases sequence-first)."""
         n = x.shape[1]
         causal = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-        # open_clip >= 2.24 runs its transformer batch-first; older releases sequence-first.
-        batch_first = getattr(model.transformer, "batch_first", False)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        blocks = model.transformer.resblocks
-        for block in blocks[: len(blocks) - self.layer_idx]:
+        batch_first = getattr(self.model.transformer, "batch_first", False)
+        x = x if batch_first else x.transpose(0, 1)
+        for block in blocks:
             x = block(x, attn_mask=causal)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        return model.ln_final(x)
+        return x if batch_first else x.transpose(0, 1)
 
     def encode(self, prompts):
         return self(prompts)

@@ -28,23 +28,11 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
         super().__init__(arch, version, device, max_length, freeze, layer="last")
 
     def encode_tokens(self, tokens) -> Tuple[torch.Tensor, torch.Tensor]:
-        model = self.model
-        x = model.token_embedding(tokens) + model.positional_embedding
-        n = x.shape[1]
-        causal = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-        batch_first = getattr(model.transformer, "batch_first", False)
-        if not batch_first:  # open_clip < 2.24 runs sequence-first
-            x = x.transpose(0, 1)
-        *inner, last = model.transformer.resblocks
-        for block in inner:
-            x = block(x, attn_mask=causal)
-        penultimate = x
-        x = last(x, attn_mask=causal)
-        if not batch_first:
-            penultimate, x = penultimate.transpose(0, 1), x.transpose(0, 1)
-        final = model.ln_final(x)
+        *inner, last = self.model.transformer.resblocks
+        penultimate = self.run_blocks(self.embed(tokens), inner)
+        final = self.model.ln_final(self.run_blocks(penultimate, [last]))
         eot = final[torch.arange(final.shape[0]), tokens.argmax(dim=-1)]
-        return penultimate, eot @ model.text_projection
+        return penultimate, eot @ self.model.text_projection
 
 
 class ConcatTimestepEmbedderND(nn.Module):
