@@ -116,14 +116,15 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     expected: Mapping[str, torch.Tensor] = model.state_dict()
     rebuilt = rebuildable_buffers(model)
     missing = [k for k in expected if k not in state_dict and k not in rebuilt]
-    if missing:
-        raise CheckpointError(describe_missing(missing))
     wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(f"checkpoint does not fit the config: {len(wrong)} tensors have "
-                              f"other shapes, e.g. {k} is {tuple(state_dict[k].shape)}, "
-                              f"the config wants {tuple(expected[k].shape)}")
+    if missing or wrong:
+        k = wrong[0] if wrong else None
+        message = describe_missing(missing) if missing else (
+            f"checkpoint does not fit the config: {len(wrong)} tensors have other shapes, "
+            f"e.g. {k} is {tuple(state_dict[k].shape)}, the config wants "
+            f"{tuple(expected[k].shape)}")
+        state_dict.clear()  # a refused file's tensors (on CUDA already staged there) go now
+        raise CheckpointError(message)
     unknown = [k for k in state_dict if k not in expected and not _matches(k, KNOWN_EXTRAS)]
     if unknown:
         warn(f"checkpoint has {len(unknown)} keys this model does not use, ignored: "

@@ -468,6 +468,26 @@ def test_describe_missing():
     assert long == "checkpoint does not fit the config: 12 missing keys (k0, k1, k2, k3, k4, ... and 7 more)"
 
 
+@pytest.mark.parametrize("change", ["missing", "shape"])
+def test_a_refused_file_leaves_no_tensor_behind(change):
+    """A file that does not fit is refused with one line, and its tensors (on CUDA already
+    staged on the card) are released with it, not kept alive by the error's traceback."""
+    from ldm.checkpoint import CheckpointError
+    from ldm.layouts import fit_state_dict
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    state = {k: torch.zeros(v.shape) for k, v in model.state_dict().items()}
+    state["unused.extra"] = torch.zeros(5)
+    if change == "missing":
+        del state["1.bias"]
+    else:
+        state["1.weight"] = torch.zeros(2, 5)
+    with pytest.raises(CheckpointError, match="does not fit the config"):
+        fit_state_dict(model, state)
+    assert state == {}
+
+
 def test_file_sha256_and_short_hash(tmp_path):
     from ldm.hashing import file_sha256, short_hash
     path = tmp_path / "blob.bin"
