@@ -209,7 +209,7 @@ def test_forced_weights_only_names_the_extra_and_the_way_out(tmp_path, fake_ligh
 
 
 def test_omegaconf_hyper_parameters_load(tmp_path):
-    omegaconf = pytest.importorskip("omegaconf")
+    import omegaconf
     sd = _sample_state_dict()
     conf = omegaconf.OmegaConf.create({"model": {"lr": 1e-4, "layers": [1, 2], "name": "x"}})
     path = tmp_path / "omega.ckpt"

@@ -24,13 +24,8 @@ def meta_state_dict(config_name):
 @pytest.mark.parametrize("config_name", ["v2-inference.yaml", "v2-inference-v.yaml"])
 def test_sd21_config_builds_the_checkpoint_layout(config_name):
     shapes = meta_state_dict(config_name)
-    manifest = REF / "sd21-v2-inference.keys.json"
-    if manifest.is_file():  # the key list itself, where shared/ carries it
-        expected = json.loads(manifest.read_text())
-        if isinstance(expected, dict):
-            assert shapes == {k: tuple(v) for k, v in expected.items()}
-        else:
-            assert sorted(shapes) == sorted(expected)
+    expected = json.loads((REF / "sd21-v2-inference.keys.json").read_text())  # key: shape
+    assert shapes == {k: tuple(v) for k, v in expected.items()}
     assert len(shapes) == SD21_KEYS
     assert sum(int(np.prod(s)) for s in shapes.values()) == SD21_VALUES
     assert sum(k.startswith("model.diffusion_model.") for k in shapes) == 686

@@ -66,10 +66,8 @@ def test_converted_file_without_schedule_or_position_ids(tmp_path, dtype):
     assert torch.equal(model.cond_stage_model.transformer.text_model.embeddings.position_ids,
                        torch.arange(77)[None])
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    if dtype == torch.float32:
-        assert unet_error(pipe) <= 1e-4  # the reference's weights are exactly fp16 values
-    else:
-        assert unet_error(pipe) <= (1e-4 if dtype == torch.float16 else 5e-2)
+    # the reference's weights are exactly fp16 values; bf16 keeps 8 bits of them (4.8e-3)
+    assert unet_error(pipe) <= (1e-2 if dtype == torch.bfloat16 else 1e-4)
 
 
 def test_damaged_float_position_ids_are_rebuilt(tmp_path):

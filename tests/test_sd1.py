@@ -76,6 +76,8 @@ def test_sample_run_through_the_cli_matches_reference(txt2img, sd1_pipe, tmp_pat
     assert rel_err(latent, ref["latent"]) <= 1e-4
     decoded = sd1_pipe.decode(torch.from_numpy(latent), sd1_pipe_opts())
     assert rel_err(decoded, ref["image_full"]) <= 1e-4
+    cond = sd1_pipe.model.get_learned_conditioning([case["prompt"]])
+    assert rel_err(cond, ref["cond"]) <= 1e-4
 
 
 def sd1_pipe_opts(**kw):

@@ -74,13 +74,19 @@ def test_settings_translate_to_the_reference_sets(xl_pipe, capsys):
     from ldm.scalecrafter.settings import read_conv_list, read_dilation_settings
 
     unet = xl_pipe.model.unet
+    for case in dict(xl_cases("sample")).values():  # every published file the runs used
+        assert read_dilation_settings(XL_SETTINGS / case["dilate_settings"], unet) == \
+            case["effective_dilate"]
+        if "ndcfg_dilate_settings" in case:
+            assert read_dilation_settings(XL_SETTINGS / case["ndcfg_dilate_settings"], unet) \
+                == case["effective_ndcfg_dilate"]
     case = XL_CASES["tiny-sdxl-sample-sdxl4096-progressive-disperse-rect.npz"]
-    assert read_dilation_settings(XL_SETTINGS / case["dilate_settings"], unet) == \
-        case["effective_dilate"]
     assert read_conv_list(XL_SETTINGS / case["disperse_settings"], unet) == \
         set(case["effective_disperse"])
     ours = REPO / "configs" / "scalecrafter"
-    for path in XL_SETTINGS.glob("*/sdxl_*.txt"):  # our shipped files: same sets, real convs only
+    published = sorted(XL_SETTINGS.glob("*/sdxl_*.txt"))
+    assert len(published) == 7  # 4 dilation, 2 noise-damped, 1 dispersion
+    for path in published:  # our shipped files: same sets, real convs only
         read = read_conv_list if path.parent.name == "disperse" else read_dilation_settings
         assert read(ours / path.parent.name / path.name, unet) == read(path, unet)
         lines = [line for line in (ours / path.parent.name / path.name).read_text().splitlines()
@@ -118,9 +124,18 @@ def test_cli_run_with_the_authors_settings_matches_sgm(txt2img, xl_pipe, tmp_pat
     ref = load(name)
     latent = np.load(tmp_path / "samples" / "00000.npy")
     assert rel_err(latent[None], ref["latent"]) <= 1e-4
+    from ldm.models.diffusion.ddim import ddim_timesteps
     from ldm.pipeline import GenerationOptions
     image = xl_pipe.decode(torch.from_numpy(latent[None]), GenerationOptions())
     assert rel_err(image, ref["image_full"]) <= 1e-4
+    assert len(ddim_timesteps(case["steps"])) == ref["steps_run"]
+    size = (case["H"], case["W"])  # the run's conditioning, both branches
+    cond = xl_pipe.model.get_conditioning([case["prompt"]], size)
+    uncond = xl_pipe.model.get_unconditional_conditioning([""], size)
+    for ours, key in ((cond.context, "cond_crossattn"), (cond.vector, "cond_vector"),
+                      (uncond.vector, "uc_vector")):
+        assert rel_err(ours, ref[key]) <= 1e-4, key
+    assert not uncond.context.any() and not ref["uc_crossattn"].any()
     # one warning line per settings file, naming exactly the convs SDXL lacks
     warnings = [line for line in err.splitlines() if "does not have" in line]
     assert len(warnings) == len(case["skipped_names"])

@@ -34,11 +34,16 @@ def case_argv(case, outdir):
 
 
 @pytest.mark.parametrize("case", ultra_cases(), ids=lambda c: c["name"])
-def test_ultra_case_through_the_cli(txt2img, tmp_path, case):
+def test_ultra_case_through_the_cli(txt2img, tiny_pipe, tmp_path, case):
+    from ldm.models.diffusion.ddim import ddim_timesteps
+
     ref = reference(f"ultra-{case['name']}.npz")
     assert txt2img.main(case_argv(case, tmp_path)) == 0
     latent = np.load(tmp_path / "samples" / "00000.npy")
     assert rel_err(latent[None], ref["latent"]) <= 1e-4
+    image = tiny_pipe.decode(torch.from_numpy(latent[None]), GenerationOptions(precision="full"))
+    assert rel_err(image, ref["image_full"]) <= 1e-4
+    assert len(ddim_timesteps(case["steps"])) == ref["steps_run"]
 
 
 @pytest.fixture(scope="module")

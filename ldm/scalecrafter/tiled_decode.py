@@ -211,31 +211,18 @@ def waits_on_host(size: int, resident: int, keep_bytes: float, pinned: int,
     return resident + size > keep_bytes and pinned + size <= host_room
 
 
-class _Placement:
-    """Where finished tiles wait between layers: on the device while their bytes fit
-    `keep_bytes`, else in pinned host memory (up to HOST_FRACTION of the host's). Copies run on
-    a side stream (CUDA) so that they overlap the decoder's kernels; on the CPU everything
-    simply stays."""
+class PinnedCopies:
+    """Moves waiting tiles to pinned host memory and back on a side stream, so that the
+    copies overlap the decoder's kernels (CUDA); up to HOST_FRACTION of the host's memory."""
 
-    def __init__(self, device: torch.device, keep_bytes: float, progress: Optional[tqdm] = None,
-                 room: float = math.inf):
-        self.device, self.keep_bytes, self.resident = device, keep_bytes, 0
-        # bytes of waiting tiles the memory budget allows: beyond it, layers recompute rather
-        # than store (whatever `offload` says of where stored tiles wait)
-        self.room = room
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.pinned = 0
-        self.host_room = (HOST_FRACTION * available_bytes(torch.device("cpu"))
-                          if self.stream is not None else 0)
-        self.progress = progress
+    def __init__(self, device: torch.device):
+        self.device, self.stream = device, torch.cuda.Stream(device)
+        self.room = HOST_FRACTION * available_bytes(torch.device("cpu"))
 
-    def store(self, t, keep=False):
-        size = t.numel() * t.element_size()
-        if self.stream is None or keep or not waits_on_host(
-                size, self.resident, self.keep_bytes, self.pinned, self.host_room):
-            self.resident += size
-            return t
-        self.pinned += size
+    def on_host(self, t) -> bool:
+        return t.device != self.device
+
+    def to_host(self, t):
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
@@ -243,18 +230,8 @@ class _Placement:
         t.record_stream(self.stream)  # its memory is not reused before the copy ends
         return host
 
-    def release(self, t):
-        if t is None:
-            return
-        if t.device == self.device:
-            self.resident -= t.numel() * t.element_size()
-        else:
-            self.pinned -= t.numel() * t.element_size()
-
-    def fetch(self, tiles):
-        """Start bringing host tiles to the device; (tensors, event to wait for or None)."""
-        if self.stream is None or all(t.device == self.device for t in tiles):
-            return tiles, None
+    def to_device(self, tiles):
+        """Start bringing tiles to the device: (tensors, event to wait for)."""
         with torch.cuda.stream(self.stream):
             moved = [t.to(self.device, non_blocking=True) for t in tiles]
             event = torch.cuda.Event()
@@ -262,12 +239,57 @@ class _Placement:
         return moved, event
 
     def ready(self, moved, event):
-        if event is not None:
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(event)
-            for t in moved:
-                t.record_stream(compute)  # allocated on the side stream, used on this one
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(event)
+        for t in moved:
+            t.record_stream(compute)  # allocated on the side stream, used on this one
         return moved
+
+
+def host_copies_for(device: torch.device) -> Optional[PinnedCopies]:
+    """How tiles wait off the device: in pinned host memory on CUDA; on the CPU they stay."""
+    return PinnedCopies(device) if device.type == "cuda" else None
+
+
+class _Placement:
+    """Where finished tiles wait between layers: on the device while their bytes fit
+    `keep_bytes`, else off it (`host_copies_for`) while the host has room."""
+
+    def __init__(self, device: torch.device, keep_bytes: float, progress: Optional[tqdm] = None,
+                 room: float = math.inf):
+        self.device, self.keep_bytes, self.resident = device, keep_bytes, 0
+        # bytes of waiting tiles the memory budget allows: beyond it, layers recompute rather
+        # than store (whatever `offload` says of where stored tiles wait)
+        self.room = room
+        self.copies = host_copies_for(device)
+        self.pinned = 0
+        self.progress = progress
+
+    def store(self, t, keep=False):
+        size = t.numel() * t.element_size()
+        if self.copies is None or keep or not waits_on_host(
+                size, self.resident, self.keep_bytes, self.pinned, self.copies.room):
+            self.resident += size
+            return t
+        self.pinned += size
+        return self.copies.to_host(t)
+
+    def release(self, t):
+        if t is None:
+            return
+        if self.copies is not None and self.copies.on_host(t):
+            self.pinned -= t.numel() * t.element_size()
+        else:
+            self.resident -= t.numel() * t.element_size()
+
+    def fetch(self, tiles):
+        """Start bringing waiting tiles to the device; (tensors, event to wait for or None)."""
+        if self.copies is None or not any(self.copies.on_host(t) for t in tiles):
+            return tiles, None
+        return self.copies.to_device(tiles)
+
+    def ready(self, moved, event):
+        return moved if event is None else self.copies.ready(moved, event)
 
 
 class _Tiles:
