@@ -6,6 +6,7 @@
     result.images[0].save("corgi.png")
 """
 import math
+import numbers
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,12 @@ from ldm.scalecrafter.tiled_decode import tiled_decode
 from ldm.util import load_config, build_model
 
 SAMPLERS = ("ddim", "plms", "dpm")
+INTEGER_OPTIONS = ("H", "W", "C", "f", "steps", "seed", "dilate_tau", "dilate_skip", "ndcfg_tau",
+                   "inflate_tau", "overlap")
+REAL_OPTIONS = ("scale", "ddim_eta", "dilate", "decode_budget_gb")  # None allowed where optional
+TEXT_OPTIONS = ("negative_prompt", "sampler", "precision")
+FILE_OPTIONS = ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
+                "disperse_transform")
 DETERMINISTIC = {"plms": "PLMS", "dpm": "DPM-Solver++ (2M)"}  # the samplers that take no eta
 
 
@@ -70,6 +77,35 @@ class GenerationOptions:
 
     def validate(self):
         """Raise ValueError with one readable line for any option a run cannot use."""
+        self._check_types()
+        self._check_numbers()
+        self._check_sampler()
+        self._check_features()
+        self._check_tiles()
+
+    def _check_types(self):
+        for name in INTEGER_OPTIONS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"--{name} must be an integer, got {value!r}")
+        for name in REAL_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, numbers.Real)):
+                raise ValueError(f"--{name} must be a number, got {value!r}")
+        for name in TEXT_OPTIONS:
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"--{name} must be text, got {getattr(self, name)!r}")
+        for name in FILE_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, Path)):
+                raise ValueError(f"--{name} must be a file path, got {value!r}")
+        freeu = self.freeu
+        if freeu is not None and not (isinstance(freeu, (tuple, list)) and len(freeu) == 4 and all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) for v in freeu)):
+            raise ValueError("--freeu takes four numbers: B1 B2 S1 S2")
+
+    def _check_numbers(self):
         for name in ("H", "W"):
             value = getattr(self, name)
             if value <= 0 or value % 64:
@@ -77,20 +113,23 @@ class GenerationOptions:
         for name in ("steps", "C", "f"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        numbers = [(name, getattr(self, name)) for name in ("scale", "ddim_eta", "dilate")]
-        numbers += [("freeu", value) for value in self.freeu or ()]
-        for name, value in numbers:
+        values = [(name, getattr(self, name)) for name in ("scale", "ddim_eta", "dilate")]
+        for name, value in values + [("freeu", value) for value in self.freeu or ()]:
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"--{name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2 ** 32:
             raise ValueError(f"--seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
-        if self.tile_size is not None and self.tile_size != "auto" and (
-                isinstance(self.tile_size, (str, bool)) or self.tile_size <= 0):
-            raise ValueError(f"--tile_size must be positive (or 'auto'), got {self.tile_size}")
-        if self.decode_budget_gb is not None and not (
-                math.isfinite(self.decode_budget_gb) and self.decode_budget_gb > 0):
-            raise ValueError(f"--decode_budget_gb must be a positive number, "
-                             f"got {self.decode_budget_gb}")
+        if self.ddim_eta < 0:
+            raise ValueError(f"--ddim_eta must be non-negative, got {self.ddim_eta}")
+        if self.dilate is not None and self.dilate <= 0:
+            raise ValueError(f"--dilate must be positive, got {self.dilate}")
+        for name in ("dilate_tau", "ndcfg_tau", "inflate_tau", "dilate_skip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if self.precision not in ("full", "autocast"):
+            raise ValueError(f"--precision must be 'full' or 'autocast', got {self.precision!r}")
+
+    def _check_sampler(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}")
         # DDIM's uniform schedule (PLMS's too) strides 1000 // steps: beyond 500 the stride is
@@ -102,28 +141,45 @@ class GenerationOptions:
         if self.sampler in DETERMINISTIC and self.ddim_eta != 0:
             raise ValueError(f"{DETERMINISTIC[self.sampler]} is deterministic: use --ddim_eta 0 "
                              f"with --{self.sampler}")
-        if self.ddim_eta < 0:
-            raise ValueError(f"--ddim_eta must be non-negative, got {self.ddim_eta}")
-        if self.precision not in ("full", "autocast"):
-            raise ValueError(f"--precision must be 'full' or 'autocast', got {self.precision!r}")
-        if self.dilate is not None and self.dilate <= 0:
-            raise ValueError(f"--dilate must be positive, got {self.dilate}")
-        for name in ("dilate_tau", "ndcfg_tau", "inflate_tau", "dilate_skip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
+
+    def _check_features(self):
+        """Options that would do nothing, or that cannot go together. A tau of 0 with its
+        settings file is allowed: it is how the published presets (and ablations) switch a
+        feature off."""
         if self.dilate is not None and self.dilate_settings:
             raise ValueError("use either --dilate or --dilate_settings, not both")
-        if self.freeu is not None and len(self.freeu) != 4:
-            raise ValueError("--freeu takes four numbers: B1 B2 S1 S2")
-        if self.tiled_decoding:
-            if self.overlap < 0 or self.overlap % 2:
-                raise ValueError(f"--overlap must be even and non-negative, got {self.overlap}")
-            if self.tile_size == "auto":
-                return  # auto tiles are always wider than the overlap
-            tile = self.tile_size or min(self.H, self.W) // self.f // 2
-            if tile <= 0 or self.overlap >= tile:
-                raise ValueError(f"--overlap ({self.overlap}) must be smaller than the tile "
-                                 f"({tile} latent pixels)")
+        if self.progressive_dilate and self.dilate is None and not self.dilate_settings:
+            raise ValueError("--progressive_dilate needs --dilate or --dilate_settings")
+        if self.ndcfg_tau and not self.ndcfg_dilate_settings:
+            raise ValueError("--ndcfg_tau needs --ndcfg_dilate_settings")
+        if self.inflate_tau and not self.disperse_settings:
+            raise ValueError("--inflate_tau needs --disperse_settings")
+        if self.disperse_settings and self.inflate_tau and not self.disperse_transform:
+            raise ValueError("--disperse_settings needs --disperse_transform")
+        if self.disperse_transform and not self.disperse_settings:
+            raise ValueError("--disperse_transform needs --disperse_settings")
+        if self.sync_gn and not self.tiled_decoding:
+            raise ValueError("--sync_gn needs --tiled_decoding (a full decode normalises over "
+                             "the whole image already)")
+
+    def _check_tiles(self):
+        if self.tile_size is not None and self.tile_size != "auto" and (
+                isinstance(self.tile_size, (str, bool)) or self.tile_size <= 0):
+            raise ValueError(f"--tile_size must be positive (or 'auto'), got {self.tile_size}")
+        if self.decode_budget_gb is not None and not (
+                math.isfinite(self.decode_budget_gb) and self.decode_budget_gb > 0):
+            raise ValueError(f"--decode_budget_gb must be a positive number, "
+                             f"got {self.decode_budget_gb}")
+        if not self.tiled_decoding:
+            return
+        if self.overlap < 0 or self.overlap % 2:
+            raise ValueError(f"--overlap must be even and non-negative, got {self.overlap}")
+        if self.tile_size == "auto":
+            return  # auto tiles are always wider than the overlap
+        tile = self.tile_size or min(self.H, self.W) // self.f // 2
+        if tile <= 0 or self.overlap >= tile:
+            raise ValueError(f"--overlap ({self.overlap}) must be smaller than the tile "
+                             f"({tile} latent pixels)")
 
 
 @dataclass
@@ -139,6 +195,27 @@ def to_pil(decoded: torch.Tensor) -> List[Image.Image]:
     x = torch.clamp((decoded.float() + 1.0) / 2.0, 0.0, 1.0)
     arrays = 255.0 * x.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a.astype(np.uint8)) for a in arrays]
+
+
+LAYOUT_OPTIONS = ("channels_last", "native_norms", "compile_unet")  # prepare_for_inference's
+
+
+def checked_device(device, precision: str, layout) -> torch.device:
+    """The device to load onto, once it, the precision and the layout switches are known to
+    be usable here; else ValueError with one line."""
+    if precision not in ("full", "autocast"):
+        raise ValueError(f"precision must be 'full' or 'autocast', got {precision!r}")
+    unknown = sorted(set(layout) - set(LAYOUT_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown layout option(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(LAYOUT_OPTIONS)}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but no CUDA device is available")
+    return device
 
 
 class Pipeline:
@@ -165,6 +242,7 @@ class Pipeline:
         from ldm.modules.encoders.common import register_config_dir
         from ldm.warmup import start_warm_up
 
+        device = checked_device(device, precision, layout)
         paths = fast_paths(device, cudnn_benchmark=cudnn_benchmark,
                            cudnn_attention=cudnn_attention)
         warming = start_warm_up(device, precision, paths["cudnn_attention"], warm_up)
@@ -216,16 +294,42 @@ class Pipeline:
         shape = (batch, opts.C, opts.H // opts.f, opts.W // opts.f)
         return torch.randn(shape, generator=generator).to(self.device)
 
+    def check(self, prompts, opts: GenerationOptions, x_T=None) -> List[str]:
+        """The prompts as a list (a single string is one prompt), once they and the options
+        are known to fit this model; else ValueError with one line."""
+        opts.validate()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        channels, factor = self.latent_format()
+        if (opts.C, opts.f) != (channels, factor):
+            raise ValueError(f"--C {opts.C} --f {opts.f} do not fit the model: its latents have "
+                             f"{channels} channels at 1/{factor} of the image size")
+        shape = (len(prompts), opts.C, opts.H // opts.f, opts.W // opts.f)
+        if x_T is not None and tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, the options want {shape}")
+        return prompts
+
+    def latent_format(self) -> Tuple[int, int]:
+        """(channels, downsampling factor) of the model's latents: the UNet's input channels,
+        and 2 for each of the VAE decoder's upsamplings."""
+        unet_input = self.model.unet.input_blocks[0][0]
+        upsamplings = sum(hasattr(up, "upsample") for up in self.model.first_stage_model.decoder.up)
+        return unet_input.in_channels, 2 ** upsamplings
+
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], opts: GenerationOptions, generator, x_T=None,
                settings=None, progress=True):
-        """Latents for one batch of prompts (one image per prompt)."""
+        """(latents, UNet batch size of each step) for one batch of prompts, one image each."""
+        prompts = self.check(prompts, opts, x_T)
         model = self.model
         settings = settings if settings is not None else self.settings_for(opts)
         with self._autocast(opts), freeu_applied(model.unet, opts.freeu), \
                 sampling_kernels(**self.sampling_kernels):
             size = (opts.H, opts.W)
-            cond = model.get_conditioning(list(prompts), size)
+            cond = model.get_conditioning(prompts, size)
             need_uncond = opts.scale != 1.0 or settings.uses_ndcfg
             uncond = (model.get_unconditional_conditioning([opts.negative_prompt] * len(prompts),
                                                            size)
@@ -255,7 +359,7 @@ class Pipeline:
 
     def generate(self, prompts: Sequence[str], opts: GenerationOptions, generator=None,
                  x_T=None, progress=True) -> GenerationResult:
-        opts.validate()
+        prompts = self.check(prompts, opts, x_T)
         if generator is None:
             generator = torch.Generator().manual_seed(opts.seed)
         z, batches = self.sample(prompts, opts, generator, x_T, progress=progress)

@@ -139,10 +139,9 @@ class UsageError(Exception):
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    # the flags given on the command line (a preset yields to them; some checks ask for them)
-    args.given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
-    if args.preset:
-        apply_preset(args, args.preset, args.given)
+    if args.preset:  # the preset yields to the flags given on the command line
+        explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+        apply_preset(args, args.preset, explicit)
     return args
 
 
@@ -171,6 +170,11 @@ def apply_preset(args, name, explicit):
         if isinstance(value, str) and key.endswith(("_settings", "_transform")):
             value = str((REPO_ROOT / value) if not Path(value).is_absolute() else value)
         setattr(args, key, value)
+    # a preset value qualifying a feature the flags turned off goes with it
+    if not args.tiled_decoding and "sync_gn" not in explicit:
+        args.sync_gn = False
+    if args.dilate is None and not args.dilate_settings and "progressive_dilate" not in explicit:
+        args.progressive_dilate = False
 
 
 def options_from_args(args):
@@ -325,33 +329,11 @@ def check_numbers(args):
         raise UsageError(f"--overlap must be even and non-negative, got {args.overlap}")
 
 
-def check_features(args):
-    """Flags that would silently do nothing, or that make no sense together. A tau of 0 with
-    its settings file is allowed: it is how the published presets (and ablations) switch a
-    feature off."""
-    if args.ndcfg_tau and not args.ndcfg_dilate_settings:
-        raise UsageError("--ndcfg_tau needs --ndcfg_dilate_settings")
-    if args.inflate_tau and not args.disperse_settings:
-        raise UsageError("--inflate_tau needs --disperse_settings")
-    if args.disperse_settings and args.inflate_tau and not args.disperse_transform:
-        raise UsageError("--disperse_settings needs --disperse_transform")
-    if args.disperse_transform and not args.disperse_settings:
-        raise UsageError("--disperse_transform needs --disperse_settings")
-    given = getattr(args, "given", set())  # a preset's values may be set aside; flags may not
-    if "sync_gn" in given and args.sync_gn and not args.tiled_decoding:
-        raise UsageError("--sync_gn needs --tiled_decoding (a full decode normalises over the "
-                         "whole image already)")
-    if ("progressive_dilate" in given and args.progressive_dilate
-            and args.dilate is None and not args.dilate_settings):
-        raise UsageError("--progressive_dilate needs --dilate or --dilate_settings")
-
-
 def check_inputs(args, opts):
     """Everything that can be checked without loading the checkpoint, cheapest first. Returns
     the ScaleCrafter settings when they could be read already (else None)."""
     check_numbers(args)
     opts.validate()
-    check_features(args)
     if args.device in ("auto", "cuda"):  # auto is decided here, where torch is imported anyway
         import torch
         if args.device == "auto":

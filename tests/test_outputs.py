@@ -269,3 +269,36 @@ def test_grid_written_with_the_last_batch_is_the_grid(tmp_path):
     assert grids[0] == grids[1]
     with Image.open(tmp_path / "together" / "grid-0000.png") as image:
         assert image.text["parameters"].startswith("a cat\na dog\na bird\nSteps: 2")
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_fixed_code_repeats_the_start_noise_across_batches(cli, tmp_path, capsys, fixed):
+    """--fixed_code draws the start noise once for every batch (with eta 0 the batches are
+    then the same image); without it, each batch continues the seeded stream."""
+    out = tmp_path / "out"
+    argv = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--H", "64", "--W", "64",
+            "--steps", "2", "--n_iter", "2", "--n_samples", "1", "--precision", "full",
+            "--outdir", str(out), "--prompt", "a fox", "--save_latent"]
+    assert cli.main(argv + (["--fixed_code"] if fixed else [])) == 0
+    capsys.readouterr()
+    first, second = (np.load(out / "samples" / f"0000{i}.npy") for i in (0, 1))
+    assert np.array_equal(first, second) == fixed
+
+
+def test_prompt_file_repeat_and_grid_rows(cli, tmp_path, capsys):
+    """Three prompts, each twice, in batches of 4: six images, and a grid of 4 images a row."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n\na boat\na tree\n")
+    out = tmp_path / "out"
+    argv = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--H", "64", "--W", "64",
+            "--steps", "1", "--n_iter", "1", "--n_samples", "4", "--precision", "full",
+            "--outdir", str(out), "--from-file", str(prompts), "--repeat", "2",
+            "--n_rows", "4"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    written = sorted((out / "samples").glob("*.png"))
+    assert [p.name for p in written] == [f"0000{i}.png" for i in range(6)]
+    with Image.open(written[4]) as image:
+        assert image.text["parameters"].startswith("a tree\n")
+    with Image.open(out / "grid-0000.png") as grid:  # make_grid: 2 px of padding around each
+        assert grid.size == (4 * (64 + 2) + 2, 2 * (64 + 2) + 2)

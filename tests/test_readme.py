@@ -69,4 +69,3 @@ def test_documented_commands_parse(txt2img):
     for where, argv in commands.items():
         args = txt2img.parse_args(argv)
         txt2img.options_from_args(args).validate()
-        txt2img.check_features(args)

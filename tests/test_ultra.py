@@ -191,6 +191,13 @@ def test_a_flag_sets_aside_the_preset_values_it_excludes(txt2img, tmp_path):
     txt2img.options_from_args(args).validate()
     args = txt2img.parse_args(["--preset", str(preset), "--dpm"])
     assert (args.dilate, args.ddim_eta) == (2, 0.0)
+    # a preset's SyncGN qualifies its tiled decoding: it goes with it, unless asked for
+    args = txt2img.parse_args(["--preset", "sd2.1_2048x2048", "--no-tiled_decoding"])
+    assert not args.sync_gn and args.progressive_dilate
+    txt2img.options_from_args(args).validate()
+    args = txt2img.parse_args(["--preset", "sd2.1_2048x2048", "--no-tiled_decoding", "--sync_gn"])
+    with pytest.raises(ValueError, match="--sync_gn needs --tiled_decoding"):
+        txt2img.options_from_args(args).validate()
 
 
 def test_option_defaults_are_the_flags_defaults(txt2img):

@@ -542,7 +542,7 @@ def tiled_decode(autoencoder, z, overlap: int = 8, sync_gn: bool = True, tile_si
     room = max(budget - working, 0)
     keep = {True: 0, False: math.inf}.get(offload, room)
     bar = tqdm(total=_layer_count(autoencoder.decoder), desc=f"Decoding {len(rows)}x{len(cols)}"
-               " tiles", disable=not progress, leave=False)
+               " tiles", unit="layer", disable=not progress, leave=False)
     place = _Placement(z.device, keep, bar, room if recompute else math.inf)
     pieces = [z[:, :, r.start:r.stop, c.start:c.stop] for r in rows for c in cols]
     with bar:

@@ -1,0 +1,93 @@
+"""The Python API (ldm.pipeline) refuses what the CLI refuses, with one ValueError line, before
+any sampling: wrong types, options that do nothing, latents that do not fit the model."""
+import pytest
+import torch
+
+from conftest import TINY_CKPT, TINY_CONFIG
+from ldm.pipeline import GenerationOptions, Pipeline
+
+SMALL = dict(H=64, W=64, steps=1, precision="full")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(H="128"), "--H must be an integer, got '128'"),
+    (dict(H=128.0), "--H must be an integer"),
+    (dict(steps=1.5), "--steps must be an integer"),
+    (dict(seed=None), "--seed must be an integer, got None"),
+    (dict(scale="9"), "--scale must be a number"),
+    (dict(negative_prompt=None), "--negative_prompt must be text"),
+    (dict(dilate_settings=3), "--dilate_settings must be a file path"),
+    (dict(freeu=(1, 1, 1)), "--freeu takes four numbers"),
+    (dict(sync_gn=True), "--sync_gn needs --tiled_decoding"),
+    (dict(progressive_dilate=True), "--progressive_dilate needs --dilate or --dilate_settings"),
+    (dict(inflate_tau=5), "--inflate_tau needs --disperse_settings"),
+    (dict(sampler="dpm", ddim_eta=1.0), "DPM-Solver++ (2M) is deterministic"),
+], ids=lambda v: str(v)[:30])
+def test_bad_options_are_one_value_error(options, message):
+    with pytest.raises(ValueError) as error:
+        GenerationOptions(**{**SMALL, **options}).validate()
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_numpy_integers_are_integers():
+    import numpy as np
+    GenerationOptions(**{**SMALL, "seed": np.int64(7), "steps": np.int32(2)}).validate()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    assert TINY_CKPT.is_file(), "the tiny reference checkpoint is missing"
+    return Pipeline.load(TINY_CONFIG, TINY_CKPT)
+
+
+@pytest.mark.parametrize("prompts, options, x_T, message", [
+    ([], {}, None, "prompts must be a non-empty list of strings"),
+    ([None], {}, None, "prompts must be a non-empty list of strings"),
+    (["a fox"], dict(f=16), None, "--C 4 --f 16 do not fit the model: its latents have 4 "
+                                  "channels at 1/8"),
+    (["a fox"], dict(C=8), None, "do not fit the model"),
+    (["a fox"], {}, torch.zeros(1, 4, 4, 4), "x_T has shape (1, 4, 4, 4), the options want "
+                                             "(1, 4, 8, 8)"),
+], ids=["no-prompts", "not-text", "downsampling", "channels", "start-noise"])
+def test_generate_refuses_what_does_not_fit(pipe, prompts, options, x_T, message):
+    with pytest.raises(ValueError, match=None) as error:
+        pipe.generate(prompts, GenerationOptions(**{**SMALL, **options}), x_T=x_T,
+                      progress=False)
+    assert message in str(error.value)
+
+
+def test_a_single_string_is_one_prompt(pipe):
+    opts = GenerationOptions(**SMALL)
+    one = pipe.generate("a fox", opts, progress=False)
+    listed = pipe.generate(["a fox"], opts, progress=False)
+    assert len(one.images) == 1 and torch.equal(one.latents, listed.latents)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(precision="fp16"), "precision must be 'full' or 'autocast', got 'fp16'"),
+    (dict(device="gpu"), "unknown device 'gpu'"),
+    (dict(chanels_last=True), "unknown layout option(s) chanels_last"),
+], ids=["precision", "device", "misspelt-switch"])
+def test_load_refuses_bad_arguments_before_reading_the_file(kwargs, message, monkeypatch):
+    import ldm.checkpoint
+    monkeypatch.setattr(ldm.checkpoint, "load_state_dict",
+                        lambda *a, **k: pytest.fail("read the checkpoint"))
+    with pytest.raises(ValueError) as error:
+        Pipeline.load(TINY_CONFIG, TINY_CKPT, **kwargs)
+    assert message in str(error.value)
+
+
+def test_load_refuses_cuda_where_there_is_none(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        Pipeline.load(TINY_CONFIG, TINY_CKPT, device="cuda")
+
+
+def test_a_batch_draws_its_start_noise_as_one_tensor(pipe):
+    """As the reference: one torch.randn(B, C, h, w) per batch, so with eta 0 the first image of
+    a batch of two is the image of a batch of one, and the second another image."""
+    opts = GenerationOptions(**{**SMALL, "steps": 2, "seed": 5})
+    two = pipe.generate(["a fox", "a fox"], opts, progress=False).latents
+    one = pipe.generate(["a fox"], opts, progress=False).latents
+    assert torch.allclose(two[:1], one, rtol=1e-4, atol=1e-5)
+    assert (two[1] - two[0]).abs().max() > 0.1
