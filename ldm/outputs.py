@@ -163,9 +163,12 @@ def _infotext_value(value) -> str:
     return text
 
 
-def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=None) -> str:
+def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=None,
+                    batch_index=None) -> str:
     """A1111-style parameters: the prompt, then `Key: value` pairs on one line. Every
-    ScaleCrafter setting follows under its flag name (`dilate: 2.0, dilate_tau: 20, ...`)."""
+    ScaleCrafter setting follows under its flag name (`dilate: 2.0, dilate_tau: 20, ...`).
+    `Batch index` counts the run's batches from 0: the seeded stream's batch k is reached by
+    running k + 1 of them."""
     fields = {
         "Steps": opts.steps, "Sampler": SAMPLERS[opts.sampler], "CFG scale": opts.scale,
         "Seed": opts.seed, "Size": f"{opts.W}x{opts.H}", "Eta": opts.ddim_eta,
@@ -176,6 +179,8 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
         fields["Batch size"] = batch_size
     if batch_pos is not None:
         fields["Batch pos"] = batch_pos
+    if batch_index is not None:
+        fields["Batch index"] = batch_index
     options = asdict(opts)
     fields.update((name, options[name]) for name in SCALECRAFTER_FIELDS)
     negative = f"Negative prompt: {opts.negative_prompt}\n" if opts.negative_prompt else ""
@@ -195,7 +200,7 @@ class OutputWriter:
         ensure_writable_dir(self.sample_dir)
         self.args, self.opts = args, opts
         self._ckpt_hash = ckpt_hash
-        self.count = 0
+        self.count = self.batches = 0  # images and batches written by this run
         self.prompts = []
         self.grid_path = None  # the grid save_batch wrote, if it was given one
 
@@ -213,8 +218,9 @@ class OutputWriter:
         """The batch's samples (and their latents / sidecars); with grid=(batches, n_rows), the
         run's grid too, written after them: the last batch's images and the grid are encoded
         side by side. Returns the samples' paths."""
-        texts = [parameters_text(prompt, self.args, self.opts, self.ckpt_hash, len(prompts), pos)
-                 for pos, prompt in enumerate(prompts)]
+        texts = [parameters_text(prompt, self.args, self.opts, self.ckpt_hash, len(prompts), pos,
+                                 self.batches) for pos, prompt in enumerate(prompts)]
+        self.batches += 1
         # PNG encoding (zlib) releases the GIL: the images are encoded side by side (3 s for
         # one 4096² image); the files are still written one by one, in order
         jobs = [partial(png_bytes, image, {"parameters": text})

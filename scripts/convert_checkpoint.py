@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert a PyTorch / Lightning checkpoint to a .safetensors state dict.
 
-    python scripts/convert_checkpoint.py IN.ckpt OUT.safetensors [--half] [--trust-pickle]
+    python scripts/convert_checkpoint.py IN.ckpt OUT.safetensors [--half] [--trust-pickle] [--force]
 
 The input is read with the same safe loader the project uses everywhere
 (ldm.checkpoint.load_state_dict): tensors and known training extras load, a
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return parser
 
 
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"output {dst} must end in .safetensors")
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         return _fail("input and output are the same file")
+    if dst.exists() and not args.force:
+        return _fail(f"output {dst} exists: pass --force to replace it")
     out_dir = dst.parent if str(dst.parent) else Path(".")
     if not out_dir.is_dir():
         return _fail(f"output directory {out_dir} does not exist")

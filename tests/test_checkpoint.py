@@ -638,6 +638,20 @@ def test_converter_bad_input(tmp_path, case):
     assert not dst.exists()
 
 
+def test_converter_keeps_an_existing_output_unless_forced(tmp_path):
+    from safetensors.torch import load_file
+
+    sd = _sample_state_dict()
+    src, dst = tmp_path / "in.ckpt", tmp_path / "out.safetensors"
+    torch.save(sd, src)
+    dst.write_bytes(b"someone's file")
+    refused = _run_converter(str(src), str(dst))
+    assert refused.returncode == 1 and dst.read_bytes() == b"someone's file"
+    assert refused.stderr.strip() == f"error: output {dst} exists: pass --force to replace it"
+    assert _run_converter(str(src), str(dst), "--force").returncode == 0
+    _assert_same(load_file(str(dst)), sd)
+
+
 def test_converter_trust_pickle(tmp_path):
     """A benign but non-whitelisted global: refused by default, converted with --trust-pickle."""
     import fractions

@@ -298,7 +298,8 @@ def test_prompt_file_repeat_and_grid_rows(cli, tmp_path, capsys):
     capsys.readouterr()
     written = sorted((out / "samples").glob("*.png"))
     assert [p.name for p in written] == [f"0000{i}.png" for i in range(6)]
-    with Image.open(written[4]) as image:
+    with Image.open(written[4]) as image:  # the second batch's first image
         assert image.text["parameters"].startswith("a tree\n")
+        assert "Batch size: 2, Batch pos: 0, Batch index: 1" in image.text["parameters"]
     with Image.open(out / "grid-0000.png") as grid:  # make_grid: 2 px of padding around each
         assert grid.size == (4 * (64 + 2) + 2, 2 * (64 + 2) + 2)
