@@ -64,14 +64,20 @@ def test_model_is_restored_after_an_exception(tiny_pipe):
     assert no_patched_convs(unet)
 
 
-def test_integer_factor_through_the_resize_path_is_plain_dilation():
+def test_integer_factor_through_the_resize_path_is_plain_dilation(monkeypatch):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 6, 3, padding=1, stride=2)
     x = torch.randn(1, 4, 13, 10)
     plain = F.conv2d(x, conv.weight, conv.bias, 2, 3, 3)
     assert torch.equal(redilated_conv(conv, x, 3), plain)
-    # a factor a hair below 3 takes the fractional path (resize, dilation 3, resize back)
+    # a factor a hair below 3 takes the fractional path (resize, dilation 3, resize back),
+    # whose resizes then keep every size
+    sizes = []
+    resize = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda t, size, **kw: (
+        sizes.append((tuple(t.shape[-2:]), size)), resize(t, size=size, **kw))[1])
     near = redilated_conv(conv, x, 3 - 1e-9)
+    assert sizes == [((13, 10), (13, 10)), ((7, 5), (7, 5))]
     assert near.shape == plain.shape and torch.allclose(near, plain, atol=1e-5)
 
 

@@ -212,8 +212,17 @@ def test_noise_damped_cfg_with_dispersion_is_defined(xl_pipe, txt2img, tmp_path)
     args = txt2img.parse_args(["--preset", "sdxl_4096x4096_disperse", "--ckpt", "x"])
     planner = StepPlanner(xl_pipe.model.unet,
                           xl_pipe.settings_for(txt2img.options_from_args(args)))
-    damped = planner.damped(0)
-    assert not any(name.startswith("input_blocks.7") for name in damped)
+    from ldm.scalecrafter.schedule import factor_at
+
+    damped, s = planner.damped(0), planner.settings
+    assert set(damped) == set(s.ndcfg_dilation) and s.disperse - set(damped)
+    for name, override in damped.items():  # the damped pass's own factor, halved if dispersed
+        factor = factor_at(s.ndcfg_dilation[name], 0, s.ndcfg_tau, s.progressive)
+        if name in s.disperse:
+            assert override.factor == factor / 2
+            assert torch.equal(override.weight, planner.dispersed[name])
+        else:
+            assert override.factor == factor and override.weight is None
     middle = damped["middle_block.0.in_layers.2"]
     assert middle.factor == 1 and middle.weight.shape[-1] == 5
     argv = ["--preset", "sdxl_4096x4096_disperse", "--config", str(TINY_XL / "tiny-sdxl.yaml"),
