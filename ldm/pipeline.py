@@ -197,6 +197,13 @@ def to_pil(decoded: torch.Tensor) -> List[Image.Image]:
     return [Image.fromarray(a.astype(np.uint8)) for a in arrays]
 
 
+def check_latent_format(opts: GenerationOptions, channels: int, factor: int):
+    """--C and --f must be the model's: ValueError with one line where they are not."""
+    if (opts.C, opts.f) != (channels, factor):
+        raise ValueError(f"--C {opts.C} --f {opts.f} do not fit the model: its latents have "
+                         f"{channels} channels at 1/{factor} of the image size")
+
+
 LAYOUT_OPTIONS = ("channels_last", "native_norms", "compile_unet")  # prepare_for_inference's
 
 
@@ -303,10 +310,7 @@ class Pipeline:
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-        channels, factor = self.latent_format()
-        if (opts.C, opts.f) != (channels, factor):
-            raise ValueError(f"--C {opts.C} --f {opts.f} do not fit the model: its latents have "
-                             f"{channels} channels at 1/{factor} of the image size")
+        check_latent_format(opts, *self.latent_format())
         shape = (len(prompts), opts.C, opts.H // opts.f, opts.W // opts.f)
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, the options want {shape}")

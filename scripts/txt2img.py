@@ -3,8 +3,9 @@
 Bad input is refused with one line on stderr and a non-zero exit (`--debug` shows the
 traceback): flags, sizes, files, settings and the output folder before the checkpoint is read,
 a checkpoint that is no checkpoint (or unsafe) before the model is built, one that does not fit
-the config (missing weights, wrong shapes) before the model is used. Exit status: 0 done, 1 refused or failed, 2 bad
-flags, 130 interrupted (the finished images are kept, nothing partial is left)."""
+the config (missing weights, wrong shapes) before the model is used. Exit status: 0 done,
+1 refused or failed, 2 bad flags, 130 interrupted (the finished images are kept, nothing
+partial is left)."""
 import argparse
 import os
 import sys
@@ -284,19 +285,15 @@ def _param(node, *keys):
 
 
 def check_latent_shape(config, opts):
-    """--C and --f must be the model's: its UNet's latent channels and its VAE's downsampling
-    (2 per level after the first), as far as the config says them."""
+    """--C and --f must be the model's, as far as its config says them: the UNet's input
+    channels, and 2 for each VAE level after the first."""
+    from ldm.pipeline import check_latent_format
     from ldm.util import part_configs
 
     unet_config, vae_config = part_configs(config)
-    channels, levels = _param(unet_config, "in_channels"), _param(vae_config, "ddconfig",
-                                                                  "ch_mult")
-    if channels is not None and opts.C != channels:
-        raise UsageError(f"--C {opts.C} does not fit the model: its UNet takes {channels} "
-                         f"latent channels")
-    if levels is not None and opts.f != 2 ** (len(levels) - 1):
-        raise UsageError(f"--f {opts.f} does not fit the model: its VAE downsamples by "
-                         f"{2 ** (len(levels) - 1)}")
+    levels = _param(vae_config, "ddconfig", "ch_mult")
+    check_latent_format(opts, _param(unet_config, "in_channels") or opts.C,
+                        2 ** (len(levels) - 1) if levels else opts.f)
 
 
 def check_settings_files(config, opts):

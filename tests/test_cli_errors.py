@@ -180,8 +180,9 @@ EARLY = [
     ("disperse-without-transform", ["--disperse_settings", "{bad_settings.txt}",
                                     "--inflate_tau", "5"], "needs --disperse_transform"),
     ("preset-unknown", ["--preset", "no-such-preset"], "unknown preset"),
-    ("latent-channels", ["--C", "3"], "--C 3 does not fit the model: its UNet takes 4 latent"),
-    ("downsampling", ["--f", "16"], "--f 16 does not fit the model: its VAE downsamples by 8"),
+    ("latent-channels", ["--C", "3"], "--C 3 --f 8 do not fit the model: its latents have 4 "
+                                      "channels at 1/8 of the image size"),
+    ("downsampling", ["--f", "16"], "--C 4 --f 16 do not fit the model"),
 ]
 
 
@@ -216,7 +217,7 @@ def test_latent_shape_is_checked_in_either_config_layout(cli, config):
 
     config = load_config(REPO / "configs" / "stable-diffusion" / config)
     cli.check_latent_shape(config, GenerationOptions())
-    with pytest.raises(cli.UsageError, match="its UNet takes 4 latent channels"):
+    with pytest.raises(ValueError, match="its latents have 4 channels at 1/8 of the image"):
         cli.check_latent_shape(config, GenerationOptions(C=8))
 
 
