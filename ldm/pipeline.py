@@ -163,9 +163,12 @@ class GenerationOptions:
                              "the whole image already)")
 
     def _check_tiles(self):
-        if self.tile_size is not None and self.tile_size != "auto" and (
-                isinstance(self.tile_size, (str, bool)) or self.tile_size <= 0):
-            raise ValueError(f"--tile_size must be positive (or 'auto'), got {self.tile_size}")
+        tile = self.tile_size
+        if tile is not None and not isinstance(tile, str) and (
+                isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile <= 0):
+            raise ValueError(f"--tile_size must be positive (or 'auto'), got {tile!r}")
+        if isinstance(tile, str) and tile != "auto":
+            raise ValueError(f"--tile_size must be positive (or 'auto'), got {tile!r}")
         if self.decode_budget_gb is not None and not (
                 math.isfinite(self.decode_budget_gb) and self.decode_budget_gb > 0):
             raise ValueError(f"--decode_budget_gb must be a positive number, "
