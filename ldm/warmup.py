@@ -5,7 +5,8 @@ calls (and loads each kernel's module on its first use), which a single CLI run 
 first text encode and first sampling step: 1.07 s and 0.98 s on an H200 (run 3's load probe,
 docs/benchmarks.md). Loading spends seconds in Python with the device idle (importing the
 text encoder's packages), so a background thread makes those first calls meanwhile, on small
-tensors of the dtypes sampling and decoding use. It touches no model and no numbers."""
+tensors of the dtypes sampling and decoding use. It touches no model and no numbers. Off by
+default on every device (`WARM_UPS`, below: run 5 measured no gain)."""
 from typing import Iterable
 
 import torch

@@ -105,8 +105,8 @@ def build_parser(suppress_defaults=False):
                    help="tile side, latent pixels, or 'auto': the fewest tiles that fit "
                         "--decode_budget_gb (default: half the side, the seed's tiling)")
     g.add_argument("--decode_budget_gb", type=float,
-                   help="device memory a decode may use (default: 80%% of what is free); beyond it "
-                        "the full decode recomputes rather than stores")
+                   help="device memory a decode may use, GiB (default: 80%% of what is free); "
+                        "beyond it the decode recomputes rather than stores")
     g = p.add_argument_group("outputs")
     g.add_argument("--save_latent", action="store_true",
                    help="also write each final latent as NNNNN.npy (float32)")

@@ -9,8 +9,8 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
     if not 1 <= steps <= num_train_timesteps // 2:  # beyond, the stride is 1: a repeated step
         raise ValueError(f"steps must be between 1 and {num_train_timesteps // 2}, got {steps}")
     timesteps = np.arange(0, num_train_timesteps, num_train_timesteps // steps) + 1
-    # Where the stride divides 999 (3, 9, 27, 37 steps) the shift reaches 1000, past the end of
-    # the schedule (the original crashes there); use the last trained timestep instead.
+    # Where the stride divides 999 (e.g. 3, 9, 27, 37 steps) the shift reaches 1000, past the
+    # end of the schedule (the original crashes there); use the last trained timestep instead.
     return np.minimum(timesteps, num_train_timesteps - 1)
 
 
