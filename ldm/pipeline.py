@@ -33,6 +33,7 @@ SAMPLERS = ("ddim", "plms", "dpm")
 INTEGER_OPTIONS = ("H", "W", "C", "f", "steps", "seed", "dilate_tau", "dilate_skip", "ndcfg_tau",
                    "inflate_tau", "overlap")
 REAL_OPTIONS = ("scale", "ddim_eta", "dilate", "decode_budget_gb")  # None allowed where optional
+SWITCH_OPTIONS = ("fixed_code", "progressive_dilate", "tiled_decoding", "sync_gn")
 TEXT_OPTIONS = ("negative_prompt", "sampler", "precision")
 FILE_OPTIONS = ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
                 "disperse_transform")
@@ -76,7 +77,8 @@ class GenerationOptions:
     freeu: Optional[Tuple[float, float, float, float]] = None
 
     def validate(self):
-        """Raise ValueError with one readable line for any option a run cannot use."""
+        """Raise ValueError with one readable line for any option a run cannot use. Numbers
+        and switches of numpy's types become Python's (torch and the tiler take those)."""
         self._check_types()
         self._check_numbers()
         self._check_sampler()
@@ -86,8 +88,16 @@ class GenerationOptions:
     def _check_types(self):
         for name in INTEGER_OPTIONS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"--{name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))
+        for name in SWITCH_OPTIONS:
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"--{name} must be True or False, got {value!r}")
+            setattr(self, name, bool(value))
+        if isinstance(self.tile_size, numbers.Integral) and not isinstance(self.tile_size, bool):
+            self.tile_size = int(self.tile_size)
         for name in REAL_OPTIONS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool)
@@ -166,9 +176,9 @@ class GenerationOptions:
         tile = self.tile_size
         if tile is not None and not isinstance(tile, str) and (
                 isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile <= 0):
-            raise ValueError(f"--tile_size must be positive (or 'auto'), got {tile!r}")
+            raise ValueError(f"--tile_size must be a positive integer or 'auto', got {tile!r}")
         if isinstance(tile, str) and tile != "auto":
-            raise ValueError(f"--tile_size must be positive (or 'auto'), got {tile!r}")
+            raise ValueError(f"--tile_size must be a positive integer or 'auto', got {tile!r}")
         if self.decode_budget_gb is not None and not (
                 math.isfinite(self.decode_budget_gb) and self.decode_budget_gb > 0):
             raise ValueError(f"--decode_budget_gb must be a positive number, "

@@ -18,6 +18,8 @@ SMALL = dict(H=64, W=64, steps=1, precision="full")
     (dict(negative_prompt=None), "--negative_prompt must be text"),
     (dict(dilate_settings=3), "--dilate_settings must be a file path"),
     (dict(freeu=(1, 1, 1)), "--freeu takes four numbers"),
+    (dict(sync_gn="false", tiled_decoding=True), "--sync_gn must be True or False, got 'false'"),
+    (dict(tiled_decoding=True, tile_size=8.0), "--tile_size must be a positive integer or 'auto'"),
     (dict(sync_gn=True), "--sync_gn needs --tiled_decoding"),
     (dict(progressive_dilate=True), "--progressive_dilate needs --dilate or --dilate_settings"),
     (dict(inflate_tau=5), "--inflate_tau needs --disperse_settings"),
@@ -29,9 +31,16 @@ def test_bad_options_are_one_value_error(options, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_numpy_integers_are_integers():
+def test_numpy_numbers_become_pythons():
+    """torch's generator and the tiler take Python ints: numpy's become them in validate."""
     import numpy as np
-    GenerationOptions(**{**SMALL, "seed": np.int64(7), "steps": np.int32(2)}).validate()
+    opts = GenerationOptions(**{**SMALL, "seed": np.int64(7), "steps": np.int32(2),
+                                "tiled_decoding": np.bool_(True), "tile_size": np.int64(4),
+                                "overlap": 2})
+    opts.validate()
+    assert type(opts.seed) is type(opts.steps) is type(opts.tile_size) is int
+    assert opts.tiled_decoding is True
+    torch.Generator().manual_seed(opts.seed)
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,18 @@ def test_a_factor_that_is_no_dilation_is_an_error(sd21_unet, tmp_path, value, me
         read_dilation_settings(path, sd21_unet)
 
 
+def test_a_dispersion_list_switched_off_is_still_checked(sd21_unet, tmp_path):
+    """inflate_tau 0 switches dispersion off (as the published presets do), but a misspelt
+    conv in its list is still refused before any run."""
+    from ldm.scalecrafter.settings import build_settings
+
+    path = tmp_path / "disperse.txt"
+    path.write_text("down_blocks.9.resnets.0.conv1\n")
+    opts = GenerationOptions(dilate=2, disperse_settings=str(path), inflate_tau=0)
+    with pytest.raises(SettingsError, match="disperse.txt:1"):
+        build_settings(sd21_unet, opts)
+
+
 def ndcfg_opts(**kw):
     base = dict(H=64, W=64, steps=4, scale=7.5, seed=4, precision="full", ddim_eta=0.0,
                 dilate_settings=str(SETTINGS / "dilate/sd2.1_2048x2048.txt"), dilate_tau=3,

@@ -143,8 +143,9 @@ def build_settings(unet: nn.Module, opts) -> ScaleCrafterSettings:
         dilation = {}
     ndcfg = read_dilation_settings(opts.ndcfg_dilate_settings, unet) \
         if opts.ndcfg_dilate_settings else {}
-    disperse = read_conv_list(opts.disperse_settings, unet) \
-        if opts.disperse_settings and opts.inflate_tau > 0 else frozenset()
+    # the list is read (and its names checked) even where inflate_tau 0 switches it off
+    listed = read_conv_list(opts.disperse_settings, unet) if opts.disperse_settings else frozenset()
+    disperse = listed if opts.inflate_tau > 0 else frozenset()
     transform = None
     if disperse:
         if not opts.disperse_transform:
