@@ -434,11 +434,8 @@ def use_fast_pinned_memory():
 
 
 def run(args):
-    import torch
-
     from ldm.hashing import BackgroundShortHash
     from ldm.outputs import OutputWriter
-    from ldm.pipeline import Pipeline
 
     opts = options_from_args(args)
     batches = read_prompts(args)
@@ -447,43 +444,15 @@ def run(args):
         use_fast_pinned_memory()
     ckpt_hash = BackgroundShortHash(args.ckpt)  # for the metadata; overlaps loading and sampling
     timer = PhaseTimer(args.device, args.timings)
-    # a full-size load takes seconds to minutes: say what is being loaded (stdout: stderr is
-    # kept for warnings and the one-line errors)
-    nbytes = os.path.getsize(args.ckpt)
-    size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
-    print(f"Loading {args.ckpt} ({size}) with {args.config} on {args.device}", flush=True)
-    with timer.phase("load"):
-        pipe = Pipeline.load(args.config, args.ckpt, device=args.device,
-                             precision=args.precision, channels_last=args.channels_last,
-                             compile_unet=args.compile, cudnn_benchmark=args.fast_kernels,
-                             native_norms=args.fast_kernels,
-                             cudnn_attention=args.cudnn_attention)
+    pipe = load_pipeline(args, timer)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
     if args.compile:  # else the first step sits at 0% for a minute or more, unexplained
         print("note: --compile: the first step compiles the UNet (minutes the first time; "
               "torch's on-disk cache makes later runs faster)", file=sys.stderr, flush=True)
     writer = OutputWriter(args.outdir, args, opts, ckpt_hash)
-    seed_everything(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    x_T = pipe.initial_noise(opts, args.n_samples, generator) if args.fixed_code else None
-    from tqdm.auto import trange, tqdm
-
-    all_images, left = [], args.n_iter * len(batches)
     try:
-        for _ in trange(args.n_iter, desc="Sampling"):
-            for prompts in tqdm(batches, desc="data", leave=False):
-                start = x_T[:len(prompts)] if x_T is not None else None
-                with timer.phase("sample"):
-                    z, _ = pipe.sample(prompts, opts, generator, start, settings)
-                with timer.phase("decode"):
-                    decoded = pipe.decode(z, opts).float().cpu()
-                all_images.append(decoded)
-                left -= 1
-                # the grid goes with the last batch (encoded beside its images, written last)
-                grid = (all_images, args.n_rows or args.n_samples) if left == 0 else None
-                with timer.phase("write"):  # waits for the checkpoint hash, if still running
-                    writer.save_batch(prompts, decoded, z.cpu(), grid=grid)
+        make_images(args, pipe, opts, settings, batches, writer, timer)
         timer.report()
     except KeyboardInterrupt:
         writer.discard_partial_files()
@@ -494,6 +463,47 @@ def run(args):
         return 130
     print(f"Your samples are ready and waiting for you here:\n{writer.outdir}\nEnjoy.")
     return 0
+
+
+def load_pipeline(args, timer):
+    """The model on its device, laid out as the flags say. A full-size load takes seconds to
+    minutes, so it says what it loads (on stdout: stderr is for warnings and errors)."""
+    from ldm.pipeline import Pipeline
+
+    nbytes = os.path.getsize(args.ckpt)
+    size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+    print(f"Loading {args.ckpt} ({size}) with {args.config} on {args.device}", flush=True)
+    with timer.phase("load"):
+        return Pipeline.load(args.config, args.ckpt, device=args.device,
+                             precision=args.precision, channels_last=args.channels_last,
+                             compile_unet=args.compile, cudnn_benchmark=args.fast_kernels,
+                             native_norms=args.fast_kernels,
+                             cudnn_attention=args.cudnn_attention)
+
+
+def make_images(args, pipe, opts, settings, batches, writer, timer):
+    """n_iter rounds over the prompt batches, from one seeded noise stream: sample, decode and
+    write each batch; the grid goes with the last one."""
+    import torch
+    from tqdm.auto import tqdm, trange
+
+    seed_everything(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    x_T = pipe.initial_noise(opts, args.n_samples, generator) if args.fixed_code else None
+    all_images, left = [], args.n_iter * len(batches)
+    for _ in trange(args.n_iter, desc="Sampling"):
+        for prompts in tqdm(batches, desc="data", leave=False):
+            start = x_T[:len(prompts)] if x_T is not None else None
+            with timer.phase("sample"):
+                z, _ = pipe.sample(prompts, opts, generator, start, settings)
+            with timer.phase("decode"):
+                decoded = pipe.decode(z, opts).float().cpu()
+            all_images.append(decoded)
+            left -= 1
+            # the grid goes with the last batch (encoded beside its images, written last)
+            grid = (all_images, args.n_rows or args.n_samples) if left == 0 else None
+            with timer.phase("write"):  # waits for the checkpoint hash, if still running
+                writer.save_batch(prompts, decoded, z.cpu(), grid=grid)
 
 
 def main(argv=None):
