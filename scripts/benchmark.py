@@ -544,9 +544,11 @@ def markdown_table(report):
                   "tiled_decode_time_ratio", False),
                  (f"{label} / full decode, peak above baseline" + at, peak_ratio, None, "< 1",
                   "tiled_decode_peak_ratio", True)]
+    tiny = report.get("meta", {}).get("tiny")  # the targets are for full-size models
     for label, value, cpu_value, target, key, strict in rows:
+        verdict = "– (tiny model)" if tiny else _verdict(value, TARGETS[key], strict)
         lines.append(f"| {label} | {_fmt(value, '.3f')} | {_fmt(cpu_value, '.3f')} | {target} | "
-                     f"{_verdict(value, TARGETS[key], strict)} |")
+                     f"{verdict} |")
     if "side" in d.get("decode_tiled_recompute", {}):
         for what, key in (("time", "tiled_recompute_decode_time_ratio"),
                           ("peak above baseline", "tiled_recompute_decode_peak_ratio")):
