@@ -194,7 +194,8 @@ def options_from_args(args):
         ndcfg_tau=args.ndcfg_tau, disperse_settings=args.disperse_settings,
         disperse_transform=args.disperse_transform, inflate_tau=args.inflate_tau,
         tiled_decoding=args.tiled_decoding, overlap=args.overlap, sync_gn=args.sync_gn,
-        tile_size=args.tile_size, decode_budget_gb=args.decode_budget_gb, freeu=tuple(args.freeu) if args.freeu else None)
+        tile_size=args.tile_size, decode_budget_gb=args.decode_budget_gb,
+        freeu=tuple(args.freeu) if args.freeu else None)
 
 
 def check_counts(args):
