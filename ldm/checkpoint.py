@@ -33,8 +33,8 @@ How a pickled checkpoint (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is loaded:
    ``torch.load(weights_only=False)`` would hand them to ``torch.jit.load``.
 
 Whatever was unpickled, only ``str -> torch.Tensor`` entries of the state dict
-(``ckpt["state_dict"]`` for Lightning checkpoints, else the top-level dict) are
-returned; the extras are dropped.
+(``ckpt["state_dict"]`` for Lightning checkpoints, else the top-level dict, else the one
+nested dict that holds tensors) are returned; the extras are dropped.
 """
 
 from __future__ import annotations
@@ -469,9 +469,27 @@ def _forced_weights_only_error(path: Path, first_error: Exception) -> Checkpoint
     )
 
 
+def _holds_tensors(obj: Any, depth: int) -> bool:
+    return isinstance(obj, Mapping) and depth > 0 and any(
+        isinstance(v, torch.Tensor) or _holds_tensors(v, depth - 1) for v in obj.values())
+
+
+def _state_dict_of(obj: Any, depth: int = 4) -> Any:
+    """The mapping that holds the weights: a Lightning file's ``state_dict``, else the
+    top-level dict where it holds tensors, else the one nested mapping that does (trainers
+    wrap the weights as ``{"model": ...}``, ``{"module": ...}``, ...)."""
+    if not isinstance(obj, Mapping) or depth == 0:
+        return obj
+    if isinstance(obj.get("state_dict"), Mapping):
+        return _state_dict_of(obj["state_dict"], depth - 1)
+    if any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    holders = [v for v in obj.values() if _holds_tensors(v, depth - 1)]
+    return _state_dict_of(holders[0], depth - 1) if len(holders) == 1 else obj
+
+
 def _extract_tensors(path: Path, obj: Any) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+    obj = _state_dict_of(obj)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"checkpoint {path} does not hold a state dict (it holds a {type(obj).__name__})"

@@ -44,10 +44,22 @@ def _key_list(keys: List[str]) -> str:
     return shown + (f", ... and {len(keys) - EXAMPLES} more" if len(keys) > EXAMPLES else "")
 
 
-def describe_missing(missing: List[str]) -> str:
-    """One line naming the first few weights a file lacks."""
+# The model's parts, by their state-dict prefix: named where a file lacks all of one.
+PART_NAMES = {"model": "the UNet", "first_stage_model": "the VAE",
+              "cond_stage_model": "the text encoder", "conditioner": "the text encoders"}
+
+
+def describe_missing(missing: List[str], needed=()) -> str:
+    """One line naming the first few weights a file lacks, and the model part it lacks whole
+    among the `needed` keys (some community files ship without their VAE)."""
     count = f"{len(missing)} missing key" + ("s" if len(missing) != 1 else "")
-    return f"checkpoint does not fit the config: {count} ({_key_list(missing)})"
+    line = f"checkpoint does not fit the config: {count} ({_key_list(missing)})"
+    parts = {key.split(".", 1)[0] for key in missing}
+    if len(parts) == 1 and needed:
+        part = parts.pop()
+        if part in PART_NAMES and len(missing) == sum(k.startswith(part + ".") for k in needed):
+            line += f": the file has none of {PART_NAMES[part]} ({part}.*)"
+    return line
 
 
 def rebuildable_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -103,6 +115,28 @@ def _place_all(state: Dict[str, torch.Tensor], device, dtype: "DtypeChoice"):
     return state
 
 
+def without_wrapper_prefix(state_dict: Dict[str, torch.Tensor], expected: Mapping):
+    """A file whose every key carries extra leading components that the model's keys lack (a
+    DataParallel `module.`, a trainer's `model.`): the same tensors under the model's names,
+    with one warning line. Any other file as it is."""
+    keys, prefix, best = list(state_dict), "", ("", sum(k in expected for k in state_dict))
+    while keys and all("." in key for key in keys):
+        firsts = {key.split(".", 1)[0] for key in keys}
+        if len(firsts) != 1:
+            break
+        prefix += firsts.pop() + "."
+        keys = [key[len(prefix):] for key in state_dict]
+        matched = sum(k in expected for k in keys)
+        if matched > best[1]:
+            best = (prefix, matched)
+    if not best[0]:
+        return state_dict
+    renamed = {key[len(best[0]):]: value for key, value in state_dict.items()}
+    state_dict.clear()  # consumed as fit_state_dict consumes it: no tensor held twice
+    warn(f"checkpoint keys carry the prefix {best[0]!r}, which the model's lack: stripped")
+    return renamed
+
+
 def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
                    dtype: DtypeChoice = torch.float32, device="cpu") -> Dict[str, torch.Tensor]:
     """The tensors to load into `model` (built on the meta device) from a file's `state_dict`.
@@ -115,14 +149,17 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
 
     expected: Mapping[str, torch.Tensor] = model.state_dict()
     rebuilt = rebuildable_buffers(model)
+    state_dict = without_wrapper_prefix(state_dict, expected)
     missing = [k for k in expected if k not in state_dict and k not in rebuilt]
     wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing:
+        message = describe_missing(missing, [k for k in expected if k not in rebuilt])
+    elif wrong:
+        k = wrong[0]
+        message = (f"checkpoint does not fit the config: {len(wrong)} tensors have other "
+                   f"shapes, e.g. {k} is {tuple(state_dict[k].shape)}, the config wants "
+                   f"{tuple(expected[k].shape)}")
     if missing or wrong:
-        k = wrong[0] if wrong else None
-        message = describe_missing(missing) if missing else (
-            f"checkpoint does not fit the config: {len(wrong)} tensors have other shapes, "
-            f"e.g. {k} is {tuple(state_dict[k].shape)}, the config wants "
-            f"{tuple(expected[k].shape)}")
         state_dict.clear()  # a refused file's tensors (on CUDA already staged there) go now
         raise CheckpointError(message)
     unknown = [k for k in state_dict if k not in expected and not _matches(k, KNOWN_EXTRAS)]

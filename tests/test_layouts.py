@@ -72,7 +72,8 @@ def test_converted_file_without_schedule_or_position_ids(tmp_path, dtype):
 
 def test_damaged_float_position_ids_are_rebuilt(tmp_path):
     state = load_state_dict(SD1_CKPT)
-    state[POSITION_IDS] = torch.arange(77, dtype=torch.float32)[None] + 0.4  # rounding damage
+    # rounding damage: cast to int64 as they stand, the ids would be 0, 0, 1, ..., 75
+    state[POSITION_IDS] = torch.arange(77, dtype=torch.float32)[None] - 0.001
     pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "damaged.ckpt", state, lightning=False))
     ids = pipe.model.cond_stage_model.transformer.text_model.embeddings.position_ids
     assert ids.dtype == torch.int64 and torch.equal(ids, torch.arange(77)[None])
@@ -94,6 +95,39 @@ def test_sd21_file_with_ema_buffers_loads(tmp_path, capsys):
                                      torch.from_numpy(ref["context"]))
     assert rel_err(out, ref["out"]) <= 1e-4
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("prefix", ["module.", "module.model."])
+def test_a_wrapper_prefix_on_every_key_is_stripped(tmp_path, capsys, prefix):
+    """Files saved from a DataParallel or trainer wrapper: every key carries `module.` (and
+    more) that the model's keys lack. They load, with one line that says so."""
+    state = {prefix + key: value for key, value in load_state_dict(SD1_CKPT).items()}
+    pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "wrapped.ckpt", state, lightning=False))
+    assert unet_error(pipe) <= 1e-4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: checkpoint keys carry the prefix {prefix!r}, which the model's "
+                   "lack: stripped"]
+
+
+@pytest.mark.parametrize("wrap", [lambda sd: {"model": sd}, lambda sd: {"module": {"state_dict": sd}},
+                                  lambda sd: {"state_dict": {"state_dict": sd}, "epoch": 3}],
+                         ids=["model", "module-state_dict", "state_dict-twice"])
+def test_weights_nested_under_another_key_load(tmp_path, capsys, wrap):
+    path = tmp_path / "nested.ckpt"
+    torch.save(wrap(load_state_dict(SD1_CKPT)), path)
+    assert unet_error(Pipeline.load(SD1_CONFIG, path)) <= 1e-4
+    assert capsys.readouterr().err == ""
+
+
+def test_a_file_without_its_vae_is_refused_naming_the_part(tmp_path):
+    """Some community files ship without their VAE: refused, and the line says so."""
+    from ldm.checkpoint import CheckpointError
+
+    state = {k: v for k, v in load_state_dict(SD1_CKPT).items()
+             if not k.startswith("first_stage_model.")}
+    with pytest.raises(CheckpointError) as error:
+        Pipeline.load(SD1_CONFIG, write(tmp_path, "no-vae.ckpt", state))
+    assert str(error.value).endswith(": the file has none of the VAE (first_stage_model.*)")
 
 
 def test_unknown_extras_load_with_one_warning_line(tmp_path, capsys):

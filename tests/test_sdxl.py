@@ -29,6 +29,21 @@ def xl_pipe():
     return Pipeline.load(TINY_XL / "tiny-sdxl.yaml", TINY_XL / "tiny-sdxl.safetensors")
 
 
+def test_the_published_extras_load_without_a_word(capsys):
+    """The tiny file carries sd_xl_base_1.0's extras (denoiser.sigmas, the CLIP position ids):
+    known, so dropped or rebuilt silently."""
+    from ldm.checkpoint import load_state_dict
+    from ldm.pipeline import Pipeline
+
+    path = TINY_XL / "tiny-sdxl.safetensors"
+    keys = set(load_state_dict(path))
+    assert {"denoiser.sigmas",
+            "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"} <= keys
+    capsys.readouterr()
+    Pipeline.load(TINY_XL / "tiny-sdxl.yaml", path)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("name, case", xl_cases("cond"), ids=lambda v: str(v)[:24])
 def test_conditioner_matches_sgm(xl_pipe, name, case):
     model, ref = xl_pipe.model, load(name)
