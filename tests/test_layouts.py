@@ -1,5 +1,7 @@
 """Published checkpoint layouts load as they are on disk: tiny look-alikes of the real files
 (their extras, missing buffers, dtypes and containers) give the main weights' numbers."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -169,3 +171,37 @@ def test_staging_leaves_extras_and_hands_over_its_error():
         raise ValueError(f"no dtype for {key}")
     with pytest.raises(ValueError, match="no dtype for w"):
         StagedStateDict({"w": weight}, "cpu", no_dtype).result()
+
+
+def test_a_768_v_file_loads_with_the_v_config(tmp_path):
+    """v2-1_768-ema-pruned.ckpt has the base file's layout; its config (v2-inference-v.yaml)
+    differs by `parameterization: v` alone, which the loaded model follows."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.parameterization = "v"
+    path = tmp_path / "tiny-sd21-v.yaml"
+    OmegaConf.save(config, path)
+    pipe = Pipeline.load(path, TINY_CKPT)
+    assert pipe.model.parameterization == "v"
+    ref = np.load(REF / "tiny" / "tiny-sd21-unet-vanilla.npz")
+    with torch.no_grad():  # the network is the same; only the meaning of its output differs
+        out = pipe.model.apply_model(torch.from_numpy(ref["x"]), torch.from_numpy(ref["t"]),
+                                     torch.from_numpy(ref["context"]))
+    assert rel_err(out, ref["out"]) <= 1e-4
+
+
+def test_an_sdxl_file_without_sigmas_or_position_ids_loads(tmp_path, capsys):
+    """Newer SDXL conversions drop denoiser.sigmas and the CLIP position ids: both follow from
+    the config; the conditioning is the reference's."""
+    xl = REF / "tiny-sdxl"
+    state = {k: v for k, v in load_state_dict(xl / "tiny-sdxl.safetensors").items()
+             if k != "denoiser.sigmas" and not k.endswith("position_ids")}
+    pipe = Pipeline.load(xl / "tiny-sdxl.yaml", write(tmp_path, "converted.safetensors", state))
+    assert capsys.readouterr().err == ""
+    files = json.loads((xl / "cases.json").read_text())["files"]
+    name, case = next((n, c) for n, c in files.items() if c["kind"] == "cond")
+    ref = np.load(xl / name)
+    cond = pipe.model.get_conditioning(case["prompts"], (case["H"], case["W"]))
+    assert rel_err(cond.context, ref["crossattn"]) <= 1e-4
+    assert rel_err(cond.vector, ref["vector"]) <= 1e-4
