@@ -469,22 +469,29 @@ def _forced_weights_only_error(path: Path, first_error: Exception) -> Checkpoint
     )
 
 
-def _holds_tensors(obj: Any, depth: int) -> bool:
-    return isinstance(obj, Mapping) and depth > 0 and any(
-        isinstance(v, torch.Tensor) or _holds_tensors(v, depth - 1) for v in obj.values())
+def _is_weights(obj: Any) -> bool:
+    """A state dict: module paths (dotted names) to tensors. An optimizer's state is not one
+    (its keys are parameter indices)."""
+    return isinstance(obj, Mapping) and any(
+        isinstance(k, str) and "." in k and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _holds_weights(obj: Any, depth: int) -> bool:
+    return isinstance(obj, Mapping) and depth > 0 and (
+        _is_weights(obj) or any(_holds_weights(v, depth - 1) for v in obj.values()))
 
 
 def _state_dict_of(obj: Any, depth: int = 4) -> Any:
     """The mapping that holds the weights: a Lightning file's ``state_dict``, else the
-    top-level dict where it holds tensors, else the one nested mapping that does (trainers
-    wrap the weights as ``{"model": ...}``, ``{"module": ...}``, ...)."""
+    top-level dict where it is a state dict, else the one nested mapping that holds one
+    (trainers wrap the weights as ``{"model": ..., "optimizer": ..., "step": ...}``)."""
     if not isinstance(obj, Mapping) or depth == 0:
         return obj
     if isinstance(obj.get("state_dict"), Mapping):
         return _state_dict_of(obj["state_dict"], depth - 1)
-    if any(isinstance(v, torch.Tensor) for v in obj.values()):
+    if _is_weights(obj):
         return obj
-    holders = [v for v in obj.values() if _holds_tensors(v, depth - 1)]
+    holders = [v for v in obj.values() if _holds_weights(v, depth - 1)]
     return _state_dict_of(holders[0], depth - 1) if len(holders) == 1 else obj
 
 

@@ -115,24 +115,29 @@ def _place_all(state: Dict[str, torch.Tensor], device, dtype: "DtypeChoice"):
     return state
 
 
-def without_wrapper_prefix(state_dict: Dict[str, torch.Tensor], expected: Mapping):
+def without_wrapper_prefix(state_dict: Dict[str, torch.Tensor], parts) -> Dict[str, torch.Tensor]:
     """A file whose every key carries extra leading components that the model's keys lack (a
     DataParallel `module.`, a trainer's `model.`): the same tensors under the model's names,
-    with one warning line. Any other file as it is."""
-    keys, prefix, best = list(state_dict), "", ("", sum(k in expected for k in state_dict))
+    with one warning line; any other file as it is. `parts`: the first components of the
+    model's keys (`ldm.util.model_part_names`). Done before the weights are staged onto the
+    device, whose dtype policy goes by those names."""
+    def known(keys):  # the parts named, then the keys under them
+        firsts = [key.split(".", 1)[0] for key in keys]
+        return len(set(firsts) & set(parts)), sum(first in parts for first in firsts)
+
+    keys, prefix, best = list(state_dict), "", ("", known(state_dict))
     while keys and all("." in key for key in keys):
         firsts = {key.split(".", 1)[0] for key in keys}
         if len(firsts) != 1:
             break
         prefix += firsts.pop() + "."
         keys = [key[len(prefix):] for key in state_dict]
-        matched = sum(k in expected for k in keys)
-        if matched > best[1]:
-            best = (prefix, matched)
+        if known(keys) > best[1]:
+            best = (prefix, known(keys))
     if not best[0]:
         return state_dict
     renamed = {key[len(best[0]):]: value for key, value in state_dict.items()}
-    state_dict.clear()  # consumed as fit_state_dict consumes it: no tensor held twice
+    state_dict.clear()  # no tensor held under two names
     warn(f"checkpoint keys carry the prefix {best[0]!r}, which the model's lack: stripped")
     return renamed
 
@@ -149,7 +154,6 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
 
     expected: Mapping[str, torch.Tensor] = model.state_dict()
     rebuilt = rebuildable_buffers(model)
-    state_dict = without_wrapper_prefix(state_dict, expected)
     missing = [k for k in expected if k not in state_dict and k not in rebuilt]
     wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
     if missing:

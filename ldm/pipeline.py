@@ -27,12 +27,13 @@ from ldm.scalecrafter.schedule import ScaleCrafterSettings
 from ldm.scalecrafter.settings import build_settings
 from ldm.scalecrafter.lean_decode import full_decode
 from ldm.scalecrafter.tiled_decode import tiled_decode
-from ldm.util import load_config, build_model
+from ldm.util import build_model, load_config, model_part_names
 
 SAMPLERS = ("ddim", "plms", "dpm")
 INTEGER_OPTIONS = ("H", "W", "C", "f", "steps", "seed", "dilate_tau", "dilate_skip", "ndcfg_tau",
                    "inflate_tau", "overlap")
-REAL_OPTIONS = ("scale", "ddim_eta", "dilate", "decode_budget_gb")  # None allowed where optional
+REAL_OPTIONS = ("scale", "ddim_eta")
+OPTIONAL_REAL_OPTIONS = ("dilate", "decode_budget_gb")  # None: off / from free memory
 SWITCH_OPTIONS = ("fixed_code", "progressive_dilate", "tiled_decoding", "sync_gn")
 TEXT_OPTIONS = ("negative_prompt", "sampler", "precision")
 FILE_OPTIONS = ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
@@ -98,10 +99,11 @@ class GenerationOptions:
             setattr(self, name, bool(value))
         if isinstance(self.tile_size, numbers.Integral) and not isinstance(self.tile_size, bool):
             self.tile_size = int(self.tile_size)
-        for name in REAL_OPTIONS:
+        for name in REAL_OPTIONS + OPTIONAL_REAL_OPTIONS:
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, numbers.Real)):
+            if value is None and name in OPTIONAL_REAL_OPTIONS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"--{name} must be a number, got {value!r}")
         for name in TEXT_OPTIONS:
             if not isinstance(getattr(self, name), str):
@@ -174,10 +176,8 @@ class GenerationOptions:
 
     def _check_tiles(self):
         tile = self.tile_size
-        if tile is not None and not isinstance(tile, str) and (
-                isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile <= 0):
-            raise ValueError(f"--tile_size must be a positive integer or 'auto', got {tile!r}")
-        if isinstance(tile, str) and tile != "auto":
+        is_size = isinstance(tile, numbers.Integral) and not isinstance(tile, bool) and tile > 0
+        if tile is not None and tile != "auto" and not is_size:
             raise ValueError(f"--tile_size must be a positive integer or 'auto', got {tile!r}")
         if self.decode_budget_gb is not None and not (
                 math.isfinite(self.decode_budget_gb) and self.decode_budget_gb > 0):
@@ -257,7 +257,7 @@ class Pipeline:
         the model is built (None: ldm.layouts.STAGED_LOADS' choice); warm_up: make the
         device's libraries' first calls meanwhile (None: ldm.warmup.WARM_UPS' choice)."""
         from ldm.checkpoint import load_state_dict
-        from ldm.layouts import STAGED_LOADS, StagedStateDict
+        from ldm.layouts import STAGED_LOADS, StagedStateDict, without_wrapper_prefix
         # (not via .modules, which imports open_clip: that import is what staging overlaps)
         from ldm.modules.encoders.common import register_config_dir
         from ldm.warmup import start_warm_up
@@ -271,6 +271,7 @@ class Pipeline:
         # Weights go straight to their final device and dtype (prepare_for_inference then has
         # no cast left to do), copied while the model is built where STAGED_LOADS says so.
         state, policy = load_state_dict(ckpt_path), weight_dtype_policy(device, precision)
+        state = without_wrapper_prefix(state, model_part_names(config))
         if staged_load is None:
             staged_load = STAGED_LOADS.get(torch.device(device).type, False)
         if staged_load:

@@ -90,3 +90,11 @@ def part_configs(config):
     model_class = get_obj_from_str(config.model.target)
     return (params.get(getattr(model_class, "unet_config_key", "unet_config")),
             params.get("first_stage_config"))
+
+
+def model_part_names(config) -> set:
+    """The first components of the model's state-dict keys: its UNet wrapper (`model`), VAE
+    and conditioner (named by the model class: `cond_stage_model` or `conditioner`)."""
+    model_class = get_obj_from_str(config.model.target)
+    return {"model", "first_stage_model",
+            getattr(model_class, "conditioner_key", "cond_stage_model")}

@@ -171,10 +171,12 @@ def apply_preset(args, name, explicit):
         if isinstance(value, str) and key.endswith(("_settings", "_transform")):
             value = str((REPO_ROOT / value) if not Path(value).is_absolute() else value)
         setattr(args, key, value)
-    # a preset value qualifying a feature the flags turned off goes with it
-    if not args.tiled_decoding and "sync_gn" not in explicit:
+    # a preset value qualifying a feature that flags turned off goes with it
+    if "tiled_decoding" in explicit and not args.tiled_decoding and "sync_gn" not in explicit:
         args.sync_gn = False
-    if args.dilate is None and not args.dilate_settings and "progressive_dilate" not in explicit:
+    dilation_cleared = {"dilate", "dilate_settings"} & explicit
+    if (dilation_cleared and args.dilate is None and not args.dilate_settings
+            and "progressive_dilate" not in explicit):
         args.progressive_dilate = False
 
 

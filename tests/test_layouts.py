@@ -111,7 +111,39 @@ def test_a_wrapper_prefix_on_every_key_is_stripped(tmp_path, capsys, prefix):
                    "lack: stripped"]
 
 
-@pytest.mark.parametrize("wrap", [lambda sd: {"model": sd}, lambda sd: {"module": {"state_dict": sd}},
+def test_a_prefix_is_stripped_before_the_weights_are_staged(tmp_path, monkeypatch, capsys):
+    """On CUDA the weights are staged in their final dtypes, chosen by name (half for the UNet
+    and text encoder, fp32 for the VAE and the schedule): a prefixed file must be named right
+    before that, or its VAE would pass through fp16. The CUDA policy, staged, on the CPU."""
+    from ldm import precision
+
+    monkeypatch.setitem(precision.HALF_WEIGHTS, "cpu", torch.float16)
+    state = load_state_dict(SD1_CKPT)
+    state["first_stage_model.decoder.conv_in.bias"] += 1e-3  # not an fp16 value any more
+    plain = write(tmp_path, "plain.ckpt", state, lightning=False)
+    wrapped = write(tmp_path, "wrapped.ckpt", {"module." + k: v for k, v in state.items()},
+                    lightning=False)
+    loaded = [Pipeline.load(SD1_CONFIG, path, precision="autocast", staged_load=True).model
+              for path in (plain, wrapped)]
+    for name in ("first_stage_model.decoder.conv_in.bias", "alphas_cumprod"):
+        a, b = (dict(m.named_parameters(), **dict(m.named_buffers()))[name] for m in loaded)
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), name
+    assert "stripped" in capsys.readouterr().err
+
+
+def test_a_file_with_its_optimizer_state_loads(tmp_path):
+    """{"model": weights, "optimizer": state, "step": n}, as many trainers save: the weights
+    are found (an optimizer's state is keyed by parameter index, not by module path)."""
+    sd = load_state_dict(SD1_CKPT)
+    path = tmp_path / "trainer.ckpt"
+    torch.save({"model": sd, "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}},
+                                           "param_groups": [{"lr": 1e-4}]},
+                "step": torch.tensor(10)}, path)
+    assert unet_error(Pipeline.load(SD1_CONFIG, path)) <= 1e-4
+
+
+@pytest.mark.parametrize("wrap", [lambda sd: {"model": sd},
+                                  lambda sd: {"module": {"state_dict": sd}},
                                   lambda sd: {"state_dict": {"state_dict": sd}, "epoch": 3}],
                          ids=["model", "module-state_dict", "state_dict-twice"])
 def test_weights_nested_under_another_key_load(tmp_path, capsys, wrap):
@@ -174,8 +206,9 @@ def test_staging_leaves_extras_and_hands_over_its_error():
 
 
 def test_a_768_v_file_loads_with_the_v_config(tmp_path):
-    """v2-1_768-ema-pruned.ckpt has the base file's layout; its config (v2-inference-v.yaml)
-    differs by `parameterization: v` alone, which the loaded model follows."""
+    """v2-1_768-ema-pruned.ckpt has the base file's layout; of its config (v2-inference-v.yaml)
+    what the weights' reading depends on is `parameterization: v`, which the loaded model
+    follows: its output is v, x0 = sqrt(a) x - sqrt(1 - a) v."""
     from omegaconf import OmegaConf
 
     config = OmegaConf.load(TINY_CONFIG)
@@ -189,6 +222,9 @@ def test_a_768_v_file_loads_with_the_v_config(tmp_path):
         out = pipe.model.apply_model(torch.from_numpy(ref["x"]), torch.from_numpy(ref["t"]),
                                      torch.from_numpy(ref["context"]))
     assert rel_err(out, ref["out"]) <= 1e-4
+    x, a = torch.from_numpy(ref["x"]), torch.tensor(0.3)
+    x0 = pipe.model.split_prediction(x, out, a).x0
+    assert torch.allclose(x0, a.sqrt() * x - (1 - a).sqrt() * out, atol=1e-6)
 
 
 def test_an_sdxl_file_without_sigmas_or_position_ids_loads(tmp_path, capsys):

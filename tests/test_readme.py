@@ -43,7 +43,6 @@ def test_the_tables_numeric_defaults_are_the_parsers(txt2img):
     assert checked >= 8  # --steps, --ddim_eta, --scale, --H --W --C --f, --seed, ...
 
 
-
 def _documented_commands():
     """Every `python scripts/txt2img.py ...` command of README.md and shellscripts/*.sh, its
     continuation lines joined, as (where, argv): "$@" (the user's extra flags) dropped, other
@@ -51,9 +50,15 @@ def _documented_commands():
     import shlex
 
     for path in [REPO / "README.md", *sorted((REPO / "shellscripts").glob("*.sh"))]:
-        text = path.read_text().replace("\\\n", " ")
+        text = path.read_text()
         defaults = dict(re.findall(r'(\w+)="\$\{\w+:-([^}]*)\}"', text))
-        for number, line in enumerate(text.splitlines(), 1):
+        lines, i = text.splitlines(), 0
+        while i < len(lines):
+            number, line = i + 1, lines[i]
+            while line.endswith("\\") and i + 1 < len(lines):  # a continued line
+                i += 1
+                line = line[:-1] + " " + lines[i]
+            i += 1
             if line.strip().startswith("python scripts/txt2img.py"):
                 argv = shlex.split(line.strip(), comments=True)[2:]
                 yield f"{path.name}:{number}", [
@@ -67,5 +72,7 @@ def test_documented_commands_parse(txt2img):
     commands = dict(_documented_commands())
     assert len(commands) >= 7, commands
     for where, argv in commands.items():
-        args = txt2img.parse_args(argv)
-        txt2img.options_from_args(args).validate()
+        try:
+            txt2img.options_from_args(txt2img.parse_args(argv)).validate()
+        except (SystemExit, ValueError) as error:
+            raise AssertionError(f"{where}: {error}") from error

@@ -210,6 +210,9 @@ def test_a_flag_sets_aside_the_preset_values_it_excludes(txt2img, tmp_path):
     args = txt2img.parse_args(["--preset", "sd2.1_2048x2048", "--no-tiled_decoding", "--sync_gn"])
     with pytest.raises(ValueError, match="--sync_gn needs --tiled_decoding"):
         txt2img.options_from_args(args).validate()
+    preset.write_text("sync_gn: true\n")  # a preset's own mistake is refused, not hidden
+    with pytest.raises(ValueError, match="--sync_gn needs --tiled_decoding"):
+        txt2img.options_from_args(txt2img.parse_args(["--preset", str(preset)])).validate()
 
 
 def test_option_defaults_are_the_flags_defaults(txt2img):
