@@ -341,7 +341,12 @@ class Pipeline:
     def sample(self, prompts: Sequence[str], opts: GenerationOptions, generator, x_T=None,
                settings=None, progress=True):
         """(latents, UNet batch size of each step) for one batch of prompts, one image each."""
-        prompts = self.check(prompts, opts, x_T)
+        return self._sample(self.check(prompts, opts, x_T), opts, generator, x_T, settings,
+                            progress)
+
+    def _sample(self, prompts: List[str], opts: GenerationOptions, generator, x_T, settings,
+                progress):
+        """`sample` for prompts and options already checked."""
         model = self.model
         settings = settings if settings is not None else self.settings_for(opts)
         with self._autocast(opts), freeu_applied(model.unet, opts.freeu), \
@@ -380,6 +385,7 @@ class Pipeline:
         prompts = self.check(prompts, opts, x_T)
         if generator is None:
             generator = torch.Generator().manual_seed(opts.seed)
-        z, batches = self.sample(prompts, opts, generator, x_T, progress=progress)
+        with torch.no_grad():
+            z, batches = self._sample(prompts, opts, generator, x_T, None, progress)
         decoded = self.decode(z, opts, progress).float().cpu()
         return GenerationResult(to_pil(decoded), z.cpu(), decoded, batches)
