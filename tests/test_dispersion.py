@@ -116,6 +116,7 @@ def test_load_rejects_bad_files(tmp_path):
         dict(scale=1.5),
         dict(eta=-0.1),
         dict(eta=float("nan")),
+        dict(input_size=64, scale=4),  # a 172 GiB dense system: refused before it is built
     ],
 )
 def test_solver_rejects_bad_arguments(kwargs):

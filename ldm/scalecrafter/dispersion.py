@@ -33,14 +33,14 @@ def _conv_matrix(kernel: np.ndarray, size: int) -> np.ndarray:
     k = kernel.shape[0]
     pad = (k - 1) // 2
     mat = np.zeros((size * size, size * size))
-    for i in range(size):
-        for j in range(size):
-            for u in range(k):
-                for v in range(k):
-                    r, c = i + u - pad, j + v - pad
-                    # Taps falling outside the input read the zero padding.
-                    if 0 <= r < size and 0 <= c < size:
-                        mat[i * size + j, r * size + c] += kernel[u, v]
+    i, j = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    for u in range(k):
+        for v in range(k):
+            r, c = i + u - pad, j + v - pad
+            # Taps falling outside the input read the zero padding. For one tap each
+            # output row gets one entry, so the fancy-indexed += never collides.
+            inside = (r >= 0) & (r < size) & (c >= 0) & (c < size)
+            mat[(i * size + j)[inside], (r * size + c)[inside]] += kernel[u, v]
     return mat
 
 
@@ -80,6 +80,23 @@ def _check_args(small, large, input_size, scale, eta) -> None:
         raise ValueError(f"eta must be a real number, got {eta!r}")
     if not np.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    need = _system_bytes(small, large, input_size, scale)
+    if need > MAX_SYSTEM_BYTES:
+        raise ValueError(
+            f"input_size={input_size} with scale={scale} builds a {need / 2**30:.1f} GiB dense system "
+            f"(limit {MAX_SYSTEM_BYTES / 2**30:.0f} GiB); the authors' transform uses input_size 3, scale 2")
+
+
+# The solver is dense: refuse sizes that would take minutes and many GiB before failing.
+MAX_SYSTEM_BYTES = 4 * 2**30
+
+
+def _system_bytes(small, large, input_size, scale) -> int:
+    """float64 bytes of the largest arrays the solver holds at once (conv matrix and the system)."""
+    n2 = input_size ** 2
+    m2 = (scale * (input_size - 1) + 1) ** 2
+    rows = m2 * n2 + n2 * n2
+    return 8 * (m2 * m2 + 2 * rows * (large ** 2 + small ** 2))
 
 
 def solve_dispersion_transform(small: int = 3, large: int = 5, input_size: int = 3,
