@@ -248,24 +248,18 @@ class Pipeline:
 
     @classmethod
     def load(cls, config_path, ckpt_path, device="cpu", precision="full",
-             cudnn_benchmark=None, cudnn_attention=None, staged_load=None, warm_up=None,
-             **layout):
+             cudnn_benchmark=None, cudnn_attention=None, staged_load=None, **layout):
         """precision 'autocast' also stores the UNet and text encoder in half precision where
         ldm.precision says so (CUDA); kernel and layout switches: cudnn_benchmark,
         cudnn_attention, channels_last, native_norms (None: ldm.precision.FAST_PATHS' choice
         for the device), compile_unet (off by default); staged_load: copy the weights while
-        the model is built (None: ldm.layouts.STAGED_LOADS' choice); warm_up: make the
-        device's libraries' first calls meanwhile (None: ldm.warmup.WARM_UPS' choice)."""
+        the model is built (None: ldm.layouts.STAGED_LOADS' choice)."""
         from ldm.checkpoint import load_state_dict
         from ldm.layouts import STAGED_LOADS, StagedStateDict, without_wrapper_prefix
         # (not via .modules, which imports open_clip: that import is what staging overlaps)
         from ldm.modules.encoders.common import register_config_dir
-        from ldm.warmup import start_warm_up
 
         device = checked_device(device, precision, layout)
-        paths = fast_paths(device, cudnn_benchmark=cudnn_benchmark,
-                           cudnn_attention=cudnn_attention)
-        warming = start_warm_up(device, precision, paths["cudnn_attention"], warm_up)
         config = load_config(config_path)
         register_config_dir(Path(config_path).resolve().parent)
         # Weights go straight to their final device and dtype (prepare_for_inference then has
@@ -280,8 +274,6 @@ class Pipeline:
         pipe = cls.from_model(model, device, precision, cudnn_benchmark, cudnn_attention,
                               **layout)
         pipe.config_path, pipe.ckpt_path = config_path, ckpt_path
-        if warming is not None:
-            warming.result()
         return pipe
 
     @classmethod

@@ -12,9 +12,6 @@ Each part runs in its own process (so each is cold where it should be) under its
   step of the load timed apart (imports, CUDA start, meta build, file read, weights to the
   device), then the first sampling steps cold and warm, with and without cuDNN autotuning and
   cuDNN attention; then `Pipeline.load` from a fresh interpreter, staged and sequential.
-- `first_run`: a fresh process's `Pipeline.load` and first two 1024² steps as txt2img runs
-  them, with the device's libraries warmed up while loading (ldm/warmup.py) and without,
-  alternating.
 - `cold_decode`, `cold_decode_hostalloc`, `cold_decode_stored`, `cold_decode_stored_hostreg`:
   the 4096² tiled SyncGN decode (`--tile_size auto`, 10 GB budget) cold, then warm, with the
   host-side ops that take the cold call's time and the pinned memory it made: as txt2img runs
@@ -51,7 +48,6 @@ Each part runs in its own process (so each is cold where it should be) under its
     python scripts/gpu_speed.py --parts graphs --json graphs.json   # at most 200 s
     python scripts/gpu_speed.py --parts layouts --json layouts.json # at most 450 s
     python scripts/gpu_speed.py --parts host --json host.json       # at most 500 s
-    python scripts/gpu_speed.py --parts warmup --json warmup.json   # at most 150 s
     python scripts/gpu_speed.py --parts eager --json eager.json     # at most 90 s
     python scripts/gpu_speed.py --parts weights --json weights.json # at most 360 s
     python scripts/gpu_speed.py --parts profile,cli --json s.json
@@ -129,7 +125,7 @@ VARIANT_TEXT = {"compiled_frozen": "with freezing", "compiled_cudagraphs": "with
                 "compiled_static_cudagraphs": "with static sizes, CUDA graphs",
                 "compiled_cl_weights": "with channels-last weights",
                 "compiled_cl_weights_cudagraphs": "with channels-last weights, CUDA graphs"}
-PARTS = ("profile", "eager_layouts", "cli", "first_run", *COLD_DECODES, "compile",
+PARTS = ("profile", "eager_layouts", "cli", *COLD_DECODES, "compile",
          *COMPILE_VARIANTS)
 # The part sets gpu_check.sh runs, one device command each: each set's timeouts add up to at
 # most gpu_check.sh's 530 s, which leaves a 600 s command room for installing wheels and
@@ -145,13 +141,11 @@ PART_SETS = {"speed": ("profile", "cli", "cold_decode", "compile"),
              "layouts": ("compile_layouts",),
              # after run 5: the compiled call's host time (static sizes, CUDA graphs, C++)
              "host": ("compile_host",),
-             # after run 4: the CLI's first text encode and steps paid library start-up
-             "warmup": ("first_run",),
              # after run 6: the eager call's mixed layouts; the compiled call's conversions
              "eager": ("eager_layouts",),
              "weights": ("compile_weights",)}
 # seconds per part
-TIMEOUTS = {"profile": 60, "eager_layouts": 90, "cli": 140, "first_run": 150, "cold_decode": 65,
+TIMEOUTS = {"profile": 60, "eager_layouts": 90, "cli": 140, "cold_decode": 65,
             "cold_decode_hostalloc": 65, "cold_decode_stored": 65, "cold_decode_stored_hostreg": 65,
             "compile": 240, "compile_frozen": 180, "compile_cudagraphs": 200,
             "compile_layouts": 450, "compile_host": 500, "compile_weights": 360}
@@ -635,42 +629,6 @@ def load_only(ckpt, config, device_type, staged: bool):
     print(json.dumps({"load": time.perf_counter() - start}))
 
 
-def part_first_run(p, device):
-    """A fresh process's load and first two steps, as txt2img runs them (autocast, the
-    device's default kernels), with the libraries warmed up while loading and without,
-    alternating, `rounds` each (ldm/warmup.py's WARM_UPS follows from the best of each)."""
-    runs = {"warm": [], "cold": []}
-    with _probe_command(p, device) as (probe, _):
-        for _ in range(p.get("load_rounds", 2)):
-            for mode, got in runs.items():
-                out = _probe(probe + ["--first-run", mode], 45)
-                if out:
-                    got.append(out)
-    best = {mode: min(got, key=lambda r: r["total"]) for mode, got in runs.items() if got}
-    return {"side": p["side"], "runs": runs, "best": best}
-
-
-def first_run(ckpt, config, device_type, side, warm_up: bool):
-    """Runs in a fresh interpreter: seconds to a loaded Pipeline (imports included), then to
-    two sampled steps, the first text encode among them. Prints one JSON line."""
-    start = time.perf_counter()
-    import torch
-
-    from ldm.pipeline import GenerationOptions, Pipeline
-    pipe = Pipeline.load(config, ckpt, device=device_type, precision="autocast",
-                         warm_up=warm_up)
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    loaded = time.perf_counter()
-    opts = GenerationOptions(H=8 * side, W=8 * side, steps=2, precision="autocast")
-    pipe.sample(["a corgi"], opts, torch.Generator().manual_seed(0), progress=False)
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    end = time.perf_counter()
-    print(json.dumps({"load": loaded - start, "first_steps": end - loaded,
-                      "total": end - start}))
-
-
 def load_probe(ckpt, config, device_type, side):
     """Runs in a fresh interpreter: each step of txt2img's load timed apart, then sampling
     steps cold and warm. Prints one JSON line."""
@@ -765,7 +723,7 @@ def _reported(out) -> dict:
 
 
 PART_FUNCTIONS = {"profile": part_profile, "eager_layouts": part_eager_layouts,
-                  "cli": part_cli, "first_run": part_first_run, "compile": part_compile,
+                  "cli": part_cli, "compile": part_compile,
                   **{name: part_compile_variant for name in COMPILE_VARIANTS},
                   **{name: part_cold_decode for name in COLD_DECODES}}
 
@@ -778,9 +736,9 @@ def parts_of(spec: str):
 
 def part_params(name, tiny):
     unet_parts = ("profile", "eager_layouts", "compile", *COMPILE_VARIANTS)
-    side = 128 if name in unet_parts or name in ("cli", "first_run") else 512
+    side = 128 if name in unet_parts or name == "cli" else 512
     if tiny:
-        side = 8 if name in ("cli", "first_run") else 16
+        side = 8 if name == "cli" else 16
     return {"side": side, "tiny": tiny, "rounds": 2 if tiny else 5, **PART_PARAMS.get(name, {})}
 
 
@@ -816,14 +774,6 @@ def summary(results):
                                                          for k, v in cli["seconds"].items()))
         lines.append("- Pipeline.load from a fresh interpreter, s (best of 2): " + ", ".join(
             f"{k} {_seconds(v)}" for k, v in cli.get("pipeline_load_seconds", {}).items()))
-    first = results.get("first_run", {})
-    for mode, runs in first.get("runs", {}).items():
-        run = first["best"].get(mode)
-        lines.append(f"- fresh process, libraries {mode} while loading: every run failed"
-                     if run is None else
-                     f"- fresh process, libraries {mode} while loading (best of {len(runs)}): "
-                     f"load {run['load']:.2f} s, first 2 steps {run['first_steps']:.2f} s, "
-                     f"total {run['total']:.2f} s")
     for name in COLD_DECODES:
         cold = results.get(name, {})
         if "cold_seconds" not in cold:
@@ -1001,10 +951,6 @@ def decisions(results):
         (on_s, on_text), (off_s, off_text) = _cold(results, on), _cold(results, off)
         if on_s is not None and off_s is not None and not (on_text[0] == off_text[0] == ">"):
             out[switch] = (on_s < off_s, f"{on} {on_text}, {off} {off_text}, cold")
-    best = results.get("first_run", {}).get("best", {})
-    if "warm" in best and "cold" in best:
-        warm, cold = best["warm"]["total"], best["cold"]["total"]
-        out["warm_up"] = (warm < cold, f"load and 2 steps {warm:.2f} s warmed, {cold:.2f} s not")
     eager = results.get("eager_layouts", {})
     if "nchw" in eager.get("seconds", {}):
         # the eager call's wall time moved by 3 ms between two runs on one machine (run 6),
@@ -1089,7 +1035,6 @@ def main(argv=None):
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--side", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--load-only", choices=["staged", "sequential"], help=argparse.SUPPRESS)
-    ap.add_argument("--first-run", choices=["warm", "cold"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.summarize:
         results = {}
@@ -1097,9 +1042,6 @@ def main(argv=None):
             results.update(json.loads(Path(path).read_text()))
         print(report(results))
         return 0
-    if args.load_probe and args.first_run:
-        return first_run(args.load_probe, args.config, args.device, args.side,
-                         args.first_run == "warm")
     if args.load_probe and args.load_only:
         return load_only(args.load_probe, args.config, args.device, args.load_only == "staged")
     if args.load_probe:

@@ -354,33 +354,6 @@ def test_load_only_times_a_pipeline_load_staged_or_not(speed, capsys):
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["load"] > 0
 
 
-def test_first_run_times_a_fresh_load_and_two_steps_warmed_or_not(speed, capsys):
-    for warm in (True, False):
-        speed.first_run(str(TINY_CKPT), str(TINY_CONFIG), "cpu", 8, warm)
-        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert got["load"] > 0 and got["first_steps"] > 0
-        assert got["total"] >= got["load"] + got["first_steps"]
-
-
-def test_warm_up_is_judged_by_the_best_whole_first_run(speed):
-    def run(total):
-        return {"load": total - 1.0, "first_steps": 1.0, "total": total}
-    results = {"first_run": {"side": 128, "runs": {"warm": [run(15.2), run(14.1)],
-                                                   "cold": [run(14.9), run(15.0)]},
-                             "best": {"warm": run(14.1), "cold": run(14.9)}}}
-    assert speed.decisions(results)["warm_up"] == (
-        True, "load and 2 steps 14.10 s warmed, 14.90 s not")
-    assert ("- fresh process, libraries cold while loading (best of 2): load 13.90 s, first 2 "
-            "steps 1.00 s, total 14.90 s") in speed.summary(results)
-    results["first_run"]["best"]["warm"] = run(15.0)
-    assert speed.decisions(results)["warm_up"][0] is False
-    results["first_run"] = {"side": 128, "runs": {"warm": [], "cold": [run(14.9)]},
-                            "best": {"cold": run(14.9)}}
-    assert "warm_up" not in speed.decisions(results)
-    assert ("- fresh process, libraries warm while loading: every run failed"
-            in speed.summary(results))
-
-
 def test_decisions_follow_the_documented_rules(speed):
     results = {
         "profile": {"variants_seconds": {"default": 0.045, "cudnn_attention": 0.040,
