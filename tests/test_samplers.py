@@ -82,6 +82,34 @@ def test_dpm_solver_evaluates_once_per_step_from_the_noisiest():
     assert denoiser.calls[-1][0] < denoiser.calls[0][0]
 
 
+class LastCall(GaussianDenoiser):
+    def __call__(self, x, t, alpha_bar, step):
+        out = super().__call__(x, t, alpha_bar, step)
+        self.last = (x.double(), out.x0.double())
+        return out
+
+
+@pytest.mark.parametrize("steps,first_order", [(10, True), (14, True), (15, False), (20, False)])
+def test_dpm_solver_last_step_is_first_order_below_15_steps(steps, first_order):
+    """The published solver's lower_order_final rule (steps < 15): then the last update is
+    DPM-Solver++'s first-order one from the last evaluation alone."""
+    denoiser = LastCall()
+    out = sample_dpmpp_2m(denoiser, x_T(), ALPHAS_CUMPROD, steps, progress=False).double()
+    log_alpha = np.log(ALPHAS_CUMPROD.double().numpy()) / 2
+
+    def alpha_sigma_lambda(t):  # the discrete schedule, interpolated in t = (n + 1) / 1000
+        la = np.interp(t, np.arange(1, 1001) / 1000, log_alpha)
+        sigma = np.sqrt(1 - np.exp(2 * la))
+        return np.exp(la), sigma, la - np.log(sigma)
+    times = np.linspace(1.0, 1.0 / 1000, steps + 1)
+    _, sigma_s, lam_s = alpha_sigma_lambda(times[-2])
+    alpha_t, sigma_t, lam_t = alpha_sigma_lambda(times[-1])
+    x, x0 = denoiser.last
+    first = (sigma_t / sigma_s) * x - alpha_t * np.expm1(-(lam_t - lam_s)) * x0
+    gap = float((out - first).abs().max())
+    assert (gap < 1e-5) if first_order else (gap > 1e-4), gap
+
+
 def test_ddim_eta_noise_is_drawn_every_step():
     """The reference draws one randn per step even at eta 0: the RNG stream after a run depends
     on the number of steps, not on eta."""

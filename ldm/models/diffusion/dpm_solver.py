@@ -26,6 +26,9 @@ class DiscreteVPSchedule:
         return (t - 1.0 / self.n) * self.n
 
 
+LOWER_ORDER_FINAL_BELOW = 15
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser, x, alphas_cumprod, steps, generator=None, progress=True):
     if steps < 1:
@@ -45,9 +48,10 @@ def sample_dpmpp_2m(denoiser, x, alphas_cumprod, steps, generator=None, progress
         _, sigma_s, lam_s = coeffs[i - 1]
         h = lam_t - lam_s
         phi = np.expm1(-h)
-        # Second order from the second step on; in a short run (fewer than 10 steps) the last
-        # step drops to first order, which is more stable.
-        order = 1 if i == 1 or (steps < 10 and i == steps) else 2
+        # Second order from the second step on; in a short run (fewer than 15 steps, the
+        # published solver's `lower_order_final` rule) the last step drops to first order,
+        # which is more stable.
+        order = 1 if i == 1 or (steps < LOWER_ORDER_FINAL_BELOW and i == steps) else 2
         x = (sigma_t / sigma_s) * x - (alpha_t * phi) * previous[-1]
         if order == 2:
             r = (lam_s - coeffs[i - 2][2]) / h
