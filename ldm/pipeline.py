@@ -345,10 +345,9 @@ class Pipeline:
                 sampling_kernels(**self.sampling_kernels):
             size = (opts.H, opts.W)
             cond = model.get_conditioning(prompts, size)
-            need_uncond = opts.scale != 1.0 or settings.uses_ndcfg
             uncond = (model.get_unconditional_conditioning([opts.negative_prompt] * len(prompts),
                                                            size)
-                      if need_uncond else None)
+                      if opts.scale != 1.0 else None)
             denoiser = GuidedDenoiser(model, cond, uncond, opts.scale, settings)
             x = x_T if x_T is not None else self.initial_noise(opts, len(prompts), generator)
             if opts.sampler == "ddim":

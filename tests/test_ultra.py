@@ -120,6 +120,16 @@ def test_ndcfg_with_tau_zero_is_plain_cfg(tiny_pipe):
     assert damped.unet_batches == [2] * 4
 
 
+def test_ndcfg_at_scale_one_is_the_conditional_model_alone(tiny_pipe):
+    """Scale 1 is no guidance (the published pipelines skip CFG there), so noise-damped CFG has
+    no unconditional branch to damp: the conditional prediction alone, one row a step."""
+    damped = tiny_pipe.generate(["a fox"], ndcfg_opts(scale=1.0, ndcfg_tau=2), progress=False)
+    plain = tiny_pipe.generate(["a fox"], ndcfg_opts(scale=1.0, ndcfg_tau=0,
+                                                     ndcfg_dilate_settings=None), progress=False)
+    assert torch.equal(damped.latents, plain.latents)
+    assert damped.unet_batches == [1] * 4
+
+
 def test_noise_damped_pass_evaluates_only_the_unconditional_half(tiny_pipe, monkeypatch):
     from ldm.scalecrafter import guidance
     segments = []

@@ -42,7 +42,7 @@ class GuidedDenoiser:
     def guided_output(self, x, t, step: int):
         """Raw (eps or v) prediction with CFG, and noise-damped CFG while its plan says so."""
         main, damped = self.planner.main(step), self.planner.damped(step)
-        if self.scale == 1.0 and damped is None:
+        if self.scale == 1.0:  # no guidance, so no unconditional branch to damp either
             return self._unet(x, t, self.cond, main)
         if damped is None:
             both = self._unet(torch.cat([x, x]), torch.cat([t, t]),
