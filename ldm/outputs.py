@@ -171,7 +171,7 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
     running k + 1 of them."""
     fields = {
         "Steps": opts.steps, "Sampler": SAMPLERS[opts.sampler], "CFG scale": opts.scale,
-        "Seed": opts.seed, "Size": f"{opts.W}x{opts.H}", "Eta": opts.ddim_eta,
+        "Seed": opts.seed, "RNG": opts.rng, "Size": f"{opts.W}x{opts.H}", "Eta": opts.ddim_eta,
         "Precision": opts.precision, "Fixed code": opts.fixed_code,
         "Model hash": ckpt_hash, "Model": Path(args.ckpt).name, "Config": Path(args.config).name,
     }

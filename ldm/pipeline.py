@@ -35,9 +35,12 @@ INTEGER_OPTIONS = ("H", "W", "C", "f", "steps", "seed", "dilate_tau", "dilate_sk
 REAL_OPTIONS = ("scale", "ddim_eta")
 OPTIONAL_REAL_OPTIONS = ("dilate", "decode_budget_gb")  # None: off / from free memory
 SWITCH_OPTIONS = ("fixed_code", "progressive_dilate", "tiled_decoding", "sync_gn")
-TEXT_OPTIONS = ("negative_prompt", "sampler", "precision")
+TEXT_OPTIONS = ("negative_prompt", "sampler", "precision", "rng")
 FILE_OPTIONS = ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
                 "disperse_transform")
+# Where noise is drawn: a CPU generator (the same numbers on every device), or the device's
+# own, in the published code's order (its images for a seed on CUDA).
+RNGS = ("cpu", "device")
 DETERMINISTIC = {"plms": "PLMS", "dpm": "DPM-Solver++ (2M)"}  # the samplers that take no eta
 
 
@@ -54,7 +57,8 @@ class GenerationOptions:
     scale: float = 9.0
     negative_prompt: str = ""  # the unconditional prompt of CFG and noise-damped CFG
     seed: int = 42
-    fixed_code: bool = False
+    rng: str = "cpu"  # one of RNGS
+    fixed_code: bool = False  # txt2img's batches share one start noise (generate is one batch)
     precision: str = "autocast"
     # re-dilation, the seed's uniform form
     dilate: Optional[float] = None
@@ -144,6 +148,8 @@ class GenerationOptions:
     def _check_sampler(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}")
+        if self.rng not in RNGS:
+            raise ValueError(f"--rng must be one of {', '.join(RNGS)}, got {self.rng!r}")
         # DDIM's uniform schedule (PLMS's too) strides 1000 // steps: beyond 500 the stride is
         # 1 and its last timestep repeats
         most = 1000 if self.sampler == "dpm" else 500
@@ -301,11 +307,16 @@ class Pipeline:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.device.type])
 
+    def noise_generator(self, opts: GenerationOptions) -> torch.Generator:
+        """The generator seeded with opts.seed on opts.rng's device: the CPU (the same start on
+        every device), or this pipeline's device (the published code's stream there)."""
+        device = "cpu" if opts.rng == "cpu" else self.device
+        return torch.Generator(device=device).manual_seed(opts.seed)
+
     def initial_noise(self, opts, batch, generator):
-        """Noise is drawn on the CPU from the seeded generator and moved to the device, so a seed
-        means the same start on every device."""
+        """x_T for `batch` images, drawn on the generator's device and moved to this one."""
         shape = (batch, opts.C, opts.H // opts.f, opts.W // opts.f)
-        return torch.randn(shape, generator=generator).to(self.device)
+        return torch.randn(shape, generator=generator, device=generator.device).to(self.device)
 
     def check(self, prompts, opts: GenerationOptions, x_T=None) -> List[str]:
         """The prompts as a list (a single string is one prompt), once they and the options
@@ -375,7 +386,7 @@ class Pipeline:
                  x_T=None, progress=True) -> GenerationResult:
         prompts = self.check(prompts, opts, x_T)
         if generator is None:
-            generator = torch.Generator().manual_seed(opts.seed)
+            generator = self.noise_generator(opts)
         with torch.no_grad():
             z, batches = self._sample(prompts, opts, generator, x_T, None, progress)
         decoded = self.decode(z, opts, progress).float().cpu()

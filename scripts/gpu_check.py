@@ -84,6 +84,25 @@ def polyphase_redilation():
 
 
 @check
+def device_noise_stream():
+    """--rng device draws what the seed's code draws after seeding: torch.randn on the device's
+    default generator, the start noise first, then one tensor per DDIM update."""
+    from ldm.models.diffusion.ddim import draw_noise
+    from ldm.pipeline import GenerationOptions, Pipeline
+
+    opts = GenerationOptions(H=256, W=192, seed=51, rng="device")
+    pipe = Pipeline(None, DEVICE)
+    generator = pipe.noise_generator(opts)
+    ours = [pipe.initial_noise(opts, 2, generator)]
+    ours.append(draw_noise(generator, ours[0]))
+    torch.manual_seed(opts.seed)  # as the seed's seed_everything
+    theirs = [torch.randn(ours[0].shape, device=DEVICE) for _ in ours]
+    if not all(torch.equal(a, b) for a, b in zip(ours, theirs)):
+        raise AssertionError("--rng device: the noise is not the device generator's stream")
+    return f"--rng device: start noise and a step's noise equal the {DEVICE.type} stream"
+
+
+@check
 def vae_attention():
     from ldm.modules.diffusionmodules import model
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,10 @@ def build_parser(suppress_defaults=False):
         help="model config (standard LDM yaml)")
     add("--ckpt", type=str, help="model checkpoint (.ckpt or .safetensors)")
     add("--seed", type=int, default=d(42), help="seed for reproducible sampling")
+    add("--rng", choices=["cpu", "device"], default=d("cpu"),
+        help="where noise is drawn: cpu (a seed gives the same image on every device) or "
+             "device (the --device's generator, as the seed's code draws: its image for a "
+             "seed on CUDA)")
     add("--precision", type=str, choices=["full", "autocast"], default=d("autocast"),
         help="full: float32; autocast: UNet in fp16 on CUDA, bf16 on the CPU")
     add("--repeat", type=int, default=d(1), help="repeat each prompt of --from-file this often")
@@ -186,18 +191,11 @@ def options_from_args(args):
     sampler = "dpm" if args.dpm else "plms" if args.plms else "ddim"
     if args.plms and args.dpm:
         raise UsageError("choose one of --plms and --dpm")
-    return GenerationOptions(
-        H=args.H, W=args.W, C=args.C, f=args.f, steps=args.steps, sampler=sampler,
-        ddim_eta=args.ddim_eta, scale=args.scale, negative_prompt=args.negative_prompt,
-        seed=args.seed, fixed_code=args.fixed_code,
-        precision=args.precision, dilate=args.dilate, dilate_tau=args.dilate_tau,
-        dilate_skip=args.dilate_skip, progressive_dilate=args.progressive_dilate,
-        dilate_settings=args.dilate_settings, ndcfg_dilate_settings=args.ndcfg_dilate_settings,
-        ndcfg_tau=args.ndcfg_tau, disperse_settings=args.disperse_settings,
-        disperse_transform=args.disperse_transform, inflate_tau=args.inflate_tau,
-        tiled_decoding=args.tiled_decoding, overlap=args.overlap, sync_gn=args.sync_gn,
-        tile_size=args.tile_size, decode_budget_gb=args.decode_budget_gb,
-        freeu=tuple(args.freeu) if args.freeu else None)
+    # every option is the flag of its name, but for the sampler (two switches) and FreeU's tuple
+    given = {f.name: getattr(args, f.name) for f in fields(GenerationOptions)
+             if hasattr(args, f.name)}
+    return GenerationOptions(**{**given, "sampler": sampler,
+                                "freeu": tuple(args.freeu) if args.freeu else None})
 
 
 def check_counts(args):
@@ -487,11 +485,10 @@ def load_pipeline(args, timer):
 def make_images(args, pipe, opts, settings, batches, writer, timer):
     """n_iter rounds over the prompt batches, from one seeded noise stream: sample, decode and
     write each batch; the grid goes with the last one."""
-    import torch
     from tqdm.auto import tqdm, trange
 
     seed_everything(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = pipe.noise_generator(opts)
     x_T = pipe.initial_noise(opts, args.n_samples, generator) if args.fixed_code else None
     all_images, left = [], args.n_iter * len(batches)
     for _ in trange(args.n_iter, desc="Sampling"):

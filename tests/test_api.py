@@ -24,6 +24,7 @@ SMALL = dict(H=64, W=64, steps=1, precision="full")
     (dict(progressive_dilate=True), "--progressive_dilate needs --dilate or --dilate_settings"),
     (dict(inflate_tau=5), "--inflate_tau needs --disperse_settings"),
     (dict(sampler="dpm", ddim_eta=1.0), "DPM-Solver++ (2M) is deterministic"),
+    (dict(rng="cuda"), "--rng must be one of cpu, device, got 'cuda'"),
 ], ids=lambda v: str(v)[:30])
 def test_bad_options_are_one_value_error(options, message):
     with pytest.raises(ValueError) as error:
@@ -92,6 +93,18 @@ def test_load_refuses_cuda_where_there_is_none(monkeypatch):
         Pipeline.load(TINY_CONFIG, TINY_CKPT, device="cuda")
 
 
+def test_device_rng_draws_on_the_pipeline_device(pipe):
+    """rng 'device' seeds a generator on the pipeline's device (on the CPU: the CPU's stream, so
+    the same image); 'cpu' always a CPU one."""
+    for rng in ("cpu", "device"):
+        generator = pipe.noise_generator(GenerationOptions(**SMALL, seed=7, rng=rng))
+        assert generator.device == torch.device("cpu") and generator.initial_seed() == 7
+    opts = {**SMALL, "steps": 2, "ddim_eta": 1.0}
+    on_device = pipe.generate(["a fox"], GenerationOptions(**opts, rng="device"), progress=False)
+    on_cpu = pipe.generate(["a fox"], GenerationOptions(**opts), progress=False)
+    assert torch.equal(on_device.latents, on_cpu.latents)
+
+
 def test_a_batch_draws_its_start_noise_as_one_tensor(pipe):
     """As the reference: one torch.randn(B, C, h, w) per batch, so with eta 0 the first image of
     a batch of two is the image of a batch of one, and the second another image."""
@@ -100,3 +113,17 @@ def test_a_batch_draws_its_start_noise_as_one_tensor(pipe):
     one = pipe.generate(["a fox"], opts, progress=False).latents
     assert torch.allclose(two[:1], one, rtol=1e-4, atol=1e-5)
     assert (two[1] - two[0]).abs().max() > 0.1
+
+
+def test_every_option_is_a_txt2img_flag_of_its_name():
+    """The CLI builds GenerationOptions from the flags of the fields' names (the sampler from
+    --plms/--dpm), so an option without its flag would silently keep its default there."""
+    from dataclasses import fields
+
+    from conftest import load_script
+    txt2img = load_script("txt2img", "txt2img_api")
+    args = txt2img.parse_args(["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT),
+                               "--rng", "device", "--plms"])
+    assert [f.name for f in fields(GenerationOptions) if not hasattr(args, f.name)] == ["sampler"]
+    opts = txt2img.options_from_args(args)
+    assert (opts.rng, opts.sampler) == ("device", "plms")

@@ -20,12 +20,13 @@ def monkeypatch_module():
 
 def test_every_check_is_listed(gpu_check):
     assert [fn.__name__ for fn in gpu_check.CHECKS] == [
-        "polyphase_redilation", "vae_attention", "unet_calls", "half_weights_unet", "decodes",
+        "polyphase_redilation", "device_noise_stream", "vae_attention", "unet_calls", "half_weights_unet", "decodes",
         "decode_budget", "bf16_vae_error", "sample_through_the_cli"]
 
 
 @pytest.mark.parametrize("name, says", [
     ("polyphase_redilation", "polyphase (policy on cpu: False)"),
+    ("device_noise_stream", "equal the cpu stream"),
     ("vae_attention", "attention head 512 fp32"),
     ("unet_calls", "vanilla"),
     ("half_weights_unet", "reference kernels"),

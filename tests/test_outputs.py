@@ -236,7 +236,7 @@ def test_same_command_twice_gives_identical_numbered_outputs(cli, tmp_path, caps
     ckpt_hash = short_hash(TINY_CKPT)
     assert re.fullmatch(r"[0-9a-f]{10}", ckpt_hash)
     assert parameters.startswith(prompt + "\n")
-    for part in ("Seed: 51", "Size: 128x128", "Steps: 2", "Sampler: DDIM", "CFG scale: 9.0",
+    for part in ("Seed: 51", "RNG: cpu", "Size: 128x128", "Steps: 2", "Sampler: DDIM", "CFG scale: 9.0",
                  "dilate: 2.0", "dilate_tau: 1", "dilate_skip: 1", "progressive_dilate: False",
                  "Model: tiny-sd21.ckpt", f"Model hash: {ckpt_hash}"):
         assert part in parameters, (part, parameters)

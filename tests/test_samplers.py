@@ -122,6 +122,19 @@ def test_ddim_eta_noise_is_drawn_every_step():
     assert torch.equal(states[0], states[1])
 
 
+def test_plms_draws_noise_for_every_update_as_the_published_sampler():
+    """The published PLMS draws (and scales by sigma 0) one noise tensor per x-update: steps + 1
+    of them, the first step updating twice. Drawing them too keeps the stream of later batches."""
+    g = torch.Generator().manual_seed(5)
+    x = x_T()
+    sample_plms(GaussianDenoiser(), x, ALPHAS_CUMPROD, 5, generator=g, progress=False)
+    assert len(ddim_timesteps(5)) == 5
+    expected = torch.Generator().manual_seed(5)
+    for _ in range(5 + 1):
+        torch.randn(x.shape, generator=expected)
+    assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=expected))
+
+
 def test_step_index_is_counted_from_the_noisiest_step():
     denoiser = GaussianDenoiser()
     sample_ddim(denoiser, x_T(), ALPHAS_CUMPROD, 6, progress=False)

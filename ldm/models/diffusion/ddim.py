@@ -32,9 +32,17 @@ def _on_device(values, like):
 def to_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A CPU tensor (e.g. seeded noise) onto x's device without waiting for the device: the copy
     goes through pinned memory, so the host keeps queueing work."""
-    if like.device.type == "cpu":
+    if t.device == like.device:
         return t
     return t.pin_memory().to(like.device, non_blocking=True)
+
+
+def draw_noise(generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise shaped like x from the generator, on the generator's device (a CPU
+    one by default, so a seed means the same numbers on every device), then on x's."""
+    device = generator.device if generator is not None else "cpu"
+    noise = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device)
+    return to_device(noise, like)
 
 
 @torch.no_grad()
@@ -49,7 +57,7 @@ def sample_ddim(denoiser, x, alphas_cumprod, steps, eta=0.0, generator=None, pro
         index = n - 1 - step
         a_t, a_prev, sigma = (v[index] for v in coefficients)
         pred = denoiser(x, int(timesteps[index]), a_t, step)
-        noise = to_device(torch.randn(x.shape, generator=generator, dtype=x.dtype), x)
+        noise = draw_noise(generator, x)
         direction = (1 - a_prev - sigma ** 2).sqrt() * pred.eps
         x = a_prev.sqrt() * pred.x0 + direction + sigma * noise
     return x

@@ -22,6 +22,10 @@ def sample_plms(denoiser, x, alphas_cumprod, steps, generator=None, progress=Tru
     n = len(timesteps)
 
     def step_to(x, eps, index):
+        # The published PLMS draws noise for every update and scales it by sigma = 0; drawing
+        # (and dropping) it too keeps a run's later batches on the same random stream.
+        torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                    device=generator.device if generator is not None else "cpu")
         a_t, a_prev = alphas[index], alphas_prev[index]
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
