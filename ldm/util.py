@@ -39,6 +39,8 @@ def load_config(path) -> "OmegaConf":
         raise ConfigError(f"config file {path} does not exist")
     try:
         config = OmegaConf.load(path)
+    except OSError:  # unreadable, not malformed: the caller reports the file and why
+        raise
     except Exception as err:  # yaml errors come in many classes
         raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from err
     if not hasattr(config, "keys") or "model" not in config:

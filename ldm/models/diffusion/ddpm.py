@@ -47,7 +47,8 @@ class DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(nn.Module):
-    """Accepts every key of the standard SD 2.x configs; training-only ones are ignored."""
+    """Accepts every key of the standard SD 1.x / 2.x configs; those inference has no use for
+    (training settings, the latent size and channels the UNet and VAE already fix) are ignored."""
 
     conditioner_key = "cond_stage_model"  # the conditioner's name, hence its checkpoint keys
     schedule_in_checkpoint = True         # LDM files carry the schedule buffers
@@ -56,8 +57,7 @@ class LatentDiffusion(nn.Module):
     def __init__(self, unet_config, first_stage_config, cond_stage_config, timesteps=1000,
                  beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
                  parameterization="eps", scale_factor=1.0, scale_by_std=False,
-                 conditioning_key="crossattn", v_posterior=0.0, channels=4, image_size=64,
-                 **_training_only):
+                 conditioning_key="crossattn", v_posterior=0.0, **_unused):
         super().__init__()
         if parameterization not in ("eps", "v"):
             raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
@@ -65,7 +65,6 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"only cross-attention conditioning is supported, "
                              f"got {conditioning_key!r}")
         self.parameterization = parameterization
-        self.channels, self.image_size = channels, image_size
         self.model = DiffusionWrapper(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config).eval()
         self.add_module(self.conditioner_key, instantiate_from_config(cond_stage_config).eval())
@@ -73,7 +72,6 @@ class LatentDiffusion(nn.Module):
                                v_posterior)
         for name, value in self.rebuildable_buffers().items():
             self.register_buffer(name, value, persistent=self.schedule_in_checkpoint)
-        self.num_timesteps = timesteps
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         else:
@@ -114,10 +112,6 @@ class LatentDiffusion(nn.Module):
     def family(self) -> str:
         """Which model family this is (presets are made for one), as its conditioner says."""
         return getattr(self.cond_model, "family", "unknown")
-
-    @property
-    def device(self):
-        return self.betas.device
 
     def apply_model(self, x, t, cond):
         """Raw network output (eps or v, per `parameterization`) for latents x at timesteps t;

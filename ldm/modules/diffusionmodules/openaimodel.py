@@ -68,7 +68,7 @@ class Downsample(nn.Module):
 
 class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, dropout=0.0, out_channels=None,
-                 use_scale_shift_norm=False, **_unused):
+                 use_scale_shift_norm=False):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
@@ -193,7 +193,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(),
                                  nn.Conv2d(model_channels, out_channels, 3, padding=1))
 
-    def forward(self, x, timesteps, context=None, y=None, **_unused):
+    def forward(self, x, timesteps, context=None, y=None):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         if self.label_emb is not None:  # SDXL: the pooled text + size vector joins the time
             if y is None:
