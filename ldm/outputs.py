@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.pipeline import to_pil
 
-SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm": "DPM-Solver++ 2M"}
 PARTIAL_PREFIX = ".partial-"
 # GenerationOptions fields written as ScaleCrafter settings, in this order, each under its flag name
 SCALECRAFTER_FIELDS = ("dilate", "dilate_tau", "dilate_skip", "progressive_dilate",
@@ -170,7 +170,7 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
     `Batch index` counts the run's batches from 0: the seeded stream's batch k is reached by
     running k + 1 of them."""
     fields = {
-        "Steps": opts.steps, "Sampler": SAMPLERS[opts.sampler], "CFG scale": opts.scale,
+        "Steps": opts.steps, "Sampler": SAMPLERS[opts.sampler].label, "CFG scale": opts.scale,
         "Seed": opts.seed, "RNG": opts.rng, "Size": f"{opts.W}x{opts.H}", "Eta": opts.ddim_eta,
         "Precision": opts.precision, "Fixed code": opts.fixed_code,
         "Model hash": ckpt_hash, "Model": Path(args.ckpt).name, "Config": Path(args.config).name,

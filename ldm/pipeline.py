@@ -16,9 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.models.diffusion.ddim import sample_ddim
-from ldm.models.diffusion.dpm_solver import sample_dpmpp_2m
-from ldm.models.diffusion.plms import sample_plms
+from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths,
                            prepare_for_inference, sampling_kernels, weight_dtype_policy)
 from ldm.scalecrafter.freeu import freeu_applied
@@ -29,7 +27,6 @@ from ldm.scalecrafter.lean_decode import full_decode
 from ldm.scalecrafter.tiled_decode import tiled_decode
 from ldm.util import build_model, load_config, model_part_names
 
-SAMPLERS = ("ddim", "plms", "dpm")
 INTEGER_OPTIONS = ("H", "W", "C", "f", "steps", "seed", "dilate_tau", "dilate_skip", "ndcfg_tau",
                    "inflate_tau", "overlap")
 REAL_OPTIONS = ("scale", "ddim_eta")
@@ -41,7 +38,6 @@ FILE_OPTIONS = ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
 # Where noise is drawn: a CPU generator (the same numbers on every device), or the device's
 # own, in the published code's order (its images for a seed on CUDA).
 RNGS = ("cpu", "device")
-DETERMINISTIC = {"plms": "PLMS", "dpm": "DPM-Solver++ (2M)"}  # the samplers that take no eta
 
 
 @dataclass
@@ -150,14 +146,12 @@ class GenerationOptions:
             raise ValueError(f"unknown sampler {self.sampler!r}")
         if self.rng not in RNGS:
             raise ValueError(f"--rng must be one of {', '.join(RNGS)}, got {self.rng!r}")
-        # DDIM's uniform schedule (PLMS's too) strides 1000 // steps: beyond 500 the stride is
-        # 1 and its last timestep repeats
-        most = 1000 if self.sampler == "dpm" else 500
-        if self.steps > most:
-            raise ValueError(f"--steps must be at most {most} with {self.sampler.upper()}, "
-                             f"got {self.steps}")
-        if self.sampler in DETERMINISTIC and self.ddim_eta != 0:
-            raise ValueError(f"{DETERMINISTIC[self.sampler]} is deterministic: use --ddim_eta 0 "
+        sampler = SAMPLERS[self.sampler]
+        if self.steps > sampler.max_steps:
+            raise ValueError(f"--steps must be at most {sampler.max_steps} with "
+                             f"{self.sampler.upper()}, got {self.steps}")
+        if not sampler.takes_eta and self.ddim_eta != 0:
+            raise ValueError(f"{sampler.label} is deterministic: use --ddim_eta 0 "
                              f"with --{self.sampler}")
 
     def _check_features(self):
@@ -361,14 +355,8 @@ class Pipeline:
                       if opts.scale != 1.0 else None)
             denoiser = GuidedDenoiser(model, cond, uncond, opts.scale, settings)
             x = x_T if x_T is not None else self.initial_noise(opts, len(prompts), generator)
-            if opts.sampler == "ddim":
-                z = sample_ddim(denoiser, x, model.alphas_cumprod, opts.steps, opts.ddim_eta,
-                                generator, progress)
-            elif opts.sampler == "plms":
-                z = sample_plms(denoiser, x, model.alphas_cumprod, opts.steps, generator, progress)
-            else:
-                z = sample_dpmpp_2m(denoiser, x, model.alphas_cumprod, opts.steps, generator,
-                                    progress)
+            z = SAMPLERS[opts.sampler].run(denoiser, x, model.alphas_cumprod, opts.steps,
+                                           opts.ddim_eta, generator, progress)
         return z.float(), denoiser.unet_batches
 
     @torch.no_grad()

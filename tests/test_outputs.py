@@ -167,7 +167,7 @@ def test_parameters_text_carries_every_setting(tmp_path):
     assert prompt == "a cat"
     fields = dict(re.findall(r'(\w[\w \-/]*): ("(?:\\.|[^\\"])*"|[^,]*)(?:, |$)', line))
     assert fields["Seed"] == "51" and fields["Size"] == "128x128" and fields["Steps"] == "2"
-    assert fields["Sampler"] == "DPM-Solver++ 2M" and fields["CFG scale"] == "7.5"
+    assert fields["Sampler"] == "DPM-Solver++ (2M)" and fields["CFG scale"] == "7.5"
     assert fields["Model"] == "tiny-sd21.ckpt" and fields["Model hash"] == "0123456789"
     assert fields["Batch size"] == "3" and fields["Batch pos"] == "1"
     assert json.loads(fields["dilate_settings"]) == "/x/dil, v2.txt"  # quoted: it has a comma
