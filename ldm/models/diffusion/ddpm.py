@@ -6,8 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldm.modules.encoders.conditioning import (Conditioning, as_conditioning, conditioning_of,
-                                               unconditional_of)
+from ldm.modules.encoders.conditioning import Conditioning, as_conditioning
 from ldm.util import instantiate_from_config
 
 
@@ -135,13 +134,13 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def get_conditioning(self, prompts, size=None) -> Conditioning:
         """Conditioning of `prompts` for images of `size` (H, W); only SDXL uses the size."""
-        return conditioning_of(self.cond_model, list(prompts), size)
+        return self.cond_model.condition(list(prompts), size)
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, negative_prompts, size=None) -> Conditioning:
         """CFG's unconditional branch for these negative prompts ("" = none), by the family's
         rule, which lives in its conditioner."""
-        return unconditional_of(self.cond_model, list(negative_prompts), size)
+        return self.cond_model.unconditional(list(negative_prompts), size)
 
     @torch.no_grad()
     def decode_first_stage(self, z):

@@ -195,15 +195,11 @@ class FrozenCLIPEmbedder(AbstractEncoder):
             layer, (layer_idx or 0) % (n_layers + 1))
         self.requires_grad_(False)
 
+    def tokenize(self, prompts):
+        return self.tokenizer(prompts)
+
     def encode_tokens(self, tokens):
         text = self.transformer.text_model
         x = text.hidden_state(tokens.to(text.embeddings.token_embedding.weight.device), self.index)
         return text.final_layer_norm(x) if self.layer == "last" else x
 
-    def forward(self, prompts):
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        return self.encode_tokens(self.tokenizer(list(prompts)))
-
-    def encode(self, prompts):
-        return self(prompts)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ldm.modules.encoders.conditioning import Conditioning
+
 # Where a text-encoder config named in a model yaml (`arch: NAME`, `version: NAME.json`) that is
 # not a known model is looked for: the model yaml's folder (registered when it is loaded), then
 # configs/openclip.
@@ -57,5 +59,26 @@ def import_open_clip():
 
 
 class AbstractEncoder(nn.Module):
-    def encode(self, *args, **kwargs):
+    """A text tower: prompts -> tokens (`tokenize`) -> the cross-attention context
+    (`encode_tokens`). Its conditioning ignores the image size, and CFG's unconditional branch
+    encodes the negative prompts ("" included): the interface SDXL's conditioner shares."""
+
+    def tokenize(self, prompts):
         raise NotImplementedError
+
+    def encode_tokens(self, tokens):
+        raise NotImplementedError
+
+    def forward(self, prompts):
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self.encode_tokens(self.tokenize(list(prompts)))
+
+    def encode(self, prompts):
+        return self(prompts)
+
+    def condition(self, prompts, size=None) -> Conditioning:
+        return Conditioning(self.encode(prompts))
+
+    def unconditional(self, negative_prompts, size=None) -> Conditioning:
+        return Conditioning(self.encode(negative_prompts))

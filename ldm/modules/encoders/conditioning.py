@@ -26,18 +26,3 @@ def as_conditioning(cond) -> Conditioning:
     """A bare tensor (what SD 1.x/2.x text towers return) is a context without a vector."""
     return cond if isinstance(cond, Conditioning) else Conditioning(cond)
 
-
-def conditioning_of(conditioner, prompts, size) -> Conditioning:
-    """The conditioning of `prompts` for an image of `size` (H, W). Conditioners that use the size
-    (SDXL's) define `condition`; a plain text tower only encodes the prompts."""
-    if hasattr(conditioner, "condition"):
-        return conditioner.condition(prompts, size)
-    return Conditioning(conditioner.encode(prompts))
-
-
-def unconditional_of(conditioner, negative_prompts, size) -> Conditioning:
-    """The unconditional branch of CFG. Text towers encode the negative prompts ("" included);
-    conditioners with their own rule (SDXL zeroes the text parts for "") define `unconditional`."""
-    if hasattr(conditioner, "unconditional"):
-        return conditioner.unconditional(negative_prompts, size)
-    return Conditioning(conditioner.encode(negative_prompts))

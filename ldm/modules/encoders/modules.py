@@ -58,11 +58,6 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         tokens = open_clip.tokenize(prompts, context_length=self.max_length)
         return tokens.to(self.model.token_embedding.weight.device)
 
-    def forward(self, prompts):
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        return self.encode_tokens(self.tokenize(list(prompts)))
-
     def encode_tokens(self, tokens):
         blocks = self.model.transformer.resblocks
         x = self.run_blocks(self.embed(tokens), blocks[: len(blocks) - self.layer_idx])
@@ -81,6 +76,3 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         for block in blocks:
             x = block(x, attn_mask=causal)
         return x if batch_first else x.transpose(0, 1)
-
-    def encode(self, prompts):
-        return self(prompts)
