@@ -193,8 +193,9 @@ def case_decode(p, meter):
     import torch
 
     from ldm.scalecrafter.lean_decode import full_decode, plain_decode_bytes
-    from ldm.scalecrafter.tiled_decode import (default_budget, plan_axis, resolve_tile_size,
-                                               tile_working_bytes, tiled_decode)
+    from ldm.scalecrafter.memory import default_budget
+    from ldm.scalecrafter.tiled_decode import (plan_axis, resolve_tile_size, tile_working_bytes,
+                                               tiled_decode)
 
     params = _model_config(p["tiny"])
     vae = _build(params.first_stage_config, meter.device)

@@ -211,7 +211,7 @@ def _pool_figures(device):
     """What the CUDA graphs' private pools hold, all and unused: memory a decode cannot use."""
     import torch
 
-    from ldm.scalecrafter.tiled_decode import in_default_pool, unused_bytes
+    from ldm.scalecrafter.memory import in_default_pool, unused_bytes
 
     if device.type != "cuda":
         return {}
@@ -243,7 +243,8 @@ def case_whole(p, meter):
     import torch
 
     from ldm.pipeline import Pipeline
-    from ldm.scalecrafter.tiled_decode import default_budget, plan_axis, resolve_tile_size
+    from ldm.scalecrafter.memory import default_budget
+    from ldm.scalecrafter.tiled_decode import plan_axis, resolve_tile_size
 
     _as_card(meter.device, p)
     pipe = Pipeline.from_model(_random_model(meter.device, _config(p)), meter.device,

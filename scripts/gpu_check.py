@@ -204,7 +204,7 @@ def decodes():
 def decode_budget():
     """The decode budget leaves out a CUDA graph's private pool, and keeps within the
     per-process memory limit: the allocator must grant what it promises."""
-    from ldm.scalecrafter.tiled_decode import available_bytes, in_default_pool, unused_bytes
+    from ldm.scalecrafter.memory import available_bytes, in_default_pool, unused_bytes
 
     if DEVICE.type != "cuda":
         raise Skip("CUDA only")

@@ -167,7 +167,7 @@ def _threaded_pinned():
     import importlib.metadata
     import os
 
-    from ldm.scalecrafter.tiled_decode import fast_pinned_allocator_conf
+    from ldm.scalecrafter.memory import fast_pinned_allocator_conf
     try:
         version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:

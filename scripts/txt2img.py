@@ -423,12 +423,12 @@ class PhaseTimer:
 
 def use_fast_pinned_memory():
     """Tiles a tiled decode keeps in host memory are pinned: let torch pin them with threads
-    (see ldm.scalecrafter.tiled_decode.fast_pinned_allocator_conf)."""
+    (see ldm.scalecrafter.memory.fast_pinned_allocator_conf)."""
     import os
 
     import torch
 
-    from ldm.scalecrafter.tiled_decode import fast_pinned_allocator_conf
+    from ldm.scalecrafter.memory import fast_pinned_allocator_conf
     conf = fast_pinned_allocator_conf(os.environ, torch.__version__, os.cpu_count() or 1)
     if conf is not None:
         os.environ[conf[0]] = conf[1]

@@ -233,7 +233,7 @@ def _segment(total, active, pool=(0, 0), device=0, stream=0):
 
 def test_decode_budget_counts_only_the_default_pools_cache():
     """A CUDA graph's private pool (a compiled UNet's intermediates) is no memory for a decode."""
-    from ldm.scalecrafter.tiled_decode import reusable_cached_bytes
+    from ldm.scalecrafter.memory import reusable_cached_bytes
 
     mib = 2 ** 20
     segments = [_segment(64 * mib, 16 * mib), _segment(20 * mib, 20 * mib),
@@ -247,7 +247,7 @@ def test_decode_budget_counts_only_the_default_pools_cache():
 def test_decode_budget_counts_other_streams_cache_only_where_it_can_be_freed():
     """The allocator hands a stream's free blocks to that stream only; another stream's wholly
     unused segment is freed for whoever runs short, a partly used one is not."""
-    from ldm.scalecrafter.tiled_decode import reusable_cached_bytes
+    from ldm.scalecrafter.memory import reusable_cached_bytes
 
     mib = 2 ** 20
     segments = [_segment(64 * mib, 16 * mib, stream=7),  # the decode's stream: 48 MiB reusable
@@ -263,7 +263,7 @@ def test_decode_budget_counts_other_streams_cache_only_where_it_can_be_freed():
 def test_cuda_budget_keeps_within_the_per_process_limit(monkeypatch, fraction, expected_gib):
     """16 GiB card, 10 GiB free, 6 GiB reserved by this process (1 GiB of it reusable):
     `set_per_process_memory_fraction` caps what the allocator may still reserve."""
-    from ldm.scalecrafter import tiled_decode
+    from ldm.scalecrafter import memory
 
     gib = 2 ** 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (10 * gib, 16 * gib))
@@ -275,5 +275,5 @@ def test_cuda_budget_keeps_within_the_per_process_limit(monkeypatch, fraction, e
     monkeypatch.setattr(torch.cuda, "memory_snapshot",
                         lambda: [_segment(6 * gib, 5 * gib, device=3, stream=5),
                                  _segment(gib, gib // 2, device=3, stream=6)])
-    got = tiled_decode.available_bytes(torch.device("cuda", 3))
+    got = memory.available_bytes(torch.device("cuda", 3))
     assert got == expected_gib * gib

@@ -207,10 +207,12 @@ def test_cudnn_autotuning_only_while_sampling(tiny_pipe, monkeypatch):
         assert torch.backends.cudnn.benchmark is (not before)
     assert torch.backends.cudnn.benchmark is before
     seen = []
-    from ldm import pipeline
-    real = pipeline.sample_ddim
-    monkeypatch.setattr(pipeline, "sample_ddim", lambda *a, **k: (
-        seen.append(torch.backends.cudnn.benchmark), real(*a, **k))[1])
+    from dataclasses import replace
+
+    from ldm.models.diffusion.samplers import SAMPLERS
+    real = SAMPLERS["ddim"]
+    monkeypatch.setitem(SAMPLERS, "ddim", replace(real, run=lambda *a, **k: (
+        seen.append(torch.backends.cudnn.benchmark), real.run(*a, **k))[1]))
     monkeypatch.setitem(tiny_pipe.sampling_kernels, "cudnn_benchmark", True)
     from ldm.pipeline import GenerationOptions
     tiny_pipe.sample(["x"], GenerationOptions(H=64, W=64, steps=1, precision="full"),
@@ -265,7 +267,7 @@ def _check_allocator_settings(value):
 
 
 def test_fast_pinned_allocator_conf_is_valid_and_keeps_the_users_settings():
-    from ldm.scalecrafter.tiled_decode import fast_pinned_allocator_conf as conf
+    from ldm.scalecrafter.memory import fast_pinned_allocator_conf as conf
 
     try:
         for cpus, threads in ((1, 1), (2, 2), (6, 4), (16, 16), (96, 16)):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import ResnetBlock
+from ldm.scalecrafter.memory import default_budget
 
 BAND_BYTES = 128 * 2 ** 20  # one band of the widest map a conv reads (its temporaries are a few)
 
@@ -351,11 +352,22 @@ def lean_decode(autoencoder, z, budget_bytes: Optional[float] = None,
 PLAIN_PEAK_PER_LARGEST = 4.5
 
 
+def largest_activation(decoder, th: int, tw: int) -> int:
+    """Elements (per sample) of the largest activation a (th, tw) latent tile reaches: the
+    widest level input or upsample output at its resolution."""
+    levels, largest = len(decoder.up), 0
+    for i, up in enumerate(decoder.up):
+        up_scale = 2 ** (levels - 1 - i)
+        widest = max(b.norm1.num_channels for b in up.block)
+        largest = max(largest, widest * up_scale ** 2)
+        if hasattr(up, "upsample"):  # its output: this level's channels, the next resolution
+            largest = max(largest, up.block[-1].conv2.out_channels * (2 * up_scale) ** 2)
+    return largest * th * tw
+
+
 def plain_decode_bytes(decoder, height: int, width: int, batch: int = 1) -> int:
     """The plain decode's estimated peak for a (height, width) latent, weights excluded."""
-    from ldm.scalecrafter.tiled_decode import _largest_activation
-
-    return int(PLAIN_PEAK_PER_LARGEST * _largest_activation(decoder, height, width) * batch * 4)
+    return int(PLAIN_PEAK_PER_LARGEST * largest_activation(decoder, height, width) * batch * 4)
 
 
 # Devices where the banded decoder runs even when the plain one would fit: on an H200 it took
@@ -368,8 +380,6 @@ def full_decode(autoencoder, z, budget_bytes: Optional[float] = None, lean: Opti
     """The untiled decode: banded on devices in BANDED_ALWAYS; elsewhere the plain decoder
     where its estimated peak fits the budget (default: a share of the free memory), else the
     banded one (or as `lean` says)."""
-    from ldm.scalecrafter.tiled_decode import default_budget
-
     budget = default_budget(z.device) if budget_bytes is None else budget_bytes
     if lean is None:
         lean = BANDED_ALWAYS.get(z.device.type, False) or \

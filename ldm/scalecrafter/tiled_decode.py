@@ -7,8 +7,6 @@ a memory budget, else in pinned host memory (copied on a side stream, fetched on
 each tile's GroupNorm moments are taken while it is on the device, so SyncGN costs no extra trip.
 None of this changes a number."""
 import math
-import os
-import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -19,11 +17,11 @@ from tqdm.auto import tqdm
 
 from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
 from ldm.scalecrafter.lean_decode import (Convolved, Dense, Upsampled, band_rows, banded_conv,
-                                          banded_residual, group_moments, map_moments,
-                                          materialize, residual_recomputed)
+                                          banded_residual, group_moments, largest_activation,
+                                          map_moments, materialize, residual_recomputed)
+from ldm.scalecrafter.memory import available_bytes, default_budget
 
 SCALE = 8  # image pixels per latent pixel
-BUDGET_FRACTION = 0.8  # of the memory available when decoding starts
 # A tile's transient peak, in units of its largest activation L (the upsampled 256-channel map):
 # the convs run by row bands, so the block 256 -> 128 channels holds its input (L),
 # its hidden map (L/2) and a few bands; the next tile's inputs are being fetched meanwhile
@@ -64,80 +62,9 @@ def plan_axis(length: int, tile: int, overlap: int) -> List[AxisTile]:
     return tiles
 
 
-DEFAULT_POOL = (0, 0)  # the allocator's own pool; CUDA graphs allocate from private ones
-
-
-def in_default_pool(segment) -> bool:
-    """Whether a segment of `torch.cuda.memory_snapshot()` is the allocator's own, not a
-    private pool's (CUDA graphs)."""
-    return tuple(segment.get("segment_pool_id", DEFAULT_POOL)) == DEFAULT_POOL
-
-
-def unused_bytes(segments) -> int:
-    """Bytes of the segments' inactive blocks."""
-    return sum(s["total_size"] - s["active_size"] for s in segments)
-
-
-def reusable_cached_bytes(segments, device_index: int, stream: Optional[int] = None) -> int:
-    """Bytes torch's CUDA allocator holds unused that the decode's allocations could take: the
-    inactive blocks of the default pool's segments on `stream` (the decode's; None: any), and
-    other streams' wholly unused segments, which the allocator frees and reallocates when it
-    runs short. A partly used segment of another stream keeps its free blocks for that stream.
-    A private pool's free blocks are excluded: they belong to its CUDA graphs (a compiled
-    UNet's intermediates between replays), and counting them made a decode plan for memory it
-    could not get."""
-    return unused_bytes(s for s in segments
-                        if s.get("device", device_index) == device_index and in_default_pool(s)
-                        and (stream is None or s.get("stream", stream) == stream
-                             or s["active_size"] == 0))
-
-
-def cuda_available_bytes(device: torch.device) -> int:
-    """Free device memory, within the per-process limit when one is set
-    (`torch.cuda.set_per_process_memory_fraction`), plus the default pool's reusable cache."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    free, total = torch.cuda.mem_get_info(index)
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    fraction = get_fraction(index) if get_fraction else 1.0
-    if fraction < 1:  # the allocator refuses to reserve beyond fraction * total
-        free = min(free, max(int(fraction * total) - torch.cuda.memory_reserved(index), 0))
-    stream = torch.cuda.current_stream(index).cuda_stream
-    return free + reusable_cached_bytes(torch.cuda.memory_snapshot(), index, stream)
-
-
-def available_bytes(device: torch.device) -> int:
-    """Memory a decode could use now: on CUDA `cuda_available_bytes`, else the host's available
-    memory."""
-    if device.type == "cuda":
-        return cuda_available_bytes(device)
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-
-
-def default_budget(device: torch.device) -> int:
-    return int(BUDGET_FRACTION * available_bytes(device))
-
-
-def _largest_activation(decoder, th: int, tw: int) -> int:
-    """Elements (per sample) of the largest activation a (th, tw) latent tile reaches: the
-    widest level input or upsample output at its resolution."""
-    levels, largest = len(decoder.up), 0
-    for i, up in enumerate(decoder.up):
-        up_scale = 2 ** (levels - 1 - i)
-        widest = max(b.norm1.num_channels for b in up.block)
-        largest = max(largest, widest * up_scale ** 2)
-        if hasattr(up, "upsample"):  # its output: this level's channels, the next resolution
-            largest = max(largest, up.block[-1].conv2.out_channels * (2 * up_scale) ** 2)
-    return largest * th * tw
-
-
 def tile_working_bytes(decoder, th: int, tw: int, batch: int = 1, element_size: int = 4) -> int:
     """Estimated transient peak of decoding one (th, tw) tile, waiting tiles excluded."""
-    return PEAK_PER_LARGEST * _largest_activation(decoder, th, tw) * batch * element_size
+    return PEAK_PER_LARGEST * largest_activation(decoder, th, tw) * batch * element_size
 
 
 def even_tile(length: int, count: int, overlap: int) -> int:
@@ -174,33 +101,6 @@ def auto_tile_size(decoder, height: int, width: int, overlap: int, budget: int,
 # The most of the host's available memory (when a decode starts) that waiting tiles may pin:
 # the pinned allocator rounds blocks up to a power of two, so up to twice this may be locked.
 HOST_FRACTION = 0.4
-
-
-# Pinned host blocks made with malloc + cudaHostRegister on several threads rather than one
-# cudaHostAlloc each: an H200's host pinned 60 GB so in 6.2 s, where cudaHostAlloc took 9.4 s
-# for 19.5 GB (9.4 s of the cold 4096² decode's 12.7 s under a 10 GB budget). The allocator's
-# settings are process-wide, so the CLI asks for this (`fast_pinned_allocator_conf`), not
-# the decode.
-PINNED_REGISTER_THREADS = 16
-
-
-def fast_pinned_allocator_conf(environ, torch_version: str, cpus: int):
-    """(variable, value) that makes torch's pinned allocator register host memory on threads,
-    to set before CUDA starts; None where torch has no such option (before 2.2) or the user's
-    allocator settings already choose pinned_* options. Other settings of the user's are
-    kept."""
-    major_minor = tuple(int(n) for n in re.findall(r"\d+", torch_version)[:2])
-    if major_minor < (2, 2):
-        return None
-    names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch 2.9's name, the old one
-    name = next((n for n in names if environ.get(n)), names[1])
-    current = environ.get(name, "")
-    if "pinned_" in current:
-        return None
-    # the allocator takes a power of two
-    threads = 1 << (min(PINNED_REGISTER_THREADS, max(cpus, 1)).bit_length() - 1)
-    ours = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
-    return name, f"{current},{ours}" if current else ours
 
 
 def waits_on_host(size: int, resident: int, keep_bytes: float, pinned: int,
