@@ -131,8 +131,9 @@ class GenerationOptions:
                 raise ValueError(f"--{name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2 ** 32:
             raise ValueError(f"--seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
-        if self.ddim_eta < 0:
-            raise ValueError(f"--ddim_eta must be non-negative, got {self.ddim_eta}")
+        if not 0 <= self.ddim_eta <= 1:  # beyond 1 DDIM's direction term is the root of a
+            # negative number: every latent NaN
+            raise ValueError(f"--ddim_eta must be between 0 and 1, got {self.ddim_eta}")
         if self.dilate is not None and self.dilate <= 0:
             raise ValueError(f"--dilate must be positive, got {self.dilate}")
         for name in ("dilate_tau", "ndcfg_tau", "inflate_tau", "dilate_skip"):
@@ -192,7 +193,8 @@ class GenerationOptions:
         tile = self.tile_size or min(self.H, self.W) // self.f // 2
         if tile <= 0 or self.overlap >= tile:
             raise ValueError(f"--overlap ({self.overlap}) must be smaller than the tile "
-                             f"({tile} latent pixels)")
+                             f"({tile} latent pixels): use --overlap {max(tile - 2, 0) // 2 * 2} "
+                             f"or less, or --tile_size auto")
 
 
 @dataclass
@@ -357,6 +359,10 @@ class Pipeline:
             x = x_T if x_T is not None else self.initial_noise(opts, len(prompts), generator)
             z = SAMPLERS[opts.sampler].run(denoiser, x, model.alphas_cumprod, opts.steps,
                                            opts.ddim_eta, generator, progress)
+        if not torch.isfinite(z).all():  # else the images come out black, without a word
+            raise ValueError(f"sampling produced NaN or infinite latents: --scale {opts.scale} "
+                             f"may be too large, or half precision overflowed (try --precision "
+                             f"full)")
         return z.float(), denoiser.unet_batches
 
     @torch.no_grad()
@@ -366,9 +372,14 @@ class Pipeline:
         vae = self.model.first_stage_model
         budget = None if opts.decode_budget_gb is None else int(opts.decode_budget_gb * 2**30)
         if opts.tiled_decoding:
-            return tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size,
-                                budget_bytes=budget, progress=progress)
-        return full_decode(vae, z, budget)  # banded on CUDA and wherever plain would not fit
+            images = tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size,
+                                  budget_bytes=budget, progress=progress)
+        else:  # banded on CUDA and wherever plain would not fit
+            images = full_decode(vae, z, budget)
+        if not torch.isfinite(images).all():
+            raise ValueError(f"decoding produced NaN or infinite pixels: the latents are out of "
+                             f"range (is --scale {opts.scale} too large?)")
+        return images
 
     def generate(self, prompts: Sequence[str], opts: GenerationOptions, generator=None,
                  x_T=None, progress=True) -> GenerationResult:

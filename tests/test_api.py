@@ -25,6 +25,9 @@ SMALL = dict(H=64, W=64, steps=1, precision="full")
     (dict(inflate_tau=5), "--inflate_tau needs --disperse_settings"),
     (dict(sampler="dpm", ddim_eta=1.0), "DPM-Solver++ (2M) is deterministic"),
     (dict(rng="cuda"), "--rng must be one of cpu, device, got 'cuda'"),
+    (dict(ddim_eta=1.2), "--ddim_eta must be between 0 and 1, got 1.2"),
+    (dict(tiled_decoding=True, H=128, W=128),
+     "--overlap (24) must be smaller than the tile (8 latent pixels): use --overlap 6 or less"),
 ], ids=lambda v: str(v)[:30])
 def test_bad_options_are_one_value_error(options, message):
     with pytest.raises(ValueError) as error:
@@ -127,3 +130,11 @@ def test_every_option_is_a_txt2img_flag_of_its_name():
     assert [f.name for f in fields(GenerationOptions) if not hasattr(args, f.name)] == ["sampler"]
     opts = txt2img.options_from_args(args)
     assert (opts.rng, opts.sampler) == ("device", "plms")
+
+
+@pytest.mark.parametrize("steps, message", [(1, "decoding produced NaN or infinite pixels"),
+                                            (2, "sampling produced NaN or infinite latents")])
+def test_numbers_that_overflow_are_an_error_not_black_images(pipe, steps, message):
+    opts = GenerationOptions(**{**SMALL, "steps": steps, "scale": 1e30})
+    with pytest.raises(ValueError, match=message):
+        pipe.generate(["a fox"], opts, progress=False)

@@ -27,8 +27,9 @@ class ScaleCrafterSettings:
         if self.disperse and self.transform is None:
             raise ValueError("dispersion needs a transform (--disperse_transform)")
         if self.inflate_tau > self.dilate_tau:
-            raise ValueError("inflate_tau must not exceed dilate_tau: dispersion only applies "
-                             "to re-dilated convolutions")
+            raise ValueError(f"--inflate_tau ({self.inflate_tau}) must not exceed --dilate_tau "
+                             f"({self.dilate_tau}): dispersion only applies to re-dilated "
+                             f"convolutions")
         unknown = sorted(self.disperse - set(self.dilation) - set(self.ndcfg_dilation))
         if unknown:
             raise ValueError(f"dispersed conv {unknown[0]} has no dilation factor")
