@@ -49,17 +49,42 @@ PART_NAMES = {"model": "the UNet", "first_stage_model": "the VAE",
               "cond_stage_model": "the text encoder", "conditioner": "the text encoders"}
 
 
-def describe_missing(missing: List[str], needed=()) -> str:
-    """One line naming the first few weights a file lacks, and the model part it lacks whole
-    among the `needed` keys (some community files ship without their VAE)."""
+# A key prefix only one family's files have -> the family and the config that reads them, to
+# point a file loaded with another family's config to its own.
+FAMILY_MARKERS = {
+    "cond_stage_model.transformer.text_model.":
+        ("an SD 1.x", "configs/stable-diffusion/v1-inference.yaml"),
+    "cond_stage_model.model.transformer.":
+        ("an SD 2.x", "configs/stable-diffusion/v2-inference.yaml (v2-inference-v.yaml for "
+                      "768-v files)"),
+    "conditioner.embedders.": ("an SDXL", "configs/stable-diffusion/sd_xl_base.yaml"),
+}
+
+
+def describe_missing(missing: List[str], needed=(), present=()) -> str:
+    """One line naming the first few weights a file lacks; the model part it lacks whole among
+    the `needed` keys (some community files ship without their VAE), or, when the file's
+    `present` keys are another family's, the config to use instead."""
     count = f"{len(missing)} missing key" + ("s" if len(missing) != 1 else "")
     line = f"checkpoint does not fit the config: {count} ({_key_list(missing)})"
+    family = _other_family(needed, present)
+    if family:
+        return line + f": the file looks like {family[0]} checkpoint, use --config {family[1]}"
     parts = {key.split(".", 1)[0] for key in missing}
     if len(parts) == 1 and needed:
         part = parts.pop()
-        if part in PART_NAMES and len(missing) == sum(k.startswith(part + ".") for k in needed):
+        lacks_all = len(missing) == sum(k.startswith(part + ".") for k in needed)
+        if part in PART_NAMES and lacks_all and not any(k.startswith(part + ".") for k in present):
             line += f": the file has none of {PART_NAMES[part]} ({part}.*)"
     return line
+
+
+def _other_family(needed, present):
+    """(family, config) of the marker the file has and the model lacks, if any."""
+    def has(keys, marker):
+        return any(k.startswith(marker) for k in keys)
+    return next((family for marker, family in FAMILY_MARKERS.items()
+                 if has(present, marker) and not has(needed, marker)), None)
 
 
 def rebuildable_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -157,7 +182,7 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     missing = [k for k in expected if k not in state_dict and k not in rebuilt]
     wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
     if missing:
-        message = describe_missing(missing, [k for k in expected if k not in rebuilt])
+        message = describe_missing(missing, [k for k in expected if k not in rebuilt], state_dict)
     elif wrong:
         k = wrong[0]
         message = (f"checkpoint does not fit the config: {len(wrong)} tensors have other "

@@ -678,3 +678,23 @@ def test_converter_help_documents_trust_pickle():
     assert result.returncode == 0
     assert "--trust-pickle" in result.stdout
     assert "DANGEROUS" in result.stdout
+
+
+@pytest.mark.parametrize("config, ckpt, family, use", [
+    ("tiny/tiny-sd21.yaml", "tiny-sd1/tiny-sd15.ckpt", "an SD 1.x", "v1-inference.yaml"),
+    ("tiny-sd1/tiny-sd15.yaml", "tiny/tiny-sd21.ckpt", "an SD 2.x", "v2-inference.yaml"),
+    ("tiny/tiny-sd21.yaml", "tiny-sdxl/tiny-sdxl.safetensors", "an SDXL", "sd_xl_base.yaml"),
+    ("tiny-sdxl/tiny-sdxl.yaml", "tiny-sd1/tiny-sd15.ckpt", "an SD 1.x", "v1-inference.yaml"),
+])
+def test_another_familys_file_is_named_with_its_config(config, ckpt, family, use):
+    from conftest import REF
+    """The likeliest first mistake (the default config is SD 2.x's): the line says which family
+    the file is and which config reads it, not that the file lacks its text encoder."""
+    from ldm.checkpoint import CheckpointError
+    from ldm.pipeline import Pipeline
+
+    with pytest.raises(CheckpointError) as error:
+        Pipeline.load(REF / config, REF / ckpt)
+    message = str(error.value)
+    assert f"the file looks like {family} checkpoint, use --config " in message, message
+    assert use in message and "has none of" not in message and "\n" not in message
