@@ -27,8 +27,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """--help names each flag's default, where it has one and its text does not already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS \
+                or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser(suppress_defaults=False):
     p = OneLineParser(
+        formatter_class=HelpWithDefaults,
         description="Generate images with Stable Diffusion, at higher resolutions with "
                     "ScaleCrafter (re-dilation, dispersion, noise-damped CFG, tiled decoding).",
         argument_default=argparse.SUPPRESS if suppress_defaults else None)
@@ -39,13 +52,14 @@ def build_parser(suppress_defaults=False):
     add("--from-file", type=str, help="read prompts from this file, one a line")
     add("--outdir", type=str, default=d("outputs/txt2img-samples"), help="where samples go")
     add("--steps", type=int, default=d(50), help="number of sampling steps")
-    add("--plms", action="store_true", help="use PLMS sampling")
-    add("--dpm", action="store_true", help="use DPM-Solver++ (2M) sampling")
+    sampler = p.add_mutually_exclusive_group()
+    sampler.add_argument("--plms", action="store_true", help="use PLMS sampling (default: DDIM)")
+    sampler.add_argument("--dpm", action="store_true", help="use DPM-Solver++ (2M) sampling")
     add("--fixed_code", action="store_true", help="the same starting noise for every batch")
     add("--ddim_eta", type=float, default=d(0.0), help="DDIM eta (0 = deterministic DDIM)")
     add("--n_iter", type=int, default=d(3), help="sample this often")
-    add("--H", type=int, default=d(512), help="image height, pixels")
-    add("--W", type=int, default=d(512), help="image width, pixels")
+    add("--H", type=int, default=d(512), help="image height, pixels (a multiple of 64)")
+    add("--W", type=int, default=d(512), help="image width, pixels (a multiple of 64)")
     add("--C", type=int, default=d(4), help="latent channels")
     add("--f", type=int, default=d(8), help="downsampling factor (8 for SD)")
     add("--n_samples", type=int, default=d(3), help="images per prompt per iteration (batch)")
@@ -54,7 +68,8 @@ def build_parser(suppress_defaults=False):
     add("--negative_prompt", type=str, default=d(""),
         help="the unconditional prompt of classifier-free guidance (default: empty)")
     add("--config", type=str, default=d("configs/stable-diffusion/v2-inference.yaml"),
-        help="model config (standard LDM yaml)")
+        help="model config (standard LDM yaml); a relative path not found here is looked "
+             "up in the repository")
     add("--ckpt", type=str, help="model checkpoint (.ckpt or .safetensors)")
     add("--seed", type=int, default=d(42), help="seed for reproducible sampling")
     add("--rng", choices=["cpu", "device"], default=d("cpu"),
@@ -145,10 +160,24 @@ class UsageError(Exception):
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    if args.from_file and "prompt" in explicit:
+        raise UsageError("--prompt and --from-file exclude each other")
+    if "repeat" in explicit and not args.from_file:
+        raise UsageError("--repeat repeats the prompts of --from-file: give one")
     if args.preset:  # the preset yields to the flags given on the command line
-        explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
         apply_preset(args, args.preset, explicit)
+    args.config = str(repository_fallback(args.config))
     return args
+
+
+def repository_fallback(path) -> Path:
+    """A relative path that does not exist here but does in the repository (the default config,
+    run from another folder) means the repository's."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
 
 
 # A flag given on the command line also sets aside the preset values it cannot go with: the
@@ -165,7 +194,16 @@ def apply_preset(args, name, explicit):
     path = Path(name) if name.endswith(".yaml") else PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise UsageError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
-    preset = OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        preset = OmegaConf.to_container(OmegaConf.load(path))
+    except OSError:
+        raise
+    except Exception as err:  # yaml's errors come in many classes
+        first = str(err).strip().splitlines()
+        raise UsageError(f"preset {path} is not valid YAML: "
+                         f"{first[0] if first else type(err).__name__}") from None
+    if not isinstance(preset, dict):
+        raise UsageError(f"preset {path} is not a mapping of options")
     # Which model family the preset is made for: checked against the config, not a flag.
     args.preset_family = preset.pop("family", None)
     for key, value in preset.items():
@@ -325,6 +363,8 @@ def check_numbers(args):
         raise UsageError(f"--n_rows must not be negative, got {args.n_rows}")
     if args.overlap < 0 or args.overlap % 2:
         raise UsageError(f"--overlap must be even and non-negative, got {args.overlap}")
+    if not str(args.outdir).strip():
+        raise UsageError("--outdir must not be empty")
 
 
 def check_inputs(args, opts):
@@ -491,8 +531,9 @@ def make_images(args, pipe, opts, settings, batches, writer, timer):
     generator = pipe.noise_generator(opts)
     x_T = pipe.initial_noise(opts, args.n_samples, generator) if args.fixed_code else None
     all_images, left = [], args.n_iter * len(batches)
-    for _ in trange(args.n_iter, desc="Sampling"):
-        for prompts in tqdm(batches, desc="data", leave=False):
+    # (a bar over one round or one batch only adds lines)
+    for _ in trange(args.n_iter, desc="Sampling", disable=args.n_iter == 1):
+        for prompts in tqdm(batches, desc="data", leave=False, disable=len(batches) == 1):
             start = x_T[:len(prompts)] if x_T is not None else None
             with timer.phase("sample"):
                 z, _ = pipe.sample(prompts, opts, generator, start, settings)

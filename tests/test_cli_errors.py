@@ -156,7 +156,12 @@ EARLY = [
     ("scale-inf", ["--scale", "inf"], "--scale must be a finite number"),
     ("freeu-nan", ["--freeu", "1.1", "1.2", "nan", "0.2"], "--freeu must be a finite number"),
     ("seed-negative", ["--seed", "-1"], "--seed must be in 0..4294967295"),
-    ("plms-and-dpm", ["--plms", "--dpm"], "choose one of --plms and --dpm"),
+    ("prompt-and-file", ["--from-file", "{blank.txt}", "--prompt", "x"],
+     "--prompt and --from-file exclude each other"),
+    ("repeat-without-file", ["--repeat", "2"], "--repeat repeats the prompts of --from-file"),
+    ("outdir-empty", ["--outdir", ""], "--outdir must not be empty"),
+    ("settings-no-entries", ["--dilate_settings", "{blank.txt}"], "has no entries"),
+    ("preset-not-yaml", ["--preset", "{broken.yaml}"], "is not valid YAML"),
     ("config-missing", ["--config", "{missing}"], "does not exist"),
     ("config-folder", ["--config", "{folder}"], "is not a file"),
     ("config-not-yaml", ["--config", "{broken.yaml}"], "is not valid YAML"),
@@ -191,6 +196,8 @@ EARLY = [
 def test_bad_input_is_refused_before_loading(cli, capsys, files, base, no_load, tmp_path,
                                              flags, expected):
     flags = [fill(f, files) for f in flags]
+    if "--from-file" in flags:  # (the two exclude each other)
+        base = base[:base.index("--prompt")]
     status, lines = call(cli, capsys, base + flags)
     assert_one_line(status, lines, expected)
     assert not (tmp_path / "out").exists(), "a refused run created its output folder"
@@ -203,7 +210,9 @@ def test_bad_input_is_refused_before_loading(cli, capsys, files, base, no_load, 
     (["--steps"], "argument --steps: expected one argument"),
     (["--freeu", "1", "2", "3"], "argument --freeu: expected 4 arguments"),
     (["--precision", "half"], "argument --precision: invalid choice"),
-], ids=["unknown-flag", "not-a-number", "tile-size-word", "missing-value", "freeu-three", "bad-choice"])
+    (["--plms", "--dpm"], "argument --dpm: not allowed with argument --plms"),
+], ids=["unknown-flag", "not-a-number", "tile-size-word", "missing-value", "freeu-three", "bad-choice",
+        "plms-and-dpm"])
 def test_bad_flags_exit_2_with_one_line(cli, capsys, base, no_load, flags, expected):
     status, lines = call(cli, capsys, base + flags)
     assert_one_line(status, lines, expected, code=2)
@@ -423,3 +432,24 @@ def test_compile_says_why_the_first_step_waits(cli, capsys, base, monkeypatch):
     assert status == 0 and len(compiled) == 1
     assert [line for line in lines if line.startswith("note: --compile: the first step "
                                                       "compiles the UNet")]
+
+
+def test_the_default_config_is_found_from_any_folder(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = cli.parse_args(["--ckpt", str(TINY_CKPT)])
+    assert Path(args.config) == REPO / "configs" / "stable-diffusion" / "v2-inference.yaml"
+    (tmp_path / "configs" / "stable-diffusion").mkdir(parents=True)
+    own = tmp_path / "configs" / "stable-diffusion" / "v2-inference.yaml"
+    own.write_text("model: {}\n")  # a file of that name here is the user's, and wins
+    assert Path(cli.parse_args(["--ckpt", str(TINY_CKPT)]).config).resolve() == own
+
+
+def test_help_names_the_defaults(cli, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("number of sampling steps (default: 50)", "(default: 42)",
+                  "a multiple of 64) (default: 512)",
+                  "(default: configs/stable-diffusion/v2-inference.yaml)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: False)" not in text

@@ -124,6 +124,14 @@ def test_solver_rejects_bad_arguments(kwargs):
         solve_dispersion_transform(**kwargs)
 
 
+@pytest.mark.parametrize("name, data", [("text.npy", b"garbage"), ("text.mat", b"MATLAB junk")])
+def test_a_file_that_is_no_transform_is_one_line_naming_it(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError, match=f"{name} is not a valid") as error:
+        load_dispersion_transform(tmp_path / name)
+    assert "pickle" not in str(error.value)  # numpy's hint to load it unsafely is not passed on
+
+
 def test_cli_writes_matching_npy(tmp_path):
     out = tmp_path / "R.npy"
     cmd = [sys.executable, str(REPO / "scripts" / "solve_dispersion.py"), "--small", "3", "--large", "5",

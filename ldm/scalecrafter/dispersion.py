@@ -135,11 +135,19 @@ def load_dispersion_transform(path) -> np.ndarray:
         raise FileNotFoundError(f"dispersion transform file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        R = np.load(path, allow_pickle=False)
+        try:
+            R = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError):  # not an array file, or pickled objects (never loaded)
+            raise ValueError(f"{path} is not a valid .npy file of numbers") from None
     elif suffix == ".mat":
         import scipy.io  # only needed for MATLAB files
 
-        data = scipy.io.loadmat(str(path))
+        try:
+            data = scipy.io.loadmat(str(path))
+        except OSError:
+            raise
+        except Exception:  # scipy's MatReadError and the parsers' own errors
+            raise ValueError(f"{path} is not a valid MATLAB .mat file") from None
         if "R" in data:
             R = data["R"]
         else:

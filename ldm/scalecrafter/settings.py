@@ -80,13 +80,19 @@ def _warn_skipped(path, skipped: List[str]):
 
 
 def _lines(path):
+    """(line number, text) of each entry, comments and blank lines left out; a file with no
+    entry is refused (it would silently switch its feature off)."""
     path = Path(path)
     if not path.is_file():
         raise SettingsError(f"settings file {path} does not exist")
+    entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if line:
-            yield number, line
+            entries.append((number, line))
+    if not entries:
+        raise SettingsError(f"settings file {path} has no entries")
+    return entries
 
 
 def _our_name(name, translation, ours, path, number, skipped):
