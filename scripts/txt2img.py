@@ -588,11 +588,31 @@ def describe(err, args=None):
                    + message[len("checkpoint does not fit the config"):])
     if isinstance(err, (UsageError, CheckpointError, ConfigError, ValueError)):
         return message
+    if _is_out_of_memory(err, text):
+        return out_of_memory_line(text)
     if isinstance(err, OSError):
         if err.filename:
             return f"{err.strerror or message}: {err.filename}"
         return err.strerror or message
     return f"{type(err).__name__}: {message}"
+
+
+def _is_out_of_memory(err, text) -> bool:
+    return type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError) or \
+        "can't allocate memory" in text
+
+
+def out_of_memory_line(text) -> str:
+    """torch's CUDA and CPU allocation failures, as one line with what to change."""
+    import re
+
+    cuda = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    host = re.search(r"you tried to allocate (\d+) bytes", text)
+    size = cuda.group(1) if cuda else f"{int(host.group(1)) / 2**30:.1f} GiB" if host else None
+    return (f"out of {'GPU' if cuda else 'host'} memory"
+            + (f" (tried to allocate {size})" if size else "")
+            + ": try a smaller --H/--W or --n_samples, --precision autocast, or "
+              "--tiled_decoding --tile_size auto")
 
 
 def exit_now(code: int):

@@ -453,3 +453,16 @@ def test_help_names_the_defaults(cli, capsys):
                   "(default: configs/stable-diffusion/v2-inference.yaml)"):
         assert shown in text, shown
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("error, expected", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                  "allocate memory: you tried to allocate 102400000000 bytes. Error code 12"),
+     "out of host memory (tried to allocate 95.4 GiB): try a smaller --H/--W"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a "
+                                 "total capacity of 79.1 GiB of which 1.2 GiB is free."),
+     "out of GPU memory (tried to allocate 2.00 GiB): try a smaller --H/--W"),
+    (MemoryError(), "out of host memory: try a smaller --H/--W"),
+], ids=["cpu", "cuda", "python"])
+def test_out_of_memory_is_one_line_with_what_to_change(cli, error, expected):
+    assert cli.describe(error).startswith(expected)
