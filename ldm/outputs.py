@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -202,6 +203,8 @@ class OutputWriter:
         self._ckpt_hash = ckpt_hash
         self.count = self.batches = 0  # images and batches written by this run
         self.prompts = []
+        self.paths: List[Path] = []  # the samples written by this run
+        self.images: List[torch.Tensor] = []  # their decoded batches, for a grid
         self.grid_path = None  # the grid save_batch wrote, if it was given one
 
     @property
@@ -214,10 +217,11 @@ class OutputWriter:
             self._ckpt_hash = self._ckpt_hash.result()
         return self._ckpt_hash
 
-    def save_batch(self, prompts, decoded: torch.Tensor, latents: torch.Tensor, grid=None):
-        """The batch's samples (and their latents / sidecars); with grid=(batches, n_rows), the
-        run's grid too, written after them: the last batch's images and the grid are encoded
-        side by side. Returns the samples' paths."""
+    def save_batch(self, prompts, decoded: torch.Tensor, latents: torch.Tensor,
+                   grid_rows: Optional[int] = None):
+        """The batch's samples (and their latents / sidecars); with grid_rows, the grid of every
+        image of the run too, written after them: the last batch's images and the grid are
+        encoded side by side. Returns the samples' paths."""
         texts = [parameters_text(prompt, self.args, self.opts, self.ckpt_hash, len(prompts), pos,
                                  self.batches) for pos, prompt in enumerate(prompts)]
         self.batches += 1
@@ -225,13 +229,15 @@ class OutputWriter:
         # one 4096² image); the files are still written one by one, in order
         jobs = [partial(png_bytes, image, {"parameters": text})
                 for image, text in zip(to_pil(decoded), texts)]
-        if grid is not None:
-            jobs.append(partial(self._grid_png, *grid, self.prompts + list(prompts)))
+        if grid_rows is not None:
+            jobs.append(partial(self._grid_png, self.images + [decoded], grid_rows,
+                                self.prompts + list(prompts)))
         with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
             encoded = list(pool.map(lambda job: job(), jobs))
-        grid_png = encoded.pop() if grid is not None else None
+        grid_png = encoded.pop() if grid_rows is not None else None
         paths = [self._write_sample(prompt, params, data, latent)
                  for prompt, params, data, latent in zip(prompts, texts, encoded, latents)]
+        self.images.append(decoded)
         if grid_png is not None:
             self.grid_path = self._write_grid(grid_png)
         return paths
@@ -251,6 +257,7 @@ class OutputWriter:
             write_new_file(stem.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
         self.count += 1
         self.prompts.append(prompt)
+        self.paths.append(path)
         return path
 
     def _grid_png(self, batches, n_rows, prompts) -> bytes:
@@ -267,10 +274,23 @@ class OutputWriter:
         index = next_index(self.outdir, r"grid-(\d{4,})\.png")
         return write_new_file(self.outdir / f"grid-{index:04}.png", data)
 
-    def save_grid(self, batches, n_rows):
-        if not batches:
+    def save_grid(self, n_rows):
+        """The grid of every image this run wrote (e.g. when it was interrupted before its
+        last batch), unless it wrote one already."""
+        if not self.images or self.grid_path is not None:
             return None
-        return self._write_grid(self._grid_png(batches, n_rows, self.prompts))
+        self.grid_path = self._write_grid(self._grid_png(self.images, n_rows, self.prompts))
+        return self.grid_path
+
+    def summary(self) -> str:
+        """Which files this run wrote, e.g. 'samples/00008.png to 00010.png, grid-0004.png'."""
+        if not self.paths:
+            return "no images"
+        first, last = self.paths[0], self.paths[-1]
+        text = f"{first.relative_to(self.outdir)}" + (f" to {last.name}" if last != first else "")
+        if self.grid_path is not None:
+            text += f", {self.grid_path.name}"
+        return text
 
     @staticmethod
     def discard_partial_files():

@@ -499,10 +499,12 @@ def run(args):
         writer.discard_partial_files()
         if args.debug:
             raise
-        print(f"interrupted: kept {writer.count} finished image(s) in {writer.sample_dir}",
-              file=sys.stderr)
+        writer.save_grid(args.n_rows or args.n_samples)  # of the images kept, if any
+        print(f"interrupted: kept {writer.count} finished image(s) in {writer.outdir}: "
+              f"{writer.summary()}", file=sys.stderr)
         return 130
     print(f"Your samples are ready and waiting for you here:\n{writer.outdir}\nEnjoy.")
+    print(f"This run wrote {writer.summary()}.")
     return 0
 
 
@@ -530,7 +532,7 @@ def make_images(args, pipe, opts, settings, batches, writer, timer):
     seed_everything(args.seed)
     generator = pipe.noise_generator(opts)
     x_T = pipe.initial_noise(opts, args.n_samples, generator) if args.fixed_code else None
-    all_images, left = [], args.n_iter * len(batches)
+    left = args.n_iter * len(batches)
     # (a bar over one round or one batch only adds lines)
     for _ in trange(args.n_iter, desc="Sampling", disable=args.n_iter == 1):
         for prompts in tqdm(batches, desc="data", leave=False, disable=len(batches) == 1):
@@ -539,12 +541,11 @@ def make_images(args, pipe, opts, settings, batches, writer, timer):
                 z, _ = pipe.sample(prompts, opts, generator, start, settings)
             with timer.phase("decode"):
                 decoded = pipe.decode(z, opts).float().cpu()
-            all_images.append(decoded)
             left -= 1
             # the grid goes with the last batch (encoded beside its images, written last)
-            grid = (all_images, args.n_rows or args.n_samples) if left == 0 else None
+            rows = (args.n_rows or args.n_samples) if left == 0 else None
             with timer.phase("write"):  # waits for the checkpoint hash, if still running
-                writer.save_batch(prompts, decoded, z.cpu(), grid=grid)
+                writer.save_batch(prompts, decoded, z.cpu(), grid_rows=rows)
 
 
 def main(argv=None):

@@ -288,8 +288,10 @@ def test_ctrl_c_before_sampling_is_one_line(cli, capsys, base, monkeypatch):
 
 
 def test_ctrl_c_while_sampling_keeps_finished_images(cli, capsys, base, monkeypatch, tmp_path):
-    """The first batch is saved, Ctrl-C comes in the second: exit 130, one line, the first image
-    complete, nothing partial."""
+    from PIL import Image
+
+    """The first batch is saved, Ctrl-C comes in the second: exit 130, one line naming what was
+    kept, the first image complete with its grid, nothing partial."""
     import ldm.pipeline
 
     calls = []
@@ -308,12 +310,13 @@ def test_ctrl_c_while_sampling_keeps_finished_images(cli, capsys, base, monkeypa
     assert status == 130
     messages = [line for line in lines if line.startswith(("interrupted", "error"))]
     assert len(messages) == 1 and "kept 1 finished image" in messages[0], lines
+    assert messages[0].endswith(": samples/00000.png, grid-0000.png"), messages[0]
     assert not any("Traceback" in line for line in lines)
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png"]
-    assert not list(out.glob("grid-*")), "no grid for an interrupted run"
+    with Image.open(out / "grid-0000.png") as grid:  # the grid of the images kept
+        assert grid.size == (128, 128)
     assert not list(out.rglob(".partial-*"))
-    from PIL import Image
     with Image.open(out / "samples" / "00000.png") as image:
         image.load()  # complete, readable
         assert image.size == (128, 128)
@@ -365,7 +368,8 @@ def test_a_run_end_to_end_exits_fast_with_everything_written(tmp_path):
                         "--steps", "1", "--n_iter", "1", "--n_samples", "2", "--precision",
                         "full", "--outdir", tmp_path, "--prompt", "x", "--timings")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.rstrip().endswith("Enjoy.")
+    assert result.stdout.rstrip().endswith(
+        "Enjoy.\nThis run wrote samples/00000.png to 00001.png, grid-0000.png.")
     # what loads, before the load's seconds (on stdout: stderr holds warnings and errors)
     size = TINY_CKPT.stat().st_size / 1e6  # (a full-size one in GB)
     assert result.stdout.splitlines()[0] == (

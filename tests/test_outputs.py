@@ -135,7 +135,8 @@ def test_writer_files_and_numbering_across_runs(tmp_path):
     decoded, latents = fake_batch(2, 0)
     paths = writer.save_batch(["a cat, sitting", "a dog"], decoded, latents)
     assert [p.name for p in paths] == ["00000.png", "00001.png"]
-    assert writer.save_grid([decoded], 2).name == "grid-0000.png"
+    assert writer.save_grid(2).name == "grid-0000.png"
+    assert writer.summary() == "samples/00000.png to 00001.png, grid-0000.png"
     samples = tmp_path / "out" / "samples"
     assert sorted(p.name for p in samples.iterdir()) == [
         "00000.json", "00000.npy", "00000.png", "00001.json", "00001.npy", "00001.png"]
@@ -153,7 +154,9 @@ def test_writer_files_and_numbering_across_runs(tmp_path):
     paths = writer.save_batch(["a bird"], *fake_batch(1, 1))
     assert [p.name for p in paths] == ["00002.png"]
     assert not (samples / "00002.npy").exists() and not (samples / "00002.json").exists()
-    assert writer.save_grid([fake_batch(1, 1)[0]], 1).name == "grid-0004.png"
+    assert writer.save_grid(1).name == "grid-0004.png"
+    assert writer.save_grid(1) is None  # one grid a run
+    assert writer.summary() == "samples/00002.png, grid-0004.png"
     with Image.open(tmp_path / "out" / "grid-0004.png") as grid:
         assert grid.text["parameters"].startswith("a bird\nSteps: 2")
 
@@ -250,20 +253,19 @@ def test_same_command_twice_gives_identical_numbered_outputs(cli, tmp_path, caps
 
 
 def test_grid_written_with_the_last_batch_is_the_grid(tmp_path):
-    """save_batch(..., grid=...) encodes the grid beside the batch's images and writes it after
+    """save_batch(..., grid_rows=...) encodes the grid beside the batch's images and writes it after
     them: the same file save_grid writes, the prompts of every batch in its parameters."""
     first, last = fake_batch(2, 0), fake_batch(1, 1)
     grids = []
     for folder, together in (("together", True), ("apart", False)):
         writer = OutputWriter(tmp_path / folder, *fake_run(tmp_path))
         writer.save_batch(["a cat", "a dog"], *first)
-        batches = [first[0], last[0]]
         if together:
-            paths = writer.save_batch(["a bird"], *last, grid=(batches, 2))
+            paths = writer.save_batch(["a bird"], *last, grid_rows=2)
             grid = writer.grid_path
         else:
             paths = writer.save_batch(["a bird"], *last)
-            grid = writer.save_grid(batches, 2)
+            grid = writer.save_grid(2)
         assert [p.name for p in paths] == ["00002.png"] and grid.name == "grid-0000.png"
         grids.append(grid.read_bytes())
     assert grids[0] == grids[1]
