@@ -396,7 +396,8 @@ def test_compiled_block_compiles_one_graph_for_every_plan(tiny_pipe):
         assert out.dtype == ref.dtype
         # under autocast the op takes its input in bf16, where a fractional factor's eager
         # resize ran in fp32: bf16's rounding apart
-        assert rel_err(out.float(), ref.float()) <= (1e-6 if precision == "full" else 2e-2), name
+        # (bf16 autocast measured 2.2e-4)
+        assert rel_err(out.float(), ref.float()) <= (1e-6 if precision == "full" else 2e-3), name
     assert not torch.allclose(eager["full", "2"], eager["full", "3"])
     modules = dict(block.named_modules())
     assert all("forward" in modules[name].__dict__ for name in names)  # routed for good

@@ -195,3 +195,69 @@ def test_cosine_schedule_has_the_cosine_alphas_cumprod():
 def test_unknown_beta_schedule_is_refused_by_name():
     with pytest.raises(ValueError, match="'quadratic'"):
         make_beta_schedule("quadratic", 10)
+
+
+class NonlinearDenoiser:
+    """eps = tanh(x) * (1 + t / 1000): nonlinear in x and t, so a wrong coefficient, history
+    term or timestep shows (the Gaussian denoiser is linear, and forgiving)."""
+
+    def __call__(self, x, t, alpha_bar, step):
+        a = torch.as_tensor(alpha_bar, dtype=torch.float64)
+        eps = eps_of(x.double(), t)
+        return Prediction(eps=eps.float(), x0=((x.double() - (1 - a).sqrt() * eps) / a.sqrt()).float())
+
+
+def eps_of(x, t):
+    return torch.tanh(x) * (1 + float(t) / 1000)
+
+
+def test_ddim_at_eta_one_half_is_the_published_update():
+    """x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise, with
+    sigma = eta sqrt((1 - a_prev) / (1 - a) (1 - a / a_prev)) and a_prev of the last step
+    alphas_cumprod[0], in float64; one noise draw per step."""
+    acp = ALPHAS_CUMPROD.double()
+    steps, eta = 6, 0.5
+    timesteps = ddim_timesteps(steps)
+    ours = sample_ddim(NonlinearDenoiser(), x_T(), ALPHAS_CUMPROD, steps, eta=eta,
+                       generator=torch.Generator().manual_seed(3), progress=False)
+    x, noise = x_T().double(), torch.Generator().manual_seed(3)
+    for i, t in enumerate(reversed(timesteps)):
+        a = acp[t]
+        a_prev = acp[timesteps[len(timesteps) - 2 - i]] if i < len(timesteps) - 1 else acp[0]
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        eps = eps_of(x, t)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        z = torch.randn(x.shape, generator=noise).double()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * z
+    assert float((ours.double() - x).abs().max() / x.abs().max()) < 1e-5
+
+
+def test_plms_is_ldms_pseudo_linear_multistep():
+    """LDM's p_sample_plms, transcribed in float64: an improved-Euler first step (eps averaged
+    with eps at the next timestep), then Adams-Bashforth over up to three previous eps."""
+    acp = ALPHAS_CUMPROD.double()
+    steps = 7
+    timesteps = list(reversed(ddim_timesteps(steps)))
+    ours = sample_plms(NonlinearDenoiser(), x_T(), ALPHAS_CUMPROD, steps, progress=False)
+
+    def x_prev(x, e, i):
+        a = acp[timesteps[i]]
+        a_prev = acp[timesteps[i + 1]] if i + 1 < len(timesteps) else acp[0]
+        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+
+    x, old = x_T().double(), []
+    for i, t in enumerate(timesteps):
+        e = eps_of(x, t)
+        if not old:
+            t_next = timesteps[min(i + 1, len(timesteps) - 1)]
+            e_prime = (e + eps_of(x_prev(x, e, i), t_next)) / 2
+        elif len(old) == 1:
+            e_prime = (3 * e - old[-1]) / 2
+        elif len(old) == 2:
+            e_prime = (23 * e - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_prime = (55 * e - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = x_prev(x, e_prime, i)
+        old = (old + [e])[-3:]
+    assert float((ours.double() - x).abs().max() / x.abs().max()) < 1e-5

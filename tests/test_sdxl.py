@@ -54,6 +54,7 @@ def test_conditioner_matches_sgm(xl_pipe, name, case):
     assert rel_err(cond.vector, ref["vector"]) <= 1e-4
     # sgm zeroes the text parts for "": exactly zero context and pooled part, same size part
     assert not uncond.context.any() and not uncond.vector[:, :64].any()
+    assert torch.equal(uncond.context, torch.from_numpy(ref["uc_crossattn"]))
     assert rel_err(uncond.vector, ref["uc_vector"]) <= 1e-4
     embedders = model.cond_model.embedders
     assert torch.equal(embedders[0].tokenizer(case["prompts"]),

@@ -1,5 +1,7 @@
 """The full method for ultra-high resolution: per-layer and fractional dilation, dispersion,
 noise-damped CFG and presets, against the published implementation's runs."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -295,3 +297,36 @@ def test_autocast_runs_the_unet_in_bf16_on_cpu_and_decodes_in_fp32(tiny_pipe):
         hook.remove()
     assert set(dtypes) == {torch.bfloat16}
     assert result.decoded.dtype == torch.float32 and torch.isfinite(result.decoded).all()
+
+
+SD21_PRESETS = sorted(p.stem for p in (REF / "scalecrafter-settings" / "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SD21_PRESETS)
+def test_sd21_presets_carry_the_authors_settings(txt2img, name):
+    """Size, steps, taus, progressive and settings files as the authors' presets have them;
+    dispersion is ours (their _disperse presets set inflate_tau 0: README, Presets)."""
+    import yaml
+
+    theirs = yaml.safe_load((REF / "scalecrafter-settings" / "presets" / f"{name}.yaml").read_text())
+    args = txt2img.parse_args(["--preset", name, "--ckpt", "x"])
+    assert args.preset_family == "sd2" and len(SD21_PRESETS) == 5
+    assert (args.H, args.W) == (8 * theirs["latent_height"], 8 * theirs["latent_width"])
+    assert (args.dilate_tau, args.ndcfg_tau, args.progressive_dilate, args.steps) == \
+        (theirs["dilate_tau"], theirs["ndcfg_tau"], theirs["progressive"],
+         theirs["num_inference_steps"])
+    # the files each preset uses (an ndcfg file beside ndcfg_tau 0 is unused)
+    used = ["dilate_settings", "disperse_settings"] + \
+        (["ndcfg_dilate_settings"] if theirs["ndcfg_tau"] else [])
+    for key in used:
+        names = [Path(v).name if v else None for v in (getattr(args, key), theirs[key])]
+        assert names[0] == names[1], key
+    assert (args.inflate_tau > 0) == name.endswith("_disperse")
+
+
+def test_the_shipped_dispersion_transform_is_the_authors():
+    from ldm.scalecrafter.dispersion import load_dispersion_transform
+
+    shipped = load_dispersion_transform(REPO / "configs" / "scalecrafter" / "transforms" /
+                                        "R20to1.npy")
+    assert np.abs(shipped - load_dispersion_transform(TRANSFORM)).max() <= 1e-12
