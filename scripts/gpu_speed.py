@@ -41,6 +41,9 @@ Each part runs in its own process (so each is cold where it should be) under its
   Inductor's C++ wrapper (kernels launched from C++ rather than Python);
   each variant's GPU busy time beside its wall time. Variants that no longer fit the part's
   time are skipped, so that the ones compiled are still timed.
+- `compile_autotune`: in one process, beside one uncompiled copy, run 6's fastest call (static
+  sizes, CUDA graphs), then the same with Inductor's coordinate-descent tuning of its own
+  kernels, and with max-autotune (GEMM and conv templates tuned; minutes of compiling).
 
     python scripts/gpu_speed.py --json speed.json            # the `speed` set, at most 505 s
     python scripts/gpu_speed.py --parts stored --json stored.json   # at most 195 s
@@ -50,6 +53,7 @@ Each part runs in its own process (so each is cold where it should be) under its
     python scripts/gpu_speed.py --parts host --json host.json       # at most 500 s
     python scripts/gpu_speed.py --parts eager --json eager.json     # at most 90 s
     python scripts/gpu_speed.py --parts weights --json weights.json # at most 360 s
+    python scripts/gpu_speed.py --parts autotune --json autotune.json   # at most 500 s
     python scripts/gpu_speed.py --parts profile,cli --json s.json
     python scripts/gpu_speed.py --tiny --device cpu --parts speed,stored   # CPU smoke run
     python scripts/gpu_speed.py --summarize speed.json stored.json   # saved runs' report
@@ -81,6 +85,7 @@ COLD_DECODES = ("cold_decode", "cold_decode_hostalloc", "cold_decode_stored",
 # keywords}}. `compile_layouts` (after run 4): the compiled call's GPU time had 3.2 ms of cuDNN
 # converting NCHW inputs, and its wall time 5 ms of host gaps (30.0 ms a call, 24.9 busy).
 NHWC = {"freezing": True, "force_layout_optimization": True}
+STATIC_GRAPHS = {"dynamic_batch": False, "cuda_graphs": True}  # run 6's fastest call
 COMPILE_VARIANTS = {
     "compile_frozen": {"compiled_frozen": {"options": {"freezing": True}}},
     "compile_cudagraphs": {"compiled_cudagraphs": {"cuda_graphs": True}},
@@ -104,6 +109,15 @@ COMPILE_VARIANTS = {
     "compile_weights": {"compiled": {}, "compiled_cl_weights": {"channels_last": True},
                         "compiled_cl_weights_cudagraphs": {"channels_last": True,
                                                            "cuda_graphs": True}},
+    # after run 6: the best call (static sizes, CUDA graphs: 27.2 ms) is 1.2 ms a step short
+    # of the 1.3 s target. Inductor's own tuning is the lever left: coordinate-descent tuning
+    # of its generated kernels (cheap), then max-autotune's GEMM/conv templates (minutes of
+    # compiling, so last: skipped first when the part runs long).
+    "compile_autotune": {"compiled_static_cudagraphs": STATIC_GRAPHS,
+                         "compiled_static_cudagraphs_cdt": {
+                             **STATIC_GRAPHS, "options": {"coordinate_descent_tuning": True}},
+                         "compiled_static_cudagraphs_autotune": {
+                             **STATIC_GRAPHS, "options": {"max_autotune": True}}},
 }
 # Pairs judged within one compile-variant part: {part: {switch: (on label, off label)}}.
 COMPILE_PAIRS = {
@@ -116,6 +130,10 @@ COMPILE_PAIRS = {
     "compile_weights": {"cl_weights": ("compiled_cl_weights", "compiled"),
                         "cuda_graphs_cl_weights": ("compiled_cl_weights_cudagraphs",
                                                    "compiled_cl_weights")},
+    "compile_autotune": {"coordinate_descent": ("compiled_static_cudagraphs_cdt",
+                                                "compiled_static_cudagraphs"),
+                         "max_autotune": ("compiled_static_cudagraphs_autotune",
+                                          "compiled_static_cudagraphs")},
 }
 VARIANT_TEXT = {"compiled_frozen": "with freezing", "compiled_cudagraphs": "with CUDA graphs",
                 "compiled": "as --compile", "compiled_nhwc": "frozen, channels-last",
@@ -123,6 +141,10 @@ VARIANT_TEXT = {"compiled_frozen": "with freezing", "compiled_cudagraphs": "with
                 "compiled_cpp_wrapper": "with the C++ wrapper",
                 "compiled_static": "with static sizes",
                 "compiled_static_cudagraphs": "with static sizes, CUDA graphs",
+                "compiled_static_cudagraphs_cdt": "with static sizes, CUDA graphs, "
+                                                  "coordinate-descent tuning",
+                "compiled_static_cudagraphs_autotune": "with static sizes, CUDA graphs, "
+                                                       "max-autotune",
                 "compiled_cl_weights": "with channels-last weights",
                 "compiled_cl_weights_cudagraphs": "with channels-last weights, CUDA graphs"}
 PARTS = ("profile", "eager_layouts", "cli", *COLD_DECODES, "compile",
@@ -143,12 +165,15 @@ PART_SETS = {"speed": ("profile", "cli", "cold_decode", "compile"),
              "host": ("compile_host",),
              # after run 6: the eager call's mixed layouts; the compiled call's conversions
              "eager": ("eager_layouts",),
-             "weights": ("compile_weights",)}
+             "weights": ("compile_weights",),
+             # after run 6: Inductor's kernel tuning on the fastest call
+             "autotune": ("compile_autotune",)}
 # seconds per part
 TIMEOUTS = {"profile": 60, "eager_layouts": 90, "cli": 140, "cold_decode": 65,
             "cold_decode_hostalloc": 65, "cold_decode_stored": 65, "cold_decode_stored_hostreg": 65,
             "compile": 240, "compile_frozen": 180, "compile_cudagraphs": 200,
-            "compile_layouts": 450, "compile_host": 500, "compile_weights": 360}
+            "compile_layouts": 450, "compile_host": 500, "compile_weights": 360,
+            "compile_autotune": 500}
 # The cold 4096² decode under a 10 GB budget: as txt2img runs it (layers recompute rather than
 # store tiles beyond the budget; pinned memory registered on threads), and against it with
 # torch's default pinned allocations, storing every layer's tiles (the decode the H200 took

@@ -4,14 +4,15 @@
 # `scripts/benchmark.py --device cuda` (~6 min); (2b) `cli`: its CLI row alone (~70 s);
 # (2c) `sdxl`: its SDXL UNet rows (at most 200 s); (2d) `card24`: a 4096² run within 24 GB,
 # eager and with CUDA graphs (at most 420 s);
-# (3) `speed`, `stored`, `verify`, `graphs`, `layouts`, `host`, `eager`, `weights`:
+# (3) `speed`, `stored`, `verify`, `graphs`, `layouts`, `host`, `eager`, `weights`,
+# `autotune`:
 # where the time goes, `scripts/gpu_speed.py` (at most 530 s each). The arguments pick the
 # parts (default: check bench; one device command has 10 minutes, so `speed` runs alone, the
 # others beside `check` or `cli`). Runs with the machine's python3 (no venv): the repository
 # goes on PYTHONPATH. Logs and JSON go to $OUT (./gpu_out).
 #
 #   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [cli] \
-#     [sdxl] [card24] [speed] [stored] [verify] [graphs] [layouts] [host] [eager] [weights]
+#     [sdxl] [card24] [speed] [stored] [verify] [graphs] [layouts] [host] [eager] [weights] [autotune]
 #
 # SCALECRAFTER_REF: a folder laid out as ../shared/reference (it needs tiny/; default
 # ./shared_ref). Each part runs under its own timeout; one failing does not stop the next.
@@ -105,9 +106,11 @@ wants card24 && bench_item card24 420 250
 # that with CUDA graphs, in one process), `host` (after run 5: the plain compile, with static
 # sizes, CUDA graphs on both, and Inductor's C++ wrapper, in one process), `eager` (after run 6: the eager call as it runs, NCHW throughout, and with
 # channels-last conv weights; at most 90 s) and `weights` (after run 6: the plain compile,
-# with channels-last conv weights, and that with CUDA graphs, in one process; at most 360 s);
+# with channels-last conv weights, and that with CUDA graphs, in one process; at most 360 s)
+# and `autotune` (after run 6: static sizes and CUDA graphs, with Inductor's coordinate-descent
+# tuning, and with max-autotune, in one process; at most 500 s);
 # budget 530 s each, each part has its own timeout inside
-for set in speed stored verify graphs layouts host eager weights; do
+for set in speed stored verify graphs layouts host eager weights autotune; do
 if wants $set; then
 say "part 3 ($set): scripts/gpu_speed.py --parts $set (log: $OUT/$set.log)"
 timeout 530 "$PY" scripts/gpu_speed.py --parts $set --json "$OUT/$set.json" \

@@ -302,6 +302,29 @@ def test_weight_layout_variant_is_judged_against_the_plain_compile(speed, one_co
             ) in speed.decision_lines({"compile_weights": got})
 
 
+def test_inductor_tuning_is_judged_against_the_static_cuda_graphs(speed, one_conv_unet):
+    """`compile_autotune` (plumbing on the CPU): run 6's fastest call, then with Inductor's
+    coordinate-descent tuning and with max-autotune, in one process."""
+    params = {**speed.part_params("compile_autotune", True), "rounds": 1, "backend": "eager"}
+    got = speed.part_compile_variant(params, torch.device("cpu"))
+    assert set(got["seconds"]) == {"eager", "compiled_static_cudagraphs",
+                                   "compiled_static_cudagraphs_cdt",
+                                   "compiled_static_cudagraphs_autotune"}
+    assert all(v["rel_err_vs_eager"] < 1e-5 for v in got["variants"].values())
+    # 1 ms a step for 1 s more compiling pays back within a session of 2000 steps; 1.4 ms for
+    # 60 s more does not
+    set_figures(got, 0.0383, compiled_static_cudagraphs=(0.0272, 90),
+                compiled_static_cudagraphs_cdt=(0.0262, 91),
+                compiled_static_cudagraphs_autotune=(0.0258, 150))
+    verdicts = speed.decisions({"compile_autotune": got})
+    assert verdicts["coordinate_descent"][0] and not verdicts["max_autotune"][0]
+    assert any(line.startswith(
+        "- --compile on this device type: COMPILE_MODES entry (ldm/precision.py) "
+        "{'dynamic_batch': False, 'cuda_graphs': True, 'options': "
+        "{'coordinate_descent_tuning': True}} (by compile_autotune)")
+        for line in speed.decision_lines({"compile_autotune": got}))
+
+
 def test_variants_beyond_the_compile_budget_are_skipped(speed, one_conv_unet, monkeypatch):
     """A variant is compiled only while the part's compile budget still holds its longest
     compile so far: the compiled ones are then timed within the part's timeout."""
