@@ -138,3 +138,13 @@ def test_numbers_that_overflow_are_an_error_not_black_images(pipe, steps, messag
     opts = GenerationOptions(**{**SMALL, "steps": steps, "scale": 1e30})
     with pytest.raises(ValueError, match=message):
         pipe.generate(["a fox"], opts, progress=False)
+
+
+def test_a_prompt_cut_to_the_context_is_named_once(pipe, capsys):
+    """open_clip (SD 2.x) cuts a prompt to 77 tokens without a word: say so, once a prompt."""
+    long = "a detailed oil painting of " + "ripe red apples, " * 30 + "(api test)"
+    pipe.model.get_conditioning(["a fox", long], (64, 64))
+    pipe.model.get_conditioning([long], (64, 64))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["warning: the prompt 'a detailed oil painting of ripe red appl...' "
+                        "exceeds the text encoder's 77-token context; the rest is ignored"]

@@ -198,3 +198,12 @@ def test_seed_defaults(txt2img):
     assert args.overlap == 24 and args.negative_prompt == ""
     assert (args.steps, args.scale, args.H, args.W, args.n_samples, args.n_iter) == \
         (50, 9.0, 512, 512, 3, 3)
+
+
+def test_a_prompt_cut_to_the_context_is_named_once(sd1_pipe, capsys):
+    """CLIP ViT-L's tokenizer (SD 1.x, SDXL) keeps 75 tokens between its start and end."""
+    exact = " ".join(["apple"] * 75)  # 75 tokens: fits
+    sd1_pipe.model.get_conditioning([exact], (64, 64))
+    assert "warning" not in capsys.readouterr().err
+    sd1_pipe.model.get_conditioning([exact + " pear"], (64, 64))
+    assert capsys.readouterr().err.count("exceeds the text encoder's 77-token context") == 1

@@ -198,6 +198,10 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     def tokenize(self, prompts):
         return self.tokenizer(prompts)
 
+    def truncated(self, prompts, tokens):
+        room = self.tokenizer.length - 2  # the start and end tokens take two slots
+        return [p for p in prompts if len(self.tokenizer.encode(p)) > room]
+
     def encode_tokens(self, tokens):
         text = self.transformer.text_model
         x = text.hidden_state(tokens.to(text.embeddings.token_embedding.weight.device), self.index)

@@ -58,6 +58,13 @@ def import_open_clip():
     return importlib.import_module("open_clip")
 
 
+_WARNED_CUT = set()
+
+
+def _shortened(text: str, keep: int = 40) -> str:
+    return text if len(text) <= keep else text[:keep] + "..."
+
+
 class AbstractEncoder(nn.Module):
     """A text tower: prompts -> tokens (`tokenize`) -> the cross-attention context
     (`encode_tokens`). Its conditioning ignores the image size, and CFG's unconditional branch
@@ -69,10 +76,21 @@ class AbstractEncoder(nn.Module):
     def encode_tokens(self, tokens):
         raise NotImplementedError
 
+    def truncated(self, prompts, tokens):
+        """The prompts whose tokens did not all fit the context (the rest is cut)."""
+        return []
+
     def forward(self, prompts):
         if isinstance(prompts, str):
             prompts = [prompts]
-        return self.encode_tokens(self.tokenize(list(prompts)))
+        tokens = self.tokenize(list(prompts))
+        for prompt in self.truncated(prompts, tokens):
+            if prompt not in _WARNED_CUT:  # once a prompt, not once a batch and tower
+                _WARNED_CUT.add(prompt)
+                print(f"warning: the prompt {_shortened(prompt)!r} exceeds the text "
+                      f"encoder's {tokens.shape[-1]}-token context; the rest is ignored",
+                      file=sys.stderr, flush=True)
+        return self.encode_tokens(tokens)
 
     def encode(self, prompts):
         return self(prompts)

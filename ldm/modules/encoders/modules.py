@@ -58,6 +58,11 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         tokens = open_clip.tokenize(prompts, context_length=self.max_length)
         return tokens.to(self.model.token_embedding.weight.device)
 
+    def truncated(self, prompts, tokens):
+        # open_clip pads with 0 and ends a cut prompt with <|endoftext|> in the last slot
+        # (a prompt of exactly 75 tokens fills it too, and is reported with them)
+        return [p for p, row in zip(prompts, tokens) if int(row[-1]) != 0]
+
     def encode_tokens(self, tokens):
         blocks = self.model.transformer.resblocks
         x = self.run_blocks(self.embed(tokens), blocks[: len(blocks) - self.layer_idx])
