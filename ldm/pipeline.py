@@ -339,7 +339,7 @@ class Pipeline:
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], opts: GenerationOptions, generator, x_T=None,
                settings=None, progress=True):
-        """(latents, UNet batch size of each step) for one batch of prompts, one image each."""
+        """(latents, batch size of each UNet call) for one batch of prompts, one image each."""
         return self._sample(self.check(prompts, opts, x_T), opts, generator, x_T, settings,
                             progress)
 

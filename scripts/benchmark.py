@@ -607,7 +607,8 @@ def _tile_size(text):
 
 def build_parser():
     p = OneLineParser(description="Time and peak memory of ScaleCrafter's costs, side by side "
-                                  "(random weights, float32).")
+                                  "(random weights; float32 on the CPU, CUDA runs the UNet in "
+                                  "fp16 as txt2img does).")
     add = p.add_argument
     add("--device", choices=["cpu", "cuda"], default="cpu", help="where to compute")
     add("--quick", action="store_true",

@@ -70,8 +70,8 @@ def _half(device):
 
 
 def _unet_and_schedule(device, layout, config=FULL_CONFIG):
-    """The full-size SD 2.1 UNet (random, fp16 weights on CUDA, layout options applied) and the
-    config's alphas_cumprod."""
+    """The config's UNet (default: full-size SD 2.1; random, fp16 weights on CUDA, layout
+    options applied) and its alphas_cumprod."""
     import numpy as np
     import torch
     from torch import nn
@@ -113,8 +113,8 @@ def _options(p):
 
 
 # Kernel switches a variant of a sample case may set (cuDNN autotuning while sampling, the
-# UNet's GroupNorm dtype); a
-# variant that sets none runs with the device's defaults (ldm.precision.FAST_PATHS), as txt2img.
+# UNet's GroupNorm dtype, cuDNN attention first); a variant that sets none runs with the
+# device's defaults (ldm.precision.FAST_PATHS), as txt2img does.
 KERNEL_SWITCHES = ("cudnn_benchmark", "native_norms", "cudnn_attention")
 REFERENCE_KERNELS = {"cudnn_benchmark": False, "native_norms": False, "cudnn_attention": False}
 
@@ -313,8 +313,9 @@ def _weights_gb(model):
 
 
 def write_random_checkpoint(path, device, config=FULL_CONFIG):
-    """A full-size SD 2.1 checkpoint with random weights (initialised on `device`, which is
-    fast), saved as the published .ckpt is: {"state_dict": ...}, float32."""
+    """A checkpoint of the config's model (default: full-size SD 2.1) with random weights
+    (initialised on `device`, which is fast), saved as the published .ckpt is:
+    {"state_dict": ...}, float32."""
     import torch
 
     model = _random_model(device, config)

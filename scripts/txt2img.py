@@ -80,7 +80,8 @@ def build_parser(suppress_defaults=False):
         help="full: float32; autocast: UNet in fp16 on CUDA, bf16 on the CPU")
     add("--repeat", type=int, default=d(1), help="repeat each prompt of --from-file this often")
     add("--device", type=str, choices=["cpu", "cuda", "auto"], default=d("cpu"),
-        help="device (auto: CUDA where torch sees one, else the CPU)")
+        help="device (auto: CUDA where torch sees one, else the CPU; to use another GPU than "
+             "the first, set CUDA_VISIBLE_DEVICES)")
     add("--compile", action="store_true",
         help="torch.compile the UNet: compiled once, in the first step, whatever the "
              "re-dilation plan and batch size")
