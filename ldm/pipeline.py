@@ -375,7 +375,7 @@ class Pipeline:
             images = tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size,
                                   budget_bytes=budget, progress=progress)
         else:  # banded on CUDA and wherever plain would not fit
-            images = full_decode(vae, z, budget)
+            images = full_decode(vae, z, budget, progress=progress)
         if not torch.isfinite(images).all():
             raise ValueError(f"decoding produced NaN or infinite pixels: the latents are out of "
                              f"range (is --scale {opts.scale} too large?)")

@@ -84,7 +84,7 @@ def test_full_decode_chooses_plain_or_lean(vae, monkeypatch):
     z = _latent(8, 8, seed=2)
     seen = []
     monkeypatch.setattr(lean, "lean_decode", lambda *a, **k: seen.append("lean") or 0)
-    monkeypatch.setattr(vae, "decode", lambda z: seen.append("plain") or 0)
+    monkeypatch.setattr(vae, "decode", lambda z, tick=None: seen.append("plain") or 0)
     full_decode(vae, z, budget_bytes=10 ** 12)  # plain where it fits
     full_decode(vae, z, budget_bytes=1)
     full_decode(vae, z, lean=True)
@@ -105,3 +105,19 @@ def test_pipeline_full_decode_goes_banded_beyond_its_budget(tiny_pipe, monkeypat
     assert rel_err(tiny_pipe.decode(z, opts, progress=False), plain) <= 1e-5
     assert ran == [1]  # the budget reached the banded decoder
     assert pipeline.full_decode is full_decode
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_the_full_decode_ticks_once_a_block_either_way(vae, lean):
+    """The untiled decode's progress: the plain and the banded decoder tick at the same places,
+    decoder_ticks times, without changing a number."""
+    from ldm.modules.diffusionmodules.model import decoder_ticks
+
+    z, ticks = _latent(9, 12), []
+    with torch.no_grad():
+        plain = vae.decode(z)
+        out = (lean_decode(vae, z, budget_bytes=0, tick=lambda: ticks.append(1)) if lean
+               else vae.decode(z, lambda: ticks.append(1)))
+        assert torch.equal(full_decode(vae, z, lean=lean, progress=True), out)
+    assert len(ticks) == decoder_ticks(vae.decoder) > 1
+    assert rel_err(out, plain) <= 1e-5

@@ -25,5 +25,5 @@ class AutoencoderKL(nn.Module):
         mean, _logvar = torch.chunk(self.quant_conv(self.encoder(x)), 2, dim=1)
         return mean
 
-    def decode(self, z):
-        return self.decoder(self.post_quant_conv(z))
+    def decode(self, z, tick=None):
+        return self.decoder(self.post_quant_conv(z), tick)

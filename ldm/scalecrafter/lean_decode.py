@@ -21,8 +21,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from ldm.modules.diffusionmodules.model import ResnetBlock
+from ldm.modules.diffusionmodules.model import ResnetBlock, decoder_ticks
 from ldm.scalecrafter.memory import default_budget
 
 BAND_BYTES = 128 * 2 ** 20  # one band of the widest map a conv reads (its temporaries are a few)
@@ -312,7 +313,9 @@ class LeanDecoder:
             return self.materialize(lazy)
         return lazy, self.moments(lazy)
 
-    def __call__(self, z):
+    def __call__(self, z, tick=None):
+        """tick: called where the decoder's forward calls it (ldm's Decoder.forward)."""
+        tick = tick or (lambda: None)
         dec = self.dec
         x = Dense(dec.conv_in(z))
         mx = self.moments(x)
@@ -320,6 +323,7 @@ class LeanDecoder:
         x = Dense(dec.mid.attn_1(x.t))
         mx = self.moments(x)
         x, mx = self.resnet(dec.mid.block_2, x, mx)
+        tick()
         for level in reversed(range(len(dec.up))):
             up = dec.up[level]
             for i, block in enumerate(up.block):
@@ -327,6 +331,7 @@ class LeanDecoder:
                 if len(up.attn) > 0:
                     x = Dense(up.attn[i](x.t))
                     mx = self.moments(x)
+                tick()
             if hasattr(up, "upsample"):
                 following = dec.up[level - 1].block[0] if level > 0 else None
                 x, mx = self.upsample(up.upsample, x, following)
@@ -338,11 +343,11 @@ class LeanDecoder:
 
 @torch.no_grad()
 def lean_decode(autoencoder, z, budget_bytes: Optional[float] = None,
-                band_bytes: int = BAND_BYTES):
+                band_bytes: int = BAND_BYTES, tick=None):
     """autoencoder.decode(z), band by band (see the module's docstring). budget_bytes: memory
     above which layers recompute rather than store (None: store everything)."""
     post = autoencoder.post_quant_conv(z)
-    return LeanDecoder(autoencoder.decoder, budget_bytes, band_bytes)(post)
+    return LeanDecoder(autoencoder.decoder, budget_bytes, band_bytes)(post, tick)
 
 
 # The plain decode's peak above its weights, in units of its largest activation (an upsampled
@@ -376,14 +381,17 @@ def plain_decode_bytes(decoder, height: int, width: int, batch: int = 1) -> int:
 BANDED_ALWAYS = {"cuda": True}
 
 
-def full_decode(autoencoder, z, budget_bytes: Optional[float] = None, lean: Optional[bool] = None):
+def full_decode(autoencoder, z, budget_bytes: Optional[float] = None, lean: Optional[bool] = None,
+                progress: bool = False):
     """The untiled decode: banded on devices in BANDED_ALWAYS; elsewhere the plain decoder
     where its estimated peak fits the budget (default: a share of the free memory), else the
-    banded one (or as `lean` says)."""
+    banded one (or as `lean` says). progress: a bar over the decoder's blocks."""
     budget = default_budget(z.device) if budget_bytes is None else budget_bytes
     if lean is None:
         lean = BANDED_ALWAYS.get(z.device.type, False) or \
             plain_decode_bytes(autoencoder.decoder, *z.shape[2:], z.shape[0]) > budget
-    if not lean:
-        return autoencoder.decode(z)
-    return lean_decode(autoencoder, z, budget)
+    with tqdm(total=decoder_ticks(autoencoder.decoder), desc="Decoding", leave=False,
+              disable=not progress) as bar:
+        if not lean:
+            return autoencoder.decode(z, bar.update)
+        return lean_decode(autoencoder, z, budget, tick=bar.update)

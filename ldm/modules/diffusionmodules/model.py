@@ -191,6 +191,11 @@ class Encoder(nn.Module):
         return self.conv_out(nonlinearity(self.norm_out(h)))
 
 
+def decoder_ticks(decoder) -> int:
+    """How often a decode calls its tick: after the middle and after each level's ResNet block."""
+    return 1 + sum(len(up.block) for up in decoder.up)
+
+
 class Decoder(nn.Module):
     def __init__(self, *, ch, out_ch, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions,
                  dropout=0.0, resamp_with_conv=True, in_channels, resolution, z_channels,
@@ -221,14 +226,19 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
-    def forward(self, z):
+    def forward(self, z, tick=None):
+        """tick: called after the middle and after each ResNet block (`decoder_ticks` calls),
+        e.g. a progress bar's update."""
+        tick = tick or (lambda: None)
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        tick()
         for up in reversed(self.up):
             for i, block in enumerate(up.block):
                 h = block(h)
                 if len(up.attn) > 0:
                     h = up.attn[i](h)
+                tick()
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
         if self.give_pre_end:
