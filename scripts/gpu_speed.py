@@ -672,18 +672,18 @@ def load_probe(ckpt, config, device_type, side):
     import_open_clip()  # what the SD 2.x text encoder costs to import
     mark("import_open_clip")
     from ldm.checkpoint import load_state_dict
-    from ldm.layouts import fit_state_dict
-    from ldm.modules.encoders.modules import register_config_dir
+    from ldm.layouts import fit_state_dict, without_wrapper_prefix
+    from ldm.modules.encoders.common import register_config_dir
     from ldm.pipeline import GenerationOptions, Pipeline
     from ldm.precision import prepare_for_inference, weight_dtype_policy
-    from ldm.util import instantiate_from_config, load_config
+    from ldm.util import instantiate_from_config, load_config, model_part_names
     mark("import_ldm")
     cfg = load_config(config)
     register_config_dir(Path(config).resolve().parent)
     with torch.device("meta"):
         model = instantiate_from_config(cfg.model)
     mark("meta_build")
-    state = load_state_dict(ckpt)
+    state = without_wrapper_prefix(load_state_dict(ckpt), model_part_names(cfg))
     mark("read_checkpoint")
     fitted = fit_state_dict(model, state, weight_dtype_policy(device_type, "autocast"),
                             device_type)
