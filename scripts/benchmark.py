@@ -41,6 +41,7 @@ for _path in (REPO_ROOT, REPO_ROOT / "scripts"):
         sys.path.insert(0, str(_path))
 
 import benchmark_gpu  # noqa: E402  (the --device cuda rows)
+from ldm.cli import OneLineParser, UsageError, tile_size_arg  # noqa: E402
 
 FULL_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml"
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny" / "tiny-sd21.yaml"
@@ -577,15 +578,6 @@ def write_json(report, path):
 # Command line
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-class UsageError(Exception):
-    pass
-
-
 def _int_list(text):
     try:
         values = [int(v) for v in text.replace(",", " ").split()]
@@ -594,15 +586,6 @@ def _int_list(text):
     if not values:
         raise argparse.ArgumentTypeError("expected at least one latent side")
     return values
-
-
-def _tile_size(text):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
 
 
 def build_parser():
@@ -630,7 +613,7 @@ def build_parser():
     add("--decode-side", type=int, help="latent side of the decode case (default 64; --quick 32)")
     add("--overlap", type=int, help="tile overlap, latent pixels (default 8; --tiny 4; "
                                     "txt2img's default is 24)")
-    add("--tile-size", type=_tile_size, help="tile side of the 'tiled' decode, latent pixels, "
+    add("--tile-size", type=tile_size_arg, help="tile side of the 'tiled' decode, latent pixels, "
         "or auto (default auto; the seed's half-side tiling is measured beside it)")
     add("--decode-budget-gb", type=float, help="memory budget of tiled decodes (default: from "
         "free memory on the CPU, 10 on CUDA: a 24 GB card's share beside fp16 weights)")

@@ -16,15 +16,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from ldm.cli import OneLineParser, UsageError, tile_size_arg  # noqa: E402  (torch-free)
+
 PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag costs one line on stderr (exit 2), not a usage dump."""
-
-    def error(self, message):
-        message = " ".join(str(message).split())
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
@@ -140,22 +134,8 @@ def build_parser(suppress_defaults=False):
     return p
 
 
-def tile_size_arg(text):
-    """--tile_size: an integer or 'auto' (range checks come later, with the other numbers)."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-
-
 def list_presets():
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
-
-
-class UsageError(Exception):
-    pass
 
 
 def parse_args(argv=None):
