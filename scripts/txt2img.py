@@ -249,11 +249,13 @@ def read_prompts(args):
     return [[args.prompt or ""] * args.n_samples]
 
 
-def check_readable_file(path, what):
+def check_readable_file(path, what, folder_hint=""):
     """A file that exists, is a file, and can be opened; else a UsageError naming `what`."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder, not a file{folder_hint}")
     if not path.is_file():
         raise UsageError(f"{what} {path} is not a file")
     try:
@@ -361,7 +363,9 @@ def check_inputs(args, opts):
             raise UsageError("--device cuda was asked for, but no CUDA device is available")
     if not args.ckpt:
         raise UsageError("--ckpt is required (see README: Checkpoints)")
-    _, first = check_readable_file(args.ckpt, "checkpoint file")
+    _, first = check_readable_file(
+        args.ckpt, "checkpoint file", " (a diffusers model folder? this tool reads the "
+        "single-file .ckpt / .safetensors checkpoints the model pages publish)")
     if not first:
         raise UsageError(f"checkpoint {args.ckpt} is empty (0 bytes)")
     config = check_config(args.config)

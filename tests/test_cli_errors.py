@@ -169,7 +169,7 @@ EARLY = [
     ("config-no-target", ["--config", "{no_target.yaml}"], "has no 'model.target'"),
     ("config-bad-target", ["--config", "{bad_target.yaml}"], "cannot import target"),
     ("ckpt-missing", ["--ckpt", "{missing}"], "does not exist"),
-    ("ckpt-folder", ["--ckpt", "{folder}"], "is not a file"),
+    ("ckpt-folder", ["--ckpt", "{folder}"], "is a folder, not a file (a diffusers model folder?"),
     ("ckpt-empty", ["--ckpt", "{empty.ckpt}"], "is empty"),
     ("prompt-file-missing", ["--from-file", "{missing}"], "prompt file"),
     ("prompt-file-empty", ["--from-file", "{empty.txt}"], "has no prompts"),
