@@ -163,7 +163,7 @@ EARLY = [
     ("settings-no-entries", ["--dilate_settings", "{blank.txt}"], "has no entries"),
     ("preset-not-yaml", ["--preset", "{broken.yaml}"], "is not valid YAML"),
     ("config-missing", ["--config", "{missing}"], "does not exist"),
-    ("config-folder", ["--config", "{folder}"], "is not a file"),
+    ("config-folder", ["--config", "{folder}"], "is a folder, not a file"),
     ("config-not-yaml", ["--config", "{broken.yaml}"], "is not valid YAML"),
     ("config-not-ldm", ["--config", "{not_ldm.yaml}"], "has no 'model' section"),
     ("config-no-target", ["--config", "{no_target.yaml}"], "has no 'model.target'"),
