@@ -131,8 +131,8 @@ class GenerationOptions:
                 raise ValueError(f"--{name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2 ** 32:
             raise ValueError(f"--seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
-        if not 0 <= self.ddim_eta <= 1:  # beyond 1 DDIM's direction term is the root of a
-            # negative number: every latent NaN
+        # beyond 1, DDIM's direction term is the root of a negative number: every latent NaN
+        if not 0 <= self.ddim_eta <= 1:
             raise ValueError(f"--ddim_eta must be between 0 and 1, got {self.ddim_eta}")
         if self.dilate is not None and self.dilate <= 0:
             raise ValueError(f"--dilate must be positive, got {self.dilate}")
