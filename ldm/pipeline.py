@@ -24,6 +24,7 @@ from ldm.scalecrafter.guidance import GuidedDenoiser
 from ldm.scalecrafter.schedule import ScaleCrafterSettings
 from ldm.scalecrafter.settings import build_settings
 from ldm.scalecrafter.lean_decode import full_decode
+from ldm.scalecrafter.memory import available_bytes
 from ldm.scalecrafter.tiled_decode import tiled_decode
 from ldm.util import build_model, load_config, model_part_names
 
@@ -240,6 +241,16 @@ def checked_device(device, precision: str, layout) -> torch.device:
     return device
 
 
+# A UNet call's working memory is 27-46 times its first feature map (SD 2.1, CPU, fp32, CFG
+# batch: 4.58 GB above the weights at latent 256, 1.09 GB at latent 96): refusing below 8 of
+# them never refuses a run that would fit.
+MIN_UNET_MAPS = 8
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 class Pipeline:
     def __init__(self, model, device="cpu", config_path=None, ckpt_path=None):
         self.model, self.device = model, torch.device(device)
@@ -327,7 +338,23 @@ class Pipeline:
         shape = (len(prompts), opts.C, opts.H // opts.f, opts.W // opts.f)
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, the options want {shape}")
+        self._check_memory(len(prompts), opts)
         return prompts
+
+    def _check_memory(self, batch: int, opts: GenerationOptions):
+        """Refuse a size whose UNet call cannot fit the memory free now, by a floor on its
+        working memory (MIN_UNET_MAPS of its first feature map, for the CFG batch): such a run
+        could only end in an out-of-memory error or, on the CPU, the kernel killing it."""
+        rows = batch * (1 if opts.scale == 1.0 else 2)
+        dtype = AUTOCAST_DTYPES[self.device.type] if opts.precision == "autocast" \
+            else torch.float32
+        one_map = rows * self.model.unet.model_channels * (opts.H // opts.f) * \
+            (opts.W // opts.f) * torch.finfo(dtype).bits // 8
+        need, free = MIN_UNET_MAPS * one_map, available_bytes(self.device)
+        if need > free:
+            raise ValueError(f"{opts.W}x{opts.H} with {batch} image(s) a batch does not fit: a "
+                             f"UNet call needs more than {_size(need)}, and {_size(free)} are "
+                             f"free on {self.device.type}")
 
     def latent_format(self) -> Tuple[int, int]:
         """(channels, downsampling factor) of the model's latents: the UNet's input channels,

@@ -148,3 +148,19 @@ def test_a_prompt_cut_to_the_context_is_named_once(pipe, capsys):
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warnings == ["warning: the prompt 'a detailed oil painting of ripe red appl...' "
                         "exceeds the text encoder's 77-token context; the rest is ignored"]
+
+
+def test_a_size_beyond_memory_is_refused_before_sampling(pipe, monkeypatch):
+    """One UNet feature map of the CFG batch that does not fit the free memory ends a run with
+    one line, not with the kernel killing the process."""
+    from ldm import pipeline
+
+    one_map = 2 * 32 * 64 * 64 * 4  # the tiny UNet's (32 channels) first map, CFG, fp32
+    free = pipeline.MIN_UNET_MAPS * one_map - 1
+    monkeypatch.setattr(pipeline, "available_bytes", lambda device: free)
+    with pytest.raises(ValueError, match=r"512x512 with 1 image\(s\) a batch does not fit: a "
+                                         r"UNet call needs more than 8.0 MiB, and 8.0 MiB "
+                                         r"are free on cpu"):
+        pipe.generate(["a fox"], GenerationOptions(**{**SMALL, "H": 512, "W": 512}),
+                      progress=False)
+    pipe.check(["a fox"], GenerationOptions(**{**SMALL, "H": 512, "W": 512, "scale": 1.0}))
