@@ -204,7 +204,7 @@ class OutputWriter:
         self.count = self.batches = 0  # images and batches written by this run
         self.prompts = []
         self.paths: List[Path] = []  # the samples written by this run
-        self.images: List[torch.Tensor] = []  # their decoded batches, for a grid
+        self.images: List[torch.Tensor] = []  # their decoded images, for a grid
         self.grid_path = None  # the grid save_batch wrote, if it was given one
 
     @property
@@ -235,9 +235,10 @@ class OutputWriter:
         with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
             encoded = list(pool.map(lambda job: job(), jobs))
         grid_png = encoded.pop() if grid_rows is not None else None
-        paths = [self._write_sample(prompt, params, data, latent)
-                 for prompt, params, data, latent in zip(prompts, texts, encoded, latents)]
-        self.images.append(decoded)
+        paths = []
+        for i, (prompt, params, data, latent) in enumerate(zip(prompts, texts, encoded, latents)):
+            paths.append(self._write_sample(prompt, params, data, latent))
+            self.images.append(decoded[i:i + 1])  # each image as it is kept, for a grid
         if grid_png is not None:
             self.grid_path = self._write_grid(grid_png)
         return paths

@@ -323,7 +323,8 @@ class Pipeline:
     def initial_noise(self, opts, batch, generator):
         """x_T for `batch` images, drawn on the generator's device and moved to this one."""
         shape = (batch, opts.C, opts.H // opts.f, opts.W // opts.f)
-        return torch.randn(shape, generator=generator, device=generator.device).to(self.device)
+        device = generator.device if generator is not None else "cpu"
+        return torch.randn(shape, generator=generator, device=device).to(self.device)
 
     def check(self, prompts, opts: GenerationOptions, x_T=None) -> List[str]:
         """The prompts as a list (a single string is one prompt), once they and the options

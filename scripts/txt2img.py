@@ -484,7 +484,10 @@ def run(args):
         writer.discard_partial_files()
         if args.debug:
             raise
-        writer.save_grid(args.n_rows or args.n_samples)  # of the images kept, if any
+        try:
+            writer.save_grid(args.n_rows or args.n_samples)  # of the images kept, if any
+        except (OSError, KeyboardInterrupt):  # the grid is a courtesy: the exit stays 130
+            writer.discard_partial_files()
         print(f"interrupted: kept {writer.count} finished image(s) in {writer.outdir}: "
               f"{writer.summary()}", file=sys.stderr)
         return 130
@@ -595,7 +598,8 @@ def out_of_memory_line(text) -> str:
     cuda = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
     host = re.search(r"you tried to allocate (\d+) bytes", text)
     size = cuda.group(1) if cuda else f"{int(host.group(1)) / 2**30:.1f} GiB" if host else None
-    return (f"out of {'GPU' if cuda else 'host'} memory"
+    on_gpu = cuda is not None or "CUDA" in text
+    return (f"out of {'GPU' if on_gpu else 'host'} memory"
             + (f" (tried to allocate {size})" if size else "")
             + ": try a smaller --H/--W or --n_samples, --precision autocast, or "
               "--tiled_decoding --tile_size auto")

@@ -143,6 +143,8 @@ def test_numbers_that_overflow_are_an_error_not_black_images(pipe, steps, messag
 def test_a_prompt_cut_to_the_context_is_named_once(pipe, capsys):
     """open_clip (SD 2.x) cuts a prompt to 77 tokens without a word: say so, once a prompt."""
     long = "a detailed oil painting of " + "ripe red apples, " * 30 + "(api test)"
+    pipe.model.get_conditioning([" ".join(["pear"] * 75)], (64, 64))  # 75 tokens: all fit
+    assert "warning" not in capsys.readouterr().err
     pipe.model.get_conditioning(["a fox", long], (64, 64))
     pipe.model.get_conditioning([long], (64, 64))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]

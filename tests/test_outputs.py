@@ -305,3 +305,30 @@ def test_prompt_file_repeat_and_grid_rows(cli, tmp_path, capsys):
         assert "Batch size: 2, Batch pos: 0, Batch index: 1" in image.text["parameters"]
     with Image.open(out / "grid-0000.png") as grid:  # make_grid: 2 px of padding around each
         assert grid.size == (4 * (64 + 2) + 2, 2 * (64 + 2) + 2)
+
+
+def test_an_interrupted_batch_keeps_its_written_images_in_the_grid(tmp_path, monkeypatch):
+    """Ctrl-C between two images of one batch: the grid written then has the image kept."""
+    writer = OutputWriter(tmp_path / "out", *fake_run(tmp_path))
+    real, calls = writer._write_sample, []
+
+    def second_interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(writer, "_write_sample", second_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        writer.save_batch(["a cat", "a dog"], *fake_batch(2, 0))
+    grid = writer.save_grid(2)
+    with Image.open(grid) as image:
+        assert image.size == (128, 128)  # one 128² image
+    assert writer.summary() == "samples/00000.png, grid-0000.png"
+
+
+def test_sampling_without_a_generator_draws_from_the_global_one(tiny_pipe):
+    from ldm.pipeline import GenerationOptions
+    torch.manual_seed(0)
+    z, _ = tiny_pipe.sample(["x"], GenerationOptions(H=64, W=64, steps=1, precision="full"),
+                            None, progress=False)
+    assert torch.isfinite(z).all()

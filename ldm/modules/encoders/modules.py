@@ -59,9 +59,13 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         return tokens.to(self.model.token_embedding.weight.device)
 
     def truncated(self, prompts, tokens):
-        # open_clip pads with 0 and ends a cut prompt with <|endoftext|> in the last slot
-        # (a prompt of exactly 75 tokens fills it too, and is reported with them)
-        return [p for p, row in zip(prompts, tokens) if int(row[-1]) != 0]
+        # open_clip pads with 0, so only a prompt that fills the last slot can have been cut;
+        # those are counted (its tokenizer is built then, not for every short prompt)
+        full = [p for p, row in zip(prompts, tokens) if int(row[-1]) != 0]
+        if not full:
+            return []
+        counter = open_clip.tokenizer.SimpleTokenizer()
+        return [p for p in full if len(counter.encode(p)) > self.max_length - 2]
 
     def encode_tokens(self, tokens):
         blocks = self.model.transformer.resblocks
