@@ -40,9 +40,12 @@ class OutputError(OSError):
     """An output folder that cannot be used; the message is one line for the user."""
 
 
-def ensure_writable_dir(path) -> Path:
-    """Create `path` (and its parents) and check that files can be created in it."""
+def ensure_writable_dir(path, created: Optional[List[Path]] = None) -> Path:
+    """Create `path` (and its parents) and check that files can be created in it. `created`
+    gets the folders this made, deepest first (see remove_if_empty)."""
     path = Path(path)
+    if created is not None:
+        created.extend(p for p in (path, *path.parents) if not p.exists())
     # A regular file on the way: name it (mkdir would only say "Not a directory").
     try:
         existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
@@ -61,6 +64,16 @@ def ensure_writable_dir(path) -> Path:
     except OSError as err:
         raise OutputError(f"output folder {path} is not writable: {err.strerror or err}") from None
     return path
+
+
+def remove_if_empty(folders):
+    """Remove the folders (deepest first) that are still empty: what a run that made nothing
+    leaves behind of the folders it created."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone: keep going up only while they go
+            break
 
 
 def _new_file_mode() -> int:

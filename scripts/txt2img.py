@@ -149,6 +149,7 @@ def parse_args(argv=None):
     if args.preset:  # the preset yields to the flags given on the command line
         apply_preset(args, args.preset, explicit)
     args.config = str(repository_fallback(args.config))
+    args.created_dirs = []  # output folders this run creates (removed if it makes nothing)
     return args
 
 
@@ -378,7 +379,8 @@ def check_inputs(args, opts):
             check_readable_file(value, f"--{name} file")
     settings = check_settings_files(config, opts)
     from ldm.outputs import ensure_writable_dir
-    ensure_writable_dir(Path(args.outdir) / "samples")  # the one check that creates something
+    # the one check that creates something (undone if the run is interrupted before an image)
+    ensure_writable_dir(Path(args.outdir) / "samples", args.created_dirs)
     return settings
 
 
@@ -461,7 +463,7 @@ def use_fast_pinned_memory():
 
 def run(args):
     from ldm.hashing import BackgroundShortHash
-    from ldm.outputs import OutputWriter
+    from ldm.outputs import OutputWriter, remove_if_empty
 
     opts = options_from_args(args)
     batches = read_prompts(args)
@@ -488,8 +490,12 @@ def run(args):
             writer.save_grid(args.n_rows or args.n_samples)  # of the images kept, if any
         except (OSError, KeyboardInterrupt):  # the grid is a courtesy: the exit stays 130
             writer.discard_partial_files()
-        print(f"interrupted: kept {writer.count} finished image(s) in {writer.outdir}: "
-              f"{writer.summary()}", file=sys.stderr)
+        if writer.count == 0:
+            remove_if_empty(args.created_dirs)
+            print("interrupted: no image was made", file=sys.stderr)
+        else:
+            print(f"interrupted: kept {writer.count} finished image(s) in {writer.outdir}: "
+                  f"{writer.summary()}", file=sys.stderr)
         return 130
     print(f"Your samples are ready and waiting for you here:\n{writer.outdir}\nEnjoy.")
     print(f"This run wrote {writer.summary()}.")
@@ -549,6 +555,9 @@ def main(argv=None):
     except KeyboardInterrupt:  # before sampling started (run handles it during sampling)
         if debug:
             raise
+        if args is not None:
+            from ldm.outputs import remove_if_empty
+            remove_if_empty(args.created_dirs)
         print("interrupted: no image was made", file=sys.stderr)
         return 130
     except Exception as err:  # one readable line unless --debug

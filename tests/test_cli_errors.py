@@ -275,23 +275,42 @@ def test_debug_shows_the_traceback(cli, capsys, base, no_load):
         cli.main(base + ["--H", "100", "--debug"])
 
 
-def test_ctrl_c_before_sampling_is_one_line(cli, capsys, base, monkeypatch):
+def test_ctrl_c_before_sampling_is_one_line(cli, capsys, base, monkeypatch, tmp_path):
+    """Exit 130 with one line, and the output folders the run created are gone again (those
+    that were there stay)."""
     import ldm.pipeline
 
     def load(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ldm.pipeline.Pipeline, "load", classmethod(load))
-    status, lines = call(cli, capsys, base)
-    assert status == 130
-    assert lines == ["interrupted: no image was made"]
+    existing = tmp_path / "existing"
+    (existing / "samples").mkdir(parents=True)
+    for outdir in (tmp_path / "new" / "out", existing):
+        status, lines = call(cli, capsys, base + ["--outdir", str(outdir)])
+        assert status == 130
+        assert lines == ["interrupted: no image was made"]
+    assert not (tmp_path / "new").exists()
+    assert (existing / "samples").is_dir()
+
+
+def test_ctrl_c_in_the_first_batch_leaves_no_folder_behind(cli, capsys, base, monkeypatch,
+                                                           tmp_path):
+    import ldm.pipeline
+
+    def sample(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "sample", sample)
+    status, lines = call(cli, capsys, base + ["--outdir", str(tmp_path / "new" / "out")])
+    assert status == 130 and lines[-1] == "interrupted: no image was made"
+    assert not (tmp_path / "new").exists()
 
 
 def test_ctrl_c_while_sampling_keeps_finished_images(cli, capsys, base, monkeypatch, tmp_path):
-    from PIL import Image
-
     """The first batch is saved, Ctrl-C comes in the second: exit 130, one line naming what was
     kept, the first image complete with its grid, nothing partial."""
+    from PIL import Image
+
     import ldm.pipeline
 
     calls = []
