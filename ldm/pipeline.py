@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.models.diffusion.ddim import generator_device
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths,
                            prepare_for_inference, sampling_kernels, weight_dtype_policy)
@@ -323,8 +324,8 @@ class Pipeline:
     def initial_noise(self, opts, batch, generator):
         """x_T for `batch` images, drawn on the generator's device and moved to this one."""
         shape = (batch, opts.C, opts.H // opts.f, opts.W // opts.f)
-        device = generator.device if generator is not None else "cpu"
-        return torch.randn(shape, generator=generator, device=device).to(self.device)
+        return torch.randn(shape, generator=generator,
+                           device=generator_device(generator)).to(self.device)
 
     def check(self, prompts, opts: GenerationOptions, x_T=None) -> List[str]:
         """The prompts as a list (a single string is one prompt), once they and the options

@@ -37,11 +37,16 @@ def to_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.pin_memory().to(like.device, non_blocking=True)
 
 
+def generator_device(generator):
+    """Where a generator draws (None: torch's global CPU one)."""
+    return generator.device if generator is not None else "cpu"
+
+
 def draw_noise(generator, like: torch.Tensor) -> torch.Tensor:
     """Standard normal noise shaped like x from the generator, on the generator's device (a CPU
     one by default, so a seed means the same numbers on every device), then on x's."""
-    device = generator.device if generator is not None else "cpu"
-    noise = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device)
+    noise = torch.randn(like.shape, generator=generator, dtype=like.dtype,
+                        device=generator_device(generator))
     return to_device(noise, like)
 
 

@@ -2,7 +2,8 @@
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import _on_device, ddim_coefficients, ddim_timesteps
+from ldm.models.diffusion.ddim import (_on_device, ddim_coefficients, ddim_timesteps,
+                                      generator_device)
 
 
 def _plms_eps(eps, history):
@@ -25,7 +26,7 @@ def sample_plms(denoiser, x, alphas_cumprod, steps, generator=None, progress=Tru
         # The published PLMS draws noise for every update and scales it by sigma = 0; drawing
         # (and dropping) it too keeps a run's later batches on the same random stream.
         torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                    device=generator.device if generator is not None else "cpu")
+                    device=generator_device(generator))
         a_t, a_prev = alphas[index], alphas_prev[index]
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps

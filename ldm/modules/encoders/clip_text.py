@@ -52,6 +52,7 @@ class ClipTokenizer:
     def __init__(self, length: int = 77, pad: int = EOS):
         self.bpe = import_open_clip().tokenizer.SimpleTokenizer()
         self.length, self.pad = length, pad
+        self.cut = []  # the texts of the last call that did not fit, and were cut
 
     def _encode_plain(self, text):
         text = " ".join(ftfy.fix_text(text).split()).lower()
@@ -70,8 +71,12 @@ class ClipTokenizer:
 
     def __call__(self, texts):
         rows = torch.full((len(texts), self.length), self.pad, dtype=torch.long)
+        self.cut = []
         for i, text in enumerate(texts):
-            ids = [BOS] + self.encode(text)[: self.length - 2] + [EOS]
+            ids = self.encode(text)
+            if len(ids) > self.length - 2:
+                self.cut.append(text)
+            ids = [BOS] + ids[: self.length - 2] + [EOS]
             rows[i, : len(ids)] = torch.tensor(ids)
         return rows
 
@@ -199,8 +204,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         return self.tokenizer(prompts)
 
     def truncated(self, prompts, tokens):
-        room = self.tokenizer.length - 2  # the start and end tokens take two slots
-        return [p for p in prompts if len(self.tokenizer.encode(p)) > room]
+        return self.tokenizer.cut  # counted while tokenizing `prompts`
 
     def encode_tokens(self, tokens):
         text = self.transformer.text_model

@@ -1,6 +1,7 @@
 """Text conditioning: the OpenCLIP text tower of SD 2.x (the CLIP text model of SD 1.x lives in
 clip_text.py). Weights always come from the SD checkpoint, so the towers are built without
 downloading anything (and without the unused visual tower)."""
+import functools
 import json
 
 import torch
@@ -37,6 +38,12 @@ def build_text_tower(arch: str) -> nn.Module:
     return model
 
 
+@functools.lru_cache(maxsize=1)
+def _token_counter():
+    """open_clip's BPE tokenizer, built once (it reads its vocabulary)."""
+    return open_clip.tokenizer.SimpleTokenizer()
+
+
 class FrozenOpenCLIPEmbedder(AbstractEncoder):
     """Token-wise CLIP text features, from the last or the penultimate transformer layer."""
 
@@ -64,7 +71,7 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         full = [p for p, row in zip(prompts, tokens) if int(row[-1]) != 0]
         if not full:
             return []
-        counter = open_clip.tokenizer.SimpleTokenizer()
+        counter = _token_counter()
         return [p for p in full if len(counter.encode(p)) > self.max_length - 2]
 
     def encode_tokens(self, tokens):
