@@ -51,18 +51,6 @@ def _config(p):
     return TINY_CONFIG if p.get("tiny") else FULL_CONFIG
 
 
-def _parts(params):
-    """UNet, VAE and schedule configs of a model config, in either layout: LDM's
-    (unet_config, linear_start/end) or Stability's (network_config, denoiser_config)."""
-    from ldm.models.diffusion.ddpm import _sgm_schedule
-
-    if "network_config" in params:
-        schedule = _sgm_schedule(params.get("denoiser_config"))
-        return params.network_config, params.first_stage_config, schedule
-    schedule = dict(linear_start=params.linear_start, linear_end=params.linear_end)
-    return params.unet_config, params.first_stage_config, schedule
-
-
 def _half(device):
     from ldm.precision import AUTOCAST_DTYPES
 
@@ -72,22 +60,23 @@ def _half(device):
 def _unet_and_schedule(device, layout, config=FULL_CONFIG):
     """The config's UNet (default: full-size SD 2.1; random, fp16 weights on CUDA, layout
     options applied) and its alphas_cumprod."""
-    import numpy as np
     import torch
     from torch import nn
 
-    from ldm.models.diffusion.ddpm import make_beta_schedule
+    from ldm.models.diffusion.ddpm import schedule_buffers
     from ldm.precision import prepare_for_inference
-    from ldm.util import instantiate_from_config, load_config
+    from ldm.util import get_obj_from_str, instantiate_from_config, load_config, part_configs
 
-    unet_config, _, schedule = _parts(load_config(config).model.params)
+    config = load_config(config)
+    unet_config, _ = part_configs(config)
     with torch.device(device):
         holder = nn.Module()
         holder.unet = instantiate_from_config(unet_config).eval()
     prepare_for_inference(holder, device, "autocast", **layout)
-    betas = make_beta_schedule("linear", 1000, schedule["linear_start"], schedule["linear_end"])
-    acp = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
-    return holder.unet, acp, unet_config.params.context_dim
+    model_class = get_obj_from_str(config.model.target)
+    schedule = model_class.schedule_arguments(config.model.get("params") or {})
+    return holder.unet, schedule_buffers(**schedule)["alphas_cumprod"], \
+        unet_config.params.context_dim
 
 
 def _options(p):

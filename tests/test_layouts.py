@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REF, TINY_CKPT, TINY_CONFIG, rel_err
+from conftest import REF, REPO, TINY_CKPT, TINY_CONFIG, rel_err
 from ldm.checkpoint import CheckpointError, load_state_dict, save_safetensors
 from ldm.pipeline import Pipeline
 
@@ -241,3 +241,23 @@ def test_an_sdxl_file_without_sigmas_or_position_ids_loads(tmp_path, capsys):
     cond = pipe.model.get_conditioning(case["prompts"], (case["H"], case["W"]))
     assert rel_err(cond.context, ref["crossattn"]) <= 1e-4
     assert rel_err(cond.vector, ref["vector"]) <= 1e-4
+
+
+@pytest.mark.parametrize("config, ckpt, stored", [
+    ("v2-inference.yaml", TINY_CKPT, "alphas_cumprod"),
+    ("v1-inference.yaml", SD1_CKPT, "alphas_cumprod"),
+    ("sd_xl_base.yaml", REF / "tiny-sdxl" / "tiny-sdxl.safetensors", "denoiser.sigmas")])
+def test_each_shipped_config_names_the_schedule_the_published_files_carry(config, ckpt, stored):
+    """What a config's model class reads from its params (benchmarks build a bare UNet from it)
+    is the schedule in the published code's files: LDM's alphas_cumprod, sgm's sigmas
+    sqrt((1 - a) / a)."""
+    from ldm.models.diffusion.ddpm import schedule_buffers
+    from ldm.util import get_obj_from_str, load_config
+
+    model = load_config(REPO / "configs" / "stable-diffusion" / config).model
+    args = get_obj_from_str(model.target).schedule_arguments(model.params)
+    acp = schedule_buffers(**args)["alphas_cumprod"].double()
+    got = acp if stored == "alphas_cumprod" else ((1 - acp) / acp).sqrt()
+    # sigmas come from float32 alphas_cumprod here: 1 - a loses digits where a is near 1
+    rtol = 1e-6 if stored == "alphas_cumprod" else 2e-5
+    assert torch.allclose(got, load_state_dict(ckpt)[stored].double(), rtol=rtol, atol=0)

@@ -27,6 +27,29 @@ def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2,
     raise ValueError(f"unknown beta schedule {schedule!r}")
 
 
+def schedule_buffers(beta_schedule="linear", timesteps=1000, linear_start=1e-4, linear_end=2e-2,
+                     cosine_s=8e-3, v_posterior=0.0):
+    """LDM's schedule buffers (alphas_cumprod, posterior coefficients, ...): float64, then
+    stored as float32, as LDM does."""
+    betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+    alphas = 1.0 - betas
+    acp = np.cumprod(alphas)
+    acp_prev = np.append(1.0, acp[:-1])
+    post_var = (1 - v_posterior) * betas * (1 - acp_prev) / (1 - acp) + v_posterior * betas
+    buffers = {
+        "betas": betas, "alphas_cumprod": acp, "alphas_cumprod_prev": acp_prev,
+        "sqrt_alphas_cumprod": np.sqrt(acp), "sqrt_one_minus_alphas_cumprod": np.sqrt(1 - acp),
+        "log_one_minus_alphas_cumprod": np.log(1 - acp),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1 / acp),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1 / acp - 1),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": np.log(np.maximum(post_var, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(acp_prev) / (1 - acp),
+        "posterior_mean_coef2": (1 - acp_prev) * np.sqrt(alphas) / (1 - acp),
+    }
+    return {name: torch.tensor(value, dtype=torch.float32) for name, value in buffers.items()}
+
+
 @dataclass
 class Prediction:
     """What one (guided) model evaluation says about x_t: the noise and the clean latent."""
@@ -67,8 +90,9 @@ class LatentDiffusion(nn.Module):
         self.model = DiffusionWrapper(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config).eval()
         self.add_module(self.conditioner_key, instantiate_from_config(cond_stage_config).eval())
-        self._schedule_args = (beta_schedule, timesteps, linear_start, linear_end, cosine_s,
-                               v_posterior)
+        self._schedule = dict(beta_schedule=beta_schedule, timesteps=timesteps,
+                              linear_start=linear_start, linear_end=linear_end,
+                              cosine_s=cosine_s, v_posterior=v_posterior)
         for name, value in self.rebuildable_buffers().items():
             self.register_buffer(name, value, persistent=self.schedule_in_checkpoint)
         if scale_by_std:
@@ -76,27 +100,17 @@ class LatentDiffusion(nn.Module):
         else:
             self.scale_factor = scale_factor
 
+    @classmethod
+    def schedule_arguments(cls, params) -> dict:
+        """The schedule_buffers arguments a config's `model.params` gives this model class."""
+        defaults = dict(beta_schedule="linear", timesteps=1000, linear_start=1e-4,
+                        linear_end=2e-2, cosine_s=8e-3, v_posterior=0.0)
+        return {name: params.get(name, value) for name, value in defaults.items()}
+
     def rebuildable_buffers(self):
-        """The schedule buffers LDM checkpoints carry, computed from the config (float64, then
-        stored as float32, as LDM does); files that lack them get these."""
-        schedule, timesteps, linear_start, linear_end, cosine_s, v_posterior = self._schedule_args
-        betas = make_beta_schedule(schedule, timesteps, linear_start, linear_end, cosine_s)
-        alphas = 1.0 - betas
-        acp = np.cumprod(alphas)
-        acp_prev = np.append(1.0, acp[:-1])
-        post_var = (1 - v_posterior) * betas * (1 - acp_prev) / (1 - acp) + v_posterior * betas
-        buffers = {
-            "betas": betas, "alphas_cumprod": acp, "alphas_cumprod_prev": acp_prev,
-            "sqrt_alphas_cumprod": np.sqrt(acp), "sqrt_one_minus_alphas_cumprod": np.sqrt(1 - acp),
-            "log_one_minus_alphas_cumprod": np.log(1 - acp),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1 / acp),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1 / acp - 1),
-            "posterior_variance": post_var,
-            "posterior_log_variance_clipped": np.log(np.maximum(post_var, 1e-20)),
-            "posterior_mean_coef1": betas * np.sqrt(acp_prev) / (1 - acp),
-            "posterior_mean_coef2": (1 - acp_prev) * np.sqrt(alphas) / (1 - acp),
-        }
-        return {name: torch.tensor(value, dtype=torch.float32) for name, value in buffers.items()}
+        """The schedule buffers LDM checkpoints carry, computed from the config; files that
+        lack them get these."""
+        return schedule_buffers(**self._schedule)
 
     @property
     def unet(self) -> nn.Module:
@@ -155,18 +169,16 @@ class LatentDiffusion(nn.Module):
 _SGM_PARAMETERIZATION = {"EpsScaling": "eps", "VScaling": "v"}
 
 
-def _sgm_schedule(denoiser_config):
-    """LatentDiffusion schedule arguments from sgm's DiscreteDenoiser config (SDXL: eps, LDM's
-    linear betas 0.00085..0.012 over 1000 steps, i.e. LegacyDDPMDiscretization's defaults)."""
-    params = (denoiser_config or {}).get("params") or {}
+def _sgm_params(denoiser_config):
+    return (denoiser_config or {}).get("params") or {}
+
+
+def _sgm_parameterization(denoiser_config) -> str:
+    params = _sgm_params(denoiser_config)
     scaling = ((params.get("scaling_config") or {}).get("target") or "EpsScaling").split(".")[-1]
     if scaling not in _SGM_PARAMETERIZATION:
         raise ValueError(f"unsupported sgm denoiser scaling {scaling!r}")
-    disc = (params.get("discretization_config") or {}).get("params") or {}
-    return dict(parameterization=_SGM_PARAMETERIZATION[scaling],
-                timesteps=params.get("num_idx", disc.get("num_timesteps", 1000)),
-                linear_start=disc.get("linear_start", 0.00085),
-                linear_end=disc.get("linear_end", 0.012))
+    return _SGM_PARAMETERIZATION[scaling]
 
 
 class DiffusionEngine(LatentDiffusion):
@@ -181,8 +193,20 @@ class DiffusionEngine(LatentDiffusion):
     def __init__(self, network_config, first_stage_config, conditioner_config,
                  denoiser_config=None, scale_factor=1.0, **_training_only):
         super().__init__(network_config, first_stage_config, conditioner_config,
-                         scale_factor=scale_factor, **_sgm_schedule(denoiser_config))
+                         parameterization=_sgm_parameterization(denoiser_config),
+                         scale_factor=scale_factor,
+                         **self.schedule_arguments({"denoiser_config": denoiser_config}))
         self.register_load_state_dict_post_hook(DiffusionEngine._place_schedule)
+
+    @classmethod
+    def schedule_arguments(cls, params) -> dict:
+        """From sgm's DiscreteDenoiser config (SDXL: LDM's linear betas 0.00085..0.012 over 1000
+        steps, LegacyDDPMDiscretization's defaults)."""
+        denoiser = _sgm_params(params.get("denoiser_config"))
+        disc = (denoiser.get("discretization_config") or {}).get("params") or {}
+        return dict(timesteps=denoiser.get("num_idx", disc.get("num_timesteps", 1000)),
+                    linear_start=disc.get("linear_start", 0.00085),
+                    linear_end=disc.get("linear_end", 0.012))
 
     def _place_schedule(self, _incompatible_keys=None):
         """The schedule is not in the file, so loading into a meta-built model leaves it on
