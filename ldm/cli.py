@@ -15,10 +15,16 @@ class UsageError(Exception):
 
 
 def tile_size_arg(text):
-    """--tile_size: an integer or 'auto' (range checks come later, with the other numbers)."""
+    """--tile_size: an integer, HxW (the `Tiles` an image's metadata names) or 'auto' (range
+    checks come later, with the other numbers)."""
     if text == "auto":
         return text
     try:
-        return int(text)
+        sides = tuple(int(side) for side in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+        sides = ()
+    if len(sides) == 1:
+        return sides[0]
+    if len(sides) == 2:
+        return sides
+    raise argparse.ArgumentTypeError(f"expected an integer, HxW or 'auto', got {text!r}")

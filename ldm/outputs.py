@@ -178,13 +178,15 @@ def _infotext_value(value) -> str:
 
 
 def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=None,
-                    batch_index=None) -> str:
+                    batch_index=None, tiles=None) -> str:
     """A1111-style parameters: the prompt, then `Key: value` pairs on one line. Every
     ScaleCrafter setting follows under its flag name (`dilate: 2.0, dilate_tau: 20, ...`).
     `Batch index` counts the run's batches from 0: the seeded stream's batch k is reached by
-    running k + 1 of them."""
+    running k + 1 of them. `Tiles`: the (h, w) latent tile the decode used, `--tile_size`'s
+    HxW (what `auto` chose depends on the free memory)."""
     fields = {
         "Steps": opts.steps, "Sampler": SAMPLERS[opts.sampler].label, "CFG scale": opts.scale,
+        "Timestep spacing": opts.timestep_spacing,
         "Seed": opts.seed, "RNG": opts.rng, "Size": f"{opts.W}x{opts.H}", "Eta": opts.ddim_eta,
         "Precision": opts.precision, "Fixed code": opts.fixed_code,
         "Model hash": ckpt_hash, "Model": Path(args.ckpt).name, "Config": Path(args.config).name,
@@ -197,6 +199,8 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
         fields["Batch index"] = batch_index
     options = asdict(opts)
     fields.update((name, options[name]) for name in SCALECRAFTER_FIELDS)
+    if tiles is not None:
+        fields["Tiles"] = f"{tiles[0]}x{tiles[1]}"
     negative = f"Negative prompt: {opts.negative_prompt}\n" if opts.negative_prompt else ""
     return (prompt + "\n" + negative
             + ", ".join(f"{k}: {_infotext_value(v)}" for k, v in fields.items()))
@@ -231,12 +235,13 @@ class OutputWriter:
         return self._ckpt_hash
 
     def save_batch(self, prompts, decoded: torch.Tensor, latents: torch.Tensor,
-                   grid_rows: Optional[int] = None):
+                   grid_rows: Optional[int] = None, tiles=None):
         """The batch's samples (and their latents / sidecars); with grid_rows, the grid of every
         image of the run too, written after them: the last batch's images and the grid are
-        encoded side by side. Returns the samples' paths."""
+        encoded side by side. tiles: the decode's (h, w) tile (Pipeline.decode_tiles), if
+        tiled. Returns the samples' paths."""
         texts = [parameters_text(prompt, self.args, self.opts, self.ckpt_hash, len(prompts), pos,
-                                 self.batches) for pos, prompt in enumerate(prompts)]
+                                 self.batches, tiles) for pos, prompt in enumerate(prompts)]
         self.batches += 1
         # PNG encoding (zlib) releases the GIL: the images are encoded side by side (3 s for
         # one 4096² image); the files are still written one by one, in order

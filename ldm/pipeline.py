@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.models.diffusion.ddim import generator_device
+from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS, generator_device
+from ldm.families import FAMILY_DEFAULTS
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths,
                            prepare_for_inference, sampling_kernels, weight_dtype_policy)
@@ -26,7 +27,7 @@ from ldm.scalecrafter.schedule import ScaleCrafterSettings
 from ldm.scalecrafter.settings import build_settings
 from ldm.scalecrafter.lean_decode import full_decode
 from ldm.scalecrafter.memory import available_bytes
-from ldm.scalecrafter.tiled_decode import tiled_decode
+from ldm.scalecrafter.tiled_decode import default_budget, resolve_tile_size, tiled_decode
 from ldm.util import build_model, load_config, model_part_names
 
 INTEGER_OPTIONS = ("H", "W", "C", "f", "steps", "seed", "dilate_tau", "dilate_skip", "ndcfg_tau",
@@ -34,12 +35,23 @@ INTEGER_OPTIONS = ("H", "W", "C", "f", "steps", "seed", "dilate_tau", "dilate_sk
 REAL_OPTIONS = ("scale", "ddim_eta")
 OPTIONAL_REAL_OPTIONS = ("dilate", "decode_budget_gb")  # None: off / from free memory
 SWITCH_OPTIONS = ("fixed_code", "progressive_dilate", "tiled_decoding", "sync_gn")
-TEXT_OPTIONS = ("negative_prompt", "sampler", "precision", "rng")
+TEXT_OPTIONS = ("negative_prompt", "sampler", "precision", "rng", "timestep_spacing")
 FILE_OPTIONS = ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
                 "disperse_transform")
 # Where noise is drawn: a CPU generator (the same numbers on every device), or the device's
 # own, in the published code's order (its images for a seed on CUDA).
 RNGS = ("cpu", "device")
+
+
+def family_defaults(family: Optional[str], sampler: str = "ddim") -> dict:
+    """The FAMILY_DEFAULTS (ldm.families) of `family` that `sampler` takes (eta is DDIM's
+    alone, the spacing DDIM's and PLMS's)."""
+    defaults = dict(FAMILY_DEFAULTS.get(family, {}))
+    if sampler in SAMPLERS and not SAMPLERS[sampler].takes_eta:
+        defaults.pop("ddim_eta", None)
+    if sampler in SAMPLERS and not SAMPLERS[sampler].spaced:
+        defaults.pop("timestep_spacing", None)
+    return defaults
 
 
 @dataclass
@@ -51,6 +63,7 @@ class GenerationOptions:
     f: int = 8
     steps: int = 50
     sampler: str = "ddim"
+    timestep_spacing: str = "uniform"  # DDIM's and PLMS's: one of TIMESTEP_SPACINGS
     ddim_eta: float = 0.0
     scale: float = 9.0
     negative_prompt: str = ""  # the unconditional prompt of CFG and noise-damped CFG
@@ -74,7 +87,9 @@ class GenerationOptions:
     tiled_decoding: bool = False
     overlap: int = 24
     sync_gn: bool = False
-    tile_size: Optional[Union[int, str]] = None  # None: half each side (the seed's); "auto"
+    # latent pixels a tile side: None: half each side (the seed's); (h, w); "auto": the fewest
+    # tiles that fit the budget (Pipeline.decode_tiles resolves it)
+    tile_size: Optional[Union[int, Tuple[int, int], str]] = None
     decode_budget_gb: Optional[float] = None  # memory a decode may use; None: from free
     # FreeU (b1, b2, s1, s2), e.g. the authors' SD 2.1 values (1.1, 1.2, 0.9, 0.2)
     freeu: Optional[Tuple[float, float, float, float]] = None
@@ -156,6 +171,12 @@ class GenerationOptions:
         if not sampler.takes_eta and self.ddim_eta != 0:
             raise ValueError(f"{sampler.label} is deterministic: use --ddim_eta 0 "
                              f"with --{self.sampler}")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"--timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, "
+                             f"got {self.timestep_spacing!r}")
+        if not sampler.spaced and self.timestep_spacing != "uniform":
+            raise ValueError(f"{sampler.label} steps through its own time grid: --timestep_spacing "
+                             f"applies to DDIM and PLMS")
 
     def _check_features(self):
         """Options that would do nothing, or that cannot go together. A tau of 0 with its
@@ -179,9 +200,14 @@ class GenerationOptions:
 
     def _check_tiles(self):
         tile = self.tile_size
-        is_size = isinstance(tile, numbers.Integral) and not isinstance(tile, bool) and tile > 0
+        sides = tuple(tile) if isinstance(tile, (tuple, list)) else (tile,)
+        is_size = len(sides) in (1, 2) and all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in sides)
         if tile is not None and tile != "auto" and not is_size:
-            raise ValueError(f"--tile_size must be a positive integer or 'auto', got {tile!r}")
+            raise ValueError(f"--tile_size must be a positive integer, HxW or 'auto', "
+                             f"got {tile!r}")
+        if isinstance(tile, (tuple, list)):
+            self.tile_size = tuple(int(s) for s in tile)
         if self.decode_budget_gb is not None and not (
                 math.isfinite(self.decode_budget_gb) and self.decode_budget_gb > 0):
             raise ValueError(f"--decode_budget_gb must be a positive number, "
@@ -193,6 +219,7 @@ class GenerationOptions:
         if self.tile_size == "auto":
             return  # auto tiles are always wider than the overlap
         tile = self.tile_size or min(self.H, self.W) // self.f // 2
+        tile = min(tile) if isinstance(tile, tuple) else tile
         if tile <= 0 or self.overlap >= tile:
             raise ValueError(f"--overlap ({self.overlap}) must be smaller than the tile "
                              f"({tile} latent pixels): use --overlap {max(tile - 2, 0) // 2 * 2} "
@@ -270,7 +297,6 @@ class Pipeline:
         the model is built (None: ldm.layouts.STAGED_LOADS' choice)."""
         from ldm.checkpoint import load_state_dict
         from ldm.layouts import STAGED_LOADS, StagedStateDict, without_wrapper_prefix
-        # (not via .modules, which imports open_clip: that import is what staging overlaps)
         from ldm.modules.encoders.common import register_config_dir
 
         device = checked_device(device, precision, layout)
@@ -303,6 +329,12 @@ class Pipeline:
         if precision == "autocast":
             pipe.half_weights = HALF_WEIGHTS.get(pipe.device.type)
         return pipe
+
+    def options(self, **given) -> GenerationOptions:
+        """GenerationOptions for this model: its family's defaults (ldm.families), then
+        `given` (e.g. H=2048, W=2048, dilate=2)."""
+        defaults = family_defaults(self.model.family, given.get("sampler", "ddim"))
+        return GenerationOptions(**{**defaults, **given})
 
     def settings_for(self, opts: GenerationOptions) -> ScaleCrafterSettings:
         return build_settings(self.model.unet, opts)
@@ -387,21 +419,39 @@ class Pipeline:
             denoiser = GuidedDenoiser(model, cond, uncond, opts.scale, settings)
             x = x_T if x_T is not None else self.initial_noise(opts, len(prompts), generator)
             z = SAMPLERS[opts.sampler].run(denoiser, x, model.alphas_cumprod, opts.steps,
-                                           opts.ddim_eta, generator, progress)
+                                           opts.ddim_eta, generator, progress,
+                                           opts.timestep_spacing)
         if not torch.isfinite(z).all():  # else the images come out black, without a word
             raise ValueError(f"sampling produced NaN or infinite latents: --scale {opts.scale} "
                              f"may be too large, or half precision overflowed (try --precision "
                              f"full)")
         return z.float(), denoiser.unet_batches
 
+    def _decode_budget(self, z, opts) -> int:
+        if opts.decode_budget_gb is None:
+            return default_budget(z.device)
+        return int(opts.decode_budget_gb * 2**30)
+
+    def decode_tiles(self, z, opts: GenerationOptions) -> Optional[Tuple[int, int]]:
+        """(h, w) latent pixels a tile of opts' tiled decode of z, 'auto' chosen against the
+        memory free now (so it can differ between runs: pass it to decode, and record it);
+        None when opts decode whole."""
+        if not opts.tiled_decoding:
+            return None
+        return resolve_tile_size(self.model.first_stage_model, z, opts.tile_size, opts.overlap,
+                                 self._decode_budget(z, opts))
+
     @torch.no_grad()
-    def decode(self, z, opts: GenerationOptions, progress=True):
-        """Latents to images in [-1, 1]; the VAE always runs in float32 (fp16 decodes overflow)."""
+    def decode(self, z, opts: GenerationOptions, progress=True, tiles=None):
+        """Latents to images in [-1, 1]; the VAE always runs in float32 (fp16 decodes overflow).
+        tiles: decode_tiles' answer, to decode with the tiling recorded (default: resolved
+        now)."""
         z = z.float() / self.model.scale_factor
         vae = self.model.first_stage_model
-        budget = None if opts.decode_budget_gb is None else int(opts.decode_budget_gb * 2**30)
+        budget = self._decode_budget(z, opts)
         if opts.tiled_decoding:
-            images = tiled_decode(vae, z, opts.overlap, opts.sync_gn, opts.tile_size,
+            tiles = tiles or self.decode_tiles(z, opts)
+            images = tiled_decode(vae, z, opts.overlap, opts.sync_gn, tiles,
                                   budget_bytes=budget, progress=progress)
         else:  # banded on CUDA and wherever plain would not fit
             images = full_decode(vae, z, budget, progress=progress)

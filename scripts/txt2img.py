@@ -17,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from ldm.cli import OneLineParser, UsageError, tile_size_arg  # noqa: E402  (torch-free)
+from ldm.families import family_values_text  # noqa: E402  (torch-free)
 
 PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
 
@@ -31,6 +32,12 @@ class HelpWithDefaults(argparse.HelpFormatter):
                 or "default" in text or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
+
+
+def with_family_defaults(text, option, default):
+    """Help text naming the default and the families' own (ldm.families), where they have one."""
+    own = family_values_text(option)
+    return f"{text} (default: {default}; {own})" if own else text
 
 
 def build_parser(suppress_defaults=False):
@@ -50,15 +57,24 @@ def build_parser(suppress_defaults=False):
     sampler.add_argument("--plms", action="store_true", help="use PLMS sampling (default: DDIM)")
     sampler.add_argument("--dpm", action="store_true", help="use DPM-Solver++ (2M) sampling")
     add("--fixed_code", action="store_true", help="the same starting noise for every batch")
-    add("--ddim_eta", type=float, default=d(0.0), help="DDIM eta (0 = deterministic DDIM)")
+    add("--ddim_eta", type=float, default=d(0.0),
+        help=with_family_defaults("DDIM eta (0 = deterministic DDIM)", "ddim_eta", 0.0))
+    add("--timestep_spacing", choices=["uniform", "leading"], default=d("uniform"),
+        help=with_family_defaults(
+            "DDIM's and PLMS's timesteps: uniform (LDM's, the seed's: 31 steps for --steps 30) "
+            "or leading (diffusers', the authors' SD 1.5 and SDXL scripts: exactly --steps); "
+            "the same where --steps divides 1000", "timestep_spacing", "uniform"))
     add("--n_iter", type=int, default=d(3), help="sample this often")
-    add("--H", type=int, default=d(512), help="image height, pixels (a multiple of 64)")
-    add("--W", type=int, default=d(512), help="image width, pixels (a multiple of 64)")
+    add("--H", type=int, default=d(512),
+        help=with_family_defaults("image height, pixels (a multiple of 64)", "H", 512))
+    add("--W", type=int, default=d(512),
+        help=with_family_defaults("image width, pixels (a multiple of 64)", "W", 512))
     add("--C", type=int, default=d(4), help="latent channels")
     add("--f", type=int, default=d(8), help="downsampling factor (8 for SD)")
     add("--n_samples", type=int, default=d(3), help="images per prompt per iteration (batch)")
     add("--n_rows", type=int, default=d(0), help="images in each grid row (default: n_samples)")
-    add("--scale", type=float, default=d(9.0), help="classifier-free guidance scale")
+    add("--scale", type=float, default=d(9.0),
+        help=with_family_defaults("classifier-free guidance scale", "scale", 9.0))
     add("--negative_prompt", type=str, default=d(""),
         help="the unconditional prompt of classifier-free guidance (default: empty)")
     add("--config", type=str, default=d("configs/stable-diffusion/v2-inference.yaml"),
@@ -108,7 +124,8 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--preset", type=str,
                    help=f"a resolution preset ({', '.join(list_presets())}); flags override it")
     g.add_argument("--freeu", type=float, nargs=4, metavar=("B1", "B2", "S1", "S2"),
-                   help="FreeU backbone/skip factors (SD 2.1: 1.1 1.2 0.9 0.2)")
+                   help="FreeU backbone/skip factors; the authors': SD 1.5 1.2 1.4 0.9 0.2, "
+                        "SD 2.1 1.1 1.2 0.9 0.2, SDXL 1.1 1.2 0.6 0.4")
     g = p.add_argument_group("tiled VAE decoding")
     g.add_argument("--tiled_decoding", action=argparse.BooleanOptionalAction, default=d(False),
                    help="decode in overlapping tiles (--no-tiled_decoding undoes a preset's)")
@@ -117,8 +134,9 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--sync_gn", action=argparse.BooleanOptionalAction, default=d(False),
                    help="GroupNorm statistics over all tiles")
     g.add_argument("--tile_size", type=tile_size_arg,
-                   help="tile side, latent pixels, or 'auto': the fewest tiles that fit "
-                        "--decode_budget_gb (default: half the side, the seed's tiling)")
+                   help="tile side in latent pixels, HxW (an image's `Tiles`), or 'auto': the "
+                        "fewest tiles that fit half of --decode_budget_gb (default: half the "
+                        "side, the seed's tiling)")
     g.add_argument("--decode_budget_gb", type=float,
                    help="device memory a decode may use, GiB (default: 80%% of what is free); "
                         "beyond it the decode recomputes rather than stores")
@@ -146,9 +164,11 @@ def parse_args(argv=None):
         raise UsageError("--prompt and --from-file exclude each other")
     if "repeat" in explicit and not args.from_file:
         raise UsageError("--repeat repeats the prompts of --from-file: give one")
+    given = set(explicit)
     if args.preset:  # the preset yields to the flags given on the command line
-        apply_preset(args, args.preset, explicit)
+        given |= apply_preset(args, args.preset, explicit)
     args.config = str(repository_fallback(args.config))
+    args.given = given  # what the model family's defaults must not replace
     args.created_dirs = []  # output folders this run creates (removed if it makes nothing)
     return args
 
@@ -165,12 +185,33 @@ def repository_fallback(path) -> Path:
 # A flag given on the command line also sets aside the preset values it cannot go with: the
 # uniform and the per-layer dilation exclude each other, and eta is DDIM's alone.
 DISPLACES = {"dilate": ("dilate_settings",), "dilate_settings": ("dilate",),
-             "plms": ("ddim_eta",), "dpm": ("ddim_eta",)}
+             "plms": ("ddim_eta",), "dpm": ("ddim_eta", "timestep_spacing")}
+
+
+def apply_family_defaults(args):
+    """The model family's defaults (ldm.families) for the options no flag and no preset set
+    (args.given). Returns the note line that says so ('' if none), for once the inputs pass:
+    a refused run says one line, its error."""
+    from ldm.families import label
+    from ldm.pipeline import family_defaults
+    from ldm.util import config_family
+
+    family = config_family(check_config(args.config))
+    sampler = "dpm" if args.dpm else "plms" if args.plms else "ddim"
+    applied = {name: value for name, value in family_defaults(family, sampler).items()
+               if name not in args.given and getattr(args, name) != value}
+    for name, value in applied.items():
+        setattr(args, name, value)
+    if not applied:
+        return ""
+    flags = " ".join(f"--{name} {value:g}" if isinstance(value, float) else
+                     f"--{name} {value}" for name, value in applied.items())
+    return f"note: {label(family)} model: {flags} (its authors' defaults; flags override)"
 
 
 def apply_preset(args, name, explicit):
     """Preset values replace defaults; flags given on the command line win, and set aside the
-    preset values they exclude (DISPLACES)."""
+    preset values they exclude (DISPLACES). Returns the names of the options it set."""
     from omegaconf import OmegaConf
 
     path = Path(name) if name.endswith(".yaml") else PRESET_DIR / f"{name}.yaml"
@@ -188,6 +229,7 @@ def apply_preset(args, name, explicit):
         raise UsageError(f"preset {path} is not a mapping of options")
     # Which model family the preset is made for: checked against the config, not a flag.
     args.preset_family = preset.pop("family", None)
+    applied = set()
     for key, value in preset.items():
         if not hasattr(args, key):
             raise UsageError(f"preset {path} sets unknown option {key!r}")
@@ -196,6 +238,7 @@ def apply_preset(args, name, explicit):
         if isinstance(value, str) and key.endswith(("_settings", "_transform")):
             value = str((REPO_ROOT / value) if not Path(value).is_absolute() else value)
         setattr(args, key, value)
+        applied.add(key)
     # a preset value qualifying a feature that flags turned off goes with it
     if "tiled_decoding" in explicit and not args.tiled_decoding and "sync_gn" not in explicit:
         args.sync_gn = False
@@ -203,6 +246,7 @@ def apply_preset(args, name, explicit):
     if (dilation_cleared and args.dilate is None and not args.dilate_settings
             and "progressive_dilate" not in explicit):
         args.progressive_dilate = False
+    return applied
 
 
 def options_from_args(args):
@@ -465,9 +509,12 @@ def run(args):
     from ldm.hashing import BackgroundShortHash
     from ldm.outputs import OutputWriter, remove_if_empty
 
+    family_note = apply_family_defaults(args)  # reads the config: its family
     opts = options_from_args(args)
     batches = read_prompts(args)
     settings = check_inputs(args, opts)  # settings files read once (one warning at most)
+    if family_note:
+        print(family_note, file=sys.stderr)
     if args.device == "cuda":  # (auto is decided by now) before CUDA starts
         use_fast_pinned_memory()
     ckpt_hash = BackgroundShortHash(args.ckpt)  # for the metadata; overlaps loading and sampling
@@ -533,13 +580,14 @@ def make_images(args, pipe, opts, settings, batches, writer, timer):
             start = x_T[:len(prompts)] if x_T is not None else None
             with timer.phase("sample"):
                 z, _ = pipe.sample(prompts, opts, generator, start, settings)
-            with timer.phase("decode"):
-                decoded = pipe.decode(z, opts).float().cpu()
+            with timer.phase("decode"):  # with the tiling resolved once, and recorded
+                tiles = pipe.decode_tiles(z, opts)
+                decoded = pipe.decode(z, opts, tiles=tiles).float().cpu()
             left -= 1
             # the grid goes with the last batch (encoded beside its images, written last)
             rows = (args.n_rows or args.n_samples) if left == 0 else None
             with timer.phase("write"):  # waits for the checkpoint hash, if still running
-                writer.save_batch(prompts, decoded, z.cpu(), grid_rows=rows)
+                writer.save_batch(prompts, decoded, z.cpu(), grid_rows=rows, tiles=tiles)
 
 
 def main(argv=None):
@@ -561,6 +609,9 @@ def main(argv=None):
         print("interrupted: no image was made", file=sys.stderr)
         return 130
     except Exception as err:  # one readable line unless --debug
+        if args is not None:  # output folders this run created and left empty go with it
+            from ldm.outputs import remove_if_empty
+            remove_if_empty(args.created_dirs)
         if debug:
             raise
         print(f"error: {describe(err, args)}", file=sys.stderr)

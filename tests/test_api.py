@@ -19,7 +19,8 @@ SMALL = dict(H=64, W=64, steps=1, precision="full")
     (dict(dilate_settings=3), "--dilate_settings must be a file path"),
     (dict(freeu=(1, 1, 1)), "--freeu takes four numbers"),
     (dict(sync_gn="false", tiled_decoding=True), "--sync_gn must be True or False, got 'false'"),
-    (dict(tiled_decoding=True, tile_size=8.0), "--tile_size must be a positive integer or 'auto'"),
+    (dict(tiled_decoding=True, tile_size=8.0),
+     "--tile_size must be a positive integer, HxW or 'auto'"),
     (dict(sync_gn=True), "--sync_gn needs --tiled_decoding"),
     (dict(progressive_dilate=True), "--progressive_dilate needs --dilate or --dilate_settings"),
     (dict(inflate_tau=5), "--inflate_tau needs --disperse_settings"),
@@ -130,6 +131,9 @@ def test_every_option_is_a_txt2img_flag_of_its_name():
     assert [f.name for f in fields(GenerationOptions) if not hasattr(args, f.name)] == ["sampler"]
     opts = txt2img.options_from_args(args)
     assert (opts.rng, opts.sampler) == ("device", "plms")
+    from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS  # the flag's choices (torch-free)
+    spacing = next(a for a in txt2img.build_parser()._actions if a.dest == "timestep_spacing")
+    assert tuple(spacing.choices) == TIMESTEP_SPACINGS
 
 
 @pytest.mark.parametrize("steps, message", [(1, "decoding produced NaN or infinite pixels"),

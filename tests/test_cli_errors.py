@@ -149,7 +149,7 @@ EARLY = [
     ("overlap-vs-tile-size", ["--tiled_decoding", "--tile_size", "6", "--overlap", "6"],
      "must be smaller than the tile"),
     ("tile-size-zero", ["--tiled_decoding", "--tile_size", "0"],
-     "--tile_size must be a positive integer or 'auto', got 0"),
+     "--tile_size must be a positive integer, HxW or 'auto', got 0"),
     ("decode-budget-zero", ["--tiled_decoding", "--decode_budget_gb", "0"],
      "--decode_budget_gb must be a positive number"),
     ("decode-budget-nan", ["--decode_budget_gb", "nan"], "--decode_budget_gb must be a positive"),
@@ -206,7 +206,7 @@ def test_bad_input_is_refused_before_loading(cli, capsys, files, base, no_load, 
 @pytest.mark.parametrize("flags, expected", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--H", "abc"], "argument --H: invalid int value: 'abc'"),
-    (["--tile_size", "big"], "argument --tile_size: expected an integer or 'auto', got 'big'"),
+    (["--tile_size", "big"], "argument --tile_size: expected an integer, HxW or 'auto', got 'big'"),
     (["--steps"], "argument --steps: expected one argument"),
     (["--freeu", "1", "2", "3"], "argument --freeu: expected 4 arguments"),
     (["--precision", "half"], "argument --precision: invalid choice"),
@@ -290,6 +290,20 @@ def test_ctrl_c_before_sampling_is_one_line(cli, capsys, base, monkeypatch, tmp_
         status, lines = call(cli, capsys, base + ["--outdir", str(outdir)])
         assert status == 130
         assert lines == ["interrupted: no image was made"]
+    assert not (tmp_path / "new").exists()
+    assert (existing / "samples").is_dir()
+
+
+def test_a_run_refused_after_its_checks_leaves_no_folder_behind(cli, capsys, base, tmp_path):
+    """A checkpoint that fails to load is found once the output folder exists: the folders
+    the run created go again, those that were there stay."""
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    existing = tmp_path / "existing"
+    (existing / "samples").mkdir(parents=True)
+    for outdir in (tmp_path / "new" / "out", existing):
+        status, lines = call(cli, capsys, base + ["--ckpt", str(broken), "--outdir", str(outdir)])
+        assert status == 1 and len(lines) == 1 and lines[0].startswith("error:")
     assert not (tmp_path / "new").exists()
     assert (existing / "samples").is_dir()
 
@@ -472,7 +486,7 @@ def test_help_names_the_defaults(cli, capsys):
         cli.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("number of sampling steps (default: 50)", "(default: 42)",
-                  "a multiple of 64) (default: 512)",
+                  "a multiple of 64) (default: 512; SDXL: 1024)",
                   "(default: configs/stable-diffusion/v2-inference.yaml)"):
         assert shown in text, shown
     assert "(default: None)" not in text and "(default: False)" not in text

@@ -187,3 +187,17 @@ def test_an_open_clip_that_needs_an_extra_is_imported_the_plain_way(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "True"
 
+
+
+def test_naming_a_configs_family_does_not_import_open_clip(tmp_path):
+    """txt2img reads the family (its defaults) before loading: open_clip's import (2-9 s) must
+    stay where the staged load overlaps it, in building the text tower."""
+    probe = ("import sys\n"
+             "from ldm.util import config_family, load_config\n"
+             "for name in ('v1-inference', 'v2-inference', 'sd_xl_base'):\n"
+             f"    print(config_family(load_config('{REPO}/configs/stable-diffusion/' + name "
+             "+ '.yaml')))\n"
+             "print('open_clip' in sys.modules)\n")
+    proc = _run_with_path(probe, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["sd1", "sd2", "sdxl", "False"]

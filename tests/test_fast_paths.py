@@ -149,14 +149,15 @@ def test_auto_tile_option_is_checked_and_reaches_the_decoder(tiny_pipe, monkeypa
     opts = GenerationOptions(H=128, W=128, tiled_decoding=True, overlap=8, sync_gn=True,
                              tile_size="auto", decode_budget_gb=0.5)
     opts.validate()  # auto tiles need no overlap-vs-tile check
-    for bad in ("big", 0, True):
+    for bad in ("big", 0, True, (8, 0), (8, 8, 8), (8.0, 8)):
         with pytest.raises(ValueError, match="--tile_size"):
             GenerationOptions(tile_size=bad).validate()
     seen = {}
     monkeypatch.setattr(pipeline, "tiled_decode",
                         lambda *a, **k: seen.update(args=a, **k) or torch.zeros(1, 3, 128, 128))
     tiny_pipe.decode(torch.zeros(1, 4, 16, 16), opts, progress=False)
-    assert seen["args"][2:] == (8, True, "auto") and seen["budget_bytes"] == 2 ** 29
+    # auto is resolved before the decode (one tile: the whole latent fits 0.5 GiB)
+    assert seen["args"][2:] == (8, True, (16, 16)) and seen["budget_bytes"] == 2 ** 29
 
 
 def test_half_weights_keep_the_vae_fp32_and_stay_close(monkeypatch):

@@ -252,6 +252,28 @@ def test_same_command_twice_gives_identical_numbered_outputs(cli, tmp_path, caps
         assert grid.text["parameters"].startswith(prompt + "\n")
 
 
+def test_an_auto_tiled_image_names_its_tiles_and_they_decode_it_again(cli, tmp_path, capsys):
+    """`auto` follows the free memory (here: a budget that fits only small tiles); the `Tiles`
+    the metadata names give the same pixels as --tile_size."""
+    argv = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--H", "192", "--W", "256",
+            "--steps", "2", "--n_iter", "1", "--n_samples", "1", "--precision", "full",
+            "--device", "cpu", "--outdir", str(tmp_path), "--seed", "7", "--tiled_decoding",
+            "--sync_gn", "--overlap", "2"]
+    assert cli.main(argv + ["--tile_size", "auto", "--decode_budget_gb", "0.0005"]) == 0
+    with Image.open(tmp_path / "samples" / "00000.png") as image:
+        auto_pixels, parameters = np.asarray(image), image.text["parameters"]
+    tiles = re.search(r"Tiles: (\d+)x(\d+)", parameters)
+    assert tiles and (int(tiles[1]), int(tiles[2])) not in ((12, 16), (24, 32))  # not half, whole
+    assert cli.main(argv + ["--tile_size", f"{tiles[1]}x{tiles[2]}"]) == 0
+    with Image.open(tmp_path / "samples" / "00001.png") as image:
+        assert np.array_equal(np.asarray(image), auto_pixels)
+        assert f"Tiles: {tiles[1]}x{tiles[2]}" in image.text["parameters"]
+    assert cli.main(argv) == 0  # the seed's tiling, named too
+    with Image.open(tmp_path / "samples" / "00002.png") as image:
+        assert "Tiles: 12x16" in image.text["parameters"]
+    capsys.readouterr()
+
+
 def test_grid_written_with_the_last_batch_is_the_grid(tmp_path):
     """save_batch(..., grid_rows=...) encodes the grid beside the batch's images and writes it after
     them: the same file save_grid writes, the prompts of every batch in its parameters."""

@@ -31,10 +31,11 @@ def test_every_flag_is_in_the_table_and_every_table_flag_exists(txt2img):
 
 
 def test_the_tables_numeric_defaults_are_the_parsers(txt2img):
-    """Rows whose default cell is one number a flag (`--H --W --C --f` | 512 512 4 8)."""
+    """Rows whose default cell is one number a flag (`--H --W --C --f` | 512 512 4 8), before
+    any family's own in parentheses (`9.0 (SD 1.x: 7.5, SDXL: 5.0)`)."""
     options, checked = _options(txt2img), 0
     for flag_cell, default_cell, *_ in _table_rows():
-        flags, values = _flags(flag_cell), default_cell.split()
+        flags, values = _flags(flag_cell), default_cell.split(" (")[0].split()
         if len(flags) != len(values) or not all(re.fullmatch(r"-?\d+(\.\d+)?", v) for v in values):
             continue
         for flag, value in zip(flags, values):
@@ -76,3 +77,26 @@ def test_documented_commands_parse(txt2img):
             txt2img.options_from_args(txt2img.parse_args(argv)).validate()
         except (SystemExit, ValueError) as error:
             raise AssertionError(f"{where}: {error}") from error
+
+
+def test_the_tables_family_defaults_are_ldm_families(txt2img):
+    """`9.0 (SD 1.x: 7.5, SDXL: 5.0)`: the values in parentheses are FAMILY_DEFAULTS' (or the
+    parser's, where a family keeps it), and every family default is in the table."""
+    from ldm.families import FAMILY_DEFAULTS
+
+    options, seen = _options(txt2img), set()
+    names = {"SD 1.x": "sd1", "SDXL": "sdxl"}
+    for flag_cell, default_cell, *_ in _table_rows():
+        inner = re.search(r"\((.*)\)$", default_cell)
+        if not inner or not any(name + ":" in inner.group(1) for name in names):
+            continue
+        flags = _flags(flag_cell)
+        for who, values in re.findall(r"((?:SD 1\.x|SDXL)(?:, (?:SD 1\.x|SDXL))*): ([^,]+)",
+                                      inner.group(1)):
+            for family in (names[n] for n in who.split(", ")):
+                for flag, value in zip(flags, values.split()):
+                    name = options[flag].dest
+                    default = FAMILY_DEFAULTS[family].get(name, options[flag].default)
+                    assert type(default)(value) == default, (family, flag)
+                    seen.add((family, name))
+    assert seen >= {(f, name) for f, d in FAMILY_DEFAULTS.items() for name in d}

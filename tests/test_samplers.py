@@ -261,3 +261,31 @@ def test_plms_is_ldms_pseudo_linear_multistep():
         x = x_prev(x, e_prime, i)
         old = (old + [e])[-3:]
     assert float((ours.double() - x).abs().max() / x.abs().max()) < 1e-5
+
+
+def test_leading_spacing_is_diffusers_ddim_with_offset_one():
+    """diffusers' DDIMScheduler (timestep_spacing 'leading', steps_offset 1), as the authors'
+    SD 1.5 and SDXL scripts load it: 30 steps are 958, 925, ..., 1; LDM's uniform schedule
+    runs 31 from 991. Where the step count divides 1000 both are the same."""
+    leading = ddim_timesteps(30, spacing="leading")
+    assert len(leading) == 30 and list(leading[:3]) == [1, 34, 67] and leading[-1] == 958
+    uniform = ddim_timesteps(30)
+    assert len(uniform) == 31 and uniform[-1] == 991 and list(uniform[:30]) == list(leading)
+    assert list(ddim_timesteps(6, spacing="leading")) == [1, 167, 333, 499, 665, 831]
+    for steps in (1, 4, 5, 8, 20, 50, 250, 500):
+        assert list(ddim_timesteps(steps, spacing="leading")) == list(ddim_timesteps(steps))
+    with pytest.raises(ValueError, match="trailing"):
+        ddim_timesteps(30, spacing="trailing")
+
+
+@pytest.mark.parametrize("sampler", [sample_ddim, sample_plms])
+def test_ddim_and_plms_step_through_the_spacing_they_are_given(sampler):
+    """From the noisiest timestep down, once per step (PLMS also evaluates its first step at
+    the next timestep)."""
+    for spacing in ("uniform", "leading"):
+        denoiser = GaussianDenoiser()
+        sampler(denoiser, x_T(), ALPHAS_CUMPROD, 30, progress=False, spacing=spacing)
+        timesteps = [t for t, _step in denoiser.calls]
+        if sampler is sample_plms:
+            timesteps.pop(1)  # the pseudo improved Euler start's second evaluation
+        assert timesteps == list(reversed(ddim_timesteps(30, spacing=spacing)))

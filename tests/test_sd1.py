@@ -62,6 +62,7 @@ def sample_argv(case, outdir):
     return ["--prompt", case["prompt"], "--config", str(SD1_CONFIG), "--ckpt", str(SD1_CKPT),
             "--H", str(case["H"]), "--W", str(case["W"]), "--steps", str(case["steps"]),
             "--ddim_eta", str(case["eta"]), "--scale", str(case["scale"]),
+            "--timestep_spacing", "uniform",  # the reference's protocol (LDM's DDIM)
             "--seed", str(case["seed"]), "--dilate", str(case["dilate"]),
             "--dilate_tau", str(case["dilate_tau"]), "--dilate_skip", str(case["dilate_skip"]),
             "--n_iter", "1", "--n_samples", "1", "--precision", "full", "--device", "cpu",

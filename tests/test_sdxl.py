@@ -116,6 +116,7 @@ def run_cli(txt2img, tmp_path, case, capsys):
             "--prompt", case["prompt"], "--seed", str(case["seed"]),
             "--H", str(case["H"]), "--W", str(case["W"]), "--steps", str(case["steps"]),
             "--ddim_eta", str(case["eta"]), "--scale", str(case["scale"]),
+            "--timestep_spacing", "uniform",  # the reference's protocol (LDM's DDIM)
             "--dilate_settings", str(XL_SETTINGS / case["dilate_settings"]),
             "--dilate_tau", str(case["dilate_tau"]),
             "--progressive_dilate" if case["progressive"] else "--no-progressive_dilate",
@@ -303,3 +304,75 @@ def test_recomputed_single_tile_decode_is_the_full_decode(xl_pipe, monkeypatch):
     image = td.tiled_decode(xl_pipe.model.first_stage_model, z, 0, False,
                             tile_size=tuple(z.shape[2:]), budget_bytes=0)
     assert rel_err(image, ref["image_full"]) <= 1e-4
+
+
+def family_args(txt2img, *argv, config="sd_xl_base.yaml"):
+    args = txt2img.parse_args(["--config", f"configs/stable-diffusion/{config}", *argv])
+    args.note = txt2img.apply_family_defaults(args)
+    return args
+
+
+def test_an_sdxl_run_takes_the_authors_sdxl_defaults(txt2img, capsys):
+    """Without flags: the native 1024², and text2image_xl.py's guidance 5, eta 1 and diffusers'
+    leading DDIM timesteps, said in one note line; flags and presets win; FreeU stays off."""
+    args = family_args(txt2img)
+    assert (args.H, args.W, args.scale, args.ddim_eta, args.timestep_spacing) == \
+        (1024, 1024, 5.0, 1.0, "leading") and args.freeu is None
+    assert args.note == ("note: SDXL model: --H 1024 --W 1024 --scale 5 --ddim_eta 1 "
+                         "--timestep_spacing leading (its authors' defaults; flags override)")
+    args = family_args(txt2img, "--H", "2048", "--scale", "7", "--timestep_spacing", "uniform")
+    assert (args.H, args.W, args.scale, args.timestep_spacing) == (2048, 1024, 7, "uniform")
+    dpm = family_args(txt2img, "--dpm")  # eta is DDIM's alone, the spacing DDIM's and PLMS's
+    assert (dpm.ddim_eta, dpm.timestep_spacing, dpm.scale) == (0.0, "uniform", 5.0)
+    txt2img.options_from_args(dpm).validate()
+    preset = family_args(txt2img, "--preset", "sdxl_2048x2048")
+    assert (preset.H, preset.timestep_spacing) == (2048, "leading")
+
+
+def test_other_families_keep_or_take_their_own_defaults(txt2img, capsys):
+    seed = family_args(txt2img, config="v2-inference.yaml")  # the seed's: LDM's txt2img
+    assert (seed.H, seed.scale, seed.ddim_eta, seed.timestep_spacing) == \
+        (512, 9.0, 0.0, "uniform")
+    assert seed.note == ""
+    sd1 = family_args(txt2img, "--ddim_eta", "0", config="v1-inference.yaml")
+    assert (sd1.H, sd1.scale, sd1.ddim_eta, sd1.timestep_spacing) == \
+        (512, 7.5, 0.0, "leading")
+
+
+def test_a_run_says_which_family_defaults_it_took(txt2img, tmp_path, capsys):
+    argv = ["--config", str(TINY_XL / "tiny-sdxl.yaml"), "--ckpt",
+            str(TINY_XL / "tiny-sdxl.safetensors"), "--H", "64", "--W", "64", "--steps", "2",
+            "--n_iter", "1", "--n_samples", "1", "--outdir", str(tmp_path)]
+    capsys.readouterr()
+    assert txt2img.main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "note: SDXL model: --scale 5 --ddim_eta 1 --timestep_spacing leading (its authors' " \
+           "defaults; flags override)" in err
+    from PIL import Image
+    with Image.open(tmp_path / "samples" / "00000.png") as image:
+        text = image.text["parameters"]
+    assert "CFG scale: 5.0, Timestep spacing: leading" in text and "Eta: 1.0" in text
+
+
+def test_the_api_options_take_the_family_defaults(xl_pipe):
+    opts = xl_pipe.options(H=256, W=384)
+    assert (opts.H, opts.W, opts.scale, opts.ddim_eta, opts.timestep_spacing) == \
+        (256, 384, 5.0, 1.0, "leading")
+    plms = xl_pipe.options(sampler="plms")
+    assert (plms.ddim_eta, plms.timestep_spacing) == (0.0, "leading")
+    plms.validate()
+
+
+def test_a_leading_run_calls_the_unet_once_a_step(xl_pipe):
+    """--steps 6: LDM's uniform schedule runs 7 steps, the authors' SDXL one 6."""
+    calls = []
+    hook = xl_pipe.model.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for spacing, expected in (("uniform", 7), ("leading", 6)):
+            calls.clear()
+            opts = xl_pipe.options(H=64, W=64, steps=6, precision="full",
+                                   timestep_spacing=spacing)
+            xl_pipe.sample(["a corgi"], opts, torch.Generator().manual_seed(0), progress=False)
+            assert len(calls) == expected, spacing
+    finally:
+        hook.remove()

@@ -4,11 +4,25 @@ import torch
 from tqdm.auto import tqdm
 
 
-def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
-    """LDM's 'uniform' schedule: stride 1000 // steps from 0, shifted by one (so 6 gives 7 steps)."""
+# How DDIM and PLMS place their timesteps: LDM's 'uniform' (the seed's code), or diffusers'
+# 'leading' with steps_offset 1 (the authors' diffusers scripts, SD 1.5 and SDXL). Both stride
+# 1000 // steps from 1; uniform takes every stride below 1000, leading exactly `steps` of them,
+# so they differ only where steps does not divide 1000 (30 steps: uniform runs 31, from 991).
+TIMESTEP_SPACINGS = ("uniform", "leading")
+
+
+def ddim_timesteps(steps: int, num_train_timesteps: int = 1000,
+                   spacing: str = "uniform") -> np.ndarray:
+    """The timesteps of a DDIM/PLMS run, ascending (uniform with 6 steps gives 7 of them)."""
     if not 1 <= steps <= num_train_timesteps // 2:  # beyond, the stride is 1: a repeated step
         raise ValueError(f"steps must be between 1 and {num_train_timesteps // 2}, got {steps}")
-    timesteps = np.arange(0, num_train_timesteps, num_train_timesteps // steps) + 1
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, "
+                         f"got {spacing!r}")
+    stride = num_train_timesteps // steps
+    if spacing == "leading":
+        return np.arange(steps) * stride + 1
+    timesteps = np.arange(0, num_train_timesteps, stride) + 1
     # Where the stride divides 999 (e.g. 3, 9, 27, 37 steps) the shift reaches 1000, past the
     # end of the schedule (the original crashes there); use the last trained timestep instead.
     return np.minimum(timesteps, num_train_timesteps - 1)
@@ -51,10 +65,11 @@ def draw_noise(generator, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_ddim(denoiser, x, alphas_cumprod, steps, eta=0.0, generator=None, progress=True):
+def sample_ddim(denoiser, x, alphas_cumprod, steps, eta=0.0, generator=None, progress=True,
+                spacing="uniform"):
     """Run DDIM from noise x (x_T). One noise draw per step, even when eta is 0, so that a seed
     gives the same stream of random numbers whatever eta is."""
-    timesteps = ddim_timesteps(steps, len(alphas_cumprod))
+    timesteps = ddim_timesteps(steps, len(alphas_cumprod), spacing)
     alphas, alphas_prev, sigmas = ddim_coefficients(alphas_cumprod, timesteps, eta)
     coefficients = [_on_device(v, x) for v in (alphas, alphas_prev, sigmas)]
     n = len(timesteps)

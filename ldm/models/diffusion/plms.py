@@ -16,8 +16,9 @@ def _plms_eps(eps, history):
 
 
 @torch.no_grad()
-def sample_plms(denoiser, x, alphas_cumprod, steps, generator=None, progress=True):
-    timesteps = ddim_timesteps(steps, len(alphas_cumprod))
+def sample_plms(denoiser, x, alphas_cumprod, steps, generator=None, progress=True,
+                spacing="uniform"):
+    timesteps = ddim_timesteps(steps, len(alphas_cumprod), spacing)
     alphas, alphas_prev, _ = ddim_coefficients(alphas_cumprod, timesteps, 0.0)
     alphas, alphas_prev = _on_device(alphas, x), _on_device(alphas_prev, x)
     n = len(timesteps)

@@ -16,15 +16,18 @@ class Sampler:
     takes_eta: bool  # stochastic with eta > 0
     max_steps: int   # DDIM's uniform schedule (PLMS's too) strides 1000 // steps: beyond 500
                      # the stride is 1 and its last timestep repeats
-    run: Callable    # (denoiser, x, alphas_cumprod, steps, eta, generator, progress) -> x_0
+    spaced: bool     # follows the timestep spacing (DDIM's discretization); else its own grid
+    run: Callable    # (denoiser, x, alphas_cumprod, steps, eta, generator, progress, spacing)
+                     # -> x_0
 
 
 SAMPLERS = {
-    "ddim": Sampler("DDIM", True, 500, sample_ddim),
-    "plms": Sampler("PLMS", False, 500,
-                    lambda d, x, acp, steps, _eta, g, progress:
-                    sample_plms(d, x, acp, steps, g, progress)),
-    "dpm": Sampler("DPM-Solver++ (2M)", False, 1000,
-                   lambda d, x, acp, steps, _eta, g, progress:
+    "ddim": Sampler("DDIM", True, 500, True, sample_ddim),
+    "plms": Sampler("PLMS", False, 500, True,
+                    lambda d, x, acp, steps, _eta, g, progress, spacing:
+                    sample_plms(d, x, acp, steps, g, progress, spacing)),
+    # DPM-Solver++ steps through continuous time, uniformly (the seed's 'time_uniform')
+    "dpm": Sampler("DPM-Solver++ (2M)", False, 1000, False,
+                   lambda d, x, acp, steps, _eta, g, progress, _spacing:
                    sample_dpmpp_2m(d, x, acp, steps, g, progress)),
 }

@@ -1,6 +1,7 @@
 """Text conditioning: the OpenCLIP text tower of SD 2.x (the CLIP text model of SD 1.x lives in
 clip_text.py). Weights always come from the SD checkpoint, so the towers are built without
-downloading anything (and without the unused visual tower)."""
+downloading anything (and without the unused visual tower). open_clip is imported when a tower
+is built, not with this module: naming a config's family must not cost its 2-9 s."""
 import functools
 import json
 
@@ -12,8 +13,6 @@ from ldm.modules.encoders.clip_text import FrozenCLIPEmbedder  # noqa: F401
 from ldm.modules.encoders.common import (  # noqa: F401  (re-exported)
     AbstractEncoder, import_open_clip, register_config_dir, resolve_config_file)
 
-open_clip = import_open_clip()
-
 
 def resolve_openclip_config(arch: str) -> dict:
     """Model config of `arch`: an open_clip model name, or a path to an open_clip config JSON."""
@@ -21,7 +20,7 @@ def resolve_openclip_config(arch: str) -> dict:
     if path is not None:
         with open(path) as f:
             return json.load(f)
-    config = open_clip.get_model_config(arch)
+    config = import_open_clip().get_model_config(arch)
     if config is None:
         raise ValueError(f"unknown OpenCLIP architecture {arch!r}: not an open_clip model name "
                          f"and no {arch}.json found")
@@ -33,7 +32,7 @@ def build_text_tower(arch: str) -> nn.Module:
     the caller builds under `torch.device('meta')`, ready for checkpoint weights."""
     config = dict(resolve_openclip_config(arch))
     config.pop("custom_text", None)
-    model = open_clip.model.CLIP(**config)
+    model = import_open_clip().model.CLIP(**config)
     del model.visual
     return model
 
@@ -41,7 +40,7 @@ def build_text_tower(arch: str) -> nn.Module:
 @functools.lru_cache(maxsize=1)
 def _token_counter():
     """open_clip's BPE tokenizer, built once (it reads its vocabulary)."""
-    return open_clip.tokenizer.SimpleTokenizer()
+    return import_open_clip().tokenizer.SimpleTokenizer()
 
 
 class FrozenOpenCLIPEmbedder(AbstractEncoder):
@@ -62,7 +61,7 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         self.requires_grad_(False)
 
     def tokenize(self, prompts):
-        tokens = open_clip.tokenize(prompts, context_length=self.max_length)
+        tokens = import_open_clip().tokenize(prompts, context_length=self.max_length)
         return tokens.to(self.model.token_embedding.weight.device)
 
     def truncated(self, prompts, tokens):
