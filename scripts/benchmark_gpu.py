@@ -651,5 +651,21 @@ def saved_table(path):
                     tuple(report.get("items", TABLE_ITEMS)))
 
 
-if __name__ == "__main__":  # a quick look at a saved report: python benchmark_gpu.py bench.json
-    print(saved_table(sys.argv[1]))
+def main(argv=None):
+    """A quick look at a saved report: python scripts/benchmark_gpu.py bench.json"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The table of a saved `benchmark.py --device cuda "
+                                       "--json` report.")
+    parser.add_argument("report", help="the report's JSON file")
+    path = Path(parser.parse_args(argv).report)
+    try:
+        print(saved_table(path))
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: cannot read the report {path}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

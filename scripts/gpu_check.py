@@ -294,7 +294,10 @@ def sample_through_the_cli():
             + f"; fp16-weights latent error {rel_err(half[None], ref['latent']):.1e} (not a gate)")
 
 
-def main():
+def main(argv=None):
+    import argparse
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.
+                            RawDescriptionHelpFormatter).parse_args(argv)  # only --help
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         print("FAIL no CUDA device visible to torch", torch.__version__)
         return 1

@@ -15,6 +15,19 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+MIN_PYTHON = (3, 9)  # argparse.BooleanOptionalAction; the seed's setup named 3.8
+
+
+def python_too_old(version=sys.version_info) -> str:
+    """The one-line refusal for a Python older than MIN_PYTHON ('' when new enough)."""
+    if tuple(version[:2]) >= MIN_PYTHON:
+        return ""
+    return (f"error: txt2img needs Python {'.'.join(map(str, MIN_PYTHON))} or newer, this is "
+            f"{version[0]}.{version[1]} (see README: Manual setup)")
+
+
+if python_too_old():
+    sys.exit(python_too_old())
 
 from ldm.cli import OneLineParser, UsageError, tile_size_arg  # noqa: E402  (torch-free)
 from ldm.families import family_values_text  # noqa: E402  (torch-free)

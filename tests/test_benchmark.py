@@ -266,3 +266,13 @@ def test_saved_gpu_report_shows_the_items_it_ran(bench, tmp_path):
     del report["items"]
     path.write_text(json.dumps(report))
     assert len(gpu.saved_table(path).splitlines()[4:]) == len(gpu.rows({}))
+
+
+def test_the_saved_report_script_takes_help_and_refuses_a_missing_file(bench, tmp_path, capsys):
+    gpu = bench.benchmark_gpu
+    with pytest.raises(SystemExit) as done:
+        gpu.main(["--help"])
+    assert done.value.code == 0 and "report" in capsys.readouterr().out
+    assert gpu.main([str(tmp_path / "missing.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot read the report")

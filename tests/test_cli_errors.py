@@ -503,3 +503,9 @@ def test_help_names_the_defaults(cli, capsys):
 ], ids=["cpu", "cuda", "python"])
 def test_out_of_memory_is_one_line_with_what_to_change(cli, error, expected):
     assert cli.describe(error).startswith(expected)
+
+
+def test_an_old_python_is_refused_in_one_line(cli):
+    assert cli.python_too_old((3, 11, 4)) == "" and cli.python_too_old((3, 9, 0)) == ""
+    assert cli.python_too_old((3, 8, 5)) == ("error: txt2img needs Python 3.9 or newer, this "
+                                             "is 3.8 (see README: Manual setup)")

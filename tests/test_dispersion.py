@@ -201,3 +201,19 @@ def test_brute_force_reproduces_reference():
     lhs, rhs = _brute_force_system(3, 5, 3, 2, 0.05)
     expected, *_ = np.linalg.lstsq(lhs, rhs, rcond=None)
     assert np.abs(expected - _reference_R()).max() <= 1e-10
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dilation={"a": 2}, dilate_tau=5, disperse=frozenset({"a"})), "needs a transform"),
+    (dict(dilation={"a": 2}, dilate_tau=5, disperse=frozenset({"a"}), transform=np.eye(25, 9),
+          inflate_tau=6), r"--inflate_tau \(6\) must not exceed --dilate_tau \(5\)"),
+    (dict(dilation={"a": 2}, dilate_tau=5, disperse=frozenset({"b"}), transform=np.eye(25, 9),
+          inflate_tau=5), "dispersed conv b has no dilation factor"),
+])
+def test_settings_that_cannot_disperse_are_refused(kwargs, message):
+    from ldm.scalecrafter.schedule import ScaleCrafterSettings
+
+    with pytest.raises(ValueError, match=message):
+        ScaleCrafterSettings(**kwargs)
+    ScaleCrafterSettings(**{**kwargs, "disperse": frozenset({"a"}), "transform": np.eye(25, 9),
+                            "inflate_tau": 5})  # the same, made right, is accepted

@@ -307,6 +307,16 @@ def test_fixed_code_repeats_the_start_noise_across_batches(cli, tmp_path, capsys
     capsys.readouterr()
     first, second = (np.load(out / "samples" / f"0000{i}.npy") for i in (0, 1))
     assert np.array_equal(first, second) == fixed
+    if not fixed:  # the stream: x_T, one draw per DDIM step (2 here), then the next x_T
+        from conftest import rel_err
+        stream = torch.Generator().manual_seed(42)
+        for _ in range(3):
+            torch.randn((1, 4, 8, 8), generator=stream)
+        start = torch.randn((1, 4, 8, 8), generator=stream)
+        pipe = cli.load_pipeline(cli.parse_args(argv), cli.PhaseTimer("cpu", False))
+        opts = GenerationOptions(H=64, W=64, steps=2, precision="full")
+        z, _ = pipe.sample(["a fox"], opts, None, start, progress=False)
+        assert rel_err(z[0], second) <= 1e-6
 
 
 def test_prompt_file_repeat_and_grid_rows(cli, tmp_path, capsys):
@@ -350,7 +360,10 @@ def test_an_interrupted_batch_keeps_its_written_images_in_the_grid(tmp_path, mon
 
 def test_sampling_without_a_generator_draws_from_the_global_one(tiny_pipe):
     from ldm.pipeline import GenerationOptions
-    torch.manual_seed(0)
-    z, _ = tiny_pipe.sample(["x"], GenerationOptions(H=64, W=64, steps=1, precision="full"),
-                            None, progress=False)
-    assert torch.isfinite(z).all()
+    opts = GenerationOptions(H=64, W=64, steps=1, precision="full")
+    torch.manual_seed(1)
+    z, _ = tiny_pipe.sample(["x"], opts, None, progress=False)
+    torch.manual_seed(1)
+    start = torch.randn((1, 4, 8, 8))
+    z_from_start, _ = tiny_pipe.sample(["x"], opts, None, start, progress=False)
+    assert torch.equal(z, z_from_start)  # (eta 0: the start alone decides)

@@ -289,3 +289,59 @@ def test_ddim_and_plms_step_through_the_spacing_they_are_given(sampler):
         if sampler is sample_plms:
             timesteps.pop(1)  # the pseudo improved Euler start's second evaluation
         assert timesteps == list(reversed(ddim_timesteps(30, spacing=spacing)))
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpm_solver_is_the_published_multistep_second_order_update(steps):
+    """DPM-Solver++ (2M), data prediction, transcribed in float64 from the published
+    multistep_dpm_solver_second_update ('dpmsolver' type): x_t = (sigma_t / sigma_s) x
+    - alpha_t phi m0 - alpha_t phi (m0 - m1) / (2 r), phi = expm1(-h), r = h_prev / h; the first
+    step first order, and the last too below 15 steps. Time-uniform from t = 1 to 1/1000,
+    the model fed (t - 1/1000) * 1000."""
+    log_alpha = np.log(ALPHAS_CUMPROD.double().numpy()) / 2
+
+    def alpha_sigma_lambda(t):
+        la = np.interp(t, np.arange(1, 1001) / 1000, log_alpha)
+        sigma = np.sqrt(1 - np.exp(2 * la))
+        return np.exp(la), sigma, la - np.log(sigma)
+
+    def x0_of(x, t):
+        alpha, sigma, _ = alpha_sigma_lambda(t)
+        return (x - sigma * eps_of(x, (t - 1 / 1000) * 1000)) / alpha
+
+    ours = sample_dpmpp_2m(NonlinearDenoiser(), x_T(), ALPHAS_CUMPROD, steps, progress=False)
+    times = np.linspace(1.0, 1 / 1000, steps + 1)
+    x = x_T().double()
+    m = [x0_of(x, times[0])]
+    for i in range(1, steps + 1):
+        _, sigma_s, lam_s = alpha_sigma_lambda(times[i - 1])
+        alpha_t, sigma_t, lam_t = alpha_sigma_lambda(times[i])
+        h, phi = lam_t - lam_s, np.expm1(-(lam_t - lam_s))
+        x_next = (sigma_t / sigma_s) * x - alpha_t * phi * m[-1]
+        if i > 1 and not (steps < 15 and i == steps):
+            r = (lam_s - alpha_sigma_lambda(times[i - 2])[2]) / h
+            x_next = x_next - 0.5 * alpha_t * phi * (m[-1] - m[-2]) / r
+        x = x_next
+        m.append(x0_of(x, times[i]))
+    assert float((ours.double() - x).abs().max() / x.abs().max()) < 1e-5
+
+
+def test_ddim_with_leading_timesteps_is_diffusers_ddim_step():
+    """diffusers' DDIMScheduler.step as the authors' scripts run it: t runs down from
+    (steps - 1) * (1000 // steps) + 1, the previous timestep is t - 1000 // steps, and below 0
+    alpha_prev is alphas_cumprod[0] (set_alpha_to_one False); eta 1, float64."""
+    acp = ALPHAS_CUMPROD.double()
+    steps, eta, stride = 6, 1.0, 1000 // 6
+    ours = sample_ddim(NonlinearDenoiser(), x_T(), ALPHAS_CUMPROD, steps, eta=eta,
+                       generator=torch.Generator().manual_seed(5), progress=False,
+                       spacing="leading")
+    x, noise = x_T().double(), torch.Generator().manual_seed(5)
+    for t in range((steps - 1) * stride + 1, 0, -stride):
+        a = acp[t]
+        a_prev = acp[t - stride] if t - stride >= 0 else acp[0]
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        eps = eps_of(x, t)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        z = torch.randn(x.shape, generator=noise).double()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * z
+    assert float((ours.double() - x).abs().max() / x.abs().max()) < 1e-5

@@ -1,10 +1,12 @@
 """SD 1.x: the CLIP text encoder, the UNet, whole runs and presets against the published
 implementation's tiny SD 1.5 set (../shared/reference/tiny-sd1)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import REF, REPO, rel_err
 from ldm.scalecrafter.redilation import ConvOverride, overridden_convs, uniform_dilation_map
@@ -153,24 +155,48 @@ def test_sd15_presets_carry_the_authors_settings(txt2img):
     assert 0 < disperse.inflate_tau <= disperse.dilate_tau
 
 
+AUTHORS = REPO / "tests" / "data" / "authors-sd15"
+
+
 def test_sd15_settings_files_are_the_authors_in_our_names():
-    """Each shipped file holds exactly the published file's convs and factors, translated."""
+    """Each shipped file holds exactly the authors' file's convs and factors, translated from
+    diffusers' names (tests/data/authors-sd15: their repository's files)."""
     from ldm.scalecrafter.settings import read_conv_list, read_dilation_settings
     config = load_config(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml")
     with torch.device("meta"):
         unet = instantiate_from_config(config.model.params.unet_config)
     ours = REPO / "configs" / "scalecrafter"
+    files = sorted(AUTHORS.glob("*dilate/*.txt"))
+    assert len(files) == 6
+    for path in files:
+        theirs = read_dilation_settings(path, unet)
+        assert theirs == read_dilation_settings(ours / path.parent.name / path.name, unet)
+        assert len(theirs) == len(path.read_text().split()), path.name
+    disperse = "disperse/sd1.5_2048x2048.txt"
+    assert read_conv_list(AUTHORS / disperse, unet) == read_conv_list(ours / disperse, unet)
+    # spot checks of the translation, in our names
     dilate = read_dilation_settings(ours / "dilate" / "sd1.5_2048x2048.txt", unet)
     assert len(dilate) == 39 and dilate["middle_block.0.in_layers.2"] == 4
-    assert dilate["input_blocks.4.0.in_layers.2"] == 2  # down_blocks.1.resnets.0.conv1
     assert dilate["input_blocks.9.0.op"] == 3  # down_blocks.2.downsamplers.0.conv
     assert dilate["output_blocks.8.2.conv"] == 2  # up_blocks.2.upsamplers.0.conv
-    frac = read_dilation_settings(ours / "dilate" / "sd1.5_1280x1280.txt", unet)
-    assert set(frac.values()) == {2.5} and len(frac) == 39
-    ndcfg = read_dilation_settings(ours / "ndcfg_dilate" / "sd1.5_2048x1024.txt", unet)
-    assert len(ndcfg) == 27 and "input_blocks.4.0.in_layers.2" not in ndcfg
-    disperse = read_conv_list(ours / "disperse" / "sd1.5_2048x2048.txt", unet)
-    assert len(disperse) == 23 and disperse <= set(dilate)
+
+
+@pytest.mark.parametrize("name", SD15_PRESETS)
+def test_sd15_presets_carry_the_authors_settings(txt2img, name):
+    """Size, steps, taus, progressive and settings files as the authors' presets have them
+    (dispersion is ours: their _disperse preset sets inflate_tau 0)."""
+    theirs = yaml.safe_load((AUTHORS / "presets" / f"{name}.yaml").read_text())
+    args = txt2img.parse_args(["--preset", name, "--ckpt", "x"])
+    assert (args.H, args.W) == (8 * theirs["latent_height"], 8 * theirs["latent_width"])
+    assert (args.dilate_tau, args.ndcfg_tau, args.progressive_dilate, args.steps) == \
+        (theirs["dilate_tau"], theirs["ndcfg_tau"], theirs["progressive"],
+         theirs["num_inference_steps"])
+    used = ["dilate_settings", "disperse_settings"] + \
+        (["ndcfg_dilate_settings"] if theirs["ndcfg_tau"] else [])
+    for key in used:
+        names = [Path(v).name if v else None for v in (getattr(args, key), theirs.get(key))]
+        assert names[0] == names[1], key
+    assert (args.inflate_tau > 0) == name.endswith("_disperse")
 
 
 def test_sd15_preset_runs_end_to_end_on_the_tiny_sd1_model(txt2img, tmp_path):

@@ -299,7 +299,9 @@ def test_autocast_runs_the_unet_in_bf16_on_cpu_and_decodes_in_fp32(tiny_pipe):
     assert result.decoded.dtype == torch.float32 and torch.isfinite(result.decoded).all()
 
 
-SD21_PRESETS = sorted(p.stem for p in (REF / "scalecrafter-settings" / "presets").glob("*.yaml"))
+# named, not globbed: an empty glob would skip the test rather than fail it
+SD21_PRESETS = ["sd2.1_1024x1024", "sd2.1_1280x1280", "sd2.1_2048x1024", "sd2.1_2048x2048",
+                "sd2.1_2048x2048_disperse"]
 
 
 @pytest.mark.parametrize("name", SD21_PRESETS)
@@ -310,7 +312,7 @@ def test_sd21_presets_carry_the_authors_settings(txt2img, name):
 
     theirs = yaml.safe_load((REF / "scalecrafter-settings" / "presets" / f"{name}.yaml").read_text())
     args = txt2img.parse_args(["--preset", name, "--ckpt", "x"])
-    assert args.preset_family == "sd2" and len(SD21_PRESETS) == 5
+    assert args.preset_family == "sd2"
     assert (args.H, args.W) == (8 * theirs["latent_height"], 8 * theirs["latent_width"])
     assert (args.dilate_tau, args.ndcfg_tau, args.progressive_dilate, args.steps) == \
         (theirs["dilate_tau"], theirs["ndcfg_tau"], theirs["progressive"],
@@ -330,3 +332,25 @@ def test_the_shipped_dispersion_transform_is_the_authors():
     shipped = load_dispersion_transform(REPO / "configs" / "scalecrafter" / "transforms" /
                                         "R20to1.npy")
     assert np.abs(shipped - load_dispersion_transform(TRANSFORM)).max() <= 1e-12
+
+
+def test_a_freeu_run_calls_the_unet_with_freeu_as_written_out(tiny_pipe):
+    """The pipeline installs FreeU with the options' (b1, b2, s1, s2) in their order: a run's
+    first UNet call equals the hand-written FreeU forward (test_freeu) on the same inputs."""
+    from test_freeu import _ref_forward
+
+    params = (1.1, 1.2, 0.9, 0.2)
+    calls = []
+    hook = tiny_pipe.model.unet.register_forward_hook(
+        lambda _m, args, kwargs, out: calls.append((args, kwargs, out.detach().clone())),
+        with_kwargs=True)
+    try:
+        freeu_run(tiny_pipe, params)
+    finally:
+        hook.remove()
+    args, kwargs, out = calls[0]
+    x, t = args[:2]
+    context = args[2] if len(args) > 2 else kwargs.get("context")
+    with torch.no_grad():
+        ref = _ref_forward(tiny_pipe.model.unet, x, t, context, params)
+    assert rel_err(out, ref) <= 1e-5
