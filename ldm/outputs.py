@@ -302,11 +302,17 @@ class OutputWriter:
         return self.grid_path
 
     def summary(self) -> str:
-        """Which files this run wrote, e.g. 'samples/00008.png to 00010.png, grid-0004.png'."""
+        """Which files this run wrote, e.g. 'samples/00008.png to 00010.png (with .npy
+        latents), grid-0004.png'."""
         if not self.paths:
             return "no images"
         first, last = self.paths[0], self.paths[-1]
         text = f"{first.relative_to(self.outdir)}" + (f" to {last.name}" if last != first else "")
+        extras = [what for what, on in ((".npy latents", getattr(self.args, "save_latent", False)),
+                                        (".json sidecars",
+                                         getattr(self.args, "metadata", "png") == "json")) if on]
+        if extras:
+            text += f" (with {' and '.join(extras)})"
         if self.grid_path is not None:
             text += f", {self.grid_path.name}"
         return text

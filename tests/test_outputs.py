@@ -136,7 +136,8 @@ def test_writer_files_and_numbering_across_runs(tmp_path):
     paths = writer.save_batch(["a cat, sitting", "a dog"], decoded, latents)
     assert [p.name for p in paths] == ["00000.png", "00001.png"]
     assert writer.save_grid(2).name == "grid-0000.png"
-    assert writer.summary() == "samples/00000.png to 00001.png, grid-0000.png"
+    assert writer.summary() == ("samples/00000.png to 00001.png (with .npy latents and .json "
+                                "sidecars), grid-0000.png")
     samples = tmp_path / "out" / "samples"
     assert sorted(p.name for p in samples.iterdir()) == [
         "00000.json", "00000.npy", "00000.png", "00001.json", "00001.npy", "00001.png"]
@@ -355,7 +356,8 @@ def test_an_interrupted_batch_keeps_its_written_images_in_the_grid(tmp_path, mon
     grid = writer.save_grid(2)
     with Image.open(grid) as image:
         assert image.size == (128, 128)  # one 128² image
-    assert writer.summary() == "samples/00000.png, grid-0000.png"
+    assert writer.summary() == ("samples/00000.png (with .npy latents and .json sidecars), "
+                                "grid-0000.png")
 
 
 def test_sampling_without_a_generator_draws_from_the_global_one(tiny_pipe):
