@@ -242,6 +242,15 @@ def test_noise_damped_cfg_with_dispersion_is_defined(xl_pipe, txt2img, tmp_path)
             assert override.factor == factor and override.weight is None
     middle = damped["middle_block.0.in_layers.2"]
     assert middle.factor == 1 and middle.weight.shape[-1] == 5
+    # the README's formula, computed here: at step 0 the progressive factor is the file's
+    # (x2), halved for the 5x5 kernel R w, R the authors' transform
+    import scipy.io
+    R = scipy.io.loadmat(str(REF / "dispersion" / "R20to1_new.mat"))["R"]
+    for name in sorted(set(damped) & s.disperse):
+        w = xl_pipe.model.unet.get_submodule(name).weight.detach().double().numpy()
+        expected = np.einsum("ab,oib->oia", R, w.reshape(*w.shape[:2], 9))
+        assert damped[name].factor == s.ndcfg_dilation[name] / 2 == 1
+        assert rel_err(damped[name].weight, expected.reshape(*w.shape[:2], 5, 5)) <= 1e-6
     argv = ["--preset", "sdxl_4096x4096_disperse", "--config", str(TINY_XL / "tiny-sdxl.yaml"),
             "--ckpt", str(TINY_XL / "tiny-sdxl.safetensors"), "--H", "256", "--W", "384",
             "--steps", "3", "--dilate_tau", "2", "--ndcfg_tau", "2", "--inflate_tau", "2",
