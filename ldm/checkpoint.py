@@ -344,7 +344,21 @@ def _check_file(path: Path) -> int:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    for marks, what in _NOT_CHECKPOINTS:
+        if head.lstrip().lower().startswith(marks):
+            raise CheckpointError(f"checkpoint {path} is {what}")
     return size
+
+
+# What a download gone wrong leaves instead of a checkpoint: (first bytes, what to say).
+_NOT_CHECKPOINTS = (
+    ((b"version https://git-lfs",), "a Git LFS pointer, not the file: fetch the file itself "
+                                    "(`git lfs pull` in its clone, or download it)"),
+    ((b"<!doctype html", b"<html"), "a web page, not a checkpoint: download the file itself "
+                                    "(on Hugging Face, the .../resolve/main/... link)"),
+)
 
 
 def _looks_like_safetensors(path: Path, size: int) -> bool:
@@ -408,15 +422,35 @@ def _is_zip(path: Path) -> bool:
         return fh.read(4) == b"PK\x03\x04"
 
 
+def _is_torch_save(path: Path) -> bool:
+    """A torch.save file: a zip archive, or (legacy format) a pickle, protocol 2 or later."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def _named_safetensors(path: Path) -> bool:
+    return path.suffix.lower() == ".safetensors"
+
+
+def _torch_load(path: Path, **kwargs) -> Any:
+    """torch.load onto the CPU. A torch.save file named .safetensors goes in as an open file:
+    torch.load would read it as safetensors by its name (so it cannot be memory-mapped)."""
+    if not _named_safetensors(path):
+        return torch.load(str(path), map_location="cpu", **kwargs)
+    with open(path, "rb") as fh:
+        return torch.load(fh, map_location="cpu", **kwargs)
+
+
 def _torch_load_pickled(path: Path, trust_pickle: bool) -> Any:
     # Zip checkpoints are memory-mapped: storages are not read up front (a 5 GB file took 17 s
     # to read), only the pages each tensor touches when it is cast or moved. The pickle goes
     # through the same gate either way; legacy (non-zip) files cannot be mapped.
-    mmap = _is_zip(path)
+    mmap = _is_zip(path) and not _named_safetensors(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            return _torch_load(path, weights_only=True, mmap=mmap)
         except Exception as exc:
             first_error = exc
         if _torchscript_archive(path):
@@ -432,8 +466,7 @@ def _load_through_gate(path: Path, trust_pickle: bool, mmap: bool, first_error: 
     (or, with trust_pickle, none refused)."""
     pickle_module = _TRUSTING_PICKLE if trust_pickle else _GATED_PICKLE
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False,
-                          pickle_module=pickle_module, mmap=mmap)
+        return _torch_load(path, weights_only=False, pickle_module=pickle_module, mmap=mmap)
     except _RefusedGlobal as exc:
         raise _refusal(path, exc.target) from None
     except RecursionError:
@@ -532,7 +565,9 @@ def load_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, 
     """
     path = Path(path)
     size = _check_file(path)
-    if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path, size):
+    # the content decides, not the name (a .ckpt renamed .safetensors loads as what it is)
+    if _looks_like_safetensors(path, size) or (_named_safetensors(path)
+                                               and not _is_torch_save(path)):
         obj: Any = _load_safetensors(path)
     else:
         obj = _torch_load_pickled(path, trust_pickle)

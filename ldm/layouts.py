@@ -34,6 +34,23 @@ ALWAYS_REBUILT = ("*.embeddings.position_ids",)
 
 EXAMPLES = 5  # keys named in an error or warning line
 
+# Half-precision files round the schedule buffers too: in bf16 (or fp8) the first values of
+# alphas_cumprod become exactly 1, which makes every latent NaN. Such a rounded copy of a buffer
+# the config defines gives way to the exact one.
+_ROUNDING_DTYPES = tuple(getattr(torch, name) for name in
+                         ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+                         if hasattr(torch, name))
+
+
+def _is_rounded_copy(value: torch.Tensor, exact: torch.Tensor) -> bool:
+    """`value` (the file's, maybe cast up by staging) is `exact` rounded to a half dtype."""
+    if not value.is_floating_point() or value.shape != exact.shape:
+        return False
+    stored = value.detach().to("cpu", torch.float32)
+    if torch.equal(stored, exact.float()):
+        return False
+    return any(torch.equal(stored, exact.to(dtype).float()) for dtype in _ROUNDING_DTYPES)
+
 
 def _matches(key: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
@@ -197,8 +214,10 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
              f"{_key_list(unknown)}")
     fitted = {}
     for key, target in expected.items():
-        value = rebuilt[key] if key not in state_dict or _matches(key, ALWAYS_REBUILT) \
-            else state_dict.pop(key)
+        take_rebuilt = key in rebuilt and (
+            key not in state_dict or _matches(key, ALWAYS_REBUILT)
+            or _is_rounded_copy(state_dict[key], rebuilt[key]))
+        value = rebuilt[key] if take_rebuilt else state_dict.pop(key)
         wanted = _dtype_for(key, target, dtype) if target.is_floating_point() else target.dtype
         fitted[key] = _placed(value, device, wanted)
         state_dict.pop(key, None)

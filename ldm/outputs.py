@@ -177,6 +177,11 @@ def _infotext_value(value) -> str:
     return text
 
 
+def tile_text(tile) -> str:
+    """A latent tile (h, w) as --tile_size takes it: HxW (height first, unlike Size's WxH)."""
+    return f"{tile[0]}x{tile[1]}"
+
+
 def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=None,
                     batch_index=None, tiles=None) -> str:
     """A1111-style parameters: the prompt, then `Key: value` pairs on one line. Every
@@ -186,11 +191,12 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
     HxW (what `auto` chose depends on the free memory)."""
     fields = {
         "Steps": opts.steps, "Sampler": SAMPLERS[opts.sampler].label, "CFG scale": opts.scale,
-        "Timestep spacing": opts.timestep_spacing,
         "Seed": opts.seed, "RNG": opts.rng, "Size": f"{opts.W}x{opts.H}", "Eta": opts.ddim_eta,
         "Precision": opts.precision, "Fixed code": opts.fixed_code,
         "Model hash": ckpt_hash, "Model": Path(args.ckpt).name, "Config": Path(args.config).name,
     }
+    if SAMPLERS[opts.sampler].spaced:  # (DPM-Solver++ keeps its own time grid)
+        fields["Timestep spacing"] = opts.timestep_spacing
     if batch_size is not None:
         fields["Batch size"] = batch_size
     if batch_pos is not None:
@@ -198,9 +204,11 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
     if batch_index is not None:
         fields["Batch index"] = batch_index
     options = asdict(opts)
+    if isinstance(opts.tile_size, (tuple, list)):  # as --tile_size takes it
+        options["tile_size"] = tile_text(opts.tile_size)
     fields.update((name, options[name]) for name in SCALECRAFTER_FIELDS)
     if tiles is not None:
-        fields["Tiles"] = f"{tiles[0]}x{tiles[1]}"
+        fields["Tiles"] = tile_text(tiles)
     negative = f"Negative prompt: {opts.negative_prompt}\n" if opts.negative_prompt else ""
     return (prompt + "\n" + negative
             + ", ".join(f"{k}: {_infotext_value(v)}" for k, v in fields.items()))
@@ -255,13 +263,13 @@ class OutputWriter:
         grid_png = encoded.pop() if grid_rows is not None else None
         paths = []
         for i, (prompt, params, data, latent) in enumerate(zip(prompts, texts, encoded, latents)):
-            paths.append(self._write_sample(prompt, params, data, latent))
+            paths.append(self._write_sample(prompt, params, data, latent, tiles))
             self.images.append(decoded[i:i + 1])  # each image as it is kept, for a grid
         if grid_png is not None:
             self.grid_path = self._write_grid(grid_png)
         return paths
 
-    def _write_sample(self, prompt, params, data: bytes, latent) -> Path:
+    def _write_sample(self, prompt, params, data: bytes, latent, tiles=None) -> Path:
         index = next_index(self.sample_dir)
         path = write_new_file(self.sample_dir / f"{index:05}.png", data)
         stem = path.with_suffix("")
@@ -271,6 +279,7 @@ class OutputWriter:
             write_new_file(stem.with_suffix(".npy"), buffer.getvalue())
         if getattr(self.args, "metadata", "png") == "json":
             sidecar = {"prompt": prompt, "parameters": params, "options": asdict(self.opts),
+                       "tiles": tile_text(tiles) if tiles is not None else None,
                        "ckpt": str(self.args.ckpt), "ckpt_hash": self.ckpt_hash,
                        "config": str(self.args.config), "image": path.name}
             write_new_file(stem.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())

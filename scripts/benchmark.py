@@ -614,7 +614,7 @@ def build_parser():
     add("--overlap", type=int, help="tile overlap, latent pixels (default 8; --tiny 4; "
                                     "txt2img's default is 24)")
     add("--tile-size", type=tile_size_arg, help="tile side of the 'tiled' decode, latent pixels, "
-        "or auto (default auto; the seed's half-side tiling is measured beside it)")
+        "HxW, or auto (default auto; the seed's half-side tiling is measured beside it)")
     add("--decode-budget-gb", type=float, help="memory budget of tiled decodes (default: from "
         "free memory on the CPU, 10 on CUDA: a 24 GB card's share beside fp16 weights)")
     add("--tiny", action="store_true", help="the tiny test model and tiny sizes (for tests)")
@@ -673,6 +673,8 @@ def resolve(args):
     tile = args.decode_side // 2  # the seed's tiling always runs; an explicit tile too
     if isinstance(args.tile_size, int):
         tile = min(tile, args.tile_size)
+    elif isinstance(args.tile_size, tuple):  # HxW
+        tile = min(tile, *args.tile_size)
     if tile <= 0 or args.overlap >= tile:
         raise UsageError(f"--overlap ({args.overlap}) must be smaller than the tile "
                          f"({tile} latent pixels)")

@@ -233,7 +233,7 @@ def case_whole(p, meter):
 
     from ldm.pipeline import Pipeline
     from ldm.scalecrafter.memory import default_budget
-    from ldm.scalecrafter.tiled_decode import plan_axis, resolve_tile_size
+    from ldm.scalecrafter.tiled_decode import plan_axis
 
     _as_card(meter.device, p)
     pipe = Pipeline.from_model(_random_model(meter.device, _config(p)), meter.device,
@@ -259,11 +259,11 @@ def case_whole(p, meter):
     budget = (int(p["budget_gb"] * GB) if p.get("budget_gb")
               else default_budget(meter.device))
     opts = dataclasses.replace(opts, decode_budget_gb=budget / GB)
-    th, tw = resolve_tile_size(pipe.model.first_stage_model, z, opts.tile_size, opts.overlap,
-                               budget)
-    tiles = len(plan_axis(z.shape[2], th, opts.overlap)) * len(
-        plan_axis(z.shape[3], tw, opts.overlap))
-    decode_wall, _ = meter.timed(lambda: pipe.decode(latents[0], opts, progress=False))
+    sides = pipe.decode_tiles(z, opts)  # None: a whole decode
+    tiles = 1 if sides is None else len(plan_axis(z.shape[2], sides[0], opts.overlap)) * len(
+        plan_axis(z.shape[3], sides[1], opts.overlap))
+    decode_wall, _ = meter.timed(lambda: pipe.decode(latents[0], opts, progress=False,
+                                                     tiles=sides))
     result.update(decode_seconds=decode_wall, decode_budget_gb=budget / GB, decode_tiles=tiles,
                   side=p["side"], steps=p["steps"], baseline_gb=baseline / GB,
                   weights_gb=weights, peak_gb=meter.peak_bytes() / GB,

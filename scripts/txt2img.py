@@ -47,10 +47,12 @@ class HelpWithDefaults(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def with_family_defaults(text, option, default):
-    """Help text naming the default and the families' own (ldm.families), where they have one."""
-    own = family_values_text(option)
-    return f"{text} (default: {default}; {own})" if own else text
+def name_family_defaults(parser):
+    """Each flag's help names its default and the families' own (ldm.families), if any."""
+    for action in parser._actions:
+        own = family_values_text(action.dest)
+        if own:
+            action.help = f"{action.help} (default: {action.default}; {own})"
 
 
 def build_parser(suppress_defaults=False):
@@ -70,24 +72,19 @@ def build_parser(suppress_defaults=False):
     sampler.add_argument("--plms", action="store_true", help="use PLMS sampling (default: DDIM)")
     sampler.add_argument("--dpm", action="store_true", help="use DPM-Solver++ (2M) sampling")
     add("--fixed_code", action="store_true", help="the same starting noise for every batch")
-    add("--ddim_eta", type=float, default=d(0.0),
-        help=with_family_defaults("DDIM eta (0 = deterministic DDIM)", "ddim_eta", 0.0))
+    add("--ddim_eta", type=float, default=d(0.0), help="DDIM eta (0 = deterministic DDIM)")
     add("--timestep_spacing", choices=["uniform", "leading"], default=d("uniform"),
-        help=with_family_defaults(
-            "DDIM's and PLMS's timesteps: uniform (LDM's, the seed's: 31 steps for --steps 30) "
-            "or leading (diffusers', the authors' SD 1.5 and SDXL scripts: exactly --steps); "
-            "the same where --steps divides 1000", "timestep_spacing", "uniform"))
+        help="DDIM's and PLMS's timesteps: uniform (LDM's, the seed's: 31 steps for --steps 30) "
+             "or leading (diffusers', the authors' SD 1.5 and SDXL scripts: exactly --steps); "
+             "the same where --steps divides 1000")
     add("--n_iter", type=int, default=d(3), help="sample this often")
-    add("--H", type=int, default=d(512),
-        help=with_family_defaults("image height, pixels (a multiple of 64)", "H", 512))
-    add("--W", type=int, default=d(512),
-        help=with_family_defaults("image width, pixels (a multiple of 64)", "W", 512))
+    add("--H", type=int, default=d(512), help="image height, pixels (a multiple of 64)")
+    add("--W", type=int, default=d(512), help="image width, pixels (a multiple of 64)")
     add("--C", type=int, default=d(4), help="latent channels")
     add("--f", type=int, default=d(8), help="downsampling factor (8 for SD)")
     add("--n_samples", type=int, default=d(3), help="images per prompt per iteration (batch)")
     add("--n_rows", type=int, default=d(0), help="images in each grid row (default: n_samples)")
-    add("--scale", type=float, default=d(9.0),
-        help=with_family_defaults("classifier-free guidance scale", "scale", 9.0))
+    add("--scale", type=float, default=d(9.0), help="classifier-free guidance scale")
     add("--negative_prompt", type=str, default=d(""),
         help="the unconditional prompt of classifier-free guidance (default: empty)")
     add("--config", type=str, default=d("configs/stable-diffusion/v2-inference.yaml"),
@@ -162,6 +159,8 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--timings", action="store_true",
                    help="print the seconds spent starting up, loading, sampling, decoding and "
                         "writing, and the process's total")
+    if not suppress_defaults:
+        name_family_defaults(p)
     return p
 
 
@@ -201,7 +200,7 @@ DISPLACES = {"dilate": ("dilate_settings",), "dilate_settings": ("dilate",),
              "plms": ("ddim_eta",), "dpm": ("ddim_eta", "timestep_spacing")}
 
 
-def apply_family_defaults(args):
+def apply_family_defaults(args, config):
     """The model family's defaults (ldm.families) for the options no flag and no preset set
     (args.given). Returns the note line that says so ('' if none), for once the inputs pass:
     a refused run says one line, its error."""
@@ -209,7 +208,7 @@ def apply_family_defaults(args):
     from ldm.pipeline import family_defaults
     from ldm.util import config_family
 
-    family = config_family(check_config(args.config))
+    family = config_family(config)
     sampler = "dpm" if args.dpm else "plms" if args.plms else "ddim"
     applied = {name: value for name, value in family_defaults(family, sampler).items()
                if name not in args.given and getattr(args, name) != value}
@@ -408,9 +407,10 @@ def check_numbers(args):
         raise UsageError("--outdir must not be empty")
 
 
-def check_inputs(args, opts):
-    """Everything that can be checked without loading the checkpoint, cheapest first. Returns
-    the ScaleCrafter settings when they could be read already (else None)."""
+def check_inputs(args, opts, config):
+    """Everything that can be checked without loading the checkpoint, cheapest first (the
+    config, `check_config`'s, was read already). Returns the ScaleCrafter settings when they
+    could be read already (else None)."""
     check_numbers(args)
     opts.validate()
     if args.device in ("auto", "cuda"):  # auto is decided here, where torch is imported anyway
@@ -426,7 +426,6 @@ def check_inputs(args, opts):
         "single-file .ckpt / .safetensors checkpoints the model pages publish)")
     if not first:
         raise UsageError(f"checkpoint {args.ckpt} is empty (0 bytes)")
-    config = check_config(args.config)
     check_preset_family(args, config)
     check_latent_shape(config, opts)
     for name in ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
@@ -522,12 +521,11 @@ def run(args):
     from ldm.hashing import BackgroundShortHash
     from ldm.outputs import OutputWriter, remove_if_empty
 
-    family_note = apply_family_defaults(args)  # reads the config: its family
+    config = check_config(args.config)  # its family's defaults come before the options
+    family_note = apply_family_defaults(args, config)
     opts = options_from_args(args)
     batches = read_prompts(args)
-    settings = check_inputs(args, opts)  # settings files read once (one warning at most)
-    if family_note:
-        print(family_note, file=sys.stderr)
+    settings = check_inputs(args, opts, config)  # settings files read once (one warning at most)
     if args.device == "cuda":  # (auto is decided by now) before CUDA starts
         use_fast_pinned_memory()
     ckpt_hash = BackgroundShortHash(args.ckpt)  # for the metadata; overlaps loading and sampling
@@ -535,6 +533,8 @@ def run(args):
     pipe = load_pipeline(args, timer)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
+    if family_note:  # once the model loaded: a refused run says one line, its error
+        print(family_note, file=sys.stderr)
     if args.compile:  # else the first step sits at 0% for a minute or more, unexplained
         print("note: --compile: the first step compiles the UNet (minutes the first time; "
               "torch's on-disk cache makes later runs faster)", file=sys.stderr, flush=True)

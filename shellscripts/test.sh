@@ -11,6 +11,15 @@ source "$(dirname "$0")/env.sh"
 workers="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"  # (nproc obeys both)
 [ "$workers" -gt 4 ] && workers=4
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# the whole suite unless a test path is given (an argument naming a file or folder that exists,
+# `::test` stripped, other than an option's value)
 paths=(tests)
-for arg in "$@"; do [[ "$arg" == tests* ]] && paths=(); done
-python -m pytest -q -n "$workers" --dist loadfile "${paths[@]}" "$@"
+prev=""
+for arg in "$@"; do
+  case "$prev" in
+    -n|-k|-m|-p|-c|--deselect|--ignore|--ignore-glob|--rootdir) ;;
+    *) [[ "$arg" != -* && -e "${arg%%::*}" ]] && paths=() ;;
+  esac
+  prev="$arg"
+done
+python -m pytest -q -n "$workers" --dist loadfile ${paths[@]+"${paths[@]}"} "$@"

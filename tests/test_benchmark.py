@@ -95,6 +95,7 @@ def test_two_by_two_tile_covers_with_two_tiles(bench):
     (["--repeats", "0"], "--repeats must be positive"),
     (["--overlap", "3"], "--overlap must be even"),
     (["--decode-side", "16", "--overlap", "8"], "must be smaller than the tile"),
+    (["--tile-size", "2x8", "--overlap", "4"], "must be smaller than the tile (2 latent"),
     (["--json", "/nonexistent-dir/x.json"], "does not exist"),
 ])
 def test_bad_flags_are_one_line_errors(bench, capsys, argv, message):

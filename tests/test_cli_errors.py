@@ -509,3 +509,12 @@ def test_an_old_python_is_refused_in_one_line(cli):
     assert cli.python_too_old((3, 11, 4)) == "" and cli.python_too_old((3, 9, 0)) == ""
     assert cli.python_too_old((3, 8, 5)) == ("error: txt2img needs Python 3.9 or newer, this "
                                              "is 3.8 (see README: Manual setup)")
+
+
+@pytest.mark.parametrize("config", [REFERENCE / "tiny-sd1" / "tiny-sd15.yaml",
+                                    REFERENCE / "tiny-sdxl" / "tiny-sdxl.yaml"])
+def test_a_family_with_its_own_defaults_still_refuses_in_one_line(cli, capsys, base, config):
+    """The family's note line comes once the model loaded: a file the config cannot read
+    (here the SD 2.x one) is one line, its error."""
+    status, lines = call(cli, capsys, base + ["--config", str(config)])
+    assert status == 1 and len(lines) == 1 and lines[0].startswith("error: checkpoint"), lines

@@ -261,3 +261,31 @@ def test_each_shipped_config_names_the_schedule_the_published_files_carry(config
     # sigmas come from float32 alphas_cumprod here: 1 - a loses digits where a is near 1
     rtol = 1e-6 if stored == "alphas_cumprod" else 2e-5
     assert torch.allclose(got, load_state_dict(ckpt)[stored].double(), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_files_rounded_schedule_gives_way_to_the_exact_one(tmp_path, dtype):
+    """All-half files round the schedule buffers too (in bf16 alphas_cumprod starts at exactly
+    1: every latent NaN); the config's exact schedule is used instead, on either load path."""
+    from ldm.pipeline import GenerationOptions
+
+    original = load_state_dict(SD1_CKPT)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in original.items()}
+    if dtype == torch.bfloat16:
+        assert state["alphas_cumprod"][:2].float().eq(1).all()  # the damage, as on disk
+    path = write(tmp_path, "half.safetensors", state)
+    for staged in (False, True):
+        pipe = Pipeline.load(SD1_CONFIG, path, staged_load=staged)
+        for name in SCHEDULE:
+            assert torch.allclose(getattr(pipe.model, name), original[name].float(), rtol=1e-6,
+                                  atol=0), name
+    opts = GenerationOptions(H=64, W=64, steps=2, precision="full")
+    assert torch.isfinite(pipe.generate(["a cat"], opts, progress=False).latents).all()
+
+
+def test_a_schedule_of_its_own_in_full_precision_is_kept(tmp_path):
+    """Only rounded copies give way: a file whose fp32 schedule differs is taken as it is."""
+    state = load_state_dict(SD1_CKPT)
+    state["betas"] = state["betas"] * 1.01
+    pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "own.ckpt", state))
+    assert torch.equal(pipe.model.betas, state["betas"].float())

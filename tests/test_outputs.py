@@ -179,6 +179,12 @@ def test_parameters_text_carries_every_setting(tmp_path):
     for name in outputs.SCALECRAFTER_FIELDS:
         assert name in fields, name
     assert (fields["ndcfg_tau"], fields["overlap"], fields["tile_size"]) == ("5", "4", "32")
+    assert "Timestep spacing" not in fields  # DPM-Solver++ has its own time grid
+    opts.sampler, opts.tile_size = "ddim", (32, 48)
+    fields = dict(re.findall(r'(\w[\w \-/]*): ("(?:\\.|[^\\"])*"|[^,]*)(?:, |$)',
+                             outputs.parameters_text("a cat", args, opts, "0", tiles=(32, 48))))
+    assert (fields["Timestep spacing"], fields["tile_size"], fields["Tiles"]) == \
+        ("uniform", "32x48", "32x48")
 
 
 def test_ctrl_c_while_saving_keeps_finished_images(tmp_path, monkeypatch):
@@ -259,16 +265,18 @@ def test_an_auto_tiled_image_names_its_tiles_and_they_decode_it_again(cli, tmp_p
     argv = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--H", "192", "--W", "256",
             "--steps", "2", "--n_iter", "1", "--n_samples", "1", "--precision", "full",
             "--device", "cpu", "--outdir", str(tmp_path), "--seed", "7", "--tiled_decoding",
-            "--sync_gn", "--overlap", "2"]
+            "--sync_gn", "--overlap", "2", "--metadata", "json"]
     assert cli.main(argv + ["--tile_size", "auto", "--decode_budget_gb", "0.0005"]) == 0
     with Image.open(tmp_path / "samples" / "00000.png") as image:
         auto_pixels, parameters = np.asarray(image), image.text["parameters"]
     tiles = re.search(r"Tiles: (\d+)x(\d+)", parameters)
     assert tiles and (int(tiles[1]), int(tiles[2])) not in ((12, 16), (24, 32))  # not half, whole
+    assert json.loads((tmp_path / "samples" / "00000.json").read_text())["tiles"] == tiles[0][7:]
     assert cli.main(argv + ["--tile_size", f"{tiles[1]}x{tiles[2]}"]) == 0
     with Image.open(tmp_path / "samples" / "00001.png") as image:
         assert np.array_equal(np.asarray(image), auto_pixels)
-        assert f"Tiles: {tiles[1]}x{tiles[2]}" in image.text["parameters"]
+        tile = f"{tiles[1]}x{tiles[2]}"
+        assert f"tile_size: {tile}, Tiles: {tile}" in image.text["parameters"]
     assert cli.main(argv) == 0  # the seed's tiling, named too
     with Image.open(tmp_path / "samples" / "00002.png") as image:
         assert "Tiles: 12x16" in image.text["parameters"]

@@ -137,24 +137,6 @@ SD15_PRESETS = ["sd1.5_1024x1024", "sd1.5_1280x1280", "sd1.5_2048x1024", "sd1.5_
                 "sd1.5_2048x2048_disperse"]
 
 
-def test_sd15_presets_carry_the_authors_settings(txt2img):
-    expected = {  # preset: (H, W, dilate_tau, progressive, ndcfg_tau)
-        "sd1.5_1024x1024": (1024, 1024, 30, False, 0),
-        "sd1.5_1280x1280": (1280, 1280, 35, False, 0),
-        "sd1.5_2048x1024": (1024, 2048, 35, True, 35),
-        "sd1.5_2048x2048": (2048, 2048, 35, True, 35),
-        "sd1.5_2048x2048_disperse": (2048, 2048, 35, True, 35),
-    }
-    assert set(SD15_PRESETS) <= set(txt2img.list_presets())
-    for name, values in expected.items():
-        args = txt2img.parse_args(["--preset", name, "--ckpt", "x"])
-        assert (args.H, args.W, args.dilate_tau, args.progressive_dilate,
-                args.ndcfg_tau) == values, name
-        assert args.freeu == [1.2, 1.4, 0.9, 0.2] and args.preset_family == "sd1"
-    disperse = txt2img.parse_args(["--preset", "sd1.5_2048x2048_disperse", "--ckpt", "x"])
-    assert 0 < disperse.inflate_tau <= disperse.dilate_tau
-
-
 AUTHORS = REPO / "tests" / "data" / "authors-sd15"
 
 
@@ -197,6 +179,15 @@ def test_sd15_presets_carry_the_authors_settings(txt2img, name):
         names = [Path(v).name if v else None for v in (getattr(args, key), theirs.get(key))]
         assert names[0] == names[1], key
     assert (args.inflate_tau > 0) == name.endswith("_disperse")
+    assert 0 <= args.inflate_tau <= args.dilate_tau
+    # text2image.py's sampling: scale 7.5, eta 1, diffusers' DDIM (leading), SD 1.5's FreeU
+    assert (args.scale, args.ddim_eta, args.timestep_spacing) == (7.5, 1.0, "leading")
+    assert args.freeu == [1.2, 1.4, 0.9, 0.2] and args.preset_family == "sd1"
+    assert name in txt2img.list_presets()
+    # --dpm sets aside what DPM-Solver++ does not take: the eta and the spacing
+    dpm = txt2img.parse_args(["--preset", name, "--ckpt", "x", "--dpm"])
+    assert (dpm.ddim_eta, dpm.timestep_spacing) == (0.0, "uniform")
+    txt2img.options_from_args(dpm).validate()
 
 
 def test_sd15_preset_runs_end_to_end_on_the_tiny_sd1_model(txt2img, tmp_path):

@@ -197,7 +197,12 @@ def test_every_preset_samples_as_the_authors_scripts(txt2img):
         args = txt2img.parse_args(["--preset", name])
         scale, freeu = AUTHORS_SAMPLING[args.preset_family]
         assert (args.scale, args.freeu, args.ddim_eta) == (scale, freeu, 1.0), name
-        assert txt2img.parse_args(["--preset", name, "--plms"]).ddim_eta == 0.0
+        assert args.timestep_spacing == "leading", name  # diffusers' DDIM, as theirs load it
+        plms = txt2img.parse_args(["--preset", name, "--plms"])
+        assert (plms.ddim_eta, plms.timestep_spacing) == (0.0, "leading")
+        dpm = txt2img.parse_args(["--preset", name, "--dpm"])  # takes neither
+        assert (dpm.ddim_eta, dpm.timestep_spacing) == (0.0, "uniform")
+        txt2img.options_from_args(dpm).validate()
 
 
 def test_a_flag_sets_aside_the_preset_values_it_excludes(txt2img, tmp_path):
