@@ -74,8 +74,92 @@ FAMILY_MARKERS = {
     "cond_stage_model.model.transformer.":
         ("an SD 2.x", "configs/stable-diffusion/v2-inference.yaml (v2-inference-v.yaml for "
                       "768-v files)"),
-    "conditioner.embedders.": ("an SDXL", "configs/stable-diffusion/sd_xl_base.yaml"),
+    "conditioner.embedders.1.": ("an SDXL", "configs/stable-diffusion/sd_xl_base.yaml"),
 }
+
+# Other tools' names for the same tensors: (the file's prefix, the model's), taken where the
+# model has the second and the file only the first.
+KEY_RENAMES = (
+    # CLIPTextModel saved by transformers 3.x, without `text_model.` (SD 1.x community files)
+    ("cond_stage_model.transformer.embeddings.",
+     "cond_stage_model.transformer.text_model.embeddings."),
+    ("cond_stage_model.transformer.encoder.", "cond_stage_model.transformer.text_model.encoder."),
+    ("cond_stage_model.transformer.final_layer_norm.",
+     "cond_stage_model.transformer.text_model.final_layer_norm."),
+    # Stability's sgm layout of an SD 2.x model (SD-Turbo): its OpenCLIP tower as embedder 0
+    ("conditioner.embedders.0.model.", "cond_stage_model.model."),
+)
+
+# Files that are no text-to-image model this tool runs, told by their keys (fnmatch patterns,
+# any key matching) when they lack the UNet: what to say, first match wins.
+NOT_A_MODEL = (
+    (("lora_unet_*", "lora_te*", "*.lora_A.*", "*.lora_down.*", "*.lora.down.*"),
+     "a LoRA, not a model: pass the base model's checkpoint (LoRAs are not supported)"),
+    (("*down_blocks.*", "*mid_block.*"),
+     "in diffusers' layout (a UNet, or a pipeline in one file): use the model's original "
+     "single-file .ckpt / .safetensors"),
+    (("model_ema.*",), "EMA weights only (model_ema.*): use the model's pruned or -emaonly file"),
+    (("decoder.*", "first_stage_model.decoder.*"), "a VAE alone, not a whole model"),
+    (("text_model.*", "transformer.*", "cond_stage_model.*", "conditioner.*"),
+     "a text encoder alone, not a whole model"),
+)
+
+# Extras that mean the weights cannot be used as stored: pattern -> what the file is.
+UNUSABLE_EXTRAS = {
+    "scaled_fp8": "a scaled-fp8 file (ComfyUI): its fp8 weights need their scales "
+                  "(*.scale_weight), which this tool does not apply; use an fp16 or fp32 file",
+    "*.scale_weight": "a scaled-fp8 file (ComfyUI): its fp8 weights need their scales "
+                      "(*.scale_weight), which this tool does not apply; use an fp16 or fp32 "
+                      "file",
+}
+
+# UNet input channels of image-conditioned SD models, which txt2img cannot run.
+IMAGE_CONDITIONED = {9: "an inpainting", 5: "a depth-conditioned", 8: "an InstructPix2Pix"}
+UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def renamed(state_dict: Dict[str, torch.Tensor], expected) -> Dict[str, torch.Tensor]:
+    """The file's keys under the model's names, where KEY_RENAMES knows the file's."""
+    def has(keys, prefix):
+        return any(k.startswith(prefix) for k in keys)
+    for old, new in KEY_RENAMES:
+        if has(expected, new) and not has(state_dict, new) and has(state_dict, old):
+            for key in [k for k in state_dict if k.startswith(old)]:
+                state_dict[new + key[len(old):]] = state_dict.pop(key)
+    return state_dict
+
+
+def what_the_file_is(needed, present) -> str:
+    """': the file is ...' for a file without the UNet that NOT_A_MODEL recognises, else ''."""
+    unet = "model.diffusion_model."
+    if not any(k.startswith(unet) for k in needed) or any(k.startswith(unet) for k in present):
+        return ""
+    for patterns, what in NOT_A_MODEL:
+        if any(_matches(key, patterns) for key in present):
+            return f": the file is {what}"
+    return ""
+
+
+def _unusable(state_dict, expected) -> str:
+    """Why the file's weights cannot be taken as stored ('' if they can): a UNUSABLE_EXTRAS
+    marker, or integer (quantized) tensors where the model has floating ones."""
+    for pattern, what in UNUSABLE_EXTRAS.items():
+        if any(fnmatch.fnmatchcase(key, pattern) for key in state_dict):
+            return f"the checkpoint is {what}"
+    integer = next((k for k, v in state_dict.items() if k in expected
+                    and expected[k].is_floating_point() and not v.is_floating_point()), None)
+    if integer:
+        return (f"the checkpoint holds integer (quantized) weights, e.g. {integer} is "
+                f"{str(state_dict[integer].dtype).replace('torch.', '')}: quantized files are "
+                f"not supported; use an fp16 or fp32 file")
+    return ""
+
+
+def is_sdxl_refiner(keys) -> bool:
+    """sgm's layout with one text tower (bigG) and the UNet's label_emb: the SDXL refiner."""
+    embedders = [k for k in keys if k.startswith("conditioner.embedders.")]
+    return bool(embedders) and all(k.startswith("conditioner.embedders.0.") for k in embedders) \
+        and any(k.startswith("model.diffusion_model.label_emb.") for k in keys)
 
 
 def describe_missing(missing: List[str], needed=(), present=()) -> str:
@@ -84,6 +168,9 @@ def describe_missing(missing: List[str], needed=(), present=()) -> str:
     `present` keys are another family's, the config to use instead."""
     count = f"{len(missing)} missing key" + ("s" if len(missing) != 1 else "")
     line = f"checkpoint does not fit the config: {count} ({_key_list(missing)})"
+    what = what_the_file_is(needed, present)
+    if what:  # (its missing keys would say nothing more)
+        return "checkpoint does not fit the config" + what
     family = _other_family(needed, present)
     if family:
         return line + f": the file looks like {family[0]} checkpoint, use --config {family[1]}"
@@ -194,7 +281,16 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     line) when a needed weight is missing or has another shape."""
     from ldm.checkpoint import CheckpointError
 
+    if is_sdxl_refiner(state_dict):  # no config here runs it
+        state_dict.clear()
+        raise CheckpointError("the checkpoint is an SDXL refiner, which refines images "
+                              "(image-to-image) and cannot make them: use the SDXL base model")
     expected: Mapping[str, torch.Tensor] = model.state_dict()
+    state_dict = renamed(state_dict, expected)
+    unusable = _unusable(state_dict, expected)
+    if unusable:
+        state_dict.clear()
+        raise CheckpointError(unusable)
     rebuilt = rebuildable_buffers(model)
     missing = [k for k in expected if k not in state_dict and k not in rebuilt]
     wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
@@ -205,6 +301,11 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         message = (f"checkpoint does not fit the config: {len(wrong)} tensors have other "
                    f"shapes, e.g. {k} is {tuple(state_dict[k].shape)}, the config wants "
                    f"{tuple(expected[k].shape)}")
+        kind = IMAGE_CONDITIONED.get(state_dict[k].shape[1]) if k == UNET_INPUT else None
+        if kind and wrong == [k]:
+            message = (f"the checkpoint is {kind} model (its UNet takes "
+                       f"{state_dict[k].shape[1]} input channels): txt2img needs a "
+                       f"text-to-image checkpoint")
     if missing or wrong:
         state_dict.clear()  # a refused file's tensors (on CUDA already staged there) go now
         raise CheckpointError(message)

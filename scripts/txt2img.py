@@ -73,10 +73,11 @@ def build_parser(suppress_defaults=False):
     sampler.add_argument("--dpm", action="store_true", help="use DPM-Solver++ (2M) sampling")
     add("--fixed_code", action="store_true", help="the same starting noise for every batch")
     add("--ddim_eta", type=float, default=d(0.0), help="DDIM eta (0 = deterministic DDIM)")
-    add("--timestep_spacing", choices=["uniform", "leading"], default=d("uniform"),
+    add("--timestep_spacing", choices=["uniform", "leading", "trailing"], default=d("uniform"),
         help="DDIM's and PLMS's timesteps: uniform (LDM's, the seed's: 31 steps for --steps 30) "
-             "or leading (diffusers', the authors' SD 1.5 and SDXL scripts: exactly --steps); "
-             "the same where --steps divides 1000")
+             "or leading (diffusers', the authors' SD 1.5 and SDXL scripts: exactly --steps), "
+             "the same where --steps divides 1000; trailing (diffusers') ends at t = 999, for "
+             "few-step models such as SD-Turbo")
     add("--n_iter", type=int, default=d(3), help="sample this often")
     add("--H", type=int, default=d(512), help="image height, pixels (a multiple of 64)")
     add("--W", type=int, default=d(512), help="image width, pixels (a multiple of 64)")
@@ -371,7 +372,12 @@ def check_latent_shape(config, opts):
 
     unet_config, vae_config = part_configs(config)
     levels = _param(vae_config, "ddconfig", "ch_mult")
-    check_latent_format(opts, _param(unet_config, "in_channels") or opts.C,
+    takes, gives = _param(unet_config, "in_channels"), _param(unet_config, "out_channels")
+    if takes and gives and takes != gives:  # the latent plus an image's channels
+        raise UsageError(f"the config's UNet takes {takes} channels and gives {gives}: a model "
+                         f"conditioned on an image (inpainting, depth, InstructPix2Pix), which "
+                         f"txt2img cannot run")
+    check_latent_format(opts, gives or takes or opts.C,
                         2 ** (len(levels) - 1) if levels else opts.f)
 
 
@@ -648,6 +654,9 @@ def describe(err, args=None):
             and message.startswith("checkpoint does not fit the config"):
         message = (f"checkpoint {args.ckpt} does not fit the config {args.config}"
                    + message[len("checkpoint does not fit the config"):])
+    elif isinstance(err, CheckpointError) and args is not None \
+            and message.startswith("the checkpoint "):  # what the file is, named
+        message = f"checkpoint {args.ckpt} " + message[len("the checkpoint "):]
     if isinstance(err, (UsageError, CheckpointError, ConfigError, ValueError)):
         return message
     if _is_out_of_memory(err, text):

@@ -264,6 +264,29 @@ def test_safetensors(tmp_path):
     _assert_same(load_state_dict(renamed), sd)
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_torch_file_named_safetensors_loads_as_what_it_is(tmp_path, legacy):
+    """torch.load itself reads a .safetensors name as safetensors: the content decides."""
+    sd = _sample_state_dict()
+    path = tmp_path / "renamed.safetensors"
+    torch.save({"state_dict": sd}, path, _use_new_zipfile_serialization=not legacy)
+    _assert_same(load_state_dict(path), sd)
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 5214865159\n",
+     "is a Git LFS pointer, not the file"),
+    (b"<!DOCTYPE html>\n<html lang='en'><head><title>Hugging Face</title>", "is a web page"),
+    (b"  <html><body>Not found</body></html>", "is a web page"),
+])
+@pytest.mark.parametrize("name", ["model.ckpt", "model.safetensors"])
+def test_what_a_failed_download_leaves_is_named(tmp_path, content, says, name):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=says):
+        load_state_dict(path)
+
+
 def test_reference_checkpoint_loads():
     assert REFERENCE_CKPT.is_file(), f"reference checkpoint missing: {REFERENCE_CKPT}"
     sd = load_state_dict(REFERENCE_CKPT)

@@ -518,3 +518,20 @@ def test_a_family_with_its_own_defaults_still_refuses_in_one_line(cli, capsys, b
     (here the SD 2.x one) is one line, its error."""
     status, lines = call(cli, capsys, base + ["--config", str(config)])
     assert status == 1 and len(lines) == 1 and lines[0].startswith("error: checkpoint"), lines
+
+
+def test_an_image_conditioned_config_is_refused_in_one_line(cli, capsys, base, tmp_path,
+                                                            no_load):
+    """Inpainting's UNet takes 9 channels and gives 4: not a latent txt2img can sample."""
+    config = tmp_path / "inpainting.yaml"
+    config.write_text(TINY_CONFIG.read_text().replace("in_channels: 4", "in_channels: 9", 1))
+    status, lines = call(cli, capsys, base + ["--config", str(config)])
+    assert_one_line(status, lines, "the config's UNet takes 9 channels and gives 4: a model "
+                                   "conditioned on an image")
+
+
+def test_a_refiner_is_named_with_its_file(cli, capsys, base, tmp_path):
+    from test_layouts import _refiner_state, write
+    path = write(tmp_path, "refiner.safetensors", _refiner_state())
+    status, lines = call(cli, capsys, base + ["--ckpt", str(path)])
+    assert_one_line(status, lines, f"checkpoint {path} is an SDXL refiner")

@@ -289,3 +289,82 @@ def test_a_schedule_of_its_own_in_full_precision_is_kept(tmp_path):
     state["betas"] = state["betas"] * 1.01
     pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "own.ckpt", state))
     assert torch.equal(pipe.model.betas, state["betas"].float())
+
+
+def _conditioning(pipe):
+    with torch.no_grad():
+        return pipe.model.get_learned_conditioning(["a red cube on a table"])
+
+
+def test_an_sd1_file_saved_by_transformers_3_loads(tmp_path):
+    """CLIPTextModel without `text_model.` in its keys (community SD 1.x files): renamed."""
+    state = load_state_dict(SD1_CKPT)
+    inner = "cond_stage_model.transformer.text_model."
+    old = {("cond_stage_model.transformer." + k[len(inner):] if k.startswith(inner) else k): v
+           for k, v in state.items()}
+    assert "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight" in old
+    pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "old.ckpt", old))
+    assert unet_error(pipe) <= 1e-4
+    assert torch.equal(_conditioning(pipe), _conditioning(Pipeline.load(SD1_CONFIG, SD1_CKPT)))
+
+
+def test_an_sd2_file_in_sgm_layout_loads(tmp_path, capsys):
+    """SD-Turbo's layout: the OpenCLIP tower as sgm's conditioner.embedders.0."""
+    state = load_state_dict(TINY_CKPT)
+    sgm = {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model.", 1): v
+           for k, v in state.items()}
+    pipe = Pipeline.load(TINY_CONFIG, write(tmp_path, "turbo.safetensors", sgm))
+    assert torch.equal(_conditioning(pipe), _conditioning(Pipeline.load(TINY_CONFIG, TINY_CKPT)))
+    assert capsys.readouterr().err == ""
+
+
+def _refiner_state():
+    """sd_xl_refiner's layout: one text tower (bigG) as embedder 0, the UNet's label_emb."""
+    state = load_state_dict(REF / "tiny-sdxl" / "tiny-sdxl.safetensors")
+    state = {k: v for k, v in state.items() if not k.startswith("conditioner.embedders.0.")}
+    return {k.replace("conditioner.embedders.1.", "conditioner.embedders.0.", 1): v
+            for k, v in state.items()}
+
+
+@pytest.mark.parametrize("config", [REF / "tiny-sdxl" / "tiny-sdxl.yaml", TINY_CONFIG])
+def test_the_sdxl_refiner_is_named_and_refused(tmp_path, config):
+    path = write(tmp_path, "refiner.safetensors", _refiner_state())
+    with pytest.raises(CheckpointError, match="is an SDXL refiner, which refines images"):
+        Pipeline.load(config, path)
+
+
+def test_an_inpainting_file_is_named_and_refused(tmp_path):
+    state = load_state_dict(TINY_CKPT)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    state[key] = torch.cat([state[key]] * 3, dim=1)[:, :9]  # the latent, a mask, an image
+    with pytest.raises(CheckpointError, match="is an inpainting model .* 9 input channels"):
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "inpainting.ckpt", state))
+
+
+@pytest.mark.parametrize("keys, says", [
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "a LoRA"),
+    (["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"], "a LoRA"),
+    (["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"], "in diffusers' layout"),
+    (["model_ema.diffusion_modelinput_blocks00weight"], "EMA weights only"),
+    (["first_stage_model.decoder.conv_in.weight"], "a VAE alone"),
+    (["decoder.conv_in.weight", "encoder.conv_in.weight"], "a VAE alone"),
+    (["cond_stage_model.model.token_embedding.weight"], "a text encoder alone"),
+])
+def test_a_file_that_is_no_whole_model_is_named(tmp_path, keys, says):
+    state = {key: torch.zeros(2, 2) for key in keys}
+    with pytest.raises(CheckpointError, match=f"^checkpoint does not fit the config: the "
+                                              f"file is {says}"):
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "part.safetensors", state))
+
+
+def test_quantized_and_scaled_fp8_files_are_refused_by_name(tmp_path):
+    """Weights that cannot be used as stored would make noise, not an image."""
+    state = load_state_dict(TINY_CKPT)
+    key = "model.diffusion_model.out.2.weight"
+    quantized = dict(state, **{key: state[key].to(torch.int8)})
+    with pytest.raises(CheckpointError, match=f"integer .*weights, e.g. {key} is int8"):
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "int8.safetensors", quantized))
+    scaled = dict(state, scaled_fp8=torch.zeros(0, dtype=torch.float8_e4m3fn),
+                  **{key[:-len("weight")] + "scale_weight": torch.ones(())})
+    with pytest.raises(CheckpointError, match="is a scaled-fp8 file"):
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "scaled.safetensors", scaled))

@@ -345,3 +345,11 @@ def test_ddim_with_leading_timesteps_is_diffusers_ddim_step():
         z = torch.randn(x.shape, generator=noise).double()
         x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * z
     assert float((ours.double() - x).abs().max() / x.abs().max()) < 1e-5
+
+
+def test_trailing_spacing_is_diffusers_and_starts_at_the_last_timestep():
+    """diffusers' 'trailing': round(arange(1000, 0, -1000 / steps)) - 1."""
+    assert list(ddim_timesteps(1, spacing="trailing")) == [999]
+    assert list(ddim_timesteps(4, spacing="trailing")) == [249, 499, 749, 999]
+    assert list(ddim_timesteps(3, spacing="trailing")) == [332, 666, 999]
+    assert len(set(ddim_timesteps(500, spacing="trailing"))) == 500

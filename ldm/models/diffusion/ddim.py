@@ -8,7 +8,9 @@ from tqdm.auto import tqdm
 # 'leading' with steps_offset 1 (the authors' diffusers scripts, SD 1.5 and SDXL). Both stride
 # 1000 // steps from 1; uniform takes every stride below 1000, leading exactly `steps` of them,
 # so they differ only where steps does not divide 1000 (30 steps: uniform runs 31, from 991).
-TIMESTEP_SPACINGS = ("uniform", "leading")
+# diffusers' 'trailing' counts down from the last timestep, 999 (distilled few-step models
+# such as SD-Turbo: one step is t = 999, where the others would take t = 1).
+TIMESTEP_SPACINGS = ("uniform", "leading", "trailing")
 
 
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000,
@@ -22,6 +24,9 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = 1000,
     stride = num_train_timesteps // steps
     if spacing == "leading":
         return np.arange(steps) * stride + 1
+    if spacing == "trailing":
+        return np.round(np.arange(num_train_timesteps, 0,
+                                  -num_train_timesteps / steps))[::-1].astype(np.int64) - 1
     timesteps = np.arange(0, num_train_timesteps, stride) + 1
     # Where the stride divides 999 (e.g. 3, 9, 27, 37 steps) the shift reaches 1000, past the
     # end of the schedule (the original crashes there); use the last trained timestep instead.
