@@ -58,3 +58,25 @@ def load_script(name, module_name=None):
 @pytest.fixture(scope="session")
 def txt2img():
     return load_script("txt2img", "txt2img_cli")
+
+
+def check_preset_against_authors(txt2img, name, authors_yaml):
+    """Our preset `name` has the authors' preset file's size, steps, taus, progressive and
+    settings files (an ndcfg file beside ndcfg_tau 0 is unused); dispersion is ours (their
+    _disperse presets set inflate_tau 0: README, Presets). Returns the parsed flags."""
+    import yaml
+
+    theirs = yaml.safe_load(Path(authors_yaml).read_text())
+    args = txt2img.parse_args(["--preset", name, "--ckpt", "x"])
+    assert (args.H, args.W) == (8 * theirs["latent_height"], 8 * theirs["latent_width"])
+    assert (args.dilate_tau, args.ndcfg_tau, args.progressive_dilate, args.steps) == \
+        (theirs["dilate_tau"], theirs["ndcfg_tau"], theirs["progressive"],
+         theirs["num_inference_steps"])
+    used = ["dilate_settings", "disperse_settings"] + \
+        (["ndcfg_dilate_settings"] if theirs["ndcfg_tau"] else [])
+    for key in used:
+        names = [Path(v).name if v else None for v in (getattr(args, key), theirs.get(key))]
+        assert names[0] == names[1], key
+    assert (args.inflate_tau > 0) == name.endswith("_disperse")
+    assert 0 <= args.inflate_tau <= args.dilate_tau
+    return args

@@ -222,14 +222,18 @@ def test_ddim_at_eta_one_half_is_the_published_update():
                        generator=torch.Generator().manual_seed(3), progress=False)
     x, noise = x_T().double(), torch.Generator().manual_seed(3)
     for i, t in enumerate(reversed(timesteps)):
-        a = acp[t]
         a_prev = acp[timesteps[len(timesteps) - 2 - i]] if i < len(timesteps) - 1 else acp[0]
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-        eps = eps_of(x, t)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        z = torch.randn(x.shape, generator=noise).double()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * z
+        x = ddim_update(x, t, acp[t], a_prev, eta, noise)
     assert float((ours.double() - x).abs().max() / x.abs().max()) < 1e-5
+
+
+def ddim_update(x, t, a, a_prev, eta, noise):
+    """The published DDIM step in float64, with NonlinearDenoiser's eps and one noise draw."""
+    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+    eps = eps_of(x, t)
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    z = torch.randn(x.shape, generator=noise).double()
+    return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * z
 
 
 def test_plms_is_ldms_pseudo_linear_multistep():
@@ -337,13 +341,7 @@ def test_ddim_with_leading_timesteps_is_diffusers_ddim_step():
                        spacing="leading")
     x, noise = x_T().double(), torch.Generator().manual_seed(5)
     for t in range((steps - 1) * stride + 1, 0, -stride):
-        a = acp[t]
-        a_prev = acp[t - stride] if t - stride >= 0 else acp[0]
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-        eps = eps_of(x, t)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        z = torch.randn(x.shape, generator=noise).double()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * z
+        x = ddim_update(x, t, acp[t], acp[t - stride] if t - stride >= 0 else acp[0], eta, noise)
     assert float((ours.double() - x).abs().max() / x.abs().max()) < 1e-5
 
 

@@ -1,14 +1,12 @@
 """SD 1.x: the CLIP text encoder, the UNet, whole runs and presets against the published
 implementation's tiny SD 1.5 set (../shared/reference/tiny-sd1)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import REF, REPO, rel_err
+from conftest import REF, REPO, check_preset_against_authors, rel_err
 from ldm.scalecrafter.redilation import ConvOverride, overridden_convs, uniform_dilation_map
 from ldm.util import instantiate_from_config, load_config
 
@@ -165,21 +163,8 @@ def test_sd15_settings_files_are_the_authors_in_our_names():
 
 @pytest.mark.parametrize("name", SD15_PRESETS)
 def test_sd15_presets_carry_the_authors_settings(txt2img, name):
-    """Size, steps, taus, progressive and settings files as the authors' presets have them
-    (dispersion is ours: their _disperse preset sets inflate_tau 0)."""
-    theirs = yaml.safe_load((AUTHORS / "presets" / f"{name}.yaml").read_text())
-    args = txt2img.parse_args(["--preset", name, "--ckpt", "x"])
-    assert (args.H, args.W) == (8 * theirs["latent_height"], 8 * theirs["latent_width"])
-    assert (args.dilate_tau, args.ndcfg_tau, args.progressive_dilate, args.steps) == \
-        (theirs["dilate_tau"], theirs["ndcfg_tau"], theirs["progressive"],
-         theirs["num_inference_steps"])
-    used = ["dilate_settings", "disperse_settings"] + \
-        (["ndcfg_dilate_settings"] if theirs["ndcfg_tau"] else [])
-    for key in used:
-        names = [Path(v).name if v else None for v in (getattr(args, key), theirs.get(key))]
-        assert names[0] == names[1], key
-    assert (args.inflate_tau > 0) == name.endswith("_disperse")
-    assert 0 <= args.inflate_tau <= args.dilate_tau
+    """Size, steps, taus, progressive and settings files as the authors' presets have them."""
+    args = check_preset_against_authors(txt2img, name, AUTHORS / "presets" / f"{name}.yaml")
     # text2image.py's sampling: scale 7.5, eta 1, diffusers' DDIM (leading), SD 1.5's FreeU
     assert (args.scale, args.ddim_eta, args.timestep_spacing) == (7.5, 1.0, "leading")
     assert args.freeu == [1.2, 1.4, 0.9, 0.2] and args.preset_family == "sd1"

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REF, REPO, SETTINGS, TINY_CKPT, TINY_CONFIG, reference, rel_err, ultra_cases
+from conftest import (REF, REPO, SETTINGS, TINY_CKPT, TINY_CONFIG,
+                      check_preset_against_authors, reference, rel_err, ultra_cases)
 from ldm.pipeline import GenerationOptions
 from ldm.scalecrafter.redilation import ConvOverride, conv3x3_names, redilated_conv
 from ldm.scalecrafter.settings import (SettingsError, diffusers_conv_names, read_conv_list,
@@ -311,24 +312,10 @@ SD21_PRESETS = ["sd2.1_1024x1024", "sd2.1_1280x1280", "sd2.1_2048x1024", "sd2.1_
 
 @pytest.mark.parametrize("name", SD21_PRESETS)
 def test_sd21_presets_carry_the_authors_settings(txt2img, name):
-    """Size, steps, taus, progressive and settings files as the authors' presets have them;
-    dispersion is ours (their _disperse presets set inflate_tau 0: README, Presets)."""
-    import yaml
-
-    theirs = yaml.safe_load((REF / "scalecrafter-settings" / "presets" / f"{name}.yaml").read_text())
-    args = txt2img.parse_args(["--preset", name, "--ckpt", "x"])
+    """Size, steps, taus, progressive and settings files as the authors' presets have them."""
+    args = check_preset_against_authors(
+        txt2img, name, REF / "scalecrafter-settings" / "presets" / f"{name}.yaml")
     assert args.preset_family == "sd2"
-    assert (args.H, args.W) == (8 * theirs["latent_height"], 8 * theirs["latent_width"])
-    assert (args.dilate_tau, args.ndcfg_tau, args.progressive_dilate, args.steps) == \
-        (theirs["dilate_tau"], theirs["ndcfg_tau"], theirs["progressive"],
-         theirs["num_inference_steps"])
-    # the files each preset uses (an ndcfg file beside ndcfg_tau 0 is unused)
-    used = ["dilate_settings", "disperse_settings"] + \
-        (["ndcfg_dilate_settings"] if theirs["ndcfg_tau"] else [])
-    for key in used:
-        names = [Path(v).name if v else None for v in (getattr(args, key), theirs[key])]
-        assert names[0] == names[1], key
-    assert (args.inflate_tau > 0) == name.endswith("_disperse")
 
 
 def test_the_shipped_dispersion_transform_is_the_authors():
