@@ -1,4 +1,6 @@
-"""What the command-line scripts share: one-line flag errors and the --tile_size value."""
+"""What the command-line scripts share: one-line flag errors, the --tile_size value, and
+removing the output folders a run made nothing in. Torch-free: a Ctrl-C while torch is still
+being imported must not import it again."""
 import argparse
 
 
@@ -10,21 +12,36 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def remove_if_empty(folders):
+    """Remove the folders (deepest first) that are still empty: what a run that made nothing
+    leaves behind of the folders it created."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone: keep going up only while they go
+            break
+
+
 class UsageError(Exception):
     """Input a script refuses: reported as its message alone, in one line."""
 
 
-def tile_size_arg(text):
-    """--tile_size: an integer, HxW (the `Tiles` an image's metadata names) or 'auto' (range
-    checks come later, with the other numbers)."""
+def parse_tile_size(text: str):
+    """A --tile_size text: 'auto', an integer, or HxW (the `Tiles` an image's metadata names)
+    as an (h, w) pair; ValueError otherwise (range checks come later, with the other numbers)."""
     if text == "auto":
         return text
     try:
         sides = tuple(int(side) for side in text.lower().split("x"))
     except ValueError:
         sides = ()
-    if len(sides) == 1:
-        return sides[0]
-    if len(sides) == 2:
-        return sides
-    raise argparse.ArgumentTypeError(f"expected an integer, HxW or 'auto', got {text!r}")
+    if len(sides) not in (1, 2):
+        raise ValueError(f"expected an integer, HxW or 'auto', got {text!r}")
+    return sides[0] if len(sides) == 1 else sides
+
+
+def tile_size_arg(text):
+    try:
+        return parse_tile_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None

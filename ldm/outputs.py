@@ -22,6 +22,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ldm.models.diffusion.samplers import SAMPLERS
+from ldm.precision import AUTOCAST_DTYPES
 from ldm.pipeline import to_pil
 
 PARTIAL_PREFIX = ".partial-"
@@ -42,7 +43,7 @@ class OutputError(OSError):
 
 def ensure_writable_dir(path, created: Optional[List[Path]] = None) -> Path:
     """Create `path` (and its parents) and check that files can be created in it. `created`
-    gets the folders this made, deepest first (see remove_if_empty)."""
+    gets the folders this made, deepest first (see ldm.cli.remove_if_empty)."""
     path = Path(path)
     if created is not None:
         created.extend(p for p in (path, *path.parents) if not p.exists())
@@ -64,16 +65,6 @@ def ensure_writable_dir(path, created: Optional[List[Path]] = None) -> Path:
     except OSError as err:
         raise OutputError(f"output folder {path} is not writable: {err.strerror or err}") from None
     return path
-
-
-def remove_if_empty(folders):
-    """Remove the folders (deepest first) that are still empty: what a run that made nothing
-    leaves behind of the folders it created."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty, or already gone: keep going up only while they go
-            break
 
 
 def _new_file_mode() -> int:
@@ -182,6 +173,21 @@ def tile_text(tile) -> str:
     return f"{tile[0]}x{tile[1]}"
 
 
+def run_fields(args, opts) -> dict:
+    """What else a rerun needs: the device and the dtype autocast meant there (bf16 on the
+    CPU, fp16 on CUDA), the batch size the seeded stream was drawn in, the preset."""
+    device = getattr(args, "device", None)
+    fields = {"Device": device} if device else {}
+    dtype = AUTOCAST_DTYPES.get(device) if opts.precision == "autocast" else None
+    if dtype is not None:
+        fields["Autocast dtype"] = str(dtype).replace("torch.", "")
+    if getattr(args, "n_samples", None):
+        fields["n_samples"] = args.n_samples
+    if getattr(args, "preset", None):
+        fields["Preset"] = args.preset
+    return fields
+
+
 def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=None,
                     batch_index=None, tiles=None) -> str:
     """A1111-style parameters: the prompt, then `Key: value` pairs on one line. Every
@@ -197,6 +203,7 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
     }
     if SAMPLERS[opts.sampler].spaced:  # (DPM-Solver++ keeps its own time grid)
         fields["Timestep spacing"] = opts.timestep_spacing
+    fields.update(run_fields(args, opts))
     if batch_size is not None:
         fields["Batch size"] = batch_size
     if batch_pos is not None:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS, generator_device
+from ldm.cli import parse_tile_size
 from ldm.families import FAMILY_DEFAULTS
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths,
@@ -197,8 +198,19 @@ class GenerationOptions:
         if self.sync_gn and not self.tiled_decoding:
             raise ValueError("--sync_gn needs --tiled_decoding (a full decode normalises over "
                              "the whole image already)")
+        if self.tile_size is not None and not self.tiled_decoding:
+            raise ValueError("--tile_size needs --tiled_decoding")
+        if self.disperse_settings and self.inflate_tau and self.dilate is None \
+                and not self.dilate_settings:
+            raise ValueError("--disperse_settings disperses re-dilated convs: it needs --dilate "
+                             "or --dilate_settings")
 
     def _check_tiles(self):
+        if isinstance(self.tile_size, str) and self.tile_size != "auto":
+            try:  # "HxW", as the metadata writes it
+                self.tile_size = parse_tile_size(self.tile_size)
+            except ValueError:
+                pass  # refused below, with the value as given
         tile = self.tile_size
         sides = tuple(tile) if isinstance(tile, (tuple, list)) else (tile,)
         is_size = len(sides) in (1, 2) and all(

@@ -29,7 +29,8 @@ def python_too_old(version=sys.version_info) -> str:
 if python_too_old():
     sys.exit(python_too_old())
 
-from ldm.cli import OneLineParser, UsageError, tile_size_arg  # noqa: E402  (torch-free)
+from ldm.cli import (OneLineParser, UsageError, remove_if_empty,  # noqa: E402  (torch-free)
+                     tile_size_arg)
 from ldm.families import family_values_text  # noqa: E402  (torch-free)
 
 PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
@@ -181,9 +182,17 @@ def parse_args(argv=None):
     if args.preset:  # the preset yields to the flags given on the command line
         given |= apply_preset(args, args.preset, explicit)
     args.config = str(repository_fallback(args.config))
+    for name in SETTINGS_FILES:  # as the config: relative paths not found here are the repo's
+        if getattr(args, name):
+            setattr(args, name, str(repository_fallback(getattr(args, name))))
     args.given = given  # what the model family's defaults must not replace
+    args.explicit = explicit
     args.created_dirs = []  # output folders this run creates (removed if it makes nothing)
     return args
+
+
+SETTINGS_FILES = ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
+                  "disperse_transform")
 
 
 def repository_fallback(path) -> Path:
@@ -222,6 +231,22 @@ def apply_family_defaults(args, config):
     return f"note: {label(family)} model: {flags} (its authors' defaults; flags override)"
 
 
+def preset_steps_warning(args, opts) -> str:
+    """A preset's taus count steps from the noisiest, for its own step count: run with other
+    --steps, they re-dilate another share of the run (all of it, when shorter). One line, or
+    '' when the run keeps the preset's steps or no tau of the preset's is on."""
+    made_for = getattr(args, "preset_steps", None)
+    taus = {name: getattr(opts, name) for name in ("dilate_tau", "ndcfg_tau", "inflate_tau")
+            if getattr(opts, name) and name not in getattr(args, "explicit", ())}
+    if made_for is None or opts.steps == made_for or not taus:
+        return ""
+    named = ", ".join(f"{name} {tau}" for name, tau in taus.items())
+    covered = min(max(taus.values()), opts.steps)
+    return (f"warning: preset {args.preset} is made for {made_for} steps and its taus count "
+            f"steps ({named}): with --steps {opts.steps} they cover {covered} of "
+            f"{opts.steps}; set them for this length")
+
+
 def apply_preset(args, name, explicit):
     """Preset values replace defaults; flags given on the command line win, and set aside the
     preset values they exclude (DISPLACES). Returns the names of the options it set."""
@@ -242,19 +267,24 @@ def apply_preset(args, name, explicit):
         raise UsageError(f"preset {path} is not a mapping of options")
     # Which model family the preset is made for: checked against the config, not a flag.
     args.preset_family = preset.pop("family", None)
+    args.preset_steps = preset.get("steps")
     applied = set()
     for key, value in preset.items():
         if not hasattr(args, key):
             raise UsageError(f"preset {path} sets unknown option {key!r}")
         if key in explicit or any(key in DISPLACES.get(flag, ()) for flag in explicit):
             continue
-        if isinstance(value, str) and key.endswith(("_settings", "_transform")):
-            value = str((REPO_ROOT / value) if not Path(value).is_absolute() else value)
+        if isinstance(value, str) and key in SETTINGS_FILES:  # beside the preset, else the repo's
+            beside = path.parent / value
+            value = str(value if Path(value).is_absolute() else
+                        beside if beside.exists() else REPO_ROOT / value)
         setattr(args, key, value)
         applied.add(key)
     # a preset value qualifying a feature that flags turned off goes with it
-    if "tiled_decoding" in explicit and not args.tiled_decoding and "sync_gn" not in explicit:
-        args.sync_gn = False
+    if "tiled_decoding" in explicit and not args.tiled_decoding:
+        for name, off in (("sync_gn", False), ("tile_size", None)):
+            if name not in explicit:
+                setattr(args, name, off)
     dilation_cleared = {"dilate", "dilate_settings"} & explicit
     if (dilation_cleared and args.dilate is None and not args.dilate_settings
             and "progressive_dilate" not in explicit):
@@ -434,8 +464,7 @@ def check_inputs(args, opts, config):
         raise UsageError(f"checkpoint {args.ckpt} is empty (0 bytes)")
     check_preset_family(args, config)
     check_latent_shape(config, opts)
-    for name in ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
-                 "disperse_transform"):
+    for name in SETTINGS_FILES:
         value = getattr(args, name)
         if value:
             check_readable_file(value, f"--{name} file")
@@ -525,10 +554,10 @@ def use_fast_pinned_memory():
 
 def run(args):
     from ldm.hashing import BackgroundShortHash
-    from ldm.outputs import OutputWriter, remove_if_empty
+    from ldm.outputs import OutputWriter
 
     config = check_config(args.config)  # its family's defaults come before the options
-    family_note = apply_family_defaults(args, config)
+    notes = [apply_family_defaults(args, config)]
     opts = options_from_args(args)
     batches = read_prompts(args)
     settings = check_inputs(args, opts, config)  # settings files read once (one warning at most)
@@ -539,8 +568,9 @@ def run(args):
     pipe = load_pipeline(args, timer)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
-    if family_note:  # once the model loaded: a refused run says one line, its error
-        print(family_note, file=sys.stderr)
+    notes.append(preset_steps_warning(args, opts))
+    for note in filter(None, notes):  # once the model loaded: a refused run says one line
+        print(note, file=sys.stderr)
     if args.compile:  # else the first step sits at 0% for a minute or more, unexplained
         print("note: --compile: the first step compiles the UNet (minutes the first time; "
               "torch's on-disk cache makes later runs faster)", file=sys.stderr, flush=True)
@@ -623,13 +653,11 @@ def main(argv=None):
         if debug:
             raise
         if args is not None:
-            from ldm.outputs import remove_if_empty
             remove_if_empty(args.created_dirs)
         print("interrupted: no image was made", file=sys.stderr)
         return 130
     except Exception as err:  # one readable line unless --debug
         if args is not None:  # output folders this run created and left empty go with it
-            from ldm.outputs import remove_if_empty
             remove_if_empty(args.created_dirs)
         if debug:
             raise

@@ -152,7 +152,7 @@ def test_a_prompt_cut_to_the_context_is_named_once(pipe, capsys):
     pipe.model.get_conditioning(["a fox", long], (64, 64))
     pipe.model.get_conditioning([long], (64, 64))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert warnings == ["warning: the prompt 'a detailed oil painting of ripe red appl...' "
+    assert warnings == ["warning: the text 'a detailed oil painting of ripe red appl...' "
                         "exceeds the text encoder's 77-token context; the rest is ignored"]
 
 

@@ -186,6 +186,13 @@ EARLY = [
     ("disperse-without-transform", ["--disperse_settings", "{bad_settings.txt}",
                                     "--inflate_tau", "5"], "needs --disperse_transform"),
     ("preset-unknown", ["--preset", "no-such-preset"], "unknown preset"),
+    ("tile-size-untiled", ["--tile_size", "auto"], "--tile_size needs --tiled_decoding"),
+    ("disperse-undilated", ["--disperse_settings", str(REPO / "configs" / "scalecrafter" /
+                                                       "disperse" / "sd2.1_2048x2048.txt"),
+                            "--disperse_transform", str(REPO / "configs" / "scalecrafter" /
+                                                        "transforms" / "R20to1.npy"),
+                            "--inflate_tau", "3"],
+     "--disperse_settings disperses re-dilated convs: it needs --dilate or --dilate_settings"),
     ("latent-channels", ["--C", "3"], "--C 3 --f 8 do not fit the model: its latents have 4 "
                                       "channels at 1/8 of the image size"),
     ("downsampling", ["--f", "16"], "--C 4 --f 16 do not fit the model"),
@@ -535,3 +542,38 @@ def test_a_refiner_is_named_with_its_file(cli, capsys, base, tmp_path):
     path = write(tmp_path, "refiner.safetensors", _refiner_state())
     status, lines = call(cli, capsys, base + ["--ckpt", str(path)])
     assert_one_line(status, lines, f"checkpoint {path} is an SDXL refiner")
+
+
+def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
+    """A Ctrl-C in the first second lands in torch's import: the handler must not import torch
+    again (a half-imported torch fails with nonsense). A stand-in torch raises it here."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},
+           "PYTHONPATH": str(tmp_path)}
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--config", str(TINY_CONFIG),
+                             "--ckpt", str(TINY_CKPT), "--outdir", str(out)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert (result.returncode, result.stderr) == (130, "interrupted: no image was made\n")
+    assert not out.exists()
+
+
+def test_relative_settings_files_are_found_as_the_config_is(cli, tmp_path, monkeypatch):
+    """From any folder, a repository path (configs/scalecrafter/...) is the repository's; a
+    user preset's relative files are found beside it first."""
+    monkeypatch.chdir(tmp_path)
+    shipped = "configs/scalecrafter/dilate/sd2.1_1024x1024.txt"
+    args = cli.parse_args(["--dilate_settings", shipped])
+    assert Path(args.dilate_settings) == REPO / shipped
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "mine.txt").write_text("middle_block.0.in_layers.2:2\n")
+    preset = tmp_path / "presets" / "mine.yaml"
+    preset.write_text(f"dilate_settings: mine.txt\nndcfg_dilate_settings: {shipped}\n")
+    args = cli.parse_args(["--preset", str(preset)])
+    assert Path(args.dilate_settings) == tmp_path / "presets" / "mine.txt"
+    assert Path(args.ndcfg_dilate_settings) == REPO / shipped
+    own = tmp_path / "configs" / "scalecrafter" / "dilate"  # one of that name here wins
+    own.mkdir(parents=True)
+    (own / "sd2.1_1024x1024.txt").write_text("middle_block.0.in_layers.2:2\n")
+    assert cli.parse_args(["--dilate_settings", shipped]).dilate_settings == shipped

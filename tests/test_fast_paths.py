@@ -149,9 +149,12 @@ def test_auto_tile_option_is_checked_and_reaches_the_decoder(tiny_pipe, monkeypa
     opts = GenerationOptions(H=128, W=128, tiled_decoding=True, overlap=8, sync_gn=True,
                              tile_size="auto", decode_budget_gb=0.5)
     opts.validate()  # auto tiles need no overlap-vs-tile check
-    for bad in ("big", 0, True, (8, 0), (8, 8, 8), (8.0, 8)):
+    for bad in ("big", 0, True, (8, 0), (8, 8, 8), (8.0, 8), "8x0", "8x"):
         with pytest.raises(ValueError, match="--tile_size"):
-            GenerationOptions(tile_size=bad).validate()
+            GenerationOptions(tile_size=bad, tiled_decoding=True, overlap=2).validate()
+    sidecar_tiles = GenerationOptions(tile_size="12x16", tiled_decoding=True, overlap=2)
+    sidecar_tiles.validate()  # the metadata's HxW, as the API is given it
+    assert sidecar_tiles.tile_size == (12, 16)
     seen = {}
     monkeypatch.setattr(pipeline, "tiled_decode",
                         lambda *a, **k: seen.update(args=a, **k) or torch.zeros(1, 3, 128, 128))

@@ -180,6 +180,13 @@ def test_parameters_text_carries_every_setting(tmp_path):
         assert name in fields, name
     assert (fields["ndcfg_tau"], fields["overlap"], fields["tile_size"]) == ("5", "4", "32")
     assert "Timestep spacing" not in fields  # DPM-Solver++ has its own time grid
+    assert "Device" not in fields and "Preset" not in fields  # none known here
+    args.device, args.preset, opts.precision = "cpu", "sd2.1_2048x2048", "autocast"
+    fields = dict(re.findall(r'(\w[\w \-/]*): ("(?:\\.|[^\\"])*"|[^,]*)(?:, |$)',
+                             outputs.parameters_text("a cat", args, opts, "0")))
+    assert (fields["Device"], fields["Autocast dtype"], fields["Preset"]) == \
+        ("cpu", "bfloat16", "sd2.1_2048x2048")
+    opts.precision = "full"
     opts.sampler, opts.tile_size = "ddim", (32, 48)
     fields = dict(re.findall(r'(\w[\w \-/]*): ("(?:\\.|[^\\"])*"|[^,]*)(?:, |$)',
                              outputs.parameters_text("a cat", args, opts, "0", tiles=(32, 48))))
@@ -247,6 +254,7 @@ def test_same_command_twice_gives_identical_numbered_outputs(cli, tmp_path, caps
     assert re.fullmatch(r"[0-9a-f]{10}", ckpt_hash)
     assert parameters.startswith(prompt + "\n")
     for part in ("Seed: 51", "RNG: cpu", "Size: 128x128", "Steps: 2", "Sampler: DDIM", "CFG scale: 9.0",
+                 "Device: cpu", "n_samples: 1",
                  "dilate: 2.0", "dilate_tau: 1", "dilate_skip: 1", "progressive_dilate: False",
                  "Model: tiny-sd21.ckpt", f"Model hash: {ckpt_hash}"):
         assert part in parameters, (part, parameters)

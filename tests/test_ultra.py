@@ -206,6 +206,12 @@ def test_every_preset_samples_as_the_authors_scripts(txt2img):
         txt2img.options_from_args(dpm).validate()
 
 
+def test_no_tiled_decoding_takes_the_presets_tiling_with_it(txt2img):
+    args = txt2img.parse_args(["--preset", "sd2.1_2048x2048", "--no-tiled_decoding"])
+    assert (args.tiled_decoding, args.sync_gn, args.tile_size) == (False, False, None)
+    txt2img.options_from_args(args).validate()
+
+
 def test_a_flag_sets_aside_the_preset_values_it_excludes(txt2img, tmp_path):
     """`--dilate` replaces a preset's per-layer file (and the reverse), a sampler without eta
     replaces its eta; every other preset value stays."""
@@ -346,3 +352,15 @@ def test_a_freeu_run_calls_the_unet_with_freeu_as_written_out(tiny_pipe):
     with torch.no_grad():
         ref = _ref_forward(tiny_pipe.model.unet, x, t, context, params)
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_a_preset_run_with_other_steps_says_what_its_taus_cover(txt2img):
+    args = txt2img.parse_args(["--preset", "sd2.1_2048x2048", "--steps", "5"])
+    assert txt2img.preset_steps_warning(args, txt2img.options_from_args(args)) == (
+        "warning: preset sd2.1_2048x2048 is made for 50 steps and its taus count steps "
+        "(dilate_tau 37, ndcfg_tau 37): with --steps 5 they cover 5 of 5; set them for this "
+        "length")
+    for argv in (["--preset", "sd2.1_2048x2048"], ["--steps", "5", "--dilate", "2"],
+                 ["--preset", "sd2.1_1024x1024", "--steps", "5", "--dilate_tau", "3"]):
+        args = txt2img.parse_args(argv)
+        assert txt2img.preset_steps_warning(args, txt2img.options_from_args(args)) == ""

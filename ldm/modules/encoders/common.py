@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from ldm.modules.encoders.conditioning import Conditioning
 
@@ -87,9 +88,10 @@ class AbstractEncoder(nn.Module):
         for prompt in self.truncated(prompts, tokens):
             if prompt not in _WARNED_CUT:  # once a prompt, not once a batch and tower
                 _WARNED_CUT.add(prompt)
-                print(f"warning: the prompt {_shortened(prompt)!r} exceeds the text "
-                      f"encoder's {tokens.shape[-1]}-token context; the rest is ignored",
-                      file=sys.stderr, flush=True)
+                # (a prompt or a negative prompt; above any progress bar, not through it)
+                tqdm.write(f"warning: the text {_shortened(prompt)!r} exceeds the text "
+                           f"encoder's {tokens.shape[-1]}-token context; the rest is ignored",
+                           file=sys.stderr)
         return self.encode_tokens(tokens)
 
     def encode(self, prompts):
