@@ -35,21 +35,23 @@ ALWAYS_REBUILT = ("*.embeddings.position_ids",)
 EXAMPLES = 5  # keys named in an error or warning line
 
 # Half-precision files round the schedule buffers too: in bf16 (or fp8) the first values of
-# alphas_cumprod become exactly 1, which makes every latent NaN. Such a rounded copy of a buffer
-# the config defines gives way to the exact one.
+# alphas_cumprod become exactly 1, which makes every latent NaN. A copy of a buffer the config
+# defines that differs from it and holds only half-precision values (rounded once or twice,
+# staged up to fp32 or not) gives way to the exact one; a full-precision schedule is the file's.
 _ROUNDING_DTYPES = tuple(getattr(torch, name) for name in
                          ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
                          if hasattr(torch, name))
 
 
 def _is_rounded_copy(value: torch.Tensor, exact: torch.Tensor) -> bool:
-    """`value` (the file's, maybe cast up by staging) is `exact` rounded to a half dtype."""
+    """`value` (the file's, maybe cast up by staging) is not `exact` and is made of values a
+    half dtype holds exactly: a rounded copy."""
     if not value.is_floating_point() or value.shape != exact.shape:
         return False
     stored = value.detach().to("cpu", torch.float32)
     if torch.equal(stored, exact.float()):
         return False
-    return any(torch.equal(stored, exact.to(dtype).float()) for dtype in _ROUNDING_DTYPES)
+    return any(torch.equal(stored, stored.to(dtype).float()) for dtype in _ROUNDING_DTYPES)
 
 
 def _matches(key: str, patterns) -> bool:
@@ -75,6 +77,9 @@ FAMILY_MARKERS = {
         ("an SD 2.x", "configs/stable-diffusion/v2-inference.yaml (v2-inference-v.yaml for "
                       "768-v files)"),
     "conditioner.embedders.1.": ("an SDXL", "configs/stable-diffusion/sd_xl_base.yaml"),
+    # sgm's layout of an SD 2.x model (SD-Turbo); the refiner's is refused before
+    "conditioner.embedders.0.model.":
+        ("an SD 2.x (sgm layout: SD-Turbo)", "configs/stable-diffusion/v2-inference.yaml"),
 }
 
 # Other tools' names for the same tensors: (the file's prefix, the model's), taken where the
@@ -90,17 +95,20 @@ KEY_RENAMES = (
     ("conditioner.embedders.0.model.", "cond_stage_model.model."),
 )
 
-# Files that are no text-to-image model this tool runs, told by their keys (fnmatch patterns,
-# any key matching) when they lack the UNet: what to say, first match wins.
+# Files that are no text-to-image model this tool runs, told by their keys when they lack the
+# UNet: (fnmatch patterns, "any" key or "all" keys matching, what to say); first match wins.
 NOT_A_MODEL = (
-    (("lora_unet_*", "lora_te*", "*.lora_A.*", "*.lora_down.*", "*.lora.down.*"),
+    (("lora_unet_*", "lora_te*", "*.lora_A.*", "*.lora_down.*", "*.lora.down.*"), "any",
      "a LoRA, not a model: pass the base model's checkpoint (LoRAs are not supported)"),
-    (("*down_blocks.*", "*mid_block.*"),
+    (("*down_blocks.*", "*mid_block.*"), "any",
      "in diffusers' layout (a UNet, or a pipeline in one file): use the model's original "
      "single-file .ckpt / .safetensors"),
-    (("model_ema.*",), "EMA weights only (model_ema.*): use the model's pruned or -emaonly file"),
-    (("decoder.*", "first_stage_model.decoder.*"), "a VAE alone, not a whole model"),
-    (("text_model.*", "transformer.*", "cond_stage_model.*", "conditioner.*"),
+    (("model_ema.diffusion_model*",), "any",
+     "one whose UNet is there only as EMA copies (model_ema.*): use the model's pruned or "
+     "-emaonly file"),
+    (("encoder.*", "decoder.*", "quant_conv.*", "post_quant_conv.*", "first_stage_model.*"),
+     "all", "a VAE alone, not a whole model"),
+    (("text_model.*", "transformer.*", "cond_stage_model.*", "conditioner.*"), "all",
      "a text encoder alone, not a whole model"),
 )
 
@@ -134,8 +142,11 @@ def what_the_file_is(needed, present) -> str:
     unet = "model.diffusion_model."
     if not any(k.startswith(unet) for k in needed) or any(k.startswith(unet) for k in present):
         return ""
-    for patterns, what in NOT_A_MODEL:
-        if any(_matches(key, patterns) for key in present):
+    weights = [key for key in present if not _matches(key, KNOWN_EXTRAS)]
+    for patterns, how, what in NOT_A_MODEL:
+        found = any(_matches(key, patterns) for key in present) if how == "any" else \
+            bool(weights) and all(_matches(key, patterns) for key in weights)
+        if found:
             return f": the file is {what}"
     return ""
 
@@ -158,7 +169,8 @@ def _unusable(state_dict, expected) -> str:
 def is_sdxl_refiner(keys) -> bool:
     """sgm's layout with one text tower (bigG) and the UNet's label_emb: the SDXL refiner."""
     embedders = [k for k in keys if k.startswith("conditioner.embedders.")]
-    return bool(embedders) and all(k.startswith("conditioner.embedders.0.") for k in embedders) \
+    return any(k.startswith("conditioner.embedders.0.model.") for k in embedders) \
+        and all(k.startswith("conditioner.embedders.0.") for k in embedders) \
         and any(k.startswith("model.diffusion_model.label_emb.") for k in keys)
 
 

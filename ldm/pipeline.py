@@ -434,9 +434,10 @@ class Pipeline:
                                            opts.ddim_eta, generator, progress,
                                            opts.timestep_spacing)
         if not torch.isfinite(z).all():  # else the images come out black, without a word
+            half = (", or half precision overflowed (try --precision full)"
+                    if opts.precision == "autocast" else "")
             raise ValueError(f"sampling produced NaN or infinite latents: --scale {opts.scale} "
-                             f"may be too large, or half precision overflowed (try --precision "
-                             f"full)")
+                             f"may be too large{half}")
         return z.float(), denoiser.unet_batches
 
     def _decode_budget(self, z, opts) -> int:

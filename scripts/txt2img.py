@@ -236,8 +236,10 @@ def preset_steps_warning(args, opts) -> str:
     --steps, they re-dilate another share of the run (all of it, when shorter). One line, or
     '' when the run keeps the preset's steps or no tau of the preset's is on."""
     made_for = getattr(args, "preset_steps", None)
-    taus = {name: getattr(opts, name) for name in ("dilate_tau", "ndcfg_tau", "inflate_tau")
-            if getattr(opts, name) and name not in getattr(args, "explicit", ())}
+    on = {"dilate_tau": opts.dilate is not None or opts.dilate_settings,
+          "ndcfg_tau": opts.ndcfg_dilate_settings, "inflate_tau": opts.disperse_settings}
+    taus = {name: getattr(opts, name) for name, feature in on.items()
+            if feature and getattr(opts, name) and name not in getattr(args, "explicit", ())}
     if made_for is None or opts.steps == made_for or not taus:
         return ""
     named = ", ".join(f"{name} {tau}" for name, tau in taus.items())

@@ -170,3 +170,11 @@ def test_a_size_beyond_memory_is_refused_before_sampling(pipe, monkeypatch):
         pipe.generate(["a fox"], GenerationOptions(**{**SMALL, "H": 512, "W": 512}),
                       progress=False)
     pipe.check(["a fox"], GenerationOptions(**{**SMALL, "H": 512, "W": 512, "scale": 1.0}))
+
+
+def test_the_nan_message_blames_half_precision_only_under_autocast(pipe):
+    for precision, says_half in (("full", False), ("autocast", True)):
+        opts = GenerationOptions(**{**SMALL, "steps": 2, "scale": 1e30, "precision": precision})
+        with pytest.raises(ValueError, match="sampling produced NaN") as failed:
+            pipe.generate(["a fox"], opts, progress=False)
+        assert ("half precision overflowed" in str(failed.value)) == says_half

@@ -263,15 +263,17 @@ def test_each_shipped_config_names_the_schedule_the_published_files_carry(config
     assert torch.allclose(got, load_state_dict(ckpt)[stored].double(), rtol=rtol, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "fp16 then bf16"])
 def test_a_half_precision_files_rounded_schedule_gives_way_to_the_exact_one(tmp_path, dtype):
     """All-half files round the schedule buffers too (in bf16 alphas_cumprod starts at exactly
     1: every latent NaN); the config's exact schedule is used instead, on either load path."""
     from ldm.pipeline import GenerationOptions
 
     original = load_state_dict(SD1_CKPT)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in original.items()}
-    if dtype == torch.bfloat16:
+    cast = (lambda v: v.half().bfloat16()) if dtype == "fp16 then bf16" else \
+        (lambda v: v.to(dtype))
+    state = {k: (cast(v) if v.is_floating_point() else v) for k, v in original.items()}
+    if dtype != torch.float16:
         assert state["alphas_cumprod"][:2].float().eq(1).all()  # the damage, as on disk
     path = write(tmp_path, "half.safetensors", state)
     for staged in (False, True):
@@ -345,7 +347,8 @@ def test_an_inpainting_file_is_named_and_refused(tmp_path):
     (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "a LoRA"),
     (["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"], "a LoRA"),
     (["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"], "in diffusers' layout"),
-    (["model_ema.diffusion_modelinput_blocks00weight"], "EMA weights only"),
+    (["model_ema.diffusion_modelinput_blocks00weight", "first_stage_model.decoder.conv_in.weight"],
+     "one whose UNet is there only as EMA copies"),
     (["first_stage_model.decoder.conv_in.weight"], "a VAE alone"),
     (["decoder.conv_in.weight", "encoder.conv_in.weight"], "a VAE alone"),
     (["cond_stage_model.model.token_embedding.weight"], "a text encoder alone"),
@@ -368,3 +371,30 @@ def test_quantized_and_scaled_fp8_files_are_refused_by_name(tmp_path):
                   **{key[:-len("weight")] + "scale_weight": torch.ones(())})
     with pytest.raises(CheckpointError, match="is a scaled-fp8 file"):
         Pipeline.load(TINY_CONFIG, write(tmp_path, "scaled.safetensors", scaled))
+
+
+def test_a_whole_model_without_its_unet_is_not_called_a_part(tmp_path):
+    """A file with the VAE and the text encoder but no UNet lacks the UNet: it is no VAE
+    alone."""
+    state = {k: v for k, v in load_state_dict(TINY_CKPT).items()
+             if not k.startswith("model.diffusion_model.")}
+    with pytest.raises(CheckpointError, match=r"the file has none of the UNet \(model\.\*\)$"):
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "no-unet.ckpt", state))
+
+
+def test_an_sdxl_file_lacking_one_tower_is_no_refiner(tmp_path):
+    """The refiner's only tower is OpenCLIP bigG (embedders.0.model); an SDXL base file short
+    of its second tower keeps CLIP-L there and is told what it lacks."""
+    state = {k: v for k, v in load_state_dict(REF / "tiny-sdxl" / "tiny-sdxl.safetensors").items()
+             if not k.startswith("conditioner.embedders.1.")}
+    with pytest.raises(CheckpointError, match="missing keys") as refused:
+        Pipeline.load(REF / "tiny-sdxl" / "tiny-sdxl.yaml", write(tmp_path, "base.safetensors",
+                                                                  state))
+    assert "refiner" not in str(refused.value)
+
+
+def test_an_sd2_file_in_sgm_layout_with_another_config_is_pointed_to_sd2(tmp_path):
+    state = {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model.", 1): v
+             for k, v in load_state_dict(TINY_CKPT).items()}
+    with pytest.raises(CheckpointError, match="looks like an SD 2.x .*v2-inference.yaml"):
+        Pipeline.load(SD1_CONFIG, write(tmp_path, "turbo.safetensors", state))

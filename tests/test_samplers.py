@@ -351,3 +351,12 @@ def test_trailing_spacing_is_diffusers_and_starts_at_the_last_timestep():
     assert list(ddim_timesteps(4, spacing="trailing")) == [249, 499, 749, 999]
     assert list(ddim_timesteps(3, spacing="trailing")) == [332, 666, 999]
     assert len(set(ddim_timesteps(500, spacing="trailing"))) == 500
+
+
+def test_trailing_spacing_has_its_steps_at_every_count():
+    """The float arange of diffusers' formula has one element too many at some counts (61:
+    a 62nd, t = -1); every count gets exactly its steps, in 0..999."""
+    for steps in range(1, 501):
+        timesteps = ddim_timesteps(steps, spacing="trailing")
+        assert len(timesteps) == steps and timesteps[0] >= 0 and timesteps[-1] == 999, steps
+        assert len(set(timesteps)) == steps, steps

@@ -364,3 +364,9 @@ def test_a_preset_run_with_other_steps_says_what_its_taus_cover(txt2img):
                  ["--preset", "sd2.1_1024x1024", "--steps", "5", "--dilate_tau", "3"]):
         args = txt2img.parse_args(argv)
         assert txt2img.preset_steps_warning(args, txt2img.options_from_args(args)) == ""
+
+
+def test_the_preset_steps_warning_leaves_out_features_turned_off(txt2img):
+    args = txt2img.parse_args(["--preset", "sd2.1_1024x1024", "--dilate_settings", "",
+                               "--steps", "2"])
+    assert txt2img.preset_steps_warning(args, txt2img.options_from_args(args)) == ""

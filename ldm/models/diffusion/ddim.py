@@ -24,9 +24,10 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = 1000,
     stride = num_train_timesteps // steps
     if spacing == "leading":
         return np.arange(steps) * stride + 1
-    if spacing == "trailing":
-        return np.round(np.arange(num_train_timesteps, 0,
-                                  -num_train_timesteps / steps))[::-1].astype(np.int64) - 1
+    if spacing == "trailing":  # diffusers' round(arange(n, 0, -n / steps)) - 1, without the
+        # float arange's occasional extra element (61 steps: a 62nd, t = -1)
+        n = num_train_timesteps
+        return np.round(n - np.arange(steps) * (n / steps))[::-1].astype(np.int64) - 1
     timesteps = np.arange(0, num_train_timesteps, stride) + 1
     # Where the stride divides 999 (e.g. 3, 9, 27, 37 steps) the shift reaches 1000, past the
     # end of the schedule (the original crashes there); use the last trained timestep instead.
