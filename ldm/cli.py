@@ -1,7 +1,19 @@
-"""What the command-line scripts share: one-line flag errors, the --tile_size value, and
-removing the output folders a run made nothing in. Torch-free: a Ctrl-C while torch is still
-being imported must not import it again."""
+"""What the command-line scripts (and the API's inputs) share: one-line flag errors, the
+--tile_size value, repository paths, and removing the output folders a run made nothing in.
+Torch-free: a Ctrl-C while torch is still being imported must not import it again."""
 import argparse
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repository_fallback(path) -> Path:
+    """A relative path that does not exist here but does in the repository (the default config,
+    run from another folder) means the repository's."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS, generator_device
-from ldm.cli import parse_tile_size
+from ldm.cli import parse_tile_size, repository_fallback
 from ldm.families import FAMILY_DEFAULTS
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths,
@@ -312,6 +312,7 @@ class Pipeline:
         from ldm.modules.encoders.common import register_config_dir
 
         device = checked_device(device, precision, layout)
+        config_path = repository_fallback(config_path)  # as --config: from any folder
         config = load_config(config_path)
         register_config_dir(Path(config_path).resolve().parent)
         # Weights go straight to their final device and dtype (prepare_for_inference then has

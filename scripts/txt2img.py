@@ -30,7 +30,7 @@ if python_too_old():
     sys.exit(python_too_old())
 
 from ldm.cli import (OneLineParser, UsageError, remove_if_empty,  # noqa: E402  (torch-free)
-                     tile_size_arg)
+                     repository_fallback, tile_size_arg)
 from ldm.families import family_values_text  # noqa: E402  (torch-free)
 
 PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
@@ -77,7 +77,7 @@ def build_parser(suppress_defaults=False):
     add("--timestep_spacing", choices=["uniform", "leading", "trailing"], default=d("uniform"),
         help="DDIM's and PLMS's timesteps: uniform (LDM's, the seed's: 31 steps for --steps 30) "
              "or leading (diffusers', the authors' SD 1.5 and SDXL scripts: exactly --steps), "
-             "the same where --steps divides 1000; trailing (diffusers') ends at t = 999, for "
+             "the same where --steps divides 1000; trailing (diffusers') starts at t = 999, for "
              "few-step models such as SD-Turbo")
     add("--n_iter", type=int, default=d(3), help="sample this often")
     add("--H", type=int, default=d(512), help="image height, pixels (a multiple of 64)")
@@ -193,15 +193,6 @@ def parse_args(argv=None):
 
 SETTINGS_FILES = ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
                   "disperse_transform")
-
-
-def repository_fallback(path) -> Path:
-    """A relative path that does not exist here but does in the repository (the default config,
-    run from another folder) means the repository's."""
-    path = Path(path)
-    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-        return REPO_ROOT / path
-    return path
 
 
 # A flag given on the command line also sets aside the preset values it cannot go with: the

@@ -178,3 +178,12 @@ def test_the_nan_message_blames_half_precision_only_under_autocast(pipe):
         with pytest.raises(ValueError, match="sampling produced NaN") as failed:
             pipe.generate(["a fox"], opts, progress=False)
         assert ("half precision overflowed" in str(failed.value)) == says_half
+
+
+def test_a_repository_config_path_loads_from_any_folder(tmp_path, monkeypatch):
+    """As --config: `configs/...` not found here is the repository's."""
+    from ldm.pipeline import Pipeline
+
+    monkeypatch.chdir(tmp_path)
+    pipe = Pipeline.load("configs/tiny/tiny-sd21.yaml", TINY_CKPT)
+    assert pipe.model.family == "sd2"
