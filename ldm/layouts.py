@@ -112,14 +112,12 @@ NOT_A_MODEL = (
      "a text encoder alone, not a whole model"),
 )
 
-# Extras that mean the weights cannot be used as stored: pattern -> what the file is.
-UNUSABLE_EXTRAS = {
-    "scaled_fp8": "a scaled-fp8 file (ComfyUI): its fp8 weights need their scales "
-                  "(*.scale_weight), which this tool does not apply; use an fp16 or fp32 file",
-    "*.scale_weight": "a scaled-fp8 file (ComfyUI): its fp8 weights need their scales "
-                      "(*.scale_weight), which this tool does not apply; use an fp16 or fp32 "
-                      "file",
-}
+# Extras that mean the weights cannot be used as stored: (patterns, what the file is).
+UNUSABLE_EXTRAS = (
+    (("scaled_fp8", "*.scale_weight"),
+     "a scaled-fp8 file (ComfyUI): its fp8 weights need their scales (*.scale_weight), which "
+     "this tool does not apply; use an fp16 or fp32 file"),
+)
 
 # UNet input channels of image-conditioned SD models, which txt2img cannot run.
 IMAGE_CONDITIONED = {9: "an inpainting", 5: "a depth-conditioned", 8: "an InstructPix2Pix"}
@@ -154,8 +152,8 @@ def what_the_file_is(needed, present) -> str:
 def _unusable(state_dict, expected) -> str:
     """Why the file's weights cannot be taken as stored ('' if they can): a UNUSABLE_EXTRAS
     marker, or integer (quantized) tensors where the model has floating ones."""
-    for pattern, what in UNUSABLE_EXTRAS.items():
-        if any(fnmatch.fnmatchcase(key, pattern) for key in state_dict):
+    for patterns, what in UNUSABLE_EXTRAS:
+        if any(_matches(key, patterns) for key in state_dict):
             return f"the checkpoint is {what}"
     integer = next((k for k, v in state_dict.items() if k in expected
                     and expected[k].is_floating_point() and not v.is_floating_point()), None)
