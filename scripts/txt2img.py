@@ -434,6 +434,10 @@ def check_numbers(args):
         raise UsageError(f"--overlap must be even and non-negative, got {args.overlap}")
     if not str(args.outdir).strip():
         raise UsageError("--outdir must not be empty")
+    if "dilate_skip" in getattr(args, "explicit", ()) and args.dilate is None:
+        # (its default is always set: only a value given for nothing is refused)
+        raise UsageError("--dilate_skip applies to --dilate's uniform re-dilation (a settings "
+                         "file names its convs itself)")
 
 
 def check_inputs(args, opts, config):

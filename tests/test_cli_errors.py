@@ -187,6 +187,10 @@ EARLY = [
                                     "--inflate_tau", "5"], "needs --disperse_transform"),
     ("preset-unknown", ["--preset", "no-such-preset"], "unknown preset"),
     ("tile-size-untiled", ["--tile_size", "auto"], "--tile_size needs --tiled_decoding"),
+    ("dilate-skip-alone", ["--dilate_skip", "2"], "--dilate_skip applies to --dilate's uniform"),
+    ("dilate-skip-settings", ["--dilate_settings", str(REPO / "configs" / "scalecrafter" /
+                                                       "dilate" / "sd2.1_1024x1024.txt"),
+                              "--dilate_skip", "0"], "--dilate_skip applies to --dilate's"),
     ("disperse-undilated", ["--disperse_settings", str(REPO / "configs" / "scalecrafter" /
                                                        "disperse" / "sd2.1_2048x2048.txt"),
                             "--disperse_transform", str(REPO / "configs" / "scalecrafter" /
