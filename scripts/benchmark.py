@@ -26,7 +26,6 @@ was built, before the first call. Ratios of decode peaks use the memory above th
 import argparse
 import contextlib
 import json
-import math
 import os
 import resource
 import statistics

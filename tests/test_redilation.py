@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import SETTINGS, TINY_CKPT, TINY_CONFIG, cases, reference, rel_err
+from conftest import TINY_CKPT, TINY_CONFIG, cases, reference, rel_err
 from ldm.pipeline import GenerationOptions
 from ldm.precision import compile_unet_in_place
 from ldm.scalecrafter.redilation import (ConvOverride, conv3x3_names, overridden_convs,
                                          redilated_conv, uniform_dilation_map)
-from ldm.scalecrafter.schedule import ScaleCrafterSettings, factor_at
+from ldm.scalecrafter.schedule import factor_at
 from ldm.scalecrafter.tiled_decode import plan_axis, tiled_decode
 
 SAMPLE = cases()["sample"][0]

@@ -1,7 +1,5 @@
 """The full method for ultra-high resolution: per-layer and fractional dilation, dispersion,
 noise-damped CFG and presets, against the published implementation's runs."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -9,7 +7,7 @@ import torch
 from conftest import (REF, REPO, SETTINGS, TINY_CKPT, TINY_CONFIG,
                       check_preset_against_authors, reference, rel_err, ultra_cases)
 from ldm.pipeline import GenerationOptions
-from ldm.scalecrafter.redilation import ConvOverride, conv3x3_names, redilated_conv
+from ldm.scalecrafter.redilation import conv3x3_names, redilated_conv
 from ldm.scalecrafter.settings import (SettingsError, diffusers_conv_names, read_conv_list,
                                        read_dilation_settings)
 from ldm.util import instantiate_from_config, load_config
