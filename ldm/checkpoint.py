@@ -329,7 +329,9 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _check_file(path: Path) -> int:
+def _check_file(path: Path) -> tuple[int, bytes]:
+    """The file's size and first bytes, once it is known to be a readable, non-empty file that
+    a failed download did not leave in a checkpoint's place."""
     if not path.exists():
         if path.is_symlink():
             raise CheckpointError(f"checkpoint file {path} is a broken symlink")
@@ -338,18 +340,16 @@ def _check_file(path: Path) -> int:
         raise CheckpointError(f"checkpoint path {path} is a directory, not a file")
     try:
         size = path.stat().st_size
-        with open(path, "rb"):
-            pass
+        with open(path, "rb") as fh:
+            head = fh.read(64)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    with open(path, "rb") as fh:
-        head = fh.read(64)
     for marks, what in _NOT_CHECKPOINTS:
         if head.lstrip().lower().startswith(marks):
             raise CheckpointError(f"checkpoint {path} is {what}")
-    return size
+    return size, head
 
 
 # What a download gone wrong leaves instead of a checkpoint: (first bytes, what to say).
@@ -361,11 +361,9 @@ _NOT_CHECKPOINTS = (
 )
 
 
-def _looks_like_safetensors(path: Path, size: int) -> bool:
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
     if size < 10:
         return False
-    with open(path, "rb") as fh:
-        head = fh.read(9)
     (header_len,) = struct.unpack("<Q", head[:8])
     return head[8:9] == b"{" and 0 < header_len <= size - 8
 
@@ -422,11 +420,9 @@ def _is_zip(path: Path) -> bool:
         return fh.read(4) == b"PK\x03\x04"
 
 
-def _is_torch_save(path: Path) -> bool:
+def _is_torch_save(head: bytes) -> bool:
     """A torch.save file: a zip archive, or (legacy format) a pickle, protocol 2 or later."""
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _named_safetensors(path: Path) -> bool:
@@ -564,10 +560,10 @@ def load_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, 
     Raises :class:`CheckpointError` with a one-line message on any failure.
     """
     path = Path(path)
-    size = _check_file(path)
+    size, head = _check_file(path)
     # the content decides, not the name (a .ckpt renamed .safetensors loads as what it is)
-    if _looks_like_safetensors(path, size) or (_named_safetensors(path)
-                                               and not _is_torch_save(path)):
+    if _looks_like_safetensors(head, size) or (_named_safetensors(path)
+                                               and not _is_torch_save(head)):
         obj: Any = _load_safetensors(path)
     else:
         obj = _torch_load_pickled(path, trust_pickle)

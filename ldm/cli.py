@@ -5,6 +5,9 @@ import argparse
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The options that name settings files (GenerationOptions' and txt2img's flags)
+SETTINGS_FILES = ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
+                  "disperse_transform")
 
 
 def repository_fallback(path) -> Path:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS, generator_device
-from ldm.cli import parse_tile_size, repository_fallback
+from ldm.cli import SETTINGS_FILES, parse_tile_size, repository_fallback
 from ldm.families import FAMILY_DEFAULTS
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths,
@@ -37,8 +37,6 @@ REAL_OPTIONS = ("scale", "ddim_eta")
 OPTIONAL_REAL_OPTIONS = ("dilate", "decode_budget_gb")  # None: off / from free memory
 SWITCH_OPTIONS = ("fixed_code", "progressive_dilate", "tiled_decoding", "sync_gn")
 TEXT_OPTIONS = ("negative_prompt", "sampler", "precision", "rng", "timestep_spacing")
-FILE_OPTIONS = ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
-                "disperse_transform")
 # Where noise is drawn: a CPU generator (the same numbers on every device), or the device's
 # own, in the published code's order (its images for a seed on CUDA).
 RNGS = ("cpu", "device")
@@ -126,7 +124,7 @@ class GenerationOptions:
         for name in TEXT_OPTIONS:
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"--{name} must be text, got {getattr(self, name)!r}")
-        for name in FILE_OPTIONS:
+        for name in SETTINGS_FILES:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, Path)):
                 raise ValueError(f"--{name} must be a file path, got {value!r}")

@@ -29,8 +29,8 @@ def python_too_old(version=sys.version_info) -> str:
 if python_too_old():
     sys.exit(python_too_old())
 
-from ldm.cli import (OneLineParser, UsageError, remove_if_empty,  # noqa: E402  (torch-free)
-                     repository_fallback, tile_size_arg)
+from ldm.cli import (SETTINGS_FILES, OneLineParser, UsageError,  # noqa: E402  (torch-free)
+                     remove_if_empty, repository_fallback, tile_size_arg)
 from ldm.families import family_values_text  # noqa: E402  (torch-free)
 
 PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
@@ -189,10 +189,6 @@ def parse_args(argv=None):
     args.explicit = explicit
     args.created_dirs = []  # output folders this run creates (removed if it makes nothing)
     return args
-
-
-SETTINGS_FILES = ("dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
-                  "disperse_transform")
 
 
 # A flag given on the command line also sets aside the preset values it cannot go with: the
