@@ -610,15 +610,16 @@ def load_pipeline(args, timer):
 def make_images(args, pipe, opts, settings, batches, writer, timer):
     """n_iter rounds over the prompt batches, from one seeded noise stream: sample, decode and
     write each batch; the grid goes with the last one."""
-    from tqdm.auto import tqdm, trange
+    from ldm.progress import progress_bar
 
     seed_everything(args.seed)
     generator = pipe.noise_generator(opts)
     x_T = pipe.initial_noise(opts, args.n_samples, generator) if args.fixed_code else None
     left = args.n_iter * len(batches)
     # (a bar over one round or one batch only adds lines)
-    for _ in trange(args.n_iter, desc="Sampling", disable=args.n_iter == 1):
-        for prompts in tqdm(batches, desc="data", leave=False, disable=len(batches) == 1):
+    for _ in progress_bar(range(args.n_iter), desc="Sampling", leave=True,
+                          disable=args.n_iter == 1):
+        for prompts in progress_bar(batches, desc="data", disable=len(batches) == 1):
             start = x_T[:len(prompts)] if x_T is not None else None
             with timer.phase("sample"):
                 z, _ = pipe.sample(prompts, opts, generator, start, settings)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from ldm.progress import progress_bar
 
 from ldm.modules.diffusionmodules.model import ResnetBlock, decoder_ticks
 from ldm.scalecrafter.memory import default_budget
@@ -390,8 +390,8 @@ def full_decode(autoencoder, z, budget_bytes: Optional[float] = None, lean: Opti
     if lean is None:
         lean = BANDED_ALWAYS.get(z.device.type, False) or \
             plain_decode_bytes(autoencoder.decoder, *z.shape[2:], z.shape[0]) > budget
-    with tqdm(total=decoder_ticks(autoencoder.decoder), desc="Decoding", leave=False,
-              disable=not progress) as bar:
+    with progress_bar(total=decoder_ticks(autoencoder.decoder), desc="Decoding",
+                      disable=not progress) as bar:
         if not lean:
             return autoencoder.decode(z, bar.update)
         return lean_decode(autoencoder, z, budget, tick=bar.update)

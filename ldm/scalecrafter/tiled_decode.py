@@ -19,6 +19,7 @@ from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
 from ldm.scalecrafter.lean_decode import (Convolved, Dense, Upsampled, band_rows, banded_conv,
                                           banded_residual, group_moments, largest_activation,
                                           map_moments, materialize, residual_recomputed)
+from ldm.progress import progress_bar
 from ldm.scalecrafter.memory import available_bytes, default_budget
 
 SCALE = 8  # image pixels per latent pixel
@@ -441,8 +442,8 @@ def tiled_decode(autoencoder, z, overlap: int = 8, sync_gn: bool = True, tile_si
     working = tile_working_bytes(autoencoder.decoder, rows[0].stop, cols[0].stop, z.shape[0])
     room = max(budget - working, 0)
     keep = {True: 0, False: math.inf}.get(offload, room)
-    bar = tqdm(total=_layer_count(autoencoder.decoder), desc=f"Decoding {len(rows)}x{len(cols)}"
-               " tiles", unit="layer", disable=not progress, leave=False)
+    bar = progress_bar(total=_layer_count(autoencoder.decoder), unit="layer",
+                       desc=f"Decoding {len(rows)}x{len(cols)} tiles", disable=not progress)
     place = _Placement(z.device, keep, bar, room if recompute else math.inf)
     pieces = [z[:, :, r.start:r.stop, c.start:c.stop] for r in rows for c in cols]
     with bar:

@@ -1,7 +1,7 @@
 """DDIM over a denoiser callable, with the standard LDM uniform discretization."""
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ldm.progress import progress_bar
 
 
 # How DDIM and PLMS place their timesteps: LDM's 'uniform' (the seed's code), or diffusers'
@@ -79,7 +79,7 @@ def sample_ddim(denoiser, x, alphas_cumprod, steps, eta=0.0, generator=None, pro
     alphas, alphas_prev, sigmas = ddim_coefficients(alphas_cumprod, timesteps, eta)
     coefficients = [_on_device(v, x) for v in (alphas, alphas_prev, sigmas)]
     n = len(timesteps)
-    for step in tqdm(range(n), desc="DDIM", disable=not progress, leave=False):
+    for step in progress_bar(range(n), desc="DDIM", disable=not progress):
         index = n - 1 - step
         a_t, a_prev, sigma = (v[index] for v in coefficients)
         pred = denoiser(x, int(timesteps[index]), a_t, step)

@@ -2,7 +2,7 @@
 VP schedule of the trained model (log alpha interpolated piecewise linearly in t)."""
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ldm.progress import progress_bar
 
 
 class DiscreteVPSchedule:
@@ -43,7 +43,8 @@ def sample_dpmpp_2m(denoiser, x, alphas_cumprod, steps, generator=None, progress
         return denoiser(x, schedule.model_time(times[i]), alpha_bars[i], i).x0
 
     previous = [x0_at(x, 0)]
-    for i in tqdm(range(1, steps + 1), desc="DPM-Solver++", disable=not progress, leave=False):
+    for i in progress_bar(range(1, steps + 1), desc="DPM-Solver++",
+                          disable=not progress):
         alpha_t, sigma_t, lam_t = coeffs[i]
         _, sigma_s, lam_s = coeffs[i - 1]
         h = lam_t - lam_s

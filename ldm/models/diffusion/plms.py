@@ -1,6 +1,6 @@
 """PLMS (pseudo linear multistep) over a denoiser callable, on the DDIM discretization."""
 import torch
-from tqdm.auto import tqdm
+from ldm.progress import progress_bar
 
 from ldm.models.diffusion.ddim import (_on_device, ddim_coefficients, ddim_timesteps,
                                       generator_device)
@@ -33,7 +33,7 @@ def sample_plms(denoiser, x, alphas_cumprod, steps, generator=None, progress=Tru
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
     history = []
-    for step in tqdm(range(n), desc="PLMS", disable=not progress, leave=False):
+    for step in progress_bar(range(n), desc="PLMS", disable=not progress):
         index = n - 1 - step
         eps = denoiser(x, int(timesteps[index]), alphas[index], step).eps
         if not history:  # pseudo improved Euler start: average with eps at the next timestep
