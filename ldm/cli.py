@@ -55,6 +55,23 @@ def parse_tile_size(text: str):
     return sides[0] if len(sides) == 1 else sides
 
 
+DEVICE_NAMES = ("cpu", "cuda", "auto")
+
+
+def device_arg(text: str) -> str:
+    """A --device: cpu, cuda (the current GPU), cuda:N or auto; checked against the machine
+    later, where torch is imported anyway."""
+    kind, colon, index = text.partition(":")
+    if text in DEVICE_NAMES or (kind == "cuda" and colon and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto, got {text!r}")
+
+
+def device_type(device: str) -> str:
+    """'cuda' for 'cuda:1': what the per-device tables (autocast dtypes, ...) are keyed by."""
+    return device.partition(":")[0]
+
+
 def tile_size_arg(text):
     try:
         return parse_tile_size(text)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from ldm.cli import device_type
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import AUTOCAST_DTYPES
 from ldm.pipeline import to_pil
@@ -177,6 +178,7 @@ def run_fields(args, opts) -> dict:
     """What else a rerun needs: the device and the dtype autocast meant there (bf16 on the
     CPU, fp16 on CUDA), the batch size the seeded stream was drawn in, the preset."""
     device = getattr(args, "device", None)
+    device = device and device_type(device)  # cuda:1's numbers are cuda's
     fields = {"Device": device} if device else {}
     dtype = AUTOCAST_DTYPES.get(device) if opts.precision == "autocast" else None
     if dtype is not None:

@@ -273,10 +273,29 @@ def checked_device(device, precision: str, layout) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but no CUDA device is available")
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+    problem = cuda_device_problem(device) if device.type == "cuda" else None
+    if problem:
+        raise ValueError(f"device '{device}' was asked for, but {problem}")
     return device
+
+
+def cuda_device_problem(device: torch.device) -> Optional[str]:
+    """Why torch can't use the CUDA device `device` names here, or None where it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        return (f"torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1} (after "
+                f"CUDA_VISIBLE_DEVICES)")
+    return None
+
+
+def make_current(device: torch.device) -> None:
+    """cuda:N becomes the current CUDA device: what streams, CUDA graphs, torch.compile and
+    synchronize() use when not told a device (the whole process's choice)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 # A UNet call's working memory is 27-46 times its first feature map (SD 2.1, CPU, fp32, CFG
@@ -310,6 +329,7 @@ class Pipeline:
         from ldm.modules.encoders.common import register_config_dir
 
         device = checked_device(device, precision, layout)
+        make_current(device)  # before the staged load's copy stream
         config_path = repository_fallback(config_path)  # as --config: from any folder
         config = load_config(config_path)
         register_config_dir(Path(config_path).resolve().parent)
@@ -332,6 +352,7 @@ class Pipeline:
                    cudnn_attention=None, **layout):
         """A pipeline over a model already built on `device` (weights in place, e.g. the
         benchmark's random ones), laid out and with kernels chosen as `load` does."""
+        make_current(torch.device(device))
         paths = fast_paths(device, cudnn_benchmark=cudnn_benchmark,
                            cudnn_attention=cudnn_attention)
         prepare_for_inference(model, device, precision, **layout)

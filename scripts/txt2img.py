@@ -30,7 +30,8 @@ if python_too_old():
     sys.exit(python_too_old())
 
 from ldm.cli import (SETTINGS_FILES, OneLineParser, UsageError,  # noqa: E402  (torch-free)
-                     remove_if_empty, repository_fallback, tile_size_arg)
+                     device_arg, device_type, remove_if_empty, repository_fallback,
+                     tile_size_arg)
 from ldm.families import family_values_text  # noqa: E402  (torch-free)
 
 PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
@@ -101,9 +102,9 @@ def build_parser(suppress_defaults=False):
     add("--precision", type=str, choices=["full", "autocast"], default=d("autocast"),
         help="full: float32; autocast: UNet in fp16 on CUDA, bf16 on the CPU")
     add("--repeat", type=int, default=d(1), help="repeat each prompt of --from-file this often")
-    add("--device", type=str, choices=["cpu", "cuda", "auto"], default=d("cpu"),
-        help="device (auto: CUDA where torch sees one, else the CPU; to use another GPU than "
-             "the first, set CUDA_VISIBLE_DEVICES)")
+    add("--device", type=device_arg, default=d("cpu"),
+        help="cpu, cuda (the first GPU torch sees), cuda:N (GPU N) or auto (CUDA where torch "
+             "sees it, else the CPU)"),
     add("--compile", action="store_true",
         help="torch.compile the UNet: compiled once, in the first step, whatever the "
              "re-dilation plan and batch size")
@@ -436,18 +437,28 @@ def check_numbers(args):
                          "file names its convs itself)")
 
 
+def check_device(device: str) -> None:
+    """--device cuda or cuda:N: one that torch sees here."""
+    import torch
+    from ldm.pipeline import cuda_device_problem
+
+    problem = cuda_device_problem(torch.device(device))
+    if problem:
+        raise UsageError(f"--device {device} was asked for, but {problem}")
+
+
 def check_inputs(args, opts, config):
     """Everything that can be checked without loading the checkpoint, cheapest first (the
     config, `check_config`'s, was read already). Returns the ScaleCrafter settings when they
     could be read already (else None)."""
     check_numbers(args)
     opts.validate()
-    if args.device in ("auto", "cuda"):  # auto is decided here, where torch is imported anyway
+    if args.device != "cpu":  # auto is decided here, where torch is imported anyway
         import torch
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for, but no CUDA device is available")
+        else:
+            check_device(args.device)
     if not args.ckpt:
         raise UsageError("--ckpt is required (see README: Checkpoints)")
     _, first = check_readable_file(
@@ -516,7 +527,7 @@ class PhaseTimer:
 
         start = time.perf_counter()
         yield
-        if self.enabled and self.device == "cuda":
+        if self.enabled and device_type(self.device) == "cuda":
             import torch
             torch.cuda.synchronize()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
@@ -554,7 +565,7 @@ def run(args):
     opts = options_from_args(args)
     batches = read_prompts(args)
     settings = check_inputs(args, opts, config)  # settings files read once (one warning at most)
-    if args.device == "cuda":  # (auto is decided by now) before CUDA starts
+    if device_type(args.device) == "cuda":  # (auto is decided by now) before CUDA starts
         use_fast_pinned_memory()
     ckpt_hash = BackgroundShortHash(args.ckpt)  # for the metadata; overlaps loading and sampling
     timer = PhaseTimer(args.device, args.timings)

@@ -187,3 +187,22 @@ def test_a_repository_config_path_loads_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pipe = Pipeline.load("configs/tiny/tiny-sd21.yaml", TINY_CKPT)
     assert pipe.model.family == "sd2"
+
+
+def test_load_refuses_a_cuda_index_torch_does_not_see(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"'cuda:2' was asked for, but torch sees 2 CUDA "
+                                         r"device\(s\), cuda:0 to cuda:1"):
+        Pipeline.load(TINY_CONFIG, TINY_CKPT, device="cuda:2")
+
+
+@pytest.mark.parametrize("device, current", [("cuda:1", ["cuda:1"]), ("cuda", []), ("cpu", [])])
+def test_cuda_n_becomes_the_current_device(monkeypatch, device, current):
+    """Streams, CUDA graphs and synchronize() follow the current device, not the tensors'."""
+    from ldm.pipeline import make_current
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: made.append(str(d)))
+    make_current(torch.device(device))
+    assert made == current

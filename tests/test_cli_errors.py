@@ -2,6 +2,7 @@
 loads the model where it can; it never shows a traceback unless --debug is given.
 
 Most cases call the CLI's main(argv) in-process; two run it as a subprocess, end to end."""
+import argparse
 import os
 import re
 import subprocess
@@ -222,8 +223,10 @@ def test_bad_input_is_refused_before_loading(cli, capsys, files, base, no_load, 
     (["--freeu", "1", "2", "3"], "argument --freeu: expected 4 arguments"),
     (["--precision", "half"], "argument --precision: invalid choice"),
     (["--plms", "--dpm"], "argument --dpm: not allowed with argument --plms"),
+    (["--device", "gpu"], "argument --device: expected cpu, cuda, cuda:N or auto, got 'gpu'"),
+    (["--device", "cuda:x"], "expected cpu, cuda, cuda:N or auto, got 'cuda:x'"),
 ], ids=["unknown-flag", "not-a-number", "tile-size-word", "missing-value", "freeu-three", "bad-choice",
-        "plms-and-dpm"])
+        "plms-and-dpm", "device-word", "device-index-word"])
 def test_bad_flags_exit_2_with_one_line(cli, capsys, base, no_load, flags, expected):
     status, lines = call(cli, capsys, base + flags)
     assert_one_line(status, lines, expected, code=2)
@@ -442,6 +445,45 @@ def test_device_auto_is_cuda_where_torch_sees_it(cli, capsys, base, monkeypatch,
     status, lines = call(cli, capsys, argv)
     assert_one_line(status, lines, "stopped after choosing the device")
     assert seen == ["cuda" if cuda else "cpu"]
+
+
+@pytest.mark.parametrize("device, count, expected", [
+    ("cuda:1", 0, "--device cuda:1 was asked for, but no CUDA device is available"),
+    ("cuda", 0, "--device cuda was asked for, but no CUDA device is available"),
+    ("cuda:2", 2, "--device cuda:2 was asked for, but torch sees 2 CUDA device(s), cuda:0 to "
+                  "cuda:1 (after CUDA_VISIBLE_DEVICES)"),
+])
+def test_a_cuda_device_torch_does_not_see_is_refused_before_loading(cli, capsys, base, no_load,
+                                                                     monkeypatch, device, count,
+                                                                     expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    argv = [a if a != "cpu" else device for a in base]
+    status, lines = call(cli, capsys, argv)
+    assert_one_line(status, lines, expected)
+
+
+def test_cuda_n_goes_to_the_pipeline_and_the_metadata_names_the_type(cli, capsys, base,
+                                                                     monkeypatch):
+    import ldm.pipeline
+    from ldm.outputs import run_fields
+    from ldm.pipeline import GenerationOptions
+
+    seen = []
+
+    def load(cls, *args, device=None, **kwargs):
+        seen.append(device)
+        raise ValueError("stopped after choosing the device")
+
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "load", classmethod(load))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    argv = [a if a != "cpu" else "cuda:1" for a in base]
+    status, lines = call(cli, capsys, argv)
+    assert_one_line(status, lines, "stopped after choosing the device")
+    assert seen == ["cuda:1"]
+    fields = run_fields(argparse.Namespace(device="cuda:1"), GenerationOptions())
+    assert fields == {"Device": "cuda", "Autocast dtype": "float16"}
 
 
 def test_a_failed_compile_is_one_line_naming_its_cause(cli, capsys, base, monkeypatch):
