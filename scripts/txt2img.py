@@ -237,6 +237,14 @@ def preset_steps_warning(args, opts) -> str:
             f"{opts.steps}; set them for this length")
 
 
+def unused_negative_warning(opts) -> str:
+    """At --scale 1 no unconditional branch runs, so a negative prompt changes nothing (it is
+    still recorded: it was asked for). One line, or ''."""
+    if opts.negative_prompt and opts.scale == 1.0:
+        return "warning: --negative_prompt is unused at --scale 1 (no unconditional branch runs)"
+    return ""
+
+
 def apply_preset(args, name, explicit):
     """Preset values replace defaults; flags given on the command line win, and set aside the
     preset values they exclude (DISPLACES). Returns the names of the options it set."""
@@ -572,7 +580,7 @@ def run(args):
     pipe = load_pipeline(args, timer)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
-    notes.append(preset_steps_warning(args, opts))
+    notes += [preset_steps_warning(args, opts), unused_negative_warning(opts)]
     for note in filter(None, notes):  # once the model loaded: a refused run says one line
         print(note, file=sys.stderr)
     if args.compile:  # else the first step sits at 0% for a minute or more, unexplained

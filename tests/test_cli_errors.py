@@ -623,3 +623,12 @@ def test_relative_settings_files_are_found_as_the_config_is(cli, tmp_path, monke
     own.mkdir(parents=True)
     (own / "sd2.1_1024x1024.txt").write_text("middle_block.0.in_layers.2:2\n")
     assert cli.parse_args(["--dilate_settings", shipped]).dilate_settings == shipped
+
+
+@pytest.mark.parametrize("scale, warned", [("1", True), ("5", False)])
+def test_a_negative_prompt_at_scale_1_is_warned_unused(cli, capsys, base, scale, warned):
+    status, lines = call(cli, capsys, base + ["--negative_prompt", "blurry", "--scale", scale,
+                                              "--steps", "1"])
+    assert status == 0, lines
+    warning = "warning: --negative_prompt is unused at --scale 1 (no unconditional branch runs)"
+    assert (warning in lines) == warned
