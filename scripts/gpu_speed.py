@@ -422,8 +422,6 @@ def part_compile(p, device):
     (its routed graph)."""
     import copy
 
-    import torch
-
     from ldm.precision import compile_unet_in_place
     from ldm.scalecrafter.redilation import ConvOverride, overridden_convs, uniform_dilation_map
 

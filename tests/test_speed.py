@@ -14,7 +14,6 @@ from ldm import checkpoint, precision
 from ldm.checkpoint import load_state_dict
 from ldm.hashing import BackgroundShortHash, short_hash
 from ldm.modules.normalization import GroupNorm32, LayerNorm32, set_native_norms
-from ldm.pipeline import Pipeline
 from ldm.util import build_model, load_config
 
 

@@ -1,7 +1,6 @@
 """Transformer blocks of the UNet (SD 1.x, 2.x and SDXL). Attention goes through PyTorch's fused
 SDPA so that no N x N matrix is ever materialised (a 2048^2 image has 65k tokens at the first
 level)."""
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn

@@ -6,7 +6,6 @@ architecture is a small table of numbers, the BPE vocabulary is the one open_cli
 49408 tokens and merges as openai/clip-vit-large-patch14's tokenizer)."""
 import json
 import re
-from pathlib import Path
 
 import ftfy
 import regex
