@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ldm.progress import progress_bar
 
 from ldm.modules.diffusionmodules.model import ResnetBlock, decoder_ticks
+from ldm.progress import progress_bar
 from ldm.scalecrafter.memory import default_budget
 
 BAND_BYTES = 128 * 2 ** 20  # one band of the widest map a conv reads (its temporaries are a few)

@@ -16,10 +16,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
+from ldm.progress import progress_bar
 from ldm.scalecrafter.lean_decode import (Convolved, Dense, Upsampled, band_rows, banded_conv,
                                           banded_residual, group_moments, largest_activation,
                                           map_moments, materialize, residual_recomputed)
-from ldm.progress import progress_bar
 from ldm.scalecrafter.memory import available_bytes, default_budget
 
 SCALE = 8  # image pixels per latent pixel

@@ -1,6 +1,7 @@
 """DDIM over a denoiser callable, with the standard LDM uniform discretization."""
 import numpy as np
 import torch
+
 from ldm.progress import progress_bar
 
 

@@ -2,6 +2,7 @@
 VP schedule of the trained model (log alpha interpolated piecewise linearly in t)."""
 import numpy as np
 import torch
+
 from ldm.progress import progress_bar
 
 

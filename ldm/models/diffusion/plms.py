@@ -1,9 +1,9 @@
 """PLMS (pseudo linear multistep) over a denoiser callable, on the DDIM discretization."""
 import torch
-from ldm.progress import progress_bar
 
 from ldm.models.diffusion.ddim import (_on_device, ddim_coefficients, ddim_timesteps,
                                       generator_device)
+from ldm.progress import progress_bar
 
 
 def _plms_eps(eps, history):
