@@ -206,3 +206,22 @@ def test_cuda_n_becomes_the_current_device(monkeypatch, device, current):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: made.append(str(d)))
     make_current(torch.device(device))
     assert made == current
+
+
+def test_device_rng_asks_for_the_pipelines_device(pipe, monkeypatch):
+    """On a CUDA pipeline rng 'device' seeds CUDA's generator (the seed's stream there), 'cpu'
+    the CPU's. (Recorded: a CPU machine can't make a CUDA generator.)"""
+    import copy
+
+    asked, cpu_generator = [], torch.Generator
+
+    def generator(device="cpu"):
+        asked.append(torch.device(device).type)
+        return cpu_generator()
+
+    monkeypatch.setattr(torch, "Generator", generator)  # (ldm.pipeline's torch is this one)
+    on_cuda = copy.copy(pipe)
+    on_cuda.device = torch.device("cuda")
+    for rng in ("device", "cpu"):
+        on_cuda.noise_generator(GenerationOptions(**SMALL, seed=7, rng=rng))
+    assert asked == ["cuda", "cpu"]

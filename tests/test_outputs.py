@@ -165,19 +165,24 @@ def test_writer_files_and_numbering_across_runs(tmp_path):
 def test_parameters_text_carries_every_setting(tmp_path):
     args, opts = fake_run(tmp_path, dilate=None, dilate_settings="/x/dil, v2.txt", ndcfg_tau=5,
                           ndcfg_dilate_settings="nd.txt", tiled_decoding=True, overlap=4,
-                          sync_gn=True, tile_size=32, sampler="dpm", scale=7.5)
+                          sync_gn=True, tile_size=32, sampler="dpm", scale=7.5, W=192,
+                          fixed_code=True)
     text = outputs.parameters_text("a cat", args, opts, "0123456789", 3, 1)
     prompt, line = text.split("\n")
     assert prompt == "a cat"
     fields = dict(re.findall(r'(\w[\w \-/]*): ("(?:\\.|[^\\"])*"|[^,]*)(?:, |$)', line))
-    assert fields["Seed"] == "51" and fields["Size"] == "128x128" and fields["Steps"] == "2"
+    assert fields["Seed"] == "51" and fields["Size"] == "192x128" and fields["Steps"] == "2"
+    assert (fields["Precision"], fields["Fixed code"], fields["RNG"]) == ("full", "True", "cpu")
     assert fields["Sampler"] == "DPM-Solver++ (2M)" and fields["CFG scale"] == "7.5"
     assert fields["Model"] == "tiny-sd21.ckpt" and fields["Model hash"] == "0123456789"
     assert fields["Batch size"] == "3" and fields["Batch pos"] == "1"
     assert json.loads(fields["dilate_settings"]) == "/x/dil, v2.txt"  # quoted: it has a comma
     assert fields["freeu"] == "1.1 1.2 0.9 0.2"
-    for name in outputs.SCALECRAFTER_FIELDS:
-        assert name in fields, name
+    for name in ("dilate", "dilate_tau", "dilate_skip", "progressive_dilate", "dilate_settings",
+                 "ndcfg_dilate_settings", "ndcfg_tau", "disperse_settings", "disperse_transform",
+                 "inflate_tau", "freeu", "tiled_decoding", "overlap", "sync_gn", "tile_size"):
+        assert name in fields, name  # every ScaleCrafter setting, each under its flag name
+    assert (fields["tiled_decoding"], fields["sync_gn"]) == ("True", "True")
     assert (fields["ndcfg_tau"], fields["overlap"], fields["tile_size"]) == ("5", "4", "32")
     assert "Timestep spacing" not in fields  # DPM-Solver++ has its own time grid
     assert "Device" not in fields and "Preset" not in fields  # none known here
@@ -186,6 +191,7 @@ def test_parameters_text_carries_every_setting(tmp_path):
                              outputs.parameters_text("a cat", args, opts, "0")))
     assert (fields["Device"], fields["Autocast dtype"], fields["Preset"]) == \
         ("cpu", "bfloat16", "sd2.1_2048x2048")
+    assert fields["Precision"] == "autocast"
     opts.precision = "full"
     opts.sampler, opts.tile_size = "ddim", (32, 48)
     fields = dict(re.findall(r'(\w[\w \-/]*): ("(?:\\.|[^\\"])*"|[^,]*)(?:, |$)',
@@ -385,3 +391,12 @@ def test_sampling_without_a_generator_draws_from_the_global_one(tiny_pipe):
     start = torch.randn((1, 4, 8, 8))
     z_from_start, _ = tiny_pipe.sample(["x"], opts, None, start, progress=False)
     assert torch.equal(z, z_from_start)  # (eta 0: the start alone decides)
+
+
+def test_images_become_8_bit_by_truncation_as_the_seeds_scripts_do():
+    """LDM's scripts write `(255 * x).astype(uint8)` of x in [0, 1]: truncation, not rounding."""
+    from ldm.pipeline import to_pil
+
+    level = 100.7 / 255  # 100.7 levels: truncated to 100 (rounding would give 101)
+    image = to_pil(torch.full((1, 3, 2, 2), 2 * level - 1))[0]
+    assert np.asarray(image).tolist() == [[[100] * 3] * 2] * 2

@@ -201,6 +201,12 @@ def test_seed_defaults(txt2img):
     assert args.overlap == 24 and args.negative_prompt == ""
     assert (args.steps, args.scale, args.H, args.W, args.n_samples, args.n_iter) == \
         (50, 9.0, 512, 512, 3, 3)
+    # LDM's txt2img: autocast; ours beside it: the CPU's noise stream, LDM's timesteps, the CPU
+    assert (args.precision, args.rng, args.timestep_spacing, args.device) == \
+        ("autocast", "cpu", "uniform", "cpu")
+    from ldm.pipeline import GenerationOptions
+    api = GenerationOptions()
+    assert (api.precision, api.rng, api.timestep_spacing) == ("autocast", "cpu", "uniform")
 
 
 def test_a_prompt_cut_to_the_context_is_named_once(sd1_pipe, capsys):

@@ -343,6 +343,11 @@ def test_other_families_keep_or_take_their_own_defaults(txt2img, capsys):
     assert (seed.H, seed.scale, seed.ddim_eta, seed.timestep_spacing) == \
         (512, 9.0, 0.0, "uniform")
     assert seed.note == ""
+    sd1 = family_args(txt2img, config="v1-inference.yaml")  # the authors' text2image.py
+    assert (sd1.H, sd1.scale, sd1.ddim_eta, sd1.timestep_spacing) == \
+        (512, 7.5, 1.0, "leading")
+    assert sd1.note == ("note: SD 1.x model: --scale 7.5 --ddim_eta 1 --timestep_spacing "
+                        "leading (its authors' defaults; flags override)")
     sd1 = family_args(txt2img, "--ddim_eta", "0", config="v1-inference.yaml")
     assert (sd1.H, sd1.scale, sd1.ddim_eta, sd1.timestep_spacing) == \
         (512, 7.5, 0.0, "leading")
