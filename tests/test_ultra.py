@@ -74,6 +74,46 @@ def test_every_published_sd21_name_translates(sd21_unet):
     assert len(read_conv_list(disperse, sd21_unet)) == 23
 
 
+def published_sd_conv_names():
+    """diffusers' names of SD 1.x/2.x's 3x3 convs and LDM's for the same convs, from the two
+    published layouts: four levels of two ResNets (ResNet j of level i is input block 3i+j+1,
+    of output level i, output block 3i+j, three per level), a downsampler closing every input
+    level but the last (input block 3i+3), an upsampler in the last output block of every level
+    but the last (behind its attention where the level has one: all but level 0), conv1/conv2
+    are in_layers.2/out_layers.3, and the middle's ResNets sit around its attention."""
+    names = {"conv_in": "input_blocks.0.0", "conv_out": "out.2"}
+
+    def resnet(diffusers, ldm):
+        names[f"{diffusers}.conv1"], names[f"{diffusers}.conv2"] = \
+            f"{ldm}.in_layers.2", f"{ldm}.out_layers.3"
+
+    for i in range(4):
+        for j in range(2):
+            resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{3 * i + j + 1}.0")
+        if i < 3:
+            names[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{3 * i + 3}.0.op"
+        for j in range(3):
+            resnet(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{3 * i + j}.0")
+        if i < 3:
+            names[f"up_blocks.{i}.upsamplers.0.conv"] = \
+                f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.conv"
+    for k in range(2):
+        resnet(f"mid_block.resnets.{k}", f"middle_block.{2 * k}")
+    return names
+
+
+@pytest.mark.parametrize("config", ["v1-inference.yaml", "v2-inference.yaml"])
+def test_the_diffusers_translation_is_the_published_layouts(config):
+    """All 52 names, against the layouts themselves (the settings tests compare files read
+    through the same translation, where a swapped pair would cancel out)."""
+    config = load_config(REPO / "configs" / "stable-diffusion" / config)
+    with torch.device("meta"):
+        unet = instantiate_from_config(config.model.params.unet_config)
+    expected = published_sd_conv_names()
+    assert len(expected) == 52
+    assert diffusers_conv_names(unet) == expected
+
+
 def test_unknown_setting_name_is_an_error(sd21_unet, tmp_path):
     path = tmp_path / "bad.txt"
     path.write_text("down_blocks.1.resnets.0.conv1:2\ndown_blocks.9.resnets.0.conv1:2\n")
