@@ -256,7 +256,7 @@ def bf16_vae_error():
     return f"bf16 VAE decode: relative error {rel_err(got, ref['image_full']):.1e} (not a gate)"
 
 
-def _txt2img(tmp, *extra):
+def _txt2img(tmp, *extra, device=DEVICE.type):
     import json
 
     sample = json.loads((TINY / "cases.json").read_text())["models"][0]["sample"][0]
@@ -269,7 +269,7 @@ def _txt2img(tmp, *extra):
             "--ddim_eta", str(sample["eta"]), "--scale", str(sample["scale"]),
             "--seed", str(sample["seed"]), "--dilate", str(sample["dilate"]),
             "--dilate_tau", str(sample["dilate_tau"]), "--dilate_skip", str(sample["dilate_skip"]),
-            "--n_iter", "1", "--n_samples", "1", "--device", DEVICE.type, "--outdir", str(tmp),
+            "--n_iter", "1", "--n_samples", "1", "--device", device, "--outdir", str(tmp),
             "--save_latent", "--debug", *extra]
     if txt2img.main(argv) != 0:
         raise AssertionError("txt2img failed")
@@ -288,8 +288,10 @@ def sample_through_the_cli():
     with tempfile.TemporaryDirectory() as tmp:
         full = _txt2img(tmp + "/full", "--precision", "full", "--tiled_decoding", "--sync_gn",
                         "--overlap", "8")
+        # (on CUDA, as cuda:0: the --device cuda:N path, which makes its GPU the current one)
         half = _txt2img(tmp + "/half", "--precision", "autocast", "--tile_size", "auto",
-                        "--tiled_decoding", "--sync_gn", "--overlap", "8")
+                        "--tiled_decoding", "--sync_gn", "--overlap", "8",
+                        device="cuda:0" if DEVICE.type == "cuda" else DEVICE.type)
     return (expect("fp32 latent", rel_err(full[None], ref["latent"]), 1e-3)
             + f"; fp16-weights latent error {rel_err(half[None], ref['latent']):.1e} (not a gate)")
 
