@@ -11,16 +11,25 @@ class ConfigError(Exception):
 
 
 def get_obj_from_str(path: str):
+    """The class a config's `target` names: one of this package's (ldm.*), or Stability's sgm.*
+    name of one. A config only builds models: any other callable (os.system, ...) would run
+    whatever its params say, so it is refused."""
     from ldm.targets import SGM_TARGETS
 
     path = SGM_TARGETS.get(path, path)  # Stability's (sgm) config targets build our classes
     module, _, name = path.rpartition(".")
     if not module:
         raise ConfigError(f"target {path!r} is not a dotted import path")
+    if module.split(".")[0] != "ldm":
+        raise ConfigError(f"target {path!r} is not a model class of this package (ldm.*, or "
+                          f"an sgm.* name of one): a config builds models, it runs no other code")
     try:
-        return getattr(importlib.import_module(module), name)
+        target = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"cannot import target {path!r}: {err}") from err
+    if not isinstance(target, type):
+        raise ConfigError(f"target {path!r} is not a class")
+    return target
 
 
 def instantiate_from_config(config):

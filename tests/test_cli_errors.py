@@ -49,7 +49,11 @@ def files(tmp_path_factory):
         "missing": d / "missing",
         "not_ldm.yaml": write("not_ldm.yaml", "foo: 1\nbar: [1, 2]\n"),
         "no_target.yaml": write("no_target.yaml", "model:\n  params:\n    channels: 4\n"),
-        "bad_target.yaml": write("bad_target.yaml", "model:\n  target: no_such_pkg.Model\n"),
+        "bad_target.yaml": write("bad_target.yaml", "model:\n  target: ldm.no_such.Model\n"),
+        "os_target.yaml": write("os_target.yaml", "model:\n  target: os.system\n  params:\n"
+                                "    command: touch {}\n".format(d / "ran")),
+        "function_target.yaml": write("function_target.yaml",
+                                      "model:\n  target: ldm.util.load_config\n"),
         "broken.yaml": write("broken.yaml", "model: [\n"),
         "empty.ckpt": write("empty.ckpt", b""),
         "truncated.ckpt": write("truncated.ckpt", good[: len(good) // 2]),
@@ -169,6 +173,10 @@ EARLY = [
     ("config-not-ldm", ["--config", "{not_ldm.yaml}"], "has no 'model' section"),
     ("config-no-target", ["--config", "{no_target.yaml}"], "has no 'model.target'"),
     ("config-bad-target", ["--config", "{bad_target.yaml}"], "cannot import target"),
+    ("config-runs-code", ["--config", "{os_target.yaml}"],
+     "target 'os.system' is not a model class of this package (ldm.*, or an sgm.* name of one)"),
+    ("config-function-target", ["--config", "{function_target.yaml}"],
+     "target 'ldm.util.load_config' is not a class"),
     ("ckpt-missing", ["--ckpt", "{missing}"], "does not exist"),
     ("ckpt-folder", ["--ckpt", "{folder}"], "is a folder, not a file (a diffusers model folder?"),
     ("ckpt-empty", ["--ckpt", "{empty.ckpt}"], "is empty"),
@@ -213,6 +221,7 @@ def test_bad_input_is_refused_before_loading(cli, capsys, files, base, no_load, 
     status, lines = call(cli, capsys, base + flags)
     assert_one_line(status, lines, expected)
     assert not (tmp_path / "out").exists(), "a refused run created its output folder"
+    assert not (files["folder"].parent / "ran").exists(), "a config target ran code"
 
 
 @pytest.mark.parametrize("flags, expected", [
