@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.scalecrafter import redilation
+from ldm.scalecrafter import memory, redilation
 from ldm.scalecrafter.redilation import ConvOverride, dilated_conv, polyphase_conv, redilated_conv
 
 
@@ -282,3 +282,50 @@ def test_cuda_budget_keeps_within_the_per_process_limit(monkeypatch, fraction, e
                                  _segment(gib, gib // 2, device=3, stream=6)])
     got = memory.available_bytes(torch.device("cuda", 3))
     assert got == expected_gib * gib
+
+
+def fake_cgroups(tmp_path, membership, files):
+    """A /sys/fs/cgroup tree: {relative folder: {file: text}}; /proc/self/cgroup's lines."""
+    for folder, contents in files.items():
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        for name, text in contents.items():
+            (tmp_path / folder / name).write_text(text)
+    (tmp_path / "self-cgroup").write_text(membership)
+    return str(tmp_path), str(tmp_path / "self-cgroup")
+
+
+GiB = 2**30
+
+
+def test_a_cgroup_v2_limit_counts_its_parents_and_reclaimable_cache(tmp_path):
+    root, membership = fake_cgroups(tmp_path, "0::/job/step\n", {
+        "job": {"memory.max": str(6 * GiB), "memory.current": str(2 * GiB)},  # 4 GiB room
+        "job/step": {"memory.max": str(8 * GiB), "memory.current": str(3 * GiB),
+                     "memory.stat": f"anon 1\ninactive_file {GiB}\n"},  # 6 GiB room
+        ".": {"memory.max": "max", "memory.current": "123"}})
+    assert memory.cgroup_available_bytes(root, membership) == 4 * GiB
+
+
+def test_a_cgroup_v1_limit_inside_a_container(tmp_path):
+    """In a container /proc/self/cgroup says '/': the limit is at the controller's root."""
+    root, membership = fake_cgroups(tmp_path, "9:cpu,cpuacct:/\n4:memory:/\n", {
+        "memory": {"memory.limit_in_bytes": str(3 * GiB), "memory.usage_in_bytes": str(GiB),
+                   "memory.stat": f"total_inactive_file {GiB // 2}\n"}})
+    assert memory.cgroup_available_bytes(root, membership) == 2 * GiB + GiB // 2
+
+
+@pytest.mark.parametrize("limit", ["max", "9223372036854771712"])
+def test_no_cgroup_limit_leaves_the_host_figure(tmp_path, monkeypatch, limit):
+    version = "0::/" if limit == "max" else "4:memory:/"
+    folder = "." if limit == "max" else "memory"
+    name = "memory.max" if limit == "max" else "memory.limit_in_bytes"
+    root, membership = fake_cgroups(tmp_path, version + "\n", {folder: {name: limit}})
+    assert memory.cgroup_available_bytes(root, membership) is None
+    assert memory.cgroup_available_bytes(root, str(tmp_path / "missing")) is None
+
+
+def test_the_cpu_budget_stays_within_the_cgroup_limit(monkeypatch):
+    monkeypatch.setattr(memory, "cgroup_available_bytes", lambda: GiB)
+    assert memory.available_bytes(torch.device("cpu")) == GiB
+    monkeypatch.setattr(memory, "cgroup_available_bytes", lambda: None)
+    assert memory.available_bytes(torch.device("cpu")) > GiB  # the host's (this machine: 24 GB)

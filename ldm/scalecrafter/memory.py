@@ -3,6 +3,7 @@ host memory fast. The decodes (tiled and full) plan their work from these; nothi
 a number."""
 import os
 import re
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -51,15 +52,68 @@ def cuda_available_bytes(device: torch.device) -> int:
 
 def available_bytes(device: torch.device) -> int:
     """Memory a decode could use now: on CUDA `cuda_available_bytes`, else the host's available
-    memory."""
+    memory, within the container's (cgroup's) memory limit where one is set."""
     if device.type == "cuda":
         return cuda_available_bytes(device)
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
+        host = int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    limited = cgroup_available_bytes()
+    return host if limited is None else min(host, limited)
+
+
+# cgroup files: v2's unified hierarchy, v1's memory controller (limit, usage, reclaimable cache)
+CGROUP_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
+                1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+NO_LIMIT = 2**60  # v1 reports "no limit" as a page-rounded 2**63
+
+
+def cgroup_available_bytes(root="/sys/fs/cgroup", membership="/proc/self/cgroup") -> Optional[int]:
+    """What this process's memory cgroup (a container's, a batch job's) still allows: the
+    tightest limit minus usage, page cache that can be reclaimed counted as free, over the
+    cgroup and its parents. None where no limit is set or none can be read. The host's
+    MemAvailable ignores these limits, and a decode planned from it gets killed silently."""
+    try:
+        lines = Path(membership).read_text().splitlines()
+    except OSError:
+        return None
+    tightest = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        version = 2 if controllers == "" else 1 if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        base = Path(root) if version == 2 else Path(root) / "memory"
+        for folder in _with_parents(base, path):
+            room = _cgroup_room(folder, *CGROUP_FILES[version])
+            if room is not None:
+                tightest = room if tightest is None else min(tightest, room)
+    return tightest
+
+
+def _with_parents(base: Path, path: str):
+    """base/path and its parents up to base (inside a container the path is often '/')."""
+    parts = [p for p in path.split("/") if p]
+    return [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _cgroup_room(folder: Path, limit_file: str, usage_file: str, cache_key: str):
+    try:
+        limit = (folder / limit_file).read_text().strip()
+        if limit == "max" or int(limit) >= NO_LIMIT:
+            return None
+        usage = int((folder / usage_file).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+        cache = int(stat.get(cache_key, 0))
+    except (OSError, ValueError):
+        cache = 0
+    return max(int(limit) - usage + cache, 0)
 
 
 def default_budget(device: torch.device) -> int:
