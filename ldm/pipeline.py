@@ -24,6 +24,7 @@ from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, SAMPLING_SWITCHES, fas
                            prepare_for_inference, sampling_kernels, weight_dtype_policy)
 from ldm.scalecrafter.freeu import freeu_applied
 from ldm.scalecrafter.guidance import GuidedDenoiser
+from ldm.scalecrafter.redilation import MAX_FACTOR
 from ldm.scalecrafter.schedule import ScaleCrafterSettings
 from ldm.scalecrafter.settings import build_settings
 from ldm.scalecrafter.lean_decode import full_decode
@@ -152,6 +153,8 @@ class GenerationOptions:
             raise ValueError(f"--ddim_eta must be between 0 and 1, got {self.ddim_eta}")
         if self.dilate is not None and self.dilate <= 0:
             raise ValueError(f"--dilate must be positive, got {self.dilate}")
+        if self.dilate is not None and self.dilate > MAX_FACTOR:
+            raise ValueError(f"--dilate must be at most {MAX_FACTOR:g}, got {self.dilate:g}")
         for name in ("dilate_tau", "ndcfg_tau", "inflate_tau", "dilate_skip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
@@ -219,9 +222,9 @@ class GenerationOptions:
         if isinstance(tile, (tuple, list)):
             self.tile_size = tuple(int(s) for s in tile)
         if self.decode_budget_gb is not None and not (
-                math.isfinite(self.decode_budget_gb) and self.decode_budget_gb > 0):
-            raise ValueError(f"--decode_budget_gb must be a positive number, "
-                             f"got {self.decode_budget_gb}")
+                math.isfinite(self.decode_budget_gb) and 0 < self.decode_budget_gb <= 2**20):
+            raise ValueError(f"--decode_budget_gb must be a positive number of GiB (at most "
+                             f"2^20), got {self.decode_budget_gb:g}")
         if not self.tiled_decoding:
             return
         if self.overlap < 0 or self.overlap % 2:

@@ -1,5 +1,6 @@
 """Progress bars for long work: nested and erased when done on a terminal (or in a notebook);
 one line per finished bar in a log file."""
+import os
 import sys
 
 from tqdm.auto import tqdm
@@ -13,9 +14,15 @@ def progress_bar(iterable=None, **kwargs):
     go to a file, nesting and erasing would write cursor-movement codes into it (a file can't
     move up a line), so every bar there stays on its own lines and is kept when done."""
     kwargs.setdefault("leave", False)
+    if _env_disables():  # tqdm reads TQDM_DISABLE only where `disable` isn't given, as it is here
+        kwargs["disable"] = True
     if _to_file(kwargs.get("file") or sys.stderr):
         kwargs.update(position=0, leave=True, mininterval=FILE_REDRAW_S)
     return tqdm(iterable, **kwargs)
+
+
+def _env_disables() -> bool:
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _to_file(stream) -> bool:

@@ -30,3 +30,10 @@ def test_a_terminal_gets_nested_bars_that_vanish_when_done(monkeypatch):
     assert "\x1b[A" in text  # the inner bar drawn one line below the outer one
     last = text.rsplit("\r", 1)[-1]
     assert last.startswith("outer: 100%")  # what stays on screen: the outer bar only
+
+
+def test_tqdm_disable_in_the_environment_silences_every_bar(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert nested_run(io.StringIO(), monkeypatch) == ""
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert "DDIM: 100%" in nested_run(io.StringIO(), monkeypatch)

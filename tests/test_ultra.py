@@ -1,5 +1,7 @@
 """The full method for ultra-high resolution: per-layer and fractional dilation, dispersion,
 noise-damped CFG and presets, against the published implementation's runs."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -122,9 +124,9 @@ def test_unknown_setting_name_is_an_error(sd21_unet, tmp_path):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("nan", "must be a positive finite number, got nan"),
-    ("inf", "must be a positive finite number, got inf"), ("0", "positive"), ("-2", "positive"),
-    ("two", "'two' is not a number")])
+    ("nan", "must be a positive number up to 64, got nan"),
+    ("inf", "must be a positive number up to 64, got inf"), ("0", "positive"), ("-2", "positive"),
+    ("1e300", "up to 64, got 1e300"), ("two", "'two' is not a number")])
 def test_a_factor_that_is_no_dilation_is_an_error(sd21_unet, tmp_path, value, message):
     """Refused with its line when the file is read (before the checkpoint is), not mid-run."""
     path = tmp_path / "bad.txt"
@@ -408,3 +410,17 @@ def test_the_preset_steps_warning_leaves_out_features_turned_off(txt2img):
     args = txt2img.parse_args(["--preset", "sd2.1_1024x1024", "--dilate_settings", "",
                                "--steps", "2"])
     assert txt2img.preset_steps_warning(args, txt2img.options_from_args(args)) == ""
+
+
+@pytest.mark.parametrize("data, message", [
+    ("\ufeffdown_blocks.1.resnets.0.conv1:2\n".encode("utf-8"), None),  # Notepad's UTF-8
+    (b"\x89PNG\r\n\x1a\n", "bad.txt is not UTF-8 text (byte 0): a binary file?")])
+def test_a_settings_file_in_notepads_utf8_is_read_and_a_binary_one_named(sd21_unet, tmp_path,
+                                                                          data, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(data)
+    if message is None:
+        assert read_dilation_settings(path, sd21_unet) == {"input_blocks.4.0.in_layers.2": 2.0}
+    else:
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            read_dilation_settings(path, sd21_unet)

@@ -28,6 +28,11 @@ class ConvOverride:
     weight: Optional[torch.Tensor] = None
 
 
+# The largest dilation factor taken: a 3x3 conv dilated 64 spans 129 latent pixels (1032 image
+# pixels), beyond any published setting; far larger factors overflow the conv's padding.
+MAX_FACTOR = 64.0
+
+
 # Which form of an integer-dilated conv runs faster, per device type (measured; see
 # docs/benchmarks.md): a plain conv on the polyphase components uses the fast plain-conv
 # kernels (cuDNN has few for dilated convs), oneDNN runs dilated convs at full speed already.

@@ -17,7 +17,7 @@ from typing import Dict, FrozenSet, List
 from torch import nn
 
 from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
-from ldm.scalecrafter.redilation import conv3x3_names, uniform_dilation_map
+from ldm.scalecrafter.redilation import MAX_FACTOR, conv3x3_names, uniform_dilation_map
 from ldm.scalecrafter.schedule import ScaleCrafterSettings
 
 
@@ -85,8 +85,13 @@ def _lines(path):
     path = Path(path)
     if not path.is_file():
         raise SettingsError(f"settings file {path} does not exist")
+    try:  # utf-8-sig: Notepad starts its UTF-8 files with a byte-order mark
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SettingsError(f"settings file {path} is not UTF-8 text (byte {err.start}): a "
+                            f"binary file?") from None
     entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if line:
             entries.append((number, line))
@@ -118,9 +123,9 @@ def read_dilation_settings(path, unet: nn.Module) -> Dict[str, float]:
             factor = float(value)
         except ValueError:
             raise SettingsError(f"{path}:{number}: factor {value!r} is not a number") from None
-        if not (math.isfinite(factor) and factor > 0):
-            raise SettingsError(f"{path}:{number}: factor must be a positive finite number, "
-                                f"got {value.strip()}")
+        if not (math.isfinite(factor) and 0 < factor <= MAX_FACTOR):
+            raise SettingsError(f"{path}:{number}: factor must be a positive number up to "
+                                f"{MAX_FACTOR:g}, got {value.strip()}")
         ours_name = _our_name(name.strip(), translation, ours, path, number, skipped)
         if ours_name is not None:
             factors[ours_name] = factor
