@@ -24,7 +24,7 @@ from PIL import Image, PngImagePlugin
 from ldm.cli import device_type
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import AUTOCAST_DTYPES
-from ldm.pipeline import to_pil
+from ldm.pipeline import eight_bit, to_pil
 
 PARTIAL_PREFIX = ".partial-"
 # GenerationOptions fields written as ScaleCrafter settings, in this order, each under its flag name
@@ -238,7 +238,8 @@ class OutputWriter:
         self.count = self.batches = 0  # images and batches written by this run
         self.prompts = []
         self.paths: List[Path] = []  # the samples written by this run
-        self.images: List[torch.Tensor] = []  # their decoded images, for a grid
+        self.images: List[torch.Tensor] = []  # their 8-bit pixels, for a grid (a quarter of
+        # the decoded floats' memory: 50 MB, not 200, per 4096² image kept)
         self.grid_path = None  # the grid save_batch wrote, if it was given one
 
     @property
@@ -265,7 +266,7 @@ class OutputWriter:
         jobs = [partial(png_bytes, image, {"parameters": text})
                 for image, text in zip(to_pil(decoded), texts)]
         if grid_rows is not None:
-            jobs.append(partial(self._grid_png, self.images + [decoded], grid_rows,
+            jobs.append(partial(self._grid_png, self.images + [eight_bit(decoded)], grid_rows,
                                 self.prompts + list(prompts)))
         with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
             encoded = list(pool.map(lambda job: job(), jobs))
@@ -273,7 +274,7 @@ class OutputWriter:
         paths = []
         for i, (prompt, params, data, latent) in enumerate(zip(prompts, texts, encoded, latents)):
             paths.append(self._write_sample(prompt, params, data, latent, tiles))
-            self.images.append(decoded[i:i + 1])  # each image as it is kept, for a grid
+            self.images.append(eight_bit(decoded[i:i + 1]))  # each image as it is kept
         if grid_png is not None:
             self.grid_path = self._write_grid(grid_png)
         return paths
@@ -300,9 +301,8 @@ class OutputWriter:
     def _grid_png(self, batches, n_rows, prompts) -> bytes:
         from torchvision.utils import make_grid
 
-        images = torch.cat(batches, 0)
-        grid = make_grid(torch.clamp((images + 1) / 2, 0, 1), nrow=n_rows)
-        array = (255.0 * grid.permute(1, 2, 0).numpy()).astype(np.uint8)
+        grid = make_grid(torch.cat(batches, 0), nrow=n_rows)  # uint8 in, the same pixels out
+        array = grid.permute(1, 2, 0).numpy()
         prompts = list(dict.fromkeys(prompts))  # each prompt once, in order
         params = parameters_text("\n".join(prompts), self.args, self.opts, self.ckpt_hash)
         return png_bytes(Image.fromarray(array), {"parameters": params})

@@ -247,11 +247,14 @@ class GenerationResult:
     unet_batches: List[int] = field(default_factory=list)
 
 
+def eight_bit(decoded: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images (B, 3, H, W) as uint8, truncating as the reference scripts do."""
+    return (255.0 * torch.clamp((decoded.float() + 1.0) / 2.0, 0.0, 1.0)).to(torch.uint8)
+
+
 def to_pil(decoded: torch.Tensor) -> List[Image.Image]:
-    """[-1, 1] images to 8-bit PIL images (truncating, as the reference scripts do)."""
-    x = torch.clamp((decoded.float() + 1.0) / 2.0, 0.0, 1.0)
-    arrays = 255.0 * x.permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a.astype(np.uint8)) for a in arrays]
+    """[-1, 1] images to 8-bit PIL images."""
+    return [Image.fromarray(a) for a in eight_bit(decoded).permute(0, 2, 3, 1).cpu().numpy()]
 
 
 def check_latent_format(opts: GenerationOptions, channels: int, factor: int):

@@ -400,3 +400,24 @@ def test_images_become_8_bit_by_truncation_as_the_seeds_scripts_do():
     level = 100.7 / 255  # 100.7 levels: truncated to 100 (rounding would give 101)
     image = to_pil(torch.full((1, 3, 2, 2), 2 * level - 1))[0]
     assert np.asarray(image).tolist() == [[[100] * 3] * 2] * 2
+
+
+def test_the_grid_holds_each_samples_exact_pixels_and_keeps_only_8_bits(tmp_path):
+    """make_grid's layout (2-pixel black borders, rows of n_rows images) over the very pixels
+    of the sample PNGs; what the run keeps for it is uint8, a quarter of the decoded floats."""
+    args, opts = fake_run(tmp_path)
+    writer = OutputWriter(tmp_path / "out", args, opts)
+    first, second = fake_batch(2, 1), fake_batch(1, 2)
+    paths = writer.save_batch(["a", "b"], *first)
+    paths += writer.save_batch(["c"], *second, grid_rows=2)
+    assert all(image.dtype == torch.uint8 for image in writer.images)
+    with Image.open(writer.grid_path) as grid:
+        grid = np.asarray(grid.convert("RGB"))
+    assert grid.shape == (2 + 2 * 130, 2 + 2 * 130, 3)
+    for k, path in enumerate(paths):
+        with Image.open(path) as sample:
+            sample = np.asarray(sample.convert("RGB"))
+        top, left = 2 + (k // 2) * 130, 2 + (k % 2) * 130
+        assert np.array_equal(grid[top:top + 128, left:left + 128], sample), k
+    assert not grid[:2].any() and not grid[:, 130:132].any()  # the borders
+    assert not grid[132:, 132:].any()  # no fourth image: its place stays black
