@@ -4,8 +4,8 @@ Bad input is refused with one line on stderr and a non-zero exit (`--debug` show
 traceback): flags, sizes, files, settings and the output folder before the checkpoint is read,
 a checkpoint that is no checkpoint (or unsafe) before the model is built, one that does not fit
 the config (missing weights, wrong shapes) before the model is used. Exit status: 0 done,
-1 refused or failed, 2 bad flags, 130 interrupted (the finished images are kept, nothing
-partial is left)."""
+1 refused or failed, 2 bad flags, 130 interrupted (Ctrl-C; 143 for SIGTERM: the finished
+images are kept, nothing partial is left)."""
 import argparse
 import os
 import sys
@@ -590,13 +590,13 @@ def run(args):
     try:
         make_images(args, pipe, opts, settings, batches, writer, timer)
         timer.report()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         writer.discard_partial_files()
         if args.debug:
             raise
         try:
             writer.save_grid(args.n_rows or args.n_samples)  # of the images kept, if any
-        except (OSError, KeyboardInterrupt):  # the grid is a courtesy: the exit stays 130
+        except (OSError, KeyboardInterrupt):  # the grid is a courtesy: the exit stays 130/143
             writer.discard_partial_files()
         if writer.count == 0:
             remove_if_empty(args.created_dirs)
@@ -604,7 +604,7 @@ def run(args):
         else:
             print(f"interrupted: kept {writer.count} finished image(s) in {writer.outdir}: "
                   f"{writer.summary()}", file=sys.stderr)
-        return 130
+        return interrupted_status(stop)
     print(f"Your samples are ready and waiting for you here:\n{writer.outdir}\nEnjoy.")
     print(f"This run wrote {writer.summary()}.")
     return 0
@@ -653,7 +653,8 @@ def make_images(args, pipe, opts, settings, batches, writer, timer):
 
 
 def main(argv=None):
-    """Exit status: 0 done, 1 refused or failed (one line on stderr), 2 bad flags, 130 Ctrl-C."""
+    """Exit status: 0 done, 1 refused or failed (one line on stderr), 2 bad flags, 130 Ctrl-C,
+    143 SIGTERM (once `stop_on_sigterm` is installed, as a command-line run does)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, args = "--debug" in argv, None
     try:
@@ -662,13 +663,13 @@ def main(argv=None):
         return run(args)
     except SystemExit:
         raise
-    except KeyboardInterrupt:  # before sampling started (run handles it during sampling)
+    except KeyboardInterrupt as stop:  # before sampling started (run handles it while sampling)
         if debug:
             raise
         if args is not None:
             remove_if_empty(args.created_dirs)
         print("interrupted: no image was made", file=sys.stderr)
-        return 130
+        return interrupted_status(stop)
     except Exception as err:  # one readable line unless --debug
         if args is not None:  # output folders this run created and left empty go with it
             remove_if_empty(args.created_dirs)
@@ -735,7 +736,10 @@ def exit_now(code: int):
     (logging, torch's) run as in a normal exit."""
     import atexit
     import os
+    import signal
 
+    for name in ("SIGINT", "SIGTERM"):  # leaving already: another Ctrl-C would only add tracebacks
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -745,5 +749,24 @@ def exit_now(code: int):
     os._exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a batch system's or `docker stop`'s end of a job), handled as
+    Ctrl-C is: the finished images kept with their grid, the exit status 143."""
+
+
+def stop_on_sigterm():
+    import signal
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def interrupted_status(stop: BaseException) -> int:
+    return 143 if isinstance(stop, Terminated) else 130
+
+
 if __name__ == "__main__":
+    stop_on_sigterm()
     exit_now(main())

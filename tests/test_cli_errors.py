@@ -346,19 +346,22 @@ def test_ctrl_c_in_the_first_batch_leaves_no_folder_behind(cli, capsys, base, mo
     assert not (tmp_path / "new").exists()
 
 
-def test_ctrl_c_while_sampling_keeps_finished_images(cli, capsys, base, monkeypatch, tmp_path):
-    """The first batch is saved, Ctrl-C comes in the second: exit 130, one line naming what was
-    kept, the first image complete with its grid, nothing partial."""
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_while_sampling_keeps_finished_images(cli, capsys, base, monkeypatch, tmp_path,
+                                                     signal_name, code):
+    """The first batch is saved, Ctrl-C (or SIGTERM) comes in the second: exit 130 (143), one
+    line naming what was kept, the first image complete with its grid, nothing partial."""
     from PIL import Image
 
     import ldm.pipeline
 
     calls = []
+    stop = KeyboardInterrupt if signal_name == "SIGINT" else cli.Terminated
 
     def sample(self, prompts, opts, generator, x_T=None, settings=None, progress=True):
         calls.append(len(prompts))
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            raise stop
         z = torch.randn((len(prompts), opts.C, opts.H // opts.f, opts.W // opts.f),
                         generator=generator)
         return z, []
@@ -366,7 +369,7 @@ def test_ctrl_c_while_sampling_keeps_finished_images(cli, capsys, base, monkeypa
     monkeypatch.setattr(ldm.pipeline.Pipeline, "sample", sample)
     argv = base + ["--n_iter", "3"]
     status, lines = call(cli, capsys, argv)
-    assert status == 130
+    assert status == code
     messages = [line for line in lines if line.startswith(("interrupted", "error"))]
     assert len(messages) == 1 and "kept 1 finished image" in messages[0], lines
     assert messages[0].endswith(": samples/00000.png, grid-0000.png"), messages[0]
@@ -644,3 +647,23 @@ def test_a_negative_prompt_at_scale_1_is_warned_unused(cli, capsys, base, scale,
     assert status == 0, lines
     warning = "warning: --negative_prompt is unused at --scale 1 (no unconditional branch runs)"
     assert (warning in lines) == warned
+
+
+def test_sigterm_to_a_running_process_keeps_its_finished_images(base, tmp_path):
+    """`timeout`, `kill` and batch systems stop a job with SIGTERM: handled as Ctrl-C."""
+    import signal
+    import time
+
+    argv = base + ["--n_iter", "200"]
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "txt2img.py"), *argv],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "out" / "samples" / "00000.png"
+    deadline = time.monotonic() + 60
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("interrupted: kept "), err
+    assert (tmp_path / "out" / "grid-0000.png").is_file()
