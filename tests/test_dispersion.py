@@ -103,6 +103,9 @@ def test_load_rejects_bad_files(tmp_path):
     (tmp_path / "R.txt").write_text("1")
     with pytest.raises(ValueError, match="extension"):
         load_dispersion_transform(tmp_path / "R.txt")
+    np.save(tmp_path / "nan.npy", np.full((25, 9), np.nan))
+    with pytest.raises(ValueError, match="nan.npy: transform has NaN or infinite entries"):
+        load_dispersion_transform(tmp_path / "nan.npy")
 
 
 @pytest.mark.parametrize(

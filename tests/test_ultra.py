@@ -147,6 +147,20 @@ def test_a_dispersion_list_switched_off_is_still_checked(sd21_unet, tmp_path):
         build_settings(sd21_unet, opts)
 
 
+def test_a_transform_for_other_kernels_than_3x3_is_refused_naming_it(sd21_unet, tmp_path):
+    from ldm.scalecrafter.settings import build_settings
+
+    listed = tmp_path / "disperse.txt"
+    listed.write_text("down_blocks.1.resnets.0.conv1\n")
+    transform = tmp_path / "R5to7.npy"
+    np.save(transform, np.zeros((49, 25)))
+    opts = GenerationOptions(dilate=2, disperse_settings=str(listed), inflate_tau=1,
+                             disperse_transform=str(transform))
+    with pytest.raises(SettingsError, match=r"R5to7.npy: the transform maps kernels of 25 "
+                                            r"entries; the UNet's are 3x3 \(9 columns\)"):
+        build_settings(sd21_unet, opts)
+
+
 def ndcfg_opts(**kw):
     base = dict(H=64, W=64, steps=4, scale=7.5, seed=4, precision="full", ddim_eta=0.0,
                 dilate_settings=str(SETTINGS / "dilate/sd2.1_2048x2048.txt"), dilate_tau=3,

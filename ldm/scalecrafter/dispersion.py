@@ -165,6 +165,8 @@ def load_dispersion_transform(path) -> np.ndarray:
         raise ValueError(f"{path}: both dims must be square numbers (k*k), got shape {R.shape}")
     if not np.issubdtype(R.dtype, np.number) or np.iscomplexobj(R):
         raise ValueError(f"{path}: transform must be real numeric, got dtype {R.dtype}")
+    if not np.isfinite(R).all():  # else every dispersed conv, and so every latent, is NaN
+        raise ValueError(f"{path}: transform has NaN or infinite entries")
     return R.astype(np.float64)
 
 

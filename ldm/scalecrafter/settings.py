@@ -162,6 +162,9 @@ def build_settings(unet: nn.Module, opts) -> ScaleCrafterSettings:
         if not opts.disperse_transform:
             raise SettingsError("--disperse_settings needs --disperse_transform")
         transform = load_dispersion_transform(opts.disperse_transform)
+        if transform.shape[1] != 9:  # what it maps: the UNet's 3x3 kernels
+            raise SettingsError(f"{opts.disperse_transform}: the transform maps kernels of "
+                                f"{transform.shape[1]} entries; the UNet's are 3x3 (9 columns)")
     return ScaleCrafterSettings(
         dilation=dilation, dilate_tau=opts.dilate_tau if dilation else 0,
         progressive=opts.progressive_dilate, ndcfg_dilation=ndcfg,
