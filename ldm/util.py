@@ -37,7 +37,14 @@ def instantiate_from_config(config):
     if "target" not in config:
         raise ConfigError("config node has no 'target' key")
     params = config.get("params", None) or {}
-    return get_obj_from_str(config["target"])(**params)
+    target = get_obj_from_str(config["target"])
+    try:
+        return target(**params)
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as err:
+        # a wrong or missing param (a string for a number, 0 heads, ...): say which part
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(f"the config's {target.__name__} could not be built from its params: "
+                          f"{detail}") from err
 
 
 def load_config(path) -> "OmegaConf":

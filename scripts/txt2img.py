@@ -368,7 +368,31 @@ def check_config(path):
     if params is not None and not isinstance(params, DictConfig):
         raise UsageError(f"config file {path}: 'model.params' is not a mapping")
     get_obj_from_str(model.target)  # ConfigError with one line if it cannot be imported
+    check_config_parts(path, config)
     return config
+
+
+# Numbers of a model config's params that are used only late (the VAE's scale at decode time)
+CONFIG_NUMBERS = ("scale_factor", "linear_start", "linear_end", "timesteps")
+
+
+def check_config_parts(path, config):
+    """The UNet and VAE sections a model needs, and its schedule and scale numbers, checked
+    before anything is built."""
+    from omegaconf import DictConfig
+
+    from ldm.util import get_obj_from_str, part_configs
+
+    params = config.model.get("params") or {}
+    unet_key = getattr(get_obj_from_str(config.model.target), "unet_config_key", "unet_config")
+    for node, key in zip(part_configs(config), (unet_key, "first_stage_config")):
+        if not isinstance(node, DictConfig) or not isinstance(node.get("target"), str):
+            raise UsageError(f"config file {path} has no 'model.params.{key}' with a target")
+    for key in CONFIG_NUMBERS:
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UsageError(f"config file {path}: 'model.params.{key}' must be a number, got "
+                             f"{value!r}")
 
 
 def check_preset_family(args, config):

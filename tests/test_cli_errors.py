@@ -54,6 +54,10 @@ def files(tmp_path_factory):
                                 "    command: touch {}\n".format(d / "ran")),
         "function_target.yaml": write("function_target.yaml",
                                       "model:\n  target: ldm.util.load_config\n"),
+        "no_unet.yaml": write("no_unet.yaml", TINY_CONFIG.read_text().replace(
+            "    unet_config:", "    not_a_unet_config:")),
+        "word_scale.yaml": write("word_scale.yaml", TINY_CONFIG.read_text().replace(
+            "scale_factor: 0.18215", "scale_factor: abc")),
         "broken.yaml": write("broken.yaml", "model: [\n"),
         "empty.ckpt": write("empty.ckpt", b""),
         "truncated.ckpt": write("truncated.ckpt", good[: len(good) // 2]),
@@ -180,6 +184,10 @@ EARLY = [
      "target 'os.system' is not a model class of this package (ldm.*, or an sgm.* name of one)"),
     ("config-function-target", ["--config", "{function_target.yaml}"],
      "target 'ldm.util.load_config' is not a class"),
+    ("config-without-unet", ["--config", "{no_unet.yaml}"],
+     "no_unet.yaml has no 'model.params.unet_config' with a target"),
+    ("config-word-scale", ["--config", "{word_scale.yaml}"],
+     "word_scale.yaml: 'model.params.scale_factor' must be a number, got 'abc'"),
     ("ckpt-missing", ["--ckpt", "{missing}"], "does not exist"),
     ("ckpt-folder", ["--ckpt", "{folder}"], "is a folder, not a file (a diffusers model folder?"),
     ("ckpt-empty", ["--ckpt", "{empty.ckpt}"], "is empty"),
@@ -667,3 +675,15 @@ def test_sigterm_to_a_running_process_keeps_its_finished_images(base, tmp_path):
     assert "Traceback" not in err
     assert err.splitlines()[-1].startswith("interrupted: kept "), err
     assert (tmp_path / "out" / "grid-0000.png").is_file()
+
+
+def test_a_config_param_the_model_cannot_take_names_the_part(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ldm.util import ConfigError, instantiate_from_config
+
+    unet = OmegaConf.load(TINY_CONFIG).model.params.unet_config
+    unet.params.num_head_channels = 0
+    with pytest.raises(ConfigError, match="^the config's UNetModel could not be built from its "
+                                          "params: integer division or modulo by zero$"):
+        instantiate_from_config(unet)
