@@ -26,6 +26,7 @@ was built, before the first call. Ratios of decode peaks use the memory above th
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -677,10 +678,16 @@ def resolve(args):
     if tile <= 0 or args.overlap >= tile:
         raise UsageError(f"--overlap ({args.overlap}) must be smaller than the tile "
                          f"({tile} latent pixels)")
+    budget = args.decode_budget_gb
+    if budget is not None and not (math.isfinite(budget) and 0 < budget <= 2**20):
+        raise UsageError(f"--decode-budget-gb must be a positive number of GiB (at most 2^20), "
+                         f"got {budget:g}")
     if args.json:
         parent = Path(args.json).resolve().parent
         if not parent.is_dir():
             raise UsageError(f"--json: directory {parent} does not exist")
+        if Path(args.json).is_dir():
+            raise UsageError(f"--json: {args.json} is a folder; name the file to write")
     if args.device == "cuda":
         import torch
 
@@ -740,7 +747,11 @@ def main(argv=None, runner=run_case_subprocess):
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = run_all(args, runner)
+    try:
+        report = run_all(args, runner)
+    except KeyboardInterrupt:
+        print("interrupted: no figures were written", file=sys.stderr)
+        return 130
     if args.json:
         write_json(report, args.json)
     if args.device == "cuda":

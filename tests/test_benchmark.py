@@ -97,6 +97,9 @@ def test_two_by_two_tile_covers_with_two_tiles(bench):
     (["--decode-side", "16", "--overlap", "8"], "must be smaller than the tile"),
     (["--tile-size", "2x8", "--overlap", "4"], "must be smaller than the tile (2 latent"),
     (["--json", "/nonexistent-dir/x.json"], "does not exist"),
+    (["--json", "/tmp"], "--json: /tmp is a folder; name the file to write"),
+    (["--decode-budget-gb", "nan"], "--decode-budget-gb must be a positive number of GiB"),
+    (["--decode-budget-gb", "0"], "got 0"),
 ])
 def test_bad_flags_are_one_line_errors(bench, capsys, argv, message):
     assert bench.main(argv, runner=None) == 2
@@ -277,3 +280,11 @@ def test_the_saved_report_script_takes_help_and_refuses_a_missing_file(bench, tm
     assert gpu.main([str(tmp_path / "missing.json")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot read the report")
+
+
+def test_ctrl_c_is_one_line_and_status_130(bench, capsys):
+    def runner(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    assert bench.main(["--tiny", "--only", "decode"], runner=runner) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted: no figures were written"
