@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
 
     try:
         if out.suffix.lower() == ".mat":
@@ -49,7 +52,8 @@ def main(argv=None) -> int:
 
             scipy.io.savemat(str(out), {"R": R})
         else:
-            np.save(out, R)
+            with open(out, "wb") as f:  # (np.save given a path adds .npy to R.NPY)
+                np.save(f, R)
     except OSError as exc:
         print(f"error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
         return 2

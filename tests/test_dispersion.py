@@ -120,11 +120,18 @@ def test_load_rejects_bad_files(tmp_path):
         dict(eta=-0.1),
         dict(eta=float("nan")),
         dict(input_size=64, scale=4),  # a 172 GiB dense system: refused before it is built
+        dict(large=51),  # minutes of conv matrices
     ],
 )
 def test_solver_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         solve_dispersion_transform(**kwargs)
+
+
+def test_a_system_too_large_names_every_size_that_makes_it():
+    with pytest.raises(ValueError, match=r"^small=3, large=5, input_size=64 and scale=4 build a "
+                                         r"17\d\.\d GiB dense system"):
+        solve_dispersion_transform(input_size=64, scale=4)
 
 
 @pytest.mark.parametrize("name, data", [("text.npy", b"garbage"), ("text.mat", b"MATLAB junk")])
@@ -135,12 +142,14 @@ def test_a_file_that_is_no_transform_is_one_line_naming_it(tmp_path, name, data)
     assert "pickle" not in str(error.value)  # numpy's hint to load it unsafely is not passed on
 
 
-def test_cli_writes_matching_npy(tmp_path):
-    out = tmp_path / "R.npy"
+@pytest.mark.parametrize("name", ["R.npy", "R.NPY"])
+def test_cli_writes_matching_npy(tmp_path, name):
+    out = tmp_path / name
     cmd = [sys.executable, str(REPO / "scripts" / "solve_dispersion.py"), "--small", "3", "--large", "5",
            "--input-size", "3", "--scale", "2", "--eta", "0.05", "--out", str(out)]
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # (np.save adds .npy to R.NPY)
     R = np.load(out)
     assert R.dtype == np.float64
     assert np.abs(R - _reference_R()).max() <= 1e-10

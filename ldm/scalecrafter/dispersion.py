@@ -76,6 +76,9 @@ def _check_args(small, large, input_size, scale, eta) -> None:
         raise ValueError(f"kernel sides must be odd (same padding), got small={small}, large={large}")
     if large <= small:
         raise ValueError(f"large ({large}) must be greater than small ({small})")
+    if large > MAX_LARGE:
+        raise ValueError(f"large ({large}) must be at most {MAX_LARGE}: the solver builds one "
+                         f"conv matrix per large-kernel entry (large 51 ran for minutes)")
     if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
         raise ValueError(f"eta must be a real number, got {eta!r}")
     if not np.isfinite(eta) or eta < 0:
@@ -83,12 +86,14 @@ def _check_args(small, large, input_size, scale, eta) -> None:
     need = _system_bytes(small, large, input_size, scale)
     if need > MAX_SYSTEM_BYTES:
         raise ValueError(
-            f"input_size={input_size} with scale={scale} builds a {need / 2**30:.1f} GiB dense system "
-            f"(limit {MAX_SYSTEM_BYTES / 2**30:.0f} GiB); the authors' transform uses input_size 3, scale 2")
+            f"small={small}, large={large}, input_size={input_size} and scale={scale} build a "
+            f"{need / 2**30:.1f} GiB dense system (limit {MAX_SYSTEM_BYTES / 2**30:.0f} GiB); the "
+            f"authors' transform is small 3, large 5, input_size 3, scale 2")
 
 
 # The solver is dense: refuse sizes that would take minutes and many GiB before failing.
 MAX_SYSTEM_BYTES = 4 * 2**30
+MAX_LARGE = 15  # the published transform disperses 3x3 to 5x5
 
 
 def _system_bytes(small, large, input_size, scale) -> int:
