@@ -181,7 +181,7 @@ def parse_args(argv=None):
         raise UsageError("--repeat repeats the prompts of --from-file: give one")
     given = set(explicit)
     if args.preset:  # the preset yields to the flags given on the command line
-        given |= apply_preset(args, args.preset, explicit)
+        given |= apply_preset(args, args.preset, explicit, parser)
     args.config = str(repository_fallback(args.config))
     for name in SETTINGS_FILES:  # as the config: relative paths not found here are the repo's
         if getattr(args, name):
@@ -245,9 +245,10 @@ def unused_negative_warning(opts) -> str:
     return ""
 
 
-def apply_preset(args, name, explicit):
+def apply_preset(args, name, explicit, parser=None):
     """Preset values replace defaults; flags given on the command line win, and set aside the
-    preset values they exclude (DISPLACES). Returns the names of the options it set."""
+    preset values they exclude (DISPLACES). Each value is checked as its flag's would be (with
+    `parser`'s options). Returns the names of the options it set."""
     from omegaconf import OmegaConf
 
     path = Path(name) if name.endswith(".yaml") else PRESET_DIR / f"{name}.yaml"
@@ -272,6 +273,8 @@ def apply_preset(args, name, explicit):
             raise UsageError(f"preset {path} sets unknown option {key!r}")
         if key in explicit or any(key in DISPLACES.get(flag, ()) for flag in explicit):
             continue
+        if parser is not None:
+            value = preset_value(parser, key, value, path)
         if isinstance(value, str) and key in SETTINGS_FILES:  # beside the preset, else the repo's
             beside = path.parent / value
             value = str(value if Path(value).is_absolute() else
@@ -288,6 +291,50 @@ def apply_preset(args, name, explicit):
             and "progressive_dilate" not in explicit):
         args.progressive_dilate = False
     return applied
+
+
+def preset_value(parser, key, value, path):
+    """A preset's value as its flag would take it: a bool for a switch, the flag's type
+    (a number, a choice, a tile size, ...) for a value, a list of the right length for a flag
+    of several; UsageError naming the preset and option otherwise."""
+    action = next(a for a in parser._actions if a.dest == key)
+
+    def bad(expected):
+        return UsageError(f"preset {path}: {key} must be {expected}, got {value!r}")
+
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if value is None:
+        if action.default is not None:
+            raise bad("set (the flag has no 'off')")
+        return value
+    if isinstance(action.nargs, int):
+        if not isinstance(value, list) or len(value) != action.nargs:
+            raise bad(f"a list of {action.nargs}")
+        return [one_value(action, v, lambda each: bad(f"a list of {action.nargs}, each {each}"))
+                for v in value]
+    return one_value(action, value, bad)
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "text"}
+
+
+def one_value(action, value, bad):
+    """One preset value through its flag's type and choices."""
+    kind = TYPE_NAMES.get(action.type, "a value its flag takes")
+    if isinstance(value, (bool, list, dict)):
+        raise bad(kind)
+    try:
+        value = action.type(str(value)) if action.type else value
+    except ValueError:
+        raise bad(kind) from None
+    except argparse.ArgumentTypeError as err:  # the flag's own parser says what it takes
+        raise bad(str(err).split(", got")[0].replace("expected ", "")) from None
+    if action.choices is not None and value not in action.choices:
+        raise bad(f"one of {', '.join(map(str, action.choices))}")
+    return value
 
 
 def options_from_args(args):

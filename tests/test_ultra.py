@@ -438,3 +438,28 @@ def test_a_settings_file_in_notepads_utf8_is_read_and_a_binary_one_named(sd21_un
     else:
         with pytest.raises(SettingsError, match=re.escape(message)):
             read_dilation_settings(path, sd21_unet)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('n_iter: "3"', None),  # a number in quotes: as the flag takes it
+    ("n_iter: null", "n_iter must be set (the flag has no 'off'), got None"),
+    ("n_iter: 2.5", "n_iter must be an integer, got 2.5"),
+    ("freeu: 3", "freeu must be a list of 4, got 3"),
+    ("freeu: [1, 2, x, 4]", "freeu must be a list of 4, each a number, got [1, 2, 'x', 4]"),
+    ("tiled_decoding: yes please", "tiled_decoding must be true or false"),
+    ("sync_gn: 1", "sync_gn must be true or false, got 1"),
+    ("device: tpu", "device must be cpu, cuda, cuda:N or auto"),
+    ("tile_size: big", "tile_size must be an integer, HxW or 'auto'"),
+    ("timestep_spacing: sideways", "timestep_spacing must be one of uniform, leading, trailing"),
+    ("dilate_settings: [a, b]", "dilate_settings must be text"),
+])
+def test_a_preset_value_is_checked_as_its_flag_would_be(txt2img, tmp_path, line, message):
+    """A custom preset's wrong types were TypeErrors mid-run (or after loading)."""
+    preset = tmp_path / "custom.yaml"
+    preset.write_text(line + "\n")
+    if message is None:
+        assert txt2img.parse_args(["--preset", str(preset)]).n_iter == 3
+        return
+    with pytest.raises(txt2img.UsageError) as error:
+        txt2img.parse_args(["--preset", str(preset)])
+    assert str(error.value).startswith(f"preset {preset}: {message}"), str(error.value)
