@@ -104,11 +104,21 @@ def _publish(tmp: str, path: Path):
         raise
 
 
+class WriteError(OSError):
+    """A file of the run could not be written (a full disk, a quota, ...); says which."""
+
+
 def write_new_file(path, data: bytes) -> Path:
     """Write `data` to `path`, or to the next free name beside it if `path` exists (00007.png
     becomes 00008.png); returns the path written. The file appears complete or not at all, and
-    no existing file is ever replaced."""
-    path = Path(path)
+    no existing file is ever replaced. WriteError names the file where the system refuses."""
+    try:
+        return _write_new_file(Path(path), data)
+    except OSError as err:
+        raise WriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+
+
+def _write_new_file(path: Path, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL_PREFIX, suffix=path.suffix)
     _pending.add(tmp)
     try:

@@ -637,7 +637,7 @@ def use_fast_pinned_memory():
 
 def run(args):
     from ldm.hashing import BackgroundShortHash
-    from ldm.outputs import OutputWriter
+    from ldm.outputs import OutputWriter, WriteError
 
     config = check_config(args.config)  # its family's defaults come before the options
     notes = [apply_family_defaults(args, config)]
@@ -661,6 +661,16 @@ def run(args):
     try:
         make_images(args, pipe, opts, settings, batches, writer, timer)
         timer.report()
+    except WriteError as err:  # a full disk: what was kept matters as much as what failed
+        writer.discard_partial_files()
+        if args.debug:
+            raise
+        if writer.count == 0:
+            remove_if_empty(args.created_dirs)
+        kept = (f"; kept {writer.count} finished image(s) in {writer.outdir}: "
+                f"{writer.summary()}" if writer.count else "; no image was kept")
+        print(f"error: {err.strerror}{kept}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as stop:
         writer.discard_partial_files()
         if args.debug:

@@ -687,3 +687,25 @@ def test_a_config_param_the_model_cannot_take_names_the_part(tmp_path):
     with pytest.raises(ConfigError, match="^the config's UNetModel could not be built from its "
                                           "params: integer division or modulo by zero$"):
         instantiate_from_config(unet)
+
+
+def test_a_full_disk_names_the_file_and_what_was_kept(cli, capsys, base, monkeypatch, tmp_path):
+    import errno
+
+    import ldm.outputs
+
+    publish, calls = ldm.outputs._publish, []
+
+    def full_disk_at_the_second(tmp, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return publish(tmp, path)
+
+    monkeypatch.setattr(ldm.outputs, "_publish", full_disk_at_the_second)
+    status, lines = call(cli, capsys, base + ["--n_iter", "2"])
+    out = tmp_path / "out"
+    assert_one_line(status, [line for line in lines if line.startswith("error")],
+                    f"error: cannot write {out / 'samples' / '00001.png'}: No space left on "
+                    f"device; kept 1 finished image(s) in {out}: samples/00000.png")
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png"]  # no partial
