@@ -338,6 +338,8 @@ def _check_file(path: Path) -> tuple[int, bytes]:
         raise CheckpointError(f"checkpoint file {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"checkpoint path {path} is a directory, not a file")
+    if not path.is_file():  # a device or a pipe reports size 0, or never ends
+        raise CheckpointError(f"checkpoint path {path} is not a regular file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+    def one_line_error(message):  # argparse's default also prints the usage block
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = one_line_error
     parser.add_argument("input", metavar="IN", help="input checkpoint (.ckpt, .pt, .pth, .bin, .safetensors)")
     parser.add_argument("output", metavar="OUT", help="output file, must end in .safetensors")
     parser.add_argument(
@@ -83,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"output {dst} exists: pass --force to replace it")
     out_dir = dst.parent if str(dst.parent) else Path(".")
     if not out_dir.is_dir():
-        return _fail(f"output directory {out_dir} does not exist")
+        missing = "is a file, not a folder" if out_dir.exists() else "does not exist"
+        return _fail(f"output directory {out_dir} {missing}")
 
     import torch
 

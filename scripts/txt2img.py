@@ -182,7 +182,8 @@ def parse_args(argv=None):
     given = set(explicit)
     if args.preset:  # the preset yields to the flags given on the command line
         given |= apply_preset(args, args.preset, explicit, parser)
-    args.config = str(repository_fallback(args.config))
+    if str(args.config).strip():  # (an empty one is refused by name later: Path("") is ".")
+        args.config = str(repository_fallback(args.config))
     for name in SETTINGS_FILES:  # as the config: relative paths not found here are the repo's
         if getattr(args, name):
             setattr(args, name, str(repository_fallback(getattr(args, name))))
@@ -384,6 +385,8 @@ def read_prompts(args):
 
 def check_readable_file(path, what, folder_hint=""):
     """A file that exists, is a file, and can be opened; else a UsageError naming `what`."""
+    if not str(path).strip():  # Path("") is ".", the current folder
+        raise UsageError(f"{what}: an empty path was given")
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{what} {path} does not exist")

@@ -644,8 +644,12 @@ def test_converter_refuses_malicious(tmp_path):
     assert not dst.exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "garbage", "bad-suffix"])
-def test_converter_bad_input(tmp_path, case):
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"), ("garbage", ""), ("bad-suffix", "must end in .safetensors"),
+    ("device", "checkpoint path /dev/zero is not a regular file"),
+    ("out-under-a-file", "is a file, not a folder"),
+    ("no-arguments", "the following arguments are required: IN, OUT (see --help)")])
+def test_converter_bad_input(tmp_path, case, message):
     src = tmp_path / "in.ckpt"
     dst = tmp_path / "out.safetensors"
     if case == "garbage":
@@ -653,10 +657,17 @@ def test_converter_bad_input(tmp_path, case):
     elif case == "bad-suffix":
         torch.save(_sample_state_dict(), src)
         dst = tmp_path / "out.ckpt"
-    result = _run_converter(str(src), str(dst))
+    elif case == "device":
+        src = pathlib.Path("/dev/zero")
+    elif case == "out-under-a-file":
+        torch.save(_sample_state_dict(), src)
+        (tmp_path / "a-file").write_text("x")
+        dst = tmp_path / "a-file" / "out.safetensors"
+    result = _run_converter(*([] if case == "no-arguments" else [str(src), str(dst)]))
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
     assert "Traceback" not in result.stderr
     assert not dst.exists()
 

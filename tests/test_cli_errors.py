@@ -184,6 +184,8 @@ EARLY = [
      "target 'os.system' is not a model class of this package (ldm.*, or an sgm.* name of one)"),
     ("config-function-target", ["--config", "{function_target.yaml}"],
      "target 'ldm.util.load_config' is not a class"),
+    ("config-empty-path", ["--config", ""], "config file: an empty path was given"),
+    ("ckpt-empty-path", ["--ckpt", " "], "checkpoint file: an empty path was given"),
     ("config-without-unet", ["--config", "{no_unet.yaml}"],
      "no_unet.yaml has no 'model.params.unet_config' with a target"),
     ("config-word-scale", ["--config", "{word_scale.yaml}"],
