@@ -517,6 +517,11 @@ def check_numbers(args):
         # (its default is always set: only a value given for nothing is refused)
         raise UsageError("--dilate_skip applies to --dilate's uniform re-dilation (a settings "
                          "file names its convs itself)")
+    for settings, tau in (("ndcfg_dilate_settings", "ndcfg_tau"),
+                          ("disperse_settings", "inflate_tau")):
+        if settings in getattr(args, "explicit", ()) and getattr(args, tau) == 0:
+            raise UsageError(f"--{settings} acts for --{tau} steps, and --{tau} is 0: give "
+                             f"--{tau} N")
 
 
 def check_device(device: str) -> None:

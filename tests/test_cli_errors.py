@@ -185,6 +185,11 @@ EARLY = [
     ("config-function-target", ["--config", "{function_target.yaml}"],
      "target 'ldm.util.load_config' is not a class"),
     ("config-empty-path", ["--config", ""], "config file: an empty path was given"),
+    ("ndcfg-settings-without-tau", ["--ndcfg_dilate_settings", "x.txt"],
+     "--ndcfg_dilate_settings acts for --ndcfg_tau steps, and --ndcfg_tau is 0: give "
+     "--ndcfg_tau N"),
+    ("disperse-settings-without-tau", ["--dilate", "2", "--disperse_settings", "x.txt"],
+     "--disperse_settings acts for --inflate_tau steps, and --inflate_tau is 0"),
     ("ckpt-empty-path", ["--ckpt", " "], "checkpoint file: an empty path was given"),
     ("config-without-unet", ["--config", "{no_unet.yaml}"],
      "no_unet.yaml has no 'model.params.unet_config' with a target"),
