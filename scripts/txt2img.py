@@ -104,7 +104,7 @@ def build_parser(suppress_defaults=False):
     add("--repeat", type=int, default=d(1), help="repeat each prompt of --from-file this often")
     add("--device", type=device_arg, default=d("cpu"),
         help="cpu, cuda (the first GPU torch sees), cuda:N (GPU N) or auto (CUDA where torch "
-             "sees it, else the CPU)"),
+             "sees it, else the CPU)")
     add("--compile", action="store_true",
         help="torch.compile the UNet: compiled once, in the first step, whatever the "
              "re-dilation plan and batch size")
@@ -527,6 +527,7 @@ def check_numbers(args):
 def check_device(device: str) -> None:
     """--device cuda or cuda:N: one that torch sees here."""
     import torch
+
     from ldm.pipeline import cuda_device_problem
 
     problem = cuda_device_problem(torch.device(device))

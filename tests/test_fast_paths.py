@@ -308,7 +308,7 @@ def test_a_cgroup_v2_limit_counts_its_parents_and_reclaimable_cache(tmp_path):
 
 def test_a_cgroup_v1_limit_inside_a_container(tmp_path):
     """In a container /proc/self/cgroup says '/': the limit is at the controller's root."""
-    root, membership = fake_cgroups(tmp_path, "9:cpu,cpuacct:/\n4:memory:/\n", {
+    root, membership = fake_cgroups(tmp_path, "9:cpu,cpuacct:/\nnot a cgroup line\n4:memory:/\n", {
         "memory": {"memory.limit_in_bytes": str(3 * GiB), "memory.usage_in_bytes": str(GiB),
                    "memory.stat": f"total_inactive_file {GiB // 2}\n"}})
     assert memory.cgroup_available_bytes(root, membership) == 2 * GiB + GiB // 2

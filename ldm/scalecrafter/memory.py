@@ -82,6 +82,8 @@ def cgroup_available_bytes(root="/sys/fs/cgroup", membership="/proc/self/cgroup"
         return None
     tightest = None
     for line in lines:
+        if line.count(":") < 2:
+            continue
         _, controllers, path = line.split(":", 2)
         version = 2 if controllers == "" else 1 if "memory" in controllers.split(",") else None
         if version is None:
