@@ -271,12 +271,13 @@ class OutputWriter:
         texts = [parameters_text(prompt, self.args, self.opts, self.ckpt_hash, len(prompts), pos,
                                  self.batches, tiles) for pos, prompt in enumerate(prompts)]
         self.batches += 1
+        pixels = eight_bit(decoded)  # (once: the samples, their grid and the kept images)
         # PNG encoding (zlib) releases the GIL: the images are encoded side by side (3 s for
         # one 4096² image); the files are still written one by one, in order
         jobs = [partial(png_bytes, image, {"parameters": text})
-                for image, text in zip(to_pil(decoded), texts)]
+                for image, text in zip(to_pil(pixels), texts)]
         if grid_rows is not None:
-            jobs.append(partial(self._grid_png, self.images + [eight_bit(decoded)], grid_rows,
+            jobs.append(partial(self._grid_png, self.images + [pixels], grid_rows,
                                 self.prompts + list(prompts)))
         with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
             encoded = list(pool.map(lambda job: job(), jobs))
@@ -284,7 +285,7 @@ class OutputWriter:
         paths = []
         for i, (prompt, params, data, latent) in enumerate(zip(prompts, texts, encoded, latents)):
             paths.append(self._write_sample(prompt, params, data, latent, tiles))
-            self.images.append(eight_bit(decoded[i:i + 1]))  # each image as it is kept
+            self.images.append(pixels[i:i + 1])  # each image as it is kept
         if grid_png is not None:
             self.grid_path = self._write_grid(grid_png)
         return paths

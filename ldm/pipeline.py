@@ -253,8 +253,9 @@ def eight_bit(decoded: torch.Tensor) -> torch.Tensor:
 
 
 def to_pil(decoded: torch.Tensor) -> List[Image.Image]:
-    """[-1, 1] images to 8-bit PIL images."""
-    return [Image.fromarray(a) for a in eight_bit(decoded).permute(0, 2, 3, 1).cpu().numpy()]
+    """[-1, 1] images (or their `eight_bit` pixels) to 8-bit PIL images."""
+    pixels = decoded if decoded.dtype == torch.uint8 else eight_bit(decoded)
+    return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 def check_latent_format(opts: GenerationOptions, channels: int, factor: int):
