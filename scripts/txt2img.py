@@ -744,7 +744,7 @@ def make_images(args, pipe, opts, settings, batches, writer, timer):
 
 def main(argv=None):
     """Exit status: 0 done, 1 refused or failed (one line on stderr), 2 bad flags, 130 Ctrl-C,
-    143 SIGTERM (once `stop_on_sigterm` is installed, as a command-line run does)."""
+    143 SIGTERM (once `stop_on_signals` is installed, as a command-line run does)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, args = "--debug" in argv, None
     try:
@@ -825,17 +825,26 @@ def exit_now(code: int):
     serves nothing. Outputs are complete by now; streams are flushed and the atexit handlers
     (logging, torch's) run as in a normal exit."""
     import atexit
-    import os
     import signal
 
     for name in ("SIGINT", "SIGTERM"):  # leaving already: another Ctrl-C would only add tracebacks
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    flush_streams()
+    atexit._run_exitfuncs()  # what a normal exit runs first (CPython's own hook for it)
+    os._exit(code)
+
+
+def flush_streams():
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a reader that went away (`| head`), a closed stream
             pass
-    atexit._run_exitfuncs()  # what a normal exit runs first (CPython's own hook for it)
+
+
+def leave_at_once(code: int):
+    """No atexit handlers either: what hangs the first stop could hang them too."""
+    flush_streams()
     os._exit(code)
 
 
@@ -844,13 +853,37 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C is: the finished images kept with their grid, the exit status 143."""
 
 
-def stop_on_sigterm():
+class SignalStop:
+    """The handler of SIGINT and SIGTERM. The first stops the run by raising (KeyboardInterrupt,
+    or Terminated for SIGTERM), so that the finished images are kept with their grid. One that
+    comes while that is under way leaves at once, with one line and the first's exit status:
+    a second Ctrl-C means "now", and raising again would only cut the first one's handling
+    short with a traceback."""
+
+    def __init__(self, leave=None):
+        self.first = None
+        self.leave = leave or leave_at_once
+
+    def __call__(self, signum, frame):
+        import signal
+
+        if self.first is None:
+            self.first = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+            raise self.first
+        outputs = sys.modules.get("ldm.outputs")  # (not imported yet: nothing written yet)
+        if outputs is not None:
+            outputs.discard_partial_files()  # a write cut short leaves no temp file
+        print("interrupted again: leaving at once (the images already written are kept)",
+              file=sys.stderr)
+        self.leave(interrupted_status(self.first))
+
+
+def stop_on_signals():
     import signal
 
-    def stop(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, stop)
+    handler = SignalStop()
+    for name in ("SIGINT", "SIGTERM"):
+        signal.signal(getattr(signal, name), handler)
 
 
 def interrupted_status(stop: BaseException) -> int:
@@ -858,5 +891,5 @@ def interrupted_status(stop: BaseException) -> int:
 
 
 if __name__ == "__main__":
-    stop_on_sigterm()
+    stop_on_signals()
     exit_now(main())

@@ -654,10 +654,14 @@ def test_a_negative_prompt_at_scale_1_is_warned_unused(cli, capsys, base, scale,
     assert (warning in lines) == warned
 
 
-def test_sigterm_to_a_running_process_keeps_its_finished_images(base, tmp_path):
-    """`timeout`, `kill` and batch systems stop a job with SIGTERM: handled as Ctrl-C."""
+@pytest.mark.parametrize("signals, code", [(["SIGTERM"], 143), (["SIGINT", "SIGINT"], 130)])
+def test_a_signal_to_a_running_process_keeps_its_finished_images(base, tmp_path, signals, code):
+    """`timeout`, `kill` and batch systems stop a job with SIGTERM: handled as Ctrl-C. A second
+    Ctrl-C at once may cut the handling short, but never with a traceback or a partial file."""
     import signal
     import time
+
+    from PIL import Image
 
     argv = base + ["--n_iter", "200"]
     process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "txt2img.py"), *argv],
@@ -666,12 +670,41 @@ def test_sigterm_to_a_running_process_keeps_its_finished_images(base, tmp_path):
     deadline = time.monotonic() + 60
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
+    for name in signals:
+        process.send_signal(getattr(signal, name))
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 143, err
+    assert process.returncode == code, err
     assert "Traceback" not in err
-    assert err.splitlines()[-1].startswith("interrupted: kept "), err
-    assert (tmp_path / "out" / "grid-0000.png").is_file()
+    assert err.splitlines()[-1].startswith(("interrupted: kept ", "interrupted again: ")), err
+    if len(signals) == 1:
+        assert (tmp_path / "out" / "grid-0000.png").is_file()
+    assert not list((tmp_path / "out").rglob(".partial-*"))
+    with Image.open(first) as image:
+        image.load()  # complete, readable
+
+
+@pytest.mark.parametrize("first, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_second_signal_leaves_at_once_with_the_firsts_status(cli, capsys, tmp_path, first,
+                                                                code):
+    """While the first stop is handled (the grid being written, say), another signal leaves
+    with one line, the first's status, and no temp file of a write cut short."""
+    import signal
+
+    import ldm.outputs
+
+    partial = tmp_path / ".partial-grid.png"
+    partial.write_bytes(b"half a grid")
+    ldm.outputs._pending.add(str(partial))
+    left = []
+    handler = cli.SignalStop(leave=left.append)
+    stop = cli.Terminated if first == "SIGTERM" else KeyboardInterrupt
+    with pytest.raises(stop) as raised:
+        handler(getattr(signal, first), None)
+    assert type(raised.value) is stop and left == []
+    handler(signal.SIGINT, None)
+    assert left == [code] and not partial.exists()
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted again: leaving at once (the images already written are kept)"]
 
 
 def test_a_config_param_the_model_cannot_take_names_the_part(tmp_path):
