@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from ldm.cli import device_type
+from ldm.cli import SETTINGS_FILES, device_type
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import AUTOCAST_DTYPES
 from ldm.pipeline import eight_bit, to_pil
@@ -184,29 +184,52 @@ def tile_text(tile) -> str:
     return f"{tile[0]}x{tile[1]}"
 
 
-def run_fields(args, opts) -> dict:
+def run_fields(args, opts, kernels=None, file_hashes=None) -> dict:
     """What else a rerun needs: the device and the dtype autocast meant there (bf16 on the
-    CPU, fp16 on CUDA), the batch size the seeded stream was drawn in, the preset."""
+    CPU, fp16 on CUDA), the kernel and layout switches on (Pipeline.kernels; none: the
+    reference kernels), the batch size the seeded stream was drawn in, the preset, and the
+    short hashes of the files the run read (`input_file_hashes`)."""
     device = getattr(args, "device", None)
     device = device and device_type(device)  # cuda:1's numbers are cuda's
     fields = {"Device": device} if device else {}
     dtype = AUTOCAST_DTYPES.get(device) if opts.precision == "autocast" else None
     if dtype is not None:
         fields["Autocast dtype"] = str(dtype).replace("torch.", "")
+    switched_on = [name for name, on in (kernels or {}).items() if on]
+    if switched_on:
+        fields["Kernels"] = " ".join(switched_on)
     if getattr(args, "n_samples", None):
         fields["n_samples"] = args.n_samples
     if getattr(args, "preset", None):
         fields["Preset"] = args.preset
+    if getattr(args, "from_file", None):
+        fields["Prompt file"] = Path(args.from_file).name
+        fields["repeat"] = getattr(args, "repeat", 1)
+    if file_hashes:
+        fields["File hashes"] = ", ".join(f"{k}: {v}" for k, v in file_hashes.items())
     return fields
 
 
+def input_file_hashes(args) -> dict:
+    """{flag name: short SHA-256} of the files the run read besides the checkpoint (hashed
+    apart): the config, the prompt file, the ScaleCrafter settings files. Their paths alone
+    would not tell an edited file from the one an image was made with."""
+    from ldm.hashing import short_hash
+
+    names = ("config", "from_file", *SETTINGS_FILES)
+    return {name: short_hash(getattr(args, name)) for name in names
+            if getattr(args, name, None)}
+
+
 def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=None,
-                    batch_index=None, tiles=None) -> str:
+                    batch_index=None, tiles=None, run=None) -> str:
     """A1111-style parameters: the prompt, then `Key: value` pairs on one line. Every
     ScaleCrafter setting follows under its flag name (`dilate: 2.0, dilate_tau: 20, ...`).
-    `Batch index` counts the run's batches from 0: the seeded stream's batch k is reached by
-    running k + 1 of them. `Tiles`: the (h, w) latent tile the decode used, `--tile_size`'s
-    HxW (what `auto` chose depends on the free memory)."""
+    `Batch index` counts the run's batches from 0: with --prompt, the seeded stream's batch k
+    is reached by running k + 1 of them; with --from-file, whose last batch of a round can be
+    short, by running the same file. `Tiles`: the (h, w) latent tile the decode used,
+    `--tile_size`'s HxW (what `auto` chose depends on the free memory). run: `run_fields`'
+    answer, made once for the run (default: made here, without kernels or file hashes)."""
     fields = {
         "Steps": opts.steps, "Sampler": SAMPLERS[opts.sampler].label, "CFG scale": opts.scale,
         "Seed": opts.seed, "RNG": opts.rng, "Size": f"{opts.W}x{opts.H}", "Eta": opts.ddim_eta,
@@ -215,7 +238,7 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
     }
     if SAMPLERS[opts.sampler].spaced:  # (DPM-Solver++ keeps its own time grid)
         fields["Timestep spacing"] = opts.timestep_spacing
-    fields.update(run_fields(args, opts))
+    fields.update(run if run is not None else run_fields(args, opts))
     if batch_size is not None:
         fields["Batch size"] = batch_size
     if batch_pos is not None:
@@ -237,13 +260,17 @@ class OutputWriter:
     """Numbered samples (outdir/samples/NNNNN.png) and grids (outdir/grid-NNNN.png); numbering
     goes on from the files already there, so runs into one folder never overwrite each other."""
 
-    def __init__(self, outdir, args, opts, ckpt_hash=None):
+    def __init__(self, outdir, args, opts, ckpt_hash=None, kernels=None):
         """ckpt_hash: the checkpoint's short hash, or a BackgroundShortHash computing it (the
-        CLI starts one before loading); None: hashed here when the first file is written."""
+        CLI starts one before loading); None: hashed here when the first file is written.
+        kernels: the pipeline's kernel and layout switches (Pipeline.kernels). Made once the
+        run has read its files: their hashes are taken here."""
         self.outdir = Path(outdir)
         self.sample_dir = self.outdir / "samples"
         ensure_writable_dir(self.sample_dir)
         self.args, self.opts = args, opts
+        self.file_hashes = input_file_hashes(args)
+        self.run_fields = run_fields(args, opts, kernels, self.file_hashes)
         self._ckpt_hash = ckpt_hash
         self.count = self.batches = 0  # images and batches written by this run
         self.prompts = []
@@ -269,7 +296,8 @@ class OutputWriter:
         encoded side by side. tiles: the decode's (h, w) tile (Pipeline.decode_tiles), if
         tiled. Returns the samples' paths."""
         texts = [parameters_text(prompt, self.args, self.opts, self.ckpt_hash, len(prompts), pos,
-                                 self.batches, tiles) for pos, prompt in enumerate(prompts)]
+                                 self.batches, tiles, self.run_fields)
+                 for pos, prompt in enumerate(prompts)]
         self.batches += 1
         pixels = eight_bit(decoded)  # (once: the samples, their grid and the kept images)
         # PNG encoding (zlib) releases the GIL: the images are encoded side by side (3 s for
@@ -302,7 +330,8 @@ class OutputWriter:
             sidecar = {"prompt": prompt, "parameters": params, "options": asdict(self.opts),
                        "tiles": tile_text(tiles) if tiles is not None else None,
                        "ckpt": str(self.args.ckpt), "ckpt_hash": self.ckpt_hash,
-                       "config": str(self.args.config), "image": path.name}
+                       "config": str(self.args.config), "file_hashes": self.file_hashes,
+                       "image": path.name}
             write_new_file(stem.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
         self.count += 1
         self.prompts.append(prompt)
@@ -315,7 +344,8 @@ class OutputWriter:
         grid = make_grid(torch.cat(batches, 0), nrow=n_rows)  # uint8 in, the same pixels out
         array = grid.permute(1, 2, 0).numpy()
         prompts = list(dict.fromkeys(prompts))  # each prompt once, in order
-        params = parameters_text("\n".join(prompts), self.args, self.opts, self.ckpt_hash)
+        params = parameters_text("\n".join(prompts), self.args, self.opts, self.ckpt_hash,
+                                 run=self.run_fields)
         return png_bytes(Image.fromarray(array), {"parameters": params})
 
     def _write_grid(self, data: bytes) -> Path:

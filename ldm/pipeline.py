@@ -20,8 +20,9 @@ from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS, generator_device
 from ldm.cli import SETTINGS_FILES, parse_tile_size, repository_fallback
 from ldm.families import FAMILY_DEFAULTS
 from ldm.models.diffusion.samplers import SAMPLERS
-from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, SAMPLING_SWITCHES, fast_paths,
-                           prepare_for_inference, sampling_kernels, weight_dtype_policy)
+from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, REFERENCE_PATHS, SAMPLING_SWITCHES,
+                           fast_paths, prepare_for_inference, sampling_kernels,
+                           weight_dtype_policy)
 from ldm.scalecrafter.freeu import freeu_applied
 from ldm.scalecrafter.guidance import GuidedDenoiser
 from ldm.scalecrafter.redilation import MAX_FACTOR
@@ -322,6 +323,8 @@ class Pipeline:
         self.half_weights = None  # the weight dtype prepare_for_inference chose, if any
         # switches that act while sampling (cuDNN autotuning, cuDNN attention first)
         self.sampling_kernels = {name: False for name in SAMPLING_SWITCHES}
+        # every kernel and layout switch in effect (their numbers differ in the last bits)
+        self.kernels = dict(REFERENCE_PATHS, compile=False)
 
     @classmethod
     def load(cls, config_path, ckpt_path, device="cpu", precision="full",
@@ -361,10 +364,12 @@ class Pipeline:
         benchmark's random ones), laid out and with kernels chosen as `load` does."""
         make_current(torch.device(device))
         paths = fast_paths(device, cudnn_benchmark=cudnn_benchmark,
-                           cudnn_attention=cudnn_attention)
+                           cudnn_attention=cudnn_attention,
+                           **{k: layout.get(k) for k in ("channels_last", "native_norms")})
         prepare_for_inference(model, device, precision, **layout)
         pipe = cls(model, device)
         pipe.sampling_kernels = {name: paths[name] for name in SAMPLING_SWITCHES}
+        pipe.kernels = dict(paths, compile=bool(layout.get("compile_unet")))
         if precision == "autocast":
             pipe.half_weights = HALF_WEIGHTS.get(pipe.device.type)
         return pipe

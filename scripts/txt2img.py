@@ -666,7 +666,7 @@ def run(args):
     if args.compile:  # else the first step sits at 0% for a minute or more, unexplained
         print("note: --compile: the first step compiles the UNet (minutes the first time; "
               "torch's on-disk cache makes later runs faster)", file=sys.stderr, flush=True)
-    writer = OutputWriter(args.outdir, args, opts, ckpt_hash)
+    writer = OutputWriter(args.outdir, args, opts, ckpt_hash, pipe.kernels)
     try:
         make_images(args, pipe, opts, settings, batches, writer, timer)
         timer.report()

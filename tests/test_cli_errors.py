@@ -739,3 +739,46 @@ def test_a_full_disk_names_the_file_and_what_was_kept(cli, capsys, base, monkeyp
                     f"error: cannot write {out / 'samples' / '00001.png'}: No space left on "
                     f"device; kept 1 finished image(s) in {out}: samples/00000.png")
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png"]  # no partial
+
+
+def image_fields(path):
+    """The `Key: value` pairs of a PNG's parameters (values unquoted)."""
+    import json
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        line = image.text["parameters"].splitlines()[-1]
+    pairs = re.findall(r'(\w[\w \-/]*): ("(?:\\.|[^\\"])*"|[^,]*)(?:, |$)', line)
+    return {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
+
+
+def test_an_image_names_its_kernels_and_the_files_it_was_made_from(cli, capsys, base,
+                                                                   tmp_path):
+    """--channels_last (or --compile, or CUDA's fast kernels) moves the last bits: recorded.
+    The files read are hashed, so an edited settings file or config shows, not only a path."""
+    from ldm.hashing import short_hash
+
+    settings = tmp_path / "dilate.txt"
+    settings.write_text("down_blocks.1.resnets.0.conv1:2\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+    argv = [a for a in base if a not in ("--prompt", "a red cube")] + [
+        "--from-file", str(prompts), "--repeat", "2", "--dilate_settings", str(settings),
+        "--dilate_tau", "1"]
+    status, lines = call(cli, capsys, argv + ["--channels_last"])
+    assert status == 0, lines
+    fields = image_fields(tmp_path / "out" / "samples" / "00000.png")
+    assert fields["Kernels"] == "channels_last"
+    assert (fields["Prompt file"], fields["repeat"]) == ("prompts.txt", "2")
+    assert fields["File hashes"] == (f"config: {short_hash(TINY_CONFIG)}, from_file: "
+                                     f"{short_hash(prompts)}, dilate_settings: "
+                                     f"{short_hash(settings)}")
+    settings.write_text("down_blocks.1.resnets.0.conv1:3\n")  # edited between two runs
+    status, lines = call(cli, capsys, argv)
+    assert status == 0, lines
+    fields = image_fields(tmp_path / "out" / "samples" / "00002.png")
+    assert "Kernels" not in fields  # the reference kernels
+    assert fields["File hashes"].endswith(f"dilate_settings: {short_hash(settings)}")
+    assert short_hash(settings) not in image_fields(
+        tmp_path / "out" / "samples" / "00000.png")["File hashes"]

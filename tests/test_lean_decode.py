@@ -80,18 +80,20 @@ def test_overwritten_rows_keep_what_the_next_band_reads():
         rows.rows(1, 5)
 
 
-def test_full_decode_chooses_plain_or_lean(vae, monkeypatch):
+def test_the_full_decode_is_banded_whatever_the_budget(vae, monkeypatch):
+    """So that an image's numbers never depend on the memory free when it was decoded; the
+    plain decoder only when asked for."""
     z = _latent(8, 8, seed=2)
     seen = []
-    monkeypatch.setattr(lean, "lean_decode", lambda *a, **k: seen.append("lean") or 0)
+    monkeypatch.setattr(lean, "lean_decode", lambda *a, **k: seen.append(("lean", a[2])) or 0)
     monkeypatch.setattr(vae, "decode", lambda z, tick=None: seen.append("plain") or 0)
-    full_decode(vae, z, budget_bytes=10 ** 12)  # plain where it fits
+    full_decode(vae, z, budget_bytes=10 ** 12)
     full_decode(vae, z, budget_bytes=1)
-    full_decode(vae, z, lean=True)
-    assert seen == ["plain", "lean", "lean"]
+    full_decode(vae, z, lean=False)
+    assert seen == [("lean", 10 ** 12), ("lean", 1), "plain"]
 
 
-def test_pipeline_full_decode_goes_banded_beyond_its_budget(tiny_pipe, monkeypatch):
+def test_the_pipelines_full_decode_is_banded_within_its_budget(tiny_pipe, monkeypatch):
     from ldm import pipeline
     from ldm.pipeline import GenerationOptions
 
@@ -101,9 +103,10 @@ def test_pipeline_full_decode_goes_banded_beyond_its_budget(tiny_pipe, monkeypat
     ran = []
     monkeypatch.setattr(lean, "lean_decode",
                         lambda *a, **k: ran.append(a[2]) or lean_decode(*a, **k))
-    opts = GenerationOptions(H=64, W=64, decode_budget_gb=2 ** -30)  # one byte
-    assert rel_err(tiny_pipe.decode(z, opts, progress=False), plain) <= 1e-5
-    assert ran == [1]  # the budget reached the banded decoder
+    for budget_gb in (2 ** -30, 1000):  # one byte, and far more than the plain decoder needs
+        opts = GenerationOptions(H=64, W=64, decode_budget_gb=budget_gb)
+        assert rel_err(tiny_pipe.decode(z, opts, progress=False), plain) <= 1e-5
+    assert ran == [1, 1000 * 2 ** 30]  # each budget reached the banded decoder
     assert pipeline.full_decode is full_decode
 
 

@@ -148,6 +148,7 @@ def test_writer_files_and_numbering_across_runs(tmp_path):
     assert sidecar["prompt"] == "a cat, sitting"
     assert sidecar["ckpt_hash"] == short_hash(TINY_CKPT)
     assert sidecar["options"]["dilate"] == 2.0 and sidecar["image"] == "00000.png"
+    assert sidecar["file_hashes"] == {"config": short_hash(TINY_CONFIG)}
     # a second run into the same folder goes on numbering; a gap is never refilled
     (tmp_path / "out" / "grid-0000.png").rename(tmp_path / "out" / "grid-0003.png")
     writer = OutputWriter(tmp_path / "out", *fake_run(tmp_path, save_latent=False,

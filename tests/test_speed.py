@@ -199,6 +199,20 @@ def test_cli_timings_line(txt2img, tmp_path, capsys):
     assert seconds["total"] >= sum(v for k, v in seconds.items() if k != "total") - 0.05
 
 
+def test_the_pipeline_knows_every_kernel_switch_in_effect(tiny_pipe, monkeypatch):
+    """What the images' metadata records: the device's defaults, with the flags over them."""
+    from ldm.pipeline import Pipeline
+
+    assert tiny_pipe.kernels == {"channels_last": False, "cudnn_benchmark": False,
+                                 "native_norms": False, "cudnn_attention": False,
+                                 "compile": False}
+    monkeypatch.setitem(precision.FAST_PATHS, "cpu", {"cudnn_attention": True,
+                                                      "native_norms": True})
+    pipe = Pipeline.load(TINY_CONFIG, TINY_CKPT, channels_last=True, native_norms=False)
+    assert pipe.kernels == {"channels_last": True, "cudnn_benchmark": False,
+                            "native_norms": False, "cudnn_attention": True, "compile": False}
+
+
 def test_cudnn_autotuning_only_while_sampling(tiny_pipe, monkeypatch):
     assert tiny_pipe.sampling_kernels == {"cudnn_benchmark": False, "cudnn_attention": False}
     before = torch.backends.cudnn.benchmark
