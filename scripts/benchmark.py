@@ -187,8 +187,9 @@ def case_guidance(p, meter):
 
 
 def case_decode(p, meter):
-    """VAE decode of one latent: "full" as txt2img does it (the plain decoder where its peak
-    fits the budget, else the banded one; "plain" / "lean" force either), or tiled (SyncGN):
+    """VAE decode of one latent: "full", issue 11's baseline, the plain decoder where its peak
+    fits the budget, else the banded one ("plain" / "lean" force either; txt2img's untiled
+    decode is "lean" on every device), or tiled (SyncGN):
     tile_size None is the seed's tiling (half each side), "auto" the fewest tiles within the
     budget."""
     import torch
