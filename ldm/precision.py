@@ -6,6 +6,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ldm.compat import CUDAGRAPH_UNSAFE
+
 # The dtype `--precision autocast` computes in, per device type.
 AUTOCAST_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
 # Weight dtype under `--precision autocast`, per device type: on CUDA autocast computes in fp16
@@ -182,6 +184,9 @@ def compile_unet_in_place(unet: nn.Module, backend="inductor", options=None,
     an H200, run 6)."""
     from ldm.scalecrafter.redilation import route_when_overridden
 
+    if cuda_graphs and CUDAGRAPH_UNSAFE is None:
+        raise ValueError(f"CUDA graphs need torch >= 2.8 here (this is {torch.__version__}): a "
+                         "graph would replay the re-dilation plan it was captured with")
     if getattr(unet.forward, "compiled_in_place", False):  # Dynamo cannot trace this wrapper
         raise ValueError("the UNet is compiled already: compile a fresh copy instead")
     route_when_overridden(unet)

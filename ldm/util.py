@@ -5,6 +5,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ldm.compat import meta_device
+
 
 class ConfigError(Exception):
     """A model config that cannot be read or built; the message is one user-facing line."""
@@ -91,7 +93,7 @@ def build_model(config, device="cpu", state_dict=None, dtype=torch.float32):
 
     if state_dict is None:
         return instantiate_from_config(config.model).to(device).eval()
-    with torch.device("meta"):
+    with meta_device():
         model = instantiate_from_config(config.model)
     if hasattr(state_dict, "result"):  # a StagedStateDict, filled while the model was built
         state_dict = state_dict.result()

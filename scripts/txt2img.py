@@ -489,16 +489,16 @@ def check_settings_files(config, opts):
     settings (names and factors only, valid for the loaded model too), or None."""
     if not (opts.dilate_settings or opts.ndcfg_dilate_settings or opts.disperse_settings):
         return None
-    import torch
     from omegaconf import DictConfig
 
+    from ldm.compat import meta_device
     from ldm.scalecrafter.settings import build_settings
     from ldm.util import instantiate_from_config, part_configs
 
     unet_config, _ = part_configs(config)
     if not isinstance(unet_config, DictConfig):
         return None  # not the usual layout: the settings are checked once the model is loaded
-    with torch.device("meta"):
+    with meta_device():
         unet = instantiate_from_config(unet_config)
     return build_settings(unet, opts)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.compat import PLANNED_CONV_OPTIONS
 from ldm.precision import AUTOCAST_DTYPES
 
 
@@ -176,9 +177,9 @@ _NEXT_KEY = itertools.count()
 _ROUTE_ON_DEMAND = weakref.WeakSet()  # UNets whose convs are routed when first overridden
 
 
-# cudagraph_unsafe: a CUDA graph would replay the kernels of the plan it was captured with
-@torch.library.custom_op("scalecrafter::planned_conv", mutates_args=(),
-                         tags=(torch.Tag.cudagraph_unsafe,))
+# cudagraph_unsafe (torch 2.8+): a CUDA graph would replay the kernels of the plan it was
+# captured with
+@torch.library.custom_op("scalecrafter::planned_conv", mutates_args=(), **PLANNED_CONV_OPTIONS)
 def planned_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  key: int) -> torch.Tensor:
     conv = _ROUTED[key]
