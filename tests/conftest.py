@@ -80,3 +80,14 @@ def check_preset_against_authors(txt2img, name, authors_yaml):
     assert (args.inflate_tau > 0) == name.endswith("_disperse")
     assert 0 <= args.inflate_tau <= args.dilate_tau
     return args
+
+
+@pytest.fixture
+def cuda_graph_plumbing(monkeypatch):
+    """CUDA graphs' plumbing on the CPU whatever the torch: before 2.8 compile_unet_in_place
+    refuses CUDA graphs, as the planned-conv op cannot forbid their replay there
+    (tests/test_compat.py); the stand-in backends of these tests never replay a real one."""
+    import ldm.precision
+
+    if ldm.precision.CUDAGRAPH_UNSAFE is None:
+        monkeypatch.setattr(ldm.precision, "CUDAGRAPH_UNSAFE", "stand-in")

@@ -149,7 +149,7 @@ def test_a_part_stopped_by_its_timeout_keeps_what_it_reported(speed, monkeypatch
 
 
 @pytest.fixture
-def one_conv_unet(speed, monkeypatch):
+def one_conv_unet(speed, monkeypatch, cuda_graph_plumbing):
     """The compile parts' UNet call, with a one-conv stand-in for the UNet (tracing the tiny
     UNet takes 20 s). Dynamo's graphs go with the test: each part runs in a fresh process."""
     x = torch.randn(2, 4, 8, 8)

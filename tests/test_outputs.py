@@ -276,7 +276,9 @@ def test_same_command_twice_gives_identical_numbered_outputs(cli, tmp_path, caps
 
 def test_an_auto_tiled_image_names_its_tiles_and_they_decode_it_again(cli, tmp_path, capsys):
     """`auto` follows the free memory (here: a budget that fits only small tiles); the `Tiles`
-    the metadata names give the same pixels as --tile_size."""
+    the metadata names give the same pixels as --tile_size under the same budget (a budget
+    that makes layers recompute can move the last bits: torch 2.7-2.12 give 4 pixels one
+    level apart here)."""
     argv = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--H", "192", "--W", "256",
             "--steps", "2", "--n_iter", "1", "--n_samples", "1", "--precision", "full",
             "--device", "cpu", "--outdir", str(tmp_path), "--seed", "7", "--tiled_decoding",
@@ -287,7 +289,8 @@ def test_an_auto_tiled_image_names_its_tiles_and_they_decode_it_again(cli, tmp_p
     tiles = re.search(r"Tiles: (\d+)x(\d+)", parameters)
     assert tiles and (int(tiles[1]), int(tiles[2])) not in ((12, 16), (24, 32))  # not half, whole
     assert json.loads((tmp_path / "samples" / "00000.json").read_text())["tiles"] == tiles[0][7:]
-    assert cli.main(argv + ["--tile_size", f"{tiles[1]}x{tiles[2]}"]) == 0
+    assert cli.main(argv + ["--tile_size", f"{tiles[1]}x{tiles[2]}",
+                            "--decode_budget_gb", "0.0005"]) == 0
     with Image.open(tmp_path / "samples" / "00001.png") as image:
         assert np.array_equal(np.asarray(image), auto_pixels)
         tile = f"{tiles[1]}x{tiles[2]}"

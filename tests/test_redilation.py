@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import TINY_CKPT, TINY_CONFIG, cases, reference, rel_err
+from ldm.compat import torch_release
 from ldm.pipeline import GenerationOptions
 from ldm.precision import compile_unet_in_place
 from ldm.scalecrafter.redilation import (ConvOverride, conv3x3_names, overridden_convs,
@@ -460,7 +461,8 @@ def test_planned_conv_op_passes_opcheck(monkeypatch, polyphase):
                     assert net(x).stride() == conv._conv_forward(x, weight, bias).stride()
 
 
-def test_compile_with_cuda_graphs_marks_each_call_a_step_and_returns_copies(monkeypatch):
+def test_compile_with_cuda_graphs_marks_each_call_a_step_and_returns_copies(monkeypatch,
+                                                                            cuda_graph_plumbing):
     """A CUDA-graph replay writes each call's output into the same memory: each call starts a
     new step and hands back a copy, so a multistep sampler's earlier outputs survive. (On the CPU, a backend that replays like that; the real replay is timed on a
     card.)"""
@@ -550,7 +552,9 @@ def test_static_and_dynamic_graphs_stay_apart():
                 conv(x)
     finally:
         torch._dynamo.reset()
-    assert len(graphs) == 2  # the second dynamic instance reused the first's graph
+    # torch 2.10 on: the second dynamic instance reuses the first's graph; before, it traces
+    # its own; the static one always gets its own
+    assert len(graphs) == (2 if torch_release() >= (2, 10) else 3)
 
 
 def test_compiling_a_compiled_unet_again_is_refused_in_words():
