@@ -789,8 +789,8 @@ def describe(err, args=None):
     elif isinstance(err, CheckpointError) and args is not None \
             and message.startswith("the checkpoint "):  # what the file is, named
         message = f"checkpoint {args.ckpt} " + message[len("the checkpoint "):]
-    if isinstance(err, (UsageError, CheckpointError, ConfigError, ValueError)):
-        return message
+    if isinstance(err, (UsageError, CheckpointError, ConfigError, ValueError, ImportError)):
+        return message  # (ImportError: a missing package, or ldm.compat's torch floor)
     if _is_out_of_memory(err, text):
         return out_of_memory_line(text)
     if isinstance(err, OSError):

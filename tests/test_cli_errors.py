@@ -782,3 +782,17 @@ def test_an_image_names_its_kernels_and_the_files_it_was_made_from(cli, capsys, 
     assert fields["File hashes"].endswith(f"dilate_settings: {short_hash(settings)}")
     assert short_hash(settings) not in image_fields(
         tmp_path / "out" / "samples" / "00000.png")["File hashes"]
+
+
+def test_a_torch_too_old_is_one_line(cli, capsys, base, monkeypatch):
+    """ldm.compat's floor, as the CLI reports it where the package is first imported."""
+    import ldm.pipeline
+    from ldm.compat import check_torch
+
+    def load(*args, **kwargs):
+        check_torch("2.6.0+cu124")
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "load", load)
+    status, lines = call(cli, capsys, base)
+    assert status == 1
+    assert lines == ["error: torch 2.6.0+cu124 is too old: this tool needs torch >= 2.7 "
+                     "(pip install -U torch torchvision)"]
