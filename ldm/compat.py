@@ -38,8 +38,8 @@ PLANNED_CONV_OPTIONS = {} if CUDAGRAPH_UNSAFE is None else {"tags": (CUDAGRAPH_U
 @contextmanager
 def meta_device():
     """torch.device("meta") as a context. torch 2.8 fails to import torch._dynamo inside it (a
-    circular import), which happens when a model's text encoder imports open_clip (through
-    torchvision) while it is built there: imported first on those releases."""
+    circular import; 2.9 does not), which happens when a model's text encoder imports
+    open_clip (through torchvision) while it is built there: imported first before 2.9."""
     if torch_release() < (2, 9):
         importlib.import_module("torch._dynamo")
     with torch.device("meta"):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from ldm.cli import SETTINGS_FILES, device_type
+from ldm.cli import SETTINGS_FILES, device_type, repository_fallback
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import AUTOCAST_DTYPES
 from ldm.pipeline import eight_bit, to_pil
@@ -211,14 +211,23 @@ def run_fields(args, opts, kernels=None, file_hashes=None) -> dict:
 
 
 def input_file_hashes(args) -> dict:
-    """{flag name: short SHA-256} of the files the run read besides the checkpoint (hashed
-    apart): the config, the prompt file, the ScaleCrafter settings files. Their paths alone
-    would not tell an edited file from the one an image was made with."""
+    """{flag name: short SHA-256} of the files a run reads besides the checkpoint (hashed
+    apart): the config, the prompt file, the ScaleCrafter settings files and transform given.
+    Their paths alone would not tell an edited file from the one an image was made with.
+    The CLI takes them before loading, when it has just read them; one it cannot read is
+    'unreadable' (the run itself says why, where it reads it)."""
     from ldm.hashing import short_hash
 
-    names = ("config", "from_file", *SETTINGS_FILES)
-    return {name: short_hash(getattr(args, name)) for name in names
-            if getattr(args, name, None)}
+    hashes = {}
+    for name in ("config", "from_file", *SETTINGS_FILES):
+        path = getattr(args, name, None)
+        if path:
+            try:
+                digest = short_hash(repository_fallback(path))
+            except OSError:
+                digest = "unreadable"
+            hashes[name.replace("from_file", "from-file")] = digest  # as the flags are named
+    return hashes
 
 
 def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=None,
@@ -228,8 +237,10 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
     `Batch index` counts the run's batches from 0: with --prompt, the seeded stream's batch k
     is reached by running k + 1 of them; with --from-file, whose last batch of a round can be
     short, by running the same file. `Tiles`: the (h, w) latent tile the decode used,
-    `--tile_size`'s HxW (what `auto` chose depends on the free memory). run: `run_fields`'
-    answer, made once for the run (default: made here, without kernels or file hashes)."""
+    `--tile_size`'s HxW (what `auto` chose depends on the free memory). `decode_budget_gb`
+    where given: a budget that makes the decode recompute layers can move the last bits.
+    run: `run_fields`' answer, made once for the run (default: made here, without kernels
+    or file hashes)."""
     fields = {
         "Steps": opts.steps, "Sampler": SAMPLERS[opts.sampler].label, "CFG scale": opts.scale,
         "Seed": opts.seed, "RNG": opts.rng, "Size": f"{opts.W}x{opts.H}", "Eta": opts.ddim_eta,
@@ -251,6 +262,8 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
     fields.update((name, options[name]) for name in SCALECRAFTER_FIELDS)
     if tiles is not None:
         fields["Tiles"] = tile_text(tiles)
+    if opts.decode_budget_gb is not None:
+        fields["decode_budget_gb"] = opts.decode_budget_gb
     negative = f"Negative prompt: {opts.negative_prompt}\n" if opts.negative_prompt else ""
     return (prompt + "\n" + negative
             + ", ".join(f"{k}: {_infotext_value(v)}" for k, v in fields.items()))
@@ -260,16 +273,16 @@ class OutputWriter:
     """Numbered samples (outdir/samples/NNNNN.png) and grids (outdir/grid-NNNN.png); numbering
     goes on from the files already there, so runs into one folder never overwrite each other."""
 
-    def __init__(self, outdir, args, opts, ckpt_hash=None, kernels=None):
+    def __init__(self, outdir, args, opts, ckpt_hash=None, kernels=None, file_hashes=None):
         """ckpt_hash: the checkpoint's short hash, or a BackgroundShortHash computing it (the
         CLI starts one before loading); None: hashed here when the first file is written.
-        kernels: the pipeline's kernel and layout switches (Pipeline.kernels). Made once the
-        run has read its files: their hashes are taken here."""
+        kernels: the pipeline's kernel and layout switches (Pipeline.kernels). file_hashes:
+        input_file_hashes' answer, taken when the files were read (default: taken here)."""
         self.outdir = Path(outdir)
         self.sample_dir = self.outdir / "samples"
         ensure_writable_dir(self.sample_dir)
         self.args, self.opts = args, opts
-        self.file_hashes = input_file_hashes(args)
+        self.file_hashes = input_file_hashes(args) if file_hashes is None else file_hashes
         self.run_fields = run_fields(args, opts, kernels, self.file_hashes)
         self._ckpt_hash = ckpt_hash
         self.count = self.batches = 0  # images and batches written by this run

@@ -370,6 +370,8 @@ class Pipeline:
         pipe = cls(model, device)
         pipe.sampling_kernels = {name: paths[name] for name in SAMPLING_SWITCHES}
         pipe.kernels = dict(paths, compile=bool(layout.get("compile_unet")))
+        if pipe.device.type != "cuda":  # cuDNN's switches change nothing elsewhere
+            pipe.kernels.update(cudnn_benchmark=False, cudnn_attention=False)
         if precision == "autocast":
             pipe.half_weights = HALF_WEIGHTS.get(pipe.device.type)
         return pipe
@@ -472,33 +474,38 @@ class Pipeline:
                              f"may be too large{half}")
         return z.float(), denoiser.unet_batches
 
-    def _decode_budget(self, z, opts) -> int:
+    def decode_budget(self, z, opts) -> int:
+        """Bytes a decode of z may use: --decode_budget_gb, else a share of the memory free now
+        (so it can differ between runs: resolve it once, pass it to decode_tiles and decode,
+        and record it; a budget tight enough to make layers recompute can move the last
+        bits)."""
         if opts.decode_budget_gb is None:
             return default_budget(z.device)
         return int(opts.decode_budget_gb * 2**30)
 
-    def decode_tiles(self, z, opts: GenerationOptions) -> Optional[Tuple[int, int]]:
+    def decode_tiles(self, z, opts: GenerationOptions, budget=None) -> Optional[Tuple[int, int]]:
         """(h, w) latent pixels a tile of opts' tiled decode of z, 'auto' chosen against the
-        memory free now (so it can differ between runs: pass it to decode, and record it);
-        None when opts decode whole."""
+        budget (default: decode_budget's), so it can differ between runs: pass it to decode,
+        and record it; None when opts decode whole."""
         if not opts.tiled_decoding:
             return None
+        budget = self.decode_budget(z, opts) if budget is None else budget
         return resolve_tile_size(self.model.first_stage_model, z, opts.tile_size, opts.overlap,
-                                 self._decode_budget(z, opts))
+                                 budget)
 
     @torch.no_grad()
-    def decode(self, z, opts: GenerationOptions, progress=True, tiles=None):
+    def decode(self, z, opts: GenerationOptions, progress=True, tiles=None, budget=None):
         """Latents to images in [-1, 1]; the VAE always runs in float32 (fp16 decodes overflow).
-        tiles: decode_tiles' answer, to decode with the tiling recorded (default: resolved
-        now)."""
+        tiles, budget: decode_tiles' and decode_budget's answers, to decode as recorded
+        (default: resolved now)."""
+        budget = self.decode_budget(z, opts) if budget is None else budget
         z = z.float() / self.model.scale_factor
         vae = self.model.first_stage_model
-        budget = self._decode_budget(z, opts)
         if opts.tiled_decoding:
-            tiles = tiles or self.decode_tiles(z, opts)
+            tiles = tiles or self.decode_tiles(z, opts, budget)
             images = tiled_decode(vae, z, opts.overlap, opts.sync_gn, tiles,
                                   budget_bytes=budget, progress=progress)
-        else:  # banded on CUDA and wherever plain would not fit
+        else:  # banded, whatever the budget (which only decides what it recomputes)
             images = full_decode(vae, z, budget, progress=progress)
         if not torch.isfinite(images).all():
             raise ValueError(f"decoding produced NaN or infinite pixels: the latents are out of "

@@ -383,8 +383,8 @@ def plan(args):
     cases, budget = [], args.decode_budget_gb or 10.0
     if "decode" in args.only:
         for side in (128, 256, 512):
-            # "full" decodes as txt2img does: banded where the plain decoder's peak would exceed
-            # the budget (2048² and 4096² at 10 GB); "plain" forces the plain decoder, at 2048²
+            # "full": banded where the plain decoder's peak would exceed the budget (2048² and
+            # 4096² at 10 GB; txt2img always bands); "plain" forces the plain decoder, at 2048²
             modes = ([("full", None), ("auto", "auto")]
                      + ([("seed", None)] if side in SEED_TILING_SIDES else [])
                      + ([("plain", None)] if side == 256 else []))

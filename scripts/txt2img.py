@@ -646,7 +646,7 @@ def use_fast_pinned_memory():
 
 def run(args):
     from ldm.hashing import BackgroundShortHash
-    from ldm.outputs import OutputWriter, WriteError
+    from ldm.outputs import OutputWriter, WriteError, input_file_hashes
 
     config = check_config(args.config)  # its family's defaults come before the options
     notes = [apply_family_defaults(args, config)]
@@ -656,6 +656,7 @@ def run(args):
     if device_type(args.device) == "cuda":  # (auto is decided by now) before CUDA starts
         use_fast_pinned_memory()
     ckpt_hash = BackgroundShortHash(args.ckpt)  # for the metadata; overlaps loading and sampling
+    file_hashes = input_file_hashes(args)  # the other files, as just read (not after the load)
     timer = PhaseTimer(args.device, args.timings)
     pipe = load_pipeline(args, timer)
     if settings is None:
@@ -666,7 +667,7 @@ def run(args):
     if args.compile:  # else the first step sits at 0% for a minute or more, unexplained
         print("note: --compile: the first step compiles the UNet (minutes the first time; "
               "torch's on-disk cache makes later runs faster)", file=sys.stderr, flush=True)
-    writer = OutputWriter(args.outdir, args, opts, ckpt_hash, pipe.kernels)
+    writer = OutputWriter(args.outdir, args, opts, ckpt_hash, pipe.kernels, file_hashes)
     try:
         make_images(args, pipe, opts, settings, batches, writer, timer)
         timer.report()
@@ -732,9 +733,10 @@ def make_images(args, pipe, opts, settings, batches, writer, timer):
             start = x_T[:len(prompts)] if x_T is not None else None
             with timer.phase("sample"):
                 z, _ = pipe.sample(prompts, opts, generator, start, settings)
-            with timer.phase("decode"):  # with the tiling resolved once, and recorded
-                tiles = pipe.decode_tiles(z, opts)
-                decoded = pipe.decode(z, opts, tiles=tiles).float().cpu()
+            with timer.phase("decode"):  # with the budget and tiling resolved once, and recorded
+                budget = pipe.decode_budget(z, opts)
+                tiles = pipe.decode_tiles(z, opts, budget)
+                decoded = pipe.decode(z, opts, tiles=tiles, budget=budget).float().cpu()
             left -= 1
             # the grid goes with the last batch (encoded beside its images, written last)
             rows = (args.n_rows or args.n_samples) if left == 0 else None
@@ -827,8 +829,8 @@ def exit_now(code: int):
     import atexit
     import signal
 
-    for name in ("SIGINT", "SIGTERM"):  # leaving already: another Ctrl-C would only add tracebacks
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for name in ("SIGINT", "SIGTERM"):  # leaving already: a signal now only leaves sooner
+        signal.signal(getattr(signal, name), lambda *_: os._exit(code))
     flush_streams()
     atexit._run_exitfuncs()  # what a normal exit runs first (CPython's own hook for it)
     os._exit(code)
@@ -873,8 +875,11 @@ class SignalStop:
         outputs = sys.modules.get("ldm.outputs")  # (not imported yet: nothing written yet)
         if outputs is not None:
             outputs.discard_partial_files()  # a write cut short leaves no temp file
-        print("interrupted again: leaving at once (the images already written are kept)",
-              file=sys.stderr)
+        try:
+            print("interrupted again: leaving at once (the images already written are kept)",
+                  file=sys.stderr)
+        except (OSError, ValueError):  # a stderr gone (`2>&1 | head`): leave all the same
+            pass
         self.leave(interrupted_status(self.first))
 
 

@@ -766,19 +766,21 @@ def test_an_image_names_its_kernels_and_the_files_it_was_made_from(cli, capsys, 
     argv = [a for a in base if a not in ("--prompt", "a red cube")] + [
         "--from-file", str(prompts), "--repeat", "2", "--dilate_settings", str(settings),
         "--dilate_tau", "1"]
-    status, lines = call(cli, capsys, argv + ["--channels_last"])
+    status, lines = call(cli, capsys, argv + ["--channels_last", "--decode_budget_gb", "0.75"])
     assert status == 0, lines
     fields = image_fields(tmp_path / "out" / "samples" / "00000.png")
     assert fields["Kernels"] == "channels_last"
     assert (fields["Prompt file"], fields["repeat"]) == ("prompts.txt", "2")
-    assert fields["File hashes"] == (f"config: {short_hash(TINY_CONFIG)}, from_file: "
+    assert fields["File hashes"] == (f"config: {short_hash(TINY_CONFIG)}, from-file: "
                                      f"{short_hash(prompts)}, dilate_settings: "
                                      f"{short_hash(settings)}")
+    assert fields["decode_budget_gb"] == "0.75"  # given: it decides what a decode recomputes
     settings.write_text("down_blocks.1.resnets.0.conv1:3\n")  # edited between two runs
     status, lines = call(cli, capsys, argv)
     assert status == 0, lines
     fields = image_fields(tmp_path / "out" / "samples" / "00002.png")
     assert "Kernels" not in fields  # the reference kernels
+    assert "decode_budget_gb" not in fields  # a share of the free memory: not the image's
     assert fields["File hashes"].endswith(f"dilate_settings: {short_hash(settings)}")
     assert short_hash(settings) not in image_fields(
         tmp_path / "out" / "samples" / "00000.png")["File hashes"]
@@ -796,3 +798,35 @@ def test_a_torch_too_old_is_one_line(cli, capsys, base, monkeypatch):
     assert status == 1
     assert lines == ["error: torch 2.6.0+cu124 is too old: this tool needs torch >= 2.7 "
                      "(pip install -U torch torchvision)"]
+
+
+def test_a_command_line_run_stops_on_both_signals_and_leaves_at_once_while_exiting(
+        cli, monkeypatch):
+    """stop_on_signals routes SIGINT and SIGTERM to one SignalStop; once exit_now is leaving,
+    a signal leaves at once with the run's status (a hanging atexit handler cannot hold it)."""
+    import atexit
+    import signal
+
+    before = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGINT", "SIGTERM")}
+    left = []
+
+    class Left(Exception):
+        pass
+
+    def fake_exit(code):
+        left.append(code)
+        raise Left
+    try:
+        cli.stop_on_signals()
+        handlers = [signal.getsignal(getattr(signal, name)) for name in before]
+        assert isinstance(handlers[0], cli.SignalStop) and handlers[1] is handlers[0]
+        monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: None)
+        monkeypatch.setattr(cli.os, "_exit", fake_exit)
+        with pytest.raises(Left):
+            cli.exit_now(143)
+        with pytest.raises(Left):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        assert left == [143, 143]
+    finally:
+        for name, handler in before.items():
+            signal.signal(getattr(signal, name), handler)

@@ -1,10 +1,11 @@
 """The torch releases the package runs on (ldm/compat.py)."""
+import importlib
+
 import pytest
 import torch
 from torch import nn
 
 from ldm import compat, precision
-from ldm.scalecrafter import redilation  # noqa: F401  (defines the planned-conv op)
 
 
 @pytest.mark.parametrize("version, release", [("2.8.0+cu128", (2, 8)), ("2.10.0a0+git1", (2, 10)),
@@ -23,6 +24,7 @@ def test_a_torch_below_the_floor_is_named_in_one_line():
 
 
 def test_the_planned_conv_op_says_cuda_graphs_must_not_replay_it_where_torch_can():
+    importlib.import_module("ldm.scalecrafter.redilation")  # defines the planned-conv op
     tags = compat.PLANNED_CONV_OPTIONS.get("tags", ())
     if compat.torch_release() >= (2, 8):
         assert tags == (torch.Tag.cudagraph_unsafe,)
@@ -39,10 +41,15 @@ def test_cuda_graphs_are_refused_where_the_op_cannot_refuse_replays(monkeypatch)
     assert not getattr(net.forward, "compiled_in_place", False)  # left as it was
 
 
-@pytest.mark.parametrize("release", [(2, 8), (2, 14)])
-def test_the_meta_device_context_builds_on_the_meta_device(monkeypatch, release):
+@pytest.mark.parametrize("release, imported", [((2, 8), ["torch._dynamo"]), ((2, 9), []),
+                                               ((2, 14), [])])
+def test_the_meta_device_context_imports_dynamo_first_before_torch_2_9(monkeypatch, release,
+                                                                        imported):
+    seen = []
     monkeypatch.setattr(compat, "torch_release", lambda: release)
+    monkeypatch.setattr(compat.importlib, "import_module", lambda name: seen.append(name))
     with compat.meta_device():
+        assert seen == imported  # before anything is built there
         assert torch.empty(3).device.type == "meta"
         assert nn.Linear(4, 4).weight.is_meta
     assert torch.empty(3).device.type == "cpu"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from ldm.compat import meta_device
 from ldm.modules.encoders.conditioning import Conditioning
 from ldm.scalecrafter import redilation
 from ldm.scalecrafter.freeu import freeu_applied
@@ -29,7 +30,7 @@ def test_every_preset_is_here():
 def full_size_model(family):
     if family not in _models:
         config = load_config(REPO / "configs" / "stable-diffusion" / CONFIGS[family])
-        with torch.device("meta"):
+        with meta_device():
             _models[family] = instantiate_from_config(config.model)
     return _models[family]
 

@@ -163,6 +163,16 @@ def test_writer_files_and_numbering_across_runs(tmp_path):
         assert grid.text["parameters"].startswith("a bird\nSteps: 2")
 
 
+def test_file_hashes_find_repository_paths_and_never_fail_a_run(tmp_path, monkeypatch):
+    """A relative config found through the repository (as --config is, from any folder); a file
+    that cannot be read is 'unreadable' (where the run reads it, it says why)."""
+    monkeypatch.chdir(tmp_path)
+    args = SimpleNamespace(config="configs/tiny/tiny-sd21.yaml", from_file=None,
+                           dilate_settings=str(tmp_path), disperse_transform=None)
+    assert outputs.input_file_hashes(args) == {"config": short_hash(TINY_CONFIG),
+                                               "dilate_settings": "unreadable"}
+
+
 def test_parameters_text_carries_every_setting(tmp_path):
     args, opts = fake_run(tmp_path, dilate=None, dilate_settings="/x/dil, v2.txt", ndcfg_tau=5,
                           ndcfg_dilate_settings="nd.txt", tiled_decoding=True, overlap=4,

@@ -208,9 +208,11 @@ def test_the_pipeline_knows_every_kernel_switch_in_effect(tiny_pipe, monkeypatch
                                  "compile": False}
     monkeypatch.setitem(precision.FAST_PATHS, "cpu", {"cudnn_attention": True,
                                                       "native_norms": True})
-    pipe = Pipeline.load(TINY_CONFIG, TINY_CKPT, channels_last=True, native_norms=False)
+    pipe = Pipeline.load(TINY_CONFIG, TINY_CKPT, channels_last=True, native_norms=False,
+                         compile_unet=True)  # (compiles at its first call: never made here)
     assert pipe.kernels == {"channels_last": True, "cudnn_benchmark": False,
-                            "native_norms": False, "cudnn_attention": True, "compile": False}
+                            "native_norms": False, "cudnn_attention": False, "compile": True}
+    assert pipe.sampling_kernels["cudnn_attention"]  # asked for, but cuDNN's: nothing on a CPU
 
 
 def test_cudnn_autotuning_only_while_sampling(tiny_pipe, monkeypatch):

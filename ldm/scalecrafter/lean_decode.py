@@ -378,11 +378,11 @@ def plain_decode_bytes(decoder, height: int, width: int, batch: int = 1) -> int:
 def full_decode(autoencoder, z, budget_bytes: Optional[float] = None, lean: bool = True,
                 progress: bool = False):
     """The untiled decode: the banded decoder within the budget (default: a share of the free
-    memory), or the plain one with lean=False. Banded on every device, so that an image's
-    numbers do not depend on the memory free at the time (the two agree to float tolerance,
-    not bit for bit). It takes about the plain decoder's time (0.88x at 2048² on an H200, ~6%
-    more CPU time on the CPU) at a fraction of its peak. progress: a bar over the decoder's
-    blocks."""
+    memory), or the plain one with lean=False. Banded on every device, so that the free memory
+    never picks the decoder (the two agree to float tolerance, not bit for bit); the budget
+    only decides what it recomputes, which moves the last bits at most. It takes about the
+    plain decoder's time (0.88x at 2048² on an H200, ~6% more CPU time on the CPU) at a
+    fraction of its peak. progress: a bar over the decoder's blocks."""
     budget = default_budget(z.device) if budget_bytes is None else budget_bytes
     with progress_bar(total=decoder_ticks(autoencoder.decoder), desc="Decoding",
                       disable=not progress) as bar:
