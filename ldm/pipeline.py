@@ -476,9 +476,8 @@ class Pipeline:
 
     def decode_budget(self, z, opts) -> int:
         """Bytes a decode of z may use: --decode_budget_gb, else a share of the memory free now
-        (so it can differ between runs: resolve it once, pass it to decode_tiles and decode,
-        and record it; a budget tight enough to make layers recompute can move the last
-        bits)."""
+        (so it can differ between runs: resolve it once and pass it to decode_tiles and
+        decode; a budget tight enough to make layers recompute can move the last bits)."""
         if opts.decode_budget_gb is None:
             return default_budget(z.device)
         return int(opts.decode_budget_gb * 2**30)

@@ -733,7 +733,7 @@ def make_images(args, pipe, opts, settings, batches, writer, timer):
             start = x_T[:len(prompts)] if x_T is not None else None
             with timer.phase("sample"):
                 z, _ = pipe.sample(prompts, opts, generator, start, settings)
-            with timer.phase("decode"):  # with the budget and tiling resolved once, and recorded
+            with timer.phase("decode"):  # budget and tiling resolved once (the tiling recorded)
                 budget = pipe.decode_budget(z, opts)
                 tiles = pipe.decode_tiles(z, opts, budget)
                 decoded = pipe.decode(z, opts, tiles=tiles, budget=budget).float().cpu()
