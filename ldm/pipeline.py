@@ -366,6 +366,9 @@ class Pipeline:
         paths = fast_paths(device, cudnn_benchmark=cudnn_benchmark,
                            cudnn_attention=cudnn_attention,
                            **{k: layout.get(k) for k in ("channels_last", "native_norms")})
+        # the layout as decided here, so that `kernels` is what prepare_for_inference applies
+        layout = dict(layout, channels_last=paths["channels_last"],
+                      native_norms=paths["native_norms"])
         prepare_for_inference(model, device, precision, **layout)
         pipe = cls(model, device)
         pipe.sampling_kernels = {name: paths[name] for name in SAMPLING_SWITCHES}
