@@ -145,7 +145,8 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--overlap", type=int, default=d(24),
                    help="tile overlap, latent pixels (even, smaller than the tile)")
     g.add_argument("--sync_gn", action=argparse.BooleanOptionalAction, default=d(False),
-                   help="GroupNorm statistics over all tiles")
+                   help="the decoder's ResNet and output GroupNorms take their statistics "
+                        "over all tiles (attention's stays per tile, as in the seed)")
     g.add_argument("--tile_size", type=tile_size_arg,
                    help="tile side in latent pixels, HxW (an image's `Tiles`), or 'auto': the "
                         "fewest tiles that fit half of --decode_budget_gb (default: half the "

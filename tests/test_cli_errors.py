@@ -830,3 +830,24 @@ def test_a_command_line_run_stops_on_both_signals_and_leaves_at_once_while_exiti
     finally:
         for name, handler in before.items():
             signal.signal(getattr(signal, name), handler)
+
+
+def test_fetch_checkpoint_without_network_says_what_to_copy_and_leaves_nothing():
+    """shellscripts/fetch_checkpoint.sh, offline (a refused connection stands in): exit 1, the URL
+    and the target path in words, no partial file; a file already there is kept, no download."""
+    script, name = REPO / "shellscripts" / "fetch_checkpoint.sh", f"test-fetch-{os.getpid()}.ckpt"
+    target = REPO / "checkpoints" / name
+    url = "http://127.0.0.1:9/model.ckpt"
+    try:
+        run = subprocess.run(["bash", str(script), name, url, "1 KB"], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 1, run.stderr
+        assert url in run.stderr and f"-> {target}" in run.stderr
+        assert not target.exists() and not target.with_name(name + ".partial").exists()
+        target.write_bytes(b"weights")
+        run = subprocess.run(["bash", str(script), name, url], capture_output=True, text=True,
+                             timeout=60)
+        assert (run.returncode, run.stderr, target.read_bytes()) == (0, "", b"weights")
+    finally:
+        for path in (target, target.with_name(name + ".partial")):
+            path.unlink(missing_ok=True)

@@ -166,6 +166,29 @@ def test_openclip_arch_may_be_a_config_path(tiny_pipe):
         FrozenOpenCLIPEmbedder(arch="no-such-arch")
 
 
+def test_openclip_last_layer_is_open_clips_own_text_features(tiny_pipe):
+    """layer="last" (no shipped config uses it): its features at the end-of-text token,
+    projected, are open_clip's own `encode_text`, and they differ from the penultimate ones."""
+    from conftest import TINY
+    from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
+    prefix = "cond_stage_model."
+    state = {k[len(prefix):]: v.float() for k, v in load_state_dict(TINY_CKPT).items()
+             if k.startswith(prefix)}
+    embedders = {}
+    for layer in ("last", "penultimate"):
+        embedders[layer] = FrozenOpenCLIPEmbedder(arch=str(TINY / "tiny-openclip.json"),
+                                                  layer=layer)
+        embedders[layer].load_state_dict(state, strict=True)
+    prompts = ["a red cube on a table", "two cats"]
+    last = embedders["last"]
+    tokens = last.tokenize(prompts)
+    with torch.no_grad():
+        features = last.encode(prompts)
+        pooled = features[torch.arange(len(prompts)), tokens.argmax(dim=-1)]
+        assert rel_err(pooled @ last.model.text_projection, last.model.encode_text(tokens)) <= 1e-5
+        assert rel_err(embedders["penultimate"].encode(prompts), features) > 0.1
+
+
 def _run_with_path(probe: str, folder):
     """`python -c probe` in a fresh interpreter with `folder` first on its import path."""
     import os

@@ -2,7 +2,7 @@
 in it, every flag in it exists, and the plain numeric defaults it states are the parser's."""
 import re
 
-from conftest import REPO
+from conftest import REPO, SHARED
 
 
 def _table_rows():
@@ -48,23 +48,27 @@ def _documented_commands():
     """Every `python scripts/txt2img.py ...` command of README.md and shellscripts/*.sh, its
     continuation lines joined, as (where, argv): "$@" (the user's extra flags) dropped, other
     shell variables given the script's default (`VAR="${VAR:-default}"`) or a placeholder."""
+    for path in [REPO / "README.md", *sorted((REPO / "shellscripts").glob("*.sh"))]:
+        yield from _commands_in(path)
+
+
+def _commands_in(path):
     import shlex
 
-    for path in [REPO / "README.md", *sorted((REPO / "shellscripts").glob("*.sh"))]:
-        text = path.read_text()
-        defaults = dict(re.findall(r'(\w+)="\$\{\w+:-([^}]*)\}"', text))
-        lines, i = text.splitlines(), 0
-        while i < len(lines):
-            number, line = i + 1, lines[i]
-            while line.endswith("\\") and i + 1 < len(lines):  # a continued line
-                i += 1
-                line = line[:-1] + " " + lines[i]
+    text = path.read_text()
+    defaults = dict(re.findall(r'(\w+)="\$\{\w+:-([^}]*)\}"', text))
+    lines, i = text.splitlines(), 0
+    while i < len(lines):
+        number, line = i + 1, lines[i]
+        while line.endswith("\\") and i + 1 < len(lines):  # a continued line
             i += 1
-            if line.strip().startswith("python scripts/txt2img.py"):
-                argv = shlex.split(line.strip(), comments=True)[2:]
-                yield f"{path.name}:{number}", [
-                    defaults.get(a.lstrip("$"), "x") if a.startswith("$") else a
-                    for a in argv if a != "$@"]
+            line = line[:-1] + " " + lines[i]
+        i += 1
+        if line.strip().startswith("python scripts/txt2img.py"):
+            argv = shlex.split(line.strip(), comments=True)[2:]
+            yield f"{path.name}:{number}", [
+                defaults.get(a.lstrip("$"), "x") if a.startswith("$") else a
+                for a in argv if a != "$@"]
 
 
 def test_documented_commands_parse(txt2img):
@@ -100,3 +104,19 @@ def test_the_tables_family_defaults_are_ldm_families(txt2img):
                     assert type(default)(value) == default, (family, flag)
                     seen.add((family, name))
     assert seen >= {(f, name) for f, d in FAMILY_DEFAULTS.items() for name in d}
+
+
+def test_the_seed_script_samples_as_the_seeds_command(txt2img):
+    """shellscripts/sample_1024x1024.sh samples what the seed README's command samples: the same
+    model files and every sampling and re-dilation value. Only the prompt (the seed's script
+    has its own), where images go, the device (ours picks CUDA where there is one) and what the
+    seed's command adds for its tiling section (batch counts, tiles) differ; those are the
+    user's to add."""
+    (seed,) = [argv for _, argv in _commands_in(SHARED / "seed" / "scalecrafter-README.md")]
+    (ours,) = [argv for _, argv in _commands_in(REPO / "shellscripts" / "sample_1024x1024.sh")]
+    seed, ours = vars(txt2img.parse_args(seed)), vars(txt2img.parse_args(ours))
+    flags = {action.dest for action in txt2img.build_parser()._actions} - {"help"}
+    differing = {name for name in flags if seed[name] != ours[name]}
+    assert differing == {"prompt", "outdir", "device", "n_iter", "n_samples", "tiled_decoding",
+                         "sync_gn"}, differing
+    assert (ours["n_iter"], ours["n_samples"], ours["device"]) == (3, 3, "auto")
