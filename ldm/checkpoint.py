@@ -29,6 +29,9 @@ How a pickled checkpoint (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is loaded:
      ``builtins.getattr``, unknown modules, ...): the load is refused with a
      :class:`CheckpointError` naming the global.
 
+   Its BUILD opcode (which fills in an object's state) is refused on the classes and
+   functions ``find_class`` hands out: they are shared by the whole process.
+
    TorchScript archives are refused before this step, because
    ``torch.load(weights_only=False)`` would hand them to ``torch.jit.load``.
 
@@ -262,18 +265,46 @@ def _resolve_safe(module: str, name: str, allowed: Mapping[str, Any]):
     return None
 
 
-class _GatedUnpickler(pickle.Unpickler):
-    """Unpickler whose ``find_class`` only yields whitelisted objects or stubs."""
+class _RefusedBuild(_RefusedGlobal):
+    """BUILD (the opcode that fills in an object's state) aimed at a shared object."""
+
+    def __init__(self, target: str):
+        pickle.UnpicklingError.__init__(self, f"refused state for {target}")
+        self.target = target
+
+
+def _shared_object_name(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+class _GatedUnpickler(pickle._Unpickler):
+    """Unpickler whose ``find_class`` only yields whitelisted objects or stubs, and whose BUILD
+    only fills in objects the pickle made itself: a class, function or module reached through
+    ``find_class`` is shared by the whole process (BUILD would set attributes on, say,
+    ``torch.storage.TypedStorage`` for every later load). The C unpickler cannot check BUILD,
+    hence the pure-Python one; a checkpoint's pickle is small, its tensors' bytes are not in it."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._allowed = _torch_allowed_globals()
+        self._shared = {id(obj) for obj in self._allowed.values()}
 
     def find_class(self, module, name):
         obj = _resolve_safe(str(module), str(name), self._allowed)
         if obj is None:
             raise _RefusedGlobal(*_normalise_global(str(module), str(name)))
         return obj
+
+    def _load_build(self):
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if (isinstance(target, (type, types.ModuleType)) or id(target) in self._shared
+                or (callable(target) and not isinstance(target, _InertStub))):
+            raise _RefusedBuild(_shared_object_name(target))
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
 
 class _TrustingUnpickler(pickle.Unpickler):
@@ -402,10 +433,13 @@ def _torchscript_archive(path: Path) -> bool:
     return False
 
 
-def _refusal(path: Path, target: str) -> CheckpointError:
+def _refusal(path: Path, target: str, build: bool = False) -> CheckpointError:
+    why = (f"would change {target}, which every later load shares (only objects the file "
+           "makes may be filled in)" if build else
+           f"would call {target}, which is not a tensor, a known training extra or a plain "
+           "builtin type")
     return CheckpointError(
-        f"checkpoint {path} was refused for safety: its pickle would call {target}, "
-        "which is not a tensor, a known training extra or a plain builtin type. "
+        f"checkpoint {path} was refused for safety: its pickle {why}. "
         "Only if you trust this file, convert it once with "
         f"`python {CONVERTER} {path} OUT.safetensors --trust-pickle` "
         "and load the .safetensors file instead"
@@ -465,6 +499,8 @@ def _load_through_gate(path: Path, trust_pickle: bool, mmap: bool, first_error: 
     pickle_module = _TRUSTING_PICKLE if trust_pickle else _GATED_PICKLE
     try:
         return _torch_load(path, weights_only=False, pickle_module=pickle_module, mmap=mmap)
+    except _RefusedBuild as exc:
+        raise _refusal(path, exc.target, build=True) from None
     except _RefusedGlobal as exc:
         raise _refusal(path, exc.target) from None
     except RecursionError:

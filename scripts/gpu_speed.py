@@ -1079,6 +1079,10 @@ def main(argv=None):
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         ap.error(f"unknown part(s): {', '.join(unknown)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device is visible to torch (--device cpu --tiny for a smoke run)",
+              file=sys.stderr)
+        return 1
     results = {"device": (torch.cuda.get_device_name() if args.device == "cuda"
                           else "cpu"), "torch": torch.__version__}
     for name in parts:

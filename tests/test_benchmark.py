@@ -70,6 +70,35 @@ def test_tiny_run_writes_json_and_table(bench, tmp_path, capsys, one_thread):
     assert "| 8 | 64² |" in table
     # the targets are for full-size models: a tiny run gives no verdict
     assert "MISSED" not in table and " met |" not in table and "– (tiny model)" in table
+    _check_decode_verdicts(bench, report)
+
+
+def _row(table, start):
+    (row,) = [line for line in table.splitlines() if line.startswith(start)]
+    return row
+
+
+def _check_decode_verdicts(bench, report):
+    """Each tiling is judged by its own target: auto by <= 1.3x time and a lower peak, the
+    seed's tiling by 1.15x its decoded-area ratio (2.25x here: 3 tiles of 4 on 8), its peak
+    only reported."""
+    report["meta"]["tiny"] = False  # read as a full-size run's figures
+    report.update(tiled_decode_time_ratio=1.25, tiled_decode_peak_ratio=0.9,
+                  tiled_decode_time_ratio_seed_tiling=2.55,
+                  tiled_decode_peak_ratio_seed_tiling=1.2)
+    table = bench.markdown_table(report)
+    auto_time = _row(table, "| tiled SyncGN (auto) / full decode, time")
+    assert auto_time.endswith("| ≤ 1.3 | met |")
+    assert "the whole latent fits the budget" in auto_time
+    assert _row(table, "| tiled SyncGN (auto) / full decode, peak").endswith("| < 1 | met |")
+    seed_time = "| tiled SyncGN (seed tiling) / full decode, time"
+    assert _row(table, seed_time).endswith("| ≤ 1.15 × area = 2.59 | met |")
+    assert _row(table, "| tiled SyncGN (seed tiling) / full decode, peak").endswith(
+        "| – (reported) | – |")
+    report.update(tiled_decode_time_ratio=1.35, tiled_decode_time_ratio_seed_tiling=2.6)
+    table = bench.markdown_table(report)
+    assert _row(table, "| tiled SyncGN (auto) / full decode, time").endswith("| MISSED |")
+    assert _row(table, seed_time).endswith("| MISSED |")
 
 
 def test_report_of_failed_case_keeps_keys(bench):
@@ -288,3 +317,38 @@ def test_ctrl_c_is_one_line_and_status_130(bench, capsys):
 
     assert bench.main(["--tiny", "--only", "decode"], runner=runner) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "interrupted: no figures were written"
+
+
+def test_ctrl_c_after_finished_cases_names_the_json_that_holds_them(bench, capsys, tmp_path):
+    out, calls = tmp_path / "bench.json", []
+
+    def runner(name, params, device):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"side": params["side"], "seconds": 1.0, "peak_above_baseline_gb": 0.1}
+
+    argv = ["--tiny", "--only", "decode", "--decode-side", "8", "--overlap", "2",
+            "--json", str(out)]
+    assert bench.main(argv, runner=runner) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted: the 1 finished case(s) are in {out}")
+    assert list(json.loads(out.read_text())["details"]) == ["decode_full"]
+
+
+def test_each_case_runs_in_a_fresh_process(bench, monkeypatch, tmp_path):
+    """A case's peak memory is its own only in a process of its own: the default runner
+    starts one interpreter per case, and its JSON line comes back."""
+    started, run = [], bench.subprocess.run
+
+    def spy(cmd, **kwargs):
+        started.append(cmd[cmd.index("--case") + 1])
+        return run(cmd, **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "run", spy)
+    out = tmp_path / "bench.json"
+    argv = ["--tiny", "--only", "guidance", "--ratio-side", "8", "--repeats", "1",
+            "--json", str(out)]
+    assert bench.main(argv) == 0
+    assert started == ["guidance"]
+    assert _number(json.loads(out.read_text())["redilation_step_ratio"])

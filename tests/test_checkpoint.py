@@ -10,6 +10,7 @@ import importlib.util
 import os
 import pathlib
 import pickle
+import re
 import subprocess
 import sys
 import types
@@ -395,6 +396,29 @@ def test_handcrafted_globals_are_refused(tmp_path, target):
         load_state_dict(path)
     assert target in str(info.value)
     assert not marker.exists()
+
+
+# BUILD (fill in an object's state) aimed at an object every later load shares
+SHARED_STATE = {
+    "torch.storage.TypedStorage": b"ctorch.storage\nTypedStorage\n(N}S'pwned'\nI1\nstb.",
+    "torch._utils._rebuild_tensor_v2": b"ctorch._utils\n_rebuild_tensor_v2\n(N}S'pwned'\nI1\nstb.",
+}
+
+
+@pytest.mark.parametrize("target", sorted(SHARED_STATE))
+def test_state_written_into_shared_objects_is_refused(tmp_path, target):
+    """A pickle may not set attributes on the classes and functions it reaches: they would stay
+    changed in this process (for every later load); torch's weights_only loader refuses them
+    too, so the gate is the one that must."""
+    import importlib
+
+    module, name = target.rsplit(".", 1)
+    shared = getattr(importlib.import_module(module), name)
+    path = tmp_path / "crafted.pt"
+    path.write_bytes(SHARED_STATE[target])
+    with pytest.raises(CheckpointError, match=f"would change {re.escape(target)}, which every"):
+        load_state_dict(path)
+    assert not hasattr(shared, "pwned")
 
 
 def test_torchscript_archive_is_refused(tmp_path):

@@ -284,6 +284,23 @@ def test_a_checkpoint_is_required(cli, capsys, base, no_load):
     assert_one_line(status, lines, "--ckpt is required")
 
 
+def test_an_existing_output_folder_that_refuses_files_is_refused_before_loading(
+        cli, capsys, base, no_load, tmp_path, monkeypatch):
+    """A folder that exists but takes no files (read-only mount, no permission: simulated, as
+    root may write anywhere) is refused in one line before the model loads, not after sampling."""
+    import ldm.outputs
+
+    samples = tmp_path / "out" / "samples"
+    samples.mkdir(parents=True)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ldm.outputs.tempfile, "TemporaryFile", refuse)
+    status, lines = call(cli, capsys, base)
+    assert_one_line(status, lines, f"output folder {samples} is not writable: Permission denied")
+
+
 # Checkpoints that can only be judged by reading them: refused by the loader, before sampling;
 # a file that is no checkpoint at all before the model is even built (on the meta device).
 LOADED = [

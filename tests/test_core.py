@@ -81,6 +81,24 @@ def test_unet_call_matches_reference(tiny_pipe):
     assert rel_err(out, data["out"]) <= 1e-4
 
 
+def test_unet_attention_is_fused(tiny_pipe, monkeypatch):
+    """Every UNet attention (self and cross) runs through PyTorch's fused SDPA: equal numbers
+    cannot tell an explicit softmax(q k^T) v from it, but at 2048² that matrix is ~170 GB."""
+    from ldm.modules import attention
+
+    data = reference("tiny-sd21-unet-vanilla.npz")
+    sdpa, calls = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    modules = [m for m in tiny_pipe.model.model.diffusion_model.modules()
+               if isinstance(m, attention.CrossAttention)]
+    with torch.no_grad():
+        out = tiny_pipe.model.apply_model(*(torch.from_numpy(data[k])
+                                            for k in ("x", "t", "context")))
+    assert len(modules) >= 2 and len(calls) == len(modules)
+    assert rel_err(out, data["out"]) <= 1e-4
+
+
 def test_decode_matches_reference(tiny_pipe):
     data = reference("tiny-sd21-sample-ddim-eta1-dilate2.npz")
     image = tiny_pipe.model.decode_first_stage(torch.from_numpy(data["latent"]))

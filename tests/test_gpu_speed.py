@@ -364,6 +364,15 @@ def test_unknown_part_is_refused_in_one_line(speed, capsys):
     assert "unknown part(s): warp" in capsys.readouterr().err
 
 
+def test_no_cuda_device_is_one_line(speed, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert speed.main(["--parts", "profile"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: no CUDA device is visible to torch (--device cpu --tiny for a smoke run)"]
+
+
 def test_stored_cold_decodes_turn_recomputation_off(speed):
     assert speed.part_params("cold_decode_stored", False)["recompute"] is False
     assert "recompute" not in speed.part_params("cold_decode", False)
