@@ -363,8 +363,8 @@ class Pipeline:
         """A pipeline over a model already built on `device` (weights in place, e.g. the
         benchmark's random ones), laid out and with kernels chosen as `load` does."""
         make_current(torch.device(device))
-        paths = fast_paths(device, cudnn_benchmark=cudnn_benchmark,
-                           cudnn_attention=cudnn_attention,
+        paths = fast_paths(device, bool(layout.get("compile_unet")),
+                           cudnn_benchmark=cudnn_benchmark, cudnn_attention=cudnn_attention,
                            **{k: layout.get(k) for k in ("channels_last", "native_norms")})
         # the layout as decided here, so that `kernels` is what prepare_for_inference applies
         layout = dict(layout, channels_last=paths["channels_last"],

@@ -68,21 +68,26 @@ REFERENCE_PATHS = {"channels_last": False, "cudnn_benchmark": False, "native_nor
 SAMPLING_SWITCHES = ("cudnn_benchmark", "cudnn_attention")
 # How `--compile` compiles the UNet, per device type: compile_unet_in_place's keywords
 # (Inductor `options`, `cuda_graphs`, `channels_last`, ...); a device type not listed gets the
-# plain compile. Measured on H200s (docs/benchmarks.md, runs 4-6): channels-last freezing
-# 28.9 ms a call against the plain compile's 29.4 ms for 44 s more compiling (run 5); CUDA
-# graphs 27.4 ms against 28.3 ms (run 6, one process), but their private memory pool keeps the
-# UNet's intermediates from the decode. The decode budget leaves that pool out (so a decode
-# gets fewer bytes, not an out-of-memory error), yet whether a 4096² run still fits a 24 GB
-# card with it is unmeasured (`gpu_check.sh card24` measures it): 0.9 ms a step is not worth
-# that risk. So CUDA gets the plain compile too. `scripts/gpu_speed.py --parts weights` (or
-# `host`, `layouts`) names the entry its rule would set here.
-COMPILE_MODES = {}
+# plain compile. Measured on H200s (docs/benchmarks.md, runs 4-7), 1024² CFG call, fp16
+# weights: the plain compile 28.1 ms a call, with channels-last conv weights 24.3 ms (cuDNN's
+# NHWC kernels without conversions, the norms' copies fused away; run 7, one process), with
+# CUDA graphs on top 23.6 ms. CUDA graphs stay off: their private memory pool keeps the UNet's
+# intermediates from the decode (the decode budget leaves it out, so a decode gets fewer bytes
+# rather than an out-of-memory error), and whether a 4096² run still fits a 24 GB card with
+# it is unmeasured (`gpu_check.sh card24`): 0.7 ms a step is not worth that risk.
+# `scripts/gpu_speed.py --parts weights` (or `host`, `layouts`) names the entry its rule
+# would set here.
+COMPILE_MODES = {"cuda": {"channels_last": True}}
 
 
-def fast_paths(device, **chosen):
-    """The kernel/layout choices for `device`: FAST_PATHS' defaults, overridden by every choice
-    given as True or False (None leaves the default)."""
-    paths = dict(REFERENCE_PATHS, **FAST_PATHS.get(torch.device(device).type, {}))
+def fast_paths(device, compile_unet: bool = False, **chosen):
+    """The kernel/layout choices for `device`: FAST_PATHS' defaults (and, when the UNet is
+    compiled, the layout its COMPILE_MODES entry asks for), overridden by every choice given as
+    True or False (None leaves the default)."""
+    kind = torch.device(device).type
+    paths = dict(REFERENCE_PATHS, **FAST_PATHS.get(kind, {}))
+    if compile_unet:
+        paths.update({k: v for k, v in COMPILE_MODES.get(kind, {}).items() if k in paths})
     paths.update({k: v for k, v in chosen.items() if v is not None})
     unknown = set(paths) - set(REFERENCE_PATHS)
     if unknown:
@@ -144,9 +149,9 @@ def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
                           native_norms=None):
     """Lay the model out for `device`; returns it. Half weights under autocast where
     HALF_WEIGHTS says so (a no-op when the loader gave them already); channels-last and native
-    half norms as FAST_PATHS says for the device unless given; torch.compile only when
-    asked, as COMPILE_MODES says for the device. (cuDNN autotuning is no layout: the sampler
-    turns it on, see `autotuned`.)"""
+    half norms as FAST_PATHS (and, compiling, COMPILE_MODES) say for the device unless given;
+    torch.compile only when asked, as COMPILE_MODES says for the device. (cuDNN autotuning is
+    no layout: the sampler turns it on, see `autotuned`.)"""
     from ldm.modules.normalization import set_native_norms
 
     device = torch.device(device)
@@ -154,12 +159,15 @@ def prepare_for_inference(model: nn.Module, device, precision: str = "autocast",
     if half is not None:
         for child in denoising_modules(model):
             child.to(half)
-    paths = fast_paths(device, channels_last=channels_last, native_norms=native_norms)
+    paths = fast_paths(device, compile_unet, channels_last=channels_last,
+                       native_norms=native_norms)
     if paths["channels_last"]:
         unet_of(model).to(memory_format=torch.channels_last)
     set_native_norms(unet_of(model), paths["native_norms"])
-    if compile_unet:
-        compile_unet_in_place(unet_of(model), **COMPILE_MODES.get(device.type, {}))
+    if compile_unet:  # (the mode's layout is laid out above, or was refused by the caller)
+        mode = COMPILE_MODES.get(device.type, {})
+        compile_unet_in_place(unet_of(model), **{k: v for k, v in mode.items()
+                                                 if k not in REFERENCE_PATHS})
     return model
 
 

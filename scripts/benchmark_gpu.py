@@ -190,8 +190,10 @@ def _as_card(device, p):
     from ldm import precision
 
     if p.get("card_gb") and device.type == "cuda":
-        total = torch.cuda.mem_get_info(device)[1]
-        torch.cuda.set_per_process_memory_fraction(min(p["card_gb"] * GB / total, 1.0), device)
+        # (an index: set_per_process_memory_fraction refuses "cuda" without one; run 7)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.mem_get_info(index)[1]
+        torch.cuda.set_per_process_memory_fraction(min(p["card_gb"] * GB / total, 1.0), index)
     if p.get("compile") and p.get("compile_modes") is not None:
         precision.COMPILE_MODES[device.type] = dict(p["compile_modes"])
 
@@ -427,14 +429,18 @@ def plan(args):
 
 def card_cases(steps=3):
     """The 4096² experimental preset within a 24 GB per-process limit, the decode on its default
-    budget: eager as txt2img runs it, then compiled with CUDA graphs, whose private pool holds
-    the UNet's memory through the decode. Its taus keep their share of the steps (2 of 3
-    dilated, as 40 of 50), so both the dilated steps' graphs and a plain one's are made."""
+    budget: eager as txt2img runs it, then compiled as `--compile` compiles on CUDA plus CUDA
+    graphs, whose private pool holds the UNet's memory through the decode. Its taus keep their
+    share of the steps (2 of 3 dilated, as 40 of 50), so both the dilated steps' graphs and a
+    plain one's are made."""
+    from ldm.precision import COMPILE_MODES
+
     preset = {"side": 512, "steps": steps, "scale_taus": True,
               "preset": "sd2.1_4096x4096_experimental", "card_gb": CARD_GB}
+    graphs = dict(COMPILE_MODES.get("cuda", {}), cuda_graphs=True)
     return [("card24_4096", "whole", preset),
             ("card24_4096_graphs", "whole", {**preset, "compile": True,
-                                             "compile_modes": {"cuda_graphs": True}})]
+                                             "compile_modes": graphs})]
 
 
 def _get(results, key, *path):

@@ -229,9 +229,10 @@ def decode_budget():
                              f"by {drop / 2**20:.0f} MiB")
     text = f"graph pool {pool / 2**20:.0f} MiB unused: budget {drop / 2**20:.0f} MiB lower"
     torch.cuda.empty_cache()  # the default pool's cache goes; the graph's pool stays
-    total = torch.cuda.mem_get_info(DEVICE)[1]
-    limit = torch.cuda.memory_reserved(DEVICE) + 2 * 2 ** 30
-    torch.cuda.set_per_process_memory_fraction(limit / total, DEVICE)
+    index = DEVICE.index if DEVICE.index is not None else torch.cuda.current_device()
+    total = torch.cuda.mem_get_info(index)[1]  # (these want an index: "cuda" alone is refused)
+    limit = torch.cuda.memory_reserved(index) + 2 * 2 ** 30
+    torch.cuda.set_per_process_memory_fraction(limit / total, index)
     try:
         promised = available_bytes(DEVICE)
         if not 1.9 * 2 ** 30 <= promised <= 2.1 * 2 ** 30:
@@ -240,7 +241,7 @@ def decode_budget():
         granted = torch.empty(int(0.95 * promised), dtype=torch.uint8, device=DEVICE)
         del granted
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, DEVICE)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
     del graph, y
     return text + f"; 2 GiB under a per-process limit: {promised / 2**30:.2f} GiB, 95% granted"
 

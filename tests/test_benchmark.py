@@ -263,7 +263,11 @@ def test_card_cases_keep_the_presets_share_of_dilated_steps(bench, one_thread):
     case runs on the tiny model (no compile, no limit on the CPU) and fills the card rows."""
     gpu = bench.benchmark_gpu
     eager, graphs = gpu.card_cases()
-    assert graphs[2]["compile_modes"] == {"cuda_graphs": True} and not eager[2].get("compile")
+    from ldm.precision import COMPILE_MODES
+
+    # --compile's own mode on CUDA, with CUDA graphs on top
+    assert graphs[2]["compile_modes"] == {**COMPILE_MODES["cuda"], "cuda_graphs": True}
+    assert not eager[2].get("compile")
     planned = gpu.plan(SimpleNamespace(only=["card24"], decode_budget_gb=None))
     assert [key for key, *_ in planned] == ["card24_4096", "card24_4096_graphs"]
     opts = gpu._options(eager[2])
@@ -309,6 +313,30 @@ def test_the_saved_report_script_takes_help_and_refuses_a_missing_file(bench, tm
     assert gpu.main([str(tmp_path / "missing.json")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot read the report")
+
+
+def test_a_card_limit_names_the_cuda_device_by_index(bench, monkeypatch):
+    """torch refuses `set_per_process_memory_fraction(..., torch.device("cuda"))` (no index):
+    the 24 GB card limit of `card24` passes the current device's index (run 7 found the same
+    call failing in gpu_check)."""
+    import torch
+
+    calls = []
+
+    def by_index(name, value):
+        def record(*args):
+            device = args[-1]
+            if not isinstance(device, int):
+                raise ValueError(f"Expected a torch.device with a specified index, got {device}")
+            calls.append((name, *args))
+            return value
+        return record
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", by_index("info", (10, 48 * 2 ** 30)))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", by_index("limit", None))
+    bench.benchmark_gpu._as_card(torch.device("cuda"), {"card_gb": 24})
+    assert calls == [("info", 3), ("limit", 0.5, 3)]
 
 
 def test_ctrl_c_is_one_line_and_status_130(bench, capsys):

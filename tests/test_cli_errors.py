@@ -58,6 +58,10 @@ def files(tmp_path_factory):
             "    unet_config:", "    not_a_unet_config:")),
         "word_scale.yaml": write("word_scale.yaml", TINY_CONFIG.read_text().replace(
             "scale_factor: 0.18215", "scale_factor: abc")),
+        "true_scale.yaml": write("true_scale.yaml", TINY_CONFIG.read_text().replace(
+            "scale_factor: 0.18215", "scale_factor: true")),  # YAML's bool, an int to Python
+        "no_vae.yaml": write("no_vae.yaml", TINY_CONFIG.read_text().replace(
+            "    first_stage_config:", "    not_a_first_stage_config:")),
         "broken.yaml": write("broken.yaml", "model: [\n"),
         "empty.ckpt": write("empty.ckpt", b""),
         "truncated.ckpt": write("truncated.ckpt", good[: len(good) // 2]),
@@ -195,6 +199,10 @@ EARLY = [
      "no_unet.yaml has no 'model.params.unet_config' with a target"),
     ("config-word-scale", ["--config", "{word_scale.yaml}"],
      "word_scale.yaml: 'model.params.scale_factor' must be a number, got 'abc'"),
+    ("config-bool-scale", ["--config", "{true_scale.yaml}"],
+     "true_scale.yaml: 'model.params.scale_factor' must be a number, got True"),
+    ("config-without-vae", ["--config", "{no_vae.yaml}"],
+     "no_vae.yaml has no 'model.params.first_stage_config' with a target"),
     ("ckpt-missing", ["--ckpt", "{missing}"], "does not exist"),
     ("ckpt-folder", ["--ckpt", "{folder}"], "is a folder, not a file (a diffusers model folder?"),
     ("ckpt-empty", ["--ckpt", "{empty.ckpt}"], "is empty"),

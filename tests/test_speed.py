@@ -179,6 +179,33 @@ def test_compile_takes_the_devices_compile_mode(monkeypatch):
     assert seen == [(unet, mode), (unet, {})]
 
 
+def test_a_compile_mode_lays_out_the_unet_unless_the_layout_is_given(monkeypatch):
+    """COMPILE_MODES' layout (CUDA: channels-last conv weights, run 7) applies when compiling,
+    to the model and to the recorded kernels; an explicit --no-channels_last still wins, and
+    without --compile the device's eager default stands."""
+    from ldm.pipeline import Pipeline
+
+    seen = []
+    monkeypatch.setattr(precision, "compile_unet_in_place",
+                        lambda unet, **how: seen.append(how))
+    monkeypatch.setitem(precision.COMPILE_MODES, "cpu", {"channels_last": True,
+                                                         "cuda_graphs": True})
+    assert precision.COMPILE_MODES["cuda"] == {"channels_last": True}
+    assert precision.fast_paths("cuda", compile_unet=True)["channels_last"] is True
+    assert precision.fast_paths("cuda")["channels_last"] is False
+
+    def laid_out(**layout):
+        model = nn.Sequential(nn.Conv2d(4, 4, 3))  # (its own UNet: it has no `unet`)
+        pipe = Pipeline.from_model(model, "cpu", "full", **layout)
+        return (pipe.kernels["channels_last"],
+                model[0].weight.is_contiguous(memory_format=torch.channels_last))
+
+    assert laid_out(compile_unet=True) == (True, True)
+    assert laid_out(compile_unet=True, channels_last=False) == (False, False)
+    assert laid_out() == (False, False)
+    assert seen == [{"cuda_graphs": True}] * 2  # the layout is applied before compiling
+
+
 def test_cli_switches_default_to_the_device_policy(txt2img):
     args = txt2img.parse_args(["--ckpt", "x"])
     assert args.channels_last is None and args.fast_kernels is None and not args.timings
