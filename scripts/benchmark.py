@@ -630,7 +630,8 @@ def build_parser():
         "free memory on the CPU, 10 on CUDA: a 24 GB card's share beside fp16 weights)")
     add("--tiny", action="store_true", help="the tiny test model and tiny sizes (for tests)")
     g = p.add_argument_group("--device cuda: issue 11's table (--only decode,sample,cli,sdxl; "
-                             "card24, a 4096² run within 24 GB, only when named)")
+                             "card24, a 4096² run within 24 GB, and compiled, the 1024² "
+                             "sample with --compile, only when named)")
     g.add_argument("--sample-steps", type=int, default=50,
                    help="steps of the 1024² runs (2 of 5 re-dilated, as 20 of 50)")
     g.add_argument("--preset-steps", type=int, default=3,

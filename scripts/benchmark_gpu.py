@@ -365,7 +365,7 @@ CASES = {"sample": case_sample, "whole": case_whole, "cli": case_cli}
 ITEMS = ("decode", "sample", "cli")
 TABLE_ITEMS = ITEMS + ("sdxl",)  # the table's row groups (sdxl: benchmark.py's own case)
 # Asked for by name only (`--only card24`), never by default: two 4096² whole runs
-OPT_IN_ITEMS = ("card24",)
+OPT_IN_ITEMS = ("card24", "compiled")
 CARD_GB = 24  # the common researcher card issue 11 must serve
 
 
@@ -408,9 +408,7 @@ def plan(args):
             "side": 128, "steps": steps, "repeats": 2, "channels_last": True,
             "variants": {"channels_last": REFERENCE_KERNELS, "all_channels_last": {}}}))
         if args.compile:
-            cases.append(("sample_1024_compile", "sample", {
-                "side": 128, "steps": steps, "variants": {"plain": {}}, "repeats": 2,
-                "compile": True, "warmup_steps": 3}))
+            cases.append(compiled_sample_case(steps))
         # whole runs as txt2img makes them (runs 1-2 ran channels-last, runs 1-6 held no text
         # encoder): the SD 2.1 experimental preset, then SDXL, the authors' 4096² headline
         cases.append(("sample_4096_preset", "whole", {
@@ -424,7 +422,17 @@ def plan(args):
         cases.append(("cli_1024", "cli", {"workdir": args.workdir}))
     if "card24" in args.only:
         cases += card_cases()
+    if "compiled" in args.only and "sample" not in args.only:  # (--compile adds it there)
+        cases.append(compiled_sample_case(args.sample_steps))
     return cases
+
+
+def compiled_sample_case(steps):
+    """The plain 1024² sample, the whole sampling loop, with the UNet compiled as `--compile`
+    compiles it on the device (COMPILE_MODES); its first steps (the compile) are not timed."""
+    return ("sample_1024_compile", "sample", {
+        "side": 128, "steps": steps, "variants": {"plain": {}}, "repeats": 2,
+        "compile": True, "warmup_steps": 3})
 
 
 def card_cases(steps=3):
@@ -463,7 +471,7 @@ def rows(results, items=TABLE_ITEMS):
     """Issue 11's table: (measure, value text, target, number or None, note), from the case
     results, for the items asked (`--only`; rows of items not run would only show dashes)."""
     parts = {"decode": _decode_rows, "sample": _sample_rows, "cli": _cli_rows,
-             "sdxl": _sdxl_rows, "card24": _card_rows}
+             "sdxl": _sdxl_rows, "card24": _card_rows, "compiled": _compiled_rows}
     return [row for item in parts if item in items for row in parts[item](results)]
 
 
@@ -596,6 +604,15 @@ def _sample_rows(results):
         out.append((f"plain 1024² {steps}-step sample, {name} / reference kernels", text,
                     "< 1x (kept where faster)", _ratio(t, reference), note))
     return out
+
+
+def _compiled_rows(results):
+    """The sample target's row for `--compile` (`--only compiled`): the whole loop timed, not
+    only its UNet calls as gpu_speed.py times them."""
+    key = "sample_1024_compile"
+    t, steps = _get(results, key, "seconds", "plain"), results.get(key, {}).get("steps")
+    return [(f"plain 1024² {steps}-step sample with --compile (the whole loop; the compile "
+             "not counted)", _fmt(t, ".2f") + " s", "≤ 1.3 s (50 steps)", t, _why(results, key))]
 
 
 def _warmup_note(result):

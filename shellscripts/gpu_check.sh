@@ -3,7 +3,8 @@
 # reference arrays, fp32 with TF32 off (~1 min); (2) `bench`: issue 11's table,
 # `scripts/benchmark.py --device cuda` (~6 min); (2b) `cli`: its CLI row alone (~70 s);
 # (2c) `sdxl`: its SDXL UNet rows (at most 200 s); (2d) `card24`: a 4096² run within 24 GB,
-# eager and with CUDA graphs (at most 420 s);
+# eager and with CUDA graphs (at most 420 s); (2e) `compiled`: the 1024² sample with
+# `--compile`, the whole loop (at most 300 s);
 # (3) `speed`, `stored`, `verify`, `graphs`, `layouts`, `host`, `eager`, `weights`,
 # `autotune`:
 # where the time goes, `scripts/gpu_speed.py` (at most 530 s each). The arguments pick the
@@ -12,7 +13,7 @@
 # goes on PYTHONPATH. Logs and JSON go to $OUT (./gpu_out).
 #
 #   SCALECRAFTER_REF=shared_ref OUT=/tmp/out bash shellscripts/gpu_check.sh [check] [bench] [cli] \
-#     [sdxl] [card24] [speed] [stored] [verify] [graphs] [layouts] [host] [eager] [weights] [autotune]
+#     [sdxl] [card24] [compiled] [speed] [stored] [verify] [graphs] [layouts] [host] [eager] [weights] [autotune]
 #
 # SCALECRAFTER_REF: a folder laid out as ../shared/reference (it needs tiny/; default
 # ./shared_ref). Each part runs under its own timeout; one failing does not stop the next.
@@ -97,6 +98,10 @@ wants sdxl && bench_item sdxl 200 95
 # per-process limit, decode on its default budget: eager, then compiled with CUDA graphs
 # (whose private pool the decode budget must leave out); at most 420 s, the eager case first.
 wants card24 && bench_item card24 420 250
+# (2e) `compiled`: the plain 1024² 50-step sample, the whole loop, with `--compile`'s UNet
+# (channels-last conv weights on CUDA since run 7); its compile (~80 s) is not timed; at most
+# 300 s.
+wants compiled && bench_item compiled 300 280
 
 # (3) where the time goes: gpu_speed.py's part sets `speed` (the sampling and CLI targets,
 # torch.compile, the decode as txt2img runs it), `stored` (the decode with torch's default

@@ -290,6 +290,25 @@ def test_card_cases_keep_the_presets_share_of_dilated_steps(bench, one_thread):
     assert gpu.rows({"card24_4096": result}) == gpu.rows({})  # not among the default rows
 
 
+def test_the_compiled_sample_is_an_opt_in_item_with_the_sample_target(bench):
+    """`--only compiled` (on CUDA): the plain 1024² sample's whole loop with `--compile`'s UNet,
+    judged by the sample target; `--only sample --compile` plans the same case once."""
+    gpu = bench.benchmark_gpu
+    args = SimpleNamespace(only=["compiled"], sample_steps=50, decode_budget_gb=None,
+                           compile=False)
+    ((key, name, params),) = gpu.plan(args)
+    assert (key, name, params["compile"], params["steps"], params["side"]) == (
+        "sample_1024_compile", "sample", True, 50, 128)
+    args = SimpleNamespace(only=["sample", "compiled"], sample_steps=50, decode_budget_gb=None,
+                           compile=True, preset_steps=3)
+    assert [k for k, *_ in gpu.plan(args)].count("sample_1024_compile") == 1
+    results = {"sample_1024_compile": {"steps": 50, "seconds": {"plain": 1.25}}}
+    ((label, text, target, value, _),) = gpu.rows(results, ("compiled",))
+    assert "--compile (the whole loop" in label and (text, target, value) == (
+        "1.25 s", "≤ 1.3 s (50 steps)", 1.25)
+    assert all("--compile (the whole" not in row[0] for row in gpu.rows(results))  # opt-in
+
+
 def test_saved_gpu_report_shows_the_items_it_ran(bench, tmp_path):
     """`benchmark_gpu.py report.json` prints the rows of the items the report ran (older
     reports, without the list: the default items)."""
