@@ -225,3 +225,56 @@ def test_device_rng_asks_for_the_pipelines_device(pipe, monkeypatch):
     for rng in ("device", "cpu"):
         on_cuda.noise_generator(GenerationOptions(**SMALL, seed=7, rng=rng))
     assert asked == ["cuda", "cpu"]
+
+
+@pytest.mark.parametrize("tile_size", [None, "auto"], ids=["whole", "auto-tiled"])
+def test_a_decode_uses_the_budget_it_is_given(pipe, monkeypatch, tile_size):
+    """decode(budget=) and decode_tiles(budget=) plan from that figure, never from the free
+    memory of the moment: txt2img resolves it once per batch and records the tiling from it."""
+    import ldm.pipeline
+
+    def no_lookup(device):
+        raise AssertionError("the free memory was read although a budget was given")
+
+    seen = []
+    resolve, tiled, full = (ldm.pipeline.resolve_tile_size, ldm.pipeline.tiled_decode,
+                            ldm.pipeline.full_decode)
+    monkeypatch.setattr(ldm.pipeline, "default_budget", no_lookup)
+    monkeypatch.setattr(ldm.pipeline, "resolve_tile_size",
+                        lambda *a: seen.append(("tiles", a[-1])) or resolve(*a))
+    monkeypatch.setattr(ldm.pipeline, "tiled_decode", lambda *a, budget_bytes, **k: seen.append(
+        ("tiled", budget_bytes)) or tiled(*a, budget_bytes=budget_bytes, **k))
+    monkeypatch.setattr(ldm.pipeline, "full_decode", lambda vae, z, budget, **k: seen.append(
+        ("full", budget)) or full(vae, z, budget, **k))
+    opts = pipe.options(H=64, W=64, tiled_decoding=tile_size is not None, tile_size=tile_size,
+                        overlap=2)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    budget = 12345 * 2**10
+    tiles = pipe.decode_tiles(z, opts, budget)
+    pipe.decode(z, opts, progress=False, tiles=tiles, budget=budget)
+    pipe.decode(z, opts, progress=False, budget=budget)  # its tiles resolved from the same
+    kinds = ["tiles", "tiled", "tiles", "tiled"] if tile_size else ["full", "full"]
+    assert seen == [(kind, budget) for kind in kinds]
+
+
+def test_txt2img_resolves_the_budget_once_per_batch_for_tiles_and_decode(monkeypatch,
+                                                                          tmp_path):
+    """The free memory moves while a run goes on: each batch's tiling (recorded) and decode
+    come from one reading of it."""
+    from conftest import load_script
+
+    cli = load_script("txt2img")
+    readings, seen = iter([3 * 2**30, 2**30, 2**29]), []
+    decode_tiles, decode = Pipeline.decode_tiles, Pipeline.decode
+    monkeypatch.setattr(Pipeline, "decode_budget", lambda self, z, opts: next(readings))
+    monkeypatch.setattr(Pipeline, "decode_tiles", lambda self, z, opts, budget=None: seen.append(
+        ("tiles", budget)) or decode_tiles(self, z, opts, budget))
+    monkeypatch.setattr(Pipeline, "decode", lambda self, z, opts, budget=None, **k: seen.append(
+        ("decode", budget)) or decode(self, z, opts, budget=budget, **k))
+    argv = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--H", "64", "--W", "64",
+            "--steps", "1", "--n_iter", "2", "--n_samples", "1", "--precision", "full",
+            "--outdir", str(tmp_path), "--tiled_decoding", "--tile_size", "auto",
+            "--overlap", "2"]
+    assert cli.main(argv) == 0
+    assert seen == [("tiles", 3 * 2**30), ("decode", 3 * 2**30), ("tiles", 2**30),
+                    ("decode", 2**30)]

@@ -129,6 +129,7 @@ def test_two_by_two_tile_covers_with_two_tiles(bench):
     (["--json", "/tmp"], "--json: /tmp is a folder; name the file to write"),
     (["--decode-budget-gb", "nan"], "--decode-budget-gb must be a positive number of GiB"),
     (["--decode-budget-gb", "0"], "got 0"),
+    (["--decode-budget-gb", "1e300"], "--decode-budget-gb must be a positive number of GiB"),
 ])
 def test_bad_flags_are_one_line_errors(bench, capsys, argv, message):
     assert bench.main(argv, runner=None) == 2

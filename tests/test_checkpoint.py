@@ -669,7 +669,8 @@ def test_converter_refuses_malicious(tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"), ("garbage", ""), ("bad-suffix", "must end in .safetensors"),
+    ("missing", "does not exist"), ("garbage", "is not a valid PyTorch checkpoint"),
+    ("bad-suffix", "must end in .safetensors"),
     ("device", "checkpoint path /dev/zero is not a regular file"),
     ("out-under-a-file", "is a file, not a folder"),
     ("no-arguments", "the following arguments are required: IN, OUT (see --help)")])

@@ -387,6 +387,23 @@ def test_ctrl_c_in_the_first_batch_leaves_no_folder_behind(cli, capsys, base, mo
 
 
 @pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_while_the_model_loads_is_one_line_with_its_status(
+        cli, capsys, base, monkeypatch, tmp_path, signal_name, code):
+    """Loading is the long wait (minutes for SDXL), when `timeout` or a batch system's SIGTERM
+    often comes: its own status (143), one line, no folder left."""
+    import ldm.pipeline
+
+    stop = KeyboardInterrupt if signal_name == "SIGINT" else cli.Terminated
+
+    def load(*args, **kwargs):
+        raise stop
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "load", load)
+    status, lines = call(cli, capsys, base + ["--outdir", str(tmp_path / "new" / "out")])
+    assert (status, lines) == (code, ["interrupted: no image was made"])
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_ctrl_c_while_sampling_keeps_finished_images(cli, capsys, base, monkeypatch, tmp_path,
                                                      signal_name, code):
     """The first batch is saved, Ctrl-C (or SIGTERM) comes in the second: exit 130 (143), one
@@ -708,6 +725,15 @@ def test_a_signal_to_a_running_process_keeps_its_finished_images(base, tmp_path,
         image.load()  # complete, readable
 
 
+def handled_without_interrupt(handler, signum):
+    """Call a signal handler that must not raise KeyboardInterrupt: if it does (a regression),
+    this test fails instead of the interrupt stopping the whole pytest session."""
+    try:
+        handler(signum, None)
+    except KeyboardInterrupt as err:
+        pytest.fail(f"the handler raised {type(err).__name__} instead of leaving")
+
+
 @pytest.mark.parametrize("first, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_second_signal_leaves_at_once_with_the_firsts_status(cli, capsys, tmp_path, first,
                                                                 code):
@@ -723,10 +749,10 @@ def test_a_second_signal_leaves_at_once_with_the_firsts_status(cli, capsys, tmp_
     left = []
     handler = cli.SignalStop(leave=left.append)
     stop = cli.Terminated if first == "SIGTERM" else KeyboardInterrupt
-    with pytest.raises(stop) as raised:
+    with pytest.raises(BaseException) as raised:  # (another interrupt must not stop pytest)
         handler(getattr(signal, first), None)
     assert type(raised.value) is stop and left == []
-    handler(signal.SIGINT, None)
+    handled_without_interrupt(handler, signal.SIGINT)
     assert left == [code] and not partial.exists()
     assert capsys.readouterr().err.splitlines() == [
         "interrupted again: leaving at once (the images already written are kept)"]
@@ -766,6 +792,24 @@ def test_a_full_disk_names_the_file_and_what_was_kept(cli, capsys, base, monkeyp
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png"]  # no partial
 
 
+def test_a_full_disk_at_the_first_image_keeps_nothing_and_no_folder(cli, capsys, base,
+                                                                   monkeypatch, tmp_path):
+    import errno
+
+    import ldm.outputs
+
+    def full_disk(tmp, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ldm.outputs, "_publish", full_disk)
+    out = tmp_path / "new" / "out"
+    status, lines = call(cli, capsys, base + ["--outdir", str(out)])
+    assert_one_line(status, [line for line in lines if line.startswith("error")],
+                    f"error: cannot write {out / 'samples' / '00000.png'}: No space left on "
+                    "device; no image was kept")
+    assert not (tmp_path / "new").exists()
+
+
 def image_fields(path):
     """The `Key: value` pairs of a PNG's parameters (values unquoted)."""
     import json
@@ -800,6 +844,9 @@ def test_an_image_names_its_kernels_and_the_files_it_was_made_from(cli, capsys, 
                                      f"{short_hash(prompts)}, dilate_settings: "
                                      f"{short_hash(settings)}")
     assert fields["decode_budget_gb"] == "0.75"  # given: it decides what a decode recomputes
+    grid = image_fields(tmp_path / "out" / "grid-0000.png")  # a grid is shared as an image too
+    for name in ("Kernels", "File hashes", "Prompt file", "repeat", "decode_budget_gb"):
+        assert grid[name] == fields[name], name
     settings.write_text("down_blocks.1.resnets.0.conv1:3\n")  # edited between two runs
     status, lines = call(cli, capsys, argv)
     assert status == 0, lines
@@ -809,6 +856,31 @@ def test_an_image_names_its_kernels_and_the_files_it_was_made_from(cli, capsys, 
     assert fields["File hashes"].endswith(f"dilate_settings: {short_hash(settings)}")
     assert short_hash(settings) not in image_fields(
         tmp_path / "out" / "samples" / "00000.png")["File hashes"]
+
+
+def test_file_hashes_are_of_the_files_as_read_before_the_load(cli, capsys, base, monkeypatch,
+                                                               tmp_path):
+    """The settings are read before the model loads (minutes); a file edited meanwhile must
+    not put its new hash beside the old settings' image."""
+    import ldm.pipeline
+    from ldm.hashing import short_hash
+
+    settings = tmp_path / "dilate.txt"
+    settings.write_text("down_blocks.1.resnets.0.conv1:2\n")
+    read = short_hash(settings)
+    load = ldm.pipeline.Pipeline.load.__func__
+
+    def load_while_edited(cls, *args, **kwargs):
+        settings.write_text("down_blocks.1.resnets.0.conv1:3\n")
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "load", classmethod(load_while_edited))
+    status, lines = call(cli, capsys, base + ["--dilate_settings", str(settings),
+                                              "--dilate_tau", "1"])
+    assert status == 0, lines
+    fields = image_fields(tmp_path / "out" / "samples" / "00000.png")
+    assert fields["File hashes"].endswith(f"dilate_settings: {read}")
+    assert short_hash(settings) != read
 
 
 def test_a_torch_too_old_is_one_line(cli, capsys, base, monkeypatch):
@@ -850,7 +922,7 @@ def test_a_command_line_run_stops_on_both_signals_and_leaves_at_once_while_exiti
         with pytest.raises(Left):
             cli.exit_now(143)
         with pytest.raises(Left):
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            handled_without_interrupt(signal.getsignal(signal.SIGINT), signal.SIGINT)
         assert left == [143, 143]
     finally:
         for name, handler in before.items():

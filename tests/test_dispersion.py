@@ -229,3 +229,17 @@ def test_settings_that_cannot_disperse_are_refused(kwargs, message):
         ScaleCrafterSettings(**kwargs)
     ScaleCrafterSettings(**{**kwargs, "disperse": frozenset({"a"}), "transform": np.eye(25, 9),
                             "inflate_tau": 5})  # the same, made right, is accepted
+
+
+def test_cli_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from conftest import load_script
+
+    script = load_script("solve_dispersion")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(script, "solve_dispersion_transform", interrupted)
+    out = tmp_path / "R.npy"
+    assert script.main(["--out", str(out)]) == 130
+    assert capsys.readouterr().err.splitlines() == ["interrupted: nothing was written"]
+    assert not out.exists()

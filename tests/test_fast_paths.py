@@ -306,6 +306,20 @@ def test_a_cgroup_v2_limit_counts_its_parents_and_reclaimable_cache(tmp_path):
     assert memory.cgroup_available_bytes(root, membership) == 4 * GiB
 
 
+def test_a_childs_tighter_cgroup_limit_wins_over_its_parents(tmp_path):
+    """Kubernetes containers and Slurm steps: the child's limit is often the tight one."""
+    root, membership = fake_cgroups(tmp_path, "0::/job/step\n", {
+        "job": {"memory.max": str(16 * GiB), "memory.current": str(2 * GiB)},  # 14 GiB room
+        "job/step": {"memory.max": str(4 * GiB), "memory.current": str(GiB)}})  # 3 GiB room
+    assert memory.cgroup_available_bytes(root, membership) == 3 * GiB
+
+
+def test_a_cgroup_over_its_limit_leaves_no_room(tmp_path):
+    root, membership = fake_cgroups(tmp_path, "0::/\n", {
+        ".": {"memory.max": str(2 * GiB), "memory.current": str(3 * GiB)}})
+    assert memory.cgroup_available_bytes(root, membership) == 0
+
+
 def test_a_cgroup_v1_limit_inside_a_container(tmp_path):
     """In a container /proc/self/cgroup says '/': the limit is at the controller's root."""
     root, membership = fake_cgroups(tmp_path, "9:cpu,cpuacct:/\nnot a cgroup line\n4:memory:/\n", {
@@ -319,7 +333,9 @@ def test_no_cgroup_limit_leaves_the_host_figure(tmp_path, monkeypatch, limit):
     version = "0::/" if limit == "max" else "4:memory:/"
     folder = "." if limit == "max" else "memory"
     name = "memory.max" if limit == "max" else "memory.limit_in_bytes"
-    root, membership = fake_cgroups(tmp_path, version + "\n", {folder: {name: limit}})
+    usage = "memory.current" if limit == "max" else "memory.usage_in_bytes"
+    root, membership = fake_cgroups(tmp_path, version + "\n", {folder: {name: limit,
+                                                                        usage: str(GiB)}})
     assert memory.cgroup_available_bytes(root, membership) is None
     assert memory.cgroup_available_bytes(root, str(tmp_path / "missing")) is None
 
