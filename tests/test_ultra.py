@@ -116,11 +116,25 @@ def test_the_diffusers_translation_is_the_published_layouts(config):
     assert diffusers_conv_names(unet) == expected
 
 
-def test_unknown_setting_name_is_an_error(sd21_unet, tmp_path):
+@pytest.mark.parametrize("name", [
+    "down_blocks.9.resnets.0.conv1", "down_blocks.4.resnets.0.conv1",
+    "up_blocks.4.resnets.7.conv2", "down_blocks.3.downsamplers.0.conv",
+    "up_blocks.3.upsamplers.0.conv", "up_blocks.1.resnets.3.conv1"])
+def test_unknown_setting_name_is_an_error(sd21_unet, tmp_path, name):
+    """On SD 2.1 every name of the authors' layout exists, so an unknown one is a typo (an
+    off-by-one level would quietly drop a layer from the dilation if it were skipped)."""
     path = tmp_path / "bad.txt"
-    path.write_text("down_blocks.1.resnets.0.conv1:2\ndown_blocks.9.resnets.0.conv1:2\n")
-    with pytest.raises(SettingsError, match=r"bad.txt:2: 'down_blocks.9.resnets.0.conv1'"):
+    path.write_text(f"down_blocks.1.resnets.0.conv1:2\n{name}:2\n")
+    with pytest.raises(SettingsError, match=f"bad.txt:2: '{re.escape(name)}' is not a 3x3"):
         read_dilation_settings(path, sd21_unet)
+
+
+def test_the_names_skipped_where_absent_are_the_sd_layouts(sd21_unet):
+    """SD_LAYOUT_SLOTS, the names a smaller UNet (SDXL) may lack, are exactly the real SD 2.1
+    UNet's conv names."""
+    from ldm.scalecrafter.settings import SD_LAYOUT_SLOTS
+
+    assert set(diffusers_conv_names(sd21_unet)) == SD_LAYOUT_SLOTS
 
 
 @pytest.mark.parametrize("value, message", [

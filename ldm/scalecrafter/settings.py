@@ -10,7 +10,6 @@ file, when it is a slot this UNet's layout lacks: a conv of the level just below
 or a down/upsampler of an existing level (the outermost ones have none). Anything else is refused
 as a typo."""
 import math
-import re
 from pathlib import Path
 from typing import Dict, FrozenSet, List
 
@@ -56,18 +55,28 @@ class SettingsError(ValueError):
     pass
 
 
-_DIFFUSERS_SLOT = re.compile(r"(?:down|up)_blocks\.(\d+)\.(?:resnets\.\d+\.conv[12]|"
-                             r"(down|up)samplers\.0\.conv)")
+def _sd_layout_slots() -> FrozenSet[str]:
+    """The 3x3 conv names of the diffusers SD 1.x/2.x UNet (4 levels; 2 ResNets a level down, 3
+    up; no sampler at the deepest level), which the authors' settings files use for SDXL too."""
+    names = {"conv_in", "conv_out"} | {f"mid_block.resnets.{r}.conv{c}" for r in (0, 1)
+                                       for c in (1, 2)}
+    for level in range(4):
+        names |= {f"down_blocks.{level}.resnets.{r}.conv{c}" for r in (0, 1) for c in (1, 2)}
+        names |= {f"up_blocks.{level}.resnets.{r}.conv{c}" for r in (0, 1, 2) for c in (1, 2)}
+        if level < 3:
+            names |= {f"down_blocks.{level}.downsamplers.0.conv",
+                      f"up_blocks.{level}.upsamplers.0.conv"}
+    return frozenset(names)
+
+
+# Names of that layout a UNet may lack (SDXL has 3 levels): skipped with a warning, as the
+# authors' diffusers code skipped them; any other unknown name is an error (a typo).
+SD_LAYOUT_SLOTS = _sd_layout_slots()
 
 
 def _absent_slot(name: str, translation: Dict[str, str]) -> bool:
-    """A well-formed diffusers conv name of a slot this UNet's layout does not have."""
-    match = _DIFFUSERS_SLOT.fullmatch(name)
-    if not match:
-        return False
-    levels = 1 + max(int(k.split(".")[1]) for k in translation if k.startswith("down_blocks."))
-    level, sampler = int(match.group(1)), match.group(2) is not None
-    return level == levels or (sampler and level < levels)
+    """A conv of the SD 1.x/2.x layout that this UNet's layout does not have."""
+    return name in SD_LAYOUT_SLOTS and name not in translation
 
 
 def _warn_skipped(path, skipped: List[str]):
