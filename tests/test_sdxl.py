@@ -2,6 +2,7 @@
 calls, whole CLI runs with the authors' SDXL settings files as published, and the full-size
 layout of sd_xl_base.yaml."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,6 +191,22 @@ XL_PRESETS = ["sdxl_2048x2048", "sdxl_2560x2560", "sdxl_4096x2048", "sdxl_4096x4
               "sdxl_4096x4096_disperse"]
 
 
+def _check_files_match_the_authors(args, theirs, unet, authors):
+    """Each settings file the authors' preset names (the ndcfg one where its tau is not 0) is
+    ours with the same content, read on the SDXL UNet (theirs loses the convs SDXL lacks)."""
+    from ldm.scalecrafter.settings import read_conv_list, read_dilation_settings
+
+    kinds = {"dilate_settings": ("dilate", read_dilation_settings),
+             "ndcfg_dilate_settings": ("ndcfg_dilate", read_dilation_settings),
+             "disperse_settings": ("disperse", read_conv_list)}
+    for key, (folder, read) in kinds.items():
+        if not theirs.get(key) or (key.startswith("ndcfg") and not theirs["ndcfg_tau"]):
+            continue
+        ours = getattr(args, key)
+        assert ours and Path(ours).name == Path(theirs[key]).name, key
+        assert read(REPO / ours, unet) == read(authors / folder / Path(ours).name, unet), key
+
+
 def test_sdxl_presets_carry_the_authors_settings(txt2img, xl_pipe, capsys):
     from ldm.scalecrafter.settings import build_settings
 
@@ -208,6 +225,7 @@ def test_sdxl_presets_carry_the_authors_settings(txt2img, xl_pipe, capsys):
         capsys.readouterr()
         build_settings(xl_pipe.model.unet, opts)  # our files: real convs only, no warning
         assert "warning" not in capsys.readouterr().err
+        _check_files_match_the_authors(args, theirs, xl_pipe.model.unet, authors.parent)
     assert txt2img.parse_args(["--preset", "sdxl_2048x2048", "--scale", "7",
                                "--ckpt", "x"]).scale == 7
 

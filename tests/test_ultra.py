@@ -73,7 +73,9 @@ def test_every_published_sd21_name_translates(sd21_unet):
                                       path.name, sd21_unet)
         assert theirs == ours and len(theirs) == len(path.read_text().split())
     disperse = SETTINGS / "disperse" / "sd2.1_2048x2048.txt"
-    assert len(read_conv_list(disperse, sd21_unet)) == 23
+    theirs = read_conv_list(disperse, sd21_unet)
+    assert len(theirs) == 23 and theirs == read_conv_list(
+        REPO / "configs" / "scalecrafter" / "disperse" / disperse.name, sd21_unet)
 
 
 def published_sd_conv_names():
