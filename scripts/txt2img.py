@@ -110,7 +110,7 @@ def build_parser(suppress_defaults=False):
              "re-dilation plan and batch size")
     add("--channels_last", action=argparse.BooleanOptionalAction,
         help="UNet in channels-last memory format (default: ldm/precision.py's choice for "
-             "the device: off, as measured on CUDA)")
+             "the device: off, as measured on CUDA; on with --compile on CUDA)")
     add("--fast_kernels", action=argparse.BooleanOptionalAction,
         help="CUDA: cuDNN autotuning and the UNet's norms in the activations' dtype "
              "(default: on with CUDA; --no-fast_kernels for the reference kernels)")
