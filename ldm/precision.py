@@ -66,9 +66,10 @@ REFERENCE_PATHS = {"channels_last": False, "cudnn_benchmark": False, "native_nor
                    "cudnn_attention": False}
 # The switches that act while sampling only (process-wide state, restored after it).
 SAMPLING_SWITCHES = ("cudnn_benchmark", "cudnn_attention")
-# How `--compile` compiles the UNet, per device type: compile_unet_in_place's keywords
-# (Inductor `options`, `cuda_graphs`, `channels_last`, ...); a device type not listed gets the
-# plain compile. Measured on H200s (docs/benchmarks.md, runs 4-7), 1024² CFG call, fp16
+# How `--compile` compiles the UNet, per device type: the layout to compile (`channels_last`,
+# read by fast_paths, so that the model and its recorded kernels agree and an explicit
+# --no-channels_last wins) and compile_unet_in_place's other keywords (Inductor `options`,
+# `cuda_graphs`, ...); a device type not listed gets the plain compile. Measured on H200s (docs/benchmarks.md, runs 4-7), 1024² CFG call, fp16
 # weights: the plain compile 28.1 ms a call, with channels-last conv weights 24.3 ms (cuDNN's
 # NHWC kernels without conversions, the norms' copies fused away; run 7, one process), with
 # CUDA graphs on top 23.6 ms. CUDA graphs stay off: their private memory pool keeps the UNet's

@@ -229,7 +229,7 @@ class _GatedUnpickler(pickle._Unpickler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._allowed = torch_allowed_globals()
-        self._shared = {id(obj) for obj in self._allowed.values()}
+        self._shared = {id(obj): name for name, obj in self._allowed.items()}
 
     def find_class(self, module, name):
         obj = resolve_safe(str(module), str(name), self._allowed)
@@ -241,7 +241,7 @@ class _GatedUnpickler(pickle._Unpickler):
         target = self.stack[-2] if len(self.stack) >= 2 else None
         if (isinstance(target, (type, types.ModuleType)) or id(target) in self._shared
                 or (callable(target) and not isinstance(target, _InertStub))):
-            raise RefusedBuild(_shared_object_name(target))
+            raise RefusedBuild(self._shared.get(id(target)) or _shared_object_name(target))
         pickle._Unpickler.load_build(self)
 
     dispatch[pickle.BUILD[0]] = _load_build

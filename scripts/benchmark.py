@@ -11,8 +11,8 @@ One run measures, each case in a fresh subprocess (so that its peak memory is it
             latent side of --sides: seconds and peak memory
   sdxl      one full-size SDXL UNet CFG call (batch 2, context (2, 77, 2048), vector (2, 2816);
             fp32 on the CPU, fp16 weights under autocast on CUDA) at each latent side of
-            --sdxl-sides (default 128, 256: 1024² and 2048² images); only with --only sdxl
-            (a 10 GB model)
+            --sdxl-sides (default 128, 256: 1024² and 2048² images); on the CPU only with
+            --only sdxl (a 10 GB model), on CUDA one of the table's default items
 
 Peak memory on the CPU is the subprocess's peak resident set (getrusage ru_maxrss), on CUDA
 torch.cuda.max_memory_allocated. `peak_gb` subtracts nothing (weights and the Python/torch
@@ -407,7 +407,8 @@ def plan(args):
 
 
 def plan_sdxl(args):
-    """The SDXL UNet cases (CPU or CUDA), only when asked for: a 10 GB model."""
+    """The SDXL UNet cases (CPU or CUDA) where `sdxl` is among the items: asked for on the CPU
+    (a 10 GB model), in the default items on CUDA."""
     if "sdxl" not in args.only:
         return []
     return [(f"sdxl_unet_{side}", "sdxl_unet", {
@@ -582,7 +583,14 @@ def markdown_table(report):
 
 
 def write_json(report, path):
-    Path(path).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    """Whole or not at all (a Ctrl-C while writing keeps the previous file)."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.partial")
+    try:
+        part.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -711,7 +719,7 @@ def resolve(args):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a case; `finished` cases' figures are already in the --json file."""
+    """Ctrl-C during a run; `finished` cases' figures are already in the --json file."""
 
     def __init__(self, finished):
         super().__init__(finished)
@@ -726,20 +734,21 @@ def run_all(args, runner=run_case_subprocess):
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "loadavg_before": round(os.getloadavg()[0], 2), "quick": bool(args.quick),
             "tiny": bool(args.tiny)}
-    results = {}
+    results, written = {}, 0
     for i, (key, name, params) in enumerate(cases, 1):
         log(f"case {i}/{len(cases)}: {key} {json.dumps(params)}")
         start = time.perf_counter()
         try:
             results[key] = (runner(name, params, args.device, args.case_timeout) if cuda
                             else runner(name, params, args.device))
+            if "error" in results[key]:
+                log(results[key]["error"])
+            log(f"case {key} done in {time.perf_counter() - start:.0f}s")
+            if args.json:  # what is measured so far survives an interrupted run
+                write_json(_report(results, args.device, meta, cuda, args.only), args.json)
+                written = len(results)
         except KeyboardInterrupt:
-            raise Interrupted(len(results) if args.json else 0) from None
-        if "error" in results[key]:
-            log(results[key]["error"])
-        log(f"case {key} done in {time.perf_counter() - start:.0f}s")
-        if args.json:  # what is measured so far survives an interrupted run
-            write_json(_report(results, args.device, meta, cuda, args.only), args.json)
+            raise Interrupted(written) from None
     meta["loadavg_after"] = round(os.getloadavg()[0], 2)
     return _report(results, args.device, meta, cuda, args.only)
 
@@ -762,7 +771,12 @@ def main(argv=None, runner=run_case_subprocess):
         if args.case not in CASES:
             print(f"error: unknown case {args.case!r}", file=sys.stderr)
             return 2
-        result = run_case(args.case, json.loads(args.case_params or "{}"), args.device)
+        import torch
+
+        try:
+            result = run_case(args.case, json.loads(args.case_params or "{}"), args.device)
+        except torch.OutOfMemoryError as err:  # an answer too (card24: it does not fit)
+            result = {"error": f"out of memory: {str(err).strip().splitlines()[0]}"}
         print(json.dumps(result))
         return 0
     try:

@@ -129,8 +129,8 @@ def case_sample(p, meter):
     _as_card(meter.device, p)
     layout = {"channels_last": p.get("channels_last"),  # None: the device's default (txt2img's)
               "compile_unet": p.get("compile", False)}
-    if layout["channels_last"] is None:
-        layout["channels_last"] = _default_layout(meter.device)
+    if layout["channels_last"] is None:  # (compiled: as --compile lays it out, COMPILE_MODES)
+        layout["channels_last"] = _default_layout(meter.device, layout["compile_unet"])
     unet, acp, ctx_dim = _unet_and_schedule(meter.device, layout, _config(p))
     baseline = meter.current_bytes()
     gen = torch.Generator().manual_seed(0)
@@ -175,10 +175,10 @@ def case_sample(p, meter):
     return result
 
 
-def _default_layout(device):
+def _default_layout(device, compile_unet=False):
     from ldm.precision import fast_paths
 
-    return fast_paths(device)["channels_last"]
+    return fast_paths(device, compile_unet)["channels_last"]
 
 
 def _as_card(device, p):
@@ -270,7 +270,7 @@ def case_whole(p, meter):
                   side=p["side"], steps=p["steps"], baseline_gb=baseline / GB,
                   weights_gb=weights, peak_gb=meter.peak_bytes() / GB,
                   kernels=dict(pipe.sampling_kernels),
-                  channels_last=_default_layout(meter.device), card_gb=p.get("card_gb"),
+                  channels_last=pipe.kernels["channels_last"], card_gb=p.get("card_gb"),
                   compile_modes=p.get("compile_modes"))
     if meter.cuda:
         result["reserved_peak_gb"] = torch.cuda.max_memory_reserved(meter.device) / GB

@@ -729,8 +729,8 @@ def run_part(name, params, device, timeout):
     except subprocess.TimeoutExpired as stopped:
         return {**_reported(stopped.stdout), "error": f"stopped at its {timeout} s timeout"}
     lines = proc.stdout.strip().splitlines()
-    if proc.returncode or not lines:
-        return {"error": f"exit status {proc.returncode}"}
+    if proc.returncode or not lines:  # what it reported before failing is kept
+        return {**_reported(proc.stdout), "error": f"exit status {proc.returncode}"}
     return json.loads(lines[-1])
 
 
@@ -992,7 +992,7 @@ def decisions(results):
                           f"{gain * 1e3:+.2f} ms a step, {comp['compile_seconds']:.0f} s to compile")
     for label, switch in (("compiled_frozen", "freezing"), ("compiled_cudagraphs", "cuda_graphs")):
         got = results.get(label.replace("compiled_", "compile_"), {}).get("seconds")
-        if "seconds" in comp and got:  # each against the eager copy in its own process
+        if "seconds" in comp and got and label in got:  # (its compile may have failed)
             plain_ratio = comp["seconds"]["compiled"] / comp["seconds"]["eager"]
             ratio = got[label] / got["eager"]
             out[switch] = (ratio < plain_ratio, f"{ratio:.2f}x of eager {VARIANT_TEXT[label]}, "

@@ -264,10 +264,8 @@ def test_card_cases_keep_the_presets_share_of_dilated_steps(bench, one_thread):
     case runs on the tiny model (no compile, no limit on the CPU) and fills the card rows."""
     gpu = bench.benchmark_gpu
     eager, graphs = gpu.card_cases()
-    from ldm.precision import COMPILE_MODES
-
-    # --compile's own mode on CUDA, with CUDA graphs on top
-    assert graphs[2]["compile_modes"] == {**COMPILE_MODES["cuda"], "cuda_graphs": True}
+    # --compile's own mode on CUDA (channels-last since run 7), with CUDA graphs on top
+    assert graphs[2]["compile_modes"] == {"channels_last": True, "cuda_graphs": True}
     assert not eager[2].get("compile")
     planned = gpu.plan(SimpleNamespace(only=["card24"], decode_budget_gb=None))
     assert [key for key, *_ in planned] == ["card24_4096", "card24_4096_graphs"]
@@ -308,6 +306,28 @@ def test_the_compiled_sample_is_an_opt_in_item_with_the_sample_target(bench):
     assert "--compile (the whole loop" in label and (text, target, value) == (
         "1.25 s", "≤ 1.3 s (50 steps)", 1.25)
     assert all("--compile (the whole" not in row[0] for row in gpu.rows(results))  # opt-in
+
+
+def test_a_compiled_sample_is_laid_out_as_compile_lays_it_out(bench, monkeypatch):
+    """The compiled case times what `--compile` runs: the device's COMPILE_MODES layout
+    (CUDA: channels-last), not the eager default (run 7 adopted it for 1.22 s against 1.41)."""
+    from ldm import precision
+
+    gpu, seen = bench.benchmark_gpu, []
+
+    class Built(Exception):
+        pass
+
+    def capture(device, layout, config):
+        seen.append(layout["channels_last"])
+        raise Built
+
+    monkeypatch.setitem(precision.COMPILE_MODES, "cpu", {"channels_last": True})
+    monkeypatch.setattr(gpu, "_unet_and_schedule", capture)
+    for compiled in (True, False):
+        with pytest.raises(Built):
+            gpu.case_sample({"compile": compiled, "side": 8, "steps": 1}, bench.Meter("cpu"))
+    assert seen == [True, False]
 
 
 def test_saved_gpu_report_shows_the_items_it_ran(bench, tmp_path):
@@ -400,3 +420,45 @@ def test_each_case_runs_in_a_fresh_process(bench, monkeypatch, tmp_path):
     assert bench.main(argv) == 0
     assert started == ["guidance"]
     assert _number(json.loads(out.read_text())["redilation_step_ratio"])
+
+
+def test_a_case_out_of_memory_is_its_result_not_a_failed_process(bench, monkeypatch, capsys):
+    """card24 asks whether a run fits 24 GB: running out of memory is an answer, the row's
+    note, not a bare 'exit status 1' with the reason left in a log."""
+    import torch
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setattr(bench, "run_case", out_of_memory)
+    assert bench.main(["--case", "whole", "--case-params", "{}"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {
+        "error": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"}
+
+
+def test_a_gpu_check_part_stopped_by_its_timeout_still_reports_its_cases(bench, tmp_path):
+    """gpu_check.sh: when a benchmark part meets its timeout (no table printed), the cases its
+    JSON holds are rendered into the summary all the same."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    results = {"card24_4096": {"steps": 3, "reserved_peak_gb": 20.5, "peak_gb": 18.25}}
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(bench._report(results, "cuda", {}, True, ["card24"])))
+    fake = tmp_path / "python"  # benchmark.py "timed out" after writing its JSON
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = scripts/benchmark.py ]; then
+  while [ $# -gt 0 ]; do [ "$1" = --json ] && cp {report} "$2"; shift; done
+  exit 124
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(out)}
+    run = subprocess.run(["bash", str(REPO / "shellscripts" / "gpu_check.sh"), "card24"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "| 20.50 GB / 18.25 GB | runs |" in (out / "summary.txt").read_text()

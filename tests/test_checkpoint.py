@@ -402,6 +402,7 @@ def test_handcrafted_globals_are_refused(tmp_path, target):
 SHARED_STATE = {
     "torch.storage.TypedStorage": b"ctorch.storage\nTypedStorage\n(N}S'pwned'\nI1\nstb.",
     "torch._utils._rebuild_tensor_v2": b"ctorch._utils\n_rebuild_tensor_v2\n(N}S'pwned'\nI1\nstb.",
+    "torch.float32": b"ctorch\nfloat32\n(N}S'pwned'\nI1\nstb.",  # shared, not callable
 }
 
 
@@ -419,6 +420,19 @@ def test_state_written_into_shared_objects_is_refused(tmp_path, target):
     with pytest.raises(CheckpointError, match=f"would change {re.escape(target)}, which every"):
         load_state_dict(path)
     assert not hasattr(shared, "pwned")
+
+
+def test_state_filled_into_the_files_own_objects_still_loads(tmp_path):
+    """Every real state_dict() is an OrderedDict whose `_metadata` comes through BUILD, and a
+    Lightning file's extras (here a Namespace stub) too: the gate lets those through."""
+    model = torch.nn.Linear(2, 3)
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": argparse.Namespace(lr=1)},
+               path)
+    with pytest.raises(Exception):  # (so the gate is what loads it)
+        torch.load(path, weights_only=True)
+    loaded = load_state_dict(path)
+    assert sorted(loaded) == ["bias", "weight"] and torch.equal(loaded["weight"], model.weight)
 
 
 def test_torchscript_archive_is_refused(tmp_path):

@@ -1,9 +1,11 @@
 """scripts/gpu_check.py, the correctness checks a card session runs first, on the CPU: a check
 that breaks here would cost device minutes there. (Its decode and CLI checks repeat what
 test_redilation.py and test_cli_errors.py already run on the CPU, so only the quick ones run.)"""
+import os
+
 import pytest
 
-from conftest import load_script
+from conftest import REPO, load_script
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +41,22 @@ def test_quick_checks_pass_on_the_cpu(gpu_check, name, says):
 def test_cuda_only_checks_skip_elsewhere(gpu_check):
     with pytest.raises(gpu_check.Skip):
         gpu_check.decode_budget()
+
+
+def test_the_shell_script_refuses_an_unknown_part_before_anything(tmp_path):
+    """A misspelt part (`card-24`) would spend a machine's start for nothing: refused at once,
+    exit 2, with the parts it knows; every part the script runs is among them."""
+    import re
+    import subprocess
+
+    script = REPO / "shellscripts" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": "false", "OUT": str(tmp_path / "out")}
+    run = subprocess.run(["bash", str(script), "check", "card-24"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert run.returncode == 2 and "unknown part 'card-24'" in run.stderr
+    assert not (tmp_path / "out").exists()
+    text = script.read_text()
+    known = set(re.search(r'KNOWN=" ([^"]+) "', text).group(1).split())
+    used = set(re.findall(r"wants (\w+)", text)) | set(
+        re.search(r"for set in ([\w ]+); do", text).group(1).split())
+    assert used == known

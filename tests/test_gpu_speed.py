@@ -148,6 +148,23 @@ def test_a_part_stopped_by_its_timeout_keeps_what_it_reported(speed, monkeypatch
     monkeypatch.setattr(speed.subprocess, "run", silent)
     assert speed.run_part("cli", {}, "cpu", 140) == {"error": "stopped at its 140 s timeout"}
 
+    def failed(cmd, **kwargs):  # e.g. a CUDA-graphs error after the compile was timed
+        return speed.subprocess.CompletedProcess(cmd, 1, stdout='{"compile_seconds": 80.5}\n')
+    monkeypatch.setattr(speed.subprocess, "run", failed)
+    assert speed.run_part("compile", {}, "cpu", 240) == {"compile_seconds": 80.5,
+                                                          "error": "exit status 1"}
+
+
+def test_a_variant_that_failed_to_compile_is_reported_not_a_crash(speed):
+    """A frozen or CUDA-graphs compile that failed leaves only the eager figure: the decisions
+    (and the report and --summarize around them) go on without it, not with a KeyError."""
+    results = {"compile": {"seconds": {"eager": 0.038, "compiled": 0.028},
+                           "compile_seconds": 84.0},
+               "compile_cudagraphs": {"variants": {}, "seconds": {"eager": 0.038},
+                                      "errors": {"compiled_cudagraphs": "RuntimeError: x"}}}
+    decided = speed.decisions(results)
+    assert "compile" in decided and "cuda_graphs" not in decided
+
 
 @pytest.fixture
 def one_conv_unet(speed, monkeypatch, cuda_graph_plumbing):

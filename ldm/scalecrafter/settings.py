@@ -6,9 +6,8 @@ as in the authors' published files); each must denote one 3x3 convolution of the
 
 The authors' SDXL files also name convs SDXL lacks (they were written for a 4-level UNet; diffusers
 silently patched only the names it found). A diffusers name is skipped, with one warning line per
-file, when it is a slot this UNet's layout lacks: a conv of the level just below its deepest one,
-or a down/upsampler of an existing level (the outermost ones have none). Anything else is refused
-as a typo."""
+file, when it is a conv of the SD 1.x/2.x layout (SD_LAYOUT_SLOTS) that this UNet lacks; any
+other unknown name is refused as a typo (on SD 1.x/2.x, every unknown name)."""
 import math
 from pathlib import Path
 from typing import Dict, FrozenSet, List
