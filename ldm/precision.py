@@ -69,13 +69,14 @@ SAMPLING_SWITCHES = ("cudnn_benchmark", "cudnn_attention")
 # How `--compile` compiles the UNet, per device type: the layout to compile (`channels_last`,
 # read by fast_paths, so that the model and its recorded kernels agree and an explicit
 # --no-channels_last wins) and compile_unet_in_place's other keywords (Inductor `options`,
-# `cuda_graphs`, ...); a device type not listed gets the plain compile. Measured on H200s (docs/benchmarks.md, runs 4-7), 1024² CFG call, fp16
-# weights: the plain compile 28.1 ms a call, with channels-last conv weights 24.3 ms (cuDNN's
-# NHWC kernels without conversions, the norms' copies fused away; run 7, one process), with
-# CUDA graphs on top 23.6 ms. CUDA graphs stay off: their private memory pool keeps the UNet's
-# intermediates from the decode (the decode budget leaves it out, so a decode gets fewer bytes
-# rather than an out-of-memory error), and whether a 4096² run still fits a 24 GB card with
-# it is unmeasured (`gpu_check.sh card24`): 0.7 ms a step is not worth that risk.
+# `cuda_graphs`, ...); a device type not listed gets the plain compile. Measured on H200s
+# (docs/benchmarks.md, runs 4-7), 1024² CFG call, fp16 weights: the plain compile 28.1 ms a
+# call, with channels-last conv weights 24.3 ms (cuDNN's NHWC kernels without conversions,
+# the norms' copies fused away; run 7, one process), with CUDA graphs on top 23.6 ms. CUDA
+# graphs stay off: their private memory pool keeps the UNet's intermediates from the decode
+# (the decode budget leaves it out, so a decode gets fewer bytes rather than an out-of-memory
+# error), and whether a 4096² run still fits a 24 GB card with it is unmeasured
+# (`gpu_check.sh card24`): 0.7 ms a step is not worth that risk.
 # `scripts/gpu_speed.py --parts weights` (or `host`, `layouts`) names the entry its rule
 # would set here.
 COMPILE_MODES = {"cuda": {"channels_last": True}}
