@@ -29,6 +29,11 @@ SMALL = dict(H=64, W=64, steps=1, precision="full")
     (dict(ddim_eta=1.2), "--ddim_eta must be between 0 and 1, got 1.2"),
     (dict(tiled_decoding=True, H=128, W=128),
      "--overlap (24) must be smaller than the tile (8 latent pixels): use --overlap 6 or less"),
+    (dict(ndcfg_tau=5), "--ndcfg_tau needs --ndcfg_dilate_settings"),
+    (dict(tiled_decoding=True, overlap=3), "--overlap must be even and non-negative, got 3"),
+    (dict(H=72), "--H must be a positive multiple of 64, got 72"),
+    (dict(seed=2**32), "--seed must be in 0..4294967295, got 4294967296"),
+    (dict(steps=True), "--steps must be an integer, got True"),
 ], ids=lambda v: str(v)[:30])
 def test_bad_options_are_one_value_error(options, message):
     with pytest.raises(ValueError) as error:
@@ -149,6 +154,8 @@ def test_a_prompt_cut_to_the_context_is_named_once(pipe, capsys):
     long = "a detailed oil painting of " + "ripe red apples, " * 30 + "(api test)"
     pipe.model.get_conditioning([" ".join(["pear"] * 75)], (64, 64))  # 75 tokens: all fit
     assert "warning" not in capsys.readouterr().err
+    pipe.model.get_conditioning([" ".join(["pear"] * 76)], (64, 64))  # the last one is cut
+    assert capsys.readouterr().err.count("exceeds the text encoder's 77-token context") == 1
     pipe.model.get_conditioning(["a fox", long], (64, 64))
     pipe.model.get_conditioning([long], (64, 64))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]

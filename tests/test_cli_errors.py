@@ -768,6 +768,16 @@ def test_a_config_param_the_model_cannot_take_names_the_part(tmp_path):
     with pytest.raises(ConfigError, match="^the config's UNetModel could not be built from its "
                                           "params: integer division or modulo by zero$"):
         instantiate_from_config(unet)
+    unet.params.num_head_channels, unet.params.model_channels = 16, "wide"  # a TypeError deep in
+    with pytest.raises(ConfigError, match="^the config's UNetModel could not be built from its "
+                                          "params: "):
+        instantiate_from_config(unet)
+    model = OmegaConf.load(TINY_CONFIG).model
+    model.params.parameterization = "x0"  # neither eps nor v: refused, not run as eps
+    with pytest.raises(ConfigError, match="could not be built from its params: parameterization "
+                                          "must be 'eps' or 'v', got 'x0'$"):
+        with torch.device("meta"):
+            instantiate_from_config(model)
 
 
 def test_a_full_disk_names_the_file_and_what_was_kept(cli, capsys, base, monkeypatch, tmp_path):

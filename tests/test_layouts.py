@@ -346,6 +346,9 @@ def test_an_inpainting_file_is_named_and_refused(tmp_path):
 @pytest.mark.parametrize("keys, says", [
     (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "a LoRA"),
     (["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"], "a LoRA"),
+    (["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight",  # PEFT's pair, with its base
+      "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight", "unet.conv_in.weight"],
+     "a LoRA"),
     (["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"], "in diffusers' layout"),
     (["model_ema.diffusion_modelinput_blocks00weight", "first_stage_model.decoder.conv_in.weight"],
      "one whose UNet is there only as EMA copies"),
@@ -360,17 +363,29 @@ def test_a_file_that_is_no_whole_model_is_named(tmp_path, keys, says):
         Pipeline.load(TINY_CONFIG, write(tmp_path, "part.safetensors", state))
 
 
-def test_quantized_and_scaled_fp8_files_are_refused_by_name(tmp_path):
-    """Weights that cannot be used as stored would make noise, not an image."""
+def test_a_file_of_known_extras_only_is_not_called_a_part(tmp_path):
+    """EMA buffers alone (no weights) are no VAE alone: the file is said to lack the model."""
+    state = {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)}
+    with pytest.raises(CheckpointError) as error:
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "extras.safetensors", state))
+    assert "does not fit the config" in str(error.value) and "the file is" not in str(error.value)
+
+
+@pytest.mark.parametrize("staged_load", [False, True], ids=["plain", "staged"])
+def test_quantized_and_scaled_fp8_files_are_refused_by_name(tmp_path, staged_load):
+    """Weights that cannot be used as stored would make noise, not an image; also when the
+    weights are staged (cast while the model is built: CUDA's default load)."""
     state = load_state_dict(TINY_CKPT)
     key = "model.diffusion_model.out.2.weight"
     quantized = dict(state, **{key: state[key].to(torch.int8)})
     with pytest.raises(CheckpointError, match=f"integer .*weights, e.g. {key} is int8"):
-        Pipeline.load(TINY_CONFIG, write(tmp_path, "int8.safetensors", quantized))
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "int8.safetensors", quantized),
+                      staged_load=staged_load)
     scaled = dict(state, scaled_fp8=torch.zeros(0, dtype=torch.float8_e4m3fn),
                   **{key[:-len("weight")] + "scale_weight": torch.ones(())})
     with pytest.raises(CheckpointError, match="is a scaled-fp8 file"):
-        Pipeline.load(TINY_CONFIG, write(tmp_path, "scaled.safetensors", scaled))
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "scaled.safetensors", scaled),
+                      staged_load=staged_load)
 
 
 def test_a_whole_model_without_its_unet_is_not_called_a_part(tmp_path):

@@ -171,11 +171,13 @@ def test_sd_xl_base_yaml_builds_the_published_layout(targets, tmp_path):
 
     manifest = json.loads((REF / "sdxl-base.keys.json").read_text())
     path = REPO / "configs" / "stable-diffusion" / "sd_xl_base.yaml"
-    if targets == "sgm":
+    if targets == "sgm":  # as Stability's file names them (its VAE: the inference wrapper)
         text = path.read_text()
         for theirs, ours in SGM_TARGETS.items():
             text = text.replace(f"target: {ours}\n", f"target: {theirs}\n")
-        assert "target: ldm." not in text
+        text = text.replace("target: sgm.models.autoencoder.AutoencoderKL\n",
+                            "target: sgm.models.autoencoder.AutoencoderKLInferenceWrapper\n")
+        assert "target: ldm." not in text and "AutoencoderKLInferenceWrapper" in text
         path = tmp_path / "sd_xl_base.yaml"
         path.write_text(text)
     config = load_config(path)
