@@ -87,11 +87,13 @@ def test_vae_attention_equals_einsum_attention(chunk_bytes):
     _close(attention(q, k, v, chunk_bytes), _einsum_attention(q, k, v))
 
 
-def test_attn_block_chunks_queries(monkeypatch, tiny_pipe):
+@pytest.mark.parametrize("batch, chunks", [(1, [4] * 7 + [2]), (2, [2] * 15)])
+def test_attn_block_chunks_queries(monkeypatch, tiny_pipe, batch, chunks):
+    """Each chunk's scores fit ATTENTION_CHUNK_BYTES for the whole batch (n_samples images)."""
     from ldm.modules.diffusionmodules import model
 
     block = tiny_pipe.model.first_stage_model.decoder.mid.attn_1
-    h = torch.randn(1, block.q.in_channels, 6, 5, generator=torch.Generator().manual_seed(6))
+    h = torch.randn(batch, block.q.in_channels, 6, 5, generator=torch.Generator().manual_seed(6))
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(model.F, "scaled_dot_product_attention",
@@ -101,7 +103,7 @@ def test_attn_block_chunks_queries(monkeypatch, tiny_pipe):
         out = block.attend(h)
         q, k, v = (f(h).flatten(2).transpose(1, 2)[:, None] for f in (block.q, block.k, block.v))
         ref = block.proj_out(_einsum_attention(q, k, v)[:, 0].transpose(1, 2).reshape(h.shape))
-    assert calls == [4] * 7 + [2]
+    assert calls == chunks
     _close(out, ref)
 
 

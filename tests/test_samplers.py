@@ -360,3 +360,38 @@ def test_trailing_spacing_has_its_steps_at_every_count():
         timesteps = ddim_timesteps(steps, spacing="trailing")
         assert len(timesteps) == steps and timesteps[0] >= 0 and timesteps[-1] == 999, steps
         assert len(set(timesteps)) == steps, steps
+
+
+def test_dpm_solver_reaches_the_unet_at_its_fractional_timesteps(tiny_pipe, monkeypatch):
+    """DPM-Solver++ evaluates the model at t = N (t_cont - 1/N), half-integers where N does not
+    divide: the guided denoiser must hand those to the UNet as they are, not truncated to the
+    integers of the LDM samplers (832 instead of 832.5 moves every --dpm run)."""
+    seen, apply_model = [], tiny_pipe.model.apply_model
+
+    def recorded(x, t, *args, **kwargs):
+        seen.append(t.tolist())
+        return apply_model(x, t, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.model, "apply_model", recorded)
+    opts = tiny_pipe.options(H=64, W=64, steps=6, sampler="dpm", precision="full", scale=5.0)
+    tiny_pipe.generate(["a red cube"], opts, progress=False)
+    assert seen == [[t, t] for t in (999, 832.5, 666, 499.5, 333, 166.5)]  # cond and uncond
+
+
+def test_the_samplers_get_float32_predictions_under_autocast(tiny_pipe, monkeypatch):
+    """The UNet runs in half precision under autocast (bf16 on the CPU); its output is taken
+    back to the latents' float32 before the samplers' updates (DDIM's direction term, PLMS's
+    55/59/37/9 combination), which would otherwise run in half precision."""
+    from ldm.scalecrafter.guidance import GuidedDenoiser
+
+    call, dtypes = GuidedDenoiser.__call__, set()
+
+    def recorded(self, x, *args, **kwargs):
+        pred = call(self, x, *args, **kwargs)
+        dtypes.add((x.dtype, pred.eps.dtype, pred.x0.dtype))
+        return pred
+
+    monkeypatch.setattr(GuidedDenoiser, "__call__", recorded)
+    opts = tiny_pipe.options(H=64, W=64, steps=2, precision="autocast")
+    tiny_pipe.generate(["a red cube"], opts, progress=False)
+    assert dtypes == {(torch.float32,) * 3}
