@@ -449,6 +449,7 @@ def test_a_gpu_check_part_stopped_by_its_timeout_still_reports_its_cases(bench, 
     report.write_text(json.dumps(bench._report(results, "cuda", {}, True, ["card24"])))
     fake = tmp_path / "python"  # benchmark.py "timed out" after writing its JSON
     fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = - ]; then cat >/dev/null; exit 0; fi  # the script's import check: skipped here
 if [ "$1" = scripts/benchmark.py ]; then
   while [ $# -gt 0 ]; do [ "$1" = --json ] && cp {report} "$2"; shift; done
   exit 124
