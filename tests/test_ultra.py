@@ -343,15 +343,18 @@ def test_presets_run_end_to_end_on_the_tiny_model(txt2img, tmp_path, preset, ext
 
 def test_tiled_decode_of_an_8x_size_image(txt2img, tmp_path):
     """The experimental 4096 preset's machinery on the tiny model (trained at 256 x 256) for an
-    image of 8x its pixels, 1024 x 512: one step, decoded in SyncGN tiles."""
+    image of 8x its pixels, 1024 x 512: one step, decoded in 2 x 2 SyncGN tiles (the preset's
+    `auto` fits the whole latent in one tile on the CPU, so the tile is given)."""
     from PIL import Image
     argv = ["--preset", "sd2.1_4096x4096_experimental", "--config", str(TINY_CONFIG),
             "--ckpt", str(TINY_CKPT), "--H", "512", "--W", "1024", "--steps", "1",
             "--dilate_tau", "1", "--ndcfg_tau", "1", "--inflate_tau", "1", "--n_iter", "1",
-            "--n_samples", "1", "--precision", "full", "--outdir", str(tmp_path)]
+            "--n_samples", "1", "--precision", "full", "--outdir", str(tmp_path),
+            "--tile_size", "40x72", "--overlap", "8"]
     assert txt2img.main(argv) == 0
-    image = Image.open(tmp_path / "samples" / "00000.png")
-    assert image.size == (1024, 512)
+    with Image.open(tmp_path / "samples" / "00000.png") as image:
+        assert image.size == (1024, 512)
+        assert "Tiles: 40x72" in image.text["parameters"]
 
 
 def freeu_run(pipe, freeu):
