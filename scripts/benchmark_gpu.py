@@ -190,8 +190,9 @@ def _as_card(device, p):
     from ldm import precision
 
     if p.get("card_gb") and device.type == "cuda":
-        # (an index: set_per_process_memory_fraction refuses "cuda" without one; run 7)
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        from ldm.scalecrafter.memory import cuda_index
+
+        index = cuda_index(device)  # ("cuda" alone is refused there; run 7)
         total = torch.cuda.mem_get_info(index)[1]
         torch.cuda.set_per_process_memory_fraction(min(p["card_gb"] * GB / total, 1.0), index)
     if p.get("compile") and p.get("compile_modes") is not None:

@@ -204,7 +204,8 @@ def decodes():
 def decode_budget():
     """The decode budget leaves out a CUDA graph's private pool, and keeps within the
     per-process memory limit: the allocator must grant what it promises."""
-    from ldm.scalecrafter.memory import available_bytes, in_default_pool, unused_bytes
+    from ldm.scalecrafter.memory import (available_bytes, cuda_index, in_default_pool,
+                                         unused_bytes)
 
     if DEVICE.type != "cuda":
         raise Skip("CUDA only")
@@ -229,7 +230,7 @@ def decode_budget():
                              f"by {drop / 2**20:.0f} MiB")
     text = f"graph pool {pool / 2**20:.0f} MiB unused: budget {drop / 2**20:.0f} MiB lower"
     torch.cuda.empty_cache()  # the default pool's cache goes; the graph's pool stays
-    index = DEVICE.index if DEVICE.index is not None else torch.cuda.current_device()
+    index = cuda_index(DEVICE)
     total = torch.cuda.mem_get_info(index)[1]  # (these want an index: "cuda" alone is refused)
     limit = torch.cuda.memory_reserved(index) + 2 * 2 ** 30
     torch.cuda.set_per_process_memory_fraction(limit / total, index)

@@ -37,10 +37,16 @@ def reusable_cached_bytes(segments, device_index: int, stream: Optional[int] = N
                              or s["active_size"] == 0))
 
 
+def cuda_index(device: torch.device) -> int:
+    """The GPU number of a CUDA device (`cuda` alone: the current one): torch's memory-limit
+    calls (set_per_process_memory_fraction, ...) refuse a device without one."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def cuda_available_bytes(device: torch.device) -> int:
     """Free device memory, within the per-process limit when one is set
     (`torch.cuda.set_per_process_memory_fraction`), plus the default pool's reusable cache."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     free, total = torch.cuda.mem_get_info(index)
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     fraction = get_fraction(index) if get_fraction else 1.0
