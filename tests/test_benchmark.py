@@ -167,9 +167,9 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
     monkeypatch.setattr(gpu.subprocess, "run", _txt2img_in_process(txt2img))
     run = lambda name, **p: bench.run_case(name, {"tiny": True, **p}, "cpu")
     results = {
-        "sample_1024": run("sample", side=8, steps=5, warmup_steps=1, variants={
-            **gpu.SWITCH_VARIANTS, "plain": {}, "dilated": {"dilate_tau": 2}}),
-        "sample_1024_channels_last": run("sample", side=8, steps=5, warmup_steps=1,
+        "sample_1024": run("sample", side=8, steps=3, warmup_steps=1, variants={
+            **gpu.SWITCH_VARIANTS, "plain": {}, "dilated": {"dilate_tau": 1}}),
+        "sample_1024_channels_last": run("sample", side=8, steps=3, warmup_steps=1,
                                          channels_last=True, variants={
                                              "channels_last": gpu.REFERENCE_KERNELS,
                                              "all_channels_last": {}}),
@@ -196,14 +196,14 @@ def test_gpu_cases_run_on_the_tiny_model(bench, one_thread, tmp_path, txt2img, m
     assert results["cli_1024"]["seconds"] > 0, results["cli_1024"]
     assert results["cli_1024"]["first_run"]["seconds"] > 0  # two runs: the figure is the second
     table = gpu.markdown(results, "cpu")
-    assert "re-dilated / plain 1024² run (2 of 5 steps dilated)" in table
-    assert "plain 1024² 5-step sample, native-norms / reference kernels" in table
-    assert "plain 1024² 5-step sample, all together / reference kernels" in table
+    assert "re-dilated / plain 1024² run (1 of 3 steps dilated)" in table
+    assert "plain 1024² 3-step sample, native-norms / reference kernels" in table
+    assert "plain 1024² 3-step sample, all together / reference kernels" in table
     assert set(results["cli_1024"]["phases"]) == {"startup", "load", "sample", "decode", "write",
                                                   "total"}
-    assert "plain 1024² 5-step sample, cudnn-attention / reference kernels" in table
-    assert "plain 1024² 5-step sample, all + channels-last / reference kernels" in table
-    assert "plain 1024² 5-step sample (default kernels: none)" in table  # the CPU's
+    assert "plain 1024² 3-step sample, cudnn-attention / reference kernels" in table
+    assert "plain 1024² 3-step sample, all + channels-last / reference kernels" in table
+    assert "plain 1024² 3-step sample (default kernels: none)" in table  # the CPU's
     assert len(gpu.rows(results)) == 20 and "CLI wall time" in table
     # `--only cli` prints its own row, not the other items' dashes
     only_cli = gpu.markdown(results, "cpu", ("cli",)).splitlines()[4:]

@@ -347,3 +347,42 @@ def test_the_cpu_budget_stays_within_the_cgroup_limit(monkeypatch):
     assert memory.available_bytes(torch.device("cpu")) == GiB
     monkeypatch.setattr(memory, "cgroup_available_bytes", lambda: None)
     assert memory.available_bytes(torch.device("cpu")) > GiB  # the host's (this machine: 24 GB)
+
+
+def test_tiles_wait_on_the_device_to_the_byte_of_the_budget(tiny_pipe, monkeypatch):
+    """What the budget leaves beside one tile's working set holds the waiting tiles: with
+    exactly the bytes of the latent-size blocks' input and hidden tiles they are stored, and
+    with exactly those of the first upsample's tiles and the next hidden ones, so are these;
+    one byte less and the blocks recompute, or the upsample stays lazy."""
+    from ldm.scalecrafter import tiled_decode as td
+
+    ran = {"recomputed": 0, "lazy": 0}
+    recomputed, upsampled = td._resnet_recomputed, td._upsampled_tiles
+    monkeypatch.setattr(td, "_resnet_recomputed", lambda *a: (
+        ran.__setitem__("recomputed", ran["recomputed"] + 1), recomputed(*a))[1])
+    monkeypatch.setattr(td, "_upsampled_tiles", lambda x, up, groups, lazy: (
+        ran.__setitem__("lazy", ran["lazy"] + lazy), upsampled(x, up, groups, lazy))[1])
+    vae = tiny_pipe.model.first_stage_model
+    dec, tile, overlap = vae.decoder, (6, 8), 2
+    z = torch.randn(1, 4, 10, 14, generator=torch.Generator().manual_seed(5))
+    rows, cols = td.plan_axis(10, tile[0], overlap), td.plan_axis(14, tile[1], overlap)
+    pixels = sum((r.stop - r.start) * (c.stop - c.start) for r in rows for c in cols)
+    working = td.tile_working_bytes(dec, rows[0].stop, cols[0].stop)
+    deepest = dec.up[len(dec.up) - 1]
+    width = dec.mid.block_1.norm1.num_channels
+    blocks_fit = working + 4 * pixels * 2 * width
+    upsample_fits = working + 4 * 4 * pixels * (
+        deepest.upsample.conv.out_channels + dec.up[len(dec.up) - 2].block[0].conv1.out_channels)
+
+    def counts(budget):
+        ran.update(recomputed=0, lazy=0)
+        td.tiled_decode(vae, z, overlap, True, tile_size=tile, budget_bytes=budget)
+        return dict(ran)
+    latent_size_blocks = sum(b.norm1.num_channels == b.conv2.out_channels for b in
+                             [dec.mid.block_1, dec.mid.block_2, *deepest.block])
+    assert len(rows) * len(cols) == 4 and latent_size_blocks >= 2
+    assert (counts(blocks_fit - 1)["recomputed"] - counts(blocks_fit)["recomputed"]
+            == latent_size_blocks)
+    upsamples = sum(hasattr(u, "upsample") for u in dec.up)
+    assert counts(upsample_fits - 1)["lazy"] == upsamples
+    assert counts(upsample_fits)["lazy"] == upsamples - 1

@@ -25,7 +25,7 @@ def cpu_as_cuda(monkeypatch):
 
 
 def run(pipe, **kw):
-    opts = GenerationOptions(H=128, W=192, steps=3, scale=5.0, seed=4, dilate=2, dilate_tau=2,
+    opts = GenerationOptions(H=64, W=128, steps=3, scale=5.0, seed=4, dilate=2, dilate_tau=2,
                              dilate_skip=1, **kw)
     return pipe.generate(["a lighthouse at dusk"], opts, progress=False)
 

@@ -124,3 +124,42 @@ def test_the_full_decode_ticks_once_a_block_either_way(vae, lean):
         assert torch.equal(full_decode(vae, z, lean=lean, progress=True), out)
     assert len(ticks) == decoder_ticks(vae.decoder) > 1
     assert rel_err(out, plain) <= 1e-5
+
+
+def _latent_size_blocks(dec):
+    """The identity-shortcut ResNet blocks that run at the latent's size (the mid blocks and
+    those of the deepest level, before its upsample)."""
+    blocks = [dec.mid.block_1, dec.mid.block_2, *dec.up[len(dec.up) - 1].block]
+    return sum(b.norm1.num_channels == b.conv2.out_channels for b in blocks)
+
+
+def test_the_budget_is_met_to_the_byte(vae, monkeypatch):
+    """A map fits when its bytes plus four bands do: with exactly that budget the latent-size
+    blocks keep their hidden maps and the first upsampled map is stored; one byte less and
+    they recompute, or it stays lazy."""
+    ran = {"recompute": 0, "lazy": 0}
+    recompute, moments = lean.LeanDecoder._resnet_recompute, lean.LeanDecoder.moments
+    monkeypatch.setattr(lean.LeanDecoder, "_resnet_recompute", lambda self, *a: (
+        ran.__setitem__("recompute", ran["recompute"] + 1), recompute(self, *a))[1])
+    monkeypatch.setattr(lean.LeanDecoder, "moments", lambda self, src: (
+        ran.__setitem__("lazy", ran["lazy"] + isinstance(src, lean.Upsampled)),
+        moments(self, src))[1])
+    dec, z, band = vae.decoder, _latent(6, 7, seed=1), 1
+    width = dec.mid.block_1.norm1.num_channels
+    pixels = z.shape[2] * z.shape[3]
+    first = dec.up[len(dec.up) - 1].upsample.conv.out_channels
+    hidden = dec.up[len(dec.up) - 2].block[0].conv1.out_channels
+    blocks_fit = 4 * pixels * 2 * width + 4 * band
+    upsample_fits = 4 * 4 * pixels * (first + hidden) + 4 * band
+
+    def counts(budget):
+        ran.update(recompute=0, lazy=0)
+        lean_decode(vae, z, budget, band)
+        return dict(ran)
+    plain_blocks = _latent_size_blocks(dec)
+    assert plain_blocks >= 2
+    assert (counts(blocks_fit - 1)["recompute"] - counts(blocks_fit)["recompute"]
+            == plain_blocks)
+    lazy_ups = sum(hasattr(u, "upsample") for u in dec.up)
+    assert counts(upsample_fits - 1)["lazy"] == lazy_ups
+    assert counts(upsample_fits)["lazy"] == lazy_ups - 1

@@ -72,6 +72,35 @@ def test_a_nonempty_negative_prompt_is_encoded(xl_pipe):
     assert rel_err(uncond.vector[:1], cond.vector) <= 1e-6
 
 
+def test_clip_layer_options_name_the_same_hidden_states_as_transformers(xl_pipe):
+    """The tiny CLIP has 3 layers and sgm takes hidden_states[2]. "penultimate" and the negative
+    index -2 name that state too (transformers' tuple holds the embedding and 3 layer outputs),
+    and -4 the embedding; "last" is the final norm of hidden_states[3]."""
+    from ldm.modules.encoders.clip_text import FrozenCLIPEmbedder
+    name, case = xl_cases("cond")[0]
+    ref = torch.from_numpy(load(name)["crossattn"])[..., :64]  # the CLIP part of the context
+    used = xl_pipe.model.cond_model.embedders[0]
+    version = str(TINY_XL / "tiny-clip-text.json")
+
+    def embedder(**layer):
+        clip = FrozenCLIPEmbedder(version=version, **layer)
+        clip.load_state_dict(used.state_dict())
+        with torch.no_grad():
+            return clip.encode(case["prompts"])
+    for layer in ({"layer": "penultimate"}, {"layer": "hidden", "layer_idx": -2}):
+        assert rel_err(embedder(**layer), ref) <= 1e-4, layer
+    text = used.transformer.text_model
+    tokens = used.tokenizer(case["prompts"])
+    with torch.no_grad():
+        assert torch.equal(embedder(layer="hidden", layer_idx=-4), text.embeddings(tokens))
+        last = text.final_layer_norm(text.hidden_state(tokens, 3))
+    assert torch.equal(embedder(layer="last"), last)
+    assert rel_err(last, ref) > 0.1
+    for idx in (None, 4, -5):
+        with pytest.raises(ValueError, match="within the 3 layers"):
+            FrozenCLIPEmbedder(version=version, layer="hidden", layer_idx=idx)
+
+
 @pytest.mark.parametrize("name, case", xl_cases("unet"), ids=lambda v: str(v)[:28])
 def test_unet_call_matches_sgm(xl_pipe, name, case):
     from ldm.modules.encoders.conditioning import Conditioning

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.encoders.common import AbstractEncoder, import_open_clip, resolve_config_file
+from ldm.modules.encoders.common import AbstractEncoder, clip_bpe, resolve_config_file
 
 # transformers' CLIPTextConfig of openai/clip-vit-large-patch14 (the fields this model reads).
 KNOWN_CONFIGS = {
@@ -49,7 +49,7 @@ class ClipTokenizer:
     `length` with the last slot kept for <|endoftext|>, padded with `pad` (SD: <|endoftext|>)."""
 
     def __init__(self, length: int = 77, pad: int = EOS):
-        self.bpe = import_open_clip().tokenizer.SimpleTokenizer()
+        self.bpe = clip_bpe()
         self.length, self.pad = length, pad
         self.cut = []  # the texts of the last call that did not fit, and were cut
 
@@ -190,8 +190,10 @@ class FrozenCLIPEmbedder(AbstractEncoder):
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
         cfg = text_config(version)
         n_layers = cfg["num_hidden_layers"]
-        if layer == "hidden" and (layer_idx is None or not 0 <= abs(layer_idx) <= n_layers):
-            raise ValueError(f"layer 'hidden' needs a layer_idx within the {n_layers} layers")
+        # transformers' hidden_states holds the embedding and each layer's output: n + 1 states
+        if layer == "hidden" and (layer_idx is None or not -n_layers - 1 <= layer_idx <= n_layers):
+            raise ValueError(f"layer 'hidden' needs a layer_idx within the {n_layers} layers "
+                             f"(hidden_states[{-n_layers - 1}..{n_layers}]), got {layer_idx}")
         self.transformer = ClipTextModel(cfg)
         self.tokenizer = ClipTokenizer(max_length)
         self.layer = layer

@@ -1,5 +1,6 @@
 """What every text encoder shares: the encoder interface, where config files are found, and how
 open_clip is imported."""
+import functools
 import importlib
 import sys
 from pathlib import Path
@@ -102,3 +103,10 @@ class AbstractEncoder(nn.Module):
 
     def unconditional(self, negative_prompts, size=None) -> Conditioning:
         return Conditioning(self.encode(negative_prompts))
+
+
+@functools.lru_cache(maxsize=1)
+def clip_bpe():
+    """open_clip's BPE tokenizer (CLIP's 49408-token vocabulary, shared by every text tower
+    here), read once per process: reading its vocabulary takes 0.1 s."""
+    return import_open_clip().tokenizer.SimpleTokenizer()

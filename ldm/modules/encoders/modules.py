@@ -2,7 +2,6 @@
 clip_text.py). Weights always come from the SD checkpoint, so the towers are built without
 downloading anything (and without the unused visual tower). open_clip is imported when a tower
 is built, not with this module: naming a config's family must not cost its 2-9 s."""
-import functools
 import json
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 # Config targets name every text encoder in this module (`ldm.modules.encoders.modules.X`).
 from ldm.modules.encoders.clip_text import FrozenCLIPEmbedder  # noqa: F401
 from ldm.modules.encoders.common import (  # noqa: F401  (re-exported)
-    AbstractEncoder, import_open_clip, register_config_dir, resolve_config_file)
+    AbstractEncoder, clip_bpe, import_open_clip, register_config_dir, resolve_config_file)
 
 
 def resolve_openclip_config(arch: str) -> dict:
@@ -35,12 +34,6 @@ def build_text_tower(arch: str) -> nn.Module:
     model = import_open_clip().model.CLIP(**config)
     del model.visual
     return model
-
-
-@functools.lru_cache(maxsize=1)
-def _token_counter():
-    """open_clip's BPE tokenizer, built once (it reads its vocabulary)."""
-    return import_open_clip().tokenizer.SimpleTokenizer()
 
 
 class FrozenOpenCLIPEmbedder(AbstractEncoder):
@@ -70,7 +63,7 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         full = [p for p, row in zip(prompts, tokens) if int(row[-1]) != 0]
         if not full:
             return []
-        counter = _token_counter()
+        counter = clip_bpe()
         return [p for p in full if len(counter.encode(p)) > self.max_length - 2]
 
     def encode_tokens(self, tokens):
