@@ -218,15 +218,23 @@ def _run_with_path(probe: str, folder):
                           env=env, timeout=300)  # a loaded 2-core machine took over 120 s
 
 
-def test_open_clip_imports_without_its_optional_extras(tmp_path):
-    """transformers and timm stay unimported (on a GPU image they cost open_clip's import
+def test_open_clip_imports_late_and_without_its_optional_extras(tmp_path):
+    """txt2img reads the family (its defaults) before loading, without importing open_clip
+    (2-9 s: it belongs in building the text tower, where the staged load overlaps it). Then
+    transformers and timm stay unimported (on a GPU image they cost open_clip's import
     seconds), and are importable again afterwards. Planted stand-ins raise on import: open_clip
-    catches only ImportError, so a leak fails the import."""
+    catches only ImportError, so a leak fails the import. One interpreter for both: each costs
+    torch's import."""
     for name in ("transformers", "timm"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise RuntimeError('{name} ran')\n")
     probe = (
         "import sys\n"
+        "from ldm.util import config_family, load_config\n"
+        "for name in ('v1-inference', 'v2-inference', 'sd_xl_base'):\n"
+        f"    print(config_family(load_config('{REPO}/configs/stable-diffusion/' + name "
+        "+ '.yaml')))\n"
+        "print('open_clip' in sys.modules)\n"
         "from ldm.modules.encoders.common import import_open_clip\n"
         "oc = import_open_clip()\n"
         "assert oc.model.CLIP and 'transformers' not in sys.modules and 'timm' not in sys.modules\n"
@@ -237,7 +245,8 @@ def test_open_clip_imports_without_its_optional_extras(tmp_path):
         "        print(err)\n")
     proc = _run_with_path(probe, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[:2] == ["transformers ran", "timm ran"]
+    assert proc.stdout.split("\n")[:6] == ["sd1", "sd2", "sdxl", "False", "transformers ran",
+                                           "timm ran"]
 
 
 def test_an_open_clip_that_needs_an_extra_is_imported_the_plain_way(tmp_path):
@@ -252,18 +261,3 @@ def test_an_open_clip_that_needs_an_extra_is_imported_the_plain_way(tmp_path):
     proc = _run_with_path(probe, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "True"
-
-
-
-def test_naming_a_configs_family_does_not_import_open_clip(tmp_path):
-    """txt2img reads the family (its defaults) before loading: open_clip's import (2-9 s) must
-    stay where the staged load overlaps it, in building the text tower."""
-    probe = ("import sys\n"
-             "from ldm.util import config_family, load_config\n"
-             "for name in ('v1-inference', 'v2-inference', 'sd_xl_base'):\n"
-             f"    print(config_family(load_config('{REPO}/configs/stable-diffusion/' + name "
-             "+ '.yaml')))\n"
-             "print('open_clip' in sys.modules)\n")
-    proc = _run_with_path(probe, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["sd1", "sd2", "sdxl", "False"]
