@@ -582,7 +582,8 @@ def _sample_rows(results):
     steps = fast.get("steps") or layout.get("steps")
     plain, dilated = _get(fast, "seconds", "plain"), _get(fast, "seconds", "dilated")
     why = _why(results, "sample_1024")
-    out = _preset_rows(results) + [(f"re-dilated / plain 1024² run ({steps and round(steps * 20 / 50)} of {steps} "
+    dilated_steps = steps and round(steps * 20 / 50)
+    out = _preset_rows(results) + [(f"re-dilated / plain 1024² run ({dilated_steps} of {steps} "
             f"steps dilated)", _pair(dilated, plain, "s"), "≤ 1.05x", _ratio(dilated, plain),
             why),
            (f"plain 1024² {steps}-step sample (default kernels: {_kernel_text(fast)})",
