@@ -101,6 +101,17 @@ def test_clip_layer_options_name_the_same_hidden_states_as_transformers(xl_pipe)
             FrozenCLIPEmbedder(version=version, layer="hidden", layer_idx=idx)
 
 
+@pytest.mark.parametrize("setting", [{"legacy": True}, {"layer": "last"},
+                                     {"always_return_pooled": False}])
+def test_the_big_towers_other_settings_are_refused_not_ignored(setting):
+    """sgm's FrozenOpenCLIPEmbedder2 has settings SDXL doesn't use (legacy: the last layer's
+    normed tokens); computing SDXL's features under their name would be silently wrong."""
+    from ldm.modules.encoders.sdxl import FrozenOpenCLIPEmbedder2
+    with pytest.raises(ValueError, match="SDXL's setting only"):
+        FrozenOpenCLIPEmbedder2(arch=str(TINY_XL / "tiny-openclip-bigg.json"), **setting)
+    FrozenOpenCLIPEmbedder2(arch=str(TINY_XL / "tiny-openclip-bigg.json"))  # the shipped one
+
+
 @pytest.mark.parametrize("name, case", xl_cases("unet"), ids=lambda v: str(v)[:28])
 def test_unet_call_matches_sgm(xl_pipe, name, case):
     from ldm.modules.encoders.conditioning import Conditioning
