@@ -7,6 +7,7 @@
 """
 import math
 import numbers
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS, generator_device
 from ldm.cli import SETTINGS_FILES, parse_tile_size, repository_fallback
@@ -30,7 +32,8 @@ from ldm.scalecrafter.schedule import ScaleCrafterSettings
 from ldm.scalecrafter.settings import build_settings
 from ldm.scalecrafter.lean_decode import full_decode
 from ldm.scalecrafter.memory import available_bytes
-from ldm.scalecrafter.tiled_decode import default_budget, resolve_tile_size, tiled_decode
+from ldm.scalecrafter.tiled_decode import (default_budget, resolve_tile_size, tile_fits,
+                                           tiled_decode)
 from ldm.util import build_model, load_config, model_part_names
 
 INTEGER_OPTIONS = ("H", "W", "C", "f", "steps", "seed", "dilate_tau", "dilate_skip", "ndcfg_tau",
@@ -325,6 +328,7 @@ class Pipeline:
         self.sampling_kernels = {name: False for name in SAMPLING_SWITCHES}
         # every kernel and layout switch in effect (their numbers differ in the last bits)
         self.kernels = dict(REFERENCE_PATHS, compile=False)
+        self._warned = set()  # keys of the warnings given (_warn_once)
 
     @classmethod
     def load(cls, config_path, ckpt_path, device="cpu", precision="full",
@@ -492,8 +496,22 @@ class Pipeline:
         if not opts.tiled_decoding:
             return None
         budget = self.decode_budget(z, opts) if budget is None else budget
-        return resolve_tile_size(self.model.first_stage_model, z, opts.tile_size, opts.overlap,
-                                 budget)
+        decoder = self.model.first_stage_model.decoder
+        tiles = resolve_tile_size(self.model.first_stage_model, z, opts.tile_size, opts.overlap,
+                                  budget)
+        if opts.tile_size == "auto" and not tile_fits(decoder, *tiles, budget, z.shape[0]):
+            self._warn_once(("auto tiles", tiles), (
+                f"no tile fits half the decode budget of {_size(budget)}: decoding in the "
+                f"smallest tiles, {tiles[0]}x{tiles[1]}, beyond it (give more "
+                f"--decode_budget_gb, or expect more memory in use)"))
+        return tiles
+
+    def _warn_once(self, key, message: str):
+        """One warning line (between progress bars) per key in this pipeline's life: a
+        multi-batch run says it once."""
+        if key not in self._warned:
+            self._warned.add(key)
+            tqdm.write(f"warning: {message}", file=sys.stderr)
 
     @torch.no_grad()
     def decode(self, z, opts: GenerationOptions, progress=True, tiles=None, budget=None):

@@ -386,3 +386,29 @@ def test_tiles_wait_on_the_device_to_the_byte_of_the_budget(tiny_pipe, monkeypat
     upsamples = sum(hasattr(u, "upsample") for u in dec.up)
     assert counts(upsample_fits - 1)["lazy"] == upsamples
     assert counts(upsample_fits)["lazy"] == upsamples - 1
+
+
+def test_auto_tiles_beyond_the_budget_are_said_once(tiny_pipe, monkeypatch, capsys):
+    """Where no tile fits, `auto` decodes in the smallest allowed tiles over the budget: one
+    warning line says so (once in a multi-batch run); tiles that fit go without a word."""
+    from ldm.pipeline import GenerationOptions
+    from ldm.scalecrafter.tiled_decode import tile_fits, tile_working_bytes
+
+    monkeypatch.setattr(tiny_pipe, "_warned", set())
+    opts = GenerationOptions(H=512, W=768, tiled_decoding=True, tile_size="auto", overlap=4)
+    z = torch.zeros(1, 4, 64, 96)
+    capsys.readouterr()
+    smallest = tiny_pipe.decode_tiles(z, opts, budget=1)
+    assert tiny_pipe.decode_tiles(z, opts, budget=1) == smallest
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"warning: no tile fits half the decode budget of 0.0 MiB: decoding in "
+                     f"the smallest tiles, {smallest[0]}x{smallest[1]}, beyond it (give more "
+                     f"--decode_budget_gb, or expect more memory in use)"]
+    decoder = tiny_pipe.model.first_stage_model.decoder
+    just_enough = 2 * tile_working_bytes(decoder, *smallest)
+    assert tile_fits(decoder, *smallest, just_enough)
+    assert not tile_fits(decoder, *smallest, just_enough - 1)
+    monkeypatch.setattr(tiny_pipe, "_warned", set())
+    assert tiny_pipe.decode_tiles(z, opts, budget=just_enough) == smallest
+    assert tiny_pipe.decode_tiles(z, opts, budget=10 ** 12) == (64, 96)
+    assert capsys.readouterr().err == ""

@@ -81,17 +81,23 @@ def _max_tiles(length: int, overlap: int) -> int:
     return n
 
 
+def tile_fits(decoder, th: int, tw: int, budget: int, batch: int = 1) -> bool:
+    """Whether a (th, tw) tile's working set fits half the budget (the other half keeps
+    waiting tiles on the device)."""
+    return tile_working_bytes(decoder, th, tw, batch) <= budget / 2
+
+
 def auto_tile_size(decoder, height: int, width: int, overlap: int, budget: int,
                    batch: int = 1) -> Tuple[int, int]:
-    """Fewest equal tiles whose working set fits half the budget (the other half keeps waiting
-    tiles on the device); the smallest allowed tiles when none fits."""
+    """Fewest equal tiles that fit the budget (tile_fits); the smallest allowed tiles when
+    none does."""
     best = None
     for nh in range(1, _max_tiles(height, overlap) + 1):
         for nw in range(1, _max_tiles(width, overlap) + 1):
             th, tw = even_tile(height, nh, overlap), even_tile(width, nw, overlap)
             if best is not None and nh * nw >= best[0]:
                 break
-            if tile_working_bytes(decoder, th, tw, batch) <= budget / 2:
+            if tile_fits(decoder, th, tw, budget, batch):
                 best = (nh * nw, th, tw)
     if best is None:
         return (even_tile(height, _max_tiles(height, overlap), overlap),
