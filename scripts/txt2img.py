@@ -514,13 +514,17 @@ def check_numbers(args):
         raise UsageError(f"--overlap must be even and non-negative, got {args.overlap}")
     if not str(args.outdir).strip():
         raise UsageError("--outdir must not be empty")
-    if "dilate_skip" in getattr(args, "explicit", ()) and args.dilate is None:
-        # (its default is always set: only a value given for nothing is refused)
+    explicit = getattr(args, "explicit", ())
+    # (their defaults are always set: only a value given for nothing is refused)
+    if "dilate_skip" in explicit and args.dilate is None:
         raise UsageError("--dilate_skip applies to --dilate's uniform re-dilation (a settings "
                          "file names its convs itself)")
+    if "dilate_tau" in explicit and args.dilate is None and not args.dilate_settings:
+        raise UsageError("--dilate_tau counts the steps of a re-dilation, and there is none: "
+                         "give --dilate, --dilate_settings or a preset")
     for settings, tau in (("ndcfg_dilate_settings", "ndcfg_tau"),
                           ("disperse_settings", "inflate_tau")):
-        if settings in getattr(args, "explicit", ()) and getattr(args, tau) == 0:
+        if settings in explicit and getattr(args, tau) == 0:
             raise UsageError(f"--{settings} acts for --{tau} steps, and --{tau} is 0: give "
                              f"--{tau} N")
 

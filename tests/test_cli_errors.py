@@ -223,6 +223,9 @@ EARLY = [
     ("preset-unknown", ["--preset", "no-such-preset"], "unknown preset"),
     ("tile-size-untiled", ["--tile_size", "auto"], "--tile_size needs --tiled_decoding"),
     ("dilate-skip-alone", ["--dilate_skip", "2"], "--dilate_skip applies to --dilate's uniform"),
+    ("dilate-tau-alone", ["--dilate_tau", "5"], "--dilate_tau counts the steps of a "
+                                                 "re-dilation, and there is none"),
+    ("dilate-tau-0-alone", ["--dilate_tau", "0"], "--dilate_tau counts the steps"),
     ("dilate-skip-settings", ["--dilate_settings", str(REPO / "configs" / "scalecrafter" /
                                                        "dilate" / "sd2.1_1024x1024.txt"),
                               "--dilate_skip", "0"], "--dilate_skip applies to --dilate's"),
