@@ -691,7 +691,7 @@ def run(args):
         if args.debug:
             raise
         try:
-            writer.save_grid(args.n_rows or args.n_samples)  # of the images kept, if any
+            writer.save_grid(grid_rows(args))  # of the images kept, if any
         except (OSError, KeyboardInterrupt):  # the grid is a courtesy: the exit stays 130/143
             writer.discard_partial_files()
         if writer.count == 0:
@@ -722,6 +722,11 @@ def load_pipeline(args, timer):
                              cudnn_attention=args.cudnn_attention)
 
 
+def grid_rows(args) -> int:
+    """Images per row of the grid: --n_rows, or one batch a row."""
+    return args.n_rows or args.n_samples
+
+
 def make_images(args, pipe, opts, settings, batches, writer, timer):
     """n_iter rounds over the prompt batches, from one seeded noise stream: sample, decode and
     write each batch; the grid goes with the last one."""
@@ -744,7 +749,7 @@ def make_images(args, pipe, opts, settings, batches, writer, timer):
                 decoded = pipe.decode(z, opts, tiles=tiles, budget=budget).float().cpu()
             left -= 1
             # the grid goes with the last batch (encoded beside its images, written last)
-            rows = (args.n_rows or args.n_samples) if left == 0 else None
+            rows = grid_rows(args) if left == 0 else None
             with timer.phase("write"):  # waits for the checkpoint hash, if still running
                 writer.save_batch(prompts, decoded, z.cpu(), grid_rows=rows, tiles=tiles)
 

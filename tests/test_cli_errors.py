@@ -445,7 +445,8 @@ def test_ctrl_c_while_sampling_keeps_finished_images(cli, capsys, base, monkeypa
 
 
 def run_script(*argv, cwd=REPO):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # as a user runs it
+    # as a user runs it: no warnings filter, and buffered output (the exit must flush it)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "PYTHONUNBUFFERED")}
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, argv)], cwd=cwd,
                           capture_output=True, text=True, timeout=300, env=env)
 
@@ -961,3 +962,25 @@ def test_fetch_checkpoint_without_network_says_what_to_copy_and_leaves_nothing()
     finally:
         for path in (target, target.with_name(name + ".partial")):
             path.unlink(missing_ok=True)
+
+
+def test_a_transform_named_from_the_repository_is_found_from_anywhere_and_hashed(
+        cli, capsys, base, tmp_path, monkeypatch):
+    """A preset's dispersion transform, or one named relative to the repository, is found from
+    any folder before the load, and its hash is in the image beside the settings file's."""
+    from ldm.hashing import short_hash
+
+    monkeypatch.chdir(tmp_path)
+    transform = REPO / "configs" / "scalecrafter" / "transforms" / "R20to1.npy"
+    args = cli.parse_args(["--preset", "sd2.1_2048x2048_disperse", "--ckpt", "x"])
+    assert Path(args.disperse_transform) == transform
+    settings = tmp_path / "disperse.txt"
+    settings.write_text("down_blocks.1.resnets.0.conv1\n")
+    status, lines = call(cli, capsys, base + [
+        "--dilate", "2", "--dilate_tau", "1", "--disperse_settings", str(settings),
+        "--disperse_transform", "configs/scalecrafter/transforms/R20to1.npy",
+        "--inflate_tau", "1"])
+    assert status == 0, lines
+    fields = image_fields(tmp_path / "out" / "samples" / "00000.png")
+    assert fields["File hashes"].endswith(f"disperse_settings: {short_hash(settings)}, "
+                                          f"disperse_transform: {short_hash(transform)}")

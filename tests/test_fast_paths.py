@@ -154,9 +154,10 @@ def test_auto_tile_option_is_checked_and_reaches_the_decoder(tiny_pipe, monkeypa
     for bad in ("big", 0, True, (8, 0), (8, 8, 8), (8.0, 8), "8x0", "8x"):
         with pytest.raises(ValueError, match="--tile_size"):
             GenerationOptions(tile_size=bad, tiled_decoding=True, overlap=2).validate()
-    sidecar_tiles = GenerationOptions(tile_size="12x16", tiled_decoding=True, overlap=2)
-    sidecar_tiles.validate()  # the metadata's HxW, as the API is given it
-    assert sidecar_tiles.tile_size == (12, 16)
+    for text in ("12x16", "12X16"):  # the metadata's HxW, as the API is given it
+        sidecar_tiles = GenerationOptions(tile_size=text, tiled_decoding=True, overlap=2)
+        sidecar_tiles.validate()
+        assert sidecar_tiles.tile_size == (12, 16)
     seen = {}
     monkeypatch.setattr(pipeline, "tiled_decode",
                         lambda *a, **k: seen.update(args=a, **k) or torch.zeros(1, 3, 128, 128))

@@ -357,14 +357,15 @@ def test_fixed_code_repeats_the_start_noise_across_batches(cli, tmp_path, capsys
 
 
 def test_prompt_file_repeat_and_grid_rows(cli, tmp_path, capsys):
-    """Three prompts, each twice, in batches of 4: six images, and a grid of 4 images a row."""
+    """Three prompts, each twice, in batches of 4: six images, and a grid of 3 images a row
+    (--n_rows, not the batch size) naming each prompt once."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\n\na boat\na tree\n")
     out = tmp_path / "out"
     argv = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--H", "64", "--W", "64",
             "--steps", "1", "--n_iter", "1", "--n_samples", "4", "--precision", "full",
             "--outdir", str(out), "--from-file", str(prompts), "--repeat", "2",
-            "--n_rows", "4"]
+            "--n_rows", "3"]
     assert cli.main(argv) == 0
     capsys.readouterr()
     written = sorted((out / "samples").glob("*.png"))
@@ -373,7 +374,24 @@ def test_prompt_file_repeat_and_grid_rows(cli, tmp_path, capsys):
         assert image.text["parameters"].startswith("a tree\n")
         assert "Batch size: 2, Batch pos: 0, Batch index: 1" in image.text["parameters"]
     with Image.open(out / "grid-0000.png") as grid:  # make_grid: 2 px of padding around each
-        assert grid.size == (4 * (64 + 2) + 2, 2 * (64 + 2) + 2)
+        assert grid.size == (3 * (64 + 2) + 2, 2 * (64 + 2) + 2)
+        assert grid.text["parameters"].startswith("a fox\na boat\na tree\nSteps: ")
+
+
+def test_fixed_code_serves_a_short_last_batch(cli, tmp_path, capsys):
+    """Three prompts in batches of 2 with --fixed_code: the last batch of one takes the first
+    start noise, so the same prompt gives the first image again."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\na fox\na fox\n")
+    out = tmp_path / "out"
+    argv = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--H", "64", "--W", "64",
+            "--steps", "2", "--n_iter", "1", "--n_samples", "2", "--precision", "full",
+            "--outdir", str(out), "--from-file", str(prompts), "--fixed_code", "--save_latent"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    first, second, last = (np.load(out / "samples" / f"0000{i}.npy") for i in range(3))
+    from conftest import rel_err
+    assert rel_err(last, first) <= 1e-5 and rel_err(second, first) > 0.1
 
 
 def test_an_interrupted_batch_keeps_its_written_images_in_the_grid(tmp_path, monkeypatch):

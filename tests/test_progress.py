@@ -37,3 +37,26 @@ def test_tqdm_disable_in_the_environment_silences_every_bar(monkeypatch):
     assert nested_run(io.StringIO(), monkeypatch) == ""
     monkeypatch.setenv("TQDM_DISABLE", "0")
     assert "DDIM: 100%" in nested_run(io.StringIO(), monkeypatch)
+
+
+def test_a_log_file_gets_a_line_every_few_seconds_at_most():
+    """Each redraw in a file is a new line: tqdm's 0.1 s would write a long run's log full."""
+    with progress_bar(range(3), file=io.StringIO()) as bar:
+        assert bar.mininterval >= 1
+    with progress_bar(range(3), file=Terminal()) as bar:  # a terminal redraws in place
+        assert bar.mininterval < 1
+
+
+def test_bars_vanish_when_done_on_a_terminal_unless_asked_to_stay():
+    with progress_bar(range(1), file=Terminal()) as bar:
+        assert bar.leave is False
+    with progress_bar(range(1), file=Terminal(), leave=True) as bar:
+        assert bar.leave is True
+
+
+def test_tqdm_disable_reads_false_and_no_in_any_case(monkeypatch):
+    for off in ("False", "NO", " false "):
+        monkeypatch.setenv("TQDM_DISABLE", off)
+        assert "DDIM: 100%" in nested_run(io.StringIO(), monkeypatch), off
+    monkeypatch.setenv("TQDM_DISABLE", "True")
+    assert nested_run(io.StringIO(), monkeypatch) == ""
