@@ -501,14 +501,14 @@ class Pipeline:
                                   budget)
         if opts.tile_size == "auto" and not tile_fits(decoder, *tiles, budget, z.shape[0]):
             self._warn_once(("auto tiles", tiles), (
-                f"no tile fits half the decode budget of {_size(budget)}: decoding in the "
-                f"smallest tiles, {tiles[0]}x{tiles[1]}, beyond it (give more "
-                f"--decode_budget_gb, or expect more memory in use)"))
+                f"no tile of a batch of {z.shape[0]} fits half the decode budget of "
+                f"{_size(budget)}: decoding in the smallest tiles, {tiles[0]}x{tiles[1]}, "
+                f"beyond it (fewer --n_samples, or more free memory, would fit)"))
         return tiles
 
     def _warn_once(self, key, message: str):
         """One warning line (between progress bars) per key in this pipeline's life: a
-        multi-batch run says it once."""
+        multi-batch run says it once, and so does an API session."""
         if key not in self._warned:
             self._warned.add(key)
             tqdm.write(f"warning: {message}", file=sys.stderr)

@@ -169,7 +169,8 @@ def case_sample(p, meter):
     result.update(side=p["side"], steps=p["steps"], baseline_gb=baseline / GB,
                   peak_gb=meter.peak_bytes() / GB, kernels=kernels,
                   channels_last=layout["channels_last"], card_gb=p.get("card_gb"),
-                  compile_modes=p.get("compile_modes"))
+                  compile_modes=p.get("compile_modes"),
+                  dilated_steps=variants.get("dilated", {}).get("dilate_tau"))
     if meter.cuda:
         result["reserved_peak_gb"] = torch.cuda.max_memory_reserved(meter.device) / GB
     return result
@@ -582,7 +583,8 @@ def _sample_rows(results):
     steps = fast.get("steps") or layout.get("steps")
     plain, dilated = _get(fast, "seconds", "plain"), _get(fast, "seconds", "dilated")
     why = _why(results, "sample_1024")
-    dilated_steps = steps and round(steps * 20 / 50)
+    # (figures written before the tau was recorded ran 20 of every 50 steps dilated)
+    dilated_steps = fast.get("dilated_steps", steps and round(steps * 20 / 50))
     out = _preset_rows(results) + [(f"re-dilated / plain 1024² run ({dilated_steps} of {steps} "
             f"steps dilated)", _pair(dilated, plain, "s"), "≤ 1.05x", _ratio(dilated, plain),
             why),

@@ -392,6 +392,7 @@ def test_tiles_wait_on_the_device_to_the_byte_of_the_budget(tiny_pipe, monkeypat
 def test_auto_tiles_beyond_the_budget_are_said_once(tiny_pipe, monkeypatch, capsys):
     """Where no tile fits, `auto` decodes in the smallest allowed tiles over the budget: one
     warning line says so (once in a multi-batch run); tiles that fit go without a word."""
+    from ldm import pipeline
     from ldm.pipeline import GenerationOptions
     from ldm.scalecrafter.tiled_decode import tile_fits, tile_working_bytes
 
@@ -402,9 +403,9 @@ def test_auto_tiles_beyond_the_budget_are_said_once(tiny_pipe, monkeypatch, caps
     smallest = tiny_pipe.decode_tiles(z, opts, budget=1)
     assert tiny_pipe.decode_tiles(z, opts, budget=1) == smallest
     lines = capsys.readouterr().err.splitlines()
-    assert lines == [f"warning: no tile fits half the decode budget of 0.0 MiB: decoding in "
-                     f"the smallest tiles, {smallest[0]}x{smallest[1]}, beyond it (give more "
-                     f"--decode_budget_gb, or expect more memory in use)"]
+    assert lines == [f"warning: no tile of a batch of 1 fits half the decode budget of 0.0 MiB: "
+                     f"decoding in the smallest tiles, {smallest[0]}x{smallest[1]}, beyond it "
+                     f"(fewer --n_samples, or more free memory, would fit)"]
     decoder = tiny_pipe.model.first_stage_model.decoder
     just_enough = 2 * tile_working_bytes(decoder, *smallest)
     assert tile_fits(decoder, *smallest, just_enough)
@@ -413,3 +414,10 @@ def test_auto_tiles_beyond_the_budget_are_said_once(tiny_pipe, monkeypatch, caps
     assert tiny_pipe.decode_tiles(z, opts, budget=just_enough) == smallest
     assert tiny_pipe.decode_tiles(z, opts, budget=10 ** 12) == (64, 96)
     assert capsys.readouterr().err == ""
+    # a batch of two needs twice the bytes: the budget that fitted one tile fits no longer,
+    # and a decode resolving its own tiles says so too
+    monkeypatch.setattr(pipeline, "tiled_decode", lambda *a, **k: torch.zeros(2, 3, 1, 1))
+    small = GenerationOptions(H=512, W=768, tiled_decoding=True, tile_size="auto", overlap=4,
+                              decode_budget_gb=just_enough / 2 ** 30)
+    tiny_pipe.decode(torch.zeros(2, 4, 64, 96), small, progress=False)
+    assert "no tile of a batch of 2 fits" in capsys.readouterr().err

@@ -107,6 +107,7 @@ class AbstractEncoder(nn.Module):
 
 @functools.lru_cache(maxsize=1)
 def clip_bpe():
-    """open_clip's BPE tokenizer (CLIP's 49408-token vocabulary, shared by every text tower
-    here), read once per process: reading its vocabulary takes 0.1 s."""
+    """open_clip's BPE tokenizer (CLIP's 49408-token vocabulary), built once per process for
+    the CLIP tower and the OpenCLIP towers' length checks: reading the vocabulary takes 0.1 s
+    (open_clip.tokenize keeps a copy of its own)."""
     return import_open_clip().tokenizer.SimpleTokenizer()
