@@ -350,11 +350,11 @@ def test_tiled_decode_of_an_8x_size_image(txt2img, tmp_path):
             "--ckpt", str(TINY_CKPT), "--H", "512", "--W", "1024", "--steps", "1",
             "--dilate_tau", "1", "--ndcfg_tau", "1", "--inflate_tau", "1", "--n_iter", "1",
             "--n_samples", "1", "--precision", "full", "--outdir", str(tmp_path),
-            "--tile_size", "40x72", "--overlap", "8"]
+            "--tile_size", "34x66", "--overlap", "4"]
     assert txt2img.main(argv) == 0
     with Image.open(tmp_path / "samples" / "00000.png") as image:
         assert image.size == (1024, 512)
-        assert "Tiles: 40x72" in image.text["parameters"]
+        assert "Tiles: 34x66" in image.text["parameters"]
 
 
 def freeu_run(pipe, freeu):
