@@ -334,7 +334,7 @@ def test_dilate_tau_zero_is_the_plain_model(tiny_pipe):
     ("sd2.1_2048x2048_disperse", ["--ndcfg_tau", "2", "--inflate_tau", "1", "--overlap", "8"])])
 def test_presets_run_end_to_end_on_the_tiny_model(txt2img, tmp_path, preset, extra):
     argv = ["--preset", preset, "--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT),
-            "--H", "256", "--W", "384", "--steps", "3", "--dilate_tau", "2", *extra,
+            "--H", "256", "--W", "384", "--steps", "2", "--dilate_tau", "2", *extra,
             "--n_iter", "1", "--n_samples", "1", "--precision", "full",
             "--outdir", str(tmp_path), "--save_latent"]
     assert txt2img.main(argv) == 0
