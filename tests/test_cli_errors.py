@@ -444,6 +444,27 @@ def test_ctrl_c_while_sampling_keeps_finished_images(cli, capsys, base, monkeypa
         assert image.size == (128, 128)
 
 
+def test_the_grid_of_an_interrupted_run_keeps_its_rows(cli, capsys, base, monkeypatch, tmp_path):
+    """Two images kept of batches of one, then Ctrl-C: their grid has --n_rows a row."""
+    from PIL import Image
+
+    import ldm.pipeline
+
+    calls = []
+
+    def sample(self, prompts, opts, generator, x_T=None, settings=None, progress=True):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return torch.zeros((len(prompts), opts.C, opts.H // opts.f, opts.W // opts.f)), []
+
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "sample", sample)
+    status, _ = call(cli, capsys, base + ["--n_iter", "4", "--n_rows", "2"])
+    assert status == 130
+    with Image.open(tmp_path / "out" / "grid-0000.png") as grid:  # 2 px of padding around each
+        assert grid.size == (2 * (128 + 2) + 2, 128 + 2 + 2)
+
+
 def run_script(*argv, cwd=REPO):
     # as a user runs it: no warnings filter, and buffered output (the exit must flush it)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "PYTHONUNBUFFERED")}
