@@ -2,7 +2,15 @@
 import io
 import sys
 
+import pytest
+
 from ldm.progress import progress_bar
+
+
+@pytest.fixture(autouse=True)
+def bars_enabled(monkeypatch):
+    """These tests draw bars: a TQDM_DISABLE in the caller's environment must not hide them."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
 
 
 class Terminal(io.StringIO):
