@@ -14,8 +14,9 @@ def progress_bar(iterable=None, **kwargs):
     go to a file, nesting and erasing would write cursor-movement codes into it (a file can't
     move up a line), so every bar there stays on its own lines and is kept when done."""
     kwargs.setdefault("leave", False)
-    if _env_disables():  # tqdm reads TQDM_DISABLE only where `disable` isn't given, as it is here
-        kwargs["disable"] = True
+    # TQDM_DISABLE, read now: tqdm reads it once, when imported, and only where `disable`
+    # isn't given (as our callers give it)
+    kwargs["disable"] = _env_disables() or kwargs.get("disable", False)
     if _to_file(kwargs.get("file") or sys.stderr):
         kwargs.update(position=0, leave=True, mininterval=FILE_REDRAW_S)
     return tqdm(iterable, **kwargs)
