@@ -34,11 +34,27 @@ SMALL = dict(H=64, W=64, steps=1, precision="full")
     (dict(H=72), "--H must be a positive multiple of 64, got 72"),
     (dict(seed=2**32), "--seed must be in 0..4294967295, got 4294967296"),
     (dict(steps=True), "--steps must be an integer, got True"),
+    (dict(scale=True), "--scale must be a number, got True"),  # (True would be 1: no CFG)
+    (dict(ddim_eta=-0.1), "--ddim_eta must be between 0 and 1, got -0.1"),
+    (dict(dilate=2, dilate_settings="x.txt"), "use either --dilate or --dilate_settings"),
+    (dict(precision="fp16"), "--precision must be 'full' or 'autocast', got 'fp16'"),
+    (dict(sampler="dpm", timestep_spacing="leading"), "steps through its own time grid"),
+    (dict(steps=501), "--steps must be at most 500 with DDIM, got 501"),
+    (dict(dilate=64.5), "--dilate must be at most 64, got 64.5"),
 ], ids=lambda v: str(v)[:30])
 def test_bad_options_are_one_value_error(options, message):
     with pytest.raises(ValueError) as error:
         GenerationOptions(**{**SMALL, **options}).validate()
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_limits_the_messages_name_are_allowed():
+    """'at most N' means N is accepted: each sampler's step limit, and the largest factor."""
+    from ldm.models.diffusion.samplers import SAMPLERS
+    from ldm.scalecrafter.redilation import MAX_FACTOR
+    for name, sampler in SAMPLERS.items():
+        GenerationOptions(**{**SMALL, "sampler": name, "steps": sampler.max_steps}).validate()
+    GenerationOptions(**{**SMALL, "dilate": MAX_FACTOR}).validate()
 
 
 def test_numpy_numbers_become_pythons():
@@ -285,3 +301,18 @@ def test_txt2img_resolves_the_budget_once_per_batch_for_tiles_and_decode(monkeyp
     assert cli.main(argv) == 0
     assert seen == [("tiles", 3 * 2**30), ("decode", 3 * 2**30), ("tiles", 2**30),
                     ("decode", 2**30)]
+
+
+def test_a_wide_image_is_wide(pipe):
+    """H is the height, W the width, in the latents, the decoded pixels and the PIL image."""
+    result = pipe.generate(["x"], GenerationOptions(**{**SMALL, "H": 64, "W": 128}),
+                           progress=False)
+    assert result.latents.shape == (1, 4, 8, 16) and result.decoded.shape == (1, 3, 64, 128)
+    assert result.images[0].size == (128, 64)
+
+
+def test_pixels_beyond_the_range_are_clamped_not_wrapped():
+    """A VAE decodes a little outside [-1, 1]; cast without a clamp, 1.02 would wrap to dark."""
+    from ldm.pipeline import eight_bit
+    decoded = torch.tensor([-1.5, -1.0, 0.0, 1.0, 1.02]).view(1, 1, 1, 5)
+    assert eight_bit(decoded).flatten().tolist() == [0, 0, 127, 255, 255]

@@ -13,6 +13,7 @@ from conftest import TINY_CKPT, TINY_CONFIG, rel_err
 from ldm import checkpoint, precision
 from ldm.checkpoint import load_state_dict
 from ldm.hashing import BackgroundShortHash, short_hash
+from ldm.modules.normalization import GroupNorm32, LayerNorm32
 from ldm.modules.normalization import GroupNorm32, LayerNorm32, set_native_norms
 from ldm.util import build_model, load_config
 
@@ -240,6 +241,21 @@ def test_the_pipeline_knows_every_kernel_switch_in_effect(tiny_pipe, monkeypatch
     assert pipe.kernels == {"channels_last": True, "cudnn_benchmark": False,
                             "native_norms": False, "cudnn_attention": False, "compile": True}
     assert pipe.sampling_kernels["cudnn_attention"]  # asked for, but cuDNN's: nothing on a CPU
+    for loaded, native in ((pipe, False), (Pipeline.load(TINY_CONFIG, TINY_CKPT), True)):
+        norms = [m for m in loaded.model.unet.modules()
+                 if isinstance(m, (GroupNorm32, LayerNorm32))]
+        assert norms and {m.in_input_dtype for m in norms} == {native}  # as recorded
+        assert loaded.kernels["native_norms"] is native
+
+
+def test_the_documented_device_defaults():
+    """The tables README and docs/benchmarks.md describe: CUDA's fast paths as measured (run
+    4), the CPU's reference kernels, and autocast's dtype per device."""
+    assert precision.FAST_PATHS["cuda"] == {"channels_last": False, "cudnn_benchmark": True,
+                                            "native_norms": True, "cudnn_attention": True}
+    assert "cpu" not in precision.FAST_PATHS
+    assert precision.AUTOCAST_DTYPES == {"cuda": torch.float16, "cpu": torch.bfloat16}
+    assert precision.HALF_WEIGHTS == {"cuda": torch.float16}
 
 
 def test_cudnn_autotuning_only_while_sampling(tiny_pipe, monkeypatch):
