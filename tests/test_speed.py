@@ -13,7 +13,6 @@ from conftest import TINY_CKPT, TINY_CONFIG, rel_err
 from ldm import checkpoint, precision
 from ldm.checkpoint import load_state_dict
 from ldm.hashing import BackgroundShortHash, short_hash
-from ldm.modules.normalization import GroupNorm32, LayerNorm32
 from ldm.modules.normalization import GroupNorm32, LayerNorm32, set_native_norms
 from ldm.util import build_model, load_config
 
