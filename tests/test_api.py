@@ -193,6 +193,12 @@ def test_a_size_beyond_memory_is_refused_before_sampling(pipe, monkeypatch):
         pipe.generate(["a fox"], GenerationOptions(**{**SMALL, "H": 512, "W": 512}),
                       progress=False)
     pipe.check(["a fox"], GenerationOptions(**{**SMALL, "H": 512, "W": 512, "scale": 1.0}))
+    # under autocast the maps are the CPU's bf16: half the bytes, so the CFG batch fits
+    autocast = GenerationOptions(**{**SMALL, "H": 512, "W": 512, "precision": "autocast"})
+    pipe.check(["a fox"], autocast)
+    monkeypatch.setattr(pipeline, "available_bytes", lambda device: free // 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        pipe.check(["a fox"], autocast)
 
 
 def test_the_nan_message_blames_half_precision_only_under_autocast(pipe):
