@@ -25,6 +25,21 @@ def rel_err(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
+def sdxl_vector_err(ours, ref, size, text_width=64):
+    """SDXL's vector against sgm's: (relative error of the pooled text part, absolute error of the
+    size embeddings over its float32 bound). cos/sin of v * f for sizes v up to max(size) are only
+    as exact as float32 rounds that argument, and torch releases round it differently (torch 2.14
+    moves the 4096 case by 1.1e-4), so a few ulps of the largest argument are allowed there."""
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    bound = max(size) * 2.0 ** -22
+    size_err = float(np.abs(ours[:, text_width:] - ref[:, text_width:]).max())
+    text, ref_text = ours[:, :text_width], ref[:, :text_width]
+    if not ref_text.any():  # the unconditional branch: exactly zero
+        return float(np.abs(text).max()), size_err / bound
+    return rel_err(text, ref_text), size_err / bound
+
+
 def reference(name):
     path = TINY / name
     assert path.is_file(), f"reference data {path} is missing (../shared/reference)"
