@@ -237,6 +237,25 @@ def test_cuda_n_becomes_the_current_device(monkeypatch, device, current):
     assert made == current
 
 
+def test_cuda_n_is_current_before_the_weights_are_read(monkeypatch):
+    """The staged load's copy stream is made on the current device: cuda:N must be current
+    before the checkpoint is read, not only once the model is built."""
+    import ldm.checkpoint
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(f"current {d}"))
+
+    def read(path):
+        events.append("read")
+        raise KeyboardInterrupt  # stop here: nothing else on a CPU machine can play CUDA
+    monkeypatch.setattr(ldm.checkpoint, "load_state_dict", read)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline.load(TINY_CONFIG, TINY_CKPT, device="cuda:1")
+    assert events == ["current cuda:1", "read"]
+
+
 def test_device_rng_asks_for_the_pipelines_device(pipe, monkeypatch):
     """On a CUDA pipeline rng 'device' seeds CUDA's generator (the seed's stream there), 'cpu'
     the CPU's. (Recorded: a CPU machine can't make a CUDA generator.)"""
