@@ -8,13 +8,13 @@ Real files are not the model's state dict. The rules, as the established tools a
   warning line (the file may be from another family or a fine-tune with add-ons).
 The tables are data: a family whose files carry something new adds a row here."""
 import fnmatch
-import sys
 from typing import Callable, Dict, List, Mapping, Union
 
 import torch
 from torch import nn
 
 from ldm.background import InBackground
+from ldm.progress import warn
 
 # Keys that published files carry and no inference model uses: pattern -> where they come from.
 KNOWN_EXTRAS = {
@@ -210,10 +210,6 @@ def rebuildable_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
         if callable(own):
             found.update({f"{prefix}.{k}" if prefix else k: v for k, v in own().items()})
     return found
-
-
-def warn(message: str):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 DtypeChoice = Union[torch.dtype, Callable[[str], torch.dtype]]

@@ -7,7 +7,6 @@
 """
 import math
 import numbers
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS, generator_device
 from ldm.cli import SETTINGS_FILES, parse_tile_size, repository_fallback
@@ -25,6 +23,7 @@ from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, REFERENCE_PATHS, SAMPLING_SWITCHES,
                            fast_paths, prepare_for_inference, sampling_kernels,
                            weight_dtype_policy)
+from ldm.progress import warn_once
 from ldm.scalecrafter.freeu import freeu_applied
 from ldm.scalecrafter.guidance import GuidedDenoiser
 from ldm.scalecrafter.redilation import MAX_FACTOR
@@ -328,7 +327,7 @@ class Pipeline:
         self.sampling_kernels = {name: False for name in SAMPLING_SWITCHES}
         # every kernel and layout switch in effect (their numbers differ in the last bits)
         self.kernels = dict(REFERENCE_PATHS, compile=False)
-        self._warned = set()  # keys of the warnings given (_warn_once)
+        self._warned = set()  # keys of the warnings given in this pipeline's life (warn_once)
 
     @classmethod
     def load(cls, config_path, ckpt_path, device="cpu", precision="full",
@@ -500,18 +499,11 @@ class Pipeline:
         tiles = resolve_tile_size(self.model.first_stage_model, z, opts.tile_size, opts.overlap,
                                   budget)
         if opts.tile_size == "auto" and not tile_fits(decoder, *tiles, budget, z.shape[0]):
-            self._warn_once(("auto tiles", tiles), (
+            warn_once(self._warned, ("auto tiles", tiles), (
                 f"no tile of a batch of {z.shape[0]} fits half the decode budget of "
                 f"{_size(budget)}: decoding in the smallest tiles, {tiles[0]}x{tiles[1]}, "
                 f"beyond it (fewer --n_samples, or more free memory, would fit)"))
         return tiles
-
-    def _warn_once(self, key, message: str):
-        """One warning line (between progress bars) per key in this pipeline's life: a
-        multi-batch run says it once, and so does an API session."""
-        if key not in self._warned:
-            self._warned.add(key)
-            tqdm.write(f"warning: {message}", file=sys.stderr)
 
     @torch.no_grad()
     def decode(self, z, opts: GenerationOptions, progress=True, tiles=None, budget=None):

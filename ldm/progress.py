@@ -1,5 +1,5 @@
 """Progress bars for long work: nested and erased when done on a terminal (or in a notebook);
-one line per finished bar in a log file."""
+one line per finished bar in a log file. Warnings are written above them, not through them."""
 import os
 import sys
 
@@ -20,6 +20,19 @@ def progress_bar(iterable=None, **kwargs):
     if _to_file(kwargs.get("file") or sys.stderr):
         kwargs.update(position=0, leave=True, mininterval=FILE_REDRAW_S)
     return tqdm(iterable, **kwargs)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, above any progress bar rather than through it."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def warn_once(seen: set, key, message: str) -> None:
+    """warn(message) unless `seen` holds `key`; `seen` is the scope (a pipeline, the process),
+    so that a multi-batch run says a thing once."""
+    if key not in seen:
+        seen.add(key)
+        warn(message)
 
 
 def _env_disables() -> bool:

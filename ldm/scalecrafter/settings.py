@@ -80,7 +80,7 @@ def _absent_slot(name: str, translation: Dict[str, str]) -> bool:
 
 def _warn_skipped(path, skipped: List[str]):
     """One line per file read."""
-    from ldm.layouts import warn
+    from ldm.progress import warn
 
     if skipped:
         warn(f"{path}: skipped {len(skipped)} names this UNet does not have (as diffusers "

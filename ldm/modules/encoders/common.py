@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from ldm.modules.encoders.conditioning import Conditioning
+from ldm.progress import warn_once
 
 # Where a text-encoder config named in a model yaml (`arch: NAME`, `version: NAME.json`) that is
 # not a known model is looked for: the model yaml's folder (registered when it is loaded), then
@@ -87,12 +87,9 @@ class AbstractEncoder(nn.Module):
             prompts = [prompts]
         tokens = self.tokenize(list(prompts))
         for prompt in self.truncated(prompts, tokens):
-            if prompt not in _WARNED_CUT:  # once a prompt, not once a batch and tower
-                _WARNED_CUT.add(prompt)
-                # (a prompt or a negative prompt; above any progress bar, not through it)
-                tqdm.write(f"warning: the text {_shortened(prompt)!r} exceeds the text "
-                           f"encoder's {tokens.shape[-1]}-token context; the rest is ignored",
-                           file=sys.stderr)
+            # once a prompt or negative prompt in the process, not once a batch and tower
+            warn_once(_WARNED_CUT, prompt, f"the text {_shortened(prompt)!r} exceeds the text "
+                      f"encoder's {tokens.shape[-1]}-token context; the rest is ignored")
         return self.encode_tokens(tokens)
 
     def encode(self, prompts):
