@@ -446,8 +446,7 @@ class Pipeline:
         """(channels, downsampling factor) of the model's latents: the UNet's input channels,
         and 2 for each of the VAE decoder's upsamplings."""
         unet_input = self.model.unet.input_blocks[0][0]
-        upsamplings = sum(hasattr(up, "upsample") for up in self.model.first_stage_model.decoder.up)
-        return unet_input.in_channels, 2 ** upsamplings
+        return unet_input.in_channels, 2 ** self.model.first_stage_model.decoder.upsamplings
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], opts: GenerationOptions, generator, x_T=None,

@@ -284,7 +284,7 @@ class LeanDecoder:
         norm1 = mx.normalizer(block.norm1)
         cin, cout = block.norm1.num_channels, block.conv2.out_channels
         per_channel = x.shape[0] * x.shape[2] * x.shape[3] * 4  # bytes of one fp32 channel
-        if (isinstance(x, Dense) and cin == cout and not hasattr(block, "conv_shortcut")
+        if (isinstance(x, Dense) and block.identity_shortcut
                 and not self._fits(per_channel * (cin + cout))):
             return self._resnet_recompute(block, x, norm1)
         h, mh = self.conv_map(x, block.conv1, norm1)

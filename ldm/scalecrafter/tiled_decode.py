@@ -307,7 +307,7 @@ def _recomputes(block: ResnetBlock, x: _Tiles) -> bool:
     """Whether an identity-shortcut block should run without its hidden tiles: when they and
     the block's input would not all fit where tiles wait on the device."""
     cin, cout = block.norm1.num_channels, block.conv2.out_channels
-    return (cin == cout and not hasattr(block, "conv_shortcut") and x.view is None
+    return (block.identity_shortcut and x.view is None
             and _waiting_bytes(x, cin + cout) > x.place.room)
 
 
@@ -387,8 +387,7 @@ def _layer_count(dec) -> int:
     """Maps one decode runs (for the progress bar)."""
     resnets = 2 + sum(len(up.block) for up in dec.up)
     attns = 1 + sum(len(up.attn) for up in dec.up)
-    upsamples = sum(hasattr(up, "upsample") for up in dec.up)
-    return 2 + 2 * resnets + attns + upsamples + bool(dec.tanh_out)
+    return 2 + 2 * resnets + attns + dec.upsamplings + bool(dec.tanh_out)
 
 
 def _decode_tiles(autoencoder, tiles: _Tiles, sync: bool) -> _Tiles:

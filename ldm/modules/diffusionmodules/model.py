@@ -65,6 +65,11 @@ class ResnetBlock(nn.Module):
         h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
         return self.shortcut(x) + h
 
+    @property
+    def identity_shortcut(self) -> bool:
+        """Whether the block adds its input as it is (as many channels out as in)."""
+        return not (hasattr(self, "conv_shortcut") or hasattr(self, "nin_shortcut"))
+
     def shortcut(self, x):
         if hasattr(self, "conv_shortcut"):
             return self.conv_shortcut(x)
@@ -225,6 +230,11 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+
+    @property
+    def upsamplings(self) -> int:
+        """How many times the decoder doubles its input's size."""
+        return sum(hasattr(up, "upsample") for up in self.up)
 
     def forward(self, z, tick=None):
         """tick: called after the middle and after each ResNet block (`decoder_ticks` calls),
