@@ -200,6 +200,11 @@ DISPLACES = {"dilate": ("dilate_settings",), "dilate_settings": ("dilate",),
              "plms": ("ddim_eta",), "dpm": ("ddim_eta", "timestep_spacing")}
 
 
+def sampler_name(args) -> str:
+    """The sampler the switches choose (both given is refused with the other options)."""
+    return "dpm" if args.dpm else "plms" if args.plms else "ddim"
+
+
 def apply_family_defaults(args, config):
     """The model family's defaults (ldm.families) for the options no flag and no preset set
     (args.given). Returns the note line that says so ('' if none), for once the inputs pass:
@@ -209,8 +214,7 @@ def apply_family_defaults(args, config):
     from ldm.util import config_family
 
     family = config_family(config)
-    sampler = "dpm" if args.dpm else "plms" if args.plms else "ddim"
-    applied = {name: value for name, value in family_defaults(family, sampler).items()
+    applied = {name: value for name, value in family_defaults(family, sampler_name(args)).items()
                if name not in args.given and getattr(args, name) != value}
     for name, value in applied.items():
         setattr(args, name, value)
@@ -342,7 +346,7 @@ def one_value(action, value, bad):
 def options_from_args(args):
     from ldm.pipeline import GenerationOptions
 
-    sampler = "dpm" if args.dpm else "plms" if args.plms else "ddim"
+    sampler = sampler_name(args)
     if args.plms and args.dpm:
         raise UsageError("choose one of --plms and --dpm")
     # every option is the flag of its name, but for the sampler (two switches) and FreeU's tuple
