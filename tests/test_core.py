@@ -261,3 +261,13 @@ def test_an_open_clip_that_needs_an_extra_is_imported_the_plain_way(tmp_path):
     proc = _run_with_path(probe, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "True"
+
+
+def test_torchs_cpu_noise_stream_is_the_one_the_references_drew():
+    """The sample references store no noise: they drew their start latents (and eta noise) from
+    torch's seeded CPU generator, as a run does. Should a torch release change that stream, every
+    sample comparison fails at once; this canary says why. (A latent-sized draw: torch's
+    vectorised normal path, not the scalar one of tiny draws.)"""
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(51)).flatten()
+    assert x[:3].tolist() == [0.15817755460739136, -1.6421926021575928, 1.0674729347229004]
+    assert x[-1].item() == -0.6207461953163147

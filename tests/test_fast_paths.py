@@ -135,7 +135,7 @@ def test_tiles_waiting_in_host_memory_or_on_device_and_auto_tiling(tiny_pipe):
     seed = tiled_decode(vae, z, 4, True)
     # no budget at all: every tile waits in host memory (on the CPU: stays) and the layers
     # recompute rather than store (upsampled tiles lazy, identity blocks without hidden tiles)
-    assert rel_err(tiled_decode(vae, z, 4, True, budget_bytes=0), seed) <= 1e-6
+    assert rel_err(tiled_decode(vae, z, 4, True, budget_bytes=0), seed) <= 1e-5  # (banded convs)
     # the default tiling is the seed's: half of each side
     assert torch.equal(seed, tiled_decode(vae, z, 4, True, tile_size=(8, 12)))
     assert not torch.equal(seed, tiled_decode(vae, z, 4, True, tile_size=(10, 12)))

@@ -191,7 +191,8 @@ def test_fourier_filter_matches_reference_and_keeps_dtype():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 8, 8, generator=g)
     assert fourier_filter(x, scale=1.0) is x
-    assert torch.allclose(fourier_filter(x, scale=1.0 - 1e-9), x, atol=1e-6)
+    # an FFT round trip in float32: ~eps * log2(n) * max|x| apart (5.5e-7 seen over 200 seeds)
+    assert torch.allclose(fourier_filter(x, scale=1.0 - 1e-9), x, atol=1e-5)
     for H, W in [(8, 8), (7, 10), (1, 4)]:
         x = torch.randn(2, 3, H, W, generator=g)
         assert torch.allclose(fourier_filter(x, scale=0.3), _ref_lowfreq_filter(x, 0.3),

@@ -75,7 +75,7 @@ def test_eager_layouts_part_lays_out_the_tiny_model_three_ways(speed, tiny_pipe)
                 for name, net in speed._eager_layout_nets(unet_of(tiny_pipe.model)).items()}
     assert outs["nchw"].is_contiguous() and not outs["as_run"].is_contiguous()
     for name, out in outs.items():
-        assert rel_err(out, data["out"]) <= 1e-5, name
+        assert rel_err(out, data["out"]) <= 1e-4, name  # the bound of every reference check
     assert set(got["seconds"]) == set(speed.EAGER_LAYOUTS)
     got["seconds"] = {"as_run": 0.0383, "nchw": 0.0361, "channels_last": 0.0450}
     got.update(kernel_ms_nchw={"conv": 7.0, "norm": 5.0}, gpu_busy_ms_nchw=12.0,

@@ -434,6 +434,12 @@ def test_compiled_block_routes_only_the_convs_a_run_overrides(tiny_pipe):
     assert not torch.allclose(eager["2"], eager["3"])
 
 
+# torch's checks of a custom op, named: a release that adds one to its default list tests
+# torch's new rules, not this op's behaviour
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
+            "test_aot_dispatch_dynamic")
+
+
 @pytest.mark.parametrize("polyphase", [False, True])
 def test_planned_conv_op_passes_opcheck(monkeypatch, polyphase):
     """The op's shape function gives the real output's sizes, dtype and strides (inductor lays
@@ -456,7 +462,7 @@ def test_planned_conv_op_passes_opcheck(monkeypatch, polyphase):
         for plan in plans:
             with overridden_convs(net, plan):
                 torch.library.opcheck(torch.ops.scalecrafter.planned_conv.default,
-                                      (x, weight, bias, key))
+                                      (x, weight, bias, key), test_utils=OPCHECKS)
                 with torch.no_grad():
                     assert net(x).stride() == conv._conv_forward(x, weight, bias).stride()
 

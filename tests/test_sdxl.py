@@ -69,8 +69,10 @@ def test_a_nonempty_negative_prompt_is_encoded(xl_pipe):
     model, size = xl_pipe.model, (256, 384)
     uncond = model.get_unconditional_conditioning(["blurry", ""], size)
     cond = model.get_conditioning(["blurry"], size)
-    assert rel_err(uncond.context[:1], cond.context) <= 1e-6 and not uncond.context[1:].any()
-    assert rel_err(uncond.vector[:1], cond.vector) <= 1e-6
+    # a batch of two runs other matmul blockings than a batch of one: float32 rounding apart
+    # (6.7e-7 measured), where a prompt encoded wrongly or zeroed is O(1) apart
+    assert rel_err(uncond.context[:1], cond.context) <= 1e-5 and not uncond.context[1:].any()
+    assert rel_err(uncond.vector[:1], cond.vector) <= 1e-5
 
 
 def test_clip_layer_options_name_the_same_hidden_states_as_transformers(xl_pipe):

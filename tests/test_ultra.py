@@ -237,9 +237,11 @@ def test_centre_tap_dispersion_is_the_plain_conv():
     x = torch.randn(2, 3, 11, 9)
     kernel = disperse_kernel(conv.weight.detach(), centre_tap_transform())
     assert kernel.shape == (5, 3, 5, 5)
-    assert torch.allclose(redilated_conv(conv, x, 1, kernel), conv(x), atol=1e-6)
+    # a zero-padded 5x5 against a 3x3: other conv algorithms, so float32 rounding apart
+    # (up to ~eps * 75 taps * max|y|); a wrong tap is O(0.1) apart
+    assert torch.allclose(redilated_conv(conv, x, 1, kernel), conv(x), atol=1e-5)
     assert torch.allclose(redilated_conv(conv, x, 2, kernel), redilated_conv(conv, x, 2),
-                          atol=1e-6)
+                          atol=1e-5)
 
 
 def test_presets_set_values_and_flags_override(txt2img):
