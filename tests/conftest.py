@@ -1,6 +1,7 @@
 """Shared paths and the tiny reference model (loaded once per test session)."""
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -38,6 +39,24 @@ def sdxl_vector_err(ours, ref, size, text_width=64):
     if not ref_text.any():  # the unconditional branch: exactly zero
         return float(np.abs(text).max()), size_err / bound
     return rel_err(text, ref_text), size_err / bound
+
+
+# A Python warning raised in an installed package: "<.../site-packages/...>:<line>: XWarning: ..."
+# (its source line follows, indented)
+_LIBRARY_WARNING = re.compile(r"^\S*[/\\](site|dist)-packages[/\\]\S*:\d+: \w*Warning: ")
+
+
+def our_stderr(stderr: str) -> list:
+    """A subprocess's stderr lines less the Python warnings that installed libraries raise (a
+    torch or torchvision release may add one at import; ours are "warning: ..." lines, kept)."""
+    lines, in_warning = [], False
+    for line in stderr.strip().splitlines():
+        if _LIBRARY_WARNING.match(line):
+            in_warning = True
+        elif not (in_warning and line.startswith(" ")):
+            in_warning = False
+            lines.append(line)
+    return lines
 
 
 def reference(name):

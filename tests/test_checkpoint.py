@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import our_stderr
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -673,7 +675,7 @@ def test_converter_refuses_malicious(tmp_path):
     result = _run_converter(str(src), str(dst))
 
     assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
+    lines = our_stderr(result.stderr)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
     assert "refused for safety" in lines[0]
@@ -704,7 +706,7 @@ def test_converter_bad_input(tmp_path, case, message):
         dst = tmp_path / "a-file" / "out.safetensors"
     result = _run_converter(*([] if case == "no-arguments" else [str(src), str(dst)]))
     assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
+    lines = our_stderr(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.stderr
@@ -720,7 +722,7 @@ def test_converter_keeps_an_existing_output_unless_forced(tmp_path):
     dst.write_bytes(b"someone's file")
     refused = _run_converter(str(src), str(dst))
     assert refused.returncode == 1 and dst.read_bytes() == b"someone's file"
-    assert refused.stderr.strip() == f"error: output {dst} exists: pass --force to replace it"
+    assert our_stderr(refused.stderr) == [f"error: output {dst} exists: pass --force to replace it"]
     assert _run_converter(str(src), str(dst), "--force").returncode == 0
     _assert_same(load_file(str(dst)), sd)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import load_script, our_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -495,7 +495,7 @@ def test_malicious_checkpoint_is_refused_end_to_end(tmp_path):
                         "--steps", "2", "--n_iter", "1", "--n_samples", "1", "--precision",
                         "full", "--outdir", tmp_path / "out", "--prompt", "x")
     assert result.returncode == 1, result.stderr
-    lines = result.stderr.splitlines()
+    lines = our_stderr(result.stderr)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: checkpoint") and "refused" in lines[0], lines
     assert "Traceback" not in result.stderr

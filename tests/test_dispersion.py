@@ -11,6 +11,7 @@ import scipy.signal
 import torch
 import torch.nn.functional as F
 
+from conftest import our_stderr
 from ldm.scalecrafter.dispersion import (
     disperse_kernel,
     load_dispersion_transform,
@@ -161,7 +162,7 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path):
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    assert len(our_stderr(res.stderr)) == 1
     assert not (tmp_path / "R.npy").exists()
 
 
