@@ -226,6 +226,8 @@ def _torch_load_pickled(path: Path, trust_pickle: bool) -> Any:
 def _load_through_gate(path: Path, trust_pickle: bool, mmap: bool, first_error: Exception):
     """Step 2: the full pickle format, every global it names checked against the whitelist
     (or, with trust_pickle, none refused)."""
+    if _weights_only_forced():  # torch refuses any other pickle module then
+        raise _forced_weights_only_error(path, first_error)
     pickle_module = TRUSTING_PICKLE if trust_pickle else GATED_PICKLE
     try:
         return _torch_load(path, weights_only=False, pickle_module=pickle_module, mmap=mmap)
@@ -238,12 +240,16 @@ def _load_through_gate(path: Path, trust_pickle: bool, mmap: bool, first_error: 
             f"checkpoint {path} is not a valid PyTorch checkpoint: its pickle is nested too deeply"
         ) from None
     except Exception as exc:
-        if "Can not safely load weights when explicit pickle_module" in str(exc):
-            raise _forced_weights_only_error(path, first_error) from None
         raise CheckpointError(
             f"checkpoint {path} is not a valid PyTorch checkpoint (truncated or corrupt): "
             f"{_first_line(exc)}"
         ) from None
+
+
+def _weights_only_forced() -> bool:
+    """Whether TORCH_FORCE_WEIGHTS_ONLY_LOAD holds one of the values torch reads as true."""
+    return os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes",
+                                                                           "true")
 
 
 def _forced_weights_only_error(path: Path, first_error: Exception) -> CheckpointError:

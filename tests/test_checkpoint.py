@@ -194,15 +194,19 @@ def test_lightning_checkpoint_loads_after_module_is_gone(tmp_path, fake_lightnin
     assert not imported, f"loader imported {imported}"
 
 
+@pytest.mark.parametrize("value", ["1", "True", "yes", "Y"])
 def test_forced_weights_only_names_the_extra_and_the_way_out(tmp_path, fake_lightning,
-                                                              monkeypatch):
-    """With TORCH_FORCE_WEIGHTS_ONLY_LOAD set, torch refuses the gated fallback loader: a
-    file with training extras is refused in one line that says so, a malicious one as such."""
+                                                              monkeypatch, value):
+    """With TORCH_FORCE_WEIGHTS_ONLY_LOAD set (to any value torch reads as true), torch refuses
+    the gated fallback loader: a file with training extras is refused in one line that says
+    so, a malicious one as such. Set false, the gated loader reads the extras."""
     path = tmp_path / "model.ckpt"
     torch.save(_lightning_checkpoint(fake_lightning, _sample_state_dict()), path)
     evil = tmp_path / "evil.ckpt"
     _write_malicious(evil, _EvalPayload(tmp_path / "pwned"), "zip")
-    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")
+    _assert_same(load_state_dict(path), _sample_state_dict())
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", value)
     with pytest.raises(CheckpointError, match="carries training extras .*unset "
                                               "TORCH_FORCE_WEIGHTS_ONLY_LOAD"):
         load_state_dict(path)
