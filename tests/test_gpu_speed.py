@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import TINY_CKPT, TINY_CONFIG, load_script, reference, rel_err
-from ldm.compat import torch_release
 from ldm.precision import unet_of
 
 
@@ -252,10 +251,10 @@ def test_host_variants_are_judged_against_their_base(speed, one_conv_unet):
     shared = speed.part_compile_variant(same, torch.device("cpu"))
     noted = [line for line in speed.summary({"compile_host": shared})
              if "compiled no graph of its own: an earlier variant's ran" in line]
-    if torch_release() >= (2, 10):  # Dynamo shares graphs between instances from 2.10 on
-        assert [v["graphs"] for v in shared["variants"].values()] == [1, 0] and noted
-    else:
-        assert [v["graphs"] for v in shared["variants"].values()] == [1, 1] and not noted
+    # whether Dynamo shares the graph is torch's choice (2.10 on it does): the summary says
+    # so exactly when it happened
+    counts = [v["graphs"] for v in shared["variants"].values()]
+    assert counts in ([1, 0], [1, 1]) and bool(noted) == (counts == [1, 0])
     set_figures(got, 0.0475, compiled=(0.0294, 86), compiled_static=(0.0285, 80),
                 compiled_static_cudagraphs=(0.0240, 90), compiled_cudagraphs=(0.0280, 95),
                 compiled_cpp_wrapper=(0.0250, 120))

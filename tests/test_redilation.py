@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import TINY_CKPT, TINY_CONFIG, cases, reference, rel_err
-from ldm.compat import torch_release
 from ldm.pipeline import GenerationOptions
 from ldm.precision import compile_unet_in_place
 from ldm.scalecrafter.redilation import (ConvOverride, conv3x3_names, overridden_convs,
@@ -377,22 +376,24 @@ def test_compiled_block_compiles_one_graph_for_every_plan(tiny_pipe):
     plans = {"2": plan(2), "plain": {}, "2.5": plan(2.5), "3": plan(3),
              "dispersed": plan(1.5, kernel), "damped": [(2, plan(2)), (1, plan(4))]}
 
-    def outputs(net):
-        outs = {}
+    def outputs(net, counted=()):
+        outs, counts = {}, {}
         for precision in ("full", "autocast"):
             for name, overrides in plans.items():
                 rows = 3 if name == "damped" else 2
                 with torch.no_grad(), overridden_convs(block, overrides), \
                         torch.autocast("cpu", torch.bfloat16, enabled=precision == "autocast"):
                     outs[precision, name] = net(x[:rows], emb[:rows])
-        return outs
-    eager = outputs(block)
+                counts.setdefault(precision, set()).add(len(counted))
+        return outs, counts
+    eager, _ = outputs(block)
     graphs = compile_counting(block)
     try:
-        compiled = outputs(block)
+        compiled, counts = outputs(block, graphs)
     finally:
         torch._dynamo.reset()
-    assert len(graphs) == 2  # one for fp32, one under autocast
+    # no plan and no batch size compiles again; autocast may (torch guards on it: 2.14 does)
+    assert counts["full"] == {1} and len(counts["autocast"]) == 1 and len(graphs) <= 2
     for (precision, name), out in compiled.items():
         ref = eager[precision, name]
         assert out.dtype == ref.dtype
@@ -552,15 +553,17 @@ def test_static_and_dynamic_graphs_stay_apart():
     for conv, dynamic_batch in zip(convs, (True, True, False)):
         compile_unet_in_place(conv, backend=backend, dynamic_batch=dynamic_batch)
     x = torch.randn(2, 3, 8, 8)
+    counts = []
     try:
         with torch.no_grad():
             for conv in convs:
                 conv(x)
+                counts.append(len(graphs))
     finally:
         torch._dynamo.reset()
-    # torch 2.10 on: the second dynamic instance reuses the first's graph; before, it traces
-    # its own; the static one always gets its own
-    assert len(graphs) == (2 if torch_release() >= (2, 10) else 3)
+    # whether the second dynamic instance reuses the first's graph is torch's choice (2.10 on
+    # it does); the static one always gets its own
+    assert counts[0] == 1 and counts[1] in (1, 2) and counts[2] == counts[1] + 1
 
 
 def test_compiling_a_compiled_unet_again_is_refused_in_words():
