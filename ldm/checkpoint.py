@@ -72,6 +72,25 @@ class CheckpointError(Exception):
     """A checkpoint could not be loaded; ``str(err)`` is one user-facing line."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """The file's weights do not make the config's model. `detail` says how: what the file is
+    ("is an SDXL refiner, ..."; `about_file`), or how it fails the config (": 3 missing keys
+    ..."). The line names the two files once the loader knows them (`named`)."""
+
+    def __init__(self, detail: str, about_file: bool = False):
+        self.detail, self.about_file = detail, about_file
+        super().__init__(self.line())
+
+    def line(self, ckpt=None, config=None) -> str:
+        if self.about_file:
+            return f"{f'checkpoint {ckpt}' if ckpt else 'the checkpoint'} {self.detail}"
+        return (f"checkpoint{f' {ckpt}' if ckpt else ''} does not fit the config"
+                f"{f' {config}' if config else ''}{self.detail}")
+
+    def named(self, ckpt, config) -> CheckpointError:
+        return CheckpointError(self.line(ckpt, config))
+
+
 # ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------

@@ -150,15 +150,16 @@ def what_the_file_is(needed, present) -> str:
 
 
 def _unusable(state_dict, expected) -> str:
-    """Why the file's weights cannot be taken as stored ('' if they can): a UNUSABLE_EXTRAS
-    marker, or integer (quantized) tensors where the model has floating ones."""
+    """What makes the file's weights unusable as stored, said of the file ("is ...", "holds
+    ..."; '' if nothing): a UNUSABLE_EXTRAS marker, or integer (quantized) tensors where the
+    model has floating ones."""
     for patterns, what in UNUSABLE_EXTRAS:
         if any(_matches(key, patterns) for key in state_dict):
-            return f"the checkpoint is {what}"
+            return f"is {what}"
     integer = next((k for k, v in state_dict.items() if k in expected
                     and expected[k].is_floating_point() and not v.is_floating_point()), None)
     if integer:
-        return (f"the checkpoint holds integer (quantized) weights, e.g. {integer} is "
+        return (f"holds integer (quantized) weights, e.g. {integer} is "
                 f"{str(state_dict[integer].dtype).replace('torch.', '')}: quantized files are "
                 f"not supported; use an fp16 or fp32 file")
     return ""
@@ -173,14 +174,15 @@ def is_sdxl_refiner(keys) -> bool:
 
 
 def describe_missing(missing: List[str], needed=(), present=()) -> str:
-    """One line naming the first few weights a file lacks; the model part it lacks whole among
-    the `needed` keys (some community files ship without their VAE), or, when the file's
-    `present` keys are another family's, the config to use instead."""
+    """How a file fails the config (CheckpointMismatch's detail): the first few weights it
+    lacks; the model part it lacks whole among the `needed` keys (some community files ship
+    without their VAE), or, when the file's `present` keys are another family's, the config
+    to use instead."""
     count = f"{len(missing)} missing key" + ("s" if len(missing) != 1 else "")
-    line = f"checkpoint does not fit the config: {count} ({_key_list(missing)})"
+    line = f": {count} ({_key_list(missing)})"
     what = what_the_file_is(needed, present)
     if what:  # (its missing keys would say nothing more)
-        return "checkpoint does not fit the config" + what
+        return what
     family = _other_family(needed, present)
     if family:
         return line + f": the file looks like {family[0]} checkpoint, use --config {family[1]}"
@@ -277,44 +279,51 @@ def without_wrapper_prefix(state_dict: Dict[str, torch.Tensor], parts) -> Dict[s
     return renamed
 
 
+def _mismatch(state_dict, expected, missing, wrong, rebuilt):
+    """The CheckpointMismatch of a file that lacks weights or has others' shapes."""
+    from ldm.checkpoint import CheckpointMismatch
+
+    if missing:
+        return CheckpointMismatch(describe_missing(
+            missing, [k for k in expected if k not in rebuilt], state_dict))
+    k = wrong[0]
+    kind = IMAGE_CONDITIONED.get(state_dict[k].shape[1]) if k == UNET_INPUT else None
+    if kind and wrong == [k]:
+        return CheckpointMismatch(f"is {kind} model (its UNet takes {state_dict[k].shape[1]} "
+                                  f"input channels): txt2img needs a text-to-image checkpoint",
+                                  about_file=True)
+    return CheckpointMismatch(f": {len(wrong)} tensors have other shapes, e.g. {k} is "
+                              f"{tuple(state_dict[k].shape)}, the config wants "
+                              f"{tuple(expected[k].shape)}")
+
+
 def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
                    dtype: DtypeChoice = torch.float32, device="cpu") -> Dict[str, torch.Tensor]:
     """The tensors to load into `model` (built on the meta device) from a file's `state_dict`.
 
     Consumes `state_dict` tensor by tensor, so the file's tensors never exist twice over.
     Floating tensors become `dtype` (a dtype, or a callable key -> dtype such as
-    ldm.precision.weight_dtype_policy), others the model's dtype. Raises CheckpointError (one
-    line) when a needed weight is missing or has another shape."""
-    from ldm.checkpoint import CheckpointError
+    ldm.precision.weight_dtype_policy), others the model's dtype. Raises CheckpointMismatch
+    (one line) when a needed weight is missing or has another shape."""
+    from ldm.checkpoint import CheckpointMismatch
 
     if is_sdxl_refiner(state_dict):  # no config here runs it
         state_dict.clear()
-        raise CheckpointError("the checkpoint is an SDXL refiner, which refines images "
-                              "(image-to-image) and cannot make them: use the SDXL base model")
+        raise CheckpointMismatch("is an SDXL refiner, which refines images (image-to-image) "
+                                 "and cannot make them: use the SDXL base model", about_file=True)
     expected: Mapping[str, torch.Tensor] = model.state_dict()
     state_dict = renamed(state_dict, expected)
     unusable = _unusable(state_dict, expected)
     if unusable:
         state_dict.clear()
-        raise CheckpointError(unusable)
+        raise CheckpointMismatch(unusable, about_file=True)
     rebuilt = rebuildable_buffers(model)
     missing = [k for k in expected if k not in state_dict and k not in rebuilt]
     wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    if missing:
-        message = describe_missing(missing, [k for k in expected if k not in rebuilt], state_dict)
-    elif wrong:
-        k = wrong[0]
-        message = (f"checkpoint does not fit the config: {len(wrong)} tensors have other "
-                   f"shapes, e.g. {k} is {tuple(state_dict[k].shape)}, the config wants "
-                   f"{tuple(expected[k].shape)}")
-        kind = IMAGE_CONDITIONED.get(state_dict[k].shape[1]) if k == UNET_INPUT else None
-        if kind and wrong == [k]:
-            message = (f"the checkpoint is {kind} model (its UNet takes "
-                       f"{state_dict[k].shape[1]} input channels): txt2img needs a "
-                       f"text-to-image checkpoint")
     if missing or wrong:
+        error = _mismatch(state_dict, expected, missing, wrong, rebuilt)
         state_dict.clear()  # a refused file's tensors (on CUDA already staged there) go now
-        raise CheckpointError(message)
+        raise error
     unknown = [k for k in state_dict if k not in expected and not _matches(k, KNOWN_EXTRAS)]
     if unknown:
         warn(f"checkpoint has {len(unknown)} keys this model does not use, ignored: "

@@ -337,7 +337,7 @@ class Pipeline:
         cudnn_attention, channels_last, native_norms (None: ldm.precision.FAST_PATHS' choice
         for the device), compile_unet (off by default); staged_load: copy the weights while
         the model is built (None: ldm.layouts.STAGED_LOADS' choice)."""
-        from ldm.checkpoint import load_state_dict
+        from ldm.checkpoint import CheckpointMismatch, load_state_dict
         from ldm.layouts import STAGED_LOADS, StagedStateDict, without_wrapper_prefix
         from ldm.modules.encoders.common import register_config_dir
 
@@ -354,7 +354,10 @@ class Pipeline:
             staged_load = STAGED_LOADS.get(torch.device(device).type, False)
         if staged_load:
             state = StagedStateDict(state, device, policy)
-        model = build_model(config, device, state, policy)
+        try:
+            model = build_model(config, device, state, policy)
+        except CheckpointMismatch as err:  # the files named: the user has several
+            raise err.named(ckpt_path, config_path) from None
         pipe = cls.from_model(model, device, precision, cudnn_benchmark, cudnn_attention,
                               **layout)
         pipe.config_path, pipe.ckpt_path = config_path, ckpt_path

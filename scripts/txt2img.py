@@ -798,13 +798,6 @@ def describe(err, args=None):
         return f"torch.compile failed ({describe(inner)}); run without --compile"
     text = str(err).strip()
     message = " ".join(text.splitlines()[0].split()) if text else type(err).__name__
-    if isinstance(err, CheckpointError) and args is not None \
-            and message.startswith("checkpoint does not fit the config"):
-        message = (f"checkpoint {args.ckpt} does not fit the config {args.config}"
-                   + message[len("checkpoint does not fit the config"):])
-    elif isinstance(err, CheckpointError) and args is not None \
-            and message.startswith("the checkpoint "):  # what the file is, named
-        message = f"checkpoint {args.ckpt} " + message[len("the checkpoint "):]
     if isinstance(err, (UsageError, CheckpointError, ConfigError, ValueError, ImportError)):
         return message  # (ImportError: a missing package, or ldm.compat's torch floor)
     if _is_out_of_memory(err, text):

@@ -526,13 +526,20 @@ def test_checkpoint_without_tensors(tmp_path):
 
 
 def test_describe_missing():
+    from ldm.checkpoint import CheckpointMismatch
     from ldm.layouts import describe_missing
-    assert describe_missing(["a", "b", "c"]) == (
-        "checkpoint does not fit the config: 3 missing keys (a, b, c)"
-    )
-    assert describe_missing(["a"]) == "checkpoint does not fit the config: 1 missing key (a)"
+    assert describe_missing(["a", "b", "c"]) == ": 3 missing keys (a, b, c)"
+    assert describe_missing(["a"]) == ": 1 missing key (a)"
     long = describe_missing([f"k{i}" for i in range(12)])
-    assert long == "checkpoint does not fit the config: 12 missing keys (k0, k1, k2, k3, k4, ... and 7 more)"
+    assert long == ": 12 missing keys (k0, k1, k2, k3, k4, ... and 7 more)"
+    # the line, before and after the loader names the files
+    error = CheckpointMismatch(long)
+    assert str(error) == "checkpoint does not fit the config" + long
+    assert str(error.named("a.ckpt", "b.yaml")) == "checkpoint a.ckpt does not fit the config " \
+        "b.yaml" + long
+    error = CheckpointMismatch("is an SDXL refiner", about_file=True)
+    assert str(error) == "the checkpoint is an SDXL refiner"
+    assert str(error.named("a.ckpt", "b.yaml")) == "checkpoint a.ckpt is an SDXL refiner"
 
 
 @pytest.mark.parametrize("change", ["missing", "shape"])
