@@ -44,7 +44,7 @@ def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: np.ndarray, eta: 
     return alphas, alphas_prev, sigmas
 
 
-def _on_device(values, like):
+def coefficients_on_device(values, like):
     """Per-step coefficients as one float32 tensor on x's device, copied once: indexing it in
     the loop costs no host-device round trip."""
     return torch.tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32).to(like.device)
@@ -78,7 +78,7 @@ def sample_ddim(denoiser, x, alphas_cumprod, steps, eta=0.0, generator=None, pro
     gives the same stream of random numbers whatever eta is."""
     timesteps = ddim_timesteps(steps, len(alphas_cumprod), spacing)
     alphas, alphas_prev, sigmas = ddim_coefficients(alphas_cumprod, timesteps, eta)
-    coefficients = [_on_device(v, x) for v in (alphas, alphas_prev, sigmas)]
+    coefficients = [coefficients_on_device(v, x) for v in (alphas, alphas_prev, sigmas)]
     n = len(timesteps)
     for step in progress_bar(range(n), desc="DDIM", disable=not progress):
         index = n - 1 - step

@@ -1,8 +1,8 @@
 """PLMS (pseudo linear multistep) over a denoiser callable, on the DDIM discretization."""
 import torch
 
-from ldm.models.diffusion.ddim import (_on_device, ddim_coefficients, ddim_timesteps,
-                                      generator_device)
+from ldm.models.diffusion.ddim import (coefficients_on_device, ddim_coefficients,
+                                      ddim_timesteps, generator_device)
 from ldm.progress import progress_bar
 
 
@@ -20,7 +20,7 @@ def sample_plms(denoiser, x, alphas_cumprod, steps, generator=None, progress=Tru
                 spacing="uniform"):
     timesteps = ddim_timesteps(steps, len(alphas_cumprod), spacing)
     alphas, alphas_prev, _ = ddim_coefficients(alphas_cumprod, timesteps, 0.0)
-    alphas, alphas_prev = _on_device(alphas, x), _on_device(alphas_prev, x)
+    alphas, alphas_prev = (coefficients_on_device(v, x) for v in (alphas, alphas_prev))
     n = len(timesteps)
 
     def step_to(x, eps, index):
