@@ -223,3 +223,90 @@ def test_the_gpu_table_shows_the_items_asked_for(bench):
     assert [label.split(",")[0] for label, *_ in gpu.rows(GPU_RESULTS, ("card24",))] == [
         "4096² experimental preset within 24 GB", "4096² experimental preset within 24 GB"]
     assert not [r for r in gpu.rows(GPU_RESULTS, ("cli",)) if not r[0].startswith("CLI")]
+
+
+class ScriptedMeter:
+    """A Meter whose calls take the scripted (wall, CPU) seconds, in turn, and whose memory is
+    1 GiB before a case and 3 GiB at its peak."""
+    cuda = False
+
+    def __init__(self, times):
+        import torch
+
+        self.device, self.times = torch.device("cpu"), list(times)
+
+    def timed(self, fn):
+        fn()
+        return self.times.pop(0)
+
+    def current_bytes(self):
+        return 2 ** 30
+
+    def peak_bytes(self):
+        return 3 * 2 ** 30
+
+
+def test_the_guidance_case_divides_the_right_variants(bench, monkeypatch):
+    """Per round: plain, re-dilated, noise-damped; the re-dilation against plain, ndcfg against
+    the re-dilated step (ndcfg's extra cost), each in wall and in CPU time."""
+    params = plan_of(bench, "--tiny", "--only", "guidance")["guidance"]
+    meter = ScriptedMeter([(1.0, 2.0), (1.1, 2.4), (1.65, 3.0)])
+    got = bench.case_guidance({**params, "repeats": 1}, meter)
+    assert got["redilation_step_ratio"] == approx(1.1) and \
+        got["ndcfg_step_ratio"] == approx(1.5)
+    assert got["redilation_step_ratio_cpu"] == approx(1.2) and \
+        got["ndcfg_step_ratio_cpu"] == approx(1.25)
+    assert got["seconds"] == {"plain": 1.0, "dilated": 1.1, "ndcfg": 1.65}
+    assert got["cpu_seconds"] == {"plain": 2.0, "dilated": 2.4, "ndcfg": 3.0}
+    assert (got["baseline_gb"], got["peak_gb"]) == (1.0, 3.0)
+    assert 0 < got["ndcfg_split_convs"] < got["dilated_convs"]
+
+
+def test_the_decode_case_reports_wall_cpu_and_the_peak_above_its_baseline(bench):
+    params = plan_of(bench, "--tiny", "--only", "decode")["decode_tiled_seed"]
+    got = bench.case_decode({**params, "repeats": 1}, ScriptedMeter([(0.5, 0.9)]))
+    assert (got["seconds"], got["cpu_seconds"]) == (0.5, 0.9)
+    assert (got["baseline_gb"], got["peak_gb"], got["peak_above_baseline_gb"]) == (1.0, 3.0, 2.0)
+
+
+def test_each_mode_has_its_defaults(bench):
+    def resolved(*argv):
+        args = bench.resolve(bench.build_parser().parse_args(list(argv)))
+        return {k: getattr(args, k) for k in ("sides", "repeats", "ratio_side", "decode_side",
+                                              "overlap", "sdxl_sides")}
+    assert resolved() == {"sides": [64, 96, 128], "repeats": 3, "ratio_side": 64,
+                          "decode_side": 64, "overlap": 8, "sdxl_sides": [128, 256]}
+    assert resolved("--quick") == {"sides": [64], "repeats": 3, "ratio_side": 48,
+                                   "decode_side": 32, "overlap": 8, "sdxl_sides": [128, 256]}
+    assert resolved("--tiny") == {"sides": [8, 16], "repeats": 1, "ratio_side": 16,
+                                  "decode_side": 16, "overlap": 4, "sdxl_sides": [8, 16]}
+
+
+def test_on_cuda_the_default_items_are_the_whole_table(bench, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = bench.resolve(bench.build_parser().parse_args(["--device", "cuda"]))
+    assert args.only == list(bench.benchmark_gpu.TABLE_ITEMS)
+
+
+def test_a_run_takes_the_sdxl_cases_and_a_card_report_its_items_rows(bench):
+    args = bench.resolve(bench.build_parser().parse_args(["--tiny", "--only", "unet,sdxl"]))
+    ran = []
+
+    def runner(name, params, device):
+        ran.append(name)
+        return {"seconds": 1.0, "cpu_seconds": 2.0, "peak_gb": 3.0, "baseline_gb": 1.0}
+    report = bench.run_all(args, runner)
+    assert ran == ["unet", "unet", "sdxl_unet", "sdxl_unet"]
+    assert set(report["sdxl_unet_cfg_call"]) == {"8", "16"}
+    card = bench._report({"card24_4096": {"steps": 3}}, "cuda", {}, True, ["card24"])
+    assert len(card["gpu_rows"]) == 2
+
+
+def test_a_tiled_row_carries_its_full_decodes_failure(bench):
+    gpu = bench.benchmark_gpu
+    results = {**GPU_RESULTS, "decode_128_full": {"error": "out of memory"}}
+    notes = {label: why for label, _, _, _, why in gpu.rows(results, ("decode",))
+             if label.startswith("tiled SyncGN / full decode, 1024²")}
+    assert list(notes.values()) == ["out of memory", "out of memory"]
