@@ -77,18 +77,18 @@ class CheckpointMismatch(CheckpointError):
     ("is an SDXL refiner, ..."; `about_file`), or how it fails the config (": 3 missing keys
     ..."). The line names the two files once the loader knows them (`named`)."""
 
-    def __init__(self, detail: str, about_file: bool = False):
+    def __init__(self, detail: str, about_file: bool = False, ckpt=None, config=None):
         self.detail, self.about_file = detail, about_file
-        super().__init__(self.line())
+        if about_file:
+            line = f"{f'checkpoint {ckpt}' if ckpt else 'the checkpoint'} {detail}"
+        else:
+            line = (f"checkpoint{f' {ckpt}' if ckpt else ''} does not fit the config"
+                    f"{f' {config}' if config else ''}{detail}")
+        super().__init__(line)
 
-    def line(self, ckpt=None, config=None) -> str:
-        if self.about_file:
-            return f"{f'checkpoint {ckpt}' if ckpt else 'the checkpoint'} {self.detail}"
-        return (f"checkpoint{f' {ckpt}' if ckpt else ''} does not fit the config"
-                f"{f' {config}' if config else ''}{self.detail}")
-
-    def named(self, ckpt, config) -> CheckpointError:
-        return CheckpointError(self.line(ckpt, config))
+    def named(self, ckpt, config) -> "CheckpointMismatch":
+        """The same error, naming the checkpoint and config files."""
+        return CheckpointMismatch(self.detail, self.about_file, ckpt, config)
 
 
 # ---------------------------------------------------------------------------

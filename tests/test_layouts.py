@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REF, REPO, TINY_CKPT, TINY_CONFIG, rel_err, sdxl_vector_err
-from ldm.checkpoint import CheckpointError, load_state_dict, save_safetensors
+from ldm.checkpoint import CheckpointError, CheckpointMismatch, load_state_dict, save_safetensors
 from ldm.pipeline import Pipeline
 
 SD1 = REF / "tiny-sd1"
@@ -362,7 +362,7 @@ def test_a_file_that_is_no_whole_model_is_named(tmp_path, keys, says):
     """(Named as the API's caller gave the files: they may try several.)"""
     state = {key: torch.zeros(2, 2) for key in keys}
     path = write(tmp_path, "part.safetensors", state)
-    with pytest.raises(CheckpointError) as refused:
+    with pytest.raises(CheckpointMismatch) as refused:
         Pipeline.load(TINY_CONFIG, path)
     assert str(refused.value).startswith(f"checkpoint {path} does not fit the config "
                                          f"{TINY_CONFIG}: the file is {says}")
