@@ -329,12 +329,18 @@ def _extract_tensors(path: Path, obj: Any) -> dict[str, torch.Tensor]:
             # detach: a plain tensor, no autograd hooks or Parameter wrapper
             tensors[key] = value.detach()
     if not tensors:
-        shown = ", ".join(repr(k) for k in list(obj.keys())[:8])
+        shown = ", ".join(_key_text(k) for k in list(obj.keys())[:8])
         raise CheckpointError(
             f"checkpoint {path} contains no tensors"
             + (f" (top-level keys: {shown})" if shown else " (it is an empty dict)")
         )
     return tensors
+
+
+def _key_text(key) -> str:
+    """A top-level key for a message: str and int keys as they are, others by type (a crafted
+    key, a tuple nested 100k deep, would overflow repr's recursion)."""
+    return repr(key) if isinstance(key, (str, int)) else f"<{type(key).__name__}>"
 
 
 def load_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ import builtins
 import collections
 import hashlib
 import importlib.util
+import io
 import os
 import pathlib
 import pickle
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import types
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +214,18 @@ def test_forced_weights_only_names_the_extra_and_the_way_out(tmp_path, fake_ligh
         load_state_dict(path)
     with pytest.raises(CheckpointError, match="refused for safety"):
         load_state_dict(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_forced_weights_only_names_a_global_of_a_blocked_module(tmp_path, monkeypatch):
+    """torch words the refusal of os.system ("whose module ... is blocked") unlike that of
+    other globals: still refused for safety, by name."""
+    evil = tmp_path / "evil.ckpt"
+    _write_malicious(evil, _SystemPayload(tmp_path / "pwned"), "zip")
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(CheckpointError, match="refused for safety") as refused:
+        load_state_dict(evil)
+    assert f"{os.system.__module__}.system" in str(refused.value)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -450,6 +464,59 @@ def test_torchscript_archive_is_refused(tmp_path):
         load_state_dict(path)
 
 
+@pytest.mark.parametrize("drop", ["code", "constants.pkl"])
+def test_a_torchscript_archive_missing_one_of_its_marks_is_refused(tmp_path, drop):
+    """An archive with constants.pkl alone is what torch.load hands to TorchScript's loader; one
+    with code/ alone names TorchScript's classes: each is named as TorchScript."""
+    scripted, crafted = tmp_path / "scripted.pt", tmp_path / "crafted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
+    with zipfile.ZipFile(scripted) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for name in src.namelist():
+            parts = name.split("/")
+            if (drop == "code" and parts[1:2] == ["code"]) or parts[-1] == drop:
+                continue
+            dst.writestr(name, src.read(name))
+    with pytest.raises(CheckpointError, match="TorchScript"):
+        load_state_dict(crafted)
+
+
+# Callables a crafted pickle could reach for: code execution (directly, or through another
+# unpickler, a module runner or an importer), file writes, and changes to shared objects; and
+# names that merely look like allowed ones (a package whose name starts with one, numpy's
+# loaders beside its dtype names)
+GADGETS = ["subprocess.Popen", "subprocess.check_output", "builtins.setattr",
+           "functools.partial", "builtins.open", "pickle.loads", "importlib.import_module",
+           "builtins.compile", "runpy._run_code", "builtins.type", "builtins.vars",
+           "os.system", "nt.system", "posix.system", "numpy.load", "lightningx.Thing",
+           "pytorch_lightning_evil.Thing"]
+
+
+@pytest.mark.parametrize("target", GADGETS)
+def test_a_pickle_calling_a_gadget_is_refused_by_name(tmp_path, target):
+    module, name = target.rsplit(".", 1)
+    path = tmp_path / "gadget.pt"
+    path.write_bytes(f"c{module}\n{name}\n)R.".encode())  # GLOBAL, empty tuple, REDUCE
+    with pytest.raises(CheckpointError, match="refused for safety") as refused:
+        load_state_dict(path)
+    assert target in str(refused.value)
+
+
+def test_a_key_nested_too_deep_to_print_is_still_one_error(tmp_path):
+    """A dict whose one key is a tuple nested 100k deep: named by its type, not repr'd (which
+    would overflow the recursion limit)."""
+    saved = io.BytesIO()
+    torch.save({"a": 1}, saved)
+    deep = b"\x80\x02}q\x00)" + b"\x85" * 100_000 + b"K\x01s."  # {((...(),),): 1}
+    path = tmp_path / "deep.ckpt"
+    with zipfile.ZipFile(io.BytesIO(saved.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, deep if name.endswith("data.pkl") else src.read(name))
+    with pytest.raises(CheckpointError, match=r"contains no tensors \(top-level keys: <tuple>\)"):
+        load_state_dict(path)
+
+
 # ---------------------------------------------------------------------------
 # Broken files
 # ---------------------------------------------------------------------------
@@ -574,6 +641,15 @@ def test_file_sha256_and_short_hash(tmp_path):
     assert short_hash(expected) == expected[:10]
 
 
+def test_a_file_named_like_a_digest_is_hashed_and_a_near_digest_is_a_file(tmp_path, monkeypatch):
+    from ldm.hashing import short_hash
+    monkeypatch.chdir(tmp_path)
+    Path("0" * 64).write_bytes(b"abc")
+    assert short_hash("0" * 64) == hashlib.sha256(b"abc").hexdigest()[:10]
+    with pytest.raises(FileNotFoundError):
+        short_hash("a" * 64 + "x")
+
+
 def test_save_safetensors_shared_and_noncontiguous(tmp_path):
     base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     sd = {
@@ -608,6 +684,42 @@ def test_save_safetensors_failure_leaves_no_temp_file(tmp_path):
     with pytest.raises(TypeError):
         save_safetensors({"x": "not a tensor"}, path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_that_fails_midway_keeps_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError):
+        save_safetensors({"a": torch.zeros(2)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+    assert path.read_bytes() == b"old"
+
+
+def test_a_save_replaces_the_file_whole_beside_it_with_the_usual_mode(tmp_path, monkeypatch):
+    """Written beside the target and renamed over it (the old file's other links keep its
+    bytes), readable as any new file is (mkstemp's 0600 widened by the umask)."""
+    import tempfile
+
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old")
+    os.link(path, tmp_path / "link")
+    folders, mkstemp = [], tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp",
+                        lambda *a, **k: folders.append(k.get("dir")) or mkstemp(*a, **k))
+    umask = os.umask(0o022)
+    try:
+        save_safetensors({"a": torch.zeros(2)}, path)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "link").read_bytes() == b"old"
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [Path(f) for f in folders] == [tmp_path]
 
 
 # ---------------------------------------------------------------------------
@@ -739,14 +851,15 @@ def test_converter_keeps_an_existing_output_unless_forced(tmp_path):
 
 
 def test_converter_trust_pickle(tmp_path):
-    """A benign but non-whitelisted global: refused by default, converted with --trust-pickle."""
+    """Benign but non-whitelisted globals: refused by default, converted with --trust-pickle,
+    which says what it allows and really unpickles them (the weights sit in one)."""
     import fractions
 
     from safetensors.torch import load_file
 
     sd = _sample_state_dict()
     src = tmp_path / "custom.ckpt"
-    torch.save({"state_dict": sd, "ratio": fractions.Fraction(1, 3)}, src)
+    torch.save({"ratio": fractions.Fraction(1, 3), "state_dict": collections.UserDict(sd)}, src)
     dst = tmp_path / "custom.safetensors"
 
     refused = _run_converter(str(src), str(dst))
@@ -756,7 +869,20 @@ def test_converter_trust_pickle(tmp_path):
 
     trusted = _run_converter(str(src), str(dst), "--trust-pickle")
     assert trusted.returncode == 0, trusted.stderr
+    assert "warning: --trust-pickle" in trusted.stderr
     _assert_same(load_file(str(dst)), sd)
+
+
+def test_converter_refuses_to_write_over_its_own_input(tmp_path):
+    """Even with --force: the user's only copy would be rewritten (here as fp16)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file(_sample_state_dict(), str(path))
+    before = path.read_bytes()
+    result = _run_converter(str(path), str(path), "--force", "--half")
+    assert result.returncode == 1 and "same file" in result.stderr
+    assert path.read_bytes() == before
 
 
 def test_converter_help_documents_trust_pickle():
