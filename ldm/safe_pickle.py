@@ -150,14 +150,26 @@ def _is_training_extra(module: str, name: str) -> bool:
 
 
 def _fallback_torch_globals() -> dict[str, Any]:
+    """A part of torch's list, for a torch whose private list moved: what checkpoints with
+    training extras name (numpy scalars' bytes through _codecs.encode, parameters rebuilt by
+    type, sets), each the object torch's list has."""
+    import codecs
     from collections import Counter, OrderedDict
 
     allowed: dict[str, Any] = {
         "collections.OrderedDict": OrderedDict,
         "collections.Counter": Counter,
+        "_codecs.encode": codecs.encode,
+        "builtins.set": set,
+        "builtins.bytearray": bytearray,
+        "builtins.complex": complex,
         "torch.Size": torch.Size,
         "torch.device": torch.device,
+        "torch.Tensor": torch.Tensor,
         "torch.nn.parameter.Parameter": torch.nn.Parameter,
+        "torch._tensor._rebuild_from_type_v2": torch._tensor._rebuild_from_type_v2,
+        "torch.storage.TypedStorage": torch.storage.TypedStorage,
+        "torch.storage.UntypedStorage": torch.storage.UntypedStorage,
     }
     for attr in dir(torch._utils):
         if attr.startswith("_rebuild_"):

@@ -229,6 +229,22 @@ def test_forced_weights_only_names_a_global_of_a_blocked_module(tmp_path, monkey
     assert not (tmp_path / "pwned").exists()
 
 
+def test_the_fallback_allow_list_is_a_part_of_torchs(tmp_path, fake_lightning, monkeypatch):
+    """Should torch's private allow-list move, the gate takes a fallback: every name in it is
+    one torch allows, as the same object (dtype aliases and torch's rebuild functions aside),
+    and a Lightning file with numpy extras still loads through it."""
+    from ldm import safe_pickle
+
+    fallback, torchs = safe_pickle._fallback_torch_globals(), safe_pickle.torch_allowed_globals()
+    for name, value in fallback.items():
+        assert torchs.get(name) is value or isinstance(value, torch.dtype) or \
+            name.startswith("torch._utils._rebuild_"), name
+    monkeypatch.setattr(safe_pickle, "torch_allowed_globals", lambda: fallback)
+    path = tmp_path / "model.ckpt"
+    torch.save(_lightning_checkpoint(fake_lightning, _sample_state_dict()), path)
+    _assert_same(load_state_dict(path), _sample_state_dict())
+
+
 def test_omegaconf_hyper_parameters_load(tmp_path):
     import omegaconf
     sd = _sample_state_dict()
