@@ -75,7 +75,7 @@ def test_each_verdict_holds_at_its_boundary_against_its_own_target(bench):
     results = cpu_results(
         guidance={"redilation_step_ratio": 1.06, "ndcfg_step_ratio": 1.5},  # MISSED, met
         decode_tiled={"seconds": 2.6, "peak_above_baseline_gb": 1.0},       # 1.3, 1.0
-        decode_tiled_2x2={"peak_above_baseline_gb": 1.02})                  # 1.02 > 1
+        decode_tiled_2x2={"peak_above_baseline_gb": 1.02, "tiles": 2})      # 1.02 > 1
     table = bench.markdown_table(bench.build_report(results, "cpu"))
     redilated = row(table, "| re-dilated / plain CFG call (latent 64)")
     assert "| 1.060 | 1.020 | ≤ 1.05 |" in redilated and redilated.endswith("| MISSED |")
@@ -89,6 +89,9 @@ def test_each_verdict_holds_at_its_boundary_against_its_own_target(bench):
     seed = row(table, "| tiled SyncGN (seed tiling) / full decode, time")
     assert seed.endswith("| 1.500 | 1.250 | ≤ 1.15 × area = 1.79 | met |")
     assert "the whole latent fits" not in table  # (said of one tile only)
+    one_tile = bench.markdown_table(bench.build_report(
+        cpu_results(decode_tiled={"tiles": 1}), "cpu"))
+    assert "1 tiles, 1.20x area; the whole latent fits the budget)" in row(one_tile, auto + ", time")
     # the recomputing decode against the stored one, when it ran
     assert "| 2.000 | – | – | – |" in row(table, "| tiled SyncGN (seed tiling), every layer "
                                                  "recomputed (no budget) / stored, time")
