@@ -91,7 +91,8 @@ def test_each_verdict_holds_at_its_boundary_against_its_own_target(bench):
     assert "the whole latent fits" not in table  # (said of one tile only)
     one_tile = bench.markdown_table(bench.build_report(
         cpu_results(decode_tiled={"tiles": 1}), "cpu"))
-    assert "1 tiles, 1.20x area; the whole latent fits the budget)" in row(one_tile, auto + ", time")
+    assert "1 tiles, 1.20x area; the whole latent fits the budget)" in row(one_tile,
+                                                                           auto + ", time")
     # the recomputing decode against the stored one, when it ran
     assert "| 2.000 | – | – | – |" in row(table, "| tiled SyncGN (seed tiling), every layer "
                                                  "recomputed (no budget) / stored, time")
