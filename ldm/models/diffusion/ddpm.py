@@ -27,8 +27,17 @@ def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2,
     raise ValueError(f"unknown beta schedule {schedule!r}")
 
 
-def schedule_buffers(beta_schedule="linear", timesteps=1000, linear_start=1e-4, linear_end=2e-2,
-                     cosine_s=8e-3, v_posterior=0.0):
+# LDM's schedule settings and their defaults (a config's model.params may set each)
+SCHEDULE_DEFAULTS = dict(beta_schedule="linear", timesteps=1000, linear_start=1e-4,
+                         linear_end=2e-2, cosine_s=8e-3, v_posterior=0.0)
+
+
+def schedule_settings(params) -> dict:
+    """Every schedule setting: those `params` give, else the defaults."""
+    return {name: params.get(name, value) for name, value in SCHEDULE_DEFAULTS.items()}
+
+
+def schedule_buffers(beta_schedule, timesteps, linear_start, linear_end, cosine_s, v_posterior):
     """LDM's schedule buffers (alphas_cumprod, posterior coefficients, ...): float64, then
     stored as float32, as LDM does."""
     betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
@@ -76,10 +85,9 @@ class LatentDiffusion(nn.Module):
     schedule_in_checkpoint = True         # LDM files carry the schedule buffers
     unet_config_key = "unet_config"       # the UNet's node in the config's params
 
-    def __init__(self, unet_config, first_stage_config, cond_stage_config, timesteps=1000,
-                 beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
+    def __init__(self, unet_config, first_stage_config, cond_stage_config,
                  parameterization="eps", scale_factor=1.0, scale_by_std=False,
-                 conditioning_key="crossattn", v_posterior=0.0, **_unused):
+                 conditioning_key="crossattn", **params):
         super().__init__()
         if parameterization not in ("eps", "v"):
             raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
@@ -90,9 +98,7 @@ class LatentDiffusion(nn.Module):
         self.model = DiffusionWrapper(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config).eval()
         self.add_module(self.conditioner_key, instantiate_from_config(cond_stage_config).eval())
-        self._schedule = dict(beta_schedule=beta_schedule, timesteps=timesteps,
-                              linear_start=linear_start, linear_end=linear_end,
-                              cosine_s=cosine_s, v_posterior=v_posterior)
+        self._schedule = schedule_settings(params)  # (other params: training's, unused)
         for name, value in self.rebuildable_buffers().items():
             self.register_buffer(name, value, persistent=self.schedule_in_checkpoint)
         if scale_by_std:
@@ -103,9 +109,7 @@ class LatentDiffusion(nn.Module):
     @classmethod
     def schedule_arguments(cls, params) -> dict:
         """The schedule_buffers arguments a config's `model.params` gives this model class."""
-        defaults = dict(beta_schedule="linear", timesteps=1000, linear_start=1e-4,
-                        linear_end=2e-2, cosine_s=8e-3, v_posterior=0.0)
-        return {name: params.get(name, value) for name, value in defaults.items()}
+        return schedule_settings(params)
 
     def rebuildable_buffers(self):
         """The schedule buffers LDM checkpoints carry, computed from the config; files that
@@ -204,9 +208,10 @@ class DiffusionEngine(LatentDiffusion):
         steps, LegacyDDPMDiscretization's defaults)."""
         denoiser = _sgm_params(params.get("denoiser_config"))
         disc = (denoiser.get("discretization_config") or {}).get("params") or {}
-        return dict(timesteps=denoiser.get("num_idx", disc.get("num_timesteps", 1000)),
-                    linear_start=disc.get("linear_start", 0.00085),
-                    linear_end=disc.get("linear_end", 0.012))
+        return schedule_settings(dict(
+            timesteps=denoiser.get("num_idx", disc.get("num_timesteps", 1000)),
+            linear_start=disc.get("linear_start", 0.00085),
+            linear_end=disc.get("linear_end", 0.012)))
 
     def _place_schedule(self, _incompatible_keys=None):
         """The schedule is not in the file, so loading into a meta-built model leaves it on
