@@ -95,6 +95,12 @@ def txt2img():
     return load_script("txt2img", "txt2img_cli")
 
 
+@pytest.fixture(scope="module")
+def bench():
+    """scripts/benchmark.py as a module (its GPU half: bench.benchmark_gpu)."""
+    return load_script("benchmark", "benchmark_script")
+
+
 def check_preset_against_authors(txt2img, name, authors_yaml):
     """Our preset `name` has the authors' preset file's size, steps, taus, progressive and
     settings files (an ndcfg file beside ndcfg_tau 0 is unused); dispersion is ours (their

@@ -8,15 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REF, load_script
+from conftest import REF
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "benchmark.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return load_script("benchmark", "benchmark_script")
 
 
 @pytest.fixture

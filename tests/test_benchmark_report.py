@@ -4,15 +4,7 @@ plan runs, and the GPU table's rows (scripts/benchmark.py, benchmark_gpu.py). No
 model; test_benchmark.py runs the cases themselves."""
 from types import SimpleNamespace
 
-import pytest
 from pytest import approx
-
-from conftest import load_script
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return load_script("benchmark", "benchmark_script")
 
 
 def cpu_results(**changes):
