@@ -8,7 +8,7 @@
 import math
 import numbers
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -18,7 +18,7 @@ from PIL import Image
 
 from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS, generator_device
 from ldm.cli import SETTINGS_FILES, parse_tile_size, repository_fallback
-from ldm.families import FAMILY_DEFAULTS
+from ldm.families import FAMILY_DEFAULTS, label
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, REFERENCE_PATHS, SAMPLING_SWITCHES,
                            fast_paths, prepare_for_inference, sampling_kernels,
@@ -31,6 +31,7 @@ from ldm.scalecrafter.schedule import ScaleCrafterSettings
 from ldm.scalecrafter.settings import build_settings
 from ldm.scalecrafter.lean_decode import full_decode
 from ldm.scalecrafter.memory import available_bytes
+from ldm.scalecrafter.presets import applied_values, read_preset, steps_mismatch
 from ldm.scalecrafter.tiled_decode import (default_budget, resolve_tile_size, tile_fits,
                                            tiled_decode)
 from ldm.util import build_model, load_config, model_part_names
@@ -242,6 +243,9 @@ class GenerationOptions:
                              f"or less, or --tile_size auto")
 
 
+OPTION_NAMES = frozenset(f.name for f in fields(GenerationOptions))
+
+
 @dataclass
 class GenerationResult:
     images: List[Image.Image]
@@ -385,11 +389,35 @@ class Pipeline:
             pipe.half_weights = HALF_WEIGHTS.get(pipe.device.type)
         return pipe
 
-    def options(self, **given) -> GenerationOptions:
-        """GenerationOptions for this model: its family's defaults (ldm.families), then
-        `given` (e.g. H=2048, W=2048, dilate=2)."""
+    def options(self, preset=None, **given) -> GenerationOptions:
+        """GenerationOptions for this model: its family's defaults (ldm.families), then the
+        values of `preset` (a name from configs/scalecrafter/presets, or a .yaml path), then
+        `given` (e.g. H=2048, W=2048, dilate=2), which set aside the preset values they
+        exclude, as txt2img's flags do. ValueError for a preset tuned for another family."""
         defaults = family_defaults(self.model.family, given.get("sampler", "ddim"))
-        return GenerationOptions(**{**defaults, **given})
+        if preset is None:
+            return GenerationOptions(**{**defaults, **given})
+        preset = self._preset(preset)
+        # YAML's lists are the options' tuples (FreeU's four numbers, a tile's HxW)
+        values = {name: tuple(value) if isinstance(value, list) else value
+                  for name, value in applied_values(preset, given).items()}
+        opts = GenerationOptions(**{**defaults, **values, **given})
+        mismatch = steps_mismatch(preset.name, preset.steps, opts, given, f"steps={opts.steps}")
+        if mismatch:
+            warn_once(self._warned, (preset.path, opts.steps), mismatch)
+        return opts
+
+    def _preset(self, name):
+        """The preset `name`, if this model can take it."""
+        preset, family = read_preset(name), self.model.family
+        if preset.family is not None and preset.family != family:
+            raise ValueError(f"preset {preset.name} is made for {label(preset.family)} "
+                             f"models; this model is {label(family)}")
+        unknown = sorted(set(preset.values) - OPTION_NAMES)
+        if unknown:
+            raise ValueError(f"preset {preset.path} sets {', '.join(unknown)}: not options of "
+                             f"a generation (txt2img's own flags)")
+        return preset
 
     def settings_for(self, opts: GenerationOptions) -> ScaleCrafterSettings:
         return build_settings(self.model.unet, opts)

@@ -14,7 +14,6 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FULL_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml"
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny" / "tiny-sd21.yaml"  # for the CPU smoke test
-PRESETS = REPO_ROOT / "configs" / "scalecrafter" / "presets"
 GB = 1024 ** 3
 SEED_COMMAND = ["--prompt", "A corgi sits on a beach chair on a beautiful beach, with palm trees "
                 "behind, high details", "--ddim_eta", "1", "--scale", "9", "--seed", "51",
@@ -81,17 +80,13 @@ def _unet_and_schedule(device, layout, config=FULL_CONFIG):
 
 def _options(p):
     """GenerationOptions of the case: a preset file's values, or the seed's uniform dilation."""
-    from omegaconf import OmegaConf
-
     from ldm.pipeline import GenerationOptions
+    from ldm.scalecrafter.presets import read_preset
 
     if p.get("preset"):
-        values = OmegaConf.to_container(OmegaConf.load(PRESETS / f"{p['preset']}.yaml"))
-        values.pop("family", None)  # which models the preset is for, not an option
+        values = dict(read_preset(p["preset"]).values)
         for key, value in values.items():
-            if key.endswith(("_settings", "_transform")):
-                values[key] = str(REPO_ROOT / value)
-            elif key.endswith("_tau") and p.get("scale_taus"):  # the same share of the steps
+            if key.endswith("_tau") and p.get("scale_taus"):  # the same share of the steps
                 values[key] = int(value * p["steps"] / values["steps"])
         values.update(steps=p["steps"], H=8 * p["side"], W=8 * p["side"])
         return GenerationOptions(**values)

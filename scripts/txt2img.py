@@ -33,8 +33,7 @@ from ldm.cli import (SETTINGS_FILES, OneLineParser, UsageError,  # noqa: E402  (
                      device_arg, device_type, remove_if_empty, repository_fallback,
                      tile_size_arg)
 from ldm.families import family_values_text  # noqa: E402  (torch-free)
-
-PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
+from ldm.scalecrafter.presets import list_presets  # noqa: E402  (torch-free)
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
@@ -168,10 +167,6 @@ def build_parser(suppress_defaults=False):
     return p
 
 
-def list_presets():
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
-
-
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -192,12 +187,6 @@ def parse_args(argv=None):
     args.explicit = explicit
     args.created_dirs = []  # output folders this run creates (removed if it makes nothing)
     return args
-
-
-# A flag given on the command line also sets aside the preset values it cannot go with: the
-# uniform and the per-layer dilation exclude each other, and eta is DDIM's alone.
-DISPLACES = {"dilate": ("dilate_settings",), "dilate_settings": ("dilate",),
-             "plms": ("ddim_eta",), "dpm": ("ddim_eta", "timestep_spacing")}
 
 
 def sampler_name(args) -> str:
@@ -226,21 +215,12 @@ def apply_family_defaults(args, config):
 
 
 def preset_steps_warning(args, opts) -> str:
-    """A preset's taus count steps from the noisiest, for its own step count: run with other
-    --steps, they re-dilate another share of the run (all of it, when shorter). One line, or
-    '' when the run keeps the preset's steps or no tau of the preset's is on."""
-    made_for = getattr(args, "preset_steps", None)
-    on = {"dilate_tau": opts.dilate is not None or opts.dilate_settings,
-          "ndcfg_tau": opts.ndcfg_dilate_settings, "inflate_tau": opts.disperse_settings}
-    taus = {name: getattr(opts, name) for name, feature in on.items()
-            if feature and getattr(opts, name) and name not in getattr(args, "explicit", ())}
-    if made_for is None or opts.steps == made_for or not taus:
-        return ""
-    named = ", ".join(f"{name} {tau}" for name, tau in taus.items())
-    covered = min(max(taus.values()), opts.steps)
-    return (f"warning: preset {args.preset} is made for {made_for} steps and its taus count "
-            f"steps ({named}): with --steps {opts.steps} they cover {covered} of "
-            f"{opts.steps}; set them for this length")
+    """One line when a preset's taus are run with other --steps (presets.steps_mismatch)."""
+    from ldm.scalecrafter.presets import steps_mismatch
+
+    text = steps_mismatch(getattr(args, "preset", None), getattr(args, "preset_steps", None),
+                          opts, getattr(args, "explicit", ()), f"--steps {opts.steps}")
+    return f"warning: {text}" if text else ""
 
 
 def unused_negative_warning(opts) -> str:
@@ -253,50 +233,28 @@ def unused_negative_warning(opts) -> str:
 
 def apply_preset(args, name, explicit, parser=None):
     """Preset values replace defaults; flags given on the command line win, and set aside the
-    preset values they exclude (DISPLACES). Each value is checked as its flag's would be (with
-    `parser`'s options). Returns the names of the options it set."""
-    from omegaconf import OmegaConf
+    preset values they exclude (ldm.scalecrafter.presets.applied_values). Each value is
+    checked as its flag's would be (with `parser`'s options). Returns the names it set."""
+    from ldm.scalecrafter.presets import applied_values, read_preset
 
-    path = Path(name) if name.endswith(".yaml") else PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise UsageError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
     try:
-        preset = OmegaConf.to_container(OmegaConf.load(path))
-    except OSError:
-        raise
-    except Exception as err:  # yaml's errors come in many classes
-        first = str(err).strip().splitlines()
-        raise UsageError(f"preset {path} is not valid YAML: "
-                         f"{first[0] if first else type(err).__name__}") from None
-    if not isinstance(preset, dict):
-        raise UsageError(f"preset {path} is not a mapping of options")
+        preset = read_preset(name)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     # Which model family the preset is made for: checked against the config, not a flag.
-    args.preset_family = preset.pop("family", None)
-    args.preset_steps = preset.get("steps")
-    applied = set()
-    for key, value in preset.items():
+    args.preset_family, args.preset_steps = preset.family, preset.steps
+    for key in preset.values:
         if not hasattr(args, key):
-            raise UsageError(f"preset {path} sets unknown option {key!r}")
-        if key in explicit or any(key in DISPLACES.get(flag, ()) for flag in explicit):
-            continue
+            raise UsageError(f"preset {preset.path} sets unknown option {key!r}")
+    given = {key: getattr(args, key) for key in explicit}
+    if args.plms or args.dpm:
+        given["sampler"] = sampler_name(args)
+    applied = applied_values(preset, given)
+    for key, value in applied.items():
         if parser is not None:
-            value = preset_value(parser, key, value, path)
-        if isinstance(value, str) and key in SETTINGS_FILES:  # beside the preset, else the repo's
-            beside = path.parent / value
-            value = str(value if Path(value).is_absolute() else
-                        beside if beside.exists() else REPO_ROOT / value)
+            value = preset_value(parser, key, value, preset.path)
         setattr(args, key, value)
-        applied.add(key)
-    # a preset value qualifying a feature that flags turned off goes with it
-    if "tiled_decoding" in explicit and not args.tiled_decoding:
-        for name, off in (("sync_gn", False), ("tile_size", None)):
-            if name not in explicit:
-                setattr(args, name, off)
-    dilation_cleared = {"dilate", "dilate_settings"} & explicit
-    if (dilation_cleared and args.dilate is None and not args.dilate_settings
-            and "progressive_dilate" not in explicit):
-        args.progressive_dilate = False
-    return applied
+    return set(applied)
 
 
 def preset_value(parser, key, value, path):

@@ -1,0 +1,114 @@
+"""Resolution presets (configs/scalecrafter/presets/*.yaml): the options of one run, named as
+txt2img's flags and GenerationOptions' fields, and the model family they are tuned for.
+
+txt2img's --preset and `Pipeline.options(preset=...)` read them here, so both apply the same
+values under the same rules. Torch-free: txt2img reads its flags before it imports torch."""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+from ldm.cli import REPO_ROOT, SETTINGS_FILES
+
+PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
+
+# An option given by the caller also sets aside the preset values it cannot go with: the
+# uniform and the per-layer dilation exclude each other.
+EXCLUDES = {"dilate": ("dilate_settings",), "dilate_settings": ("dilate",)}
+# What a sampler other than the presets' DDIM does not take: eta is DDIM's alone, and
+# DPM-Solver++ keeps its own time grid (ldm.models.diffusion.samplers says so too: tested).
+SAMPLER_EXCLUDES = {"plms": ("ddim_eta",), "dpm": ("ddim_eta", "timestep_spacing")}
+# Preset values that only qualify a feature: turned off by the caller, they go with it.
+QUALIFIERS = {"tiled_decoding": ("sync_gn", "tile_size"),
+              "dilation": ("progressive_dilate",)}
+
+
+@dataclass(frozen=True)
+class Preset:
+    path: Path
+    family: Optional[str]     # the model family it is tuned for (ldm.families' names)
+    values: Dict[str, Any]    # its options; relative settings files resolved
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def steps(self) -> Optional[int]:
+        """The step count its taus are counted for."""
+        return self.values.get("steps")
+
+
+def list_presets() -> List[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+
+
+def preset_path(name) -> Path:
+    """A shipped preset's name, or the path of a .yaml file of one's own."""
+    name = str(name)
+    return Path(name) if name.endswith(".yaml") else PRESET_DIR / f"{name}.yaml"
+
+
+def read_preset(name) -> Preset:
+    """The preset `name`; ValueError (one line) if there is none or it is not a mapping."""
+    from omegaconf import OmegaConf
+
+    path = preset_path(name)
+    if not path.is_file():
+        raise ValueError(f"unknown preset {str(name)!r}; known: {', '.join(list_presets())}")
+    try:
+        values = OmegaConf.to_container(OmegaConf.load(path))
+    except OSError:
+        raise
+    except Exception as err:  # yaml's errors come in many classes
+        first = str(err).strip().splitlines()
+        raise ValueError(f"preset {path} is not valid YAML: "
+                         f"{first[0] if first else type(err).__name__}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"preset {path} is not a mapping of options")
+    family = values.pop("family", None)
+    for key in SETTINGS_FILES:
+        if isinstance(values.get(key), str):
+            values[key] = str(settings_file(path, values[key]))
+    return Preset(path, family, values)
+
+
+def settings_file(preset: Path, value: str) -> Path:
+    """A settings file a preset names: relative ones beside the preset first (one's own preset
+    with its own files), else the repository's (the shipped presets name those)."""
+    if Path(value).is_absolute():
+        return Path(value)
+    beside = preset.parent / value
+    return beside if beside.exists() else REPO_ROOT / value
+
+
+def applied_values(preset: Preset, given: Mapping[str, Any]) -> Dict[str, Any]:
+    """The preset's values a run takes when the caller gives the options `given` (names and
+    values; `sampler` for the sampler chosen): those given win, and set aside the preset values
+    they exclude, and the ones that qualify a feature they turn off."""
+    dropped = set(given)
+    for name in given:
+        dropped.update(EXCLUDES.get(name, ()))
+    dropped.update(SAMPLER_EXCLUDES.get(given.get("sampler"), ()))
+    if "tiled_decoding" in given and not given["tiled_decoding"]:
+        dropped.update(QUALIFIERS["tiled_decoding"])
+    dilation = {name: given[name] for name in EXCLUDES if name in given}
+    if dilation and not any(dilation.values()):
+        dropped.update(QUALIFIERS["dilation"])
+    return {name: value for name, value in preset.values.items() if name not in dropped}
+
+
+def steps_mismatch(preset: str, made_for: Optional[int], opts, given, steps_text: str) -> str:
+    """A preset's taus count steps from the noisiest, for its own step count: run with other
+    steps, they re-dilate another share of the run (all of it, when shorter). The warning
+    (`steps_text`: how the caller names the step count), or '' when the run keeps the preset's
+    steps or no tau of the preset's is on (the taus in `given` are the caller's)."""
+    on = {"dilate_tau": opts.dilate is not None or opts.dilate_settings,
+          "ndcfg_tau": opts.ndcfg_dilate_settings, "inflate_tau": opts.disperse_settings}
+    taus = {name: getattr(opts, name) for name, feature in on.items()
+            if feature and getattr(opts, name) and name not in given}
+    if made_for is None or opts.steps == made_for or not taus:
+        return ""
+    named = ", ".join(f"{name} {tau}" for name, tau in taus.items())
+    covered = min(max(taus.values()), opts.steps)
+    return (f"preset {preset} is made for {made_for} steps and its taus count steps ({named}): "
+            f"with {steps_text} they cover {covered} of {opts.steps}; set them for this length")

@@ -1,0 +1,112 @@
+"""Presets through the API (`Pipeline.options(preset=...)`): the options txt2img's --preset
+makes, under the same rules (ldm.scalecrafter.presets)."""
+import dataclasses
+
+import pytest
+
+from ldm.models.diffusion.samplers import SAMPLERS
+from ldm.scalecrafter.presets import SAMPLER_EXCLUDES, applied_values, list_presets, read_preset
+
+# (the API's given options, txt2img's flags for the same)
+SAME_RUNS = [
+    ({}, []),
+    ({"steps": 7, "H": 1536}, ["--steps", "7", "--H", "1536"]),
+    ({"dilate": 3}, ["--dilate", "3"]),
+    ({"dilate_settings": ""}, ["--dilate_settings", ""]),
+    ({"sampler": "plms"}, ["--plms"]),
+    ({"sampler": "dpm"}, ["--dpm"]),
+    ({"tiled_decoding": False}, ["--no-tiled_decoding"]),
+    ({"tiled_decoding": False, "sync_gn": True}, ["--no-tiled_decoding", "--sync_gn"]),
+]
+
+
+def _validated(opts):
+    try:
+        opts.validate()
+    except ValueError as err:  # both must refuse a run alike
+        return str(err)
+    return dataclasses.asdict(opts)
+
+
+@pytest.mark.parametrize("given, flags", SAME_RUNS)
+def test_api_presets_make_the_clis_options(tiny_pipe, txt2img, given, flags):
+    for name in (n for n in list_presets() if n.startswith("sd2.1")):
+        args = txt2img.parse_args(["--preset", name, *flags])
+        cli = _validated(txt2img.options_from_args(args))
+        api = _validated(tiny_pipe.options(preset=name, **given))
+        assert api == cli, (name, given)
+    # the cases differ from the preset alone, so the rules above are really exercised
+    alone = _validated(tiny_pipe.options(preset="sd2.1_2048x2048"))
+    assert given == {} or alone != _validated(tiny_pipe.options(preset="sd2.1_2048x2048",
+                                                                  **given))
+
+
+def test_a_feature_turned_off_takes_the_presets_qualifiers_with_it(tiny_pipe, txt2img):
+    """Progressive dilation qualifies the preset's re-dilation, SyncGN and the tile size its
+    tiled decoding: off by the caller, they go too (unless given), and the run is valid."""
+    opts = tiny_pipe.options(preset="sd2.1_2048x2048", dilate_settings="")
+    assert (opts.dilate, opts.dilate_settings, opts.progressive_dilate) == (None, "", False)
+    opts.validate()
+    for given in ({}, {"dilate": 2}):  # still re-dilated
+        opts = tiny_pipe.options(preset="sd2.1_2048x2048", **given)
+        assert opts.progressive_dilate and opts.ndcfg_dilate_settings, given
+    opts = tiny_pipe.options(preset="sd2.1_4096x4096_experimental", tiled_decoding=False)
+    assert (opts.sync_gn, opts.tile_size) == (False, None)
+    opts.validate()
+    args = txt2img.parse_args(["--preset", "sd2.1_2048x2048", "--dilate_settings", ""])
+    assert not args.progressive_dilate
+
+
+def test_a_preset_file_of_ones_own_finds_its_files_beside_it(tiny_pipe, tmp_path):
+    (tmp_path / "mine.txt").write_text("middle_block.0.in_layers.2:2\n")
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("family: sd2\ndilate_settings: mine.txt\nfreeu: [1.1, 1.2, 0.9, 0.2]\n"
+                      "ndcfg_dilate_settings: configs/scalecrafter/ndcfg_dilate/"
+                      "sd2.1_2048x2048.txt\n")
+    opts = tiny_pipe.options(preset=str(preset))
+    assert opts.dilate_settings == str(tmp_path / "mine.txt")
+    assert opts.ndcfg_dilate_settings.endswith("configs/scalecrafter/ndcfg_dilate/"
+                                               "sd2.1_2048x2048.txt")
+    assert opts.freeu == (1.1, 1.2, 0.9, 0.2)
+
+
+def test_sampler_exclusions_are_the_samplers_own(tiny_pipe):
+    """What a sampler sets aside of a preset is what it cannot take."""
+    for name, sampler in SAMPLERS.items():
+        cannot = {"ddim_eta"} if not sampler.takes_eta else set()
+        cannot |= {"timestep_spacing"} if not sampler.spaced else set()
+        assert set(SAMPLER_EXCLUDES.get(name, ())) == cannot, name
+    preset = read_preset("sd2.1_1024x1024")
+    assert {"ddim_eta", "timestep_spacing"} <= set(preset.values)
+    assert "ddim_eta" not in applied_values(preset, {"sampler": "plms"})
+
+
+@pytest.mark.parametrize("preset, message", [
+    ("sdxl_2048x2048", "preset sdxl_2048x2048 is made for SDXL models; this model is SD 2.x"),
+    ("no-such-preset", "unknown preset 'no-such-preset'; known: sd1.5_1024x1024"),
+])
+def test_a_preset_the_model_cannot_take_is_refused(tiny_pipe, preset, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipe.options(preset=preset)
+
+
+def test_a_presets_cli_only_flags_are_refused_by_name(tiny_pipe, tmp_path):
+    preset = tmp_path / "batch.yaml"
+    preset.write_text("H: 1024\nn_samples: 4\nn_iter: 2\n")
+    with pytest.raises(ValueError, match="sets n_iter, n_samples: not options of a generation"):
+        tiny_pipe.options(preset=str(preset))
+    preset.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="is not a mapping of options"):
+        tiny_pipe.options(preset=str(preset))
+
+
+def test_other_steps_warn_once_what_the_presets_taus_cover(tiny_pipe, capsys):
+    for _ in range(2):
+        tiny_pipe.options(preset="sd2.1_2048x2048", steps=5)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: preset sd2.1_2048x2048 is made for 50 steps and its taus count steps "
+        "(dilate_tau 37, ndcfg_tau 37): with steps=5 they cover 5 of 5; set them for this "
+        "length"]
+    tiny_pipe.options(preset="sd2.1_2048x2048", steps=5, dilate_tau=3, ndcfg_tau=3)
+    tiny_pipe.options(preset="sd2.1_2048x2048")
+    assert capsys.readouterr().err == ""
