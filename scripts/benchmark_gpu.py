@@ -41,7 +41,7 @@ class _Denoising:
     def split_prediction(self, x, output, alpha_bar):
         from ldm.models.diffusion.ddpm import Prediction
 
-        return Prediction(eps=output, x0=(x - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt())
+        return Prediction.split("eps", x, output, alpha_bar)
 
 
 def _config(p):

@@ -146,15 +146,13 @@ def test_step_index_is_counted_from_the_noisiest_step():
 def test_prediction_split_is_consistent(parameterization):
     """eps and x0 from either parameterization satisfy x_t = sqrt(a) x0 + sqrt(1-a) eps, and a
     v output built from known eps/x0 gives them back (v = sqrt(a) eps - sqrt(1-a) x0)."""
-    from ldm.models.diffusion.ddpm import LatentDiffusion
-    model = LatentDiffusion.__new__(LatentDiffusion)
-    model.parameterization = parameterization
+    from ldm.models.diffusion.ddpm import Prediction
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 4, 5, 5, generator=g)
     a = torch.tensor(0.3)
     x = a.sqrt() * x0 + (1 - a).sqrt() * eps
     output = eps if parameterization == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
-    pred = LatentDiffusion.split_prediction(model, x, output, a)
+    pred = Prediction.split(parameterization, x, output, a)
     assert torch.allclose(pred.eps, eps, atol=1e-5) and torch.allclose(pred.x0, x0, atol=1e-5)
 
 

@@ -65,6 +65,15 @@ class Prediction:
     eps: torch.Tensor
     x0: torch.Tensor
 
+    @classmethod
+    def split(cls, parameterization: str, x, output, alpha_bar) -> "Prediction":
+        """eps and x0 from a network's raw `output` ('eps' or 'v' prediction) at latents x and
+        cumulative alpha `alpha_bar` (broadcastable to x)."""
+        sqrt_a, sqrt_1ma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if parameterization == "v":
+            return cls(eps=sqrt_a * output + sqrt_1ma * x, x0=sqrt_a * x - sqrt_1ma * output)
+        return cls(eps=output, x0=(x - sqrt_1ma * output) / sqrt_a)
+
 
 class DiffusionWrapper(nn.Module):
     """Keeps the `model.diffusion_model.*` key layout of LDM checkpoints."""
@@ -137,12 +146,8 @@ class LatentDiffusion(nn.Module):
         return self.model(x, t, context=cond.context, y=cond.vector)
 
     def split_prediction(self, x, output, alpha_bar) -> Prediction:
-        """Turn the raw output at cumulative alpha `alpha_bar` (broadcastable to x) into eps and x0."""
-        sqrt_a, sqrt_1ma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        if self.parameterization == "v":
-            return Prediction(eps=sqrt_a * output + sqrt_1ma * x,
-                              x0=sqrt_a * x - sqrt_1ma * output)
-        return Prediction(eps=output, x0=(x - sqrt_1ma * output) / sqrt_a)
+        """Turn the raw output at cumulative alpha `alpha_bar` into eps and x0."""
+        return Prediction.split(self.parameterization, x, output, alpha_bar)
 
     @torch.no_grad()
     def get_learned_conditioning(self, prompts):
