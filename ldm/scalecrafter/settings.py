@@ -166,9 +166,7 @@ def build_settings(unet: nn.Module, opts) -> ScaleCrafterSettings:
     listed = read_conv_list(opts.disperse_settings, unet) if opts.disperse_settings else frozenset()
     disperse = listed if opts.inflate_tau > 0 else frozenset()
     transform = None
-    if disperse:
-        if not opts.disperse_transform:
-            raise SettingsError("--disperse_settings needs --disperse_transform")
+    if disperse and opts.disperse_transform:  # (none: refused by ScaleCrafterSettings)
         transform = load_dispersion_transform(opts.disperse_transform)
         if transform.shape[1] != 9:  # what it maps: the UNet's 3x3 kernels
             raise SettingsError(f"{opts.disperse_transform}: the transform maps kernels of "
