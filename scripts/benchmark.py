@@ -248,18 +248,25 @@ def case_decode(p, meter):
 
 def case_unet(p, meter):
     """One CFG call (batch 2) of the UNet at one latent side."""
-    import torch
-
     params = _model_config(p["tiny"])
     unet = _build(params.unet_config, meter.device)
     ctx_dim = params.unet_config.params.context_dim
     baseline = meter.current_bytes()
-    side = p["side"]
+    inputs = _cfg_inputs(p["side"], ctx_dim, meter.device)
+    return _time_call(lambda: unet(**inputs), p, meter, baseline, "unet")
+
+
+def _cfg_inputs(side, context_dim, device, vector_dim=None) -> dict:
+    """Seeded inputs of one CFG call (batch 2) at latent `side`, as the UNet takes them."""
+    import torch
+
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, side, side, generator=gen).to(meter.device)
-    ctx = torch.randn(2, 77, ctx_dim, generator=gen).to(meter.device)
-    t = torch.tensor([500, 500], device=meter.device)
-    return _time_call(lambda: unet(x, t, context=ctx), p, meter, baseline, "unet")
+    inputs = {"x": torch.randn(2, 4, side, side, generator=gen).to(device),
+              "context": torch.randn(2, 77, context_dim, generator=gen).to(device),
+              "timesteps": torch.tensor([500, 500], device=device)}
+    if vector_dim is not None:
+        inputs["y"] = torch.randn(2, vector_dim, generator=gen).to(device)
+    return inputs
 
 
 def _time_call(call, p, meter, baseline, label):
@@ -301,15 +308,12 @@ def case_sdxl_unet(p, meter):
     else:
         unet, kernels = _build(node, device), contextlib.nullcontext
     baseline = meter.current_bytes()
-    side, gen = p["side"], torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, side, side, generator=gen).to(device)
-    ctx = torch.randn(2, 77, node.params.context_dim, generator=gen).to(device)
-    y = torch.randn(2, node.params.adm_in_channels, generator=gen).to(device)
-    t = torch.tensor([500, 500], device=device)
+    inputs = _cfg_inputs(p["side"], node.params.context_dim, device,
+                         node.params.adm_in_channels)
 
     def call():
         with kernels():
-            return unet(x, t, context=ctx, y=y)
+            return unet(**inputs)
     return _time_call(call, p, meter, baseline, "sdxl unet")
 
 
