@@ -5,6 +5,7 @@
     result = pipe.generate(["a corgi on a beach"], GenerationOptions(H=1024, W=1024, dilate=2, dilate_tau=20, dilate_skip=4))
     result.images[0].save("corgi.png")
 """
+import difflib
 import math
 import numbers
 from contextlib import nullcontext
@@ -126,6 +127,7 @@ class GenerationOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"--{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
         for name in TEXT_OPTIONS:
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"--{name} must be text, got {getattr(self, name)!r}")
@@ -133,10 +135,14 @@ class GenerationOptions:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, Path)):
                 raise ValueError(f"--{name} must be a file path, got {value!r}")
+            if value:  # a relative path not found here is the repository's, as for --config
+                setattr(self, name, str(repository_fallback(value)))
         freeu = self.freeu
         if freeu is not None and not (isinstance(freeu, (tuple, list)) and len(freeu) == 4 and all(
                 isinstance(v, numbers.Real) and not isinstance(v, bool) for v in freeu)):
             raise ValueError("--freeu takes four numbers: B1 B2 S1 S2")
+        if freeu is not None:
+            self.freeu = tuple(float(v) for v in freeu)
 
     def _check_numbers(self):
         for name in ("H", "W"):
@@ -322,6 +328,28 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
+def _check_option_names(given):
+    for name in given:
+        if name not in OPTION_NAMES:
+            close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown option {name!r}{hint}")
+
+
+def _check_tensor(name, value):
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else \
+            type(value).__name__
+        raise ValueError(f"{name} must be a floating-point torch.Tensor, got {kind}")
+
+
+def _check_generator(generator):
+    """None is torch's global generator (as for torch.randn)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator (pipe.noise_generator(opts) "
+                         f"makes the seeded one) or None, got {type(generator).__name__}")
+
+
 class Pipeline:
     def __init__(self, model, device="cpu", config_path=None, ckpt_path=None):
         self.model, self.device = model, torch.device(device)
@@ -394,6 +422,7 @@ class Pipeline:
         values of `preset` (a name from configs/scalecrafter/presets, or a .yaml path), then
         `given` (e.g. H=2048, W=2048, dilate=2), which set aside the preset values they
         exclude, as txt2img's flags do. ValueError for a preset tuned for another family."""
+        _check_option_names(given)
         defaults = family_defaults(self.model.family, given.get("sampler", "ddim"))
         if preset is None:
             return GenerationOptions(**{**defaults, **given})
@@ -448,13 +477,18 @@ class Pipeline:
         opts.validate()
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a string or a list of strings, got "
+                             f"{type(prompts).__name__}")
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
         check_latent_format(opts, *self.latent_format())
         shape = (len(prompts), opts.C, opts.H // opts.f, opts.W // opts.f)
-        if x_T is not None and tuple(x_T.shape) != shape:
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, the options want {shape}")
+        if x_T is not None:
+            _check_tensor("x_T", x_T)
+            if tuple(x_T.shape) != shape:
+                raise ValueError(f"x_T has shape {tuple(x_T.shape)}, the options want {shape}")
         self._check_memory(len(prompts), opts)
         return prompts
 
@@ -483,6 +517,7 @@ class Pipeline:
     def sample(self, prompts: Sequence[str], opts: GenerationOptions, generator, x_T=None,
                settings=None, progress=True):
         """(latents, batch size of each UNet call) for one batch of prompts, one image each."""
+        _check_generator(generator)
         return self._sample(self.check(prompts, opts, x_T), opts, generator, x_T, settings,
                             progress)
 
@@ -499,7 +534,8 @@ class Pipeline:
                                                            size)
                       if opts.scale != 1.0 else None)
             denoiser = GuidedDenoiser(model, cond, uncond, opts.scale, settings)
-            x = x_T if x_T is not None else self.initial_noise(opts, len(prompts), generator)
+            x = (x_T.to(self.device, torch.float32) if x_T is not None else
+                 self.initial_noise(opts, len(prompts), generator))
             z = SAMPLERS[opts.sampler].run(denoiser, x, model.alphas_cumprod, opts.steps,
                                            opts.ddim_eta, generator, progress,
                                            opts.timestep_spacing)
@@ -515,13 +551,14 @@ class Pipeline:
         (so it can differ between runs: resolve it once and pass it to decode_tiles and
         decode; a budget tight enough to make layers recompute can move the last bits)."""
         if opts.decode_budget_gb is None:
-            return default_budget(z.device)
+            return default_budget(self.device)
         return int(opts.decode_budget_gb * 2**30)
 
     def decode_tiles(self, z, opts: GenerationOptions, budget=None) -> Optional[Tuple[int, int]]:
         """(h, w) latent pixels a tile of opts' tiled decode of z, 'auto' chosen against the
         budget (default: decode_budget's), so it can differ between runs: pass it to decode,
         and record it; None when opts decode whole."""
+        z = self._checked_latents(z, opts)
         if not opts.tiled_decoding:
             return None
         budget = self.decode_budget(z, opts) if budget is None else budget
@@ -540,8 +577,9 @@ class Pipeline:
         """Latents to images in [-1, 1]; the VAE always runs in float32 (fp16 decodes overflow).
         tiles, budget: decode_tiles' and decode_budget's answers, to decode as recorded
         (default: resolved now)."""
+        z = self._checked_latents(z, opts)
         budget = self.decode_budget(z, opts) if budget is None else budget
-        z = z.float() / self.model.scale_factor
+        z = z / self.model.scale_factor
         vae = self.model.first_stage_model
         if opts.tiled_decoding:
             tiles = tiles or self.decode_tiles(z, opts, budget)
@@ -554,8 +592,20 @@ class Pipeline:
                              f"range (is --scale {opts.scale} too large?)")
         return images
 
+    def _checked_latents(self, z, opts: GenerationOptions) -> torch.Tensor:
+        """z as the decoder takes it (float32, on this device), once it and the options are
+        known to fit; else ValueError with one line."""
+        opts.validate()
+        _check_tensor("the latents", z)
+        channels, _factor = self.latent_format()
+        if z.dim() != 4 or z.shape[0] == 0 or z.shape[1] != channels or 0 in z.shape[2:]:
+            raise ValueError(f"the latents must be a (batch, {channels}, h, w) tensor, got "
+                             f"shape {tuple(z.shape)}")
+        return z.to(self.device, torch.float32)
+
     def generate(self, prompts: Sequence[str], opts: GenerationOptions, generator=None,
                  x_T=None, progress=True) -> GenerationResult:
+        _check_generator(generator)
         prompts = self.check(prompts, opts, x_T)
         if generator is None:
             generator = self.noise_generator(opts)

@@ -1,5 +1,8 @@
 """The Python API (ldm.pipeline) refuses what the CLI refuses, with one ValueError line, before
 any sampling: wrong types, options that do nothing, latents that do not fit the model."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -83,12 +86,94 @@ def pipe():
     (["a fox"], dict(C=8), None, "do not fit the model"),
     (["a fox"], {}, torch.zeros(1, 4, 4, 4), "x_T has shape (1, 4, 4, 4), the options want "
                                              "(1, 4, 8, 8)"),
-], ids=["no-prompts", "not-text", "downsampling", "channels", "start-noise"])
+    (None, {}, None, "prompts must be a string or a list of strings, got NoneType"),
+    (b"a fox", {}, None, "prompts must be a string or a list of strings, got bytes"),
+    ({"a fox": 1}, {}, None, "prompts must be a string or a list of strings, got dict"),
+    (["a fox"], {}, np.zeros((1, 4, 8, 8)), "x_T must be a floating-point torch.Tensor, got "
+                                            "ndarray"),
+    (["a fox"], {}, torch.zeros(1, 4, 8, 8, dtype=torch.int64),
+     "x_T must be a floating-point torch.Tensor, got a torch.int64 tensor"),
+], ids=["no-prompts", "not-text", "downsampling", "channels", "start-noise", "none", "bytes",
+        "dict", "numpy-noise", "integer-noise"])
 def test_generate_refuses_what_does_not_fit(pipe, prompts, options, x_T, message):
     with pytest.raises(ValueError) as error:
         pipe.generate(prompts, GenerationOptions(**{**SMALL, **options}), x_T=x_T,
                       progress=False)
     assert message in str(error.value)
+
+
+def test_start_noise_of_any_float_dtype_is_the_samplers_float32(pipe):
+    """numpy's float64 (torch.from_numpy) or a half-precision x_T: the same run as float32."""
+    opts = GenerationOptions(**SMALL)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = pipe.generate("a fox", opts, x_T=x, progress=False).latents
+    wide = pipe.generate("a fox", opts, x_T=x.double(), progress=False).latents
+    assert torch.equal(wide, ref)
+    half = pipe.generate("a fox", opts, x_T=x.half(), progress=False).latents
+    assert torch.equal(half, pipe.generate("a fox", opts, x_T=x.half().float(),
+                                           progress=False).latents)
+
+
+def test_a_generator_that_is_not_one_is_refused(pipe):
+    opts = GenerationOptions(**SMALL)
+    for call in (lambda: pipe.generate("a fox", opts, generator=42, progress=False),
+                 lambda: pipe.sample(["a fox"], opts, 42, progress=False)):
+        with pytest.raises(ValueError, match="generator must be a torch.Generator .* or None, "
+                                             "got int"):
+            call()
+
+
+@pytest.mark.parametrize("latents, message", [
+    (torch.zeros(4, 8, 8), "the latents must be a (batch, 4, h, w) tensor, got shape (4, 8, 8)"),
+    (torch.zeros(1, 3, 8, 8), "got shape (1, 3, 8, 8)"),
+    (torch.zeros(0, 4, 8, 8), "got shape (0, 4, 8, 8)"),
+    (np.zeros((1, 4, 8, 8), np.float32), "the latents must be a floating-point torch.Tensor, "
+                                         "got ndarray"),
+], ids=["no-batch", "channels", "empty", "numpy"])
+def test_decode_refuses_latents_that_do_not_fit(pipe, latents, message):
+    for call in (pipe.decode, pipe.decode_tiles):
+        opts = GenerationOptions(**SMALL, tiled_decoding=call is pipe.decode_tiles, overlap=2)
+        with pytest.raises(ValueError) as error:
+            call(latents, opts)
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_decode_checks_its_options_and_takes_float64_latents(pipe):
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="--overlap must be even"):
+        pipe.decode(z, GenerationOptions(**SMALL, tiled_decoding=True, overlap=3))
+    opts = GenerationOptions(**SMALL)
+    assert torch.equal(pipe.decode(z.double(), opts, progress=False),
+                       pipe.decode(z, opts, progress=False))
+
+
+def test_relative_settings_files_are_the_repositorys_from_any_folder(monkeypatch, tmp_path):
+    """As --config and the CLI's settings flags: from any folder."""
+    monkeypatch.chdir(tmp_path)
+    opts = GenerationOptions(**SMALL, dilate_settings="configs/scalecrafter/dilate/"
+                                                      "sd2.1_1024x1024.txt")
+    opts.validate()
+    assert Path(opts.dilate_settings).is_absolute() and Path(opts.dilate_settings).is_file()
+    opts = GenerationOptions(**SMALL, dilate_settings="mine.txt")  # nowhere: kept as given
+    opts.validate()
+    assert opts.dilate_settings == "mine.txt"
+
+
+def test_real_numbers_become_pythons_floats():
+    from fractions import Fraction
+    opts = GenerationOptions(**SMALL, scale=Fraction(15, 2), ddim_eta=np.float32(0.5),
+                             dilate=np.int64(2), freeu=(1, np.float64(1.2), 0.9, 0.2))
+    opts.validate()
+    assert (opts.scale, opts.ddim_eta, opts.dilate) == (7.5, 0.5, 2.0)
+    assert {type(v) for v in (opts.scale, opts.ddim_eta, opts.dilate, *opts.freeu)} == {float}
+
+
+def test_a_misspelt_option_is_named_with_the_likely_one(pipe):
+    with pytest.raises(ValueError, match="unknown option 'sampeler' \\(did you mean "
+                                         "'sampler'\\?\\)"):
+        pipe.options(sampeler="plms")
+    with pytest.raises(ValueError, match="unknown option 'zzz'$"):
+        pipe.options(zzz=1)
 
 
 def test_a_single_string_is_one_prompt(pipe):

@@ -90,8 +90,9 @@ def test_load_reference_and_npy(tmp_path):
 
 
 def test_load_rejects_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        load_dispersion_transform(tmp_path / "missing.npy")
+    for kind in (FileNotFoundError, ValueError):  # bad input, as a missing settings file
+        with pytest.raises(kind, match="not found"):
+            load_dispersion_transform(tmp_path / "missing.npy")
     np.save(tmp_path / "bad_shape.npy", np.zeros((24, 9)))
     with pytest.raises(ValueError, match="square"):
         load_dispersion_transform(tmp_path / "bad_shape.npy")

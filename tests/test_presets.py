@@ -1,6 +1,7 @@
 """Presets through the API (`Pipeline.options(preset=...)`): the options txt2img's --preset
 makes, under the same rules (ldm.scalecrafter.presets)."""
 import dataclasses
+import re
 
 import pytest
 
@@ -57,6 +58,25 @@ def test_a_feature_turned_off_takes_the_presets_qualifiers_with_it(tiny_pipe, tx
     assert not args.progressive_dilate
 
 
+@pytest.mark.parametrize("off, gone", [
+    ({"ndcfg_dilate_settings": None}, {"ndcfg_tau": 0}),
+    ({"disperse_settings": ""}, {"inflate_tau": 0, "disperse_transform": None}),
+    ({"dilate_settings": None}, {"progressive_dilate": False, "disperse_settings": None,
+                                 "inflate_tau": 0, "disperse_transform": None}),
+], ids=["ndcfg", "dispersion", "dilation"])
+def test_turning_a_presets_feature_off_takes_its_settings_along(tiny_pipe, off, gone):
+    """Given off, a feature's tau (and dispersion, which acts on re-dilated convs only) goes
+    with it: the run is valid, and the rest of the preset stays."""
+    preset = "sd2.1_2048x2048_disperse"
+    full = tiny_pipe.options(preset=preset)
+    opts = tiny_pipe.options(preset=preset, **off)
+    opts.validate()
+    assert {name: getattr(opts, name) for name in gone} == gone
+    assert all(getattr(full, name) != value for name, value in gone.items())
+    kept = {f.name for f in dataclasses.fields(opts)} - set(gone) - set(off)
+    assert {n: getattr(opts, n) for n in kept} == {n: getattr(full, n) for n in kept}
+
+
 def test_a_preset_file_of_ones_own_finds_its_files_beside_it(tiny_pipe, tmp_path):
     (tmp_path / "mine.txt").write_text("middle_block.0.in_layers.2:2\n")
     preset = tmp_path / "mine.yaml"
@@ -88,6 +108,45 @@ def test_sampler_exclusions_are_the_samplers_own(tiny_pipe):
 def test_a_preset_the_model_cannot_take_is_refused(tiny_pipe, preset, message):
     with pytest.raises(ValueError, match=message):
         tiny_pipe.options(preset=preset)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("family: sd2.1\n", "family must be one of sd1, sd2, sdxl, got 'sd2.1'"),
+    ("family: [sd2]\n", "family must be one of sd1, sd2, sdxl, got ['sd2']"),
+    ("1: 2\n", "is not a mapping of options"),
+    ("H: ${nowhere}\n", "is not valid YAML"),
+], ids=["family-name", "family-list", "number-key", "broken-interpolation"])
+def test_odd_preset_files_are_one_value_error(tiny_pipe, txt2img, tmp_path, text, message):
+    preset = tmp_path / "odd.yaml"
+    preset.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_pipe.options(preset=str(preset))
+    with pytest.raises(txt2img.UsageError, match=re.escape(message)):
+        txt2img.parse_args(["--preset", str(preset)])
+
+
+def test_a_preset_file_may_end_in_yml_and_use_interpolation(tiny_pipe, tmp_path):
+    preset = tmp_path / "square.yml"
+    preset.write_text("H: 1536\nW: ${H}\n")
+    opts = tiny_pipe.options(preset=str(preset))
+    assert (opts.H, opts.W) == (1536, 1536)
+
+
+def test_a_missing_settings_file_is_named_where_the_preset_looks_first(tiny_pipe, tmp_path):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("dilate_settings: nope.txt\n")
+    with pytest.raises(ValueError, match=re.escape(f"settings file {tmp_path / 'nope.txt'} "
+                                                   "does not exist")):
+        tiny_pipe.settings_for(tiny_pipe.options(preset=str(preset)))
+
+
+def test_a_preset_tau_of_the_wrong_type_is_refused_by_validate_not_options(tiny_pipe,
+                                                                          tmp_path):
+    preset = tmp_path / "typo.yaml"
+    preset.write_text("family: sd2\ndilate: 2\ndilate_tau: '30'\nsteps: 50\n")
+    opts = tiny_pipe.options(preset=str(preset), steps=3)
+    with pytest.raises(ValueError, match="--dilate_tau must be an integer, got '30'"):
+        opts.validate()
 
 
 def test_a_presets_cli_only_flags_are_refused_by_name(tiny_pipe, tmp_path):

@@ -341,6 +341,13 @@ def test_fast_pinned_allocator_conf_is_valid_and_keeps_the_users_settings():
         _check_allocator_settings("pinned_use_cuda_host_register:False,"
                                   "pinned_num_register_threads:1")
     assert conf({"PYTORCH_CUDA_ALLOC_CONF": "pinned_num_register_threads:4"}, "2.11", 8) is None
+    # torch 2.9 reads the old name only where the new one is unset; older ones only the old one
+    both = {"PYTORCH_ALLOC_CONF": "expandable_segments:True",
+            "PYTORCH_CUDA_ALLOC_CONF": "pinned_num_register_threads:4"}
+    assert conf(both, "2.9.0", 8)[0] == "PYTORCH_ALLOC_CONF"
+    assert conf(both, "2.8.0", 8) is None
+    assert conf({"PYTORCH_ALLOC_CONF": "expandable_segments:True"}, "2.8.0", 8)[0] == (
+        "PYTORCH_CUDA_ALLOC_CONF")
     assert conf({}, "2.1.2+cu121", 8) is None  # before the option existed: torch would refuse it
 
 

@@ -133,11 +133,15 @@ def _is_square(v: int) -> bool:
     return v > 0 and r * r == v
 
 
+class MissingTransform(FileNotFoundError, ValueError):
+    """A transform path that names no file: bad input, as the settings files' errors are."""
+
+
 def load_dispersion_transform(path) -> np.ndarray:
     """Load R from a .npy file or a MATLAB .mat file (key 'R', else its only array)."""
     path = Path(os.fspath(path))
     if not path.is_file():
-        raise FileNotFoundError(f"dispersion transform file not found: {path}")
+        raise MissingTransform(f"dispersion transform file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
         try:

@@ -139,13 +139,15 @@ PINNED_REGISTER_THREADS = 16
 def fast_pinned_allocator_conf(environ, torch_version: str, cpus: int):
     """(variable, value) that makes torch's pinned allocator register host memory on threads,
     to set before CUDA starts; None where torch has no such option (before 2.2) or the user's
-    allocator settings already choose pinned_* options. Other settings of the user's are
-    kept."""
+    allocator settings (in the variable this torch reads) already choose pinned_* options.
+    Other settings of the user's are kept."""
     major_minor = tuple(int(n) for n in re.findall(r"\d+", torch_version)[:2])
     if major_minor < (2, 2):
         return None
-    names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch 2.9's name, the old one
-    name = next((n for n in names if environ.get(n)), names[1])
+    # torch 2.9 reads PYTORCH_ALLOC_CONF first, and the old name only where that is unset;
+    # older releases read the old name alone
+    names = ("PYTORCH_ALLOC_CONF",) * (major_minor >= (2, 9)) + ("PYTORCH_CUDA_ALLOC_CONF",)
+    name = next((n for n in names if environ.get(n)), names[-1])
     current = environ.get(name, "")
     if "pinned_" in current:
         return None

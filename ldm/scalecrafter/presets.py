@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from ldm.cli import REPO_ROOT, SETTINGS_FILES
+from ldm.families import FAMILY_LABELS
 
 PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
 
@@ -17,9 +18,13 @@ EXCLUDES = {"dilate": ("dilate_settings",), "dilate_settings": ("dilate",)}
 # What a sampler other than the presets' DDIM does not take: eta is DDIM's alone, and
 # DPM-Solver++ keeps its own time grid (ldm.models.diffusion.samplers says so too: tested).
 SAMPLER_EXCLUDES = {"plms": ("ddim_eta",), "dpm": ("ddim_eta", "timestep_spacing")}
-# Preset values that only qualify a feature: turned off by the caller, they go with it.
+# Preset values that only qualify a feature: turned off by the caller (given a false value:
+# False, None, ""), they go with it. Dispersion acts on re-dilated convs only.
+DISPERSION = ("disperse_settings", "disperse_transform", "inflate_tau")
 QUALIFIERS = {"tiled_decoding": ("sync_gn", "tile_size"),
-              "dilation": ("progressive_dilate",)}
+              "dilation": ("progressive_dilate",) + DISPERSION,
+              "ndcfg_dilate_settings": ("ndcfg_tau",),
+              "disperse_settings": DISPERSION[1:]}
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,9 @@ def list_presets() -> List[str]:
 
 
 def preset_path(name) -> Path:
-    """A shipped preset's name, or the path of a .yaml file of one's own."""
+    """A shipped preset's name, or the path of a .yaml (.yml) file of one's own."""
     name = str(name)
-    return Path(name) if name.endswith(".yaml") else PRESET_DIR / f"{name}.yaml"
+    return Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
 
 
 def read_preset(name) -> Preset:
@@ -56,16 +61,19 @@ def read_preset(name) -> Preset:
     if not path.is_file():
         raise ValueError(f"unknown preset {str(name)!r}; known: {', '.join(list_presets())}")
     try:
-        values = OmegaConf.to_container(OmegaConf.load(path))
+        values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except OSError:
         raise
     except Exception as err:  # yaml's errors come in many classes
         first = str(err).strip().splitlines()
         raise ValueError(f"preset {path} is not valid YAML: "
                          f"{first[0] if first else type(err).__name__}") from None
-    if not isinstance(values, dict):
+    if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
         raise ValueError(f"preset {path} is not a mapping of options")
     family = values.pop("family", None)
+    if family is not None and (not isinstance(family, str) or family not in FAMILY_LABELS):
+        raise ValueError(f"preset {path}: family must be one of {', '.join(FAMILY_LABELS)}, "
+                         f"got {family!r}")
     for key in SETTINGS_FILES:
         if isinstance(values.get(key), str):
             values[key] = str(settings_file(path, values[key]))
@@ -77,8 +85,8 @@ def settings_file(preset: Path, value: str) -> Path:
     with its own files), else the repository's (the shipped presets name those)."""
     if Path(value).is_absolute():
         return Path(value)
-    beside = preset.parent / value
-    return beside if beside.exists() else REPO_ROOT / value
+    beside, shipped = preset.parent / value, REPO_ROOT / value
+    return shipped if shipped.exists() and not beside.exists() else beside
 
 
 def applied_values(preset: Preset, given: Mapping[str, Any]) -> Dict[str, Any]:
@@ -89,11 +97,12 @@ def applied_values(preset: Preset, given: Mapping[str, Any]) -> Dict[str, Any]:
     for name in given:
         dropped.update(EXCLUDES.get(name, ()))
     dropped.update(SAMPLER_EXCLUDES.get(given.get("sampler"), ()))
-    if "tiled_decoding" in given and not given["tiled_decoding"]:
-        dropped.update(QUALIFIERS["tiled_decoding"])
     dilation = {name: given[name] for name in EXCLUDES if name in given}
+    turned_off = {name for name in QUALIFIERS if name in given and not given[name]}
     if dilation and not any(dilation.values()):
-        dropped.update(QUALIFIERS["dilation"])
+        turned_off.add("dilation")
+    for feature in turned_off:
+        dropped.update(QUALIFIERS[feature])
     return {name: value for name, value in preset.values.items() if name not in dropped}
 
 
@@ -106,7 +115,10 @@ def steps_mismatch(preset: str, made_for: Optional[int], opts, given, steps_text
           "ndcfg_tau": opts.ndcfg_dilate_settings, "inflate_tau": opts.disperse_settings}
     taus = {name: getattr(opts, name) for name, feature in on.items()
             if feature and getattr(opts, name) and name not in given}
-    if made_for is None or opts.steps == made_for or not taus:
+    numbers = [made_for, opts.steps, *taus.values()]
+    if not all(isinstance(n, int) for n in numbers):  # (refused when the options are checked)
+        return ""
+    if opts.steps == made_for or not taus:
         return ""
     named = ", ".join(f"{name} {tau}" for name, tau in taus.items())
     covered = min(max(taus.values()), opts.steps)

@@ -92,7 +92,8 @@ def _lines(path):
     entry is refused (it would silently switch its feature off)."""
     path = Path(path)
     if not path.is_file():
-        raise SettingsError(f"settings file {path} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise SettingsError(f"settings file {path} {what}")
     try:  # utf-8-sig: Notepad starts its UTF-8 files with a byte-order mark
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
