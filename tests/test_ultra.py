@@ -461,6 +461,20 @@ def test_a_settings_file_in_notepads_utf8_is_read_and_a_binary_one_named(sd21_un
             read_dilation_settings(path, sd21_unet)
 
 
+def test_a_conv_given_two_factors_is_refused_and_a_repeat_is_not(sd21_unet, tmp_path):
+    """Under its name or its diffusers name: the file cannot say which factor it means."""
+    path = tmp_path / "twice.txt"
+    path.write_text("down_blocks.1.resnets.0.conv1:2\nmiddle_block.0.in_layers.2:3\n"
+                    "input_blocks.4.0.in_layers.2:2\n")  # the first line's conv, same factor
+    assert read_dilation_settings(path, sd21_unet)["input_blocks.4.0.in_layers.2"] == 2.0
+    path.write_text("down_blocks.1.resnets.0.conv1:2\nmiddle_block.0.in_layers.2:3\n"
+                    "input_blocks.4.0.in_layers.2:4\n")
+    with pytest.raises(SettingsError, match=re.escape(
+            f"{path}:3: input_blocks.4.0.in_layers.2 has factor 2 at line 1: one factor a "
+            f"conv")):
+        read_dilation_settings(path, sd21_unet)
+
+
 @pytest.mark.parametrize("line, message", [
     ('n_iter: "3"', None),  # a number in quotes: as the flag takes it
     ("n_iter: null", "n_iter must be set (the flag has no 'off'), got None"),

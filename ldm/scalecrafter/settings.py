@@ -123,7 +123,7 @@ def _our_name(name, translation, ours, path, number, skipped):
 
 def read_dilation_settings(path, unet: nn.Module) -> Dict[str, float]:
     translation, ours = diffusers_conv_names(unet), set(conv3x3_names(unet))
-    factors, skipped = {}, []
+    factors, skipped, first_line = {}, [], {}
     for number, line in _lines(path):
         name, sep, value = line.rpartition(":")
         if not sep:
@@ -136,8 +136,14 @@ def read_dilation_settings(path, unet: nn.Module) -> Dict[str, float]:
             raise SettingsError(f"{path}:{number}: factor must be a positive number up to "
                                 f"{MAX_FACTOR:g}, got {value.strip()}")
         ours_name = _our_name(name.strip(), translation, ours, path, number, skipped)
-        if ours_name is not None:
-            factors[ours_name] = factor
+        if ours_name is None:
+            continue
+        if factors.get(ours_name, factor) != factor:  # (once under its diffusers name, maybe)
+            raise SettingsError(f"{path}:{number}: {ours_name} has factor "
+                                f"{factors[ours_name]:g} at line {first_line[ours_name]}: one "
+                                f"factor a conv")
+        factors[ours_name] = factor
+        first_line.setdefault(ours_name, number)
     _warn_skipped(path, skipped)
     return factors
 
