@@ -423,14 +423,17 @@ class Pipeline:
         `given` (e.g. H=2048, W=2048, dilate=2), which set aside the preset values they
         exclude, as txt2img's flags do. ValueError for a preset tuned for another family."""
         _check_option_names(given)
-        defaults = family_defaults(self.model.family, given.get("sampler", "ddim"))
+        values = {}
+        if preset is not None:
+            preset = self._preset(preset)
+            # YAML's lists are the options' tuples (FreeU's four numbers, a tile's HxW)
+            values = {name: tuple(value) if isinstance(value, list) else value
+                      for name, value in applied_values(preset, given).items()}
+        sampler = given.get("sampler", values.get("sampler", "ddim"))
+        opts = GenerationOptions(**{**family_defaults(self.model.family, sampler), **values,
+                                    **given})
         if preset is None:
-            return GenerationOptions(**{**defaults, **given})
-        preset = self._preset(preset)
-        # YAML's lists are the options' tuples (FreeU's four numbers, a tile's HxW)
-        values = {name: tuple(value) if isinstance(value, list) else value
-                  for name, value in applied_values(preset, given).items()}
-        opts = GenerationOptions(**{**defaults, **values, **given})
+            return opts
         mismatch = steps_mismatch(preset.name, preset.steps, opts, given, f"steps={opts.steps}")
         if mismatch:
             warn_once(self._warned, (preset.path, opts.steps), mismatch)

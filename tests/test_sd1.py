@@ -196,6 +196,25 @@ def test_a_preset_for_another_family_is_refused(txt2img, tmp_path, capsys, prese
     assert len(err.splitlines()) == 1 and "made for" in err and preset in err
 
 
+def test_sd15_presets_through_the_api_and_a_presets_own_sampler(sd1_pipe, txt2img, tmp_path):
+    """The API's options for an SD 1.5 preset are the CLI's (the family's defaults below the
+    preset); a preset that names its sampler gets the family defaults that sampler takes."""
+    import dataclasses
+
+    from ldm.util import load_config
+    args = txt2img.parse_args(["--preset", "sd1.5_2048x1024", "--config", str(SD1_CONFIG)])
+    txt2img.apply_family_defaults(args, load_config(args.config))
+    cli, api = txt2img.options_from_args(args), sd1_pipe.options(preset="sd1.5_2048x1024")
+    cli.validate()
+    api.validate()
+    assert dataclasses.asdict(api) == dataclasses.asdict(cli)
+    preset = tmp_path / "plms.yaml"
+    preset.write_text("family: sd1\nsampler: plms\nH: 1024\n")
+    opts = sd1_pipe.options(preset=str(preset))
+    assert (opts.sampler, opts.ddim_eta, opts.scale) == ("plms", 0.0, 7.5)
+    opts.validate()
+
+
 def test_seed_defaults(txt2img):
     args = txt2img.parse_args([])
     assert args.overlap == 24 and args.negative_prompt == ""
