@@ -8,6 +8,7 @@
 import difflib
 import math
 import numbers
+from collections.abc import Iterable, Mapping, Set as AbstractSet
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -206,17 +207,28 @@ class GenerationOptions:
             raise ValueError("--disperse_settings needs --disperse_transform")
         if self.disperse_transform and not self.disperse_settings:
             raise ValueError("--disperse_transform needs --disperse_settings")
-        if self.sync_gn and not self.tiled_decoding:
-            raise ValueError("--sync_gn needs --tiled_decoding (a full decode normalises over "
-                             "the whole image already)")
-        if self.tile_size is not None and not self.tiled_decoding:
-            raise ValueError("--tile_size needs --tiled_decoding")
+        self._check_decode_switches()
         if self.disperse_settings and self.inflate_tau and self.dilate is None \
                 and not self.dilate_settings:
             raise ValueError("--disperse_settings disperses re-dilated convs: it needs --dilate "
                              "or --dilate_settings")
 
-    def _check_tiles(self):
+    def validate_decoding(self, latent_size: Tuple[int, int]):
+        """validate's checks of what a decode reads (types, tiling), for latents of
+        `latent_size` (h, w): a saved latent may be decoded with options made for another
+        size, and with sampling options that no run could take."""
+        self._check_types()
+        self._check_decode_switches()
+        self._check_tiles(latent_size)
+
+    def _check_decode_switches(self):
+        if self.sync_gn and not self.tiled_decoding:
+            raise ValueError("--sync_gn needs --tiled_decoding (a full decode normalises over "
+                             "the whole image already)")
+        if self.tile_size is not None and not self.tiled_decoding:
+            raise ValueError("--tile_size needs --tiled_decoding")
+
+    def _check_tiles(self, latent_size=None):
         if isinstance(self.tile_size, str) and self.tile_size != "auto":
             try:  # "HxW", as the metadata writes it
                 self.tile_size = parse_tile_size(self.tile_size)
@@ -241,7 +253,7 @@ class GenerationOptions:
             raise ValueError(f"--overlap must be even and non-negative, got {self.overlap}")
         if self.tile_size == "auto":
             return  # auto tiles are always wider than the overlap
-        tile = self.tile_size or min(self.H, self.W) // self.f // 2
+        tile = self.tile_size or min(latent_size or (self.H // self.f, self.W // self.f)) // 2
         tile = min(tile) if isinstance(tile, tuple) else tile
         if tile <= 0 or self.overlap >= tile:
             raise ValueError(f"--overlap ({self.overlap}) must be smaller than the tile "
@@ -480,8 +492,10 @@ class Pipeline:
         opts.validate()
         if isinstance(prompts, str):
             prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise ValueError(f"prompts must be a string or a list of strings, got "
+        # (bytes are not text; a mapping's or a set's order is not the caller's)
+        if isinstance(prompts, (bytes, bytearray, Mapping, AbstractSet)) or \
+                not isinstance(prompts, Iterable):
+            raise ValueError(f"prompts must be a string or a sequence of strings, got "
                              f"{type(prompts).__name__}")
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -598,12 +612,12 @@ class Pipeline:
     def _checked_latents(self, z, opts: GenerationOptions) -> torch.Tensor:
         """z as the decoder takes it (float32, on this device), once it and the options are
         known to fit; else ValueError with one line."""
-        opts.validate()
         _check_tensor("the latents", z)
         channels, _factor = self.latent_format()
         if z.dim() != 4 or z.shape[0] == 0 or z.shape[1] != channels or 0 in z.shape[2:]:
             raise ValueError(f"the latents must be a (batch, {channels}, h, w) tensor, got "
                              f"shape {tuple(z.shape)}")
+        opts.validate_decoding(tuple(z.shape[2:]))
         return z.to(self.device, torch.float32)
 
     def generate(self, prompts: Sequence[str], opts: GenerationOptions, generator=None,

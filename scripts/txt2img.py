@@ -243,14 +243,19 @@ def apply_preset(args, name, explicit, parser=None):
         raise UsageError(str(err)) from None
     # Which model family the preset is made for: checked against the config, not a flag.
     args.preset_family, args.preset_steps = preset.family, preset.steps
+    if parser is not None and preset.steps is not None:
+        args.preset_steps = preset_value(parser, "steps", preset.steps, preset.path)
     for key in preset.values:
-        if not hasattr(args, key):
+        if not hasattr(args, key) and key != "sampler":
             raise UsageError(f"preset {preset.path} sets unknown option {key!r}")
     given = {key: getattr(args, key) for key in explicit}
     if args.plms or args.dpm:
         given["sampler"] = sampler_name(args)
     applied = applied_values(preset, given)
     for key, value in applied.items():
+        if key == "sampler":  # (the preset's choice, in the switches' terms)
+            args.plms, args.dpm = value == "plms", value == "dpm"
+            continue
         if parser is not None:
             value = preset_value(parser, key, value, preset.path)
         setattr(args, key, value)

@@ -86,9 +86,9 @@ def pipe():
     (["a fox"], dict(C=8), None, "do not fit the model"),
     (["a fox"], {}, torch.zeros(1, 4, 4, 4), "x_T has shape (1, 4, 4, 4), the options want "
                                              "(1, 4, 8, 8)"),
-    (None, {}, None, "prompts must be a string or a list of strings, got NoneType"),
-    (b"a fox", {}, None, "prompts must be a string or a list of strings, got bytes"),
-    ({"a fox": 1}, {}, None, "prompts must be a string or a list of strings, got dict"),
+    (None, {}, None, "prompts must be a string or a sequence of strings, got NoneType"),
+    (b"a fox", {}, None, "prompts must be a string or a sequence of strings, got bytes"),
+    ({"a fox": 1}, {}, None, "prompts must be a string or a sequence of strings, got dict"),
     (["a fox"], {}, np.zeros((1, 4, 8, 8)), "x_T must be a floating-point torch.Tensor, got "
                                             "ndarray"),
     (["a fox"], {}, torch.zeros(1, 4, 8, 8, dtype=torch.int64),
@@ -145,6 +145,29 @@ def test_decode_checks_its_options_and_takes_float64_latents(pipe):
     opts = GenerationOptions(**SMALL)
     assert torch.equal(pipe.decode(z.double(), opts, progress=False),
                        pipe.decode(z, opts, progress=False))
+
+
+def test_a_saved_latent_decodes_with_options_made_for_another_size(pipe):
+    """The tiling is checked against the latent given (the default tile is half its side), and
+    options only sampling reads do not matter to a decode."""
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(6))
+    tiled = dict(tiled_decoding=True, overlap=8, sync_gn=True, precision="full")
+    other = GenerationOptions(H=128, W=128, sampler="dpm", ddim_eta=1.0, **tiled)
+    same = GenerationOptions(H=256, W=256, **tiled)
+    assert torch.equal(pipe.decode(z, other, progress=False), pipe.decode(z, same, progress=False))
+    with pytest.raises(ValueError, match="must be smaller than the tile \\(4 latent pixels\\)"):
+        pipe.decode(z[..., :8, :8], other)
+
+
+def test_prompts_may_be_any_ordered_sequence(pipe):
+    from collections import UserList
+    opts = GenerationOptions(**SMALL)
+    ref = pipe.generate(["a fox", "a cat"], opts, progress=False).latents
+    for prompts in (("a fox", "a cat"), UserList(["a fox", "a cat"]),
+                    (p for p in ["a fox", "a cat"])):
+        assert torch.equal(pipe.generate(prompts, opts, progress=False).latents, ref)
+    with pytest.raises(ValueError, match="got set"):
+        pipe.generate({"a fox", "a cat"}, opts, progress=False)
 
 
 def test_relative_settings_files_are_the_repositorys_from_any_folder(monkeypatch, tmp_path):

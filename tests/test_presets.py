@@ -114,7 +114,7 @@ def test_a_preset_the_model_cannot_take_is_refused(tiny_pipe, preset, message):
     ("family: sd2.1\n", "family must be one of sd1, sd2, sdxl, got 'sd2.1'"),
     ("family: [sd2]\n", "family must be one of sd1, sd2, sdxl, got ['sd2']"),
     ("1: 2\n", "is not a mapping of options"),
-    ("H: ${nowhere}\n", "is not valid YAML"),
+    ("H: ${nowhere}\n", ": Interpolation key 'nowhere' not found"),
 ], ids=["family-name", "family-list", "number-key", "broken-interpolation"])
 def test_odd_preset_files_are_one_value_error(tiny_pipe, txt2img, tmp_path, text, message):
     preset = tmp_path / "odd.yaml"
@@ -169,3 +169,45 @@ def test_other_steps_warn_once_what_the_presets_taus_cover(tiny_pipe, capsys):
     tiny_pipe.options(preset="sd2.1_2048x2048", steps=5, dilate_tau=3, ndcfg_tau=3)
     tiny_pipe.options(preset="sd2.1_2048x2048")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("text", ["plms: true\n", "sampler: plms\n"])
+def test_a_presets_sampler_is_read_alike_and_a_flag_overrides_it(tiny_pipe, txt2img, tmp_path,
+                                                                   text):
+    """txt2img's switch or the option's name: the same preset for both, and the caller's
+    sampler wins (its eta and spacing rules with it)."""
+    preset = tmp_path / "sampler.yaml"
+    preset.write_text("family: sd2\nH: 1024\n" + text)
+    for flags, given, sampler in (([], {}, "plms"), (["--dpm"], {"sampler": "dpm"}, "dpm")):
+        args = txt2img.parse_args(["--preset", str(preset), *flags])
+        cli = _validated(txt2img.options_from_args(args))
+        api = _validated(tiny_pipe.options(preset=str(preset), **given))
+        assert api == cli and api["sampler"] == sampler, flags
+
+
+@pytest.mark.parametrize("text, message", [
+    ("plms: true\ndpm: true\n", "names two samplers: dpm, plms"),
+    ("plms: true\nsampler: dpm\n", "names two samplers: dpm, plms"),
+    ("plms: 1\n", "plms must be true or false, got 1"),
+    ("sampler: euler\n", "sampler must be one of ddim, plms, dpm, got 'euler'"),
+])
+def test_a_presets_sampler_that_cannot_be_is_refused(tiny_pipe, txt2img, tmp_path, text,
+                                                      message):
+    preset = tmp_path / "sampler.yaml"
+    preset.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_pipe.options(preset=str(preset))
+    with pytest.raises(txt2img.UsageError, match=re.escape(message)):
+        txt2img.parse_args(["--preset", str(preset)])
+
+
+def test_the_steps_warning_reads_steps_as_the_options_do(tiny_pipe, txt2img, tmp_path, capsys):
+    """A numpy step count (API) and a quoted one in a preset (the CLI reads it as its flag)."""
+    import numpy as np
+    tiny_pipe.options(preset="sd2.1_1024x1024", steps=np.int64(9))
+    assert "with steps=9 they cover 9 of 9" in capsys.readouterr().err
+    preset = tmp_path / "quoted.yaml"
+    preset.write_text("dilate: 2\ndilate_tau: 30\nsteps: '50'\n")
+    args = txt2img.parse_args(["--preset", str(preset), "--steps", "5"])
+    assert "made for 50 steps" in txt2img.preset_steps_warning(
+        args, txt2img.options_from_args(args))

@@ -3,6 +3,7 @@ txt2img's flags and GenerationOptions' fields, and the model family they are tun
 
 txt2img's --preset and `Pipeline.options(preset=...)` read them here, so both apply the same
 values under the same rules. Torch-free: txt2img reads its flags before it imports torch."""
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -15,6 +16,8 @@ PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
 # An option given by the caller also sets aside the preset values it cannot go with: the
 # uniform and the per-layer dilation exclude each other.
 EXCLUDES = {"dilate": ("dilate_settings",), "dilate_settings": ("dilate",)}
+# txt2img's switches for the samplers other than DDIM, named as GenerationOptions' `sampler`
+SAMPLER_SWITCHES = ("plms", "dpm")
 # What a sampler other than the presets' DDIM does not take: eta is DDIM's alone, and
 # DPM-Solver++ keeps its own time grid (ldm.models.diffusion.samplers says so too: tested).
 SAMPLER_EXCLUDES = {"plms": ("ddim_eta",), "dpm": ("ddim_eta", "timestep_spacing")}
@@ -61,15 +64,18 @@ def read_preset(name) -> Preset:
     if not path.is_file():
         raise ValueError(f"unknown preset {str(name)!r}; known: {', '.join(list_presets())}")
     try:
-        values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        loaded = OmegaConf.load(path)
     except OSError:
         raise
     except Exception as err:  # yaml's errors come in many classes
-        first = str(err).strip().splitlines()
-        raise ValueError(f"preset {path} is not valid YAML: "
-                         f"{first[0] if first else type(err).__name__}") from None
+        raise ValueError(f"preset {path} is not valid YAML: {_first_line(err)}") from None
+    try:
+        values = OmegaConf.to_container(loaded, resolve=True)
+    except Exception as err:  # an interpolation (${...}) that names nothing
+        raise ValueError(f"preset {path}: {_first_line(err)}") from None
     if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
         raise ValueError(f"preset {path} is not a mapping of options")
+    _sampler_from_switches(values, path)
     family = values.pop("family", None)
     if family is not None and (not isinstance(family, str) or family not in FAMILY_LABELS):
         raise ValueError(f"preset {path}: family must be one of {', '.join(FAMILY_LABELS)}, "
@@ -78,6 +84,29 @@ def read_preset(name) -> Preset:
         if isinstance(values.get(key), str):
             values[key] = str(settings_file(path, values[key]))
     return Preset(path, family, values)
+
+
+def _first_line(err) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _sampler_from_switches(values: dict, path):
+    """txt2img's sampler switches (`plms: true`, `dpm: true`) as the option `sampler`, the
+    name GenerationOptions uses; a preset may say either."""
+    switches = {name: values.pop(name) for name in SAMPLER_SWITCHES if name in values}
+    for name, on in switches.items():
+        if not isinstance(on, bool):
+            raise ValueError(f"preset {path}: {name} must be true or false, got {on!r}")
+    chosen = {name for name, on in switches.items() if on} | (
+        {values["sampler"]} if "sampler" in values else set())
+    if len(chosen) > 1:
+        raise ValueError(f"preset {path} names two samplers: {', '.join(sorted(chosen))}")
+    if chosen:
+        values["sampler"] = chosen.pop()
+    if values.get("sampler", "ddim") not in ("ddim",) + SAMPLER_SWITCHES:
+        raise ValueError(f"preset {path}: sampler must be one of ddim, "
+                         f"{', '.join(SAMPLER_SWITCHES)}, got {values['sampler']!r}")
 
 
 def settings_file(preset: Path, value: str) -> Path:
@@ -115,8 +144,8 @@ def steps_mismatch(preset: str, made_for: Optional[int], opts, given, steps_text
           "ndcfg_tau": opts.ndcfg_dilate_settings, "inflate_tau": opts.disperse_settings}
     taus = {name: getattr(opts, name) for name, feature in on.items()
             if feature and getattr(opts, name) and name not in given}
-    numbers = [made_for, opts.steps, *taus.values()]
-    if not all(isinstance(n, int) for n in numbers):  # (refused when the options are checked)
+    counts = [made_for, opts.steps, *taus.values()]
+    if not all(isinstance(n, numbers.Integral) for n in counts):  # (refused by validate)
         return ""
     if opts.steps == made_for or not taus:
         return ""
