@@ -115,7 +115,12 @@ def test_a_preset_the_model_cannot_take_is_refused(tiny_pipe, preset, message):
     ("family: [sd2]\n", "family must be one of sd1, sd2, sdxl, got ['sd2']"),
     ("1: 2\n", "is not a mapping of options"),
     ("H: ${nowhere}\n", ": Interpolation key 'nowhere' not found"),
-], ids=["family-name", "family-list", "number-key", "broken-interpolation"])
+    ("plms: true\ndpm: true\n", "names two samplers: dpm, plms"),
+    ("plms: true\nsampler: dpm\n", "names two samplers: dpm, plms"),
+    ("plms: 1\n", "plms must be true or false, got 1"),
+    ("sampler: euler\n", "sampler must be one of ddim, plms, dpm, got 'euler'"),
+], ids=["family-name", "family-list", "number-key", "broken-interpolation", "two-switches",
+        "switch-and-name", "switch-not-bool", "unknown-sampler"])
 def test_odd_preset_files_are_one_value_error(tiny_pipe, txt2img, tmp_path, text, message):
     preset = tmp_path / "odd.yaml"
     preset.write_text(text)
@@ -183,22 +188,6 @@ def test_a_presets_sampler_is_read_alike_and_a_flag_overrides_it(tiny_pipe, txt2
         cli = _validated(txt2img.options_from_args(args))
         api = _validated(tiny_pipe.options(preset=str(preset), **given))
         assert api == cli and api["sampler"] == sampler, flags
-
-
-@pytest.mark.parametrize("text, message", [
-    ("plms: true\ndpm: true\n", "names two samplers: dpm, plms"),
-    ("plms: true\nsampler: dpm\n", "names two samplers: dpm, plms"),
-    ("plms: 1\n", "plms must be true or false, got 1"),
-    ("sampler: euler\n", "sampler must be one of ddim, plms, dpm, got 'euler'"),
-])
-def test_a_presets_sampler_that_cannot_be_is_refused(tiny_pipe, txt2img, tmp_path, text,
-                                                      message):
-    preset = tmp_path / "sampler.yaml"
-    preset.write_text(text)
-    with pytest.raises(ValueError, match=re.escape(message)):
-        tiny_pipe.options(preset=str(preset))
-    with pytest.raises(txt2img.UsageError, match=re.escape(message)):
-        txt2img.parse_args(["--preset", str(preset)])
 
 
 def test_the_steps_warning_reads_steps_as_the_options_do(tiny_pipe, txt2img, tmp_path, capsys):
