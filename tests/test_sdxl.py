@@ -276,6 +276,23 @@ def test_sdxl_presets_carry_the_authors_settings(txt2img, xl_pipe, capsys):
                                "--ckpt", "x"]).scale == 7
 
 
+def test_sdxl_presets_through_the_api_are_the_clis_options(txt2img, xl_pipe):
+    """Family defaults (1024², scale 5, eta 1, leading) below each preset, then a flag."""
+    import dataclasses
+
+    from ldm.util import load_config
+    config = TINY_XL / "tiny-sdxl.yaml"
+    for name in XL_PRESETS:
+        for flags, given in (([], {}), (["--plms", "--steps", "30"],
+                                        {"sampler": "plms", "steps": 30})):
+            args = txt2img.parse_args(["--preset", name, "--config", str(config), *flags])
+            txt2img.apply_family_defaults(args, load_config(config))
+            cli, api = txt2img.options_from_args(args), xl_pipe.options(preset=name, **given)
+            cli.validate()
+            api.validate()
+            assert dataclasses.asdict(api) == dataclasses.asdict(cli), (name, flags)
+
+
 def test_sdxl_preset_is_refused_for_another_family(txt2img, tmp_path, capsys):
     argv = ["--preset", "sdxl_2048x2048", "--config", str(REF / "tiny" / "tiny-sd21.yaml"),
             "--ckpt", str(REF / "tiny" / "tiny-sd21.ckpt"), "--outdir", str(tmp_path)]
