@@ -119,8 +119,9 @@ def test_a_preset_the_model_cannot_take_is_refused(tiny_pipe, preset, message):
     ("plms: true\nsampler: dpm\n", "names two samplers: dpm, plms"),
     ("plms: 1\n", "plms must be true or false, got 1"),
     ("sampler: euler\n", "sampler must be one of ddim, plms, dpm, got 'euler'"),
+    ("sampler: [plms]\n", "sampler must be one of ddim, plms, dpm, got ['plms']"),
 ], ids=["family-name", "family-list", "number-key", "broken-interpolation", "two-switches",
-        "switch-and-name", "switch-not-bool", "unknown-sampler"])
+        "switch-and-name", "switch-not-bool", "unknown-sampler", "sampler-list"])
 def test_odd_preset_files_are_one_value_error(tiny_pipe, txt2img, tmp_path, text, message):
     preset = tmp_path / "odd.yaml"
     preset.write_text(text)

@@ -94,6 +94,10 @@ def _first_line(err) -> str:
 def _sampler_from_switches(values: dict, path):
     """txt2img's sampler switches (`plms: true`, `dpm: true`) as the option `sampler`, the
     name GenerationOptions uses; a preset may say either."""
+    names = ("ddim",) + SAMPLER_SWITCHES
+    if values.get("sampler", "ddim") not in names:
+        raise ValueError(f"preset {path}: sampler must be one of {', '.join(names)}, got "
+                         f"{values['sampler']!r}")
     switches = {name: values.pop(name) for name in SAMPLER_SWITCHES if name in values}
     for name, on in switches.items():
         if not isinstance(on, bool):
@@ -104,9 +108,6 @@ def _sampler_from_switches(values: dict, path):
         raise ValueError(f"preset {path} names two samplers: {', '.join(sorted(chosen))}")
     if chosen:
         values["sampler"] = chosen.pop()
-    if values.get("sampler", "ddim") not in ("ddim",) + SAMPLER_SWITCHES:
-        raise ValueError(f"preset {path}: sampler must be one of ddim, "
-                         f"{', '.join(SAMPLER_SWITCHES)}, got {values['sampler']!r}")
 
 
 def settings_file(preset: Path, value: str) -> Path:
