@@ -595,6 +595,9 @@ class Pipeline:
         tiles, budget: decode_tiles' and decode_budget's answers, to decode as recorded
         (default: resolved now)."""
         z = self._checked_latents(z, opts)
+        if tiles is not None and not opts.tiled_decoding:
+            raise ValueError(f"tiles {tiles} given for a whole decode: the options' "
+                             f"tiled_decoding is off")
         budget = self.decode_budget(z, opts) if budget is None else budget
         z = z / self.model.scale_factor
         vae = self.model.first_stage_model

@@ -157,6 +157,8 @@ def test_a_saved_latent_decodes_with_options_made_for_another_size(pipe):
     assert torch.equal(pipe.decode(z, other, progress=False), pipe.decode(z, same, progress=False))
     with pytest.raises(ValueError, match="must be smaller than the tile \\(4 latent pixels\\)"):
         pipe.decode(z[..., :8, :8], other)
+    with pytest.raises(ValueError, match="tiles \\(16, 16\\) given for a whole decode"):
+        pipe.decode(z, GenerationOptions(H=256, W=256), tiles=(16, 16))
 
 
 def test_prompts_may_be_any_ordered_sequence(pipe):
