@@ -20,7 +20,7 @@ from PIL import Image
 
 from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS, generator_device
 from ldm.cli import SETTINGS_FILES, parse_tile_size, repository_fallback
-from ldm.families import FAMILY_DEFAULTS, label
+from ldm.families import FAMILY_DEFAULTS, label, trained_side
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import (AUTOCAST_DTYPES, HALF_WEIGHTS, REFERENCE_PATHS, SAMPLING_SWITCHES,
                            fast_paths, prepare_for_inference, sampling_kernels,
@@ -33,7 +33,8 @@ from ldm.scalecrafter.schedule import ScaleCrafterSettings
 from ldm.scalecrafter.settings import build_settings
 from ldm.scalecrafter.lean_decode import full_decode
 from ldm.scalecrafter.memory import available_bytes
-from ldm.scalecrafter.presets import applied_values, read_preset, steps_mismatch
+from ldm.scalecrafter.presets import (applied_values, read_preset, size_mismatch,
+                                      steps_mismatch)
 from ldm.scalecrafter.tiled_decode import (default_budget, resolve_tile_size, tile_fits,
                                            tiled_decode)
 from ldm.util import build_model, load_config, model_part_names
@@ -461,7 +462,15 @@ class Pipeline:
         if unknown:
             raise ValueError(f"preset {preset.path} sets {', '.join(unknown)}: not options of "
                              f"a generation (txt2img's own flags)")
+        mismatch = size_mismatch(preset, self.trained_side())
+        if mismatch:
+            warn_once(self._warned, ("preset size", preset.path), mismatch)
         return preset
+
+    def trained_side(self) -> Optional[int]:
+        """The image side the model is trained at (its config's, else its family's)."""
+        return trained_side(self.model.family, getattr(self.model, "image_size", None),
+                            self.latent_format()[1])
 
     def settings_for(self, opts: GenerationOptions) -> ScaleCrafterSettings:
         return build_settings(self.model.unet, opts)

@@ -241,8 +241,9 @@ def apply_preset(args, name, explicit, parser=None):
         preset = read_preset(name)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    # Which model family the preset is made for: checked against the config, not a flag.
+    # Which models the preset is made for: checked against the config, not flags.
     args.preset_family, args.preset_steps = preset.family, preset.steps
+    args.preset_object = preset
     if parser is not None and preset.steps is not None:
         args.preset_steps = preset_value(parser, "steps", preset.steps, preset.path)
     for key in preset.values:
@@ -424,6 +425,23 @@ def check_preset_family(args, config):
     if family != wanted:
         raise UsageError(f"preset {args.preset} is made for {wanted} models; the config "
                          f"{args.config} is for {family or 'unknown-family'} models")
+
+
+def preset_size_warning(args, config) -> str:
+    """One line when the preset is tuned for models trained at another size than the
+    config's (presets.size_mismatch), else ''."""
+    from ldm.families import trained_side
+    from ldm.scalecrafter.presets import size_mismatch
+    from ldm.util import config_family, part_configs
+
+    preset = getattr(args, "preset_object", None)
+    if preset is None:
+        return ""
+    levels = _param(part_configs(config)[1], "ddconfig", "ch_mult")
+    side = trained_side(config_family(config), (config.model.get("params") or {}).get(
+        "image_size"), 2 ** (len(levels) - 1) if levels else args.f)
+    text = size_mismatch(preset, side)
+    return f"warning: {text}" if text else ""
 
 
 def _param(node, *keys):
@@ -633,7 +651,8 @@ def run(args):
     pipe = load_pipeline(args, timer)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
-    notes += [preset_steps_warning(args, opts), unused_negative_warning(opts)]
+    notes += [preset_size_warning(args, config), preset_steps_warning(args, opts),
+              unused_negative_warning(opts)]
     for note in filter(None, notes):  # once the model loaded: a refused run says one line
         print(note, file=sys.stderr)
     if args.compile:  # else the first step sits at 0% for a minute or more, unexplained

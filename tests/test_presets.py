@@ -120,8 +120,9 @@ def test_a_preset_the_model_cannot_take_is_refused(tiny_pipe, preset, message):
     ("plms: 1\n", "plms must be true or false, got 1"),
     ("sampler: euler\n", "sampler must be one of ddim, plms, dpm, got 'euler'"),
     ("sampler: [plms]\n", "sampler must be one of ddim, plms, dpm, got ['plms']"),
+    ("trained_size: big\n", "trained_size must be a positive integer (pixels), got 'big'"),
 ], ids=["family-name", "family-list", "number-key", "broken-interpolation", "two-switches",
-        "switch-and-name", "switch-not-bool", "unknown-sampler", "sampler-list"])
+        "switch-and-name", "switch-not-bool", "unknown-sampler", "sampler-list", "size-text"])
 def test_odd_preset_files_are_one_value_error(tiny_pipe, txt2img, tmp_path, text, message):
     preset = tmp_path / "odd.yaml"
     preset.write_text(text)
@@ -201,3 +202,38 @@ def test_the_steps_warning_reads_steps_as_the_options_do(tiny_pipe, txt2img, tmp
     args = txt2img.parse_args(["--preset", str(preset), "--steps", "5"])
     assert "made for 50 steps" in txt2img.preset_steps_warning(
         args, txt2img.options_from_args(args))
+
+
+def test_a_preset_for_models_trained_at_another_size_is_warned(tiny_pipe, txt2img, tmp_path,
+                                                                 capsys):
+    """SD 2.1's 768-v model (config image_size 96) under a preset tuned on the 512 base: the
+    same family, but the factors are for another scale. One warning, CLI and API alike."""
+    from omegaconf import OmegaConf
+
+    from conftest import TINY_CKPT, TINY_CONFIG
+    from ldm.pipeline import Pipeline
+    config = OmegaConf.load(TINY_CONFIG)
+    assert tiny_pipe.trained_side() == 512 == 8 * config.model.params.image_size
+    tiny_pipe.options(preset="sd2.1_2048x2048")
+    args = txt2img.parse_args(["--preset", "sd2.1_2048x2048"])
+    assert txt2img.preset_size_warning(args, config) == "" == capsys.readouterr().err
+    config.model.params.image_size = 96
+    wider = tmp_path / "tiny-768.yaml"
+    OmegaConf.save(config, wider)
+    warning = ("warning: preset sd2.1_2048x2048 is tuned for models trained at 512x512; this "
+               "model is trained at 768x768, so its re-dilation factors are made for another "
+               "scale")
+    assert txt2img.preset_size_warning(args, OmegaConf.load(wider)) == warning
+    pipe = Pipeline.load(wider, TINY_CKPT)
+    for _ in range(2):
+        pipe.options(preset="sd2.1_2048x2048")
+    assert capsys.readouterr().err.splitlines() == [warning]
+    args = txt2img.parse_args(["--dilate", "2"])  # no preset, nothing to say
+    assert txt2img.preset_size_warning(args, OmegaConf.load(wider)) == ""
+
+
+def test_every_shipped_preset_names_its_models_training_size():
+    from ldm.families import TRAINED_SIDES
+    for name in list_presets():
+        preset = read_preset(name)
+        assert preset.trained_size == TRAINED_SIDES[preset.family], name

@@ -282,6 +282,7 @@ def test_sdxl_presets_through_the_api_are_the_clis_options(txt2img, xl_pipe):
 
     from ldm.util import load_config
     config = TINY_XL / "tiny-sdxl.yaml"
+    assert xl_pipe.trained_side() == 1024  # sgm's configs do not say it: the family's
     for name in XL_PRESETS:
         for flags, given in (([], {}), (["--plms", "--steps", "30"],
                                         {"sampler": "plms", "steps": 30})):

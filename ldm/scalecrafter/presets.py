@@ -35,6 +35,7 @@ class Preset:
     path: Path
     family: Optional[str]     # the model family it is tuned for (ldm.families' names)
     values: Dict[str, Any]    # its options; relative settings files resolved
+    trained_size: Optional[int] = None  # the training side of the models it is tuned for
 
     @property
     def name(self) -> str:
@@ -80,10 +81,15 @@ def read_preset(name) -> Preset:
     if family is not None and (not isinstance(family, str) or family not in FAMILY_LABELS):
         raise ValueError(f"preset {path}: family must be one of {', '.join(FAMILY_LABELS)}, "
                          f"got {family!r}")
+    trained = values.pop("trained_size", None)
+    if trained is not None and (isinstance(trained, bool) or not isinstance(trained, int)
+                                or trained <= 0):
+        raise ValueError(f"preset {path}: trained_size must be a positive integer (pixels), "
+                         f"got {trained!r}")
     for key in SETTINGS_FILES:
         if isinstance(values.get(key), str):
             values[key] = str(settings_file(path, values[key]))
-    return Preset(path, family, values)
+    return Preset(path, family, values, trained)
 
 
 def _first_line(err) -> str:
@@ -154,3 +160,14 @@ def steps_mismatch(preset: str, made_for: Optional[int], opts, given, steps_text
     covered = min(max(taus.values()), opts.steps)
     return (f"preset {preset} is made for {made_for} steps and its taus count steps ({named}): "
             f"with {steps_text} they cover {covered} of {opts.steps}; set them for this length")
+
+
+def size_mismatch(preset: Preset, model_side: Optional[int]) -> str:
+    """A preset's factors are tuned for one ratio of the image to the training size: with a
+    model trained at another size (SD 2.1's 768-v model under a 512-base preset) they dilate
+    for another scale. The warning, or '' where the sizes agree or one is unknown."""
+    if preset.trained_size is None or model_side is None or model_side == preset.trained_size:
+        return ""
+    return (f"preset {preset.name} is tuned for models trained at {preset.trained_size}x"
+            f"{preset.trained_size}; this model is trained at {model_side}x{model_side}, so its "
+            f"re-dilation factors are made for another scale")

@@ -104,6 +104,7 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"only cross-attention conditioning is supported, "
                              f"got {conditioning_key!r}")
         self.parameterization = parameterization
+        self.image_size = params.get("image_size")  # the latent side it is trained at, if said
         self.model = DiffusionWrapper(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config).eval()
         self.add_module(self.conditioner_key, instantiate_from_config(cond_stage_config).eval())
