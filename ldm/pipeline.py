@@ -516,6 +516,9 @@ class Pipeline:
             if tuple(x_T.shape) != shape:
                 raise ValueError(f"x_T has shape {tuple(x_T.shape)}, the options want {shape}")
         self._check_memory(len(prompts), opts)
+        if opts.negative_prompt and opts.scale == 1.0:  # (still recorded: it was asked for)
+            warn_once(self._warned, "unused negative prompt", "--negative_prompt is unused at "
+                      "--scale 1 (no unconditional branch runs)")
         return prompts
 
     def _check_memory(self, batch: int, opts: GenerationOptions):

@@ -223,14 +223,6 @@ def preset_steps_warning(args, opts) -> str:
     return f"warning: {text}" if text else ""
 
 
-def unused_negative_warning(opts) -> str:
-    """At --scale 1 no unconditional branch runs, so a negative prompt changes nothing (it is
-    still recorded: it was asked for). One line, or ''."""
-    if opts.negative_prompt and opts.scale == 1.0:
-        return "warning: --negative_prompt is unused at --scale 1 (no unconditional branch runs)"
-    return ""
-
-
 def apply_preset(args, name, explicit, parser=None):
     """Preset values replace defaults; flags given on the command line win, and set aside the
     preset values they exclude (ldm.scalecrafter.presets.applied_values). Each value is
@@ -651,8 +643,7 @@ def run(args):
     pipe = load_pipeline(args, timer)
     if settings is None:
         settings = pipe.settings_for(opts)  # reads settings files: fails before sampling starts
-    notes += [preset_size_warning(args, config), preset_steps_warning(args, opts),
-              unused_negative_warning(opts)]
+    notes += [preset_size_warning(args, config), preset_steps_warning(args, opts)]
     for note in filter(None, notes):  # once the model loaded: a refused run says one line
         print(note, file=sys.stderr)
     if args.compile:  # else the first step sits at 0% for a minute or more, unexplained

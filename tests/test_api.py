@@ -476,3 +476,13 @@ def test_pixels_beyond_the_range_are_clamped_not_wrapped():
     from ldm.pipeline import eight_bit
     decoded = torch.tensor([-1.5, -1.0, 0.0, 1.0, 1.02]).view(1, 1, 1, 5)
     assert eight_bit(decoded).flatten().tolist() == [0, 0, 127, 255, 255]
+
+
+def test_a_negative_prompt_at_scale_1_is_warned_unused_once(pipe, capsys):
+    opts = GenerationOptions(**SMALL, scale=1.0, negative_prompt="blurry")
+    for _ in range(2):
+        pipe.generate("a fox", opts, progress=False)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --negative_prompt is unused at --scale 1 (no unconditional branch runs)"]
+    pipe.generate("a fox", GenerationOptions(**SMALL, negative_prompt="blurry"), progress=False)
+    assert capsys.readouterr().err == ""
