@@ -10,7 +10,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping, Set as AbstractSet
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -341,6 +341,19 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
+def _quoted_number(name, value):
+    """A preset's number in quotes ('30'), read as txt2img reads it for the flag: by the
+    option's type. Anything else stays as written (validate refuses what is wrong)."""
+    kind = int if name in INTEGER_OPTIONS else float if name in \
+        REAL_OPTIONS + OPTIONAL_REAL_OPTIONS else None
+    if kind is None or not isinstance(value, str):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        return value
+
+
 def _check_option_names(given):
     for name in given:
         if name not in OPTION_NAMES:
@@ -465,7 +478,8 @@ class Pipeline:
         mismatch = size_mismatch(preset, self.trained_side())
         if mismatch:
             warn_once(self._warned, ("preset size", preset.path), mismatch)
-        return preset
+        return replace(preset, values={name: _quoted_number(name, value)
+                                       for name, value in preset.values.items()})
 
     def trained_side(self) -> Optional[int]:
         """The image side the model is trained at (its config's, else its family's)."""

@@ -70,6 +70,8 @@ def build_parser(suppress_defaults=False):
     add("--outdir", type=str, default=d("outputs/txt2img-samples"), help="where samples go")
     add("--steps", type=int, default=d(50), help="number of sampling steps")
     sampler = p.add_mutually_exclusive_group()
+    sampler.add_argument("--ddim", action="store_true",
+                         help="use DDIM sampling (the default; sets aside a preset's sampler)")
     sampler.add_argument("--plms", action="store_true", help="use PLMS sampling (default: DDIM)")
     sampler.add_argument("--dpm", action="store_true", help="use DPM-Solver++ (2M) sampling")
     add("--fixed_code", action="store_true", help="the same starting noise for every batch")
@@ -242,7 +244,7 @@ def apply_preset(args, name, explicit, parser=None):
         if not hasattr(args, key) and key != "sampler":
             raise UsageError(f"preset {preset.path} sets unknown option {key!r}")
     given = {key: getattr(args, key) for key in explicit}
-    if args.plms or args.dpm:
+    if args.ddim or args.plms or args.dpm:
         given["sampler"] = sampler_name(args)
     applied = applied_values(preset, given)
     for key, value in applied.items():

@@ -147,12 +147,23 @@ def test_a_missing_settings_file_is_named_where_the_preset_looks_first(tiny_pipe
         tiny_pipe.settings_for(tiny_pipe.options(preset=str(preset)))
 
 
-def test_a_preset_tau_of_the_wrong_type_is_refused_by_validate_not_options(tiny_pipe,
-                                                                          tmp_path):
-    preset = tmp_path / "typo.yaml"
-    preset.write_text("family: sd2\ndilate: 2\ndilate_tau: '30'\nsteps: 50\n")
+def test_quoted_numbers_are_read_as_the_flags_read_them(tiny_pipe, txt2img, tmp_path, capsys):
+    """'30' is 30 for both readers (argparse's types); what no type reads is refused by
+    validate, not by options(); the steps warning reads the quoted count too."""
+    preset = tmp_path / "quoted.yaml"
+    preset.write_text("family: sd2\ndilate: '2'\ndilate_tau: '30'\nscale: '7.5'\n"
+                      "steps: '50'\n")
+    api = _validated(tiny_pipe.options(preset=str(preset)))
+    assert api == _validated(txt2img.options_from_args(
+        txt2img.parse_args(["--preset", str(preset)])))
+    assert (api["dilate"], api["dilate_tau"], api["scale"], api["steps"]) == (2.0, 30, 7.5, 50)
+    tiny_pipe.options(preset=str(preset), steps=5)
+    assert "made for 50 steps" in capsys.readouterr().err
+    tiny_pipe.options(preset=str(preset), steps=True)  # refused by validate alone, in one line
+    assert capsys.readouterr().err == ""
+    preset.write_text("family: sd2\ndilate: 2\ndilate_tau: 'thirty'\nsteps: 50\n")
     opts = tiny_pipe.options(preset=str(preset), steps=3)
-    with pytest.raises(ValueError, match="--dilate_tau must be an integer, got '30'"):
+    with pytest.raises(ValueError, match="--dilate_tau must be an integer, got 'thirty'"):
         opts.validate()
 
 
@@ -185,7 +196,8 @@ def test_a_presets_sampler_is_read_alike_and_a_flag_overrides_it(tiny_pipe, txt2
     sampler wins (its eta and spacing rules with it)."""
     preset = tmp_path / "sampler.yaml"
     preset.write_text("family: sd2\nH: 1024\n" + text)
-    for flags, given, sampler in (([], {}, "plms"), (["--dpm"], {"sampler": "dpm"}, "dpm")):
+    for flags, given, sampler in (([], {}, "plms"), (["--dpm"], {"sampler": "dpm"}, "dpm"),
+                                  (["--ddim"], {"sampler": "ddim"}, "ddim")):
         args = txt2img.parse_args(["--preset", str(preset), *flags])
         cli = _validated(txt2img.options_from_args(args))
         api = _validated(tiny_pipe.options(preset=str(preset), **given))

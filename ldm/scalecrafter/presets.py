@@ -152,8 +152,8 @@ def steps_mismatch(preset: str, made_for: Optional[int], opts, given, steps_text
     taus = {name: getattr(opts, name) for name, feature in on.items()
             if feature and getattr(opts, name) and name not in given}
     counts = [made_for, opts.steps, *taus.values()]
-    if not all(isinstance(n, numbers.Integral) for n in counts):  # (refused by validate)
-        return ""
+    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in counts):
+        return ""  # (refused by validate)
     if opts.steps == made_for or not taus:
         return ""
     named = ", ".join(f"{name} {tau}" for name, tau in taus.items())
