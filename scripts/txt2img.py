@@ -279,6 +279,9 @@ def preset_value(parser, key, value, path):
             raise bad(f"a list of {action.nargs}")
         return [one_value(action, v, lambda each: bad(f"a list of {action.nargs}, each {each}"))
                 for v in value]
+    if action.type is tile_size_arg and isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        value = "x".join(map(str, value))  # [h, w], as the API's (h, w) tuple: HxW
     return one_value(action, value, bad)
 
 

@@ -132,6 +132,18 @@ def test_odd_preset_files_are_one_value_error(tiny_pipe, txt2img, tmp_path, text
         txt2img.parse_args(["--preset", str(preset)])
 
 
+def test_a_tile_size_list_is_read_alike(tiny_pipe, txt2img, tmp_path):
+    preset = tmp_path / "tiles.yaml"
+    preset.write_text("tiled_decoding: true\ntile_size: [64, 96]\n")
+    args = txt2img.parse_args(["--preset", str(preset)])
+    assert args.tile_size == (64, 96)
+    assert _validated(tiny_pipe.options(preset=str(preset))) == _validated(
+        txt2img.options_from_args(args))
+    preset.write_text("tiled_decoding: true\ntile_size: [64, true]\n")
+    with pytest.raises(txt2img.UsageError, match="tile_size must be"):
+        txt2img.parse_args(["--preset", str(preset)])
+
+
 def test_a_preset_file_may_end_in_yml_and_use_interpolation(tiny_pipe, tmp_path):
     preset = tmp_path / "square.yml"
     preset.write_text("H: 1536\nW: ${H}\n")
