@@ -163,8 +163,9 @@ class GenerationOptions:
         # beyond 1, DDIM's direction term is the root of a negative number: every latent NaN
         if not 0 <= self.ddim_eta <= 1:
             raise ValueError(f"--ddim_eta must be between 0 and 1, got {self.ddim_eta}")
-        if self.dilate is not None and self.dilate <= 0:
-            raise ValueError(f"--dilate must be positive, got {self.dilate}")
+        if self.dilate is not None and self.dilate < 1:  # (below 1 each conv would upsample)
+            raise ValueError(f"--dilate must be at least 1 (1: the trained conv), got "
+                             f"{self.dilate:g}")
         if self.dilate is not None and self.dilate > MAX_FACTOR:
             raise ValueError(f"--dilate must be at most {MAX_FACTOR:g}, got {self.dilate:g}")
         for name in ("dilate_tau", "ndcfg_tau", "inflate_tau", "dilate_skip"):
@@ -230,6 +231,8 @@ class GenerationOptions:
             raise ValueError("--tile_size needs --tiled_decoding")
 
     def _check_tiles(self, latent_size=None):
+        if isinstance(self.tile_size, np.ndarray):
+            self.tile_size = self.tile_size.tolist()
         if isinstance(self.tile_size, str) and self.tile_size != "auto":
             try:  # "HxW", as the metadata writes it
                 self.tile_size = parse_tile_size(self.tile_size)
@@ -242,8 +245,8 @@ class GenerationOptions:
         if tile is not None and tile != "auto" and not is_size:
             raise ValueError(f"--tile_size must be a positive integer, HxW or 'auto', "
                              f"got {tile!r}")
-        if isinstance(tile, (tuple, list)):
-            self.tile_size = tuple(int(s) for s in tile)
+        if isinstance(tile, (tuple, list)):  # (n,) is n, as --tile_size n
+            self.tile_size = tuple(int(s) for s in tile) if len(tile) == 2 else int(tile[0])
         if self.decode_budget_gb is not None and not (
                 math.isfinite(self.decode_budget_gb) and 0 < self.decode_budget_gb <= 2**20):
             raise ValueError(f"--decode_budget_gb must be a positive number of GiB (at most "
@@ -608,10 +611,11 @@ class Pipeline:
         decoder = self.model.first_stage_model.decoder
         tiles = resolve_tile_size(self.model.first_stage_model, z, opts.tile_size, opts.overlap,
                                   budget)
-        if opts.tile_size == "auto" and not tile_fits(decoder, *tiles, budget, z.shape[0]):
+        decoded = (min(tiles[0], z.shape[2]), min(tiles[1], z.shape[3]))  # what a tile holds
+        if opts.tile_size == "auto" and not tile_fits(decoder, *decoded, budget, z.shape[0]):
             warn_once(self._warned, ("auto tiles", tiles), (
                 f"no tile of a batch of {z.shape[0]} fits half the decode budget of "
-                f"{_size(budget)}: decoding in the smallest tiles, {tiles[0]}x{tiles[1]}, "
+                f"{_size(budget)}: decoding in the smallest tiles, {decoded[0]}x{decoded[1]}, "
                 f"beyond it (fewer --n_samples, or more free memory, would fit)"))
         return tiles
 

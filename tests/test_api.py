@@ -184,6 +184,13 @@ def test_relative_settings_files_are_the_repositorys_from_any_folder(monkeypatch
     assert opts.dilate_settings == "mine.txt"
 
 
+def test_a_tile_size_of_one_number_in_a_sequence_or_array_is_that_number():
+    for given, tile in (((4,), 4), ([6], 6), (np.array([5, 7]), (5, 7)), (np.int64(4), 4)):
+        opts = GenerationOptions(**SMALL, tiled_decoding=True, overlap=2, tile_size=given)
+        opts.validate()
+        assert opts.tile_size == tile and type(opts.tile_size) is type(tile), given
+
+
 def test_real_numbers_become_pythons_floats():
     from fractions import Fraction
     opts = GenerationOptions(**SMALL, scale=Fraction(15, 2), ddim_eta=np.float32(0.5),

@@ -141,8 +141,11 @@ EARLY = [
     ("samples-zero-from-file", ["--n_samples", "0", "--from-file", "{blank.txt}"],
      "--n_samples must be positive"),
     ("n_iter-zero", ["--n_iter", "0"], "--n_iter must be positive"),
-    ("dilate-zero", ["--dilate", "0"], "--dilate must be positive"),
-    ("dilate-negative", ["--dilate", "-2"], "--dilate must be positive"),
+    ("dilate-zero", ["--dilate", "0"], "--dilate must be at least 1 (1: the trained conv), "
+                                       "got 0"),
+    ("dilate-negative", ["--dilate", "-2"], "--dilate must be at least 1"),
+    ("dilate-below-1", ["--dilate", "0.5"], "--dilate must be at least 1 (1: the trained conv), "
+                                           "got 0.5"),
     ("dilate-nan", ["--dilate", "nan"], "--dilate must be a finite number"),
     ("sync-gn-without-tiles", ["--sync_gn"], "--sync_gn needs --tiled_decoding"),
     ("ddim-steps-over-500", ["--steps", "501"], "--steps must be at most 500 with DDIM"),

@@ -1,5 +1,6 @@
 """Tests for the dispersed-convolution transform (ldm/scalecrafter/dispersion.py)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,10 @@ def test_load_rejects_bad_files(tmp_path):
     np.save(tmp_path / "bad_shape.npy", np.zeros((24, 9)))
     with pytest.raises(ValueError, match="square"):
         load_dispersion_transform(tmp_path / "bad_shape.npy")
+    np.save(tmp_path / "even.npy", np.zeros((16, 9)))  # 4x4 kernels: no centre pixel
+    with pytest.raises(ValueError, match=re.escape(
+            "even.npy: the transform maps 3x3 kernels to 4x4; both sides must be odd")):
+        load_dispersion_transform(tmp_path / "even.npy")
     np.save(tmp_path / "bad_ndim.npy", np.zeros(25))
     with pytest.raises(ValueError, match="2-D"):
         load_dispersion_transform(tmp_path / "bad_ndim.npy")

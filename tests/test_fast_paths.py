@@ -126,6 +126,24 @@ def test_auto_tiles_are_the_fewest_that_fit_the_budget(tiny_pipe):
     assert th - 8 >= 8 and plan_axis(40, th, 8)[-1].stop == 40
 
 
+def test_auto_tiles_of_a_strip_narrower_than_the_overlap_cost_what_they_decode(tiny_pipe,
+                                                                               capsys):
+    """An 8-pixel strip under overlap 24: its one tile is held at 26 (wider than the overlap)
+    but decodes 8 rows, and is costed so: one tile fits, without a warning."""
+    from ldm.pipeline import GenerationOptions
+    from ldm.scalecrafter.tiled_decode import auto_tile_size, plan_axis, tile_working_bytes
+
+    dec = tiny_pipe.model.first_stage_model.decoder
+    budget = 2 * tile_working_bytes(dec, 8, 40) + 1000
+    th, tw = auto_tile_size(dec, 8, 40, 24, budget)
+    assert len(plan_axis(8, th, 24)) * len(plan_axis(40, tw, 24)) == 1
+    opts = GenerationOptions(H=64, W=320, tiled_decoding=True, tile_size="auto", overlap=24,
+                             decode_budget_gb=budget / 2**30)
+    capsys.readouterr()
+    assert tiny_pipe.decode_tiles(torch.zeros(1, 4, 8, 40), opts) == (th, tw)
+    assert capsys.readouterr().err == ""
+
+
 def test_tiles_waiting_in_host_memory_or_on_device_and_auto_tiling(tiny_pipe):
     from conftest import rel_err
     from ldm.scalecrafter.tiled_decode import tiled_decode

@@ -140,9 +140,9 @@ def test_the_names_skipped_where_absent_are_the_sd_layouts(sd21_unet):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("nan", "must be a positive number up to 64, got nan"),
-    ("inf", "must be a positive number up to 64, got inf"), ("0", "positive"), ("-2", "positive"),
-    ("1e300", "up to 64, got 1e300"), ("two", "'two' is not a number")])
+    ("nan", "must be a number from 1 \\(the trained conv\\) to 64, got nan"),
+    ("inf", "to 64, got inf"), ("0", "from 1 .* got 0"), ("-2", "got -2"),
+    ("0.5", "got 0.5"), ("1e300", "to 64, got 1e300"), ("two", "'two' is not a number")])
 def test_a_factor_that_is_no_dilation_is_an_error(sd21_unet, tmp_path, value, message):
     """Refused with its line when the file is read (before the checkpoint is), not mid-run."""
     path = tmp_path / "bad.txt"

@@ -172,6 +172,10 @@ def load_dispersion_transform(path) -> np.ndarray:
         raise ValueError(f"{path}: transform must be 2-D, got shape {R.shape}")
     if not (_is_square(R.shape[0]) and _is_square(R.shape[1])):
         raise ValueError(f"{path}: both dims must be square numbers (k*k), got shape {R.shape}")
+    sides = [int(round(n ** 0.5)) for n in R.shape]
+    if any(side % 2 == 0 for side in sides):  # a kernel centred on its pixel has an odd side
+        raise ValueError(f"{path}: the transform maps {sides[1]}x{sides[1]} kernels to "
+                         f"{sides[0]}x{sides[0]}; both sides must be odd, got shape {R.shape}")
     if not np.issubdtype(R.dtype, np.number) or np.iscomplexobj(R):
         raise ValueError(f"{path}: transform must be real numeric, got dtype {R.dtype}")
     if not np.isfinite(R).all():  # else every dispersed conv, and so every latent, is NaN

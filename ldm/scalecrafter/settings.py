@@ -132,9 +132,9 @@ def read_dilation_settings(path, unet: nn.Module) -> Dict[str, float]:
             factor = float(value)
         except ValueError:
             raise SettingsError(f"{path}:{number}: factor {value!r} is not a number") from None
-        if not (math.isfinite(factor) and 0 < factor <= MAX_FACTOR):
-            raise SettingsError(f"{path}:{number}: factor must be a positive number up to "
-                                f"{MAX_FACTOR:g}, got {value.strip()}")
+        if not (math.isfinite(factor) and 1 <= factor <= MAX_FACTOR):
+            raise SettingsError(f"{path}:{number}: factor must be a number from 1 (the trained "
+                                f"conv) to {MAX_FACTOR:g}, got {value.strip()}")
         ours_name = _our_name(name.strip(), translation, ours, path, number, skipped)
         if ours_name is None:
             continue

@@ -97,7 +97,8 @@ def auto_tile_size(decoder, height: int, width: int, overlap: int, budget: int,
             th, tw = even_tile(height, nh, overlap), even_tile(width, nw, overlap)
             if best is not None and nh * nw >= best[0]:
                 break
-            if tile_fits(decoder, th, tw, budget, batch):
+            # (a tile longer than its side, held over the overlap, decodes just the side)
+            if tile_fits(decoder, min(th, height), min(tw, width), budget, batch):
                 best = (nh * nw, th, tw)
     if best is None:
         return (even_tile(height, _max_tiles(height, overlap), overlap),
