@@ -329,12 +329,26 @@ def _extract_tensors(path: Path, obj: Any) -> dict[str, torch.Tensor]:
             # detach: a plain tensor, no autograd hooks or Parameter wrapper
             tensors[key] = value.detach()
     if not tensors:
+        nested = [k for k, v in obj.items() if _holds_tensors(v)]
+        if len(nested) > 1:  # e.g. a trainer's {"model": ..., "ema": ...}
+            raise CheckpointError(
+                f"checkpoint {path} holds several state dicts "
+                f"({', '.join(_key_text(k) for k in nested[:8])}): save the one to use alone "
+                f"(scripts/convert_checkpoint.py reads the file)")
         shown = ", ".join(_key_text(k) for k in list(obj.keys())[:8])
         raise CheckpointError(
             f"checkpoint {path} contains no tensors"
             + (f" (top-level keys: {shown})" if shown else " (it is an empty dict)")
         )
+    empty = [k for k, v in tensors.items() if v.is_meta]
+    if empty:  # saved from a model built on the meta device: shapes, no numbers
+        raise CheckpointError(f"checkpoint {path} holds {len(empty)} tensors without data "
+                              f"(meta tensors), e.g. {empty[0]}")
     return tensors
+
+
+def _holds_tensors(value) -> bool:
+    return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def _key_text(key) -> str:

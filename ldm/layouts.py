@@ -220,7 +220,13 @@ DtypeChoice = Union[torch.dtype, Callable[[str], torch.dtype]]
 def _placed(value: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
     """`value` on `device` in `dtype`: moved first, then cast, since a cast on a GPU is far
     faster than on the host (and a half weight crosses the bus once, in fp32, never twice)."""
-    return value.to(device=device).to(dtype=dtype)
+    placed = value.to(device=device).to(dtype=dtype)
+    source = value.untyped_storage()
+    if placed.untyped_storage().data_ptr() == source.data_ptr() and not source.resizable():
+        # a memory-mapped file's pages (a zip checkpoint's, already in place): the model would
+        # change with the file, and crash if it were cut short; it gets its own copy
+        placed = placed.clone()
+    return placed
 
 
 # Device types whose loads move the file's tensors in a background thread while the model is
@@ -319,7 +325,8 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         raise CheckpointMismatch(unusable, about_file=True)
     rebuilt = rebuildable_buffers(model)
     missing = [k for k in expected if k not in state_dict and k not in rebuilt]
-    wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape
+             and not _matches(k, ALWAYS_REBUILT)]  # (never read: any shape does)
     if missing or wrong:
         error = _mismatch(state_dict, expected, missing, wrong, rebuilt)
         state_dict.clear()  # a refused file's tensors (on CUDA already staged there) go now

@@ -153,6 +153,44 @@ def test_weights_nested_under_another_key_load(tmp_path, capsys, wrap):
     assert capsys.readouterr().err == ""
 
 
+def test_odd_shaped_position_ids_are_rebuilt_not_refused(tmp_path):
+    """They are never read (always rebuilt): a file storing them flat, or longer, loads."""
+    for ids in (torch.arange(77), torch.arange(512)[None]):
+        state = load_state_dict(SD1_CKPT)
+        state[POSITION_IDS] = ids
+        pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "ids.ckpt", state, lightning=False))
+        embeddings = pipe.model.cond_stage_model.transformer.text_model.embeddings
+        assert torch.equal(embeddings.position_ids, torch.arange(77)[None])
+        assert unet_error(pipe) <= 1e-4
+
+
+def test_a_loaded_model_is_independent_of_its_memory_mapped_file(tmp_path):
+    """An fp32 zip checkpoint on the CPU needs no cast: without a copy its weights would be the
+    mapped file's pages, changed by a rewrite of the file (and a crash if it is cut short)."""
+    state = {k: v.float() if v.is_floating_point() else v
+             for k, v in load_state_dict(TINY_CKPT).items()}
+    path = write(tmp_path, "fp32.ckpt", state)
+    pipe = Pipeline.load(TINY_CONFIG, path, precision="full")
+    before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    with open(path, "r+b") as fh:  # rewritten in place, as `cp other.ckpt` does
+        fh.write(bytes(path.stat().st_size))
+    after = pipe.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_file_of_several_state_dicts_or_meta_tensors_is_named_so(tmp_path):
+    state = load_state_dict(SD1_CKPT)
+    torch.save({"model": state, "ema": state}, tmp_path / "two.ckpt")
+    with pytest.raises(CheckpointError, match="holds several state dicts \\('model', 'ema'\\): "
+                                              "save the one to use alone"):
+        Pipeline.load(SD1_CONFIG, tmp_path / "two.ckpt")
+    torch.save({k: torch.empty(v.shape, dtype=v.dtype, device="meta")
+                for k, v in state.items()}, tmp_path / "meta.ckpt")
+    with pytest.raises(CheckpointError, match=f"holds {len(state)} tensors without data "
+                                              "\\(meta tensors\\)"):
+        Pipeline.load(SD1_CONFIG, tmp_path / "meta.ckpt")
+
+
 def test_a_file_without_its_vae_is_refused_naming_the_part(tmp_path):
     """Some community files ship without their VAE: refused, and the line says so."""
     from ldm.checkpoint import CheckpointError
