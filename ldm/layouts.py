@@ -159,9 +159,11 @@ def _unusable(state_dict, expected) -> str:
     integer = next((k for k, v in state_dict.items() if k in expected
                     and expected[k].is_floating_point() and not v.is_floating_point()), None)
     if integer:
-        return (f"holds integer (quantized) weights, e.g. {integer} is "
-                f"{str(state_dict[integer].dtype).replace('torch.', '')}: quantized files are "
-                f"not supported; use an fp16 or fp32 file")
+        dtype = state_dict[integer].dtype
+        kind = "complex" if dtype.is_complex else "integer (quantized)"
+        return (f"holds {kind} weights, e.g. {integer} is "
+                f"{str(dtype).replace('torch.', '')}: such files are not supported; use an "
+                f"fp16 or fp32 file")
     return ""
 
 

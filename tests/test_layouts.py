@@ -424,6 +424,10 @@ def test_quantized_and_scaled_fp8_files_are_refused_by_name(tmp_path, staged_loa
     with pytest.raises(CheckpointError, match=f"integer .*weights, e.g. {key} is int8"):
         Pipeline.load(TINY_CONFIG, write(tmp_path, "int8.safetensors", quantized),
                       staged_load=staged_load)
+    complex_ = dict(state, **{key: state[key].to(torch.complex64)})
+    with pytest.raises(CheckpointError, match=f"holds complex weights, e.g. {key} is complex64"):
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "complex.ckpt", complex_),
+                      staged_load=staged_load)
     scaled = dict(state, scaled_fp8=torch.zeros(0, dtype=torch.float8_e4m3fn),
                   **{key[:-len("weight")] + "scale_weight": torch.ones(())})
     with pytest.raises(CheckpointError, match="is a scaled-fp8 file"):
