@@ -506,7 +506,7 @@ def check_numbers(args):
                          "give --dilate, --dilate_settings or a preset")
     for settings, tau in (("ndcfg_dilate_settings", "ndcfg_tau"),
                           ("disperse_settings", "inflate_tau")):
-        if settings in explicit and getattr(args, tau) == 0:
+        if settings in explicit and getattr(args, settings) and getattr(args, tau) == 0:
             raise UsageError(f"--{settings} acts for --{tau} steps, and --{tau} is 0: give "
                              f"--{tau} N")
 

@@ -58,6 +58,32 @@ def test_a_feature_turned_off_takes_the_presets_qualifiers_with_it(tiny_pipe, tx
     assert not args.progressive_dilate
 
 
+def test_a_prompt_flag_sets_aside_a_presets_prompt_file_and_the_reverse(txt2img, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\na cat\n")
+    preset = tmp_path / "batch.yaml"
+    preset.write_text(f"from_file: {prompts}\nrepeat: 2\n")
+    args = txt2img.parse_args(["--preset", str(preset), "--prompt", "a dog"])
+    assert (args.prompt, args.from_file, args.repeat) == ("a dog", None, 1)
+    preset.write_text("prompt: a cow\n")
+    args = txt2img.parse_args(["--preset", str(preset), "--from-file", str(prompts),
+                               "--n_samples", "1"])
+    assert args.prompt != "a cow" and txt2img.read_prompts(args) == [["a fox"], ["a cat"]]
+
+
+@pytest.mark.parametrize("flag", ["--ndcfg_dilate_settings", "--disperse_settings"])
+def test_an_empty_settings_flag_turns_a_presets_feature_off_in_the_cli(txt2img, flag):
+    """The tau the preset's feature took along is 0 then: an empty file flag is no file given
+    for nothing (a file given with its tau at 0 is still refused)."""
+    args = txt2img.parse_args(["--preset", "sd2.1_2048x2048_disperse", flag, ""])
+    txt2img.check_numbers(args)
+    txt2img.options_from_args(args).validate()
+    args = txt2img.parse_args(["--preset", "sd2.1_2048x2048", "--ndcfg_tau", "0",
+                               "--ndcfg_dilate_settings", "x.txt"])
+    with pytest.raises(txt2img.UsageError, match="--ndcfg_tau is 0"):
+        txt2img.check_numbers(args)
+
+
 @pytest.mark.parametrize("off, gone", [
     ({"ndcfg_dilate_settings": None}, {"ndcfg_tau": 0}),
     ({"disperse_settings": ""}, {"inflate_tau": 0, "disperse_transform": None}),

@@ -14,8 +14,11 @@ from ldm.families import FAMILY_LABELS
 PRESET_DIR = REPO_ROOT / "configs" / "scalecrafter" / "presets"
 
 # An option given by the caller also sets aside the preset values it cannot go with: the
-# uniform and the per-layer dilation exclude each other.
-EXCLUDES = {"dilate": ("dilate_settings",), "dilate_settings": ("dilate",)}
+# uniform and the per-layer dilation exclude each other, and so do txt2img's prompt and
+# prompt file.
+DILATION = ("dilate", "dilate_settings")
+EXCLUDES = {"dilate": ("dilate_settings",), "dilate_settings": ("dilate",),
+            "prompt": ("from_file", "repeat"), "from_file": ("prompt",)}
 # txt2img's switches for the samplers other than DDIM, named as GenerationOptions' `sampler`
 SAMPLER_SWITCHES = ("plms", "dpm")
 # What a sampler other than the presets' DDIM does not take: eta is DDIM's alone, and
@@ -133,7 +136,7 @@ def applied_values(preset: Preset, given: Mapping[str, Any]) -> Dict[str, Any]:
     for name in given:
         dropped.update(EXCLUDES.get(name, ()))
     dropped.update(SAMPLER_EXCLUDES.get(given.get("sampler"), ()))
-    dilation = {name: given[name] for name in EXCLUDES if name in given}
+    dilation = {name: given[name] for name in DILATION if name in given}
     turned_off = {name for name in QUALIFIERS if name in given and not given[name]}
     if dilation and not any(dilation.values()):
         turned_off.add("dilation")
