@@ -270,18 +270,23 @@ def without_wrapper_prefix(state_dict: Dict[str, torch.Tensor], parts) -> Dict[s
         firsts = [key.split(".", 1)[0] for key in keys]
         return len(set(firsts) & set(parts)), sum(first in parts for first in firsts)
 
-    keys, prefix, best = list(state_dict), "", ("", known(state_dict))
+    # (a known extra saved beside the wrapper, e.g. a bare model_ema.decay, need not carry it)
+    weights = [key for key in state_dict if not _matches(key, KNOWN_EXTRAS)] or list(state_dict)
+    keys, prefix, best = weights, "", ("", known(weights))
     while keys and all("." in key for key in keys):
         firsts = {key.split(".", 1)[0] for key in keys}
         if len(firsts) != 1:
             break
         prefix += firsts.pop() + "."
-        keys = [key[len(prefix):] for key in state_dict]
+        keys = [key[len(prefix):] for key in weights]
         if known(keys) > best[1]:
             best = (prefix, known(keys))
     if not best[0]:
         return state_dict
-    renamed = {key[len(best[0]):]: value for key, value in state_dict.items()}
+    renamed = {key[len(best[0]):] if key.startswith(best[0]) else key: value
+               for key, value in state_dict.items()}
+    if len(renamed) != len(state_dict):  # an extra's name is a stripped one's: leave it be
+        return state_dict
     state_dict.clear()  # no tensor held under two names
     warn(f"checkpoint keys carry the prefix {best[0]!r}, which the model's lack: stripped")
     return renamed

@@ -111,6 +111,18 @@ def test_a_wrapper_prefix_on_every_key_is_stripped(tmp_path, capsys, prefix):
                    "lack: stripped"]
 
 
+def test_a_prefix_is_stripped_though_a_known_extra_lacks_it(tmp_path, capsys):
+    """A wrapper's file with its training extras saved bare beside its weights
+    (model_ema.decay, model_ema.num_updates)."""
+    state = {("" if key.startswith("model_ema.") else "module.") + key: value
+             for key, value in load_state_dict(SD1_CKPT).items()}
+    assert "model_ema.decay" in state
+    pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "wrapped.ckpt", state, lightning=False))
+    assert unet_error(pipe) <= 1e-4
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "warning: checkpoint keys carry the prefix 'module.', which the model's lack: stripped"]
+
+
 def test_a_prefix_is_stripped_before_the_weights_are_staged(tmp_path, monkeypatch, capsys):
     """On CUDA the weights are staged in their final dtypes, chosen by name (half for the UNet
     and text encoder, fp32 for the VAE and the schedule): a prefixed file must be named right
