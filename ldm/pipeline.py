@@ -344,9 +344,13 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def _quoted_number(name, value):
-    """A preset's number in quotes ('30'), read as txt2img reads it for the flag: by the
-    option's type. Anything else stays as written (validate refuses what is wrong)."""
+def _option_value(name, value):
+    """A preset's value as an option: YAML's lists are the options' tuples (FreeU's four
+    numbers, a tile's HxW), a number in quotes ('30') is read as txt2img reads it for the
+    flag, by the option's type. Anything else stays as written (validate refuses what is
+    wrong)."""
+    if isinstance(value, list):
+        return tuple(value)
     kind = int if name in INTEGER_OPTIONS else float if name in \
         REAL_OPTIONS + OPTIONAL_REAL_OPTIONS else None
     if kind is None or not isinstance(value, str):
@@ -455,9 +459,7 @@ class Pipeline:
         values = {}
         if preset is not None:
             preset = self._preset(preset)
-            # YAML's lists are the options' tuples (FreeU's four numbers, a tile's HxW)
-            values = {name: tuple(value) if isinstance(value, list) else value
-                      for name, value in applied_values(preset, given).items()}
+            values = applied_values(preset, given)
         sampler = given.get("sampler", values.get("sampler", "ddim"))
         opts = GenerationOptions(**{**family_defaults(self.model.family, sampler), **values,
                                     **given})
@@ -481,7 +483,7 @@ class Pipeline:
         mismatch = size_mismatch(preset, self.trained_side())
         if mismatch:
             warn_once(self._warned, ("preset size", preset.path), mismatch)
-        return replace(preset, values={name: _quoted_number(name, value)
+        return replace(preset, values={name: _option_value(name, value)
                                        for name, value in preset.values.items()})
 
     def trained_side(self) -> Optional[int]:
@@ -604,7 +606,10 @@ class Pipeline:
         """(h, w) latent pixels a tile of opts' tiled decode of z, 'auto' chosen against the
         budget (default: decode_budget's), so it can differ between runs: pass it to decode,
         and record it; None when opts decode whole."""
-        z = self._checked_latents(z, opts)
+        return self._tiles(self._checked_latents(z, opts), opts, budget)
+
+    def _tiles(self, z, opts: GenerationOptions, budget=None) -> Optional[Tuple[int, int]]:
+        """decode_tiles for latents and options already checked."""
         if not opts.tiled_decoding:
             return None
         budget = self.decode_budget(z, opts) if budget is None else budget
@@ -632,7 +637,7 @@ class Pipeline:
         z = z / self.model.scale_factor
         vae = self.model.first_stage_model
         if opts.tiled_decoding:
-            tiles = tiles or self.decode_tiles(z, opts, budget)
+            tiles = tiles or self._tiles(z, opts, budget)
             images = tiled_decode(vae, z, opts.overlap, opts.sync_gn, tiles,
                                   budget_bytes=budget, progress=progress)
         else:  # banded, whatever the budget (which only decides what it recomputes)
