@@ -4,7 +4,8 @@ Real files are not the model's state dict. The rules, as the established tools a
 - every weight the model needs must be in the file with its shape, else the load is refused;
 - buffers the model derives from its config (the diffusion schedule, CLIP position ids) may be
   missing: they are rebuilt (files converted by other tools often lack them);
-- the known extras below are dropped without a word; any other extra key is dropped with one
+- the known extras below, and the weights a module was built without because it never reads
+  them (`unread_keys`), are dropped without a word; any other extra key is dropped with one
   warning line (the file may be from another family or a fine-tune with add-ons).
 The tables are data: a family whose files carry something new adds a row here."""
 import fnmatch
@@ -216,6 +217,18 @@ def rebuildable_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
     return found
 
 
+def unread_keys(model: nn.Module) -> List[str]:
+    """State-dict key patterns of the weights the published files carry and the model was built
+    without, since it never reads them (modules say so with an `unread_keys()` method): dropped
+    like the known extras, and not asked for."""
+    found = []
+    for prefix, module in model.named_modules():
+        own = getattr(module, "unread_keys", None)
+        if callable(own):
+            found.extend(f"{prefix}.{k}" if prefix else k for k in own())
+    return found
+
+
 DtypeChoice = Union[torch.dtype, Callable[[str], torch.dtype]]
 
 
@@ -338,7 +351,8 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         error = _mismatch(state_dict, expected, missing, wrong, rebuilt)
         state_dict.clear()  # a refused file's tensors (on CUDA already staged there) go now
         raise error
-    unknown = [k for k in state_dict if k not in expected and not _matches(k, KNOWN_EXTRAS)]
+    extras = (*KNOWN_EXTRAS, *unread_keys(model))
+    unknown = [k for k in state_dict if k not in expected and not _matches(k, extras)]
     if unknown:
         warn(f"checkpoint has {len(unknown)} keys this model does not use, ignored: "
              f"{_key_list(unknown)}")

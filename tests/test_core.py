@@ -15,23 +15,45 @@ SD21_KEYS = 1240
 SD21_VALUES = 1_303_609_228  # from ../shared/reference/README.md
 
 
-def meta_state_dict(config_name):
+# What SD 2.x's penultimate-layer text tower never reads: its last block, CLIP's projection and
+# logit scale (files converted back from diffusers lack exactly these)
+SD21_UNREAD = {f"cond_stage_model.model.transformer.resblocks.23.{name}" for name in (
+    "ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+    "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
+    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")} | {
+    "cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"}
+
+
+def meta_model(config_name):
     config = load_config(REPO / "configs" / "stable-diffusion" / config_name)
     with torch.device("meta"):
-        model = instantiate_from_config(config.model)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return instantiate_from_config(config.model)
+
+
+def unread_in(model, keys):
+    """The keys of `keys` that the model says it was built without."""
+    import fnmatch
+
+    from ldm.layouts import unread_keys
+    patterns = unread_keys(model)
+    return {k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
 
 @pytest.mark.parametrize("config_name", ["v2-inference.yaml", "v2-inference-v.yaml"])
 def test_sd21_config_builds_the_checkpoint_layout(config_name):
-    shapes = meta_state_dict(config_name)
+    """The published keys and shapes, but for the weights the text tower never reads, which
+    the model declares (so that loading drops them unasked)."""
+    model = meta_model(config_name)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     expected = json.loads((REF / "sd21-v2-inference.keys.json").read_text())  # key: shape
-    assert shapes == {k: tuple(v) for k, v in expected.items()}
-    assert len(shapes) == SD21_KEYS
-    assert sum(int(np.prod(s)) for s in shapes.values()) == SD21_VALUES
+    assert len(expected) == SD21_KEYS
+    assert sum(int(np.prod(s)) for s in expected.values()) == SD21_VALUES
+    assert unread_in(model, expected) == SD21_UNREAD
+    assert shapes == {k: tuple(v) for k, v in expected.items() if k not in SD21_UNREAD}
+    assert not unread_in(model, shapes)
     assert sum(k.startswith("model.diffusion_model.") for k in shapes) == 686
     assert sum(k.startswith("first_stage_model.") for k in shapes) == 248
-    assert sum(k.startswith("cond_stage_model.model.") for k in shapes) == 294
+    assert sum(k.startswith("cond_stage_model.model.") for k in shapes) == 294 - 14
     assert not any(k.startswith("cond_stage_model.model.visual") for k in shapes)
     assert shapes["model.diffusion_model.input_blocks.1.1.proj_in.weight"] == (320, 320)
     assert shapes["cond_stage_model.model.token_embedding.weight"] == (49408, 1024)
@@ -191,18 +213,26 @@ def test_openclip_arch_may_be_a_config_path(tiny_pipe):
     prefix = "cond_stage_model."
     state = {k[len(prefix):]: v.float() for k, v in load_state_dict(TINY_CKPT).items()
              if k.startswith(prefix)}
-    embedder.load_state_dict(state, strict=True)
+    load_tower(embedder, state)
     with torch.no_grad():
         assert rel_err(embedder.encode([case["prompt"]]), ref) <= 1e-4
     with pytest.raises(ValueError, match="unknown OpenCLIP architecture"):
         FrozenOpenCLIPEmbedder(arch="no-such-arch")
 
 
+def load_tower(embedder, state):
+    """Load a text tower from a file's weights: all it has, and the rest only what it says it
+    does not read."""
+    result = embedder.load_state_dict(state, strict=False)
+    assert not result.missing_keys
+    assert set(result.unexpected_keys) == unread_in(embedder, state)
+
+
 def test_openclip_last_layer_is_open_clips_own_text_features(tiny_pipe):
     """layer="last" (no shipped config uses it): its features at the end-of-text token,
     projected, are open_clip's own `encode_text`, and they differ from the penultimate ones."""
     from conftest import TINY
-    from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
+    from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder, build_text_tower
     prefix = "cond_stage_model."
     state = {k[len(prefix):]: v.float() for k, v in load_state_dict(TINY_CKPT).items()
              if k.startswith(prefix)}
@@ -210,14 +240,19 @@ def test_openclip_last_layer_is_open_clips_own_text_features(tiny_pipe):
     for layer in ("last", "penultimate"):
         embedders[layer] = FrozenOpenCLIPEmbedder(arch=str(TINY / "tiny-openclip.json"),
                                                   layer=layer)
-        embedders[layer].load_state_dict(state, strict=True)
+        load_tower(embedders[layer], state)
+    assert unread_in(embedders["penultimate"], state) == {
+        f"model.{k}" for k in ("text_projection", "logit_scale")} | {
+        k for k in state if k.startswith("model.transformer.resblocks.2.")}
+    whole = build_text_tower(str(TINY / "tiny-openclip.json"))  # open_clip's tower, untouched
+    whole.load_state_dict({k[len("model."):]: v for k, v in state.items()}, strict=True)
     prompts = ["a red cube on a table", "two cats"]
     last = embedders["last"]
     tokens = last.tokenize(prompts)
     with torch.no_grad():
         features = last.encode(prompts)
         pooled = features[torch.arange(len(prompts)), tokens.argmax(dim=-1)]
-        assert rel_err(pooled @ last.model.text_projection, last.model.encode_text(tokens)) <= 1e-5
+        assert rel_err(pooled @ whole.text_projection, whole.encode_text(tokens)) <= 1e-5
         assert rel_err(embedders["penultimate"].encode(prompts), features) > 0.1
 
 

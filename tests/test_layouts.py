@@ -372,6 +372,31 @@ def test_an_sd2_file_in_sgm_layout_loads(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_an_sd2_file_converted_back_from_diffusers_loads(tmp_path, capsys):
+    """diffusers' convert_diffusers_to_original_stable_diffusion.py on an SD 2.x model: its text
+    encoder (one block short: the penultimate layer is its last) comes back without the last
+    block, text_projection and logit_scale, none of which SD 2.x reads, and with transformers'
+    position ids; no schedule buffers. It loads silently and conditions as the full file."""
+    state = load_state_dict(TINY_CKPT)
+    tower = "cond_stage_model.model."
+    last_block = tower + "transformer.resblocks.2."  # the tiny tower has 3
+    dropped = [k for k in state if k.startswith(last_block) or k in SCHEDULE
+               or k in (tower + "text_projection", tower + "logit_scale")]
+    assert len(dropped) == 12 + 2 + len(SCHEDULE)
+    converted = {k: v.half() if v.is_floating_point() else v for k, v in state.items()
+                 if k not in dropped}
+    converted[tower + "transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    pipe = Pipeline.load(TINY_CONFIG, write(tmp_path, "converted.ckpt", converted))
+    assert capsys.readouterr().err == ""
+    full = Pipeline.load(TINY_CONFIG, TINY_CKPT)
+    assert torch.equal(_conditioning(pipe), _conditioning(full))
+    assert len(pipe.model.cond_stage_model.model.transformer.resblocks) == 2  # (not held)
+    # a block the tower reads is still asked for by name
+    del converted[tower + "transformer.resblocks.1.mlp.c_fc.weight"]
+    with pytest.raises(CheckpointMismatch, match=r"1 missing key .*resblocks\.1\.mlp\.c_fc"):
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "broken.ckpt", converted))
+
+
 def _refiner_state():
     """sd_xl_refiner's layout: one text tower (bigG) as embedder 0, the UNet's label_emb."""
     state = load_state_dict(REF / "tiny-sdxl" / "tiny-sdxl.safetensors")

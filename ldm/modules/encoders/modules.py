@@ -42,6 +42,7 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
     family = "sd2"
 
     LAYERS = ("last", "penultimate")
+    POOLED = False  # whether the pooled embedding (ln_final, text_projection) is read
 
     def __init__(self, arch="ViT-H-14", version=None, device="cpu", max_length=77, freeze=True,
                  layer="last", **_unused):
@@ -50,8 +51,28 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
         self.model = build_text_tower(arch)
         self.max_length = max_length
-        self.layer_idx = 0 if layer == "last" else 1
+        self._unread = self._drop_unread(skipped_blocks=0 if layer == "last" else 1)
         self.requires_grad_(False)
+
+    def _drop_unread(self, skipped_blocks: int) -> list:
+        """Remove what the published files carry and these features never pass through: the
+        blocks after the chosen layer, CLIP's logit scale and, unless pooled, the projection
+        (SD 2.x: 50 MB; files converted back from diffusers lack exactly these). Returns their
+        state-dict patterns, relative to this module (see unread_keys)."""
+        blocks = self.model.transformer.resblocks
+        unread = [f"model.transformer.resblocks.{i}.*"
+                  for i in range(len(blocks) - skipped_blocks, len(blocks))]
+        del blocks[len(blocks) - skipped_blocks:]
+        for name in ("logit_scale", "logit_bias") + (() if self.POOLED else ("text_projection",)):
+            if hasattr(self.model, name):
+                delattr(self.model, name)
+                unread.append(f"model.{name}")
+        return unread
+
+    def unread_keys(self) -> list:
+        """Keys of this tower in checkpoints that it does not read (ldm.layouts drops them
+        without a word, and does not ask for them)."""
+        return list(self._unread)
 
     def tokenize(self, prompts):
         tokens = import_open_clip().tokenize(prompts, context_length=self.max_length)
@@ -67,8 +88,7 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         return [p for p in full if len(counter.encode(p)) > self.max_length - 2]
 
     def encode_tokens(self, tokens):
-        blocks = self.model.transformer.resblocks
-        x = self.run_blocks(self.embed(tokens), blocks[: len(blocks) - self.layer_idx])
+        x = self.run_blocks(self.embed(tokens), self.model.transformer.resblocks)
         return self.model.ln_final(x)
 
     def embed(self, tokens):

@@ -19,6 +19,8 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
     tokens (no final norm) and the pooled embedding: ln_final(last block)[first end-of-text
     token] @ text_projection. Tokens are padded with 0, so argmax finds that token."""
 
+    POOLED = True
+
     def __init__(self, arch="ViT-bigG-14", version=None, device="cpu", max_length=77,
                  freeze=True, layer="penultimate", always_return_pooled=True, legacy=False,
                  **_unused):
