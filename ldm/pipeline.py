@@ -396,12 +396,14 @@ class Pipeline:
 
     @classmethod
     def load(cls, config_path, ckpt_path, device="cpu", precision="full",
-             cudnn_benchmark=None, cudnn_attention=None, staged_load=None, **layout):
+             cudnn_benchmark=None, cudnn_attention=None, staged_load=None, vae_encoder=True,
+             **layout):
         """precision 'autocast' also stores the UNet and text encoder in half precision where
         ldm.precision says so (CUDA); kernel and layout switches: cudnn_benchmark,
         cudnn_attention, channels_last, native_norms (None: ldm.precision.FAST_PATHS' choice
         for the device), compile_unet (off by default); staged_load: copy the weights while
-        the model is built (None: ldm.layouts.STAGED_LOADS' choice)."""
+        the model is built (None: ldm.layouts.STAGED_LOADS' choice); vae_encoder=False: the
+        VAE without its encoder (text-to-image never encodes; txt2img loads so)."""
         from ldm.checkpoint import CheckpointMismatch, load_state_dict
         from ldm.layouts import STAGED_LOADS, StagedStateDict, without_wrapper_prefix
         from ldm.modules.encoders.common import register_config_dir
@@ -420,7 +422,7 @@ class Pipeline:
         if staged_load:
             state = StagedStateDict(state, device, policy)
         try:
-            model = build_model(config, device, state, policy)
+            model = build_model(config, device, state, policy, vae_encoder)
         except CheckpointMismatch as err:  # the files named: the user has several
             raise err.named(ckpt_path, config_path) from None
         pipe = cls.from_model(model, device, precision, cudnn_benchmark, cudnn_attention,

@@ -82,19 +82,25 @@ def config_family(config):
     return None
 
 
-def build_model(config, device="cpu", state_dict=None, dtype=torch.float32):
+def build_model(config, device="cpu", state_dict=None, dtype=torch.float32, vae_encoder=True):
     """Build the model of `config.model`; with a state dict (a checkpoint file's tensors, consumed
     here), build it on the meta device (no random init of a billion parameters) and take the
     file's tensors as `ldm.layouts.fit_state_dict` fits them (state_dict may be a
     `ldm.layouts.StagedStateDict` still moving them). Weights become `dtype` (a dtype or
     a key -> dtype policy, ldm.precision.weight_dtype_policy): float32 by default, like the
-    reference implementation, whatever the file stores."""
+    reference implementation, whatever the file stores. vae_encoder=False: the VAE without
+    its encoder, for a model that only decodes."""
     from ldm.layouts import fit_state_dict
 
     if state_dict is None:
-        return instantiate_from_config(config.model).to(device).eval()
+        model = instantiate_from_config(config.model)
+        if not vae_encoder:
+            model.first_stage_model.drop_encoder()
+        return model.to(device).eval()
     with meta_device():
         model = instantiate_from_config(config.model)
+    if not vae_encoder:
+        model.first_stage_model.drop_encoder()
     if hasattr(state_dict, "result"):  # a StagedStateDict, filled while the model was built
         state_dict = state_dict.result()
     model.load_state_dict(fit_state_dict(model, state_dict, dtype, device),

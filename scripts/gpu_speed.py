@@ -560,7 +560,7 @@ def part_cold_decode(p, device):
     params = load_config(bg.TINY_CONFIG if p.get("tiny") else bg.FULL_CONFIG).model.params
     with torch.device(device):
         vae = instantiate_from_config(params.first_stage_config).eval()
-    del vae.encoder
+    vae.drop_encoder()
     z = torch.randn(1, 4, p["side"], p["side"]).to(device)
 
     budget = int(p.get("budget_gb", DECODE_BUDGET_GB) * bg.GB)

@@ -701,7 +701,7 @@ def load_pipeline(args, timer):
                              precision=args.precision, channels_last=args.channels_last,
                              compile_unet=args.compile, cudnn_benchmark=args.fast_kernels,
                              native_norms=args.fast_kernels,
-                             cudnn_attention=args.cudnn_attention)
+                             cudnn_attention=args.cudnn_attention, vae_encoder=False)
 
 
 def grid_rows(args) -> int:

@@ -397,6 +397,34 @@ def test_an_sd2_file_converted_back_from_diffusers_loads(tmp_path, capsys):
         Pipeline.load(TINY_CONFIG, write(tmp_path, "broken.ckpt", converted))
 
 
+def test_a_decoding_only_load_goes_without_the_vae_encoder(tmp_path, capsys, tiny_pipe):
+    """vae_encoder=False (txt2img's load): no encoder weights are held, a file's are dropped
+    without a word, the decode is the same, and encoding says why it cannot; a file without
+    the encoder loads so, and is refused by name otherwise."""
+    lean = Pipeline.load(TINY_CONFIG, TINY_CKPT, vae_encoder=False)
+    assert capsys.readouterr().err == ""
+    vae = lean.model.first_stage_model
+    assert not hasattr(vae, "encoder") and not hasattr(vae, "quant_conv")
+    full = {k for k in tiny_pipe.model.state_dict() if k.startswith("first_stage_model.")}
+    held = {k for k in lean.model.state_dict() if k.startswith("first_stage_model.")}
+    assert full - held == {k for k in full if k.startswith(("first_stage_model.encoder.",
+                                                            "first_stage_model.quant_conv."))}
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lean.model.decode_first_stage(z), tiny_pipe.model.decode_first_stage(z))
+        with pytest.raises(RuntimeError, match="without its encoder.*vae_encoder=True"):
+            lean.model.encode_first_stage(torch.zeros(1, 3, 64, 64))
+    state = load_state_dict(TINY_CKPT)
+    decoder_only = {k: v for k, v in state.items()
+                    if not k.startswith(("first_stage_model.encoder.",
+                                         "first_stage_model.quant_conv."))}
+    path = write(tmp_path, "no-encoder.ckpt", decoder_only)
+    assert Pipeline.load(TINY_CONFIG, path, vae_encoder=False).model.decode_first_stage(z) \
+        .equal(tiny_pipe.model.decode_first_stage(z))
+    with pytest.raises(CheckpointMismatch, match="missing keys.*first_stage_model.encoder"):
+        Pipeline.load(TINY_CONFIG, path)
+
+
 def _refiner_state():
     """sd_xl_refiner's layout: one text tower (bigG) as embedder 0, the UNet's label_emb."""
     state = load_state_dict(REF / "tiny-sdxl" / "tiny-sdxl.safetensors")

@@ -351,6 +351,7 @@ def test_fixed_code_repeats_the_start_noise_across_batches(cli, tmp_path, capsys
             torch.randn((1, 4, 8, 8), generator=stream)
         start = torch.randn((1, 4, 8, 8), generator=stream)
         pipe = cli.load_pipeline(cli.parse_args(argv), cli.PhaseTimer("cpu", False))
+        assert not hasattr(pipe.model.first_stage_model, "encoder")  # txt2img only decodes
         opts = GenerationOptions(H=64, W=64, steps=2, precision="full")
         z, _ = pipe.sample(["a fox"], opts, None, start, progress=False)
         assert rel_err(z[0], second) <= 1e-6

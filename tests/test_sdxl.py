@@ -233,8 +233,8 @@ def test_sd_xl_base_yaml_builds_the_published_layout(targets, tmp_path):
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     manifest.pop("denoiser.sigmas")  # sgm's schedule buffer: files may or may not carry it
     # the big tower reads its projection (the pooled vector), not CLIP's logit scale
-    unread = {k for k in manifest
-              if any(fnmatch.fnmatchcase(k, p) for p in unread_keys(model))}
+    patterns = unread_keys(model)
+    unread = {k for k in manifest if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
     assert unread == {"conditioner.embedders.1.model.logit_scale"}
     assert shapes == {k: v for k, v in manifest.items() if k not in unread}
     assert len(manifest) == 2515
