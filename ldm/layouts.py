@@ -96,6 +96,16 @@ KEY_RENAMES = (
     ("conditioner.embedders.0.model.", "cond_stage_model.model."),
 )
 
+# Parameters other tools store as a Linear layer's weight, i.e. transposed: (the file's key, the
+# model's), taken transposed where the model has the second and the file only the first.
+TRANSPOSED_RENAMES = (
+    # SDXL files from diffusers' convert_diffusers_to_original_sdxl.py before it transposed
+    # (and others'): CLIPTextModelWithProjection's text_projection Linear, saved as it is.
+    # Square (1280 x 1280): only the name tells the two apart.
+    ("conditioner.embedders.1.model.text_projection.weight",
+     "conditioner.embedders.1.model.text_projection"),
+)
+
 # Files that are no text-to-image model this tool runs, told by their keys when they lack the
 # UNet: (fnmatch patterns, "any" key or "all" keys matching, what to say); first match wins.
 NOT_A_MODEL = (
@@ -126,13 +136,17 @@ UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 def renamed(state_dict: Dict[str, torch.Tensor], expected) -> Dict[str, torch.Tensor]:
-    """The file's keys under the model's names, where KEY_RENAMES knows the file's."""
+    """The file's keys under the model's names, where KEY_RENAMES or TRANSPOSED_RENAMES knows
+    the file's."""
     def has(keys, prefix):
         return any(k.startswith(prefix) for k in keys)
     for old, new in KEY_RENAMES:
         if has(expected, new) and not has(state_dict, new) and has(state_dict, old):
             for key in [k for k in state_dict if k.startswith(old)]:
                 state_dict[new + key[len(old):]] = state_dict.pop(key)
+    for old, new in TRANSPOSED_RENAMES:
+        if new in expected and new not in state_dict and old in state_dict:
+            state_dict[new] = state_dict.pop(old).t().contiguous()
     return state_dict
 
 

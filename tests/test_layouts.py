@@ -285,14 +285,38 @@ def test_an_sdxl_file_without_sigmas_or_position_ids_loads(tmp_path, capsys):
              if k != "denoiser.sigmas" and not k.endswith("position_ids")}
     pipe = Pipeline.load(xl / "tiny-sdxl.yaml", write(tmp_path, "converted.safetensors", state))
     assert capsys.readouterr().err == ""
+    assert _sdxl_conditioning_errors(pipe) == (True, True)
+
+
+def _sdxl_conditioning_errors(pipe):
+    """(context within 1e-4 of the reference, pooled and size vector within its bounds)."""
+    xl = REF / "tiny-sdxl"
     files = json.loads((xl / "cases.json").read_text())["files"]
     name, case = next((n, c) for n, c in files.items() if c["kind"] == "cond")
     ref = np.load(xl / name)
     size = (case["H"], case["W"])
-    cond = pipe.model.get_conditioning(case["prompts"], size)
-    assert rel_err(cond.context, ref["crossattn"]) <= 1e-4
+    with torch.no_grad():
+        cond = pipe.model.get_conditioning(case["prompts"], size)
     text_err, size_err = sdxl_vector_err(cond.vector, ref["vector"], size)
-    assert text_err <= 1e-4 and size_err <= 1
+    return rel_err(cond.context, ref["crossattn"]) <= 1e-4, text_err <= 1e-4 and size_err <= 1
+
+
+def test_an_sdxl_file_with_its_projection_saved_as_a_linear_weight_loads(tmp_path, capsys):
+    """diffusers' SDXL conversion (before it transposed) and other tools save the big tower's
+    text_projection as CLIPTextModelWithProjection's Linear: `text_projection.weight`, the
+    transpose, square like the parameter; without logit_scale. Taken transposed, silently."""
+    xl = REF / "tiny-sdxl"
+    tower = "conditioner.embedders.1.model."
+    state = load_state_dict(xl / "tiny-sdxl.safetensors")
+    projection = state.pop(tower + "text_projection")
+    assert projection.shape[0] == projection.shape[1]  # (as the real one: only names tell)
+    state[tower + "text_projection.weight"] = projection.t().contiguous()
+    del state[tower + "logit_scale"]
+    pipe = Pipeline.load(xl / "tiny-sdxl.yaml", write(tmp_path, "linear.safetensors", state))
+    assert capsys.readouterr().err == ""
+    assert _sdxl_conditioning_errors(pipe) == (True, True)
+    assert torch.equal(pipe.model.cond_model.embedders[1].model.text_projection,
+                       projection.float())
 
 
 @pytest.mark.parametrize("config, ckpt, stored", [
