@@ -271,7 +271,7 @@ def test_a_preset_for_models_trained_at_another_size_is_warned(tiny_pipe, txt2im
     wider = tmp_path / "tiny-768.yaml"
     OmegaConf.save(config, wider)
     warning = ("warning: preset sd2.1_2048x2048 is tuned for models trained at 512x512; this "
-               "model is trained at 768x768, so its re-dilation factors are made for another "
+               "model is trained at 768x768, so its factors and taus are made for another "
                "scale")
     assert txt2img.preset_size_warning(args, OmegaConf.load(wider)) == warning
     pipe = Pipeline.load(wider, TINY_CKPT)

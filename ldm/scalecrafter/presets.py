@@ -173,4 +173,4 @@ def size_mismatch(preset: Preset, model_side: Optional[int]) -> str:
         return ""
     return (f"preset {preset.name} is tuned for models trained at {preset.trained_size}x"
             f"{preset.trained_size}; this model is trained at {model_side}x{model_side}, so its "
-            f"re-dilation factors are made for another scale")
+            f"factors and taus are made for another scale")
