@@ -273,16 +273,20 @@ def _dtype_for(key: str, value: torch.Tensor, dtype: "DtypeChoice") -> torch.dty
 class StagedStateDict(InBackground):
     """A file's tensors moved to `device` and their dtype by a thread started at once, so that
     the copies overlap whatever the caller does meanwhile (building the model on the meta
-    device). Known extras and always-rebuilt keys are left where they are. `result()` waits for
-    the thread (re-raising its error) and returns the state dict, its values replaced."""
+    device). Known extras, always-rebuilt keys and those matching `unread` (patterns of what
+    the model will be built without) are left where they are. `result()` waits for the thread
+    (re-raising its error) and returns the state dict, its values replaced."""
 
-    def __init__(self, state_dict: Dict[str, torch.Tensor], device, dtype: "DtypeChoice"):
-        super().__init__(_place_all, state_dict, device, dtype, name="weights-to-device")
+    def __init__(self, state_dict: Dict[str, torch.Tensor], device, dtype: "DtypeChoice",
+                 unread=()):
+        super().__init__(_place_all, state_dict, device, dtype, tuple(unread),
+                         name="weights-to-device")
 
 
-def _place_all(state: Dict[str, torch.Tensor], device, dtype: "DtypeChoice"):
+def _place_all(state: Dict[str, torch.Tensor], device, dtype: "DtypeChoice", unread):
+    left = (*KNOWN_EXTRAS, *ALWAYS_REBUILT, *unread)
     for key in list(state):  # nobody else touches the dict until the result is asked for
-        if not (_matches(key, KNOWN_EXTRAS) or _matches(key, ALWAYS_REBUILT)):
+        if not _matches(key, left):
             state[key] = _placed(state[key], device, _dtype_for(key, state[key], dtype))
     return state
 

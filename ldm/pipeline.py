@@ -406,6 +406,7 @@ class Pipeline:
         VAE without its encoder (text-to-image never encodes; txt2img loads so)."""
         from ldm.checkpoint import CheckpointMismatch, load_state_dict
         from ldm.layouts import STAGED_LOADS, StagedStateDict, without_wrapper_prefix
+        from ldm.models.autoencoder import AutoencoderKL
         from ldm.modules.encoders.common import register_config_dir
 
         device = checked_device(device, precision, layout)
@@ -419,8 +420,10 @@ class Pipeline:
         state = without_wrapper_prefix(state, model_part_names(config))
         if staged_load is None:
             staged_load = STAGED_LOADS.get(torch.device(device).type, False)
-        if staged_load:
-            state = StagedStateDict(state, device, policy)
+        if staged_load:  # (not the encoder's weights, where they are left unread)
+            unread = () if vae_encoder else \
+                [f"first_stage_model.{k}" for k in AutoencoderKL.ENCODER_KEYS]
+            state = StagedStateDict(state, device, policy, unread)
         try:
             model = build_model(config, device, state, policy, vae_encoder)
         except CheckpointMismatch as err:  # the files named: the user has several

@@ -248,6 +248,9 @@ def test_staging_leaves_extras_and_hands_over_its_error():
     ema, weight = torch.tensor(0.9999), torch.ones(2, dtype=torch.float64)
     state = StagedStateDict({"model_ema.decay": ema, "w": weight}, "cpu", torch.float32).result()
     assert state["model_ema.decay"] is ema and state["w"].dtype == torch.float32
+    state = StagedStateDict({"vae.encoder.w": weight, "w": weight}, "cpu", torch.float32,
+                            unread=["vae.encoder.*"]).result()
+    assert state["vae.encoder.w"] is weight and state["w"].dtype == torch.float32
 
     def no_dtype(key):
         raise ValueError(f"no dtype for {key}")
@@ -421,12 +424,25 @@ def test_an_sd2_file_converted_back_from_diffusers_loads(tmp_path, capsys):
         Pipeline.load(TINY_CONFIG, write(tmp_path, "broken.ckpt", converted))
 
 
-def test_a_decoding_only_load_goes_without_the_vae_encoder(tmp_path, capsys, tiny_pipe):
-    """vae_encoder=False (txt2img's load): no encoder weights are held, a file's are dropped
-    without a word, the decode is the same, and encoding says why it cannot; a file without
-    the encoder loads so, and is refused by name otherwise."""
+def test_a_decoding_only_load_goes_without_the_vae_encoder(tmp_path, capsys, tiny_pipe,
+                                                            monkeypatch):
+    """vae_encoder=False (txt2img's load): no encoder weights are held (nor staged onto the
+    device), a file's are dropped without a word, the decode is the same, and encoding says
+    why it cannot; a file without the encoder loads so, and is refused by name otherwise."""
+    import ldm.layouts
+
     lean = Pipeline.load(TINY_CONFIG, TINY_CKPT, vae_encoder=False)
+    placed, place = [], ldm.layouts._placed
+    monkeypatch.setattr(ldm.layouts, "_placed",
+                        lambda value, *args: placed.append(value.shape) or place(value, *args))
+    staged = Pipeline.load(TINY_CONFIG, TINY_CKPT, vae_encoder=False, staged_load=True)
+    monkeypatch.undo()
+    # each weight staged, then fitted; of the rest only the text tower's 14 unread ones
+    # (its last block, projection and logit scale) were staged, as the model was built
+    assert len(placed) == 2 * len(staged.model.state_dict()) + 14
     assert capsys.readouterr().err == ""
+    assert all(torch.equal(a, b) for a, b in zip(lean.model.state_dict().values(),
+                                                   staged.model.state_dict().values()))
     vae = lean.model.first_stage_model
     assert not hasattr(vae, "encoder") and not hasattr(vae, "quant_conv")
     full = {k for k in tiny_pipe.model.state_dict() if k.startswith("first_stage_model.")}

@@ -8,6 +8,8 @@ from ldm.modules.diffusionmodules.model import Decoder, Encoder
 class AutoencoderKL(nn.Module):
     """Accepts the standard config keys; training ones (lossconfig, monitor, ...) are ignored."""
 
+    ENCODER_KEYS = ("encoder.*", "quant_conv.*")  # what drop_encoder goes without
+
     def __init__(self, ddconfig, embed_dim, lossconfig=None, ckpt_path=None, ignore_keys=(),
                  image_key="image", colorize_nlabels=None, monitor=None, **_training_only):
         super().__init__()
@@ -24,7 +26,7 @@ class AutoencoderKL(nn.Module):
         """Go without the encoder (text-to-image only decodes): 136 MB of fp32 weights less
         on the device. A file's encoder weights are then dropped unread (see unread_keys)."""
         del self.encoder, self.quant_conv
-        self._unread = ["encoder.*", "quant_conv.*"]
+        self._unread = list(self.ENCODER_KEYS)
 
     def unread_keys(self) -> list:
         return list(self._unread)
