@@ -94,6 +94,21 @@ KEY_RENAMES = (
      "cond_stage_model.transformer.text_model.final_layer_norm."),
     # Stability's sgm layout of an SD 2.x model (SD-Turbo): its OpenCLIP tower as embedder 0
     ("conditioner.embedders.0.model.", "cond_stage_model.model."),
+    # the VAE's mid-block attention under diffusers >= 0.17's names, which its SD 1.x / 2.x
+    # back-conversion script passed through from mid-2023 to December 2023 (as Linear weights:
+    # see RESHAPED)
+    *((f"first_stage_model.{part}.mid.attn_1.{theirs}.",
+       f"first_stage_model.{part}.mid.attn_1.{ours}.") for part in ("encoder", "decoder")
+      for theirs, ours in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))),
+)
+
+# Weights other tools store with the same numbers in another shape: (model key patterns, the
+# story). A file's tensor there that differs from the model's only by trailing 1-sized dims is
+# reshaped; nowhere else (a shape mismatch elsewhere means another model).
+RESHAPED = (
+    (("first_stage_model.*.mid.attn_1.*",),
+     "the VAE's mid-block attention, 1x1 convs here: diffusers' Linear weights [C, C] as "
+     "converted back to single files, and biases [C, 1, 1] from that script's early-2024 fix"),
 )
 
 # Parameters other tools store as a Linear layer's weight, i.e. transposed: (the file's key, the
@@ -137,7 +152,7 @@ UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
 
 def renamed(state_dict: Dict[str, torch.Tensor], expected) -> Dict[str, torch.Tensor]:
     """The file's keys under the model's names, where KEY_RENAMES or TRANSPOSED_RENAMES knows
-    the file's."""
+    the file's, and its tensors in the model's shapes where RESHAPED allows it."""
     def has(keys, prefix):
         return any(k.startswith(prefix) for k in keys)
     for old, new in KEY_RENAMES:
@@ -147,7 +162,20 @@ def renamed(state_dict: Dict[str, torch.Tensor], expected) -> Dict[str, torch.Te
     for old, new in TRANSPOSED_RENAMES:
         if new in expected and new not in state_dict and old in state_dict:
             state_dict[new] = state_dict.pop(old).t().contiguous()
+    for patterns, _story in RESHAPED:
+        for key, value in state_dict.items():
+            target = expected.get(key)
+            if target is not None and _matches(key, patterns) and value.shape != target.shape \
+                    and _trailing_ones_dropped(value.shape) == _trailing_ones_dropped(target.shape):
+                state_dict[key] = value.reshape(target.shape)
     return state_dict
+
+
+def _trailing_ones_dropped(shape) -> tuple:
+    shape = tuple(shape)
+    while shape and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def what_the_file_is(needed, present) -> str:

@@ -424,6 +424,52 @@ def test_an_sd2_file_converted_back_from_diffusers_loads(tmp_path, capsys):
         Pipeline.load(TINY_CONFIG, write(tmp_path, "broken.ckpt", converted))
 
 
+@pytest.mark.parametrize("era", ["diffusers-names-2d", "3d-biases"])
+@pytest.mark.parametrize("vae_encoder", [True, False])
+def test_a_vae_attention_converted_back_from_diffusers_loads(tmp_path, capsys, tiny_pipe, era,
+                                                              vae_encoder):
+    """diffusers' SD 1.x / 2.x back-conversion passed the VAE's mid attention through under
+    diffusers >= 0.17's names (to_q, to_k, to_v, to_out.0) as Linear weights [C, C] in
+    mid-2023; its fix of December 2023 wrote the biases as [C, 1, 1] until February 2024. Both
+    load silently and decode as the file they came from."""
+    state = load_state_dict(TINY_CKPT)
+    names = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+    converted = {}
+    for key, value in state.items():
+        head, _, tail = key.rpartition(".mid.attn_1.")
+        layer, _, kind = tail.partition(".")
+        if not head or layer not in names:
+            converted[key] = value
+        elif era == "3d-biases":
+            converted[key] = value.reshape(-1, 1, 1) if kind == "bias" else value
+        else:
+            converted[f"{head}.mid.attn_1.{names[layer]}.{kind}"] = value.flatten(1) \
+                if kind == "weight" else value
+    sample = "first_stage_model.decoder.mid.attn_1." + (
+        "to_q.weight" if era == "diffusers-names-2d" else "q.bias")
+    assert len(converted) == len(state) and converted[sample].dim() in (2, 3)
+    pipe = Pipeline.load(TINY_CONFIG, write(tmp_path, "vae.ckpt", converted),
+                         vae_encoder=vae_encoder)
+    assert capsys.readouterr().err == ""
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(pipe.model.decode_first_stage(z), tiny_pipe.model.decode_first_stage(z))
+        if vae_encoder:
+            image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+            assert torch.equal(pipe.model.encode_first_stage(image),
+                               tiny_pipe.model.encode_first_stage(image))
+
+
+def test_a_weight_of_another_shape_is_reshaped_only_where_the_table_says(tmp_path):
+    """RESHAPED is narrow: a UNet 1x1 conv given as [C, C] is still another model's shape."""
+    state = load_state_dict(TINY_CKPT)
+    key = next(k for k, v in state.items()
+               if k.startswith("model.diffusion_model.") and v.dim() == 4 and v.shape[-1] == 1)
+    state[key] = state[key].flatten(1)
+    with pytest.raises(CheckpointMismatch, match="other shapes, e.g. " + key.replace(".", r"\.")):
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "odd.ckpt", state))
+
+
 def test_a_decoding_only_load_goes_without_the_vae_encoder(tmp_path, capsys, tiny_pipe,
                                                             monkeypatch):
     """vae_encoder=False (txt2img's load): no encoder weights are held (nor staged onto the
