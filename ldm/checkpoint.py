@@ -134,8 +134,11 @@ def _check_file(path: Path) -> tuple[int, bytes]:
     return size, head
 
 
-# What a download gone wrong leaves instead of a checkpoint: (first bytes, what to say).
+# Files told by their first bytes (lower-cased) as no checkpoint this tool reads: what a
+# download gone wrong leaves, and other formats: (first bytes, what to say).
 _NOT_CHECKPOINTS = (
+    ((b"gguf",), "a GGUF file (quantized weights for stable-diffusion.cpp / ComfyUI-GGUF), "
+                 "which this tool does not read: use the model's .safetensors or .ckpt"),
     ((b"version https://git-lfs",), "a Git LFS pointer, not the file: fetch the file itself "
                                     "(`git lfs pull` in its clone, or download it)"),
     ((b"<!doctype html", b"<html"), "a web page, not a checkpoint: download the file itself "

@@ -27,6 +27,8 @@ KNOWN_EXTRAS = {
     "denoiser.sigmas": "sgm's DiscreteDenoiser buffer (SDXL); it follows from the schedule",
     "lvlb_weights": "LDM training loss weights",
     "logvar": "LDM training log-variance",
+    "v_pred": "the marker of v-prediction files (ComfyUI, kohya): refused under an eps config "
+              "(MODEL_VARIANTS), no more than a marker under a v one",
 }
 
 # Buffers rebuilt even when the file has them: their value is fixed by the architecture, and
@@ -111,6 +113,10 @@ RESHAPED = (
      "converted back to single files, and biases [C, 1, 1] from that script's early-2024 fix"),
 )
 
+# The component torch.compile's wrapper adds to its module's keys, where a trainer saved a
+# compiled UNet (`model.diffusion_model._orig_mod.input_blocks...`): dropped.
+COMPILED = "_orig_mod."
+
 # Parameters other tools store as a Linear layer's weight, i.e. transposed: (the file's key, the
 # model's), taken transposed where the model has the second and the file only the first.
 TRANSPOSED_RENAMES = (
@@ -145,16 +151,39 @@ UNUSABLE_EXTRAS = (
      "this tool does not apply; use an fp16 or fp32 file"),
 )
 
+# Models whose weights fit a config here but which must be sampled otherwise, told by marker
+# keys (as ComfyUI and diffusers tell them): (patterns, the config parameterization the marker
+# contradicts, or None for any; what the file is). Loaded, they would make wrong images.
+MODEL_VARIANTS = (
+    (("edm_mean", "edm_std"), None,
+     "a Playground v2.5 model (edm_mean / edm_std: EDM sampling and its own latent scaling), "
+     "which this tool does not run"),
+    (("edm_vpred.*",), None,
+     "a v-prediction model sampled by EDM (edm_vpred.*), which this tool does not run"),
+    (("ztsnr",), None,
+     "a zero-terminal-SNR model (ztsnr), whose rescaled schedule this tool does not apply"),
+    (("v_pred",), "eps",
+     "a v-prediction model (v_pred), and the config predicts eps: use a v config (SD 2.x: "
+     "configs/stable-diffusion/v2-inference-v.yaml; sgm configs: VScaling)"),
+    (("embedder.model.*",), None,
+     "an SD 2.1 unCLIP model (embedder.model.*: image variations from a CLIP image "
+     "embedding), which txt2img cannot run"),
+)
+
 # UNet input channels of image-conditioned SD models, which txt2img cannot run.
 IMAGE_CONDITIONED = {9: "an inpainting", 5: "a depth-conditioned", 8: "an InstructPix2Pix"}
 UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 def renamed(state_dict: Dict[str, torch.Tensor], expected) -> Dict[str, torch.Tensor]:
-    """The file's keys under the model's names, where KEY_RENAMES or TRANSPOSED_RENAMES knows
-    the file's, and its tensors in the model's shapes where RESHAPED allows it."""
+    """The file's keys under the model's names, where COMPILED, KEY_RENAMES or
+    TRANSPOSED_RENAMES knows the file's, and its tensors in the model's shapes where RESHAPED
+    allows it."""
     def has(keys, prefix):
         return any(k.startswith(prefix) for k in keys)
+    if not any(COMPILED in k for k in expected) and any(COMPILED in k for k in state_dict):
+        for key in [k for k in state_dict if COMPILED in k]:
+            state_dict[key.replace(COMPILED, "")] = state_dict.pop(key)
     for old, new in KEY_RENAMES:
         if has(expected, new) and not has(state_dict, new) and has(state_dict, old):
             for key in [k for k in state_dict if k.startswith(old)]:
@@ -192,12 +221,17 @@ def what_the_file_is(needed, present) -> str:
     return ""
 
 
-def _unusable(state_dict, expected) -> str:
+def _unusable(state_dict, expected, parameterization=None) -> str:
     """What makes the file's weights unusable as stored, said of the file ("is ...", "holds
-    ..."; '' if nothing): a UNUSABLE_EXTRAS marker, or integer (quantized) tensors where the
-    model has floating ones."""
+    ..."; '' if nothing): a UNUSABLE_EXTRAS or MODEL_VARIANTS marker (the latter for a model
+    of `parameterization`), or integer (quantized) tensors where the model has floating
+    ones."""
     for patterns, what in UNUSABLE_EXTRAS:
         if any(_matches(key, patterns) for key in state_dict):
+            return f"is {what}"
+    for patterns, contradicts, what in MODEL_VARIANTS:
+        if contradicts in (None, parameterization) and \
+                any(_matches(key, patterns) for key in state_dict if key not in expected):
             return f"is {what}"
     integer = next((k for k, v in state_dict.items() if k in expected
                     and expected[k].is_floating_point() and not v.is_floating_point()), None)
@@ -385,7 +419,7 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
                                  "and cannot make them: use the SDXL base model", about_file=True)
     expected: Mapping[str, torch.Tensor] = model.state_dict()
     state_dict = renamed(state_dict, expected)
-    unusable = _unusable(state_dict, expected)
+    unusable = _unusable(state_dict, expected, getattr(model, "parameterization", None))
     if unusable:
         state_dict.clear()
         raise CheckpointMismatch(unusable, about_file=True)

@@ -315,9 +315,10 @@ def test_a_torch_file_named_safetensors_loads_as_what_it_is(tmp_path, legacy):
      "is a Git LFS pointer, not the file"),
     (b"<!DOCTYPE html>\n<html lang='en'><head><title>Hugging Face</title>", "is a web page"),
     (b"  <html><body>Not found</body></html>", "is a web page"),
+    (b"GGUF\x03\x00\x00\x00" + bytes(64), "is a GGUF file"),  # (magic, version 3, ...)
 ])
 @pytest.mark.parametrize("name", ["model.ckpt", "model.safetensors"])
-def test_what_a_failed_download_leaves_is_named(tmp_path, content, says, name):
+def test_what_a_failed_download_or_another_format_leaves_is_named(tmp_path, content, says, name):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=says):

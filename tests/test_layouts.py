@@ -111,6 +111,18 @@ def test_a_wrapper_prefix_on_every_key_is_stripped(tmp_path, capsys, prefix):
                    "lack: stripped"]
 
 
+def test_a_unet_saved_compiled_loads(tmp_path, capsys):
+    """A trainer that saved a torch.compile'd UNet: `_orig_mod.` inside its keys, where the
+    compiled module sat; no prefix common to every key, so it is dropped where it is."""
+    state = load_state_dict(SD1_CKPT)
+    unet = "model.diffusion_model."
+    compiled = {(unet + "_orig_mod." + k[len(unet):] if k.startswith(unet) else k): v
+                for k, v in state.items()}
+    pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "compiled.ckpt", compiled))
+    assert capsys.readouterr().err == ""
+    assert unet_error(pipe) <= 1e-4
+
+
 def test_a_prefix_is_stripped_though_a_known_extra_lacks_it(tmp_path, capsys):
     """A wrapper's file with its training extras saved bare beside its weights
     (model_ema.decay, model_ema.num_updates)."""
@@ -524,6 +536,48 @@ def test_the_sdxl_refiner_is_named_and_refused(tmp_path, config):
     path = write(tmp_path, "refiner.safetensors", _refiner_state())
     with pytest.raises(CheckpointError, match="is an SDXL refiner, which refines images"):
         Pipeline.load(config, path)
+
+
+XL_FILE = REF / "tiny-sdxl" / "tiny-sdxl.safetensors"
+
+
+@pytest.mark.parametrize("markers, says", [
+    (("edm_mean", "edm_std"), "is a Playground v2.5 model"),
+    (("edm_vpred.sigma_max", "edm_vpred.sigma_min"), "is a v-prediction model sampled by EDM"),
+    (("v_pred", "ztsnr"), "is a zero-terminal-SNR model"),
+    (("v_pred",), r"is a v-prediction model \(v_pred\), and the config predicts eps"),
+])
+def test_sdxl_variants_that_sample_otherwise_are_named_and_refused(tmp_path, markers, says):
+    """Their weights fit sd_xl_base.yaml, and eps sampling would make wrong images (ComfyUI's
+    and diffusers' markers: empty tensors or scalars)."""
+    state = load_state_dict(XL_FILE)
+    state.update((marker, torch.tensor([])) for marker in markers)
+    with pytest.raises(CheckpointError, match=says):
+        Pipeline.load(REF / "tiny-sdxl" / "tiny-sdxl.yaml", write(tmp_path, "xl.safetensors",
+                                                                  state))
+
+
+def test_a_v_prediction_marker_with_a_v_config_loads(tmp_path, capsys):
+    from omegaconf import OmegaConf
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.parameterization = "v"
+    OmegaConf.save(config, tmp_path / "tiny-v.yaml")
+    state = dict(load_state_dict(TINY_CKPT), v_pred=torch.tensor([]))
+    with pytest.raises(CheckpointError, match="the config predicts eps"):
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "v.ckpt", state))
+    pipe = Pipeline.load(tmp_path / "tiny-v.yaml", write(tmp_path, "v.ckpt", state))
+    assert pipe.model.parameterization == "v"
+    assert capsys.readouterr().err == ""  # (the marker agrees with the config)
+
+
+def test_an_sd21_unclip_file_is_named_and_refused(tmp_path):
+    """SD 2.1 unCLIP: the SD 2.x layout plus its CLIP image embedder (`embedder.model.*`) and
+    the UNet's label_emb; with v2-inference.yaml it would run without its image input."""
+    state = load_state_dict(TINY_CKPT)
+    state["embedder.model.ln_final.weight"] = torch.ones(64)
+    state["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(128, 64)
+    with pytest.raises(CheckpointError, match="is an SD 2.1 unCLIP model"):
+        Pipeline.load(TINY_CONFIG, write(tmp_path, "unclip.ckpt", state))
 
 
 def test_an_inpainting_file_is_named_and_refused(tmp_path):
