@@ -170,6 +170,23 @@ MODEL_VARIANTS = (
      "embedding), which txt2img cannot run"),
 )
 
+# SD 2.x files do not say whether they predict eps (512-base) or v (768-v), and the other
+# config makes noise. ComfyUI tells them by a norm bias that v training spread wider: family ->
+# (key, the standard deviation above which the file predicts v). Only the eps config is warned
+# (the common slip: the 768-v file with the seed's v2-inference.yaml).
+V_PREDICTION_TELLS = {
+    "sd2": ("model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias", 0.09),
+}
+
+
+def _looks_v_predicting(model, state_dict) -> bool:
+    """A model configured for eps whose file's weights look v-predicting (V_PREDICTION_TELLS)."""
+    key, threshold = V_PREDICTION_TELLS.get(getattr(model, "family", None), (None, None))
+    if key not in state_dict or getattr(model, "parameterization", None) != "eps":
+        return False
+    return float(state_dict[key].float().std()) > threshold
+
+
 # UNet input channels of image-conditioned SD models, which txt2img cannot run.
 IMAGE_CONDITIONED = {9: "an inpainting", 5: "a depth-conditioned", 8: "an InstructPix2Pix"}
 UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
@@ -432,6 +449,9 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         state_dict.clear()  # a refused file's tensors (on CUDA already staged there) go now
         raise error
     extras = (*KNOWN_EXTRAS, *unread_keys(model))
+    if _looks_v_predicting(model, state_dict):
+        warn("the weights look like a v-prediction model (SD 2.x 768-v), but the config "
+             "predicts eps, which makes noise: use configs/stable-diffusion/v2-inference-v.yaml")
     unknown = [k for k in state_dict if k not in expected and not _matches(k, extras)]
     if unknown:
         warn(f"checkpoint has {len(unknown)} keys this model does not use, ignored: "

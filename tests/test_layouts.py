@@ -292,6 +292,30 @@ def test_a_768_v_file_loads_with_the_v_config(tmp_path):
     assert torch.allclose(x0, a.sqrt() * x - (1 - a).sqrt() * out, atol=1e-6)
 
 
+def test_a_v_prediction_file_under_the_eps_config_is_warned(tmp_path, capsys):
+    """The 768-v file with v2-inference.yaml (the seed's config) makes noise; nothing in the
+    file says v, but v training widens one norm bias's spread (ComfyUI's test, std > 0.09).
+    One warning under the eps config, none under the v one or for the base-like tiny file."""
+    from omegaconf import OmegaConf
+
+    from ldm.layouts import V_PREDICTION_TELLS
+    key, threshold = V_PREDICTION_TELLS["sd2"]
+    state = load_state_dict(TINY_CKPT)
+    assert float(state[key].float().std()) < threshold  # (the tiny file: eps-like)
+    state[key] = state[key] * (2.5 * threshold / float(state[key].float().std()))
+    path = write(tmp_path, "v2-1_768-ema-pruned.ckpt", state)
+    Pipeline.load(TINY_CONFIG, path)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "warning: the weights look like a v-prediction model (SD 2.x 768-v), but the config "
+        "predicts eps, which makes noise: use configs/stable-diffusion/v2-inference-v.yaml"]
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.parameterization = "v"
+    OmegaConf.save(config, tmp_path / "tiny-v.yaml")
+    Pipeline.load(tmp_path / "tiny-v.yaml", path)
+    Pipeline.load(TINY_CONFIG, TINY_CKPT)
+    assert capsys.readouterr().err == ""
+
+
 def test_an_sdxl_file_without_sigmas_or_position_ids_loads(tmp_path, capsys):
     """Newer SDXL conversions drop denoiser.sigmas and the CLIP position ids: both follow from
     the config; the conditioning is the reference's."""
