@@ -94,6 +94,10 @@ KEY_RENAMES = (
     ("cond_stage_model.transformer.encoder.", "cond_stage_model.transformer.text_model.encoder."),
     ("cond_stage_model.transformer.final_layer_norm.",
      "cond_stage_model.transformer.text_model.final_layer_norm."),
+    # the same flat names for SDXL's CLIP tower (converters over transformers' own flat keys)
+    *((f"conditioner.embedders.0.transformer.{part}.",
+       f"conditioner.embedders.0.transformer.text_model.{part}.")
+      for part in ("embeddings", "encoder", "final_layer_norm")),
     # Stability's sgm layout of an SD 2.x model (SD-Turbo): its OpenCLIP tower as embedder 0
     ("conditioner.embedders.0.model.", "cond_stage_model.model."),
     # the VAE's mid-block attention under diffusers >= 0.17's names, which its SD 1.x / 2.x

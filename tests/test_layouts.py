@@ -12,6 +12,7 @@ from ldm.pipeline import Pipeline
 
 SD1 = REF / "tiny-sd1"
 SD1_CONFIG, SD1_CKPT = SD1 / "tiny-sd15.yaml", SD1 / "tiny-sd15.ckpt"
+XL_FILE = REF / "tiny-sdxl" / "tiny-sdxl.safetensors"
 SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
             "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
             "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
@@ -425,6 +426,19 @@ def test_an_sd1_file_saved_by_transformers_3_loads(tmp_path):
     assert torch.equal(_conditioning(pipe), _conditioning(Pipeline.load(SD1_CONFIG, SD1_CKPT)))
 
 
+def test_an_sdxl_file_with_flat_clip_names_loads(tmp_path, capsys):
+    """SDXL's CLIP tower without `text_model.` (transformers' flat names, as for SD 1.x)."""
+    state = load_state_dict(XL_FILE)
+    inner = "conditioner.embedders.0.transformer.text_model."
+    flat = {("conditioner.embedders.0.transformer." + k[len(inner):] if k.startswith(inner)
+             else k): v for k, v in state.items()}
+    assert "conditioner.embedders.0.transformer.encoder.layers.0.mlp.fc1.weight" in flat
+    pipe = Pipeline.load(REF / "tiny-sdxl" / "tiny-sdxl.yaml", write(tmp_path, "flat.safetensors",
+                                                                     flat))
+    assert capsys.readouterr().err == ""
+    assert _sdxl_conditioning_errors(pipe) == (True, True)
+
+
 def test_an_sd2_file_in_sgm_layout_loads(tmp_path, capsys):
     """SD-Turbo's layout: the OpenCLIP tower as sgm's conditioner.embedders.0."""
     state = load_state_dict(TINY_CKPT)
@@ -560,9 +574,6 @@ def test_the_sdxl_refiner_is_named_and_refused(tmp_path, config):
     path = write(tmp_path, "refiner.safetensors", _refiner_state())
     with pytest.raises(CheckpointError, match="is an SDXL refiner, which refines images"):
         Pipeline.load(config, path)
-
-
-XL_FILE = REF / "tiny-sdxl" / "tiny-sdxl.safetensors"
 
 
 @pytest.mark.parametrize("markers, says", [
