@@ -347,10 +347,13 @@ def _size(nbytes: int) -> str:
 def _option_value(name, value):
     """A preset's value as an option: YAML's lists are the options' tuples (FreeU's four
     numbers, a tile's HxW), a number in quotes ('30') is read as txt2img reads it for the
-    flag, by the option's type. Anything else stays as written (validate refuses what is
+    flag, by the option's type, and a number where text is wanted (`negative_prompt: 5`) is
+    that text, as the flag's. Anything else stays as written (validate refuses what is
     wrong)."""
     if isinstance(value, list):
         return tuple(value)
+    if name in TEXT_OPTIONS and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return str(value)
     kind = int if name in INTEGER_OPTIONS else float if name in \
         REAL_OPTIONS + OPTIONAL_REAL_OPTIONS else None
     if kind is None or not isinstance(value, str):

@@ -199,6 +199,11 @@ def test_quoted_numbers_are_read_as_the_flags_read_them(tiny_pipe, txt2img, tmp_
     assert "made for 50 steps" in capsys.readouterr().err
     tiny_pipe.options(preset=str(preset), steps=True)  # refused by validate alone, in one line
     assert capsys.readouterr().err == ""
+    preset.write_text("family: sd2\nnegative_prompt: 5\n")  # a number where text is wanted
+    api = _validated(tiny_pipe.options(preset=str(preset)))
+    assert api == _validated(txt2img.options_from_args(
+        txt2img.parse_args(["--preset", str(preset)])))
+    assert api["negative_prompt"] == "5"
     preset.write_text("family: sd2\ndilate: 2\ndilate_tau: 'thirty'\nsteps: 50\n")
     opts = tiny_pipe.options(preset=str(preset), steps=3)
     with pytest.raises(ValueError, match="--dilate_tau must be an integer, got 'thirty'"):
