@@ -217,12 +217,18 @@ def apply_family_defaults(args, config):
 
 
 def preset_steps_warning(args, opts) -> str:
-    """One line when a preset's taus are run with other --steps (presets.steps_mismatch)."""
-    from ldm.scalecrafter.presets import steps_mismatch
+    """One line when a preset's taus are run with other --steps (presets.steps_mismatch), one
+    more when with a sampler on another time grid (presets.sampler_mismatch)."""
+    from ldm.scalecrafter.presets import sampler_mismatch, steps_mismatch
 
-    text = steps_mismatch(getattr(args, "preset", None), getattr(args, "preset_steps", None),
-                          opts, getattr(args, "explicit", ()), f"--steps {opts.steps}")
-    return f"warning: {text}" if text else ""
+    given = getattr(args, "explicit", ())
+    texts = [steps_mismatch(getattr(args, "preset", None), getattr(args, "preset_steps", None),
+                            opts, given, f"--steps {opts.steps}")]
+    preset = getattr(args, "preset_object", None)
+    if preset is not None:
+        texts.append(sampler_mismatch(preset.name, preset.values.get("sampler", "ddim"), opts,
+                                      given, f"--{opts.sampler}"))
+    return "\n".join(f"warning: {text}" for text in texts if text)
 
 
 def apply_preset(args, name, explicit, parser=None):

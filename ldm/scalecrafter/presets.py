@@ -150,19 +150,50 @@ def steps_mismatch(preset: str, made_for: Optional[int], opts, given, steps_text
     steps, they re-dilate another share of the run (all of it, when shorter). The warning
     (`steps_text`: how the caller names the step count), or '' when the run keeps the preset's
     steps or no tau of the preset's is on (the taus in `given` are the caller's)."""
-    on = {"dilate_tau": opts.dilate is not None or opts.dilate_settings,
-          "ndcfg_tau": opts.ndcfg_dilate_settings, "inflate_tau": opts.disperse_settings}
-    taus = {name: getattr(opts, name) for name, feature in on.items()
-            if feature and getattr(opts, name) and name not in given}
+    taus = _preset_taus(opts, given)
     counts = [made_for, opts.steps, *taus.values()]
     if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in counts):
         return ""  # (refused by validate)
     if opts.steps == made_for or not taus:
         return ""
-    named = ", ".join(f"{name} {tau}" for name, tau in taus.items())
     covered = min(max(taus.values()), opts.steps)
-    return (f"preset {preset} is made for {made_for} steps and its taus count steps ({named}): "
-            f"with {steps_text} they cover {covered} of {opts.steps}; set them for this length")
+    return (f"preset {preset} is made for {made_for} steps and its taus count steps "
+            f"({_named(taus)}): with {steps_text} they cover {covered} of {opts.steps}; set "
+            f"them for this length")
+
+
+def _preset_taus(opts, given) -> Dict[str, Any]:
+    """{name: value} of the preset's taus whose features are on (those in `given` are the
+    caller's own)."""
+    on = {"dilate_tau": opts.dilate is not None or opts.dilate_settings,
+          "ndcfg_tau": opts.ndcfg_dilate_settings, "inflate_tau": opts.disperse_settings}
+    return {name: getattr(opts, name) for name, feature in on.items()
+            if feature and getattr(opts, name) and name not in given}
+
+
+def _named(taus) -> str:
+    return ", ".join(f"{name} {tau}" for name, tau in taus.items())
+
+
+def _own_grid(sampler) -> bool:
+    """Whether a sampler keeps its own time grid rather than the spaced timesteps."""
+    return "timestep_spacing" in SAMPLER_EXCLUDES.get(sampler, ())
+
+
+def sampler_mismatch(preset: str, made_for: str, opts, given, sampler_text: str) -> str:
+    """A preset's taus count the steps of its sampler's time grid (DDIM's and PLMS's spaced
+    timesteps). A sampler with a grid of its own (DPM-Solver++) reaches other noise levels
+    in as many steps, so they end elsewhere; the authors tune taus per sampler. The warning
+    (`sampler_text`: how the caller names the sampler), or '' when the grids agree or no tau
+    of the preset's is on."""
+    taus = _preset_taus(opts, given)
+    if not taus or _own_grid(opts.sampler) == _own_grid(made_for):
+        return ""
+    grids = ("the spaced timesteps (DDIM's, PLMS's)", "DPM-Solver++'s own time grid")
+    theirs, ours = grids[_own_grid(made_for)], grids[_own_grid(opts.sampler)]
+    return (f"preset {preset}'s taus ({_named(taus)}) count steps on {theirs}; with "
+            f"{sampler_text} the steps are on {ours}, so they end at other noise levels: "
+            f"tune them for this sampler")
 
 
 def size_mismatch(preset: Preset, model_side: Optional[int]) -> str:
