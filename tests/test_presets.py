@@ -321,3 +321,27 @@ def test_a_presets_taus_under_a_sampler_on_another_time_grid_are_warned(tiny_pip
     tiny_pipe.options(preset=str(own), sampler="ddim")
     assert ("taus (dilate_tau 15) count steps on DPM-Solver++'s own time grid; with "
             "sampler='ddim' the steps are on the spaced timesteps") in capsys.readouterr().err
+
+
+def test_a_presets_factors_at_another_longer_side_are_warned(tiny_pipe, txt2img, capsys):
+    """Factors are tuned for the preset's scale: another longer side dilates for another one
+    (the shipped presets for it are named); the same longer side at another aspect ratio keeps
+    the scale, as the authors' 2:1 presets take their square ones' factors."""
+    from ldm.pipeline import Pipeline
+
+    said = ("preset sd2.1_2048x2048 is tuned for 2048x2048; at {} its longer side is 1024, so "
+            "its factors and taus are made for another scale (presets for it: "
+            "sd2.1_1024x1024)")
+
+    def cli(*flags):
+        args = txt2img.parse_args(["--preset", "sd2.1_2048x2048", *flags])
+        return txt2img.preset_steps_warning(args, txt2img.options_from_args(args))
+    assert cli("--H", "1024", "--W", "1024") == "warning: " + said.format("--W 1024 --H 1024")
+    assert cli("--H", "1024") == cli() == ""  # 2048x1024: the same longer side
+    pipe = Pipeline(tiny_pipe.model)  # (its own warnings: once in its life)
+    for _ in range(2):
+        pipe.options(preset="sd2.1_2048x2048", H=1024, W=1024)
+    pipe.options(preset="sd2.1_2048x2048", H=1024)
+    assert capsys.readouterr().err.splitlines() == ["warning: " + said.format("W=1024, H=1024")]
+    pipe.options(preset="sd2.1_2048x2048", H=1536, W=1536)  # no preset for it: none named
+    assert capsys.readouterr().err.strip().endswith("made for another scale")
