@@ -323,25 +323,27 @@ def test_a_presets_taus_under_a_sampler_on_another_time_grid_are_warned(tiny_pip
             "sampler='ddim' the steps are on the spaced timesteps") in capsys.readouterr().err
 
 
-def test_a_presets_factors_at_another_longer_side_are_warned(tiny_pipe, txt2img, capsys):
-    """Factors are tuned for the preset's scale: another longer side dilates for another one
-    (the shipped presets for it are named); the same longer side at another aspect ratio keeps
-    the scale, as the authors' 2:1 presets take their square ones' factors."""
+def test_a_presets_factors_at_another_size_are_warned(tiny_pipe, txt2img, capsys):
+    """Factors are tuned for the preset's size (the authors' 2048x1024 files differ from their
+    2048x2048 ones): another size gets one warning, naming the shipped presets for it."""
     from ldm.pipeline import Pipeline
 
-    said = ("preset sd2.1_2048x2048 is tuned for 2048x2048; at {} its longer side is 1024, so "
-            "its factors and taus are made for another scale (presets for it: "
-            "sd2.1_1024x1024)")
+    said = ("preset sd2.1_2048x2048 is tuned for 2048x2048; at {} its factors and taus are "
+            "made for another size (presets for it: {})")
 
     def cli(*flags):
         args = txt2img.parse_args(["--preset", "sd2.1_2048x2048", *flags])
         return txt2img.preset_steps_warning(args, txt2img.options_from_args(args))
-    assert cli("--H", "1024", "--W", "1024") == "warning: " + said.format("--W 1024 --H 1024")
-    assert cli("--H", "1024") == cli() == ""  # 2048x1024: the same longer side
+    assert cli("--H", "1024", "--W", "1024") == "warning: " + said.format(
+        "--W 1024 --H 1024", "sd2.1_1024x1024")
+    assert cli("--H", "1024") == "warning: " + said.format("--W 2048 --H 1024",
+                                                           "sd2.1_2048x1024")
+    assert cli() == cli("--H", "2048") == ""
     pipe = Pipeline(tiny_pipe.model)  # (its own warnings: once in its life)
     for _ in range(2):
         pipe.options(preset="sd2.1_2048x2048", H=1024, W=1024)
-    pipe.options(preset="sd2.1_2048x2048", H=1024)
-    assert capsys.readouterr().err.splitlines() == ["warning: " + said.format("W=1024, H=1024")]
+    pipe.options(preset="sd2.1_2048x2048", W=2048)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: " + said.format("W=1024, H=1024", "sd2.1_1024x1024")]
     pipe.options(preset="sd2.1_2048x2048", H=1536, W=1536)  # no preset for it: none named
-    assert capsys.readouterr().err.strip().endswith("made for another scale")
+    assert capsys.readouterr().err.strip().endswith("made for another size")

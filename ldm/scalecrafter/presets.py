@@ -197,30 +197,29 @@ def sampler_mismatch(preset: str, made_for: str, opts, given, sampler_text: str)
 
 
 def scale_mismatch(preset: Preset, opts, given, size_text: str) -> str:
-    """A preset's factors are tuned for its image size: given another longer side (a 2048
-    preset at 1024), they dilate for another scale. The same longer side at another aspect
-    ratio keeps the scale (the authors' 2:1 presets take their square ones' factors). The
-    warning, naming the shipped presets for that longer side, or ''."""
-    side = _longer_side(preset.values)
-    if not ({"H", "W"} & set(given)) or side is None:
+    """A preset's factors are tuned for its image size (the authors' 2048x1024 ones differ
+    from their 2048x2048 ones): given another size, they dilate for another image. The
+    warning, naming the shipped presets for that size, or ''."""
+    size = _size(preset.values)
+    if not ({"H", "W"} & set(given)) or size is None:
         return ""
-    wanted = _longer_side({"H": opts.H, "W": opts.W})
-    if wanted is None or wanted == side:
+    wanted = _size({"H": opts.H, "W": opts.W})
+    if wanted is None or wanted == size:
         return ""
     others = [name for name in list_presets()
-              if _longer_side((other := read_preset(name)).values) == wanted
+              if _size((other := read_preset(name)).values) == wanted
               and other.family == preset.family]
     hint = f" (presets for it: {', '.join(others)})" if others else ""
-    return (f"preset {preset.name} is tuned for {preset.values['W']}x{preset.values['H']}; at "
-            f"{size_text} its longer side is {wanted}, so its factors and taus are made for "
-            f"another scale{hint}")
+    return (f"preset {preset.name} is tuned for {size[0]}x{size[1]}; at {size_text} its "
+            f"factors and taus are made for another size{hint}")
 
 
-def _longer_side(values) -> Optional[int]:
-    sides = [values.get("H"), values.get("W")]
+def _size(values) -> Optional[tuple]:
+    """(W, H), or None where one is not an integer (refused by validate)."""
+    sides = (values.get("W"), values.get("H"))
     if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in sides):
-        return None  # (refused by validate)
-    return max(sides)
+        return None
+    return sides
 
 
 def size_mismatch(preset: Preset, model_side: Optional[int]) -> str:
