@@ -167,8 +167,10 @@ MODEL_VARIANTS = (
     (("ztsnr",), None,
      "a zero-terminal-SNR model (ztsnr), whose rescaled schedule this tool does not apply"),
     (("v_pred",), "eps",
-     "a v-prediction model (v_pred), and the config predicts eps: use a v config (SD 2.x: "
-     "configs/stable-diffusion/v2-inference-v.yaml; sgm configs: VScaling)"),
+     "a v-prediction model (v_pred), and the config predicts eps: use a config that predicts "
+     "v (SD 2.x: configs/stable-diffusion/v2-inference-v.yaml; others: a copy of the "
+     "family's config with `parameterization: v`, or for SDXL the denoiser's scaling_config "
+     "target VScaling)"),
     (("embedder.model.*",), None,
      "an SD 2.1 unCLIP model (embedder.model.*: image variations from a CLIP image "
      "embedding), which txt2img cannot run"),
@@ -188,7 +190,7 @@ def _looks_v_predicting(model, state_dict) -> bool:
     key, threshold = V_PREDICTION_TELLS.get(getattr(model, "family", None), (None, None))
     if key not in state_dict or getattr(model, "parameterization", None) != "eps":
         return False
-    return float(state_dict[key].float().std()) > threshold
+    return float(state_dict[key].float().std(unbiased=False)) > threshold  # (as ComfyUI)
 
 
 # UNet input channels of image-conditioned SD models, which txt2img cannot run.
@@ -357,7 +359,8 @@ class StagedStateDict(InBackground):
     """A file's tensors moved to `device` and their dtype by a thread started at once, so that
     the copies overlap whatever the caller does meanwhile (building the model on the meta
     device). Known extras, always-rebuilt keys and those matching `unread` (patterns of what
-    the model will be built without) are left where they are. `result()` waits for the thread
+    the model will be built without, as far as the caller knows before building it: the VAE
+    encoder, not a text tower's unread weights) are left where they are. `result()` waits for the thread
     (re-raising its error) and returns the state dict, its values replaced."""
 
     def __init__(self, state_dict: Dict[str, torch.Tensor], device, dtype: "DtypeChoice",

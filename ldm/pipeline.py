@@ -33,8 +33,8 @@ from ldm.scalecrafter.schedule import ScaleCrafterSettings
 from ldm.scalecrafter.settings import build_settings
 from ldm.scalecrafter.lean_decode import full_decode
 from ldm.scalecrafter.memory import available_bytes
-from ldm.scalecrafter.presets import (applied_values, read_preset, sampler_mismatch,
-                                      scale_mismatch, size_mismatch, steps_mismatch)
+from ldm.scalecrafter.presets import (applied_values, read_preset, scale_mismatch,
+                                      size_mismatch, steps_mismatch)
 from ldm.scalecrafter.tiled_decode import (default_budget, resolve_tile_size, tile_fits,
                                            tiled_decode)
 from ldm.util import build_model, load_config, model_part_names
@@ -476,10 +476,6 @@ class Pipeline:
         mismatch = steps_mismatch(preset.name, preset.steps, opts, given, f"steps={opts.steps}")
         if mismatch:
             warn_once(self._warned, (preset.path, opts.steps), mismatch)
-        mismatch = sampler_mismatch(preset.name, preset.values.get("sampler", "ddim"), opts,
-                                    given, f"sampler={opts.sampler!r}")
-        if mismatch:
-            warn_once(self._warned, (preset.path, opts.sampler), mismatch)
         mismatch = scale_mismatch(preset, opts, given, f"W={opts.W}, H={opts.H}")
         if mismatch:
             warn_once(self._warned, (preset.path, opts.W, opts.H), mismatch)

@@ -218,17 +218,14 @@ def apply_family_defaults(args, config):
 
 def preset_steps_warning(args, opts) -> str:
     """One line when a preset's taus are run with other --steps (presets.steps_mismatch), one
-    more when with a sampler on another time grid (presets.sampler_mismatch), and one when
-    its factors are run at another longer side (presets.scale_mismatch)."""
-    from ldm.scalecrafter.presets import sampler_mismatch, scale_mismatch, steps_mismatch
+    more when its factors are run at another size (presets.scale_mismatch)."""
+    from ldm.scalecrafter.presets import scale_mismatch, steps_mismatch
 
     given = getattr(args, "explicit", ())
     texts = [steps_mismatch(getattr(args, "preset", None), getattr(args, "preset_steps", None),
                             opts, given, f"--steps {opts.steps}")]
     preset = getattr(args, "preset_object", None)
     if preset is not None:
-        texts.append(sampler_mismatch(preset.name, preset.values.get("sampler", "ddim"), opts,
-                                      given, f"--{opts.sampler}"))
         texts.append(scale_mismatch(preset, opts, given, f"--W {opts.W} --H {opts.H}"))
     return "\n".join(f"warning: {text}" for text in texts if text)
 

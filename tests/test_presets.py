@@ -294,35 +294,6 @@ def test_every_shipped_preset_names_its_models_training_size():
         assert preset.trained_size == TRAINED_SIDES[preset.family], name
 
 
-def test_a_presets_taus_under_a_sampler_on_another_time_grid_are_warned(tiny_pipe, txt2img,
-                                                                           capsys, tmp_path):
-    """The taus count DDIM's spaced steps; DPM-Solver++ keeps its own grid, so the same counts
-    end at other noise levels (the authors tune taus per sampler). PLMS shares DDIM's grid; a
-    caller's own taus are theirs; a preset made for DPM-Solver++ warns the other way."""
-    said = ("preset sd2.1_2048x2048's taus (dilate_tau 37, ndcfg_tau 37) count steps on the "
-            "spaced timesteps (DDIM's, PLMS's); with {} the steps are on DPM-Solver++'s own "
-            "time grid, so they end at other noise levels: tune them for this sampler")
-
-    def cli(*flags):
-        args = txt2img.parse_args(["--preset", "sd2.1_2048x2048", *flags])
-        return txt2img.preset_steps_warning(args, txt2img.options_from_args(args))
-    assert cli("--dpm") == "warning: " + said.format("--dpm")
-    assert cli("--plms") == cli() == cli("--dpm", "--dilate_tau", "37", "--ndcfg_tau", "37") == ""
-    from ldm.pipeline import Pipeline
-    tiny_pipe = Pipeline(tiny_pipe.model)  # (its own warnings: once in its life)
-    for _ in range(2):
-        tiny_pipe.options(preset="sd2.1_2048x2048", sampler="dpm")
-    tiny_pipe.options(preset="sd2.1_2048x2048", sampler="plms")
-    assert capsys.readouterr().err.splitlines() == ["warning: " + said.format("sampler='dpm'")]
-    own = tmp_path / "dpm.yaml"
-    own.write_text("family: sd2\ndpm: true\ndilate: 2\ndilate_tau: 15\n")
-    tiny_pipe.options(preset=str(own))
-    assert capsys.readouterr().err == ""
-    tiny_pipe.options(preset=str(own), sampler="ddim")
-    assert ("taus (dilate_tau 15) count steps on DPM-Solver++'s own time grid; with "
-            "sampler='ddim' the steps are on the spaced timesteps") in capsys.readouterr().err
-
-
 def test_a_presets_factors_at_another_size_are_warned(tiny_pipe, txt2img, capsys):
     """Factors are tuned for the preset's size (the authors' 2048x1024 files differ from their
     2048x2048 ones): another size gets one warning, naming the shipped presets for it."""
@@ -339,6 +310,8 @@ def test_a_presets_factors_at_another_size_are_warned(tiny_pipe, txt2img, capsys
     assert cli("--H", "1024") == "warning: " + said.format("--W 2048 --H 1024",
                                                            "sd2.1_2048x1024")
     assert cli() == cli("--H", "2048") == ""
+    turned = txt2img.parse_args(["--preset", "sd2.1_2048x1024", "--W", "1024", "--H", "2048"])
+    assert txt2img.preset_steps_warning(turned, txt2img.options_from_args(turned)) == ""
     pipe = Pipeline(tiny_pipe.model)  # (its own warnings: once in its life)
     for _ in range(2):
         pipe.options(preset="sd2.1_2048x2048", H=1024, W=1024)
@@ -347,3 +320,15 @@ def test_a_presets_factors_at_another_size_are_warned(tiny_pipe, txt2img, capsys
         "warning: " + said.format("W=1024, H=1024", "sd2.1_1024x1024")]
     pipe.options(preset="sd2.1_2048x2048", H=1536, W=1536)  # no preset for it: none named
     assert capsys.readouterr().err.strip().endswith("made for another size")
+
+
+def test_the_size_warning_reads_quoted_sides_alike(tiny_pipe, txt2img, tmp_path, capsys):
+    from ldm.pipeline import Pipeline
+    preset = tmp_path / "quoted.yaml"
+    preset.write_text("family: sd2\nH: '2048'\nW: '2048'\ndilate: 2\n")
+    args = txt2img.parse_args(["--preset", str(preset), "--H", "1024", "--W", "1024"])
+    cli = txt2img.preset_steps_warning(args, txt2img.options_from_args(args))
+    Pipeline(tiny_pipe.model).options(preset=str(preset), H=1024, W=1024)
+    api = capsys.readouterr().err.strip()
+    assert cli.startswith("warning: preset quoted is tuned for 2048x2048; at --W 1024 --H 1024")
+    assert api.startswith("warning: preset quoted is tuned for 2048x2048; at W=1024, H=1024")

@@ -158,7 +158,7 @@ def steps_mismatch(preset: str, made_for: Optional[int], opts, given, steps_text
         return ""
     covered = min(max(taus.values()), opts.steps)
     return (f"preset {preset} is made for {made_for} steps and its taus count steps "
-            f"({_named(taus)}): with {steps_text} they cover {covered} of {opts.steps}; set "
+            f"({', '.join(f'{name} {tau}' for name, tau in taus.items())}): with {steps_text} they cover {covered} of {opts.steps}; set "
             f"them for this length")
 
 
@@ -171,55 +171,36 @@ def _preset_taus(opts, given) -> Dict[str, Any]:
             if feature and getattr(opts, name) and name not in given}
 
 
-def _named(taus) -> str:
-    return ", ".join(f"{name} {tau}" for name, tau in taus.items())
-
-
-def _own_grid(sampler) -> bool:
-    """Whether a sampler keeps its own time grid rather than the spaced timesteps."""
-    return "timestep_spacing" in SAMPLER_EXCLUDES.get(sampler, ())
-
-
-def sampler_mismatch(preset: str, made_for: str, opts, given, sampler_text: str) -> str:
-    """A preset's taus count the steps of its sampler's time grid (DDIM's and PLMS's spaced
-    timesteps). A sampler with a grid of its own (DPM-Solver++) reaches other noise levels
-    in as many steps, so they end elsewhere; the authors tune taus per sampler. The warning
-    (`sampler_text`: how the caller names the sampler), or '' when the grids agree or no tau
-    of the preset's is on."""
-    taus = _preset_taus(opts, given)
-    if not taus or _own_grid(opts.sampler) == _own_grid(made_for):
-        return ""
-    grids = ("the spaced timesteps (DDIM's, PLMS's)", "DPM-Solver++'s own time grid")
-    theirs, ours = grids[_own_grid(made_for)], grids[_own_grid(opts.sampler)]
-    return (f"preset {preset}'s taus ({_named(taus)}) count steps on {theirs}; with "
-            f"{sampler_text} the steps are on {ours}, so they end at other noise levels: "
-            f"tune them for this sampler")
-
-
 def scale_mismatch(preset: Preset, opts, given, size_text: str) -> str:
     """A preset's factors are tuned for its image size (the authors' 2048x1024 ones differ
-    from their 2048x2048 ones): given another size, they dilate for another image. The
-    warning, naming the shipped presets for that size, or ''."""
-    size = _size(preset.values)
+    from their 2048x2048 ones): given another size, they dilate for another image. The same
+    size turned (1024x2048 for 2048x1024) is the same to them: dilation is the same along
+    both axes. The warning, naming the shipped presets for that size, or ''."""
+    size = _sides(preset.values)
     if not ({"H", "W"} & set(given)) or size is None:
         return ""
-    wanted = _size({"H": opts.H, "W": opts.W})
+    wanted = _sides({"H": opts.H, "W": opts.W})
     if wanted is None or wanted == size:
         return ""
     others = [name for name in list_presets()
-              if _size((other := read_preset(name)).values) == wanted
+              if _sides((other := read_preset(name)).values) == wanted
               and other.family == preset.family]
     hint = f" (presets for it: {', '.join(others)})" if others else ""
-    return (f"preset {preset.name} is tuned for {size[0]}x{size[1]}; at {size_text} its "
-            f"factors and taus are made for another size{hint}")
+    return (f"preset {preset.name} is tuned for {preset.values['W']}x{preset.values['H']}; at "
+            f"{size_text} its factors and taus are made for another size{hint}")
 
 
-def _size(values) -> Optional[tuple]:
-    """(W, H), or None where one is not an integer (refused by validate)."""
-    sides = (values.get("W"), values.get("H"))
-    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in sides):
-        return None
-    return sides
+def _sides(values) -> Optional[tuple]:
+    """The image's sides, shorter first, as integers (a quoted '2048' as txt2img reads it), or
+    None where one is not an integer (refused by validate)."""
+    sides = []
+    for value in (values.get("H"), values.get("W")):
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            return None
+        sides.append(int(value))
+    return tuple(sorted(sides))
 
 
 def size_mismatch(preset: Preset, model_side: Optional[int]) -> str:
