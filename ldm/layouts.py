@@ -71,6 +71,10 @@ PART_NAMES = {"model": "the UNet", "first_stage_model": "the VAE",
               "cond_stage_model": "the text encoder", "conditioner": "the text encoders"}
 
 
+# What to do about a part a file lacks whole, where there is something to do.
+PART_HINTS = {"first_stage_model": ": give a VAE file (txt2img --vae, Pipeline.load(vae_path=))"}
+
+
 # A key prefix only one family's files have -> the family and the config that reads them, to
 # point a file loaded with another family's config to its own.
 FAMILY_MARKERS = {
@@ -293,7 +297,8 @@ def describe_missing(missing: List[str], needed=(), present=()) -> str:
         part = parts.pop()
         lacks_all = len(missing) == sum(k.startswith(part + ".") for k in needed)
         if part in PART_NAMES and lacks_all and not any(k.startswith(part + ".") for k in present):
-            line += f": the file has none of {PART_NAMES[part]} ({part}.*)"
+            line += f": the file has none of {PART_NAMES[part]} ({part}.*)" + PART_HINTS.get(
+                part, "")
     return line
 
 
@@ -474,3 +479,37 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         state_dict.pop(key, None)
     state_dict.clear()  # the extras: nothing of the file outlives the load
     return fitted
+
+
+# A standalone VAE file (vae-ft-mse-840000-ema-pruned, sdxl_vae, ...): its weights' top-level
+# names; what else such files carry (the training loss's discriminator and perceptual net,
+# EMA buffers) is dropped without a word.
+VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+VAE_EXTRAS = ("loss.*", "model_ema.*")
+VAE_PREFIX = "first_stage_model."
+
+
+def with_vae(state_dict: Dict[str, torch.Tensor], vae: Dict[str, torch.Tensor],
+             vae_name="the VAE file") -> Dict[str, torch.Tensor]:
+    """The model file's tensors with its VAE's replaced by a standalone VAE file's (`vae`,
+    keys as such files have them, or under a whole model's `first_stage_model.`). The merged
+    keys then meet the model's rules like any file's (missing weights named, diffusers' old
+    attention names renamed, ...). CheckpointError (one line) for a file that is no VAE."""
+    from ldm.checkpoint import CheckpointError
+
+    if any(k.startswith(VAE_PREFIX) for k in vae):
+        vae = {k[len(VAE_PREFIX):]: v for k, v in vae.items() if k.startswith(VAE_PREFIX)}
+    if any(".up_blocks." in k or ".down_blocks." in k for k in vae):
+        raise CheckpointError(f"{vae_name} is a VAE in diffusers' layout: use its single-file "
+                              f".ckpt / .safetensors (e.g. vae-ft-mse-840000-ema-pruned)")
+    weights = {k: v for k, v in vae.items() if k.startswith(VAE_PARTS)}
+    if not any(k.startswith("decoder.") for k in weights):
+        raise CheckpointError(f"{vae_name} is not a VAE: it has no decoder.* weights")
+    others = [k for k in vae if k not in weights and not _matches(k, VAE_EXTRAS)]
+    if others:
+        warn(f"{vae_name} has {len(others)} keys no VAE uses, ignored: {_key_list(others)}")
+    merged = {k: v for k, v in state_dict.items() if not k.startswith(VAE_PREFIX)}
+    merged.update((VAE_PREFIX + k, v) for k, v in weights.items())
+    state_dict.clear()
+    vae.clear()
+    return merged

@@ -202,6 +202,8 @@ def run_fields(args, opts, kernels=None, file_hashes=None) -> dict:
         fields["n_samples"] = args.n_samples
     if getattr(args, "preset", None):
         fields["Preset"] = args.preset
+    if getattr(args, "vae", None):
+        fields["VAE"] = Path(args.vae).name
     if getattr(args, "from_file", None):
         fields["Prompt file"] = Path(args.from_file).name
         fields["repeat"] = getattr(args, "repeat", 1)
@@ -212,14 +214,15 @@ def run_fields(args, opts, kernels=None, file_hashes=None) -> dict:
 
 def input_file_hashes(args) -> dict:
     """{flag name: short SHA-256} of the files a run reads besides the checkpoint (hashed
-    apart): the config, the prompt file, the ScaleCrafter settings files and transform given.
+    apart): the config, a --vae file, the prompt file, the ScaleCrafter settings files and
+    transform given.
     Their paths alone would not tell an edited file from the one an image was made with.
     The CLI takes them before loading, when it has just read them; one it cannot read is
     'unreadable' (the run itself says why, where it reads it)."""
     from ldm.hashing import short_hash
 
     hashes = {}
-    for name in ("config", "from_file", *SETTINGS_FILES):
+    for name in ("config", "vae", "from_file", *SETTINGS_FILES):
         path = getattr(args, name, None)
         if path:
             try:

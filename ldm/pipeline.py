@@ -390,6 +390,7 @@ class Pipeline:
     def __init__(self, model, device="cpu", config_path=None, ckpt_path=None):
         self.model, self.device = model, torch.device(device)
         self.config_path, self.ckpt_path = config_path, ckpt_path
+        self.vae_path = None  # a standalone VAE file loaded over the model's own (load's)
         self.half_weights = None  # the weight dtype prepare_for_inference chose, if any
         # switches that act while sampling (cuDNN autotuning, cuDNN attention first)
         self.sampling_kernels = {name: False for name in SAMPLING_SWITCHES}
@@ -400,15 +401,16 @@ class Pipeline:
     @classmethod
     def load(cls, config_path, ckpt_path, device="cpu", precision="full",
              cudnn_benchmark=None, cudnn_attention=None, staged_load=None, vae_encoder=True,
-             **layout):
+             vae_path=None, **layout):
         """precision 'autocast' also stores the UNet and text encoder in half precision where
         ldm.precision says so (CUDA); kernel and layout switches: cudnn_benchmark,
         cudnn_attention, channels_last, native_norms (None: ldm.precision.FAST_PATHS' choice
         for the device), compile_unet (off by default); staged_load: copy the weights while
         the model is built (None: ldm.layouts.STAGED_LOADS' choice); vae_encoder=False: the
-        VAE without its encoder (text-to-image never encodes; txt2img loads so)."""
+        VAE without its encoder (text-to-image never encodes; txt2img loads so); vae_path: a
+        standalone VAE file whose weights replace the model file's own (txt2img's --vae)."""
         from ldm.checkpoint import CheckpointMismatch, load_state_dict
-        from ldm.layouts import STAGED_LOADS, StagedStateDict, without_wrapper_prefix
+        from ldm.layouts import STAGED_LOADS, StagedStateDict, with_vae, without_wrapper_prefix
         from ldm.models.autoencoder import AutoencoderKL
         from ldm.modules.encoders.common import register_config_dir
 
@@ -421,6 +423,8 @@ class Pipeline:
         # no cast left to do), copied while the model is built where STAGED_LOADS says so.
         state, policy = load_state_dict(ckpt_path), weight_dtype_policy(device, precision)
         state = without_wrapper_prefix(state, model_part_names(config))
+        if vae_path is not None:
+            state = with_vae(state, load_state_dict(vae_path), f"VAE file {vae_path}")
         if staged_load is None:
             staged_load = STAGED_LOADS.get(torch.device(device).type, False)
         if staged_load:  # (not the encoder's weights, where they are left unread)
@@ -430,10 +434,11 @@ class Pipeline:
         try:
             model = build_model(config, device, state, policy, vae_encoder)
         except CheckpointMismatch as err:  # the files named: the user has several
-            raise err.named(ckpt_path, config_path) from None
+            files = ckpt_path if vae_path is None else f"{ckpt_path} with VAE {vae_path}"
+            raise err.named(files, config_path) from None
         pipe = cls.from_model(model, device, precision, cudnn_benchmark, cudnn_attention,
                               **layout)
-        pipe.config_path, pipe.ckpt_path = config_path, ckpt_path
+        pipe.config_path, pipe.ckpt_path, pipe.vae_path = config_path, ckpt_path, vae_path
         return pipe
 
     @classmethod

@@ -95,6 +95,9 @@ def build_parser(suppress_defaults=False):
         help="model config (standard LDM yaml); a relative path not found here is looked "
              "up in the repository")
     add("--ckpt", type=str, help="model checkpoint (.ckpt or .safetensors)")
+    add("--vae", type=str, default=None,
+        help="a standalone VAE file (.ckpt or .safetensors, e.g. "
+             "vae-ft-mse-840000-ema-pruned) whose weights replace the checkpoint's own VAE")
     add("--seed", type=int, default=d(42), help="seed for reproducible sampling")
     add("--rng", choices=["cpu", "device"], default=d("cpu"),
         help="where noise is drawn: cpu (a seed gives the same image on every device) or "
@@ -546,6 +549,8 @@ def check_inputs(args, opts, config):
         "single-file .ckpt / .safetensors checkpoints the model pages publish)")
     if not first:
         raise UsageError(f"checkpoint {args.ckpt} is empty (0 bytes)")
+    if args.vae:
+        check_readable_file(args.vae, "--vae file")
     check_preset_family(args, config)
     check_latent_shape(config, opts)
     for name in SETTINGS_FILES:
@@ -706,7 +711,8 @@ def load_pipeline(args, timer):
                              precision=args.precision, channels_last=args.channels_last,
                              compile_unet=args.compile, cudnn_benchmark=args.fast_kernels,
                              native_norms=args.fast_kernels,
-                             cudnn_attention=args.cudnn_attention, vae_encoder=False)
+                             cudnn_attention=args.cudnn_attention, vae_encoder=False,
+                             vae_path=args.vae or None)
 
 
 def grid_rows(args) -> int:

@@ -1010,3 +1010,32 @@ def test_a_transform_named_from_the_repository_is_found_from_anywhere_and_hashed
     fields = image_fields(tmp_path / "out" / "samples" / "00000.png")
     assert fields["File hashes"].endswith(f"disperse_settings: {short_hash(settings)}, "
                                           f"disperse_transform: {short_hash(transform)}")
+
+
+def test_a_vae_file_is_taken_and_named_in_the_images(cli, capsys, base, tmp_path):
+    """--vae: the checkpoint's VAE replaced by a standalone file's (here the same weights, so
+    the image is the same), named and hashed in the metadata; a --vae that is not there is one
+    line before any loading."""
+    import numpy as np
+    from PIL import Image
+
+    from ldm.checkpoint import load_state_dict, save_safetensors
+    from ldm.hashing import short_hash
+
+    vae = tmp_path / "vae-ft.safetensors"
+    save_safetensors({k[len("first_stage_model."):]: v for k, v in load_state_dict(
+        TINY_CKPT).items() if k.startswith("first_stage_model.")}, vae)
+    status, lines = call(cli, capsys, base + ["--vae", str(vae)])
+    assert status == 0, lines
+    fields = image_fields(tmp_path / "out" / "samples" / "00000.png")
+    assert fields["VAE"] == "vae-ft.safetensors"
+    assert f"vae: {short_hash(vae)}" in fields["File hashes"]
+    status, lines = call(cli, capsys, base)
+    assert status == 0, lines
+    assert "VAE" not in image_fields(tmp_path / "out" / "samples" / "00001.png")
+    first, second = (np.asarray(Image.open(tmp_path / "out" / "samples" / f"0000{i}.png"))
+                     for i in (0, 1))
+    assert np.array_equal(first, second)
+    status, lines = call(cli, capsys, base + ["--vae", str(tmp_path / "missing.ckpt")])
+    assert status != 0 and lines == [f"error: --vae file {tmp_path / 'missing.ckpt'} does not "
+                                     "exist"]

@@ -224,7 +224,63 @@ def test_a_file_without_its_vae_is_refused_naming_the_part(tmp_path):
              if not k.startswith("first_stage_model.")}
     with pytest.raises(CheckpointError) as error:
         Pipeline.load(SD1_CONFIG, write(tmp_path, "no-vae.ckpt", state))
-    assert str(error.value).endswith(": the file has none of the VAE (first_stage_model.*)")
+    assert str(error.value).endswith(": the file has none of the VAE (first_stage_model.*): "
+                                     "give a VAE file (txt2img --vae, Pipeline.load(vae_path=))")
+
+
+def _vae_file(tmp_path, name="vae.safetensors", shift=0.0, prefix="", extras=()):
+    """The tiny SD 1.x model's VAE as a standalone file (as vae-ft-mse-840000-ema-pruned
+    holds one: encoder, decoder, quant convs), its decoder's output bias moved by `shift`."""
+    state = load_state_dict(SD1_CKPT)
+    vae = {prefix + k[len("first_stage_model."):]: v.float() for k, v in state.items()
+           if k.startswith("first_stage_model.")}  # (fp32, as such files are: exact shifts)
+    vae[prefix + "decoder.conv_out.bias"] += shift
+    vae.update((key, torch.zeros(2)) for key in extras)
+    return write(tmp_path, name, vae, lightning=name.endswith(".ckpt"))
+
+
+def _decoded(pipe):
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return pipe.model.decode_first_stage(z)
+
+
+@pytest.mark.parametrize("prefix", ["", "first_stage_model."])
+def test_a_vae_file_replaces_the_models_own(tmp_path, capsys, prefix):
+    """vae_path (txt2img --vae): a standalone VAE file's weights replace the checkpoint's own,
+    in any container and under a whole model's prefix; its training extras (loss.*) go without
+    a word; a file without its VAE loads with one."""
+    own = Pipeline.load(SD1_CONFIG, SD1_CKPT)
+    vae = _vae_file(tmp_path, "vae.ckpt", shift=0.5, prefix=prefix,
+                    extras=("loss.logvar", "loss.discriminator.main.0.weight"))
+    swapped = Pipeline.load(SD1_CONFIG, SD1_CKPT, vae_path=vae)
+    assert capsys.readouterr().err == ""
+    assert swapped.vae_path == vae
+    assert torch.allclose(_decoded(swapped), _decoded(own) + 0.5, atol=1e-5)  # (the shift)
+    assert unet_error(swapped) <= 1e-4  # the rest is the checkpoint's
+    state = {k: v for k, v in load_state_dict(SD1_CKPT).items()
+             if not k.startswith("first_stage_model.")}
+    without = write(tmp_path, "no-vae.ckpt", state)
+    same = _vae_file(tmp_path, "same.safetensors")
+    assert torch.equal(_decoded(Pipeline.load(SD1_CONFIG, without, vae_path=same)),
+                       _decoded(own))
+
+
+def test_a_vae_file_that_is_none_is_refused_naming_it(tmp_path):
+    from ldm.checkpoint import CheckpointError
+    diffusers = write(tmp_path, "diffusion_pytorch_model.safetensors",
+                      {"decoder.up_blocks.0.resnets.0.conv1.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="is a VAE in diffusers' layout"):
+        Pipeline.load(SD1_CONFIG, SD1_CKPT, vae_path=diffusers)
+    with pytest.raises(CheckpointError, match=r"VAE file .*model\.ckpt is not a VAE: it has no "
+                                              r"decoder\.\* weights"):
+        Pipeline.load(SD1_CONFIG, SD1_CKPT,
+                      vae_path=write(tmp_path, "model.ckpt", {"encoder.x": torch.ones(1)}))
+    vae = load_state_dict(_vae_file(tmp_path))
+    del vae["decoder.conv_in.weight"]
+    with pytest.raises(CheckpointError, match=r"with VAE .*broken\.safetensors does not fit .*"
+                                              r"1 missing key .*decoder\.conv_in\.weight"):
+        Pipeline.load(SD1_CONFIG, SD1_CKPT, vae_path=write(tmp_path, "broken.safetensors", vae))
 
 
 def test_unknown_extras_load_with_one_warning_line(tmp_path, capsys):
