@@ -147,7 +147,8 @@ NOT_A_MODEL = (
      "one whose UNet is there only as EMA copies (model_ema.*): use the model's pruned or "
      "-emaonly file"),
     (("encoder.*", "decoder.*", "quant_conv.*", "post_quant_conv.*", "first_stage_model.*"),
-     "all", "a VAE alone, not a whole model"),
+     "all", "a VAE alone, not a whole model (a VAE goes with --vae / vae_path, beside the "
+            "model's checkpoint)"),
     (("text_model.*", "transformer.*", "cond_stage_model.*", "conditioner.*"), "all",
      "a text encoder alone, not a whole model"),
 )
@@ -484,32 +485,75 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
 # A standalone VAE file (vae-ft-mse-840000-ema-pruned, sdxl_vae, ...): its weights' top-level
 # names; what else such files carry (the training loss's discriminator and perceptual net,
 # EMA buffers) is dropped without a word.
-VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+VAE_PARTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
 VAE_EXTRAS = ("loss.*", "model_ema.*")
 VAE_PREFIX = "first_stage_model."
+# Below this cosine between the file's encoder.conv_in and the checkpoint's own, the two VAEs
+# are unrelated (fine-tunes such as ft-MSE keep the encoder; SD's and SDXL's were trained apart)
+RELATED_ENCODERS = 0.5
 
 
-def with_vae(state_dict: Dict[str, torch.Tensor], vae: Dict[str, torch.Tensor],
-             vae_name="the VAE file") -> Dict[str, torch.Tensor]:
-    """The model file's tensors with its VAE's replaced by a standalone VAE file's (`vae`,
-    keys as such files have them, or under a whole model's `first_stage_model.`). The merged
-    keys then meet the model's rules like any file's (missing weights named, diffusers' old
-    attention names renamed, ...). CheckpointError (one line) for a file that is no VAE."""
+def vae_weights(vae: Dict[str, torch.Tensor], vae_name="the VAE file"):
+    """(weights, family) of a standalone VAE file: its weights under the VAE's own names
+    (`decoder.conv_in.weight`), as such files have them, under a whole model's
+    `first_stage_model.` or a wrapper's prefix; the family a whole model's text towers tell
+    ('an SD 1.x', ...; '' for a VAE alone). CheckpointError (one line) for a file that is no
+    VAE."""
     from ldm.checkpoint import CheckpointError
 
-    if any(k.startswith(VAE_PREFIX) for k in vae):
-        vae = {k[len(VAE_PREFIX):]: v for k, v in vae.items() if k.startswith(VAE_PREFIX)}
-    if any(".up_blocks." in k or ".down_blocks." in k for k in vae):
+    whole_model = {k for k in vae if k.startswith(VAE_PREFIX)}
+    if whole_model:  # (or a VAE saved under that name)
+        vae = {k[len(VAE_PREFIX):] if k in whole_model else k: v for k, v in vae.items()}
+    else:
+        vae = without_wrapper_prefix(vae, VAE_PARTS)
+    if any(k.startswith(("decoder.up_blocks.", "encoder.down_blocks.")) for k in vae):
         raise CheckpointError(f"{vae_name} is a VAE in diffusers' layout: use its single-file "
-                              f".ckpt / .safetensors (e.g. vae-ft-mse-840000-ema-pruned)")
-    weights = {k: v for k, v in vae.items() if k.startswith(VAE_PARTS)}
+                              f".ckpt / .safetensors (e.g. vae-ft-mse-840000-ema-pruned for "
+                              f"SD 1.x / 2.x, sdxl_vae for SDXL)")
+    weights = {k: v for k, v in vae.items() if k.split(".", 1)[0] in VAE_PARTS}
     if not any(k.startswith("decoder.") for k in weights):
         raise CheckpointError(f"{vae_name} is not a VAE: it has no decoder.* weights")
     others = [k for k in vae if k not in weights and not _matches(k, VAE_EXTRAS)]
-    if others:
+    family = _family_of(others) if whole_model else ""
+    if others and not family:
         warn(f"{vae_name} has {len(others)} keys no VAE uses, ignored: {_key_list(others)}")
-    merged = {k: v for k, v in state_dict.items() if not k.startswith(VAE_PREFIX)}
+    vae.clear()
+    return weights, family
+
+
+def with_vae(state_dict: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor],
+             family: str = "", vae_name="the VAE file") -> Dict[str, torch.Tensor]:
+    """The model file's tensors with each VAE part the VAE file has (`vae_weights`' answer)
+    in place of the file's own; the parts it lacks (a decoder-only file's encoder) stay the
+    model file's. The merged keys then meet the model's rules like any file's. The VAE of a
+    whole model of another `family` is refused; one whose encoder is unrelated to the model
+    file's own VAE gets one warning line (another family's latents?)."""
+    from ldm.checkpoint import CheckpointError
+
+    ours = _family_of(state_dict)
+    if family and ours and family != ours:
+        raise CheckpointError(f"{vae_name} is the VAE of {family} model, and the checkpoint is "
+                              f"{ours} model: their latents differ")
+    ours, theirs = state_dict.get(VAE_PREFIX + "encoder.conv_in.weight"), \
+        weights.get("encoder.conv_in.weight")
+    if ours is not None and theirs is not None and ours.shape == theirs.shape:
+        cosine = float(torch.nn.functional.cosine_similarity(
+            ours.double().flatten(), theirs.double().flatten(), dim=0))
+        if cosine < RELATED_ENCODERS:
+            warn(f"{vae_name}'s encoder is unrelated to the checkpoint's own VAE (cosine "
+                 f"{cosine:.2f} of encoder.conv_in.weight): the VAE of another family? SD 1.x "
+                 f"/ 2.x and SDXL latents differ, and images decode wrong")
+    given = {k.split(".", 1)[0] for k in weights}
+    merged = {k: v for k, v in state_dict.items()
+              if not (k.startswith(VAE_PREFIX) and k[len(VAE_PREFIX):].split(".", 1)[0] in given)}
     merged.update((VAE_PREFIX + k, v) for k, v in weights.items())
     state_dict.clear()
-    vae.clear()
+    weights.clear()
     return merged
+
+
+def _family_of(keys) -> str:
+    """The family a file's FAMILY_MARKERS say ('an SD 1.x', ...; SD-Turbo's sgm layout is
+    SD 2.x's), or ''."""
+    return next((family.split(" (")[0] for marker, (family, _config) in FAMILY_MARKERS.items()
+                 if any(k.startswith(marker) for k in keys)), "")

@@ -214,23 +214,40 @@ def run_fields(args, opts, kernels=None, file_hashes=None) -> dict:
 
 def input_file_hashes(args) -> dict:
     """{flag name: short SHA-256} of the files a run reads besides the checkpoint (hashed
-    apart): the config, a --vae file, the prompt file, the ScaleCrafter settings files and
-    transform given.
+    apart): the config, a --vae file (hashed in a background thread, like the checkpoint: a
+    BackgroundShortHash), the prompt file, the ScaleCrafter settings files and transform
+    given.
     Their paths alone would not tell an edited file from the one an image was made with.
     The CLI takes them before loading, when it has just read them; one it cannot read is
     'unreadable' (the run itself says why, where it reads it)."""
-    from ldm.hashing import short_hash
+    from ldm.hashing import BackgroundShortHash, short_hash
 
     hashes = {}
     for name in ("config", "vae", "from_file", *SETTINGS_FILES):
         path = getattr(args, name, None)
-        if path:
+        if path and name == "vae":  # weights, maybe a whole model's: hashed while it loads
+            hashes[name] = BackgroundShortHash(path)
+        elif path:
             try:
                 digest = short_hash(repository_fallback(path))
             except OSError:
                 digest = "unreadable"
             hashes[name.replace("from_file", "from-file")] = digest  # as the flags are named
     return hashes
+
+
+def _resolved(hashes: dict) -> dict:
+    """input_file_hashes' answer with its background hashes' results ('unreadable' for one
+    that failed)."""
+    done = {}
+    for name, digest in hashes.items():
+        if not isinstance(digest, str):
+            try:
+                digest = digest.result()
+            except OSError:
+                digest = "unreadable"
+        done[name] = digest
+    return done
 
 
 def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=None,
@@ -285,7 +302,8 @@ class OutputWriter:
         self.sample_dir = self.outdir / "samples"
         ensure_writable_dir(self.sample_dir)
         self.args, self.opts = args, opts
-        self.file_hashes = input_file_hashes(args) if file_hashes is None else file_hashes
+        self.file_hashes = _resolved(input_file_hashes(args) if file_hashes is None
+                                     else file_hashes)
         self.run_fields = run_fields(args, opts, kernels, self.file_hashes)
         self._ckpt_hash = ckpt_hash
         self.count = self.batches = 0  # images and batches written by this run
@@ -346,6 +364,7 @@ class OutputWriter:
             sidecar = {"prompt": prompt, "parameters": params, "options": asdict(self.opts),
                        "tiles": tile_text(tiles) if tiles is not None else None,
                        "ckpt": str(self.args.ckpt), "ckpt_hash": self.ckpt_hash,
+                       "vae": str(self.args.vae) if getattr(self.args, "vae", None) else None,
                        "config": str(self.args.config), "file_hashes": self.file_hashes,
                        "image": path.name}
             write_new_file(stem.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())

@@ -549,8 +549,9 @@ def check_inputs(args, opts, config):
         "single-file .ckpt / .safetensors checkpoints the model pages publish)")
     if not first:
         raise UsageError(f"checkpoint {args.ckpt} is empty (0 bytes)")
-    if args.vae:
-        check_readable_file(args.vae, "--vae file")
+    if args.vae is not None:
+        check_readable_file(args.vae, "--vae file", " (a diffusers VAE folder? use the VAE's "
+                            "single-file .ckpt / .safetensors)")
     check_preset_family(args, config)
     check_latent_shape(config, opts)
     for name in SETTINGS_FILES:
@@ -712,7 +713,7 @@ def load_pipeline(args, timer):
                              compile_unet=args.compile, cudnn_benchmark=args.fast_kernels,
                              native_norms=args.fast_kernels,
                              cudnn_attention=args.cudnn_attention, vae_encoder=False,
-                             vae_path=args.vae or None)
+                             vae_path=args.vae)
 
 
 def grid_rows(args) -> int:

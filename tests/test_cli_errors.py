@@ -1013,9 +1013,11 @@ def test_a_transform_named_from_the_repository_is_found_from_anywhere_and_hashed
 
 
 def test_a_vae_file_is_taken_and_named_in_the_images(cli, capsys, base, tmp_path):
-    """--vae: the checkpoint's VAE replaced by a standalone file's (here the same weights, so
-    the image is the same), named and hashed in the metadata; a --vae that is not there is one
-    line before any loading."""
+    """--vae: the checkpoint's VAE replaced by a standalone file's (its decoder's output
+    bias moved: a brighter image), named and hashed in the metadata and the JSON sidecar; a
+    --vae that is not there is one line before any loading."""
+    import json
+
     import numpy as np
     from PIL import Image
 
@@ -1023,19 +1025,29 @@ def test_a_vae_file_is_taken_and_named_in_the_images(cli, capsys, base, tmp_path
     from ldm.hashing import short_hash
 
     vae = tmp_path / "vae-ft.safetensors"
-    save_safetensors({k[len("first_stage_model."):]: v for k, v in load_state_dict(
-        TINY_CKPT).items() if k.startswith("first_stage_model.")}, vae)
-    status, lines = call(cli, capsys, base + ["--vae", str(vae)])
+    weights = {k[len("first_stage_model."):]: v.float() for k, v in load_state_dict(
+        TINY_CKPT).items() if k.startswith("first_stage_model.")}
+    weights["decoder.conv_out.bias"] += 0.5
+    save_safetensors(weights, vae)
+    status, lines = call(cli, capsys, base + ["--vae", str(vae), "--metadata", "json"])
     assert status == 0, lines
     fields = image_fields(tmp_path / "out" / "samples" / "00000.png")
     assert fields["VAE"] == "vae-ft.safetensors"
     assert f"vae: {short_hash(vae)}" in fields["File hashes"]
+    sidecar = json.loads((tmp_path / "out" / "samples" / "00000.json").read_text())
+    assert sidecar["vae"] == str(vae)
     status, lines = call(cli, capsys, base)
     assert status == 0, lines
     assert "VAE" not in image_fields(tmp_path / "out" / "samples" / "00001.png")
-    first, second = (np.asarray(Image.open(tmp_path / "out" / "samples" / f"0000{i}.png"))
-                     for i in (0, 1))
-    assert np.array_equal(first, second)
+    swapped, own = (np.asarray(Image.open(tmp_path / "out" / "samples" / f"0000{i}.png"),
+                               dtype=np.float64) for i in (0, 1))
+    assert swapped.mean() > own.mean() + 20  # (+0.5 of the [-1, 1] range: ~64 levels)
     status, lines = call(cli, capsys, base + ["--vae", str(tmp_path / "missing.ckpt")])
     assert status != 0 and lines == [f"error: --vae file {tmp_path / 'missing.ckpt'} does not "
                                      "exist"]
+    status, lines = call(cli, capsys, base + ["--vae", ""])
+    assert status != 0 and lines == ["error: --vae file: an empty path was given"]
+    status, lines = call(cli, capsys, base + ["--vae", str(tmp_path)])
+    assert status != 0 and lines == [f"error: --vae file {tmp_path} is a folder, not a file (a "
+                                     "diffusers VAE folder? use the VAE's single-file .ckpt / "
+                                     ".safetensors)"]

@@ -235,7 +235,7 @@ def _vae_file(tmp_path, name="vae.safetensors", shift=0.0, prefix="", extras=())
     vae = {prefix + k[len("first_stage_model."):]: v.float() for k, v in state.items()
            if k.startswith("first_stage_model.")}  # (fp32, as such files are: exact shifts)
     vae[prefix + "decoder.conv_out.bias"] += shift
-    vae.update((key, torch.zeros(2)) for key in extras)
+    vae.update((prefix + key, torch.zeros(2)) for key in extras)
     return write(tmp_path, name, vae, lightning=name.endswith(".ckpt"))
 
 
@@ -245,25 +245,69 @@ def _decoded(pipe):
         return pipe.model.decode_first_stage(z)
 
 
-@pytest.mark.parametrize("prefix", ["", "first_stage_model."])
-def test_a_vae_file_replaces_the_models_own(tmp_path, capsys, prefix):
+@pytest.fixture(scope="module")
+def sd1_own():
+    return Pipeline.load(SD1_CONFIG, SD1_CKPT)
+
+
+@pytest.mark.parametrize("prefix, load", [
+    ("", {}), ("first_stage_model.", {}),
+    ("module.", {"staged_load": True, "vae_encoder": False})])  # (txt2img's load on CUDA)
+def test_a_vae_file_replaces_the_models_own(tmp_path, capsys, prefix, load, sd1_own):
     """vae_path (txt2img --vae): a standalone VAE file's weights replace the checkpoint's own,
-    in any container and under a whole model's prefix; its training extras (loss.*) go without
-    a word; a file without its VAE loads with one."""
-    own = Pipeline.load(SD1_CONFIG, SD1_CKPT)
+    in any container, under a whole model's prefix or a wrapper's; its training extras (loss.*,
+    EMA buffers) go without a word; a file without its VAE loads with one."""
+    own = sd1_own
     vae = _vae_file(tmp_path, "vae.ckpt", shift=0.5, prefix=prefix,
-                    extras=("loss.logvar", "loss.discriminator.main.0.weight"))
-    swapped = Pipeline.load(SD1_CONFIG, SD1_CKPT, vae_path=vae)
-    assert capsys.readouterr().err == ""
+                    extras=("loss.logvar", "loss.discriminator.main.0.weight",
+                            "model_ema.decay", "model_ema.num_updates"))
+    swapped = Pipeline.load(SD1_CONFIG, SD1_CKPT, vae_path=vae, **load)
+    err = capsys.readouterr().err
+    assert err == ("warning: checkpoint keys carry the prefix 'module.', which the model's "
+                   "lack: stripped\n" if prefix == "module." else "")
     assert swapped.vae_path == vae
     assert torch.allclose(_decoded(swapped), _decoded(own) + 0.5, atol=1e-5)  # (the shift)
     assert unet_error(swapped) <= 1e-4  # the rest is the checkpoint's
+
+
+def test_a_file_without_its_vae_loads_with_a_vae_file(tmp_path, sd1_own):
     state = {k: v for k, v in load_state_dict(SD1_CKPT).items()
              if not k.startswith("first_stage_model.")}
     without = write(tmp_path, "no-vae.ckpt", state)
     same = _vae_file(tmp_path, "same.safetensors")
     assert torch.equal(_decoded(Pipeline.load(SD1_CONFIG, without, vae_path=same)),
-                       _decoded(own))
+                       _decoded(sd1_own))
+
+
+def test_a_decoder_only_vae_file_keeps_the_checkpoints_encoder(tmp_path, sd1_own):
+    own = sd1_own
+    vae = load_state_dict(_vae_file(tmp_path, shift=0.5))
+    decoder_only = {k: v for k, v in vae.items() if k.startswith(("decoder.", "post_quant"))}
+    path = write(tmp_path, "decoder.safetensors", decoder_only)
+    swapped = Pipeline.load(SD1_CONFIG, SD1_CKPT, vae_path=path)
+    assert torch.allclose(_decoded(swapped), _decoded(own) + 0.5, atol=1e-5)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(swapped.model.encode_first_stage(image),
+                           own.model.encode_first_stage(image))
+
+
+def test_another_familys_vae_is_refused_or_warned(tmp_path, capsys):
+    """SD 1.x / 2.x and SDXL VAEs have the same keys and shapes but not the same latents. A
+    whole model's VAE says its family by its text towers: refused. A VAE alone whose encoder
+    is unrelated to the checkpoint's own (fine-tunes such as ft-MSE keep the encoder): one
+    warning line. The tiny SD 1.x and SDXL VAEs are random, hence unrelated."""
+    from ldm.checkpoint import CheckpointError
+    xl = REF / "tiny-sdxl" / "tiny-sdxl.yaml"
+    with pytest.raises(CheckpointError, match=r"VAE file .*tiny-sd15\.ckpt is the VAE of an SD "
+                                              r"1\.x model, and the checkpoint is an SDXL model"):
+        Pipeline.load(xl, XL_FILE, vae_path=SD1_CKPT)
+    Pipeline.load(xl, XL_FILE, vae_path=_vae_file(tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: VAE file ") and \
+        "encoder is unrelated to the checkpoint's own VAE (cosine " in err[0]
+    Pipeline.load(SD1_CONFIG, SD1_CKPT, vae_path=SD1_CKPT)  # its own family: taken, silently
+    assert capsys.readouterr().err == ""
 
 
 def test_a_vae_file_that_is_none_is_refused_naming_it(tmp_path):
@@ -359,9 +403,15 @@ def test_a_v_prediction_file_under_the_eps_config_is_warned(tmp_path, capsys):
     threshold = 0.09  # (ComfyUI's)
     assert key in json.loads((REF / "sd21-v2-inference.keys.json").read_text())
     state = load_state_dict(TINY_CKPT)
-    spread = float(state[key].float().std(unbiased=False))
+    bias = state[key].float()
+    spread = float(bias.std(unbiased=False))
     assert spread < threshold  # (the tiny file: eps-like)
-    state[key] = state[key] * (2.5 * threshold / spread)
+    # just under the threshold, as ComfyUI computes the spread (the sample std is above it)
+    state[key] = bias * (0.9995 * threshold / spread)
+    assert float(state[key].std()) > threshold
+    Pipeline.load(TINY_CONFIG, write(tmp_path, "v2-1_512-base-like.ckpt", state))
+    assert capsys.readouterr().err == ""
+    state[key] = bias * (1.0005 * threshold / spread)
     path = write(tmp_path, "v2-1_768-ema-pruned.ckpt", state)
     Pipeline.load(TINY_CONFIG, path)
     assert capsys.readouterr().err.strip().splitlines() == [

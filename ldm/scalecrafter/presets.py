@@ -195,8 +195,11 @@ def _sides(values) -> Optional[tuple]:
     None where one is not an integer (refused by validate)."""
     sides = []
     for value in (values.get("H"), values.get("W")):
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
+        if isinstance(value, str):
+            try:
+                value = int(value)  # (as the flag's type reads it: '+2048', '2_048')
+            except ValueError:
+                return None
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             return None
         sides.append(int(value))
