@@ -366,8 +366,8 @@ class StagedStateDict(InBackground):
     the copies overlap whatever the caller does meanwhile (building the model on the meta
     device). Known extras, always-rebuilt keys and those matching `unread` (patterns of what
     the model will be built without, as far as the caller knows before building it: the VAE
-    encoder, not a text tower's unread weights) are left where they are. `result()` waits for the thread
-    (re-raising its error) and returns the state dict, its values replaced."""
+    encoder, not a text tower's unread weights) are left where they are. `result()` waits for
+    the thread (re-raising its error) and returns the state dict, its values replaced."""
 
     def __init__(self, state_dict: Dict[str, torch.Tensor], device, dtype: "DtypeChoice",
                  unread=()):
@@ -530,10 +530,10 @@ def with_vae(state_dict: Dict[str, torch.Tensor], weights: Dict[str, torch.Tenso
     file's own VAE gets one warning line (another family's latents?)."""
     from ldm.checkpoint import CheckpointError
 
-    ours = _family_of(state_dict)
-    if family and ours and family != ours:
+    checkpoint_family = _family_of(state_dict)
+    if family and checkpoint_family and family != checkpoint_family:
         raise CheckpointError(f"{vae_name} is the VAE of {family} model, and the checkpoint is "
-                              f"{ours} model: their latents differ")
+                              f"{checkpoint_family} model: their latents differ")
     ours, theirs = state_dict.get(VAE_PREFIX + "encoder.conv_in.weight"), \
         weights.get("encoder.conv_in.weight")
     if ours is not None and theirs is not None and ours.shape == theirs.shape:

@@ -157,9 +157,9 @@ def steps_mismatch(preset: str, made_for: Optional[int], opts, given, steps_text
     if opts.steps == made_for or not taus:
         return ""
     covered = min(max(taus.values()), opts.steps)
-    return (f"preset {preset} is made for {made_for} steps and its taus count steps "
-            f"({', '.join(f'{name} {tau}' for name, tau in taus.items())}): with {steps_text} they cover {covered} of {opts.steps}; set "
-            f"them for this length")
+    named = ", ".join(f"{name} {tau}" for name, tau in taus.items())
+    return (f"preset {preset} is made for {made_for} steps and its taus count steps ({named}): "
+            f"with {steps_text} they cover {covered} of {opts.steps}; set them for this length")
 
 
 def _preset_taus(opts, given) -> Dict[str, Any]:
