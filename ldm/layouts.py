@@ -71,6 +71,10 @@ PART_NAMES = {"model": "the UNet", "first_stage_model": "the VAE",
               "cond_stage_model": "the text encoder", "conditioner": "the text encoders"}
 
 
+# What the UNets of distilled models (SSD-1B, Vega, KOALA: SDXL with transformer blocks taken
+# out) lack, when every missing weight is one of these.
+DISTILLED_GAPS = ("model.diffusion_model.*.transformer_blocks.*",)
+
 # What to do about a part a file lacks whole, where there is something to do.
 PART_HINTS = {"first_stage_model": ": give a VAE file (txt2img --vae, Pipeline.load(vae_path=))"}
 
@@ -293,6 +297,9 @@ def describe_missing(missing: List[str], needed=(), present=()) -> str:
     family = _other_family(needed, present)
     if family:
         return line + f": the file looks like {family[0]} checkpoint, use --config {family[1]}"
+    if all(_matches(key, DISTILLED_GAPS) for key in missing):
+        return line + (": its UNet has fewer transformer blocks than the config builds (a "
+                       "distilled model such as SSD-1B or Vega?), which this tool does not run")
     parts = {key.split(".", 1)[0] for key in missing}
     if len(parts) == 1 and needed:
         part = parts.pop()

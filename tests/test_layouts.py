@@ -684,6 +684,21 @@ def test_the_sdxl_refiner_is_named_and_refused(tmp_path, config):
         Pipeline.load(config, path)
 
 
+def test_a_distilled_sdxl_is_named(tmp_path):
+    """SSD-1B, Vega: SDXL's layout with transformer blocks taken out of the UNet."""
+    state = {k: v for k, v in load_state_dict(XL_FILE).items()
+             if ".1.transformer_blocks.1." not in k}
+    with pytest.raises(CheckpointError, match=r"missing keys .*: its UNet has fewer transformer "
+                                              r"blocks than the config builds \(a distilled"):
+        Pipeline.load(REF / "tiny-sdxl" / "tiny-sdxl.yaml", write(tmp_path, "ssd.safetensors",
+                                                                  state))
+    del state["model.diffusion_model.out.2.weight"]  # another gap too: no such guess
+    with pytest.raises(CheckpointError) as error:
+        Pipeline.load(REF / "tiny-sdxl" / "tiny-sdxl.yaml", write(tmp_path, "cut.safetensors",
+                                                                  state))
+    assert "fewer transformer blocks" not in str(error.value)
+
+
 @pytest.mark.parametrize("markers, says", [
     (("edm_mean", "edm_std"), "is a Playground v2.5 model"),
     (("edm_vpred.sigma_max", "edm_vpred.sigma_min"), "is a v-prediction model sampled by EDM"),
