@@ -473,6 +473,14 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         warn("the weights look like a v-prediction model (SD 2.x 768-v), but the config "
              "predicts eps, which makes noise: use configs/stable-diffusion/v2-inference-v.yaml")
     unknown = [k for k in state_dict if k not in expected and not _matches(k, extras)]
+    baked = [k for k in unknown if k.split(".", 1)[0] in VAE_PARTS]
+    if baked and any(k.startswith(VAE_PREFIX) for k in expected):
+        # sd-webui-model-converter's "bake in VAE" wrote the new VAE without its prefix
+        warn(f"checkpoint also carries a VAE without the first_stage_model. prefix ("
+             f"{len(baked)} keys, a baked-in VAE?), ignored: the first_stage_model.* one "
+             f"decodes; to decode with the other, save it as a file of its own and give it "
+             f"with --vae")
+        unknown = [k for k in unknown if k not in baked]
     if unknown:
         warn(f"checkpoint has {len(unknown)} keys this model does not use, ignored: "
              f"{_key_list(unknown)}")

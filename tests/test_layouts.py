@@ -628,6 +628,20 @@ def test_a_weight_of_another_shape_is_reshaped_only_where_the_table_says(tmp_pat
         Pipeline.load(TINY_CONFIG, write(tmp_path, "odd.ckpt", state))
 
 
+def test_a_baked_in_vae_without_its_prefix_is_named(tmp_path, capsys, sd1_own):
+    """sd-webui-model-converter's "bake in VAE" added the new VAE's keys without the
+    first_stage_model. prefix, beside the old VAE: the prefixed one decodes (as A1111 loads
+    it), and one warning line says what the other keys are."""
+    state = load_state_dict(SD1_CKPT)
+    state.update((k[len("first_stage_model."):], v.float() + 1) for k, v in list(state.items())
+                 if k.startswith("first_stage_model."))
+    pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "baked.safetensors", state))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "warning: checkpoint also carries a VAE without the first_stage_model. prefix (")
+    assert torch.equal(_decoded(pipe), _decoded(sd1_own))
+
+
 def test_a_decoding_only_load_goes_without_the_vae_encoder(tmp_path, capsys, tiny_pipe,
                                                             monkeypatch):
     """vae_encoder=False (txt2img's load): no encoder weights are held (nor staged onto the
