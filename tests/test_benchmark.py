@@ -43,8 +43,11 @@ def test_tiny_run_writes_json_and_table(bench, tmp_path, capsys, one_thread):
     for key in ("redilation_step_ratio", "ndcfg_step_ratio", "tiled_decode_time_ratio",
                 "tiled_decode_time_ratio_seed_tiling"):
         assert _number(report[key]) and report[key] > 0, key
-    # peaks above the baseline are a few pages at this size: in-process, only the type is stable
-    assert _number(report["tiled_decode_peak_ratio"])
+    # peaks above the baseline are a few pages at this size, or none (the peak starts over at
+    # the baseline, and freed memory is reused): in-process, a ratio or none is all that holds
+    ratio = report["tiled_decode_peak_ratio"]
+    assert _number(ratio) or (ratio is None and report["details"]["decode_full"][
+        "peak_above_baseline_gb"] <= 0)
     assert report["device"] == "cpu"
     assert list(report["unet_cfg_call"]) == ["8"]
     call = report["unet_cfg_call"]["8"]

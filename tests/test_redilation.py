@@ -230,6 +230,27 @@ def test_single_tile_is_the_full_decode(tiny_pipe):
     assert rel_err(synced, full) > 1e-4
 
 
+def test_a_single_tile_is_decoded_by_the_banded_decoder(tiny_pipe, monkeypatch):
+    """One tile is the whole map: the banded decoder (a fraction of the memory) decodes it,
+    with SyncGN's n/(n-1) variance when synced; several tiles keep the tiled path."""
+    import ldm.scalecrafter.lean_decode as lean
+
+    made, original = [], lean.LeanDecoder.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self.unbiased)
+    monkeypatch.setattr(lean.LeanDecoder, "__init__", spy)
+    z = torch.randn(1, 4, 12, 20, generator=torch.Generator().manual_seed(1))
+    vae = tiny_pipe.model.first_stage_model
+    with torch.no_grad():
+        for sync in (True, False):
+            tiled_decode(vae, z, 0, sync, tile_size=(12, 20))
+        assert made == [True, False]
+        tiled_decode(vae, z, 0, True, tile_size=(12, 10))
+    assert made == [True, False]
+
+
 def pointwise_vae(vae):
     """A copy of the VAE whose 3x3 kernels keep only their centre tap: every layer but the
     GroupNorms is then pixel-local, so a tile border changes nothing but the norm statistics."""

@@ -52,10 +52,11 @@ class Moments:
         mean = sum(n * m for n, m, _ in self.parts) / total
         return total, mean, sum(m2 + n * (m - mean) ** 2 for n, m, m2 in self.parts)
 
-    def normalizer(self, norm: nn.GroupNorm):
-        """x band -> silu(GroupNorm(x)) with the whole map's statistics, as a new tensor."""
+    def normalizer(self, norm: nn.GroupNorm, unbiased: bool = False):
+        """x band -> silu(GroupNorm(x)) with the whole map's statistics, as a new tensor;
+        unbiased: the variance with the n/(n-1) correction (one tile of the reference SyncGN)."""
         total, mean, m2 = self.merged()
-        var = m2 / total
+        var = m2 / (total - 1 if unbiased else total)
         per_group = norm.num_channels // self.groups
         inv_std = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, dim=1)
         mean_c = mean.repeat_interleave(per_group, dim=1)
@@ -246,11 +247,14 @@ def materialize(src, epilogue=None, band_bytes: int = BAND_BYTES):
 
 class LeanDecoder:
     """Runs one decoder on one latent; `budget` (bytes) decides where memory is traded for
-    recomputation (None: never)."""
+    recomputation (None: never); unbiased: the decoder's GroupNorms (not its attention's) with
+    the n/(n-1) variance, as one SyncGN tile normalises."""
 
-    def __init__(self, decoder, budget: Optional[float] = None, band_bytes: int = BAND_BYTES):
+    def __init__(self, decoder, budget: Optional[float] = None, band_bytes: int = BAND_BYTES,
+                 unbiased: bool = False):
         self.dec, self.budget, self.band_bytes = decoder, budget, band_bytes
         self.groups = decoder.norm_out.num_groups
+        self.unbiased = unbiased
 
     def _fits(self, nbytes) -> bool:
         """Whether maps of nbytes, plus the band temporaries beside them (a few bands of the
@@ -281,7 +285,7 @@ class LeanDecoder:
     def resnet(self, block: ResnetBlock, x, mx: Moments):
         """One ResNet block (no time embedding in a decoder): (output Dense, its moments)."""
         assert not hasattr(block, "temb_proj") and not block.dropout.p, "inference decoder only"
-        norm1 = mx.normalizer(block.norm1)
+        norm1 = mx.normalizer(block.norm1, self.unbiased)
         cin, cout = block.norm1.num_channels, block.conv2.out_channels
         per_channel = x.shape[0] * x.shape[2] * x.shape[3] * 4  # bytes of one fp32 channel
         if (isinstance(x, Dense) and block.identity_shortcut
@@ -289,7 +293,7 @@ class LeanDecoder:
             return self._resnet_recompute(block, x, norm1)
         h, mh = self.conv_map(x, block.conv1, norm1)
         m = Moments(self.groups)
-        out = banded_residual(h.t, block.conv2, mh.normalizer(block.norm2),
+        out = banded_residual(h.t, block.conv2, mh.normalizer(block.norm2, self.unbiased),
                               lambda r0, r1: block.shortcut(x.rows(r0, r1)), self._tally(m),
                               rows=min(self._band_rows(x), self._band_rows(h)))
         return Dense(out), m
@@ -299,7 +303,7 @@ class LeanDecoder:
         output band recomputes the hidden rows it needs (one halo row more) and overwrites x."""
         mh = self.moments(Convolved(x, block.conv1, norm1))
         m = Moments(self.groups)
-        out = residual_recomputed(x.t, block, norm1, mh.normalizer(block.norm2),
+        out = residual_recomputed(x.t, block, norm1, mh.normalizer(block.norm2, self.unbiased),
                                   self._band_rows(x), self._tally(m))
         return Dense(out), m
 
@@ -337,17 +341,19 @@ class LeanDecoder:
                 x, mx = self.upsample(up.upsample, x, following)
         if dec.give_pre_end:
             return x.t if isinstance(x, Dense) else x.rows(0, x.shape[2])
-        out, _ = self.conv_map(x, dec.conv_out, mx.normalizer(dec.norm_out), moments=False)
+        out, _ = self.conv_map(x, dec.conv_out, mx.normalizer(dec.norm_out, self.unbiased),
+                               moments=False)
         return torch.tanh_(out.t) if dec.tanh_out else out.t
 
 
 @torch.no_grad()
 def lean_decode(autoencoder, z, budget_bytes: Optional[float] = None,
-                band_bytes: int = BAND_BYTES, tick=None):
+                band_bytes: int = BAND_BYTES, tick=None, unbiased: bool = False):
     """autoencoder.decode(z), band by band (see the module's docstring). budget_bytes: memory
-    above which layers recompute rather than store (None: store everything)."""
+    above which layers recompute rather than store (None: store everything); unbiased: see
+    LeanDecoder."""
     post = autoencoder.post_quant_conv(z)
-    return LeanDecoder(autoencoder.decoder, budget_bytes, band_bytes)(post, tick)
+    return LeanDecoder(autoencoder.decoder, budget_bytes, band_bytes, unbiased)(post, tick)
 
 
 # The plain decode's peak above its weights, in units of its largest activation (an upsampled
@@ -376,16 +382,17 @@ def plain_decode_bytes(decoder, height: int, width: int, batch: int = 1) -> int:
 
 
 def full_decode(autoencoder, z, budget_bytes: Optional[float] = None, lean: bool = True,
-                progress: bool = False):
+                progress: bool = False, unbiased: bool = False):
     """The untiled decode: the banded decoder within the budget (default: a share of the free
     memory), or the plain one with lean=False. Banded on every device, so that the free memory
     never picks the decoder (the two agree to float tolerance, not bit for bit); the budget
     only decides what it recomputes, which moves the last bits at most. It takes about the
     plain decoder's time (0.88x at 2048² on an H200, ~6% more CPU time on the CPU) at a
-    fraction of its peak. progress: a bar over the decoder's blocks."""
+    fraction of its peak. progress: a bar over the decoder's blocks. unbiased (banded only):
+    one SyncGN tile's n/(n-1) variance (LeanDecoder)."""
     budget = default_budget(z.device) if budget_bytes is None else budget_bytes
     with progress_bar(total=decoder_ticks(autoencoder.decoder), desc="Decoding",
                       disable=not progress) as bar:
         if not lean:
             return autoencoder.decode(z, bar.update)
-        return lean_decode(autoencoder, z, budget, tick=bar.update)
+        return lean_decode(autoencoder, z, budget, tick=bar.update, unbiased=unbiased)

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
 from ldm.progress import progress_bar
 from ldm.scalecrafter.lean_decode import (Convolved, Dense, Upsampled, band_rows, banded_conv,
-                                          banded_residual, group_moments, largest_activation,
-                                          map_moments, materialize, residual_recomputed)
+                                          banded_residual, full_decode, group_moments,
+                                          largest_activation, map_moments, materialize,
+                                          residual_recomputed)
 from ldm.scalecrafter.memory import available_bytes, default_budget
 
 SCALE = 8  # image pixels per latent pixel
@@ -445,6 +446,11 @@ def tiled_decode(autoencoder, z, overlap: int = 8, sync_gn: bool = True, tile_si
     budget = default_budget(z.device) if budget_bytes is None else budget_bytes
     th, tw = resolve_tile_size(autoencoder, z, tile_size, overlap, budget)
     rows, cols = plan_axis(z.shape[2], th, overlap), plan_axis(z.shape[3], tw, overlap)
+    if len(rows) == len(cols) == 1:
+        # One tile is the whole latent, its statistics the map's (SyncGN's with the n/(n-1)
+        # variance): the banded decoder computes them within a fraction of the memory.
+        return full_decode(autoencoder, z, budget, lean=True, progress=progress,
+                           unbiased=sync_gn)
     working = tile_working_bytes(autoencoder.decoder, rows[0].stop, cols[0].stop, z.shape[0])
     room = max(budget - working, 0)
     keep = {True: 0, False: math.inf}.get(offload, room)
