@@ -153,15 +153,19 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return head[8:9] == b"{" and 0 < header_len <= size - 8
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path, skip=None) -> dict[str, torch.Tensor]:
     try:
+        from safetensors import safe_open
         from safetensors.torch import load_file
     except ImportError:  # pragma: no cover - safetensors is a dependency
         raise CheckpointError(
             f"cannot load {path}: the 'safetensors' package is not installed"
         ) from None
     try:
-        return load_file(str(path), device="cpu")
+        if skip is None:
+            return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if not skip(k)}
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} is not a valid safetensors file (truncated or corrupt): "
@@ -360,7 +364,8 @@ def _key_text(key) -> str:
     return repr(key) if isinstance(key, (str, int)) else f"<{type(key).__name__}>"
 
 
-def load_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+def load_state_dict(path: PathLike, *, trust_pickle: bool = False,
+                    skip=None) -> dict[str, torch.Tensor]:
     """Load the tensors of a checkpoint onto the CPU without running its code.
 
     ``.safetensors`` files (or files whose content is safetensors) are read
@@ -373,6 +378,9 @@ def load_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, 
     full pickle (ARBITRARY CODE EXECUTION) -- only for files you trust; meant
     for ``scripts/convert_checkpoint.py --trust-pickle``.
 
+    ``skip``: a key -> bool predicate of tensors not wanted (``.safetensors`` files never read
+    them; zip checkpoints are memory-mapped, so theirs are never read either).
+
     Raises :class:`CheckpointError` with a one-line message on any failure.
     """
     path = Path(path)
@@ -380,10 +388,11 @@ def load_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, 
     # the content decides, not the name (a .ckpt renamed .safetensors loads as what it is)
     if _looks_like_safetensors(head, size) or (_named_safetensors(path)
                                                and not _is_torch_save(head)):
-        obj: Any = _load_safetensors(path)
+        obj: Any = _load_safetensors(path, skip)
     else:
         obj = _torch_load_pickled(path, trust_pickle)
-    return _extract_tensors(path, obj)
+    tensors = _extract_tensors(path, obj)
+    return tensors if skip is None else {k: v for k, v in tensors.items() if not skip(k)}
 
 
 # ---------------------------------------------------------------------------

@@ -508,6 +508,12 @@ VAE_PREFIX = "first_stage_model."
 RELATED_ENCODERS = 0.5
 
 
+def unet_weight(key: str) -> bool:
+    """A whole model's UNet weight, never needed of a file given for its VAE (most of its
+    bytes: load_state_dict(..., skip=unet_weight) does not read them)."""
+    return key.startswith("model.diffusion_model.")
+
+
 def vae_weights(vae: Dict[str, torch.Tensor], vae_name="the VAE file"):
     """(weights, family) of a standalone VAE file: its weights under the VAE's own names
     (`decoder.conv_in.weight`), as such files have them, under a whole model's

@@ -410,8 +410,8 @@ class Pipeline:
         VAE without its encoder (text-to-image never encodes; txt2img loads so); vae_path: a
         standalone VAE file whose weights replace the model file's own (txt2img's --vae)."""
         from ldm.checkpoint import CheckpointMismatch, load_state_dict
-        from ldm.layouts import (STAGED_LOADS, StagedStateDict, vae_weights, with_vae,
-                                 without_wrapper_prefix)
+        from ldm.layouts import (STAGED_LOADS, StagedStateDict, unet_weight, vae_weights,
+                                 with_vae, without_wrapper_prefix)
         from ldm.models.autoencoder import AutoencoderKL
         from ldm.modules.encoders.common import register_config_dir
 
@@ -424,7 +424,8 @@ class Pipeline:
         # no cast left to do), copied while the model is built where STAGED_LOADS says so.
         if vae_path is not None:  # (read first: a file that is no VAE fails at once)
             vae_name = f"VAE file {vae_path}"
-            vae, vae_family = vae_weights(load_state_dict(vae_path), vae_name)
+            vae, vae_family = vae_weights(load_state_dict(vae_path, skip=unet_weight),
+                                          vae_name)
         state, policy = load_state_dict(ckpt_path), weight_dtype_policy(device, precision)
         state = without_wrapper_prefix(state, model_part_names(config))
         if vae_path is not None:

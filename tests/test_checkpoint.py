@@ -927,3 +927,40 @@ def test_another_familys_file_is_named_with_its_config(config, ckpt, family, use
     message = str(error.value)
     assert f"the file looks like {family} checkpoint, use --config " in message, message
     assert use in message and "has none of" not in message and "\n" not in message
+
+
+def test_skipped_tensors_are_not_read(tmp_path, monkeypatch):
+    """load_state_dict(skip=...): the keys a caller does not want (a whole model's UNet, when
+    only its VAE is wanted) are left out, and a .safetensors file's are never read."""
+    import safetensors
+
+    sd = _sample_state_dict()
+    unwanted = sorted(sd)[:2]
+    skip = lambda key: key in unwanted  # noqa: E731
+    read, opened = [], safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.inner = opened(*args, **kwargs)
+
+        def __enter__(self):
+            self.f = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.f.get_tensor(key)
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    path = tmp_path / "model.safetensors"
+    save_safetensors(sd, path)
+    got = load_state_dict(path, skip=skip)
+    assert set(got) == set(sd) - set(unwanted) and set(read) == set(got)
+    _assert_same(got, {k: v for k, v in sd.items() if k not in unwanted})
+    torch.save({"state_dict": sd}, tmp_path / "model.ckpt")
+    assert set(load_state_dict(tmp_path / "model.ckpt", skip=skip)) == set(sd) - set(unwanted)

@@ -307,6 +307,7 @@ def test_another_familys_vae_is_refused_or_warned(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("warning: VAE file ") and \
         "encoder is unrelated to the checkpoint's own VAE (cosine " in err[0]
     Pipeline.load(SD1_CONFIG, SD1_CKPT, vae_path=SD1_CKPT)  # its own family: taken, silently
+    Pipeline.load(xl, XL_FILE, vae_path=XL_FILE)  # (a .safetensors: its UNet left unread)
     assert capsys.readouterr().err == ""
 
 
