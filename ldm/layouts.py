@@ -139,6 +139,11 @@ TRANSPOSED_RENAMES = (
      "conditioner.embedders.1.model.text_projection"),
 )
 
+# The VAE's weights' top-level names (a standalone VAE file's keys), and its part's prefix in
+# a whole model.
+VAE_PARTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
+VAE_PREFIX = "first_stage_model."
+
 # Files that are no text-to-image model this tool runs, told by their keys when they lack the
 # UNet: (fnmatch patterns, "any" key or "all" keys matching, what to say); first match wins.
 NOT_A_MODEL = (
@@ -150,9 +155,9 @@ NOT_A_MODEL = (
     (("model_ema.diffusion_model*",), "any",
      "one whose UNet is there only as EMA copies (model_ema.*): use the model's pruned or "
      "-emaonly file"),
-    (("encoder.*", "decoder.*", "quant_conv.*", "post_quant_conv.*", "first_stage_model.*"),
-     "all", "a VAE alone, not a whole model (a VAE goes with --vae / vae_path, beside the "
-            "model's checkpoint)"),
+    (tuple(f"{part}.*" for part in VAE_PARTS) + (VAE_PREFIX + "*",), "all",
+     "a VAE alone, not a whole model (a VAE goes with --vae / vae_path, beside the model's "
+     "checkpoint)"),
     (("text_model.*", "transformer.*", "cond_stage_model.*", "conditioner.*"), "all",
      "a text encoder alone, not a whole model"),
 )
@@ -497,12 +502,9 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
     return fitted
 
 
-# A standalone VAE file (vae-ft-mse-840000-ema-pruned, sdxl_vae, ...): its weights' top-level
-# names; what else such files carry (the training loss's discriminator and perceptual net,
-# EMA buffers) is dropped without a word.
-VAE_PARTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
+# What else a standalone VAE file carries (the training loss's discriminator and perceptual
+# net, EMA buffers): dropped without a word.
 VAE_EXTRAS = ("loss.*", "model_ema.*")
-VAE_PREFIX = "first_stage_model."
 # Below this cosine between the file's encoder.conv_in and the checkpoint's own, the two VAEs
 # are unrelated (fine-tunes such as ft-MSE keep the encoder; SD's and SDXL's were trained apart)
 RELATED_ENCODERS = 0.5

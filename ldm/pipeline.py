@@ -410,8 +410,8 @@ class Pipeline:
         VAE without its encoder (text-to-image never encodes; txt2img loads so); vae_path: a
         standalone VAE file whose weights replace the model file's own (txt2img's --vae)."""
         from ldm.checkpoint import CheckpointMismatch, load_state_dict
-        from ldm.layouts import (STAGED_LOADS, StagedStateDict, unet_weight, vae_weights,
-                                 with_vae, without_wrapper_prefix)
+        from ldm.layouts import (STAGED_LOADS, VAE_PREFIX, StagedStateDict, unet_weight,
+                                 vae_weights, with_vae, without_wrapper_prefix)
         from ldm.models.autoencoder import AutoencoderKL
         from ldm.modules.encoders.common import register_config_dir
 
@@ -434,7 +434,7 @@ class Pipeline:
             staged_load = STAGED_LOADS.get(torch.device(device).type, False)
         if staged_load:  # (not the encoder's weights, where they are left unread)
             unread = () if vae_encoder else \
-                [f"first_stage_model.{k}" for k in AutoencoderKL.ENCODER_KEYS]
+                [VAE_PREFIX + k for k in AutoencoderKL.ENCODER_KEYS]
             state = StagedStateDict(state, device, policy, unread)
         try:
             model = build_model(config, device, state, policy, vae_encoder)
