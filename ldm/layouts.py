@@ -149,15 +149,15 @@ VAE_PREFIX = "first_stage_model."
 NOT_A_MODEL = (
     (("lora_unet_*", "lora_te*", "*.lora_A.*", "*.lora_down.*", "*.lora.down.*"), "any",
      "a LoRA, not a model: pass the base model's checkpoint (LoRAs are not supported)"),
-    (("*down_blocks.*", "*mid_block.*"), "any",
-     "in diffusers' layout (a UNet, or a pipeline in one file): use the model's original "
-     "single-file .ckpt / .safetensors"),
     (("model_ema.diffusion_model*",), "any",
      "one whose UNet is there only as EMA copies (model_ema.*): use the model's pruned or "
      "-emaonly file"),
     (tuple(f"{part}.*" for part in VAE_PARTS) + (VAE_PREFIX + "*",), "all",
      "a VAE alone, not a whole model (a VAE goes with --vae / vae_path, beside the model's "
-     "checkpoint)"),
+     "checkpoint)"),  # (before the next row: a VAE in diffusers' layout is one too)
+    (("*down_blocks.*", "*mid_block.*"), "any",
+     "in diffusers' layout (a UNet, or a pipeline in one file): use the model's original "
+     "single-file .ckpt / .safetensors"),
     (("text_model.*", "transformer.*", "cond_stage_model.*", "conditioner.*"), "all",
      "a text encoder alone, not a whole model"),
 )
@@ -519,20 +519,19 @@ def unet_weight(key: str) -> bool:
 def vae_weights(vae: Dict[str, torch.Tensor], vae_name="the VAE file"):
     """(weights, family) of a standalone VAE file: its weights under the VAE's own names
     (`decoder.conv_in.weight`), as such files have them, under a whole model's
-    `first_stage_model.` or a wrapper's prefix; the family a whole model's text towers tell
+    `first_stage_model.` or a wrapper's prefix, or in diffusers' layout; the family a whole model's text towers tell
     ('an SD 1.x', ...; '' for a VAE alone). CheckpointError (one line) for a file that is no
     VAE."""
     from ldm.checkpoint import CheckpointError
+    from ldm.diffusers_vae import is_diffusers_vae, ours_from_diffusers
 
     whole_model = {k for k in vae if k.startswith(VAE_PREFIX)}
     if whole_model:  # (or a VAE saved under that name)
         vae = {k[len(VAE_PREFIX):] if k in whole_model else k: v for k, v in vae.items()}
     else:
         vae = without_wrapper_prefix(vae, VAE_PARTS)
-    if any(k.startswith(("decoder.up_blocks.", "encoder.down_blocks.")) for k in vae):
-        raise CheckpointError(f"{vae_name} is a VAE in diffusers' layout: use its single-file "
-                              f".ckpt / .safetensors (e.g. vae-ft-mse-840000-ema-pruned for "
-                              f"SD 1.x / 2.x, sdxl_vae for SDXL)")
+    if is_diffusers_vae(vae):
+        vae = ours_from_diffusers(vae)
     weights = {k: v for k, v in vae.items() if k.split(".", 1)[0] in VAE_PARTS}
     if not any(k.startswith("decoder.") for k in weights):
         raise CheckpointError(f"{vae_name} is not a VAE: it has no decoder.* weights")

@@ -203,7 +203,9 @@ def run_fields(args, opts, kernels=None, file_hashes=None) -> dict:
     if getattr(args, "preset", None):
         fields["Preset"] = args.preset
     if getattr(args, "vae", None):
-        fields["VAE"] = Path(args.vae).name
+        vae = Path(args.vae)  # (a diffusers VAE folder's file by its folder too)
+        fields["VAE"] = f"{vae.parent.name}/{vae.name}" if vae.name.startswith(
+            "diffusion_pytorch_model.") else vae.name
     if getattr(args, "from_file", None):
         fields["Prompt file"] = Path(args.from_file).name
         fields["repeat"] = getattr(args, "repeat", 1)

@@ -408,8 +408,10 @@ class Pipeline:
         for the device), compile_unet (off by default); staged_load: copy the weights while
         the model is built (None: ldm.layouts.STAGED_LOADS' choice); vae_encoder=False: the
         VAE without its encoder (text-to-image never encodes; txt2img loads so); vae_path: a
-        standalone VAE file whose weights replace the model file's own (txt2img's --vae)."""
+        standalone VAE file, or diffusers VAE folder, whose weights replace the model file's
+        own (txt2img's --vae)."""
         from ldm.checkpoint import CheckpointMismatch, load_state_dict
+        from ldm.diffusers_vae import vae_file
         from ldm.layouts import (STAGED_LOADS, VAE_PREFIX, StagedStateDict, unet_weight,
                                  vae_weights, with_vae, without_wrapper_prefix)
         from ldm.models.autoencoder import AutoencoderKL
@@ -423,6 +425,7 @@ class Pipeline:
         # Weights go straight to their final device and dtype (prepare_for_inference then has
         # no cast left to do), copied while the model is built where STAGED_LOADS says so.
         if vae_path is not None:  # (read first: a file that is no VAE fails at once)
+            vae_path = vae_file(vae_path)  # (a diffusers VAE folder's)
             vae_name = f"VAE file {vae_path}"
             vae, vae_family = vae_weights(load_state_dict(vae_path, skip=unet_weight),
                                           vae_name)

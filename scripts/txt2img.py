@@ -97,7 +97,8 @@ def build_parser(suppress_defaults=False):
     add("--ckpt", type=str, help="model checkpoint (.ckpt or .safetensors)")
     add("--vae", type=str, default=None,
         help="a standalone VAE file (.ckpt or .safetensors, e.g. "
-             "vae-ft-mse-840000-ema-pruned) whose weights replace the checkpoint's own VAE")
+             "vae-ft-mse-840000-ema-pruned) or diffusers VAE folder, whose weights replace "
+             "the checkpoint's own VAE")
     add("--seed", type=int, default=d(42), help="seed for reproducible sampling")
     add("--rng", choices=["cpu", "device"], default=d("cpu"),
         help="where noise is drawn: cpu (a seed gives the same image on every device) or "
@@ -550,8 +551,10 @@ def check_inputs(args, opts, config):
     if not first:
         raise UsageError(f"checkpoint {args.ckpt} is empty (0 bytes)")
     if args.vae is not None:
-        check_readable_file(args.vae, "--vae file", " (a diffusers VAE folder? use the VAE's "
-                            "single-file .ckpt / .safetensors)")
+        from ldm.diffusers_vae import vae_file
+        if str(args.vae).strip():  # (a folder: its file, which the images then name)
+            args.vae = str(vae_file(args.vae))
+        check_readable_file(args.vae, "--vae file")
     check_preset_family(args, config)
     check_latent_shape(config, opts)
     for name in SETTINGS_FILES:

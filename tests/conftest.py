@@ -15,6 +15,8 @@ TINY = REF / "tiny"
 TINY_CKPT = TINY / "tiny-sd21.ckpt"
 TINY_CONFIG = TINY / "tiny-sd21.yaml"
 SETTINGS = REF / "scalecrafter-settings"
+# the tiny SD 2.1 model's VAE as diffusers' converter writes it (tests/data/diffusers-vae/make.py)
+DIFFUSERS_VAE = REPO / "tests" / "data" / "diffusers-vae" / "tiny-sd21-vae.safetensors"
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script, our_stderr
+from conftest import DIFFUSERS_VAE, load_script, our_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -1048,6 +1048,13 @@ def test_a_vae_file_is_taken_and_named_in_the_images(cli, capsys, base, tmp_path
     status, lines = call(cli, capsys, base + ["--vae", ""])
     assert status != 0 and lines == ["error: --vae file: an empty path was given"]
     status, lines = call(cli, capsys, base + ["--vae", str(tmp_path)])
-    assert status != 0 and lines == [f"error: --vae file {tmp_path} is a folder, not a file (a "
-                                     "diffusers VAE folder? use the VAE's single-file .ckpt / "
-                                     ".safetensors)"]
+    assert status != 0 and lines == [f"error: VAE folder {tmp_path} holds no VAE weights file "
+                                     "(diffusion_pytorch_model.safetensors or the like, in it or "
+                                     "in its vae/)"]
+    folder = tmp_path / "sd-vae-ft"  # a diffusers VAE folder: its file, named by the folder
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(DIFFUSERS_VAE.read_bytes())
+    status, lines = call(cli, capsys, base + ["--vae", str(folder)])
+    assert status == 0, lines
+    fields = image_fields(tmp_path / "out" / "samples" / "00002.png")
+    assert fields["VAE"] == "sd-vae-ft/diffusion_pytorch_model.safetensors"

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REF, REPO, TINY_CKPT, TINY_CONFIG, rel_err, sdxl_vector_err
+from conftest import (DIFFUSERS_VAE, REF, REPO, TINY_CKPT, TINY_CONFIG, rel_err,
+                      sdxl_vector_err)
 from ldm.checkpoint import CheckpointError, CheckpointMismatch, load_state_dict, save_safetensors
 from ldm.pipeline import Pipeline
 
@@ -311,12 +312,81 @@ def test_another_familys_vae_is_refused_or_warned(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+# diffusers' names before 0.17 (the VAE files the hub holds from 2022 to mid-2023)
+OLD_DIFFUSERS_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value",
+                           "to_out.0": "proj_attn"}
+
+
+def _old_diffusers_names(vae):
+    out = {}
+    for key, value in vae.items():
+        head, _, tail = key.partition(".attentions.0.")
+        layer, _, kind = tail.rpartition(".")
+        out[f"{head}.attentions.0.{OLD_DIFFUSERS_ATTENTION.get(layer, layer)}.{kind}"
+            if tail else key] = value
+    return out
+
+
+@pytest.mark.parametrize("given", ["file", "file-before-0.17", "folder", "pipeline-folder",
+                                   "bin-fp16-folder"])
+def test_a_diffusers_vae_file_or_folder_loads(tmp_path, tiny_pipe, given):
+    """A VAE in diffusers' layout, as diffusers' own converter wrote the tiny model's
+    (tests/data/diffusers-vae/make.py), given to a checkpoint without a VAE: it encodes and
+    decodes as the checkpoint's own VAE. Under diffusers' names before 0.17 too; given as a
+    VAE folder (its file by preference: .safetensors before .bin, each full precision before
+    fp16) or a pipeline's."""
+    state = {k: v for k, v in load_state_dict(TINY_CKPT).items()
+             if not k.startswith("first_stage_model.")}
+    without = write(tmp_path, "no-vae.ckpt", state)
+    vae = load_state_dict(DIFFUSERS_VAE)
+    assert "decoder.up_blocks.0.upsamplers.0.conv.weight" in vae  # (diffusers' layout)
+    if given == "file-before-0.17":
+        vae = _old_diffusers_names(vae)
+        assert "decoder.mid_block.attentions.0.proj_attn.weight" in vae
+    folder = tmp_path / "sd-vae"
+    if given == "pipeline-folder":
+        folder = tmp_path / "stable-diffusion"
+        (folder / "unet").mkdir(parents=True)
+        write(folder / "unet", "diffusion_pytorch_model.safetensors", {"x": torch.zeros(1)})
+        (folder / "vae").mkdir()
+        path = write(folder / "vae", "diffusion_pytorch_model.safetensors", vae)
+    elif given == "bin-fp16-folder":  # (no .safetensors: a .bin; full precision first)
+        folder.mkdir()
+        write(folder, "diffusion_pytorch_model.fp16.bin", {"x": torch.zeros(1)}, lightning=False)
+        path = write(folder, "diffusion_pytorch_model.bin", vae, lightning=False)
+    else:
+        folder.mkdir()
+        path = write(folder, "diffusion_pytorch_model.safetensors", vae)
+    pipe = Pipeline.load(TINY_CONFIG, without, vae_path=path if "file" in given else folder)
+    assert pipe.vae_path == path
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(pipe.model.decode_first_stage(z), tiny_pipe.model.decode_first_stage(z))
+        assert torch.equal(pipe.model.encode_first_stage(image),
+                           tiny_pipe.model.encode_first_stage(image))
+
+
+@pytest.mark.parametrize("manifest", ["sd21-v2-inference.keys.json", "sdxl-base.keys.json"])
+def test_the_full_size_diffusers_vae_names_are_ours(manifest):
+    """Every key of the full-size VAE as diffusers' AutoencoderKL holds it
+    (tests/data/diffusers-vae/sd-vae.keys.json) is a key of the real files' VAE, of the same
+    shape up to trailing 1s (the attention's Linear weights), and none is left out."""
+    from ldm.diffusers_vae import ours_from_diffusers
+    from ldm.layouts import VAE_PREFIX, _trailing_ones_dropped
+    theirs = json.loads((DIFFUSERS_VAE.parent / "sd-vae.keys.json").read_text())
+    ours = {k[len(VAE_PREFIX):]: shape for k, shape in
+            json.loads((REF / manifest).read_text()).items() if k.startswith(VAE_PREFIX)}
+    named = ours_from_diffusers(theirs)
+    assert len(named) == len(theirs) == len(ours) == 248 and set(named) == set(ours)
+    assert all(_trailing_ones_dropped(named[k]) == _trailing_ones_dropped(ours[k]) for k in ours)
+
+
 def test_a_vae_file_that_is_none_is_refused_naming_it(tmp_path):
     from ldm.checkpoint import CheckpointError
-    diffusers = write(tmp_path, "diffusion_pytorch_model.safetensors",
-                      {"decoder.up_blocks.0.resnets.0.conv1.weight": torch.zeros(2)})
-    with pytest.raises(CheckpointError, match="is a VAE in diffusers' layout"):
-        Pipeline.load(SD1_CONFIG, SD1_CKPT, vae_path=diffusers)
+    with pytest.raises(CheckpointError, match=r"VAE folder .* holds no VAE weights file "
+                                              r"\(diffusion_pytorch_model\.safetensors"):
+        Pipeline.load(SD1_CONFIG, SD1_CKPT, vae_path=tmp_path)
     with pytest.raises(CheckpointError, match=r"VAE file .*model\.ckpt is not a VAE: it has no "
                                               r"decoder\.\* weights"):
         Pipeline.load(SD1_CONFIG, SD1_CKPT,
@@ -771,6 +841,7 @@ def test_an_inpainting_file_is_named_and_refused(tmp_path):
     (["model_ema.diffusion_modelinput_blocks00weight", "first_stage_model.decoder.conv_in.weight"],
      "one whose UNet is there only as EMA copies"),
     (["first_stage_model.decoder.conv_in.weight"], "a VAE alone"),
+    (["decoder.up_blocks.0.resnets.0.conv1.weight", "encoder.conv_in.weight"], "a VAE alone"),
     (["decoder.conv_in.weight", "encoder.conv_in.weight"], "a VAE alone"),
     (["cond_stage_model.model.token_embedding.weight"], "a text encoder alone"),
 ])
