@@ -12,7 +12,13 @@ SHORT_HASH_LEN = 10
 
 
 def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte pieces."""
+    """Hex SHA-256 of a file, read in ``chunk``-byte pieces; of a diffusers pipeline folder,
+    the SHA-256 of its weights files' names and digests, part by part."""
+    from ldm.diffusers_layout import is_pipeline_folder, pipeline_files
+    if is_pipeline_folder(path):
+        listing = "".join(f"{file.relative_to(path)}:{file_sha256(file, chunk)}\n"
+                          for files in pipeline_files(path).values() for file in files)
+        return hashlib.sha256(listing.encode()).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while True:

@@ -156,8 +156,9 @@ NOT_A_MODEL = (
      "a VAE alone, not a whole model (a VAE goes with --vae / vae_path, beside the model's "
      "checkpoint)"),  # (before the next row: a VAE in diffusers' layout is one too)
     (("*down_blocks.*", "*mid_block.*"), "any",
-     "in diffusers' layout (a UNet, or a pipeline in one file): use the model's original "
-     "single-file .ckpt / .safetensors"),
+     "in diffusers' layout (a UNet, or a pipeline in one file): give the whole pipeline "
+     "folder (unet/, vae/, text_encoder/, ...) or the model's single-file .ckpt / "
+     ".safetensors"),
     (("text_model.*", "transformer.*", "cond_stage_model.*", "conditioner.*"), "all",
      "a text encoder alone, not a whole model"),
 )
@@ -523,7 +524,7 @@ def vae_weights(vae: Dict[str, torch.Tensor], vae_name="the VAE file"):
     ('an SD 1.x', ...; '' for a VAE alone). CheckpointError (one line) for a file that is no
     VAE."""
     from ldm.checkpoint import CheckpointError
-    from ldm.diffusers_vae import is_diffusers_vae, ours_from_diffusers
+    from ldm.diffusers_layout import is_diffusers_vae, vae_from_diffusers
 
     whole_model = {k for k in vae if k.startswith(VAE_PREFIX)}
     if whole_model:  # (or a VAE saved under that name)
@@ -531,7 +532,7 @@ def vae_weights(vae: Dict[str, torch.Tensor], vae_name="the VAE file"):
     else:
         vae = without_wrapper_prefix(vae, VAE_PARTS)
     if is_diffusers_vae(vae):
-        vae = ours_from_diffusers(vae)
+        vae = vae_from_diffusers(vae)
     weights = {k: v for k, v in vae.items() if k.split(".", 1)[0] in VAE_PARTS}
     if not any(k.startswith("decoder.") for k in weights):
         raise CheckpointError(f"{vae_name} is not a VAE: it has no decoder.* weights")

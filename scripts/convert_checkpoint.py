@@ -1,7 +1,11 @@
 #!/usr/bin/env python
-"""Convert a PyTorch / Lightning checkpoint to a .safetensors state dict.
+"""Convert a PyTorch / Lightning checkpoint, or a diffusers pipeline folder, to a .safetensors
+state dict.
 
     python scripts/convert_checkpoint.py IN.ckpt OUT.safetensors [--half] [--trust-pickle] [--force]
+
+A diffusers pipeline folder (unet/, vae/, text_encoder/, ...) is written under a single file's
+names (ldm.diffusers_layout), as the tool itself reads one.
 
 The input is read with the same safe loader the project uses everywhere
 (ldm.checkpoint.load_state_dict): tensors and known training extras load, a
@@ -35,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convert_checkpoint.py",
         description=(
-            "Write the state dict of a .ckpt/.pt/.pth/.bin (or .safetensors) checkpoint\n"
-            "to a .safetensors file (optimizer state, callbacks, hyper-parameters are\n"
+            "Write the state dict of a .ckpt/.pt/.pth/.bin (or .safetensors) checkpoint,\n"
+            "or of a diffusers pipeline folder under a single file's names, to a\n"
+            ".safetensors file (optimizer state, callbacks, hyper-parameters are\n"
             "dropped). The input is loaded safely: a pickle that would run code is\n"
             "refused unless --trust-pickle is given."
         ),
@@ -44,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  python scripts/convert_checkpoint.py v2-1_512-ema-pruned.ckpt v2-1_512.safetensors\n"
             "  python scripts/convert_checkpoint.py model.ckpt model-fp16.safetensors --half\n"
+            "  python scripts/convert_checkpoint.py stable-diffusion-2-1-base/ sd21.safetensors\n"
             "  # only for a file you trust, whose pickle the safe loader refused:\n"
             "  python scripts/convert_checkpoint.py trusted.ckpt trusted.safetensors --trust-pickle"
         ),
@@ -55,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         sys.exit(2)
 
     parser.error = one_line_error
-    parser.add_argument("input", metavar="IN", help="input checkpoint (.ckpt, .pt, .pth, .bin, .safetensors)")
+    parser.add_argument("input", metavar="IN", help="input checkpoint (.ckpt, .pt, .pth, .bin, .safetensors) or "
+                        "diffusers pipeline folder")
     parser.add_argument("output", metavar="OUT", help="output file, must end in .safetensors")
     parser.add_argument(
         "--half",
@@ -95,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ldm.checkpoint import CheckpointError, load_state_dict, save_safetensors
+    from ldm.diffusers_layout import is_pipeline_folder, load_pipeline_folder
 
     if args.trust_pickle:
         print(
@@ -103,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     try:
-        state_dict = load_state_dict(src, trust_pickle=args.trust_pickle)
+        state_dict = load_pipeline_folder(src) if is_pipeline_folder(src) else \
+            load_state_dict(src, trust_pickle=args.trust_pickle)
     except CheckpointError as exc:
         return _fail(str(exc))
 

@@ -94,7 +94,8 @@ def build_parser(suppress_defaults=False):
     add("--config", type=str, default=d("configs/stable-diffusion/v2-inference.yaml"),
         help="model config (standard LDM yaml); a relative path not found here is looked "
              "up in the repository")
-    add("--ckpt", type=str, help="model checkpoint (.ckpt or .safetensors)")
+    add("--ckpt", type=str, help="model checkpoint (.ckpt or .safetensors), or a diffusers "
+                                 "pipeline folder (unet/, vae/, text_encoder/, ...)")
     add("--vae", type=str, default=None,
         help="a standalone VAE file (.ckpt or .safetensors, e.g. "
              "vae-ft-mse-840000-ema-pruned) or diffusers VAE folder, whose weights replace "
@@ -545,13 +546,14 @@ def check_inputs(args, opts, config):
             check_device(args.device)
     if not args.ckpt:
         raise UsageError("--ckpt is required (see README: Checkpoints)")
-    _, first = check_readable_file(
-        args.ckpt, "checkpoint file", " (a diffusers model folder? this tool reads the "
-        "single-file .ckpt / .safetensors checkpoints the model pages publish)")
+    from ldm.diffusers_layout import is_pipeline_folder
+    first = is_pipeline_folder(args.ckpt) or check_readable_file(
+        args.ckpt, "checkpoint file", " (a diffusers pipeline folder holds unet/, vae/ and "
+        "text_encoder/; else give a single-file .ckpt / .safetensors)")[1]
     if not first:
         raise UsageError(f"checkpoint {args.ckpt} is empty (0 bytes)")
     if args.vae is not None:
-        from ldm.diffusers_vae import vae_file
+        from ldm.diffusers_layout import vae_file
         if str(args.vae).strip():  # (a folder: its file, which the images then name)
             args.vae = str(vae_file(args.vae))
         check_readable_file(args.vae, "--vae file")

@@ -15,8 +15,18 @@ TINY = REF / "tiny"
 TINY_CKPT = TINY / "tiny-sd21.ckpt"
 TINY_CONFIG = TINY / "tiny-sd21.yaml"
 SETTINGS = REF / "scalecrafter-settings"
-# the tiny SD 2.1 model's VAE as diffusers' converter writes it (tests/data/diffusers-vae/make.py)
-DIFFUSERS_VAE = REPO / "tests" / "data" / "diffusers-vae" / "tiny-sd21-vae.safetensors"
+# diffusers' layout as its converters write it (tests/data/diffusers/make.py): the tiny SD 2.1
+# model's VAE, and each tiny model's folder as a map from the reference file
+DIFFUSERS = REPO / "tests" / "data" / "diffusers"
+DIFFUSERS_VAE = DIFFUSERS / "tiny-sd21-vae.safetensors"
+# the tiny models: (config, file, their text towers' config.json hidden_act, as the real ones')
+TINY_MODELS = {
+    "sd21": (TINY_CONFIG, TINY_CKPT, {"text_encoder": "gelu"}),
+    "sd15": (REF / "tiny-sd1" / "tiny-sd15.yaml", REF / "tiny-sd1" / "tiny-sd15.ckpt",
+             {"text_encoder": "quick_gelu"}),
+    "sdxl": (REF / "tiny-sdxl" / "tiny-sdxl.yaml", REF / "tiny-sdxl" / "tiny-sdxl.safetensors",
+             {"text_encoder": "quick_gelu", "text_encoder_2": "gelu"}),
+}
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -134,3 +144,33 @@ def cuda_graph_plumbing(monkeypatch):
 
     if ldm.precision.CUDAGRAPH_UNSAFE is None:
         monkeypatch.setattr(ldm.precision, "CUDAGRAPH_UNSAFE", "stand-in")
+
+
+def diffusers_parts(model):
+    """The tiny `model`'s diffusers folder's parts ({part: {key: tensor}}), from the reference
+    file through the map made with diffusers' converters."""
+    from ldm.checkpoint import load_state_dict
+    state = load_state_dict(TINY_MODELS[model][1])
+    parts = json.loads((DIFFUSERS / f"tiny-{model}.map.json").read_text())
+    return {part: {name: state[key].t().contiguous() if transposed else
+                   state[key].flatten()[first:first + int(np.prod(shape))].reshape(shape).clone()
+                   for name, (key, first, shape, transposed) in names.items()}
+            for part, names in parts.items()}
+
+
+def diffusers_folder(root, model, parts=None):
+    """The tiny `model` as a diffusers pipeline folder under `root`, as `from_pretrained`
+    caches one: each part's weights file, the text towers' config.json, model_index.json."""
+    from ldm.checkpoint import save_safetensors
+    parts = parts or diffusers_parts(model)
+    folder = root / f"tiny-{model}-diffusers"
+    for part, tensors in parts.items():
+        (folder / part).mkdir(parents=True)
+        text = part.startswith("text_encoder")
+        if text:
+            (folder / part / "config.json").write_text(
+                json.dumps({"hidden_act": TINY_MODELS[model][2][part]}))
+        name = "model.safetensors" if text else "diffusion_pytorch_model.safetensors"
+        save_safetensors(tensors, folder / part / name)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "Pipeline"}))
+    return folder

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DIFFUSERS_VAE, load_script, our_stderr
+from conftest import DIFFUSERS_VAE, diffusers_folder, load_script, our_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -207,7 +207,7 @@ EARLY = [
     ("config-without-vae", ["--config", "{no_vae.yaml}"],
      "no_vae.yaml has no 'model.params.first_stage_config' with a target"),
     ("ckpt-missing", ["--ckpt", "{missing}"], "does not exist"),
-    ("ckpt-folder", ["--ckpt", "{folder}"], "is a folder, not a file (a diffusers model folder?"),
+    ("ckpt-folder", ["--ckpt", "{folder}"], "is a folder, not a file (a diffusers pipeline folder holds unet/"),
     ("ckpt-empty", ["--ckpt", "{empty.ckpt}"], "is empty"),
     ("prompt-file-missing", ["--from-file", "{missing}"], "prompt file"),
     ("prompt-file-empty", ["--from-file", "{empty.txt}"], "has no prompts"),
@@ -1058,3 +1058,22 @@ def test_a_vae_file_is_taken_and_named_in_the_images(cli, capsys, base, tmp_path
     assert status == 0, lines
     fields = image_fields(tmp_path / "out" / "samples" / "00002.png")
     assert fields["VAE"] == "sd-vae-ft/diffusion_pytorch_model.safetensors"
+
+
+def test_a_diffusers_pipeline_folder_is_a_checkpoint(cli, capsys, base, tmp_path):
+    """--ckpt FOLDER: a diffusers pipeline folder samples, hashed over its weights files; a
+    folder that is none is told what one holds."""
+    from ldm.hashing import short_hash
+
+    folder = diffusers_folder(tmp_path, "sd21")
+    status, lines = call(cli, capsys, base + ["--ckpt", str(folder)])
+    assert status == 0, lines
+    fields = image_fields(tmp_path / "out" / "samples" / "00000.png")
+    assert fields["Model"] == folder.name and fields["Model hash"] == short_hash(folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 64)
+    assert short_hash(folder) != fields["Model hash"]
+    status, lines = call(cli, capsys, base + ["--ckpt", str(tmp_path / "out")])
+    assert status != 0 and lines == [f"error: checkpoint file {tmp_path / 'out'} is a folder, "
+                                     "not a file (a diffusers pipeline folder holds unet/, vae/ "
+                                     "and text_encoder/; else give a single-file .ckpt / "
+                                     ".safetensors)"]

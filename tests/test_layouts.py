@@ -331,7 +331,7 @@ def _old_diffusers_names(vae):
                                    "bin-fp16-folder"])
 def test_a_diffusers_vae_file_or_folder_loads(tmp_path, tiny_pipe, given):
     """A VAE in diffusers' layout, as diffusers' own converter wrote the tiny model's
-    (tests/data/diffusers-vae/make.py), given to a checkpoint without a VAE: it encodes and
+    (tests/data/diffusers/make.py), given to a checkpoint without a VAE: it encodes and
     decodes as the checkpoint's own VAE. Under diffusers' names before 0.17 too; given as a
     VAE folder (its file by preference: .safetensors before .bin, each full precision before
     fp16) or a pipeline's."""
@@ -370,14 +370,14 @@ def test_a_diffusers_vae_file_or_folder_loads(tmp_path, tiny_pipe, given):
 @pytest.mark.parametrize("manifest", ["sd21-v2-inference.keys.json", "sdxl-base.keys.json"])
 def test_the_full_size_diffusers_vae_names_are_ours(manifest):
     """Every key of the full-size VAE as diffusers' AutoencoderKL holds it
-    (tests/data/diffusers-vae/sd-vae.keys.json) is a key of the real files' VAE, of the same
+    (tests/data/diffusers/sd-vae.keys.json) is a key of the real files' VAE, of the same
     shape up to trailing 1s (the attention's Linear weights), and none is left out."""
-    from ldm.diffusers_vae import ours_from_diffusers
+    from ldm.diffusers_layout import vae_from_diffusers
     from ldm.layouts import VAE_PREFIX, _trailing_ones_dropped
     theirs = json.loads((DIFFUSERS_VAE.parent / "sd-vae.keys.json").read_text())
     ours = {k[len(VAE_PREFIX):]: shape for k, shape in
             json.loads((REF / manifest).read_text()).items() if k.startswith(VAE_PREFIX)}
-    named = ours_from_diffusers(theirs)
+    named = vae_from_diffusers(theirs)
     assert len(named) == len(theirs) == len(ours) == 248 and set(named) == set(ours)
     assert all(_trailing_ones_dropped(named[k]) == _trailing_ones_dropped(ours[k]) for k in ours)
 

@@ -1,0 +1,282 @@
+"""Models and VAEs in diffusers' layout under a single file's names: a pipeline folder (`unet/`,
+`vae/`, `text_encoder/`, SDXL's `text_encoder_2/`, as `from_pretrained` caches them), a VAE folder
+(`sd-vae-ft-mse/`) or a VAE's `diffusion_pytorch_model.safetensors`. The same weights, with blocks
+named by position in another order and the text towers in transformers' CLIP layout.
+
+- UNet: diffusers names a level's ResNets and attentions `down_blocks.{l}.resnets/attentions.{j}`,
+  where a single file counts blocks across levels (`input_blocks.{n}.0/1`); the file's own ResNet
+  count per level fixes the numbering. Attention blocks' inner names are the same.
+- VAE: diffusers counts the decoder's levels from the bottom (`up_blocks.0` is `up.3` of four);
+  the mid attention's 1x1 convs are Linear layers, `to_q/to_k/to_v/to_out.0` since diffusers 0.17
+  (mid-2023) and `query/key/value/proj_attn` in files saved before, which the hub still serves;
+  their [C, C] weights take the conv shape through RESHAPED (ldm.layouts).
+- Text: SD 1.x's and SDXL's first tower are transformers' CLIP in both layouts (a prefix apart);
+  OpenCLIP towers (SD 2.x, SDXL's second: `hidden_act` gelu in the tower's config.json, where
+  OpenAI's CLIP has quick_gelu) take q/k/v as one in_proj and the projection transposed.
+"""
+import json
+import re
+from pathlib import Path
+from typing import Callable, Dict, Tuple
+
+# --- the VAE -----------------------------------------------------------------------------------
+
+# (a diffusers block path, ours from its numbers and the decoder's level count)
+VAE_BLOCKS: Tuple[Tuple[str, Callable[..., str]], ...] = (
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)",
+     lambda levels, i, j: f"encoder.down.{i}.block.{j}"),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", lambda levels, i: f"encoder.down.{i}.downsample"),
+    (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)",
+     lambda levels, i, j: f"decoder.up.{levels - 1 - int(i)}.block.{j}"),
+    (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
+     lambda levels, i: f"decoder.up.{levels - 1 - int(i)}.upsample"),
+    (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)",
+     lambda levels, part, j: f"{part}.mid.block_{int(j) + 1}"),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0", lambda levels, part: f"{part}.mid.attn_1"),
+)
+
+# A layer's own name inside its block (or at the top), where diffusers' differs.
+VAE_LAYERS = {"conv_shortcut": "nin_shortcut", "conv_norm_out": "norm_out", "group_norm": "norm",
+              "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+              "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+
+VAE_MARKERS = ("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.",
+               "decoder.mid_block.")
+
+
+def is_diffusers_vae(keys) -> bool:
+    return any(k.startswith(VAE_MARKERS) for k in keys)
+
+
+def _renamed(key: str, blocks, layers, *numbers) -> str:
+    """`key` with its block path and its layer's name in ours (a key no rule knows keeps its
+    name: the model's fit then names it)."""
+    head, _, rest = key.partition(".")
+    block = head + "."  # (a top-level layer: decoder.conv_norm_out)
+    for pattern, ours in blocks:
+        found = re.match(pattern + r"\.", key)
+        if found:
+            block, rest = ours(*numbers, *found.groups()) + ".", key[found.end():]
+            break
+    layer, dot, kind = rest.rpartition(".")
+    return block + layers.get(layer, layer) + dot + kind if dot else key
+
+
+def _count(keys, pattern: str) -> int:
+    """1 + the largest number `pattern`'s group takes in `keys` (0 for none)."""
+    return 1 + max((int(m.group(1)) for m in map(re.compile(pattern).match, keys) if m),
+                   default=-1)
+
+
+def vae_from_diffusers(vae: Dict) -> Dict:
+    """A diffusers VAE's weights under the VAE's own names (`decoder.up.3.block.0...`)."""
+    levels = _count(vae, r"decoder\.up_blocks\.(\d+)\.")
+    return {_renamed(key, VAE_BLOCKS, VAE_LAYERS, levels): value for key, value in vae.items()}
+
+
+# --- the UNet ----------------------------------------------------------------------------------
+
+# (a diffusers block path, ours from the blocks a level has down, `per`, and the path's numbers);
+# a level down holds `per - 1` ResNets (each maybe with an attention) and a downsampler.
+UNET_BLOCKS: Tuple[Tuple[str, Callable[..., str]], ...] = (
+    (r"down_blocks\.(\d+)\.resnets\.(\d+)",
+     lambda per, up, l, j: f"input_blocks.{1 + int(l) * per + int(j)}.0"),
+    (r"down_blocks\.(\d+)\.attentions\.(\d+)",
+     lambda per, up, l, j: f"input_blocks.{1 + int(l) * per + int(j)}.1"),
+    (r"down_blocks\.(\d+)\.downsamplers\.0\.conv",
+     lambda per, up, l: f"input_blocks.{(int(l) + 1) * per}.0.op"),
+    (r"mid_block\.resnets\.(\d+)", lambda per, up, j: f"middle_block.{2 * int(j)}"),
+    (r"mid_block\.attentions\.0", lambda per, up: "middle_block.1"),
+    (r"up_blocks\.(\d+)\.resnets\.(\d+)",
+     lambda per, up, l, j: f"output_blocks.{int(l) * per + int(j)}.0"),
+    (r"up_blocks\.(\d+)\.attentions\.(\d+)",
+     lambda per, up, l, j: f"output_blocks.{int(l) * per + int(j)}.1"),
+    (r"up_blocks\.(\d+)\.upsamplers\.0\.conv",  # (after the level's last attention, if any)
+     lambda per, up, l: f"output_blocks.{int(l) * per + per - 1}.{up(int(l))}.conv"),
+    (r"time_embedding\.linear_(\d)", lambda per, up, n: f"time_embed.{2 * int(n) - 2}"),
+    # SDXL's size and pooled-text embedding (`class_embedding` where diffusers' converter
+    # does not take the model for SDXL: the tiny one)
+    (r"(?:add|class)_embedding\.linear_(\d)", lambda per, up, n: f"label_emb.0.{2 * int(n) - 2}"),
+    (r"conv_in", lambda per, up: "input_blocks.0.0"),
+    (r"conv_norm_out", lambda per, up: "out.0"),
+    (r"conv_out", lambda per, up: "out.2"),
+)
+
+UNET_LAYERS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _unet_key(key: str, per: int, up: Callable[[int], int]) -> str:
+    for pattern, ours in UNET_BLOCKS:
+        found = re.match(pattern + r"\.", key)
+        if found:
+            block, rest = ours(per, up, *found.groups()), key[found.end():]
+            if "resnets" in pattern:  # a ResNet's layers; an attention's are named alike
+                layer, _, kind = rest.rpartition(".")
+                rest = f"{UNET_LAYERS.get(layer, layer)}.{kind}"
+            return f"{block}.{rest}"
+    return key
+
+
+def unet_from_diffusers(unet: Dict) -> Dict:
+    """A diffusers UNet's weights under a single file's names (`model.diffusion_model.*`)."""
+    per = 1 + _count(unet, r"down_blocks\.0\.resnets\.(\d+)\.")
+
+    def up(level: int) -> int:  # the upsampler's place in its block: after an attention?
+        return 2 if any(k.startswith(f"up_blocks.{level}.attentions.") for k in unet) else 1
+    return {"model.diffusion_model." + _unet_key(key, per, up): value
+            for key, value in unet.items()}
+
+
+# --- the text towers ---------------------------------------------------------------------------
+
+# transformers' CLIP text layer names -> OpenCLIP's, inside a block and at the top
+OPENCLIP_LAYERS = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."),
+                   ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+OPENCLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                "text_model.final_layer_norm.weight": "ln_final.weight",
+                "text_model.final_layer_norm.bias": "ln_final.bias"}
+LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.*)")
+
+
+def openclip_from_transformers(tower: Dict, prefix: str) -> Dict:
+    """A transformers CLIP text tower's weights under OpenCLIP's names: q/k/v as one in_proj,
+    the projection (CLIPTextModelWithProjection's Linear) transposed."""
+    import torch
+    out, qkv = {}, {}
+    for key, value in tower.items():
+        layer = LAYER.match(key)
+        if key in OPENCLIP_TOP:
+            out[prefix + OPENCLIP_TOP[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.t().contiguous()
+        elif layer and re.match(r"self_attn\.[qkv]_proj\.", layer.group(2)):
+            which, kind = layer.group(2)[len("self_attn."):].split("_proj.")
+            qkv.setdefault((layer.group(1), kind), {})[which] = value
+        elif layer:
+            rest = layer.group(2)
+            rest = next((ours + rest[len(theirs):] for theirs, ours in OPENCLIP_LAYERS
+                         if rest.startswith(theirs)), rest)
+            out[f"{prefix}transformer.resblocks.{layer.group(1)}.{rest}"] = value
+        else:
+            out[prefix + key] = value  # (position_ids, ...: extras the fit drops or names)
+    for (block, kind), parts in qkv.items():
+        name = f"{prefix}transformer.resblocks.{block}.attn.in_proj_{kind}"
+        if set(parts) != {"q", "k", "v"}:
+            raise _error(f"the text tower lacks part of block {block}'s attention "
+                         f"({', '.join(sorted(parts))} only)")
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+# --- folders -----------------------------------------------------------------------------------
+
+# A part's weights file, by preference: safetensors before pickles, full precision before
+# fp16; each may be sharded (`<name>.index.json` naming its shards).
+WEIGHT_FILES = {
+    "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                  "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "transformers": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin",
+                     "pytorch_model.fp16.bin"),
+}
+FOLDER_FILES = WEIGHT_FILES["diffusers"]  # (a VAE folder's)
+
+# A pipeline folder's text towers: subfolder -> the single file's prefix of the tower as OpenAI's
+# CLIP (None: never one) and as OpenCLIP's; SDXL's first tower has its own prefix.
+TEXT_TOWERS = {"text_encoder": ("cond_stage_model.transformer.", "cond_stage_model.model."),
+               "text_encoder_2": (None, "conditioner.embedders.1.model.")}
+SDXL_FIRST_TOWER = "conditioner.embedders.0.transformer."
+
+
+def _error(message: str):
+    from ldm.checkpoint import CheckpointError
+    return CheckpointError(message)
+
+
+def weight_files(folder: Path, library: str):
+    """The files holding a part's weights (one, or a sharded file's shards), or []."""
+    for name in WEIGHT_FILES[library]:
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / shard for shard in shards]
+    return []
+
+
+def vae_file(path) -> Path:
+    """`path` itself for a file; for a diffusers VAE folder (or a pipeline folder with `vae/`)
+    the weights file in it. CheckpointError (one line) for a folder without one."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for folder in (path, path / "vae"):
+        found = next((folder / name for name in FOLDER_FILES if (folder / name).is_file()), None)
+        if found is not None:
+            return found
+    raise _error(f"VAE folder {path} holds no VAE weights file ({FOLDER_FILES[0]} or the like, "
+                 f"in it or in its vae/)")
+
+
+def is_pipeline_folder(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "unet").is_dir()
+
+
+def pipeline_files(path) -> Dict[str, list]:
+    """A pipeline folder's weights files by part (`unet`, `vae`, text towers present)."""
+    path = Path(path)
+    parts = {"unet": "diffusers", "vae": "diffusers",
+             **{name: "transformers" for name in TEXT_TOWERS}}
+    files = {part: weight_files(path / part, library) for part, library in parts.items()
+             if (path / part).is_dir()}
+    for part in ("unet", "vae", "text_encoder"):
+        if not files.get(part):
+            raise _error(f"diffusers folder {path} has no {part} weights ({part}/"
+                         f"{WEIGHT_FILES[parts[part]][0]} or the like)")
+    return files
+
+
+def _hidden_act(folder: Path) -> str:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("hidden_act", "")
+    except (OSError, ValueError) as err:
+        raise _error(f"cannot read {folder / 'config.json'} (which text tower it is): "
+                     f"{err}") from None
+
+
+def single_file_state(parts: Dict[str, Dict], hidden_acts: Dict[str, str]) -> Dict:
+    """A pipeline's weights by part (`unet`, `vae`, text towers) under a single file's names;
+    `hidden_acts`: each text tower's config.json `hidden_act`."""
+    from ldm.layouts import VAE_PREFIX
+
+    state = unet_from_diffusers(parts["unet"])
+    vae = parts["vae"]
+    state.update((VAE_PREFIX + k, v) for k, v in
+                 (vae_from_diffusers(vae) if is_diffusers_vae(vae) else vae).items())
+    for part, (openai, openclip) in TEXT_TOWERS.items():
+        if part not in parts:
+            continue
+        if hidden_acts[part] == "gelu":  # (OpenCLIP's towers; OpenAI's CLIP: quick_gelu)
+            state.update(openclip_from_transformers(parts[part], openclip))
+        elif openai is None:
+            raise _error(f"SDXL's second text tower should be OpenCLIP's (hidden_act gelu in "
+                         f"{part}/config.json, not {hidden_acts[part]!r})")
+        else:
+            prefix = SDXL_FIRST_TOWER if "text_encoder_2" in parts else openai
+            state.update((prefix + k, v) for k, v in parts[part].items())
+    return state
+
+
+def load_pipeline_folder(path) -> Dict:
+    """A diffusers pipeline folder's weights under a single file's names, ready for the fit."""
+    from ldm.checkpoint import load_state_dict
+
+    path, parts = Path(path), {}
+    for part, files in pipeline_files(path).items():
+        parts[part] = {}
+        for file in files:
+            parts[part].update(load_state_dict(file))
+    return single_file_state(parts, {part: _hidden_act(path / part) for part in TEXT_TOWERS
+                                     if part in parts})

@@ -1,0 +1,118 @@
+"""Models in diffusers' layout, as diffusers' own converters write them (tests/data/diffusers/
+make.py): a pipeline folder loads to exactly the weights of the single file it came from."""
+import json
+
+import pytest
+import torch
+
+from conftest import (DIFFUSERS, REF, TINY_MODELS, diffusers_folder, diffusers_parts)
+from ldm.checkpoint import CheckpointError, save_safetensors
+from ldm.pipeline import Pipeline
+
+SCHEDULE = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+            "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+            "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+            "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"]
+
+
+def assert_same_weights(pipe, single_file):
+    ours, theirs = pipe.model.state_dict(), single_file.model.state_dict()
+    assert set(ours) == set(theirs)
+    unequal = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not unequal, unequal[:5]
+
+
+@pytest.mark.parametrize("model", ["sd21", "sd15", "sdxl"])
+def test_a_pipeline_folder_loads_as_its_single_file(tmp_path, capsys, model, tiny_pipe):
+    config, single_file, _ = TINY_MODELS[model]
+    folder = diffusers_folder(tmp_path, model)
+    pipe = Pipeline.load(config, folder)
+    assert capsys.readouterr().err == ""
+    assert_same_weights(pipe, tiny_pipe if model == "sd21" else Pipeline.load(config, single_file))
+
+
+def test_a_folder_as_transformers_and_diffusers_save_it(tmp_path, capsys, tiny_pipe):
+    """Pickled .bin weights (older snapshots), a sharded UNet (`*.index.json`), the
+    `position_ids` buffer transformers saved before 4.31, an fp16 variant beside full precision
+    (not taken), diffusers' VAE attention names before 0.17."""
+    parts = diffusers_parts("sd21")
+    text = parts["text_encoder"]
+    text["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    vae = parts["vae"]
+    for ours, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"),
+                      ("to_out.0", "proj_attn")):
+        for key in [k for k in vae if f".attentions.0.{ours}." in k]:
+            vae[key.replace(f".{ours}.", f".{old}.")] = vae.pop(key)
+    folder = diffusers_folder(tmp_path, "sd21", parts)
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    torch.save(text, folder / "text_encoder" / "pytorch_model.bin")
+    unet = folder / "unet"
+    weights = parts["unet"]
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(weights)
+    shards = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
+    for shard, names in shards.items():
+        save_safetensors({k: weights[k] for k in names}, unet / shard)
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: shard for shard, names in shards.items() for k in names}}))
+    save_safetensors({"conv_in.weight": torch.zeros(1)},
+                     folder / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    assert_same_weights(Pipeline.load(TINY_MODELS["sd21"][0], folder), tiny_pipe)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_folder_that_cannot_load_is_named(tmp_path):
+    config = TINY_MODELS["sdxl"][0]
+    folder = diffusers_folder(tmp_path, "sdxl")
+    (folder / "text_encoder_2" / "config.json").write_text('{"hidden_act": "quick_gelu"}')
+    with pytest.raises(CheckpointError, match="SDXL's second text tower should be OpenCLIP's"):
+        Pipeline.load(config, folder)
+    (folder / "text_encoder_2" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"cannot read .*text_encoder_2/config\.json "
+                                              r"\(which text tower it is\)"):
+        Pipeline.load(config, folder)
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"diffusers folder .* has no text_encoder "
+                                              r"weights \(text_encoder/model\.safetensors"):
+        Pipeline.load(config, folder)
+
+
+MANIFESTS = {"sd21": ("sd21-v2-inference.keys.json", SCHEDULE + [
+                 "cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection",
+                 *(f"cond_stage_model.model.transformer.resblocks.23.{layer}" for layer in (
+                     "attn.in_proj_bias", "attn.in_proj_weight", "attn.out_proj.bias",
+                     "attn.out_proj.weight", "ln_1.bias", "ln_1.weight", "ln_2.bias",
+                     "ln_2.weight", "mlp.c_fc.bias", "mlp.c_fc.weight", "mlp.c_proj.bias",
+                     "mlp.c_proj.weight"))]),
+             "sd15": ("sd15-v1-inference.keys.json", SCHEDULE),
+             "sdxl": ("sdxl-base.keys.json", ["conditioner.embedders.1.model.logit_scale",
+                                              "denoiser.sigmas"])}
+
+
+@pytest.mark.parametrize("model", MANIFESTS)
+def test_the_full_size_folders_names_are_the_real_files(model):
+    """The real models' diffusers folders (their keys and shapes, from diffusers' converters
+    over the full-size manifests) under our names are the real single files' weights, in the
+    same shapes up to trailing 1s; what they lack is what the tool rebuilds (the schedule) or
+    never reads (SD 2.x's last text block, projection and logit scale; SDXL's logit scale)."""
+    from ldm.diffusers_layout import single_file_state
+    from ldm.layouts import _trailing_ones_dropped
+    manifest, lacking = MANIFESTS[model]
+    folder = json.loads((DIFFUSERS / f"full-{model}.keys.json").read_text())
+    parts = {part: {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+             for part, keys in folder.items()}
+    ours = single_file_state(parts, TINY_MODELS[model][2])
+    real = json.loads((REF / manifest).read_text())
+    assert set(ours) <= set(real) and sorted(set(real) - set(ours)) == sorted(lacking)
+    assert all(_trailing_ones_dropped(v.shape) == _trailing_ones_dropped(real[k])
+               for k, v in ours.items())
+
+
+def test_a_folder_converts_to_a_single_file(tmp_path, tiny_pipe):
+    """scripts/convert_checkpoint.py FOLDER OUT.safetensors: the single file loads as the one
+    the folder came from."""
+    from conftest import load_script
+    out = tmp_path / "converted.safetensors"
+    assert load_script("convert_checkpoint").main([str(diffusers_folder(tmp_path, "sd21")),
+                                                   str(out)]) == 0
+    assert_same_weights(Pipeline.load(TINY_MODELS["sd21"][0], out), tiny_pipe)
