@@ -269,8 +269,26 @@ def single_file_state(parts: Dict[str, Dict], hidden_acts: Dict[str, str]) -> Di
     return state
 
 
+# What a folder's scheduler/scheduler_config.json says that single files say by a marker key
+# (MODEL_VARIANTS in ldm.layouts then refuses the model under a config that would sample it
+# wrong): (setting, its value, the marker)
+SCHEDULER_MARKERS = (("prediction_type", "v_prediction", "v_pred"),
+                     ("rescale_betas_zero_snr", True, "ztsnr"))
+
+
+def scheduler_markers(path: Path) -> Dict:
+    import torch
+    try:
+        config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):  # (none: the weights alone decide, as a single file's)
+        return {}
+    return {marker: torch.zeros(0) for setting, value, marker in SCHEDULER_MARKERS
+            if config.get(setting) == value}
+
+
 def load_pipeline_folder(path) -> Dict:
-    """A diffusers pipeline folder's weights under a single file's names, ready for the fit."""
+    """A diffusers pipeline folder's weights under a single file's names, ready for the fit,
+    with the markers its scheduler's settings stand for."""
     from ldm.checkpoint import load_state_dict
 
     path, parts = Path(path), {}
@@ -278,5 +296,7 @@ def load_pipeline_folder(path) -> Dict:
         parts[part] = {}
         for file in files:
             parts[part].update(load_state_dict(file))
-    return single_file_state(parts, {part: _hidden_act(path / part) for part in TEXT_TOWERS
-                                     if part in parts})
+    state = single_file_state(parts, {part: _hidden_act(path / part) for part in TEXT_TOWERS
+                                      if part in parts})
+    state.update(scheduler_markers(path))
+    return state

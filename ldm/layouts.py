@@ -180,9 +180,11 @@ MODEL_VARIANTS = (
     (("edm_vpred.*",), None,
      "a v-prediction model sampled by EDM (edm_vpred.*), which this tool does not run"),
     (("ztsnr",), None,
-     "a zero-terminal-SNR model (ztsnr), whose rescaled schedule this tool does not apply"),
+     "a zero-terminal-SNR model (ztsnr; a diffusers folder's scheduler: "
+     "rescale_betas_zero_snr), whose rescaled schedule this tool does not apply"),
     (("v_pred",), "eps",
-     "a v-prediction model (v_pred), and the config predicts eps: use a config that predicts "
+     "a v-prediction model (v_pred; a diffusers folder's scheduler: prediction_type "
+     "v_prediction), and the config predicts eps: use a config that predicts "
      "v (SD 2.x: configs/stable-diffusion/v2-inference-v.yaml; others: a copy of the "
      "family's config with `parameterization: v`, or for SDXL the denoiser's scaling_config "
      "target VScaling)"),

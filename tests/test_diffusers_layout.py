@@ -116,3 +116,26 @@ def test_a_folder_converts_to_a_single_file(tmp_path, tiny_pipe):
     assert load_script("convert_checkpoint").main([str(diffusers_folder(tmp_path, "sd21")),
                                                    str(out)]) == 0
     assert_same_weights(Pipeline.load(TINY_MODELS["sd21"][0], out), tiny_pipe)
+
+
+@pytest.mark.parametrize("scheduler, says", [
+    ({"prediction_type": "v_prediction"}, "is a v-prediction model"),
+    ({"prediction_type": "epsilon", "rescale_betas_zero_snr": True}, "is a zero-terminal-SNR"),
+])
+def test_a_folders_scheduler_tells_what_its_weights_cannot(tmp_path, capsys, scheduler, says):
+    """A folder's scheduler_config.json says what single files say by marker keys (v_pred,
+    ztsnr): a v-prediction model is refused under an eps config and loads under a v config;
+    zero terminal SNR is refused."""
+    import yaml
+    config, _, _ = TINY_MODELS["sd21"]
+    folder = diffusers_folder(tmp_path, "sd21")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    with pytest.raises(CheckpointError, match=says):
+        Pipeline.load(config, folder)
+    v_config = yaml.safe_load(config.read_text())
+    v_config["model"]["params"]["parameterization"] = "v"
+    (tmp_path / "v.yaml").write_text(yaml.safe_dump(v_config))
+    if "v_prediction" in scheduler.values():
+        assert Pipeline.load(tmp_path / "v.yaml", folder).model.parameterization == "v"
+        assert capsys.readouterr().err == ""
