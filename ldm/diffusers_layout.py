@@ -15,9 +15,10 @@ named by position in another order and the text towers in transformers' CLIP lay
   OpenAI's CLIP has quick_gelu) take q/k/v as one in_proj and the projection transposed.
 """
 import json
+import os
 import re
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 # --- the VAE -----------------------------------------------------------------------------------
 
@@ -218,6 +219,50 @@ def vae_file(path) -> Path:
             return found
     raise _error(f"VAE folder {path} holds no VAE weights file ({FOLDER_FILES[0]} or the like, "
                  f"in it or in its vae/)")
+
+
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def hub_cache() -> Path:
+    """Where huggingface_hub (from_pretrained) caches model repositories."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    return Path(cache) if cache else Path(home) / "hub"
+
+
+def cached_pipeline(repo_id: str) -> Optional[Path]:
+    """The cached snapshot of the Hugging Face model `org/name` (its `main`, or its only
+    snapshot) where it is a pipeline folder; None where it is not there (nothing is
+    downloaded)."""
+    if not REPO_ID.fullmatch(str(repo_id)):
+        return None
+    repo = hub_cache() / f"models--{str(repo_id).replace('/', '--')}"
+    try:
+        snapshot = (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        found = sorted((repo / "snapshots").glob("*"))
+        snapshot = found[0].name if len(found) == 1 else ""
+    folder = repo / "snapshots" / snapshot
+    return folder if snapshot and is_pipeline_folder(folder) else None
+
+
+def checkpoint_path(given) -> Path:
+    """`given` itself where it exists; else the Hugging Face cache's pipeline folder for a
+    model id (`stabilityai/stable-diffusion-2-1-base`, as the authors' scripts name models)."""
+    if Path(given).exists():
+        return Path(given)
+    return cached_pipeline(given) or Path(given)
+
+
+def model_name(path) -> str:
+    """A checkpoint's name for the images: its file or folder name; a Hugging Face cache
+    snapshot's model id."""
+    path = Path(path)
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo[len("models--"):].replace("--", "/")
+    return path.name
 
 
 def is_pipeline_folder(path) -> bool:

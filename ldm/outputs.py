@@ -22,6 +22,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ldm.cli import SETTINGS_FILES, device_type, repository_fallback
+from ldm.diffusers_layout import model_name
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import AUTOCAST_DTYPES
 from ldm.pipeline import eight_bit, to_pil
@@ -267,7 +268,7 @@ def parameters_text(prompt, args, opts, ckpt_hash, batch_size=None, batch_pos=No
         "Steps": opts.steps, "Sampler": SAMPLERS[opts.sampler].label, "CFG scale": opts.scale,
         "Seed": opts.seed, "RNG": opts.rng, "Size": f"{opts.W}x{opts.H}", "Eta": opts.ddim_eta,
         "Precision": opts.precision, "Fixed code": opts.fixed_code,
-        "Model hash": ckpt_hash, "Model": Path(args.ckpt).name, "Config": Path(args.config).name,
+        "Model hash": ckpt_hash, "Model": model_name(args.ckpt), "Config": Path(args.config).name,
     }
     if SAMPLERS[opts.sampler].spaced:  # (DPM-Solver++ keeps its own time grid)
         fields["Timestep spacing"] = opts.timestep_spacing

@@ -411,7 +411,8 @@ class Pipeline:
         standalone VAE file, or diffusers VAE folder, whose weights replace the model file's
         own (txt2img's --vae)."""
         from ldm.checkpoint import CheckpointMismatch, load_state_dict
-        from ldm.diffusers_layout import is_pipeline_folder, load_pipeline_folder, vae_file
+        from ldm.diffusers_layout import (checkpoint_path, is_pipeline_folder,
+                                          load_pipeline_folder, vae_file)
         from ldm.layouts import (STAGED_LOADS, VAE_PREFIX, StagedStateDict, unet_weight,
                                  vae_weights, with_vae, without_wrapper_prefix)
         from ldm.models.autoencoder import AutoencoderKL
@@ -429,6 +430,7 @@ class Pipeline:
             vae_name = f"VAE file {vae_path}"
             vae, vae_family = vae_weights(load_state_dict(vae_path, skip=unet_weight),
                                           vae_name)
+        ckpt_path = checkpoint_path(ckpt_path)  # (a model id: the Hugging Face cache's)
         state = load_pipeline_folder(ckpt_path) if is_pipeline_folder(ckpt_path) else \
             load_state_dict(ckpt_path)
         policy = weight_dtype_policy(device, precision)

@@ -546,7 +546,11 @@ def check_inputs(args, opts, config):
             check_device(args.device)
     if not args.ckpt:
         raise UsageError("--ckpt is required (see README: Checkpoints)")
-    from ldm.diffusers_layout import is_pipeline_folder
+    from ldm.diffusers_layout import REPO_ID, checkpoint_path, hub_cache, is_pipeline_folder
+    args.ckpt = str(checkpoint_path(args.ckpt))  # (a model id: the Hugging Face cache's)
+    if REPO_ID.fullmatch(args.ckpt) and not Path(args.ckpt).exists():
+        raise UsageError(f"checkpoint {args.ckpt} does not exist, as a file or as a model in "
+                         f"the Hugging Face cache ({hub_cache()}; this tool downloads nothing)")
     first = is_pipeline_folder(args.ckpt) or check_readable_file(
         args.ckpt, "checkpoint file", " (a diffusers pipeline folder holds unet/, vae/ and "
         "text_encoder/; else give a single-file .ckpt / .safetensors)")[1]
@@ -707,9 +711,12 @@ def run(args):
 def load_pipeline(args, timer):
     """The model on its device, laid out as the flags say. A full-size load takes seconds to
     minutes, so it says what it loads (on stdout: stderr is for warnings and errors)."""
+    from ldm.diffusers_layout import is_pipeline_folder, pipeline_files
     from ldm.pipeline import Pipeline
 
-    nbytes = os.path.getsize(args.ckpt)
+    files = [f for part in pipeline_files(args.ckpt).values() for f in part] \
+        if is_pipeline_folder(args.ckpt) else [args.ckpt]
+    nbytes = sum(os.path.getsize(f) for f in files)
     size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
     print(f"Loading {args.ckpt} ({size}) with {args.config} on {args.device}", flush=True)
     with timer.phase("load"):

@@ -207,6 +207,9 @@ EARLY = [
     ("config-without-vae", ["--config", "{no_vae.yaml}"],
      "no_vae.yaml has no 'model.params.first_stage_config' with a target"),
     ("ckpt-missing", ["--ckpt", "{missing}"], "does not exist"),
+    ("ckpt-model-id-missing", ["--ckpt", "nobody/no-such-model"],
+     "checkpoint nobody/no-such-model does not exist, as a file or as a model in the Hugging "
+     "Face cache ("),
     ("ckpt-folder", ["--ckpt", "{folder}"], "is a folder, not a file (a diffusers pipeline folder holds unet/"),
     ("ckpt-empty", ["--ckpt", "{empty.ckpt}"], "is empty"),
     ("prompt-file-missing", ["--from-file", "{missing}"], "prompt file"),

@@ -1,6 +1,7 @@
 """Models in diffusers' layout, as diffusers' own converters write them (tests/data/diffusers/
 make.py): a pipeline folder loads to exactly the weights of the single file it came from."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,21 @@ def test_a_folders_scheduler_tells_what_its_weights_cannot(tmp_path, capsys, sch
     if "v_prediction" in scheduler.values():
         assert Pipeline.load(tmp_path / "v.yaml", folder).model.parameterization == "v"
         assert capsys.readouterr().err == ""
+
+
+def test_a_model_id_is_found_in_the_hugging_face_cache(tmp_path, monkeypatch, tiny_pipe):
+    """`org/name`, as the authors' scripts name models for from_pretrained: the cache's
+    snapshot (refs/main's, else the only one), named so in the images; nothing downloads."""
+    from ldm.diffusers_layout import checkpoint_path, model_name
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--tiny-sd"
+    (repo / "snapshots").mkdir(parents=True)
+    snapshot = diffusers_folder(repo / "snapshots", "sd21").rename(repo / "snapshots" / "abc1")
+    assert checkpoint_path("org/tiny-sd") == snapshot  # (its only snapshot)
+    (repo / "snapshots" / "0old").mkdir()
+    assert checkpoint_path("org/tiny-sd") == Path("org/tiny-sd")  # (which one? none)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc1\n")
+    assert checkpoint_path("org/tiny-sd") == snapshot and model_name(snapshot) == "org/tiny-sd"
+    assert_same_weights(Pipeline.load(TINY_MODELS["sd21"][0], "org/tiny-sd"), tiny_pipe)
+    assert checkpoint_path("org/other") == Path("org/other")

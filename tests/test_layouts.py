@@ -788,7 +788,8 @@ def test_a_distilled_sdxl_is_named(tmp_path):
     (("edm_mean", "edm_std"), "is a Playground v2.5 model"),
     (("edm_vpred.sigma_max", "edm_vpred.sigma_min"), "is a v-prediction model sampled by EDM"),
     (("v_pred", "ztsnr"), "is a zero-terminal-SNR model"),
-    (("v_pred",), r"is a v-prediction model \(v_pred\), and the config predicts eps"),
+    (("v_pred",), r"is a v-prediction model \(v_pred; a diffusers folder.s scheduler: "
+                  r"prediction_type v_prediction\), and the config predicts eps"),
 ])
 def test_sdxl_variants_that_sample_otherwise_are_named_and_refused(tmp_path, markers, says):
     """Their weights fit sd_xl_base.yaml, and eps sampling would make wrong images (ComfyUI's
