@@ -26,7 +26,8 @@ from typing import Callable, Dict, Optional, Tuple
 VAE_BLOCKS: Tuple[Tuple[str, Callable[..., str]], ...] = (
     (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)",
      lambda levels, i, j: f"encoder.down.{i}.block.{j}"),
-    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", lambda levels, i: f"encoder.down.{i}.downsample"),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0",
+     lambda levels, i: f"encoder.down.{i}.downsample"),
     (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)",
      lambda levels, i, j: f"decoder.up.{levels - 1 - int(i)}.block.{j}"),
     (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
@@ -60,7 +61,7 @@ def _renamed(key: str, blocks, layers, *numbers) -> str:
             block, rest = ours(*numbers, *found.groups()) + ".", key[found.end():]
             break
     layer, dot, kind = rest.rpartition(".")
-    return block + layers.get(layer, layer) + dot + kind if dot else key
+    return block + (layers.get(layer, layer) + dot if dot else "") + kind
 
 
 def _count(keys, pattern: str) -> int:
@@ -103,20 +104,9 @@ UNET_BLOCKS: Tuple[Tuple[str, Callable[..., str]], ...] = (
     (r"conv_out", lambda per, up: "out.2"),
 )
 
+# A ResNet's layers (an attention block's are named alike: theirs sit deeper, never matched)
 UNET_LAYERS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
-
-def _unet_key(key: str, per: int, up: Callable[[int], int]) -> str:
-    for pattern, ours in UNET_BLOCKS:
-        found = re.match(pattern + r"\.", key)
-        if found:
-            block, rest = ours(per, up, *found.groups()), key[found.end():]
-            if "resnets" in pattern:  # a ResNet's layers; an attention's are named alike
-                layer, _, kind = rest.rpartition(".")
-                rest = f"{UNET_LAYERS.get(layer, layer)}.{kind}"
-            return f"{block}.{rest}"
-    return key
 
 
 def unet_from_diffusers(unet: Dict) -> Dict:
@@ -125,15 +115,16 @@ def unet_from_diffusers(unet: Dict) -> Dict:
 
     def up(level: int) -> int:  # the upsampler's place in its block: after an attention?
         return 2 if any(k.startswith(f"up_blocks.{level}.attentions.") for k in unet) else 1
-    return {"model.diffusion_model." + _unet_key(key, per, up): value
+    return {"model.diffusion_model." + _renamed(key, UNET_BLOCKS, UNET_LAYERS, per, up): value
             for key, value in unet.items()}
 
 
 # --- the text towers ---------------------------------------------------------------------------
 
-# transformers' CLIP text layer names -> OpenCLIP's, inside a block and at the top
+# transformers' CLIP text layer names -> OpenCLIP's: inside a block, and at the top
 OPENCLIP_LAYERS = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."),
-                   ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+                   ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
+                   ("mlp.fc2.", "mlp.c_proj."))
 OPENCLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
                 "text_model.embeddings.position_embedding.weight": "positional_embedding",
                 "text_model.final_layer_norm.weight": "ln_final.weight",
@@ -181,7 +172,6 @@ WEIGHT_FILES = {
     "transformers": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin",
                      "pytorch_model.fp16.bin"),
 }
-FOLDER_FILES = WEIGHT_FILES["diffusers"]  # (a VAE folder's)
 
 # A pipeline folder's text towers: subfolder -> the single file's prefix of the tower as OpenAI's
 # CLIP (None: never one) and as OpenCLIP's; SDXL's first tower has its own prefix.
@@ -202,7 +192,10 @@ def weight_files(folder: Path, library: str):
             return [folder / name]
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise _error(f"cannot read the shard index {index}: {err!r}") from None
             return [folder / shard for shard in shards]
     return []
 
@@ -214,11 +207,13 @@ def vae_file(path) -> Path:
     if not path.is_dir():
         return path
     for folder in (path, path / "vae"):
-        found = next((folder / name for name in FOLDER_FILES if (folder / name).is_file()), None)
-        if found is not None:
-            return found
-    raise _error(f"VAE folder {path} holds no VAE weights file ({FOLDER_FILES[0]} or the like, "
-                 f"in it or in its vae/)")
+        found = weight_files(folder, "diffusers")
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise _error(f"VAE folder {folder} holds a sharded VAE, which --vae does not read")
+    raise _error(f"VAE folder {path} holds no VAE weights file "
+                 f"({WEIGHT_FILES['diffusers'][0]} or the like, in it or in its vae/)")
 
 
 REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")

@@ -522,9 +522,9 @@ def unet_weight(key: str) -> bool:
 def vae_weights(vae: Dict[str, torch.Tensor], vae_name="the VAE file"):
     """(weights, family) of a standalone VAE file: its weights under the VAE's own names
     (`decoder.conv_in.weight`), as such files have them, under a whole model's
-    `first_stage_model.` or a wrapper's prefix, or in diffusers' layout; the family a whole model's text towers tell
-    ('an SD 1.x', ...; '' for a VAE alone). CheckpointError (one line) for a file that is no
-    VAE."""
+    `first_stage_model.` or a wrapper's prefix, or in diffusers' layout; the family a whole
+    model's text towers tell ('an SD 1.x', ...; '' for a VAE alone). CheckpointError (one
+    line) for a file that is no VAE."""
     from ldm.checkpoint import CheckpointError
     from ldm.diffusers_layout import is_diffusers_vae, vae_from_diffusers
 

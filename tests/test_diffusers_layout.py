@@ -76,6 +76,11 @@ def test_a_folder_that_cannot_load_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"diffusers folder .* has no text_encoder "
                                               r"weights \(text_encoder/model\.safetensors"):
         Pipeline.load(config, folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text('{"weight_map": ')  # (cut short)
+    with pytest.raises(CheckpointError, match=r"cannot read the shard index .*unet"):
+        Pipeline.load(config, folder)
 
 
 MANIFESTS = {"sd21": ("sd21-v2-inference.keys.json", SCHEDULE + [
