@@ -271,6 +271,9 @@ def pipeline_files(path) -> Dict[str, list]:
              **{name: "transformers" for name in TEXT_TOWERS}}
     files = {part: weight_files(path / part, library) for part, library in parts.items()
              if (path / part).is_dir()}
+    if files.get("text_encoder_2") and not files.get("text_encoder"):
+        raise _error(f"diffusers folder {path} is an SDXL refiner (text_encoder_2/ alone), "
+                     f"which txt2img cannot run")
     for part in ("unet", "vae", "text_encoder"):
         if not files.get(part):
             raise _error(f"diffusers folder {path} has no {part} weights ({part}/"

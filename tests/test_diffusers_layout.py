@@ -73,6 +73,9 @@ def test_a_folder_that_cannot_load_is_named(tmp_path):
                                               r"\(which text tower it is\)"):
         Pipeline.load(config, folder)
     (folder / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"is an SDXL refiner \(text_encoder_2/ alone\)"):
+        Pipeline.load(config, folder)
+    (folder / "text_encoder_2" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"diffusers folder .* has no text_encoder "
                                               r"weights \(text_encoder/model\.safetensors"):
         Pipeline.load(config, folder)
