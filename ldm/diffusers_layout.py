@@ -185,18 +185,36 @@ def _error(message: str):
     return CheckpointError(message)
 
 
+def _shard_index(name: str) -> str:
+    """The index file of a sharded weights file (a variant's as diffusers and transformers
+    name it: `model.safetensors.index.fp16.json`)."""
+    stem, variant, suffix = re.fullmatch(r"(\w+)(\.fp16)?(\.\w+)", name).groups()
+    return f"{stem}{suffix}.index{variant or ''}.json"
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object file's contents; CheckpointError (one line) for anything else."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise _error(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise _error(f"{path} holds no JSON object")
+    return data
+
+
 def weight_files(folder: Path, library: str):
     """The files holding a part's weights (one, or a sharded file's shards), or []."""
     for name in WEIGHT_FILES[library]:
         if (folder / name).is_file():
             return [folder / name]
-        index = folder / f"{name}.index.json"
+        index = folder / _shard_index(name)
         if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-                raise _error(f"cannot read the shard index {index}: {err!r}") from None
-            return [folder / shard for shard in shards]
+            shards = _read_json(index).get("weight_map")
+            if not isinstance(shards, dict) or not all(
+                    isinstance(shard, str) for shard in shards.values()):
+                raise _error(f"the shard index {index} has no weight_map of file names")
+            return [folder / shard for shard in sorted(set(shards.values()))]
     return []
 
 
@@ -216,44 +234,54 @@ def vae_file(path) -> Path:
                  f"({WEIGHT_FILES['diffusers'][0]} or the like, in it or in its vae/)")
 
 
-REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# A Hugging Face model id (`org/name`); not a relative path (`./x`, `models/sd.safetensors`)
+REPO_ID = re.compile(r"(?!.*\.(?:ckpt|safetensors|pt|pth|bin|yaml)$)"
+                     r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def hub_cache() -> Path:
-    """Where huggingface_hub (from_pretrained) caches model repositories."""
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
-    return Path(cache) if cache else Path(home) / "hub"
+    """Where huggingface_hub (from_pretrained) caches model repositories, by its rules."""
+    def env(name):
+        value = os.environ.get(name)
+        return os.path.expanduser(os.path.expandvars(value)) if value else None
+    home = env("HF_HOME") or os.path.join(
+        env("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return Path(env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub"))
 
 
-def cached_pipeline(repo_id: str) -> Optional[Path]:
-    """The cached snapshot of the Hugging Face model `org/name` (its `main`, or its only
-    snapshot) where it is a pipeline folder; None where it is not there (nothing is
-    downloaded)."""
+def cached_snapshot(repo_id: str) -> Optional[Path]:
+    """The cached snapshot of the Hugging Face model `org/name`: its `main`'s, or its only
+    one; None where the model is not there (nothing is downloaded)."""
     if not REPO_ID.fullmatch(str(repo_id)):
         return None
     repo = hub_cache() / f"models--{str(repo_id).replace('/', '--')}"
     try:
-        snapshot = (repo / "refs" / "main").read_text().strip()
-    except OSError:
+        snapshot = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
         found = sorted((repo / "snapshots").glob("*"))
         snapshot = found[0].name if len(found) == 1 else ""
     folder = repo / "snapshots" / snapshot
-    return folder if snapshot and is_pipeline_folder(folder) else None
+    return folder if snapshot and folder.is_dir() else None
 
 
 def checkpoint_path(given) -> Path:
-    """`given` itself where it exists; else the Hugging Face cache's pipeline folder for a
-    model id (`stabilityai/stable-diffusion-2-1-base`, as the authors' scripts name models)."""
+    """`given` itself where it exists; else the Hugging Face cache's snapshot of a model id
+    (`stabilityai/stable-diffusion-2-1-base`, as the authors' scripts name models), which must
+    be a pipeline folder (CheckpointError, one line, where it is not)."""
     if Path(given).exists():
         return Path(given)
-    return cached_pipeline(given) or Path(given)
+    snapshot = cached_snapshot(given)
+    if snapshot is not None and not is_pipeline_folder(snapshot):
+        raise _error(f"{given} is in the Hugging Face cache, but its snapshot {snapshot} is no "
+                     f"diffusers pipeline (no unet/: a partial download, or a repository of "
+                     f"single files: give the file)")
+    return snapshot or Path(given)
 
 
 def model_name(path) -> str:
     """A checkpoint's name for the images: its file or folder name; a Hugging Face cache
     snapshot's model id."""
-    path = Path(path)
+    path = Path(path).resolve() if not Path(path).name else Path(path)  # (`.`)
     repo = path.parent.parent.name
     if path.parent.name == "snapshots" and repo.startswith("models--"):
         return repo[len("models--"):].replace("--", "/")
@@ -274,7 +302,7 @@ def pipeline_files(path) -> Dict[str, list]:
     if files.get("text_encoder_2") and not files.get("text_encoder"):
         raise _error(f"diffusers folder {path} is an SDXL refiner (text_encoder_2/ alone), "
                      f"which txt2img cannot run")
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae", "text_encoder", *files):  # (and any part given a folder)
         if not files.get(part):
             raise _error(f"diffusers folder {path} has no {part} weights ({part}/"
                          f"{WEIGHT_FILES[parts[part]][0]} or the like)")
@@ -282,11 +310,8 @@ def pipeline_files(path) -> Dict[str, list]:
 
 
 def _hidden_act(folder: Path) -> str:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("hidden_act", "")
-    except (OSError, ValueError) as err:
-        raise _error(f"cannot read {folder / 'config.json'} (which text tower it is): "
-                     f"{err}") from None
+    """The text tower's activation (config.json), which tells OpenCLIP's from OpenAI's CLIP."""
+    return _read_json(folder / "config.json").get("hidden_act", "")
 
 
 def single_file_state(parts: Dict[str, Dict], hidden_acts: Dict[str, str]) -> Dict:
@@ -321,10 +346,10 @@ SCHEDULER_MARKERS = (("prediction_type", "v_prediction", "v_pred"),
 
 def scheduler_markers(path: Path) -> Dict:
     import torch
-    try:
-        config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError):  # (none: the weights alone decide, as a single file's)
+    file = path / "scheduler" / "scheduler_config.json"
+    if not file.exists():  # (the weights alone decide, as a single file's)
         return {}
+    config = _read_json(file)
     return {marker: torch.zeros(0) for setting, value, marker in SCHEDULER_MARKERS
             if config.get(setting) == value}
 

@@ -94,8 +94,9 @@ def build_parser(suppress_defaults=False):
     add("--config", type=str, default=d("configs/stable-diffusion/v2-inference.yaml"),
         help="model config (standard LDM yaml); a relative path not found here is looked "
              "up in the repository")
-    add("--ckpt", type=str, help="model checkpoint (.ckpt or .safetensors), or a diffusers "
-                                 "pipeline folder (unet/, vae/, text_encoder/, ...)")
+    add("--ckpt", type=str, help="model checkpoint (.ckpt or .safetensors), a diffusers "
+                                 "pipeline folder (unet/, vae/, text_encoder/, ...), or the "
+                                 "model id of one in the Hugging Face cache (org/name)")
     add("--vae", type=str, default=None,
         help="a standalone VAE file (.ckpt or .safetensors, e.g. "
              "vae-ft-mse-840000-ema-pruned) or diffusers VAE folder, whose weights replace "

@@ -1066,14 +1066,24 @@ def test_a_vae_file_is_taken_and_named_in_the_images(cli, capsys, base, tmp_path
 def test_a_diffusers_pipeline_folder_is_a_checkpoint(cli, capsys, base, tmp_path):
     """--ckpt FOLDER: a diffusers pipeline folder samples, hashed over its weights files; a
     folder that is none is told what one holds."""
+    import hashlib
+
     from ldm.hashing import short_hash
 
     folder = diffusers_folder(tmp_path, "sd21")
     status, lines = call(cli, capsys, base + ["--ckpt", str(folder)])
     assert status == 0, lines
     fields = image_fields(tmp_path / "out" / "samples" / "00000.png")
-    assert fields["Model"] == folder.name and fields["Model hash"] == short_hash(folder)
-    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 64)
+    # the hash: SHA-256 of `part/file:its SHA-256` lines, the weights files part by part
+    weights = ["unet/diffusion_pytorch_model.safetensors",
+               "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
+    listing = "".join(f"{name}:{hashlib.sha256((folder / name).read_bytes()).hexdigest()}\n"
+                      for name in weights)
+    assert fields["Model"] == folder.name
+    assert fields["Model hash"] == hashlib.sha256(listing.encode()).hexdigest()[:10]
+    (folder / "vae" / "config.json").write_text("{}")  # (no weights: not hashed)
+    assert short_hash(folder) == fields["Model hash"]
+    (folder / "text_encoder" / "model.safetensors").write_bytes(b"x" * 64)
     assert short_hash(folder) != fields["Model hash"]
     status, lines = call(cli, capsys, base + ["--ckpt", str(tmp_path / "out")])
     assert status != 0 and lines == [f"error: checkpoint file {tmp_path / 'out'} is a folder, "

@@ -33,7 +33,8 @@ def test_a_pipeline_folder_loads_as_its_single_file(tmp_path, capsys, model, tin
 
 
 def test_a_folder_as_transformers_and_diffusers_save_it(tmp_path, capsys, tiny_pipe):
-    """Pickled .bin weights (older snapshots), a sharded UNet (`*.index.json`), the
+    """Pickled .bin weights (older snapshots), a sharded fp16-variant UNet (its index named
+    `diffusion_pytorch_model.safetensors.index.fp16.json`, as diffusers names it), the
     `position_ids` buffer transformers saved before 4.31, an fp16 variant beside full precision
     (not taken), diffusers' VAE attention names before 0.17."""
     parts = diffusers_parts("sd21")
@@ -51,10 +52,11 @@ def test_a_folder_as_transformers_and_diffusers_save_it(tmp_path, capsys, tiny_p
     weights = parts["unet"]
     (unet / "diffusion_pytorch_model.safetensors").unlink()
     keys = sorted(weights)
-    shards = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
+    shards = {f"diffusion_pytorch_model.fp16-0000{i + 1}-of-00002.safetensors": keys[i::2]
+              for i in range(2)}  # (fp32 numbers here: exact; the names are the point)
     for shard, names in shards.items():
         save_safetensors({k: weights[k] for k in names}, unet / shard)
-    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+    (unet / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(json.dumps(
         {"weight_map": {k: shard for shard, names in shards.items() for k in names}}))
     save_safetensors({"conv_in.weight": torch.zeros(1)},
                      folder / "vae" / "diffusion_pytorch_model.fp16.safetensors")
@@ -68,10 +70,22 @@ def test_a_folder_that_cannot_load_is_named(tmp_path):
     (folder / "text_encoder_2" / "config.json").write_text('{"hidden_act": "quick_gelu"}')
     with pytest.raises(CheckpointError, match="SDXL's second text tower should be OpenCLIP's"):
         Pipeline.load(config, folder)
-    (folder / "text_encoder_2" / "config.json").unlink()
-    with pytest.raises(CheckpointError, match=r"cannot read .*text_encoder_2/config\.json "
-                                              r"\(which text tower it is\)"):
+    (folder / "text_encoder_2" / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"text_encoder_2/config\.json holds no JSON obj"):
         Pipeline.load(config, folder)
+    (folder / "text_encoder_2" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"cannot read .*text_encoder_2/config\.json: "):
+        Pipeline.load(config, folder)
+    (folder / "text_encoder_2" / "config.json").write_text('{"hidden_act": "gelu"}')
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text('"v_prediction"')
+    with pytest.raises(CheckpointError, match=r"scheduler_config\.json holds no JSON object"):
+        Pipeline.load(config, folder)
+    (folder / "scheduler" / "scheduler_config.json").unlink()
+    (folder / "text_encoder_2" / "model.safetensors").rename(tmp_path / "te2.safetensors")
+    with pytest.raises(CheckpointError, match=r"has no text_encoder_2 weights"):
+        Pipeline.load(config, folder)
+    (tmp_path / "te2.safetensors").rename(folder / "text_encoder_2" / "model.safetensors")
     (folder / "text_encoder" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"is an SDXL refiner \(text_encoder_2/ alone\)"):
         Pipeline.load(config, folder)
@@ -82,7 +96,11 @@ def test_a_folder_that_cannot_load_is_named(tmp_path):
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
     index.write_text('{"weight_map": ')  # (cut short)
-    with pytest.raises(CheckpointError, match=r"cannot read the shard index .*unet"):
+    with pytest.raises(CheckpointError, match=r"cannot read .*unet/diffusion_pytorch_model\."
+                                              r"safetensors\.index\.json: "):
+        Pipeline.load(config, folder)
+    index.write_text('{"weight_map": {"conv_in.weight": 3}}')
+    with pytest.raises(CheckpointError, match=r"index .* has no weight_map of file names"):
         Pipeline.load(config, folder)
 
 
@@ -166,3 +184,30 @@ def test_a_model_id_is_found_in_the_hugging_face_cache(tmp_path, monkeypatch, ti
     assert checkpoint_path("org/tiny-sd") == snapshot and model_name(snapshot) == "org/tiny-sd"
     assert_same_weights(Pipeline.load(TINY_MODELS["sd21"][0], "org/tiny-sd"), tiny_pipe)
     assert checkpoint_path("org/other") == Path("org/other")
+    (repo / "refs" / "main").write_text("0old")  # (a repository of single files, say)
+    with pytest.raises(CheckpointError, match=r"org/tiny-sd is in the Hugging Face cache, but "
+                                              r"its snapshot .*0old is no diffusers pipeline"):
+        checkpoint_path("org/tiny-sd")
+    monkeypatch.chdir(snapshot)
+    assert model_name(".") == "org/tiny-sd"
+
+
+@pytest.mark.parametrize("env, cache", [
+    ({"HF_HUB_CACHE": "~/hub-cache"}, "{home}/hub-cache"),
+    ({"HUGGINGFACE_HUB_CACHE": "/old/cache", "HF_HOME": "/hf"}, "/old/cache"),
+    ({"HF_HOME": "$SOMEWHERE/hf"}, "/there/hf/hub"),
+    ({"XDG_CACHE_HOME": "/xdg"}, "/xdg/huggingface/hub"),
+    ({}, "{home}/.cache/huggingface/hub"),
+])
+def test_the_hugging_face_cache_is_where_huggingface_hub_puts_it(monkeypatch, env, cache):
+    """huggingface_hub's rules (constants.py): HF_HUB_CACHE, the older HUGGINGFACE_HUB_CACHE,
+    HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub; `~` and $VARs
+    expanded."""
+    from ldm.diffusers_layout import hub_cache
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setenv("SOMEWHERE", "/there")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert hub_cache() == Path(cache.format(home="/home/someone"))
