@@ -220,8 +220,11 @@ def weight_files(folder: Path, library: str):
 
 def vae_file(path) -> Path:
     """`path` itself for a file; for a diffusers VAE folder (or a pipeline folder with `vae/`)
-    the weights file in it. CheckpointError (one line) for a folder without one."""
+    the weights file in it, also for a model id in the Hugging Face cache
+    (`madebyollin/sdxl-vae-fp16-fix`). CheckpointError (one line) for a folder without one."""
     path = Path(path)
+    if not path.exists():
+        path = cached_snapshot(str(path)) or path
     if not path.is_dir():
         return path
     for folder in (path, path / "vae"):
@@ -286,6 +289,16 @@ def model_name(path) -> str:
     if path.parent.name == "snapshots" and repo.startswith("models--"):
         return repo[len("models--"):].replace("--", "/")
     return path.name
+
+
+def vae_name(path) -> str:
+    """A VAE file's name for the images; a diffusers VAE's is its folder's (or its pipeline's,
+    or its model id)."""
+    path = Path(path)
+    if not path.name.startswith("diffusion_pytorch_model."):
+        return path.name
+    folder = path.parent.parent if path.parent.name == "vae" else path.parent
+    return model_name(folder)
 
 
 def is_pipeline_folder(path) -> bool:

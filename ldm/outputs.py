@@ -22,7 +22,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ldm.cli import SETTINGS_FILES, device_type, repository_fallback
-from ldm.diffusers_layout import model_name
+from ldm.diffusers_layout import model_name, vae_name
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.precision import AUTOCAST_DTYPES
 from ldm.pipeline import eight_bit, to_pil
@@ -204,9 +204,7 @@ def run_fields(args, opts, kernels=None, file_hashes=None) -> dict:
     if getattr(args, "preset", None):
         fields["Preset"] = args.preset
     if getattr(args, "vae", None):
-        vae = Path(args.vae)  # (a diffusers VAE folder's file by its folder too)
-        fields["VAE"] = f"{vae.parent.name}/{vae.name}" if vae.name.startswith(
-            "diffusion_pytorch_model.") else vae.name
+        fields["VAE"] = vae_name(args.vae)
     if getattr(args, "from_file", None):
         fields["Prompt file"] = Path(args.from_file).name
         fields["repeat"] = getattr(args, "repeat", 1)

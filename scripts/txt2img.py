@@ -99,8 +99,8 @@ def build_parser(suppress_defaults=False):
                                  "model id of one in the Hugging Face cache (org/name)")
     add("--vae", type=str, default=None,
         help="a standalone VAE file (.ckpt or .safetensors, e.g. "
-             "vae-ft-mse-840000-ema-pruned) or diffusers VAE folder, whose weights replace "
-             "the checkpoint's own VAE")
+             "vae-ft-mse-840000-ema-pruned), diffusers VAE folder or its model id in the "
+             "Hugging Face cache, whose weights replace the checkpoint's own VAE")
     add("--seed", type=int, default=d(42), help="seed for reproducible sampling")
     add("--rng", choices=["cpu", "device"], default=d("cpu"),
         help="where noise is drawn: cpu (a seed gives the same image on every device) or "

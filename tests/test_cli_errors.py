@@ -1060,7 +1060,7 @@ def test_a_vae_file_is_taken_and_named_in_the_images(cli, capsys, base, tmp_path
     status, lines = call(cli, capsys, base + ["--vae", str(folder)])
     assert status == 0, lines
     fields = image_fields(tmp_path / "out" / "samples" / "00002.png")
-    assert fields["VAE"] == "sd-vae-ft/diffusion_pytorch_model.safetensors"
+    assert fields["VAE"] == "sd-vae-ft"
 
 
 def test_a_diffusers_pipeline_folder_is_a_checkpoint(cli, capsys, base, tmp_path):

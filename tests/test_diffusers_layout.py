@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (DIFFUSERS, REF, TINY_MODELS, diffusers_folder, diffusers_parts)
+from conftest import (DIFFUSERS, DIFFUSERS_VAE, REF, TINY_MODELS, diffusers_folder,
+                      diffusers_parts)
 from ldm.checkpoint import CheckpointError, save_safetensors
 from ldm.pipeline import Pipeline
 
@@ -171,7 +172,7 @@ def test_a_folders_scheduler_tells_what_its_weights_cannot(tmp_path, capsys, sch
 def test_a_model_id_is_found_in_the_hugging_face_cache(tmp_path, monkeypatch, tiny_pipe):
     """`org/name`, as the authors' scripts name models for from_pretrained: the cache's
     snapshot (refs/main's, else the only one), named so in the images; nothing downloads."""
-    from ldm.diffusers_layout import checkpoint_path, model_name
+    from ldm.diffusers_layout import checkpoint_path, model_name, vae_file, vae_name
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     repo = tmp_path / "hub" / "models--org--tiny-sd"
     (repo / "snapshots").mkdir(parents=True)
@@ -190,6 +191,14 @@ def test_a_model_id_is_found_in_the_hugging_face_cache(tmp_path, monkeypatch, ti
         checkpoint_path("org/tiny-sd")
     monkeypatch.chdir(snapshot)
     assert model_name(".") == "org/tiny-sd"
+    vae = tmp_path / "hub" / "models--org--tiny-vae" / "snapshots" / "f00"  # (--vae org/name)
+    vae.mkdir(parents=True)
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(DIFFUSERS_VAE.read_bytes())
+    assert vae_file("org/tiny-vae") == vae / "diffusion_pytorch_model.safetensors"
+    assert vae_name(vae_file("org/tiny-vae")) == "org/tiny-vae"
+    assert vae_name(snapshot / "vae" / "diffusion_pytorch_model.fp16.safetensors") == \
+        "org/tiny-sd"  # (a pipeline's VAE)
+    assert vae_file("org/no-vae") == Path("org/no-vae")  # (then: does not exist)
 
 
 @pytest.mark.parametrize("env, cache", [
