@@ -269,26 +269,36 @@ def cached_snapshot(repo_id: str) -> Optional[Path]:
 
 def checkpoint_path(given) -> Path:
     """`given` itself where it exists; else the Hugging Face cache's snapshot of a model id
-    (`stabilityai/stable-diffusion-2-1-base`, as the authors' scripts name models), which must
-    be a pipeline folder (CheckpointError, one line, where it is not)."""
+    (`stabilityai/stable-diffusion-2-1-base`, as the authors' scripts name models): its
+    pipeline folder, or the one single-file checkpoint it holds (a .safetensors before a
+    .ckpt). CheckpointError (one line) for a snapshot with neither, or with several files."""
     if Path(given).exists():
         return Path(given)
     snapshot = cached_snapshot(given)
-    if snapshot is not None and not is_pipeline_folder(snapshot):
-        raise _error(f"{given} is in the Hugging Face cache, but its snapshot {snapshot} is no "
-                     f"diffusers pipeline (no unet/: a partial download, or a repository of "
-                     f"single files: give the file)")
-    return snapshot or Path(given)
+    if snapshot is None or is_pipeline_folder(snapshot):
+        return snapshot or Path(given)
+    for suffix in (".safetensors", ".ckpt"):
+        files = sorted(snapshot.glob(f"*{suffix}"))
+        if len(files) == 1:
+            return files[0]
+        if files:
+            raise _error(f"{given} in the Hugging Face cache holds {len(files)} checkpoints: "
+                         f"give one ({', '.join(str(f) for f in files)})")
+    raise _error(f"{given} is in the Hugging Face cache, but its snapshot {snapshot} holds "
+                 f"neither a diffusers pipeline (unet/, ...) nor a .safetensors / .ckpt file: "
+                 f"a partial download?")
 
 
 def model_name(path) -> str:
     """A checkpoint's name for the images: its file or folder name; a Hugging Face cache
-    snapshot's model id."""
+    snapshot's model id (and the file's name, for one of its files)."""
     path = Path(path).resolve() if not Path(path).name else Path(path)  # (`.`)
-    repo = path.parent.parent.name
-    if path.parent.name == "snapshots" and repo.startswith("models--"):
-        return repo[len("models--"):].replace("--", "/")
-    return path.name
+    snapshot = path if path.is_dir() else path.parent
+    repo = snapshot.parent.parent.name
+    if snapshot.parent.name != "snapshots" or not repo.startswith("models--"):
+        return path.name
+    model_id = repo[len("models--"):].replace("--", "/")
+    return model_id if snapshot == path else f"{model_id}/{path.name}"
 
 
 def vae_name(path) -> str:

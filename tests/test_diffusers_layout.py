@@ -185,10 +185,23 @@ def test_a_model_id_is_found_in_the_hugging_face_cache(tmp_path, monkeypatch, ti
     assert checkpoint_path("org/tiny-sd") == snapshot and model_name(snapshot) == "org/tiny-sd"
     assert_same_weights(Pipeline.load(TINY_MODELS["sd21"][0], "org/tiny-sd"), tiny_pipe)
     assert checkpoint_path("org/other") == Path("org/other")
-    (repo / "refs" / "main").write_text("0old")  # (a repository of single files, say)
+    (repo / "refs" / "main").write_text("0old")  # (a partial download, say)
     with pytest.raises(CheckpointError, match=r"org/tiny-sd is in the Hugging Face cache, but "
-                                              r"its snapshot .*0old is no diffusers pipeline"):
+                                              r"its snapshot .*0old holds neither a diffusers "
+                                              r"pipeline \(unet/, ...\) nor a \.safetensors"):
         checkpoint_path("org/tiny-sd")
+    single = repo / "snapshots" / "0old"  # a repository of single files (hf_hub_download)
+    (single / "v2-1_512-ema-pruned.ckpt").symlink_to(TINY_MODELS["sd21"][1])
+    assert checkpoint_path("org/tiny-sd") == single / "v2-1_512-ema-pruned.ckpt"
+    assert model_name(single / "v2-1_512-ema-pruned.ckpt") == \
+        "org/tiny-sd/v2-1_512-ema-pruned.ckpt"
+    for name in ("a.safetensors", "b.safetensors"):
+        (single / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"org/tiny-sd in the Hugging Face cache holds 2 "
+                                              r"checkpoints: give one \(.*a\.safetensors, "):
+        checkpoint_path("org/tiny-sd")
+    (single / "b.safetensors").unlink()
+    assert checkpoint_path("org/tiny-sd") == single / "a.safetensors"  # (before the .ckpt)
     monkeypatch.chdir(snapshot)
     assert model_name(".") == "org/tiny-sd"
     vae = tmp_path / "hub" / "models--org--tiny-vae" / "snapshots" / "f00"  # (--vae org/name)
