@@ -402,14 +402,15 @@ class Pipeline:
     def load(cls, config_path, ckpt_path, device="cpu", precision="full",
              cudnn_benchmark=None, cudnn_attention=None, staged_load=None, vae_encoder=True,
              vae_path=None, **layout):
-        """precision 'autocast' also stores the UNet and text encoder in half precision where
-        ldm.precision says so (CUDA); kernel and layout switches: cudnn_benchmark,
+        """ckpt_path: a single-file checkpoint, a diffusers pipeline folder, or a model id in
+        the Hugging Face cache (ldm.diffusers_layout). precision 'autocast' also stores the
+        UNet and text encoder in half precision where ldm.precision says so (CUDA); kernel and layout switches: cudnn_benchmark,
         cudnn_attention, channels_last, native_norms (None: ldm.precision.FAST_PATHS' choice
         for the device), compile_unet (off by default); staged_load: copy the weights while
         the model is built (None: ldm.layouts.STAGED_LOADS' choice); vae_encoder=False: the
         VAE without its encoder (text-to-image never encodes; txt2img loads so); vae_path: a
-        standalone VAE file, or diffusers VAE folder, whose weights replace the model file's
-        own (txt2img's --vae)."""
+        standalone VAE file, diffusers VAE folder or model id, whose weights replace the model
+        file's own (txt2img's --vae)."""
         from ldm.checkpoint import CheckpointMismatch, load_state_dict
         from ldm.diffusers_layout import (checkpoint_path, is_pipeline_folder,
                                           load_pipeline_folder, vae_file)

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         sys.exit(2)
 
     parser.error = one_line_error
-    parser.add_argument("input", metavar="IN", help="input checkpoint (.ckpt, .pt, .pth, .bin, .safetensors) or "
-                        "diffusers pipeline folder")
+    parser.add_argument("input", metavar="IN", help="input checkpoint (.ckpt, .pt, .pth, "
+                        ".bin, .safetensors) or diffusers pipeline folder")
     parser.add_argument("output", metavar="OUT", help="output file, must end in .safetensors")
     parser.add_argument(
         "--half",
