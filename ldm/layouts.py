@@ -215,17 +215,20 @@ IMAGE_CONDITIONED = {9: "an inpainting", 5: "a depth-conditioned", 8: "an Instru
 UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
 
 
-def renamed(state_dict: Dict[str, torch.Tensor], expected) -> Dict[str, torch.Tensor]:
+def renamed(state_dict: Dict[str, torch.Tensor], expected,
+            unread=()) -> Dict[str, torch.Tensor]:
     """The file's keys under the model's names, where COMPILED, KEY_RENAMES or
     TRANSPOSED_RENAMES knows the file's, and its tensors in the model's shapes where RESHAPED
-    allows it."""
+    allows it. Names the model was built without (`unread` patterns) are renamed too, so
+    that they are dropped as such."""
     def has(keys, prefix):
         return any(k.startswith(prefix) for k in keys)
     if not any(COMPILED in k for k in expected) and any(COMPILED in k for k in state_dict):
         for key in [k for k in state_dict if COMPILED in k]:
             state_dict[key.replace(COMPILED, "")] = state_dict.pop(key)
     for old, new in KEY_RENAMES:
-        if has(expected, new) and not has(state_dict, new) and has(state_dict, old):
+        wanted = has(expected, new) or any(p.startswith(new) for p in unread)
+        if wanted and not has(state_dict, new) and has(state_dict, old):
             for key in [k for k in state_dict if k.startswith(old)]:
                 state_dict[new + key[len(old):]] = state_dict.pop(key)
     for old, new in TRANSPOSED_RENAMES:
@@ -463,7 +466,8 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         raise CheckpointMismatch("is an SDXL refiner, which refines images (image-to-image) "
                                  "and cannot make them: use the SDXL base model", about_file=True)
     expected: Mapping[str, torch.Tensor] = model.state_dict()
-    state_dict = renamed(state_dict, expected)
+    unread = unread_keys(model)
+    state_dict = renamed(state_dict, expected, unread)
     unusable = _unusable(state_dict, expected, getattr(model, "parameterization", None))
     if unusable:
         state_dict.clear()
@@ -476,7 +480,7 @@ def fit_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
         error = _mismatch(state_dict, expected, missing, wrong, rebuilt)
         state_dict.clear()  # a refused file's tensors (on CUDA already staged there) go now
         raise error
-    extras = (*KNOWN_EXTRAS, *unread_keys(model))
+    extras = (*KNOWN_EXTRAS, *unread)
     if _looks_v_predicting(model, state_dict):
         warn("the weights look like a v-prediction model (SD 2.x 768-v), but the config "
              "predicts eps, which makes noise: use configs/stable-diffusion/v2-inference-v.yaml")

@@ -75,30 +75,37 @@ def test_a_nonempty_negative_prompt_is_encoded(xl_pipe):
     assert rel_err(uncond.vector[:1], cond.vector) <= 1e-5
 
 
-def test_clip_layer_options_name_the_same_hidden_states_as_transformers(xl_pipe):
+def test_clip_layer_options_name_the_same_hidden_states_as_transformers():
     """The tiny CLIP has 3 layers and sgm takes hidden_states[2]. "penultimate" and the negative
     index -2 name that state too (transformers' tuple holds the embedding and 3 layer outputs),
     and -4 the embedding; "last" is the final norm of hidden_states[3]."""
+    from test_core import load_tower
+
+    from ldm.checkpoint import load_state_dict
     from ldm.modules.encoders.clip_text import FrozenCLIPEmbedder
     name, case = xl_cases("cond")[0]
     ref = torch.from_numpy(load(name)["crossattn"])[..., :64]  # the CLIP part of the context
-    used = xl_pipe.model.cond_model.embedders[0]
+    prefix = "conditioner.embedders.0."
+    state = {k[len(prefix):]: v.float() for k, v in load_state_dict(
+        TINY_XL / "tiny-sdxl.safetensors").items() if k.startswith(prefix)}
     version = str(TINY_XL / "tiny-clip-text.json")
 
-    def embedder(**layer):
+    def embedder(**layer):  # (built without the layers after the chosen one: load_tower)
         clip = FrozenCLIPEmbedder(version=version, **layer)
-        clip.load_state_dict(used.state_dict())
+        load_tower(clip, state)
         with torch.no_grad():
-            return clip.encode(case["prompts"])
+            return clip, clip.encode(case["prompts"])
     for layer in ({"layer": "penultimate"}, {"layer": "hidden", "layer_idx": -2}):
-        assert rel_err(embedder(**layer), ref) <= 1e-4, layer
-    text = used.transformer.text_model
-    tokens = used.tokenizer(case["prompts"])
+        assert rel_err(embedder(**layer)[1], ref) <= 1e-4, layer
+    clip, last = embedder(layer="last")
+    text = clip.transformer.text_model
+    tokens = clip.tokenizer(case["prompts"])
     with torch.no_grad():
-        assert torch.equal(embedder(layer="hidden", layer_idx=-4), text.embeddings(tokens))
-        last = text.final_layer_norm(text.hidden_state(tokens, 3))
-    assert torch.equal(embedder(layer="last"), last)
+        assert torch.equal(embedder(layer="hidden", layer_idx=-4)[1], text.embeddings(tokens))
+        assert torch.equal(last, text.final_layer_norm(text.hidden_state(tokens, 3)))
     assert rel_err(last, ref) > 0.1
+    assert len(text.encoder.layers) == 3 and \
+        len(embedder(layer="hidden", layer_idx=1)[0].transformer.text_model.encoder.layers) == 1
     for idx in (None, 4, -5):
         with pytest.raises(ValueError, match="within the 3 layers"):
             FrozenCLIPEmbedder(version=version, layer="hidden", layer_idx=idx)
@@ -235,7 +242,11 @@ def test_sd_xl_base_yaml_builds_the_published_layout(targets, tmp_path):
     # the big tower reads its projection (the pooled vector), not CLIP's logit scale
     patterns = unread_keys(model)
     unread = {k for k in manifest if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
-    assert unread == {"conditioner.embedders.1.model.logit_scale"}
+    clip = "conditioner.embedders.0.transformer.text_model."  # (hidden layer 11 of 12)
+    assert unread == {"conditioner.embedders.1.model.logit_scale"} | {
+        k for k in manifest if k.startswith((clip + "encoder.layers.11.",
+                                             clip + "final_layer_norm."))}
+    assert len(unread) == 1 + 16 + 2
     assert shapes == {k: v for k, v in manifest.items() if k not in unread}
     assert len(manifest) == 2515
     assert model.family == "sdxl" and model.scale_factor == 0.13025
