@@ -233,8 +233,25 @@ def vae_file(path) -> Path:
             return found[0]
         if found:
             raise _error(f"VAE folder {folder} holds a sharded VAE, which --vae does not read")
-    raise _error(f"VAE folder {path} holds no VAE weights file "
-                 f"({WEIGHT_FILES['diffusers'][0]} or the like, in it or in its vae/)")
+    single = single_file_in(path, f"VAE folder {path}")  # (sd-vae-ft-mse-original's)
+    if single is None:
+        raise _error(f"VAE folder {path} holds no VAE weights file "
+                     f"({WEIGHT_FILES['diffusers'][0]} or the like, in it or in its vae/, or "
+                     f"one .safetensors / .ckpt)")
+    return single
+
+
+def single_file_in(folder: Path, what: str) -> Optional[Path]:
+    """The one single-file checkpoint in `folder` (a .safetensors before a .ckpt), or None;
+    CheckpointError (one line) where there are several to choose from."""
+    for suffix in (".safetensors", ".ckpt"):
+        files = sorted(folder.glob(f"*{suffix}"))
+        if len(files) == 1:
+            return files[0]
+        if files:
+            raise _error(f"{what} holds {len(files)} checkpoints: give one "
+                         f"({', '.join(str(f) for f in files)})")
+    return None
 
 
 # A Hugging Face model id (`org/name`); not a relative path (`./x`, `models/sd.safetensors`)
@@ -277,13 +294,9 @@ def checkpoint_path(given) -> Path:
     snapshot = cached_snapshot(given)
     if snapshot is None or is_pipeline_folder(snapshot):
         return snapshot or Path(given)
-    for suffix in (".safetensors", ".ckpt"):
-        files = sorted(snapshot.glob(f"*{suffix}"))
-        if len(files) == 1:
-            return files[0]
-        if files:
-            raise _error(f"{given} in the Hugging Face cache holds {len(files)} checkpoints: "
-                         f"give one ({', '.join(str(f) for f in files)})")
+    single = single_file_in(snapshot, f"{given} in the Hugging Face cache")
+    if single is not None:
+        return single
     raise _error(f"{given} is in the Hugging Face cache, but its snapshot {snapshot} holds "
                  f"neither a diffusers pipeline (unet/, ...) nor a .safetensors / .ckpt file: "
                  f"a partial download?")
@@ -292,7 +305,7 @@ def checkpoint_path(given) -> Path:
 def model_name(path) -> str:
     """A checkpoint's name for the images: its file or folder name; a Hugging Face cache
     snapshot's model id (and the file's name, for one of its files)."""
-    path = Path(path).resolve() if not Path(path).name else Path(path)  # (`.`)
+    path = Path(os.path.abspath(path))  # (`.`; links kept: a snapshot's files are links)
     snapshot = path if path.is_dir() else path.parent
     repo = snapshot.parent.parent.name
     if snapshot.parent.name != "snapshots" or not repo.startswith("models--"):
@@ -304,7 +317,7 @@ def model_name(path) -> str:
 def vae_name(path) -> str:
     """A VAE file's name for the images; a diffusers VAE's is its folder's (or its pipeline's,
     or its model id)."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if not path.name.startswith("diffusion_pytorch_model."):
         return path.name
     folder = path.parent.parent if path.parent.name == "vae" else path.parent

@@ -360,6 +360,14 @@ def read_prompts(args):
     return [[args.prompt or ""] * args.n_samples]
 
 
+def check_not_a_missing_model_id(given, what):
+    """A model id (org/name) that is neither a path here nor in the Hugging Face cache."""
+    from ldm.diffusers_layout import REPO_ID, hub_cache
+    if REPO_ID.fullmatch(given) and not Path(given).exists():
+        raise UsageError(f"{what} {given} does not exist, as a file or as a model in the "
+                         f"Hugging Face cache ({hub_cache()}; this tool downloads nothing)")
+
+
 def check_readable_file(path, what, folder_hint=""):
     """A file that exists, is a file, and can be opened; else a UsageError naming `what`."""
     if not str(path).strip():  # Path("") is ".", the current folder
@@ -547,11 +555,9 @@ def check_inputs(args, opts, config):
             check_device(args.device)
     if not args.ckpt:
         raise UsageError("--ckpt is required (see README: Checkpoints)")
-    from ldm.diffusers_layout import REPO_ID, checkpoint_path, hub_cache, is_pipeline_folder
+    from ldm.diffusers_layout import checkpoint_path, is_pipeline_folder
     args.ckpt = str(checkpoint_path(args.ckpt))  # (a model id: the Hugging Face cache's)
-    if REPO_ID.fullmatch(args.ckpt) and not Path(args.ckpt).exists():
-        raise UsageError(f"checkpoint {args.ckpt} does not exist, as a file or as a model in "
-                         f"the Hugging Face cache ({hub_cache()}; this tool downloads nothing)")
+    check_not_a_missing_model_id(args.ckpt, "checkpoint")
     first = is_pipeline_folder(args.ckpt) or check_readable_file(
         args.ckpt, "checkpoint file", " (a diffusers pipeline folder holds unet/, vae/ and "
         "text_encoder/; else give a single-file .ckpt / .safetensors)")[1]
@@ -561,6 +567,7 @@ def check_inputs(args, opts, config):
         from ldm.diffusers_layout import vae_file
         if str(args.vae).strip():  # (a folder: its file, which the images then name)
             args.vae = str(vae_file(args.vae))
+        check_not_a_missing_model_id(args.vae, "--vae")
         check_readable_file(args.vae, "--vae file")
     check_preset_family(args, config)
     check_latent_shape(config, opts)

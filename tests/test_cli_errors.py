@@ -210,6 +210,9 @@ EARLY = [
     ("ckpt-model-id-missing", ["--ckpt", "nobody/no-such-model"],
      "checkpoint nobody/no-such-model does not exist, as a file or as a model in the Hugging "
      "Face cache ("),
+    ("vae-model-id-missing", ["--vae", "nobody/no-such-vae"],
+     "--vae nobody/no-such-vae does not exist, as a file or as a model in the Hugging Face "
+     "cache ("),
     ("ckpt-folder", ["--ckpt", "{folder}"], "is a folder, not a file (a diffusers pipeline folder holds unet/"),
     ("ckpt-empty", ["--ckpt", "{empty.ckpt}"], "is empty"),
     ("prompt-file-missing", ["--from-file", "{missing}"], "prompt file"),
@@ -1050,10 +1053,12 @@ def test_a_vae_file_is_taken_and_named_in_the_images(cli, capsys, base, tmp_path
                                      "exist"]
     status, lines = call(cli, capsys, base + ["--vae", ""])
     assert status != 0 and lines == ["error: --vae file: an empty path was given"]
-    status, lines = call(cli, capsys, base + ["--vae", str(tmp_path)])
-    assert status != 0 and lines == [f"error: VAE folder {tmp_path} holds no VAE weights file "
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status, lines = call(cli, capsys, base + ["--vae", str(empty)])
+    assert status != 0 and lines == [f"error: VAE folder {empty} holds no VAE weights file "
                                      "(diffusion_pytorch_model.safetensors or the like, in it or "
-                                     "in its vae/)"]
+                                     "in its vae/, or one .safetensors / .ckpt)"]
     folder = tmp_path / "sd-vae-ft"  # a diffusers VAE folder: its file, named by the folder
     folder.mkdir()
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(DIFFUSERS_VAE.read_bytes())

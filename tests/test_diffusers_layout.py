@@ -212,6 +212,14 @@ def test_a_model_id_is_found_in_the_hugging_face_cache(tmp_path, monkeypatch, ti
     assert vae_name(snapshot / "vae" / "diffusion_pytorch_model.fp16.safetensors") == \
         "org/tiny-sd"  # (a pipeline's VAE)
     assert vae_file("org/no-vae") == Path("org/no-vae")  # (then: does not exist)
+    original = tmp_path / "hub" / "models--org--vae-original" / "snapshots" / "b1"
+    original.mkdir(parents=True)  # a single-file VAE repository (sd-vae-ft-mse-original)
+    (original / "vae-ft-mse-840000-ema-pruned.ckpt").write_bytes(b"")
+    assert vae_file("org/vae-original") == original / "vae-ft-mse-840000-ema-pruned.ckpt"
+    (original / "vae.safetensors").write_bytes(b"")
+    assert vae_file("org/vae-original") == original / "vae.safetensors"
+    monkeypatch.chdir(snapshot / "vae")  # (--vae . in a pipeline's vae/)
+    assert vae_name("diffusion_pytorch_model.safetensors") == "org/tiny-sd"
 
 
 @pytest.mark.parametrize("env, cache", [
