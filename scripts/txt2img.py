@@ -558,6 +558,10 @@ def check_inputs(args, opts, config):
     from ldm.diffusers_layout import checkpoint_path, is_pipeline_folder
     args.ckpt = str(checkpoint_path(args.ckpt))  # (a model id: the Hugging Face cache's)
     check_not_a_missing_model_id(args.ckpt, "checkpoint")
+    part, folder = Path(args.ckpt).parent.name, Path(args.ckpt).parent.parent
+    if part in ("unet", "vae", "text_encoder", "text_encoder_2") and is_pipeline_folder(folder):
+        raise UsageError(f"checkpoint {args.ckpt} is the {part} of the diffusers pipeline "
+                         f"folder {folder}: give that folder as --ckpt")
     first = is_pipeline_folder(args.ckpt) or check_readable_file(
         args.ckpt, "checkpoint file", " (a diffusers pipeline folder holds unet/, vae/ and "
         "text_encoder/; else give a single-file .ckpt / .safetensors)")[1]

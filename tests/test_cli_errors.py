@@ -1069,8 +1069,9 @@ def test_a_vae_file_is_taken_and_named_in_the_images(cli, capsys, base, tmp_path
 
 
 def test_a_diffusers_pipeline_folder_is_a_checkpoint(cli, capsys, base, tmp_path):
-    """--ckpt FOLDER: a diffusers pipeline folder samples, hashed over its weights files; a
-    folder that is none is told what one holds."""
+    """--ckpt FOLDER: a diffusers pipeline folder samples, hashed over its weights files; one
+    of its parts' files is pointed to the folder; a folder that is none is told what one
+    holds."""
     import hashlib
 
     from ldm.hashing import short_hash
@@ -1090,6 +1091,10 @@ def test_a_diffusers_pipeline_folder_is_a_checkpoint(cli, capsys, base, tmp_path
     assert short_hash(folder) == fields["Model hash"]
     (folder / "text_encoder" / "model.safetensors").write_bytes(b"x" * 64)
     assert short_hash(folder) != fields["Model hash"]
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    status, lines = call(cli, capsys, base + ["--ckpt", str(unet)])
+    assert status != 0 and lines == [f"error: checkpoint {unet} is the unet of the diffusers "
+                                     f"pipeline folder {folder}: give that folder as --ckpt"]
     status, lines = call(cli, capsys, base + ["--ckpt", str(tmp_path / "out")])
     assert status != 0 and lines == [f"error: checkpoint file {tmp_path / 'out'} is a folder, "
                                      "not a file (a diffusers pipeline folder holds unet/, vae/ "
