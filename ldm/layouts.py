@@ -25,6 +25,10 @@ KNOWN_EXTRAS = {
     "*.embeddings.position_ids": "CLIP text position ids, saved by transformers < 4.31 "
                                  "(SD 1.x, SDXL); absent from newer conversions",
     "denoiser.sigmas": "sgm's DiscreteDenoiser buffer (SDXL); it follows from the schedule",
+    "cond_stage_model.transformer.text_projection.weight":
+        "CLIP's projection, which ComfyUI saved with SD 1.x text encoders until it dropped it "
+        "on saving; SD 1.x reads the tokens' features, never a projection",
+    "cond_stage_model.logit_scale": "CLIP's logit scale, saved by ComfyUI as the projection was",
     "lvlb_weights": "LDM training loss weights",
     "logvar": "LDM training log-variance",
     "v_pred": "the marker of v-prediction files (ComfyUI, kohya): refused under an eps config "

@@ -56,6 +56,18 @@ def test_non_pruned_file_with_ema_copies_uses_the_main_weights(tmp_path, capsys)
     assert capsys.readouterr().err == ""  # known extras go without a word
 
 
+def test_an_sd1_file_saved_by_older_comfyui_loads_silently(tmp_path, capsys):
+    """ComfyUI saved SD 1.x text encoders with CLIP's projection and logit scale until it
+    dropped them on saving: harmless extras (SD 1.x never projects)."""
+    state = load_state_dict(SD1_CKPT)
+    width = state["cond_stage_model.transformer.text_model.final_layer_norm.weight"].shape[0]
+    state["cond_stage_model.transformer.text_projection.weight"] = torch.eye(width)
+    state["cond_stage_model.logit_scale"] = torch.tensor(4.6052)
+    pipe = Pipeline.load(SD1_CONFIG, write(tmp_path, "comfyui.safetensors", state))
+    assert capsys.readouterr().err == ""
+    assert unet_error(pipe) <= 1e-4
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_converted_file_without_schedule_or_position_ids(tmp_path, dtype):
     """Community conversions: safetensors, any float dtype, no schedule buffers, no position
