@@ -10,11 +10,7 @@ from conftest import (DIFFUSERS, DIFFUSERS_VAE, REF, TINY_MODELS, diffusers_fold
                       diffusers_parts)
 from ldm.checkpoint import CheckpointError, save_safetensors
 from ldm.pipeline import Pipeline
-
-SCHEDULE = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-            "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
-            "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
-            "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"]
+from test_layouts import SCHEDULE
 
 
 def assert_same_weights(pipe, single_file):
@@ -105,14 +101,14 @@ def test_a_folder_that_cannot_load_is_named(tmp_path):
         Pipeline.load(config, folder)
 
 
-MANIFESTS = {"sd21": ("sd21-v2-inference.keys.json", SCHEDULE + [
+MANIFESTS = {"sd21": ("sd21-v2-inference.keys.json", [*SCHEDULE,
                  "cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection",
                  *(f"cond_stage_model.model.transformer.resblocks.23.{layer}" for layer in (
                      "attn.in_proj_bias", "attn.in_proj_weight", "attn.out_proj.bias",
                      "attn.out_proj.weight", "ln_1.bias", "ln_1.weight", "ln_2.bias",
                      "ln_2.weight", "mlp.c_fc.bias", "mlp.c_fc.weight", "mlp.c_proj.bias",
                      "mlp.c_proj.weight"))]),
-             "sd15": ("sd15-v1-inference.keys.json", SCHEDULE),
+             "sd15": ("sd15-v1-inference.keys.json", list(SCHEDULE)),
              "sdxl": ("sdxl-base.keys.json", ["conditioner.embedders.1.model.logit_scale",
                                               "denoiser.sigmas"])}
 
